@@ -1,0 +1,189 @@
+//! What the `relay check`, `relay explain` and `relay send` commands do,
+//! as functions that return text, so tests see exactly what a person sees.
+//!
+//! Output names secrets only by where they come from, and shows requests
+//! with the credential's place marked `[redacted]`.
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::ingress::{IngressError, Parsed};
+use crate::routing::{self, Verdict};
+
+/// `relay check`: the config, as relay understood it.
+pub fn check_report(config: &Config) -> String {
+    let mut out = format!("{}: ok\n", config.file);
+    let _ = writeln!(out, "\nsources:");
+    for source in &config.sources {
+        let _ = writeln!(out, "  {:<20} {}", source.name, source.describe());
+    }
+    let _ = writeln!(out, "\nroutes:");
+    for route in &config.routes {
+        let _ = writeln!(out, "  {:<20} {}", route.name, route.describe());
+    }
+    let _ = writeln!(out, "\ntargets:");
+    for (name, target) in &config.targets {
+        let _ = writeln!(out, "  {:<20} {}", name, target.describe());
+    }
+    let _ = writeln!(out, "\nstore: {:?}", config.store.location);
+    if !config.warnings.is_empty() {
+        let _ = writeln!(out, "\nwarnings:");
+        for warning in &config.warnings {
+            let _ = writeln!(out, "  {warning}");
+        }
+    }
+    out
+}
+
+/// Why `relay explain` or `relay send` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("no source is named {name:?} (sources: {known})")]
+    UnknownSource { name: String, known: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay would refuse this webhook ({status}): {error}")]
+    Refused { status: u16, error: IngressError },
+    #[error("cannot post the webhook: {0}")]
+    Post(String),
+}
+
+fn find_source<'c>(config: &'c Config, name: &str) -> Result<&'c crate::ingress::Source, CliError> {
+    config.source(name).ok_or_else(|| CliError::UnknownSource {
+        name: name.to_owned(),
+        known: config
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// `relay explain`: which routes take the payload and the exact requests
+/// each target would receive. It signs the payload with the source's own
+/// secret and takes the path a real webhook takes, without storing anything.
+pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -> Result<String, CliError> {
+    let source = find_source(config, source_name)?;
+    let delivery = Uuid::new_v4().to_string();
+    let headers = source.sender_headers(hook, &payload, &delivery);
+    let refused = |error: IngressError| CliError::Refused {
+        status: error.status().as_u16(),
+        error,
+    };
+    let webhook = source.receive(&headers, payload).map_err(refused)?;
+    let events = match source.parse(&webhook).map_err(|e| refused(e.into()))? {
+        Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
+        Parsed::Events(events) => events,
+    };
+    let plan = routing::plan(config, source, &webhook, &events);
+    let mut out = String::new();
+    for (index, event) in events.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "event {} of {}: {} {} {} {}",
+            index + 1,
+            events.len(),
+            event.kind,
+            if event.repo.is_empty() {
+                "(no repo)"
+            } else {
+                &event.repo
+            },
+            if event.git_ref.is_empty() {
+                "(no ref)"
+            } else {
+                &event.git_ref
+            },
+            if event.sha.is_empty() {
+                "(no sha)"
+            } else {
+                &event.sha
+            },
+        );
+        for dropped in plan.dropped.iter().filter(|d| d.event_index == index) {
+            let _ = writeln!(out, "  not routed ({}): {}", dropped.rule, dropped.reason);
+        }
+        for (_, route, verdict) in plan.trace.iter().filter(|(i, _, _)| *i == index) {
+            match verdict {
+                Verdict::Match => {
+                    let _ = writeln!(out, "  route {route}: matched");
+                    for job in plan
+                        .jobs
+                        .iter()
+                        .filter(|j| j.event_index == index && &j.route == route)
+                    {
+                        let dry = config.targets.get(&job.target).is_some_and(|t| t.dry_run);
+                        let _ = writeln!(
+                            out,
+                            "    → target {}{}",
+                            job.target,
+                            if dry { " (dry run: logged, not sent)" } else { "" }
+                        );
+                        match &job.request {
+                            Ok(request) => {
+                                for line in request.redacted(Some(&webhook.payload)).lines() {
+                                    let _ = writeln!(out, "      {line}");
+                                }
+                            }
+                            Err(reason) => {
+                                let _ = writeln!(out, "      dead at once: {reason}");
+                            }
+                        }
+                    }
+                }
+                Verdict::Miss { predicate, reason } => {
+                    let _ = writeln!(out, "  route {route}: no — {predicate}: {reason}");
+                }
+            }
+        }
+    }
+    if config.routes.is_empty() {
+        out.push_str("no routes are configured\n");
+    }
+    Ok(out)
+}
+
+/// `relay send`: signs the payload as the source's sender would and posts it.
+/// Returns the status and the body relay answered with.
+pub async fn send(
+    config: &Config,
+    source_name: &str,
+    hook: &str,
+    payload: Bytes,
+    url: Option<String>,
+) -> Result<(u16, String), CliError> {
+    let source = find_source(config, source_name)?;
+    let url = match url {
+        Some(url) => url,
+        None => {
+            let addr = config
+                .server
+                .listen
+                .first()
+                .ok_or_else(|| CliError::Post("server.listen is empty; pass --url".to_owned()))?;
+            format!("http://{addr}{}", source.path)
+        }
+    };
+    let delivery = Uuid::new_v4().to_string();
+    let headers = source.sender_headers(hook, &payload, &delivery);
+    let client = crate::dispatch::http_client(std::time::Duration::from_secs(30))
+        .map_err(|e| CliError::Post(e.to_string()))?;
+    let response = client
+        .post(&url)
+        .headers(headers)
+        .body(payload)
+        .send()
+        .await
+        .map_err(|e| CliError::Post(format!("{url}: {}", e.without_url())))?;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,493 @@
+//! Configuration: `relay.toml` plus `RELAY_SECTION__KEY` environment overrides,
+//! loaded with figment, then validated and compiled into a [`Config`].
+//!
+//! Two stages: `raw` mirrors the file; [`Config`] is built from it here by
+//! resolving secrets, compiling globs and templates (in the modules that own
+//! them) and checking cross-references. Every problem names its key and the
+//! file. Nothing here touches the network or the store.
+
+mod raw;
+mod secret;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::de::DeserializeOwned;
+
+pub use raw::{Encoding, ParamValue, RawRoute, RawSign, RawSource, RawTarget, TargetKindName};
+pub use secret::{Secret, SecretError, SecretSpec};
+
+use crate::ingress::Source;
+use crate::routing::Route;
+use crate::targets::Target;
+use crate::template::Templates;
+
+/// A validated, compiled configuration. Immutable once built; a reload builds
+/// a new one.
+#[derive(Debug)]
+pub struct Config {
+    /// Where it was read from, for messages.
+    pub file: String,
+    pub server: Server,
+    pub admin: Option<Admin>,
+    pub store: StoreSettings,
+    pub delivery: Delivery,
+    pub loop_guard: LoopGuard,
+    pub sources: Vec<Source>,
+    pub routes: Vec<Route>,
+    pub targets: BTreeMap<String, Target>,
+    /// Every template and `when` of the routes and targets, compiled.
+    pub templates: Templates,
+    /// Things that work but deserve a look (literal secrets); logged at start.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: Vec<SocketAddr>,
+    pub max_body: u64,
+    pub public_url: Option<String>,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub location: StoreLocation,
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+    pub factor: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Delivery {
+    pub timeout: Duration,
+    pub attempts: u32,
+    pub backoff: Backoff,
+    pub concurrency: usize,
+    pub maybe_delivered_retries: u32,
+    pub throttle_floor: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Burst {
+    pub limit: u32,
+    pub per: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoopGuard {
+    pub dedupe_window: Duration,
+    pub max_hops: u32,
+    pub hop_variable: String,
+    pub burst: Option<Burst>,
+}
+
+/// One thing wrong with the config, at one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// The config cannot be used. Lists every problem found, each with its key.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] if one.key.is_empty() => write!(f, "{}: {}", self.file, one.message),
+            [one] => write!(f, "{}: {}: {}", self.file, one.key, one.message),
+            many => {
+                write!(f, "{}: {} problems", self.file, many.len())?;
+                for p in many {
+                    if p.key.is_empty() {
+                        write!(f, "\n  {}", p.message)?;
+                    } else {
+                        write!(f, "\n  {}: {}", p.key, p.message)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What compiling one part of the config needs: where to put problems and
+/// warnings, and the shared template set.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+    pub templates: Templates,
+}
+
+impl Compiler {
+    pub fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    pub fn warn(&mut self, message: impl Into<String>) {
+        self.warnings.push(message.into());
+    }
+
+    pub fn problem_count(&self) -> usize {
+        self.problems.len()
+    }
+
+    /// Resolves a required secret, warning about literals.
+    pub fn secret(&mut self, key: &str, spec: &SecretSpec) -> Option<Secret> {
+        if spec.has_literal() {
+            self.warn(format!(
+                "{key} is written into the config file; prefer {{ env = \"…\" }}, {{ file = \"…\" }} or {{ credential = \"…\" }}"
+            ));
+        }
+        match spec.resolve() {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                self.problem(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Rejects keys that exist in the schema but mean nothing for this
+    /// provider or kind, so a misplaced key is never silently ignored.
+    pub fn only_keys(&mut self, prefix: &str, present: &[&str], allowed: &[&str], owner: &str) {
+        for key in present {
+            if !allowed.contains(key) {
+                self.problem(
+                    format!("{prefix}.{key}"),
+                    format!(
+                        "not a setting of {owner} (it takes: {})",
+                        if allowed.is_empty() {
+                            "nothing more".to_owned()
+                        } else {
+                            allowed.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, then applies `RELAY_SECTION__KEY` environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(ConfigError {
+                file,
+                problems: vec![Problem {
+                    key: String::new(),
+                    message: format!("cannot read the config file: {e}"),
+                }],
+            });
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env_overrides());
+        Config::from_figment(&figment, file)
+    }
+
+    /// Builds a config from TOML text alone (no environment); for tests and tools.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(&Figment::from(Toml::string(text)), "<inline config>".to_owned())
+    }
+
+    fn from_figment(figment: &Figment, file: String) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: file.clone(),
+            problems,
+        };
+        figment
+            .extract::<raw::Sections>()
+            .map_err(|e| fail(figment_problems(e)))?;
+        let mut c = Compiler::default();
+        let server: raw::RawServer = section(figment, "server", &mut c);
+        let admin: Option<raw::RawAdmin> = optional_section(figment, "admin", &mut c);
+        let store: raw::RawStore = section(figment, "store", &mut c);
+        let delivery: raw::RawDelivery = section(figment, "delivery", &mut c);
+        let loop_guard: raw::RawLoopGuard = section(figment, "loop_guard", &mut c);
+        let raw_sources = named_tables::<raw::RawSource>(figment, "sources", &mut c);
+        let raw_targets = named_tables::<raw::RawTarget>(figment, "targets", &mut c);
+        let raw_routes: Vec<raw::RawRoute> = section(figment, "routes", &mut c);
+        if c.problem_count() > 0 {
+            return Err(fail(c.problems));
+        }
+
+        let server = compile_server(server, &mut c);
+        let admin = admin.map(|a| Admin {
+            listen: a.listen,
+            token: a.token.and_then(|t| c.secret("admin.token", &t)),
+        });
+        let store = compile_store(store, &mut c);
+        let delivery = compile_delivery(delivery, &mut c);
+        let loop_guard = LoopGuard {
+            dedupe_window: loop_guard.dedupe_window,
+            max_hops: loop_guard.max_hops,
+            hop_variable: loop_guard.hop_variable,
+            burst: loop_guard.burst.map(|b| Burst {
+                limit: b.limit,
+                per: b.per,
+            }),
+        };
+
+        let mut sources = Vec::new();
+        let mut paths = HashSet::new();
+        for (name, raw) in raw_sources {
+            if !paths.insert(raw.path.clone()) {
+                c.problem(
+                    format!("sources.{name}.path"),
+                    format!("{} is already the path of another source", raw.path),
+                );
+            }
+            if let Some(source) = Source::compile(&name, raw, &mut c) {
+                sources.push(source);
+            }
+        }
+        let mut targets = BTreeMap::new();
+        for (name, raw) in raw_targets {
+            if let Some(target) = Target::compile(&name, raw, &mut c) {
+                targets.insert(name, target);
+            }
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        for (index, raw) in raw_routes.into_iter().enumerate() {
+            if routes.iter().any(|r| r.name == raw.name) {
+                c.problem(
+                    format!("routes[{index}].name"),
+                    format!("route name {:?} is used twice", raw.name),
+                );
+            }
+            if let Some(route) = Route::compile(index, raw, &sources, &targets, &mut c) {
+                routes.push(route);
+            }
+        }
+        if c.problem_count() > 0 {
+            return Err(fail(c.problems));
+        }
+        Ok(Config {
+            file,
+            server,
+            admin,
+            store,
+            delivery,
+            loop_guard,
+            sources,
+            routes,
+            targets,
+            templates: c.templates,
+            warnings: c.warnings,
+        })
+    }
+
+    /// The source that owns an ingress path.
+    pub fn source_for_path(&self, path: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.path == path)
+    }
+
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+}
+
+/// `RELAY_SERVER__LISTEN=…` overrides `server.listen`. Variables without a
+/// `__` (such as a secret named `RELAY_ADMIN_TOKEN`) are not config keys.
+fn env_overrides() -> Env {
+    Env::prefixed("RELAY_").filter_map(|key| {
+        key.as_str()
+            .contains("__")
+            .then(|| key.as_str().replace("__", ".").into())
+    })
+}
+
+fn section<T: DeserializeOwned + Default>(figment: &Figment, key: &str, c: &mut Compiler) -> T {
+    optional_section(figment, key, c).unwrap_or_default()
+}
+
+fn optional_section<T: DeserializeOwned>(figment: &Figment, key: &str, c: &mut Compiler) -> Option<T> {
+    if !figment.contains(key) {
+        return None;
+    }
+    match figment.extract_inner::<T>(key) {
+        Ok(value) => Some(value),
+        Err(e) => {
+            c.problems.extend(figment_problems(e));
+            None
+        }
+    }
+}
+
+/// Reads `[sources.*]` or `[targets.*]` one table at a time, so each error
+/// carries its full key path.
+fn named_tables<T: DeserializeOwned>(figment: &Figment, key: &str, c: &mut Compiler) -> Vec<(String, T)> {
+    let Ok(value) = figment.find_value(key) else {
+        return Vec::new();
+    };
+    let Some(dict) = value.into_dict() else {
+        c.problem(key, "must be a table of named entries, like [sources.github]");
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in dict.keys() {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            c.problem(
+                format!("{key}.{name}"),
+                "names may use letters, digits, '-' and '_' only",
+            );
+            continue;
+        }
+        if let Some(entry) = optional_section::<T>(figment, &format!("{key}.{name}"), c) {
+            out.push((name.clone(), entry));
+        }
+    }
+    out
+}
+
+/// figment's errors, one problem each, keyed the way the user wrote them
+/// (`server.listen`, or `RELAY_SERVER__LISTEN` for the environment).
+fn figment_problems(error: figment::Error) -> Vec<Problem> {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = match (&e.metadata, &e.profile) {
+                (Some(md), Some(profile)) if md.name.contains("environment") && !e.path.is_empty() => {
+                    format!("RELAY_{}", md.interpolate(profile, &e.path).replace('.', "__"))
+                }
+                _ => e.path.join("."),
+            };
+            Problem {
+                key,
+                message: e.kind.to_string(),
+            }
+        })
+        .collect()
+}
+
+fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
+    let listen = raw.listen.into_vec();
+    if listen.is_empty() {
+        c.problem(
+            "server.listen",
+            "needs at least one address, like \"127.0.0.1:8080\"",
+        );
+    }
+    if raw.max_body.as_u64() == 0 {
+        c.problem("server.max_body", "must be more than 0 bytes");
+    }
+    if let Some(url) = &raw.public_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        c.problem("server.public_url", "must start with https:// or http://");
+    }
+    if raw.request_timeout.is_zero() {
+        c.problem("server.request_timeout", "must be longer than 0s");
+    }
+    Server {
+        listen,
+        max_body: raw.max_body.as_u64(),
+        public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
+        request_timeout: raw.request_timeout,
+        shutdown_timeout: raw.shutdown_timeout,
+        tls: raw.tls.map(|t| TlsFiles {
+            cert: t.cert,
+            key: t.key,
+        }),
+    }
+}
+
+fn compile_store(raw: raw::RawStore, c: &mut Compiler) -> StoreSettings {
+    let location = if let Some(path) = raw.url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            c.problem("store.url", "sqlite:// needs a file path, like sqlite://relay.db");
+        }
+        StoreLocation::Sqlite(PathBuf::from(path))
+    } else if raw.url.starts_with("postgres://") || raw.url.starts_with("postgresql://") {
+        StoreLocation::Postgres(raw.url)
+    } else {
+        c.problem(
+            "store.url",
+            "must start with sqlite:// (embedded) or postgres:// (shared)",
+        );
+        StoreLocation::Sqlite(PathBuf::new())
+    };
+    StoreSettings {
+        location,
+        retention: raw.retention,
+    }
+}
+
+fn compile_delivery(raw: raw::RawDelivery, c: &mut Compiler) -> Delivery {
+    if raw.attempts == 0 {
+        c.problem("delivery.attempts", "must be at least 1");
+    }
+    if raw.concurrency == 0 {
+        c.problem("delivery.concurrency", "must be at least 1");
+    }
+    if raw.timeout.is_zero() {
+        c.problem("delivery.timeout", "must be longer than 0s");
+    }
+    if !(raw.backoff.factor >= 1.0 && raw.backoff.factor.is_finite()) {
+        c.problem("delivery.backoff.factor", "must be a number of at least 1.0");
+    }
+    if raw.backoff.first > raw.backoff.max {
+        c.problem(
+            "delivery.backoff.first",
+            "must not be longer than delivery.backoff.max",
+        );
+    }
+    Delivery {
+        timeout: raw.timeout,
+        attempts: raw.attempts,
+        backoff: Backoff {
+            first: raw.backoff.first,
+            max: raw.backoff.max,
+            factor: raw.backoff.factor,
+        },
+        concurrency: raw.concurrency,
+        maybe_delivered_retries: raw.maybe_delivered_retries,
+        throttle_floor: raw.throttle_floor,
+    }
+}

@@ -1,0 +1,102 @@
+//! The running relay: the shared state every task reads, and `run`, which
+//! opens the store, starts dispatch and serves until shutdown.
+//!
+//! Shutdown has one path: the caller's `CancellationToken`. Listeners close,
+//! open requests finish, sends in flight get their deadline, and whatever is
+//! left stays in the store for the next start.
+
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dispatch;
+use crate::server::{self, Listeners};
+use crate::store::{self, Store, StoreError};
+
+/// What ingress, dispatch and admin share.
+#[derive(Debug)]
+pub struct App {
+    /// The current config; a reload swaps in a new one, and each request or
+    /// send keeps the one it started with.
+    config: RwLock<Arc<Config>>,
+    pub store: Arc<dyn Store>,
+    /// Wakes the dispatcher: new jobs were committed or a send finished.
+    wake: Notify,
+}
+
+impl App {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>) -> App {
+        App {
+            config: RwLock::new(config),
+            store,
+            wake: Notify::new(),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace_config(&self, config: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut guard) => *guard = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    pub fn wake_dispatch(&self) {
+        self.wake.notify_one();
+    }
+
+    pub async fn dispatch_wakeup(&self) {
+        self.wake.notified().await;
+    }
+}
+
+/// Why relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// Opens the configured store and runs until `shutdown` is cancelled.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    let store = store::open(&config.store)?;
+    run_with_store(config, store, listeners, shutdown).await;
+    Ok(())
+}
+
+/// Runs with a store the caller opened.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) {
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    info!(
+        sources = config.sources.len(),
+        routes = config.routes.len(),
+        targets = config.targets.len(),
+        config = %config.file,
+        "relay starting"
+    );
+    let app = Arc::new(App::new(Arc::new(config), store));
+    let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
+    server::serve(app.clone(), listeners, shutdown.clone()).await;
+    if dispatcher.await.is_err() {
+        warn!("the dispatcher ended abnormally");
+    }
+    info!("relay stopped");
+}

@@ -1,0 +1,236 @@
+//! The `relay` command: parses arguments, loads the config, and calls into
+//! the library. Exit codes: 0 success, 1 failure at run time, 2 bad usage,
+//! 78 (EX_CONFIG) a config relay cannot use, so systemd can stop restarting.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use relay::config::Config;
+use relay::server::Listeners;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+const EX_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay",
+    version,
+    about = "Receive Git webhooks, route them, trigger CI pipelines durably"
+)]
+struct Cli {
+    /// Log format: human-readable text, JSON lines, or text on a terminal and JSON otherwise.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the config and list its sources, routes and targets.
+    Check {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Show which routes a payload matches and the exact requests (secrets redacted).
+    Explain {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The source's name, as in [sources.NAME].
+        #[arg(short, long)]
+        source: String,
+        /// The sender's event name: push, Push Hook, repo:push, …
+        #[arg(short, long)]
+        event: String,
+        /// A file holding the JSON payload.
+        file: PathBuf,
+    },
+    /// Sign a payload with the source's secret and post it to relay (test-fire).
+    Send {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        #[arg(short, long)]
+        source: String,
+        #[arg(short, long)]
+        event: String,
+        file: PathBuf,
+        /// Where to post; default: the first server.listen address and the source's path.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("relay: {e}");
+        ExitCode::from(EX_CONFIG)
+    })
+}
+
+fn read_payload(path: &std::path::Path) -> Result<Bytes, ExitCode> {
+    std::fs::read(path).map(Bytes::from).map_err(|e| {
+        eprintln!("relay: cannot read {}: {e}", path.display());
+        ExitCode::FAILURE
+    })
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Serve { config } => serve(config).await,
+        Command::Check { config } => match load(&config) {
+            Ok(config) => {
+                print!("{}", relay::cli::check_report(&config));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Explain {
+            config,
+            source,
+            event,
+            file,
+        } => {
+            let (config, payload) = match (load(&config), read_payload(&file)) {
+                (Ok(c), Ok(p)) => (c, p),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            match relay::cli::explain(&config, &source, &event, payload) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Send {
+            config,
+            source,
+            event,
+            file,
+            url,
+        } => {
+            let (config, payload) = match (load(&config), read_payload(&file)) {
+                (Ok(c), Ok(p)) => (c, p),
+                (Err(code), _) | (_, Err(code)) => return code,
+            };
+            match relay::cli::send(&config, &source, &event, payload, url).await {
+                Ok((status, body)) => {
+                    println!("{status} {body}");
+                    if (200..300).contains(&status) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("relay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let signals = match shutdown_signals(shutdown.clone()) {
+        Ok(task) => task,
+        Err(e) => {
+            error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = relay::daemon::run(config, listeners, shutdown).await;
+    signals.abort();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "relay failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM and SIGINT start the one shutdown path.
+fn shutdown_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(
+            signal = name,
+            "shutting down: no new connections; finishing open requests and sends"
+        );
+        shutdown.cancel();
+    }))
+}

@@ -1,0 +1,197 @@
+//! The durable queue, behind one trait: events as received, the jobs they
+//! produced, and every attempt to send them.
+//!
+//! The only module that touches the database. Ingress commits an event and
+//! its jobs in one transaction before answering; dispatch claims due jobs
+//! with a lease and a claim id, and completes them only where that claim id
+//! still holds. No credential is ever written: jobs hold prepared requests.
+
+mod sqlite;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use sqlite::SqliteStore;
+
+use crate::config::{StoreLocation, StoreSettings};
+use crate::targets::PreparedRequest;
+
+/// One accepted webhook and everything routing made of it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub source: String,
+    pub delivery: Option<String>,
+    pub hook: String,
+    pub content_type: String,
+    /// The body exactly as received.
+    pub body: Bytes,
+    /// The JSON document when it differs from the body (form posts).
+    pub payload: Option<Bytes>,
+    pub hop: u32,
+    pub received_at: SystemTime,
+    /// The normalized events and any drops, as JSON, for people reading the store.
+    pub summary: String,
+    pub jobs: Vec<NewJob>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub route: String,
+    pub target: String,
+    /// The request to send, or why none can be built (the job is then dead).
+    pub request: Result<PreparedRequest, String>,
+}
+
+/// What committing a webhook came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    Accepted,
+    /// The sender redelivered a webhook already accepted under this event id.
+    Duplicate(Uuid),
+}
+
+/// A job leased to one worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub event_id: Uuid,
+    pub route: String,
+    pub target: String,
+    /// Attempts recorded before this one.
+    pub attempts: u32,
+    /// Of those, attempts whose fate was unknown (sent, then timed out).
+    pub maybe_attempts: u32,
+    /// The fencing token: completion succeeds only while this still holds.
+    pub claim: Uuid,
+    pub request: PreparedRequest,
+    /// The webhook's JSON document, when the request forwards it.
+    pub payload: Option<Bytes>,
+}
+
+/// The outcome of one attempt, as recorded.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub status: Option<u16>,
+    /// A stable outcome code (`dispatch::Outcome::code`).
+    pub outcome: &'static str,
+    /// The target's message or the transport error, shortened.
+    pub excerpt: String,
+}
+
+/// Where the job goes after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextState {
+    Done,
+    Retry {
+        due_at: SystemTime,
+        maybe_delivered: bool,
+    },
+    Dead {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub job_id: Uuid,
+    pub claim: Uuid,
+    pub attempt: AttemptRecord,
+    pub next: NextState,
+}
+
+/// The store cannot do what was asked right now. Ingress answers 503, so
+/// the sender retries; dispatch tries again later.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database cannot be written: {0}")]
+    Unavailable(String),
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+}
+
+/// The state of a job, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    InFlight,
+    Done,
+    Dead,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::InFlight => "in_flight",
+            JobState::Done => "done",
+            JobState::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Commits the event and all its jobs in one transaction, durably, or
+    /// reports the delivery id as already accepted.
+    async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError>;
+
+    /// Leases up to `limit` due jobs of one target (queued and due, or whose
+    /// lease expired) for `lease`.
+    async fn claim(&self, target: &str, limit: usize, lease: Duration)
+    -> Result<Vec<ClaimedJob>, StoreError>;
+
+    /// Records an attempt and moves the job on, if `claim` still holds.
+    /// `Ok(false)`: the claim was lost (the lease expired and another worker
+    /// took the job); nothing was written.
+    async fn complete(&self, completion: Completion) -> Result<bool, StoreError>;
+
+    /// The next moment a job becomes due or a lease expires.
+    async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Whether the store answers and can write.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store the config names.
+pub fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+    match &settings.location {
+        StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreLocation::Postgres(_) => Err(StoreError::Open {
+            path: PathBuf::from("postgres://…"),
+            reason: "the PostgreSQL store is not available in this build yet; use sqlite://".to_owned(),
+        }),
+    }
+}
+
+/// Milliseconds since the Unix epoch, the store's time unit.
+pub fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}

@@ -1,0 +1,503 @@
+//! Targets: the CI systems relay triggers. One file per kind, each with the
+//! same shape: its settings compiled from `[targets.NAME]`, and `render`,
+//! which turns an event into a [`PreparedRequest`].
+//!
+//! A prepared request holds everything but the credential; it is what the
+//! store keeps, so no token ever reaches the database. [`Target::authorize`]
+//! adds the credential from the current config at send time, and
+//! [`PreparedRequest::redacted`] shows the request with the credential's place
+//! marked, for dry runs and `relay explain`. Nothing here does I/O.
+
+mod circleci;
+mod circleci_v1;
+mod gitlab;
+mod http;
+
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use minijinja::value::Value;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Burst, Compiler, Config, ParamValue, RawTarget, Secret, TargetKindName};
+use crate::event::{Event, Webhook};
+use crate::signature::{self, Algorithm};
+use crate::template::{RenderError, TemplateStr, Templates};
+
+/// A `[targets.NAME]`, compiled.
+#[derive(Debug)]
+pub struct Target {
+    pub name: String,
+    /// Record and log the exact request instead of sending it.
+    pub dry_run: bool,
+    /// In-flight sends allowed at once; `None` takes `delivery.concurrency`.
+    pub concurrency: Option<usize>,
+    pub burst: Option<Burst>,
+    pub kind: Kind,
+}
+
+#[derive(Debug)]
+pub enum Kind {
+    CircleCi(circleci::CircleCi),
+    CircleCiV1(circleci_v1::CircleCiV1),
+    Gitlab(gitlab::Gitlab),
+    Http(http::HttpTarget),
+}
+
+impl Target {
+    pub fn compile(name: &str, raw: RawTarget, c: &mut Compiler) -> Option<Target> {
+        let key = format!("targets.{name}");
+        let before = c.problem_count();
+        let dry_run = raw.dry_run.unwrap_or(false);
+        if raw.concurrency == Some(0) {
+            c.problem(format!("{key}.concurrency"), "must be at least 1");
+        }
+        let present = raw.present();
+        let owner = format!("kind {:?}", raw.kind.as_str());
+        let kind = match raw.kind {
+            TargetKindName::Circleci => {
+                c.only_keys(&key, &present, circleci::KEYS, &owner);
+                circleci::CircleCi::compile(&key, &raw, dry_run, c).map(Kind::CircleCi)
+            }
+            TargetKindName::CircleciV1 => {
+                c.only_keys(&key, &present, circleci_v1::KEYS, &owner);
+                circleci_v1::CircleCiV1::compile(&key, &raw, dry_run, c).map(Kind::CircleCiV1)
+            }
+            TargetKindName::Gitlab => {
+                c.only_keys(&key, &present, gitlab::KEYS, &owner);
+                gitlab::Gitlab::compile(&key, &raw, dry_run, c).map(Kind::Gitlab)
+            }
+            TargetKindName::Http => {
+                c.only_keys(&key, &present, http::KEYS, &owner);
+                http::HttpTarget::compile(&key, &raw, dry_run, c).map(Kind::Http)
+            }
+        };
+        if c.problem_count() > before {
+            return None;
+        }
+        Some(Target {
+            name: name.to_owned(),
+            dry_run,
+            concurrency: raw.concurrency,
+            burst: raw.burst.map(|b| Burst {
+                limit: b.limit,
+                per: b.per,
+            }),
+            kind: kind?,
+        })
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            Kind::CircleCi(_) => "circleci",
+            Kind::CircleCiV1(_) => "circleci_v1",
+            Kind::Gitlab(_) => "gitlab",
+            Kind::Http(_) => "http",
+        }
+    }
+
+    /// Builds the request this event asks of the target, without credentials.
+    pub fn render(
+        &self,
+        config: &Config,
+        webhook: &Webhook,
+        event: &Event,
+        ctx: &Value,
+    ) -> Result<PreparedRequest, RenderFailure> {
+        let input = RenderInput {
+            templates: &config.templates,
+            webhook,
+            event,
+            ctx,
+        };
+        match &self.kind {
+            Kind::CircleCi(t) => t.render(&input),
+            Kind::CircleCiV1(t) => t.render(&input),
+            Kind::Gitlab(t) => t.render(&input),
+            Kind::Http(t) => t.render(&input),
+        }
+    }
+
+    fn credential(&self) -> Option<&Secret> {
+        match &self.kind {
+            Kind::CircleCi(t) => t.token.as_ref(),
+            Kind::CircleCiV1(t) => t.token.as_ref(),
+            Kind::Gitlab(t) => t.token.as_ref(),
+            Kind::Http(t) => t.secret(),
+        }
+    }
+
+    /// A one-line description for `relay check`: where requests go.
+    pub fn describe(&self) -> String {
+        let endpoint = match &self.kind {
+            Kind::CircleCi(t) => t.describe(),
+            Kind::CircleCiV1(t) => t.describe(),
+            Kind::Gitlab(t) => t.describe(),
+            Kind::Http(t) => t.describe(),
+        };
+        let dry = if self.dry_run { " (dry run)" } else { "" };
+        format!("{} {endpoint}{dry}", self.kind_name())
+    }
+
+    /// The request as it goes on the wire: credentials added now, from this
+    /// config, never from the store.
+    pub fn authorize(
+        &self,
+        prepared: &PreparedRequest,
+        payload: Option<&Bytes>,
+    ) -> Result<WireRequest, AuthorizeError> {
+        let body = prepared.body_bytes(payload)?;
+        let mut url = prepared.url.clone();
+        let mut headers = prepared.headers.clone();
+        let mut body = body;
+        if prepared.auth != Auth::None {
+            let secret = self.credential().ok_or_else(|| AuthorizeError::NoCredential {
+                target: self.name.clone(),
+            })?;
+            let value = || String::from_utf8_lossy(secret.expose()).into_owned();
+            match &prepared.auth {
+                Auth::None => {}
+                Auth::Header { name } => headers.push((name.clone(), value())),
+                Auth::Query { name } => {
+                    let separator = if url.contains('?') { '&' } else { '?' };
+                    let encoded = utf8_percent_encode(&value(), COMPONENT).to_string();
+                    url = format!("{url}{separator}{name}={encoded}");
+                }
+                Auth::JsonField { name } => {
+                    let mut doc: serde_json::Map<String, serde_json::Value> =
+                        serde_json::from_slice(&body).map_err(|_| AuthorizeError::Body)?;
+                    doc.insert(name.clone(), serde_json::Value::String(value()));
+                    body = Bytes::from(serde_json::to_vec(&doc).map_err(|_| AuthorizeError::Body)?);
+                }
+                Auth::Hmac {
+                    header,
+                    algorithm,
+                    prefix,
+                } => {
+                    let tag = signature::sign(*algorithm, secret.expose(), &[&body]);
+                    headers.push((header.clone(), format!("{prefix}{}", hex::encode(tag))));
+                }
+            }
+        }
+        Ok(WireRequest { url, headers, body })
+    }
+}
+
+/// What a target kind's `render` reads.
+#[derive(Debug)]
+pub struct RenderInput<'a> {
+    pub templates: &'a Templates,
+    pub webhook: &'a Webhook,
+    pub event: &'a Event,
+    pub ctx: &'a Value,
+}
+
+impl RenderInput<'_> {
+    fn text(&self, field: &TemplateStr) -> Result<String, RenderFailure> {
+        Ok(self.templates.render(field, self.ctx)?.into_owned())
+    }
+
+    /// A typed parameter: literals keep their type, templates render to strings.
+    fn param(&self, value: &Param) -> Result<serde_json::Value, RenderFailure> {
+        Ok(match value {
+            Param::Typed(v) => v.clone(),
+            Param::Text(t) => serde_json::Value::String(self.text(t)?),
+        })
+    }
+}
+
+/// A parameter value from config: typed literal or a string template.
+#[derive(Debug, Clone)]
+enum Param {
+    Typed(serde_json::Value),
+    Text(TemplateStr),
+}
+
+fn compile_params<'a>(
+    key: &str,
+    raw: impl IntoIterator<Item = (&'a String, &'a ParamValue)>,
+    c: &mut Compiler,
+) -> Vec<(String, Param)> {
+    let mut out = Vec::new();
+    for (name, value) in raw {
+        let param = match value {
+            ParamValue::Bool(b) => Param::Typed(serde_json::Value::Bool(*b)),
+            ParamValue::Int(i) => Param::Typed(serde_json::Value::from(*i)),
+            ParamValue::Float(f) => Param::Typed(serde_json::Value::from(*f)),
+            ParamValue::Str(s) => match compile_text(&format!("{key}.{name}"), s, c) {
+                Some(t) => Param::Text(t),
+                None => continue,
+            },
+        };
+        out.push((name.clone(), param));
+    }
+    out
+}
+
+/// Compiles a string field, reporting a bad template at its key.
+fn compile_text(key: &str, source: &str, c: &mut Compiler) -> Option<TemplateStr> {
+    match c.templates.field(key, source) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            c.problem(e.key, e.message);
+            None
+        }
+    }
+}
+
+/// A target's credential: required to send, optional in a dry run (where a
+/// missing one only warns, so the sample config runs without credentials).
+fn compile_credential(
+    key: &str,
+    spec: Option<&crate::config::SecretSpec>,
+    dry_run: bool,
+    c: &mut Compiler,
+) -> Option<Secret> {
+    let Some(spec) = spec else {
+        if !dry_run {
+            c.problem(key, "is required unless the target is dry_run");
+        }
+        return None;
+    };
+    if dry_run {
+        match spec.resolve() {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                c.warn(format!("{key}: {e}; fine while the target is dry_run"));
+                None
+            }
+        }
+    } else {
+        c.secret(key, spec)
+    }
+}
+
+fn base_url(key: &str, raw: Option<&String>, default: &str, c: &mut Compiler) -> String {
+    let url = raw.map(String::as_str).unwrap_or(default).trim_end_matches('/');
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        c.problem(key, "must start with https:// or http://");
+    }
+    url.to_owned()
+}
+
+/// Characters left alone in a path segment; everything else is escaped, so a
+/// GitLab path `group/sub/app` becomes one segment `group%2Fsub%2Fapp`.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn encode_component(value: &str) -> String {
+    utf8_percent_encode(value, COMPONENT).to_string()
+}
+
+/// The rendered request the store keeps: everything but the credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedRequest {
+    /// Always POST; the URL never holds a credential.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: RequestBody,
+    /// Where the credential goes when the request is sent.
+    pub auth: Auth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestBody {
+    /// A body relay composed (JSON text).
+    Text(String),
+    /// The webhook's JSON document, byte for byte, read from the event at send
+    /// time rather than copied into every job.
+    Payload,
+}
+
+/// Where a target's credential goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Auth {
+    None,
+    /// `Circle-Token: <token>`.
+    Header {
+        name: String,
+    },
+    /// `?token=<token>` (GitLab's webhook-style trigger).
+    Query {
+        name: String,
+    },
+    /// `"token": "<token>"` added to the JSON body (GitLab's trigger API).
+    JsonField {
+        name: String,
+    },
+    /// An HMAC of the body under the target's secret.
+    Hmac {
+        header: String,
+        algorithm: Algorithm,
+        prefix: String,
+    },
+}
+
+impl PreparedRequest {
+    pub fn needs_payload(&self) -> bool {
+        self.body == RequestBody::Payload
+    }
+
+    fn body_bytes(&self, payload: Option<&Bytes>) -> Result<Bytes, AuthorizeError> {
+        match &self.body {
+            RequestBody::Text(text) => Ok(Bytes::from(text.clone())),
+            RequestBody::Payload => payload.cloned().ok_or(AuthorizeError::PayloadMissing),
+        }
+    }
+
+    /// The request as text with the credential's place marked `[redacted]`:
+    /// what a dry run logs and `relay explain` prints.
+    pub fn redacted(&self, payload: Option<&Bytes>) -> String {
+        const REDACTED: &str = "[redacted]";
+        let mut url = self.url.clone();
+        let mut headers = self.headers.clone();
+        let mut body = match &self.body {
+            RequestBody::Text(text) => text.clone(),
+            RequestBody::Payload => match payload {
+                Some(p) => String::from_utf8_lossy(p).into_owned(),
+                None => "<the webhook's JSON body>".to_owned(),
+            },
+        };
+        match &self.auth {
+            Auth::None => {}
+            Auth::Header { name } => headers.push((name.clone(), REDACTED.to_owned())),
+            Auth::Query { name } => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                url = format!("{url}{separator}{name}={REDACTED}");
+            }
+            Auth::JsonField { name } => {
+                if let Ok(mut doc) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&body)
+                {
+                    doc.insert(name.clone(), serde_json::Value::String(REDACTED.to_owned()));
+                    body = serde_json::Value::Object(doc).to_string();
+                }
+            }
+            Auth::Hmac { header, prefix, .. } => {
+                headers.push((header.clone(), format!("{prefix}{REDACTED}")))
+            }
+        }
+        let mut out = format!("POST {url}\n");
+        for (name, value) in headers {
+            let _ = writeln!(out, "{name}: {value}");
+        }
+        out.push('\n');
+        out.push_str(&body);
+        out
+    }
+}
+
+/// A request ready for the wire, credential included. Never stored or logged.
+pub struct WireRequest {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl std::fmt::Debug for WireRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL and headers may carry the credential.
+        f.debug_struct("WireRequest")
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an event cannot become a request for this target; the job is dead at
+/// once with this reason rather than sent to fail.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderFailure {
+    #[error("template {0}")]
+    Template(#[from] RenderError),
+    #[error("{0}")]
+    Limit(String),
+    #[error("{0}")]
+    Missing(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error("target {target} has no credential configured (it was dry_run when this job was queued?)")]
+    NoCredential { target: String },
+    #[error("the stored request body is not a JSON object")]
+    Body,
+    #[error("the webhook's body is no longer in the store")]
+    PayloadMissing,
+}
+
+/// The message a target put in an error response, for the attempt record:
+/// CircleCI and GitLab answer `{"message": …}`; anything else is excerpted.
+pub fn response_message(body: &[u8]) -> String {
+    const LIMIT: usize = 500;
+    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) {
+        let message = doc.get("message").or_else(|| doc.get("error"));
+        match message {
+            Some(serde_json::Value::String(s)) => return truncate(s, LIMIT),
+            Some(other) => return truncate(&other.to_string(), LIMIT),
+            None => {}
+        }
+    }
+    truncate(&String::from_utf8_lossy(body), LIMIT)
+}
+
+fn truncate(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// The user agent on every outbound request.
+pub const USER_AGENT: &str = concat!("relay/", env!("CARGO_PKG_VERSION"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_message_prefers_the_message_field() {
+        assert_eq!(
+            response_message(br#"{"message":"Project does not exist."}"#),
+            "Project does not exist."
+        );
+        assert_eq!(
+            response_message(br#"{"message":{"base":["Reference not found"]}}"#),
+            r#"{"base":["Reference not found"]}"#
+        );
+        assert_eq!(response_message(b"Bad Gateway"), "Bad Gateway");
+        let long = "x".repeat(600);
+        assert_eq!(response_message(long.as_bytes()).chars().count(), 501);
+    }
+
+    #[test]
+    fn gitlab_paths_become_one_segment() {
+        assert_eq!(encode_component("group/sub/app"), "group%2Fsub%2Fapp");
+        assert_eq!(encode_component("feature/x-1.2_a~b"), "feature%2Fx-1.2_a~b");
+    }
+
+    #[test]
+    fn redaction_marks_every_credential_place() {
+        let base = PreparedRequest {
+            url: "https://x/api".into(),
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: RequestBody::Text(r#"{"ref":"main"}"#.into()),
+            auth: Auth::JsonField { name: "token".into() },
+        };
+        let text = base.redacted(None);
+        assert!(text.contains(r#""token":"[redacted]""#), "{text}");
+        let q = PreparedRequest {
+            auth: Auth::Query { name: "token".into() },
+            url: "https://x/api?variables[A]=1".into(),
+            ..base.clone()
+        };
+        assert!(
+            q.redacted(None)
+                .starts_with("POST https://x/api?variables[A]=1&token=[redacted]\n")
+        );
+    }
+}
