@@ -130,7 +130,7 @@ impl Route {
                     let known: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
                     c.problem(
                         format!("{key}.from[{i}]"),
-                        format!("no source is named {name:?} (sources: {})", known.join(", ")),
+                        format!("no source is named {name:?} ({})", listing("sources", &known)),
                     );
                 }
             }
@@ -143,7 +143,7 @@ impl Route {
                 let known: Vec<&str> = targets.keys().map(String::as_str).collect();
                 c.problem(
                     format!("{key}.to[{i}]"),
-                    format!("no target is named {name:?} (targets: {})", known.join(", ")),
+                    format!("no target is named {name:?} ({})", listing("targets", &known)),
                 );
             }
         }
@@ -294,6 +294,15 @@ impl Route {
             parts.push(format!("when {:?}", when.source()));
         }
         format!("{} → {}", parts.join("; "), self.to.join(", "))
+    }
+}
+
+/// "targets: a, b" or "no targets are configured".
+fn listing(what: &str, names: &[&str]) -> String {
+    if names.is_empty() {
+        format!("no {what} are configured")
+    } else {
+        format!("{what}: {}", names.join(", "))
     }
 }
 

@@ -20,6 +20,23 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// The length of the digest, in bytes.
+    pub fn digest_len(self) -> usize {
+        match self {
+            Algorithm::Sha1 => 20,
+            Algorithm::Sha256 => 32,
+            Algorithm::Sha512 => 64,
+        }
+    }
+
+    /// Decodes a hex digest of this algorithm; `None` unless it is exactly
+    /// that many hex digits.
+    pub fn decode_hex(self, text: &str) -> Option<Vec<u8>> {
+        hex::decode(text)
+            .ok()
+            .filter(|bytes| bytes.len() == self.digest_len())
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::Sha1 => "sha1",

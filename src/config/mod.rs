@@ -239,7 +239,7 @@ impl Config {
         };
         figment
             .extract::<raw::Sections>()
-            .map_err(|e| fail(figment_problems(e)))?;
+            .map_err(|e| fail(figment_problems(e, None)))?;
         let mut c = Compiler::default();
         let server: raw::RawServer = section(figment, "server", &mut c);
         let admin: Option<raw::RawAdmin> = optional_section(figment, "admin", &mut c);
@@ -350,7 +350,7 @@ fn optional_section<T: DeserializeOwned>(figment: &Figment, key: &str, c: &mut C
     match figment.extract_inner::<T>(key) {
         Ok(value) => Some(value),
         Err(e) => {
-            c.problems.extend(figment_problems(e));
+            c.problems.extend(figment_problems(e, Some(key)));
             None
         }
     }
@@ -388,15 +388,25 @@ fn named_tables<T: DeserializeOwned>(figment: &Figment, key: &str, c: &mut Compi
 
 /// figment's errors, one problem each, keyed the way the user wrote them
 /// (`server.listen`, or `RELAY_SERVER__LISTEN` for the environment).
-fn figment_problems(error: figment::Error) -> Vec<Problem> {
+/// `prefix` is the key passed to `extract_inner`, which figment appends to
+/// the end of the inner path; it is moved back to the front here.
+fn figment_problems(error: figment::Error, prefix: Option<&str>) -> Vec<Problem> {
+    let prefix: Vec<&str> = prefix.map(|p| p.split('.').collect()).unwrap_or_default();
     error
         .into_iter()
         .map(|e| {
-            let key = match (&e.metadata, &e.profile) {
-                (Some(md), Some(profile)) if md.name.contains("environment") && !e.path.is_empty() => {
-                    format!("RELAY_{}", md.interpolate(profile, &e.path).replace('.', "__"))
-                }
-                _ => e.path.join("."),
+            let mut path = e.path.clone();
+            if !prefix.is_empty() && path.iter().rev().zip(prefix.iter().rev()).all(|(a, b)| a == b) {
+                path.rotate_right(prefix.len());
+            }
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|md| md.name.contains("environment"));
+            let key = if from_env && !path.is_empty() {
+                format!("RELAY_{}", path.join("__").to_ascii_uppercase())
+            } else {
+                dotted_key(&path)
             };
             Problem {
                 key,
@@ -404,6 +414,23 @@ fn figment_problems(error: figment::Error) -> Vec<Problem> {
             }
         })
         .collect()
+}
+
+/// `["routes", "0", "to"]` → `routes[0].to`, the way relay's own messages
+/// write keys.
+fn dotted_key(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
 }
 
 fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {

@@ -228,7 +228,7 @@ async fn attempt(config: &Config, client: &reqwest::Client, job: &ClaimedJob) ->
     for (name, value) in &wire.headers {
         request = request.header(name.as_str(), value.as_str());
     }
-    match request.send().await {
+    let mut result = match request.send().await {
         Ok(response) => {
             let status = response.status().as_u16();
             let header = |name: http::HeaderName| {
@@ -265,7 +265,9 @@ async fn attempt(config: &Config, client: &reqwest::Client, job: &ClaimedJob) ->
                 message,
             }
         }
-    }
+    };
+    result.message = target.scrub(result.message);
+    result
 }
 
 /// The start of the response body; the rest is not needed for the record.

@@ -78,7 +78,7 @@ pub(super) fn receive(
     let presented = value
         .trim()
         .strip_prefix("sha256=")
-        .and_then(|h| hex::decode(h).ok())
+        .and_then(|h| Algorithm::Sha256.decode_hex(h))
         .ok_or(SignatureError::Malformed {
             header: SIGNATURE,
             expected: "sha256= followed by 64 hex digits",
@@ -96,6 +96,7 @@ pub(super) fn receive(
         );
     }
     Ok(Received {
+        body: None,
         hook: required_header(headers, "x-event-key")?,
         delivery: header_str(headers, "x-request-uuid").map(str::to_owned),
         payload: body.clone(),

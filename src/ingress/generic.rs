@@ -147,8 +147,11 @@ pub(super) fn receive(
             expected: "the configured prefix followed by the signature",
         })?;
     let presented = match settings.encoding {
-        Encoding::Hex => hex::decode(encoded).ok(),
-        Encoding::Base64 => BASE64.decode(encoded).ok(),
+        Encoding::Hex => settings.algorithm.decode_hex(encoded),
+        Encoding::Base64 => BASE64
+            .decode(encoded)
+            .ok()
+            .filter(|b| b.len() == settings.algorithm.digest_len()),
     }
     .ok_or(SignatureError::Malformed {
         header: label,
@@ -177,6 +180,7 @@ pub(super) fn receive(
         .and_then(|h| header_str(headers, h))
         .map(str::to_owned);
     Ok(Received {
+        body: None,
         hook,
         delivery,
         payload,

@@ -90,10 +90,12 @@ pub(super) fn receive(
         }
         .into());
     }
-    let presented = hex::decode(value.trim()).map_err(|_| SignatureError::Malformed {
-        header: display,
-        expected: "64 hex digits, no prefix",
-    })?;
+    let presented = Algorithm::Sha256
+        .decode_hex(value.trim())
+        .ok_or(SignatureError::Malformed {
+            header: display,
+            expected: "64 hex digits, no prefix",
+        })?;
     // Gitea signs the JSON document; only for form posts does that differ from
     // the body, and decoding the form is then the one step before the check.
     let payload = match content {
@@ -118,11 +120,35 @@ pub(super) fn receive(
         ["x-forgejo-delivery", "x-gitea-delivery", "x-gogs-delivery"],
     )
     .map(|(_, v)| v.to_owned());
+    let (payload, body) = match strip_legacy_secret(&payload) {
+        Some(stripped) if content == ContentKind::Json => (stripped.clone(), Some(stripped)),
+        Some(stripped) => {
+            let form = form_urlencoded::Serializer::new(String::new())
+                .append_pair("payload", &String::from_utf8_lossy(&stripped))
+                .finish();
+            (stripped, Some(Bytes::from(form)))
+        }
+        None => (payload, None),
+    };
     Ok(Received {
         hook,
         delivery,
+        body,
         payload,
     })
+}
+
+/// Gitea before 1.14 put the webhook's secret into the payload as `secret`.
+/// It must never be stored or forwarded, so, once the signature checked out,
+/// the document is re-written without it. `None`: nothing to remove.
+fn strip_legacy_secret(payload: &[u8]) -> Option<Bytes> {
+    let needle: &[u8] = b"\"secret\"";
+    if !payload.windows(needle.len()).any(|w| w == needle) {
+        return None;
+    }
+    let mut doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    doc.remove("secret")?;
+    serde_json::to_vec(&doc).ok().map(Bytes::from)
 }
 
 fn display_name(header: &str) -> &'static str {

@@ -76,6 +76,7 @@ pub(super) fn receive(
         ContentKind::Form => form_payload(body)?,
     };
     Ok(Received {
+        body: None,
         hook,
         delivery: header_str(headers, "x-github-delivery").map(str::to_owned),
         payload,
@@ -107,7 +108,7 @@ fn verify(settings: &Settings, source: &str, headers: &HeaderMap, body: &[u8]) -
     }
     let presented = value
         .strip_prefix(prefix)
-        .and_then(|hex_part| hex::decode(hex_part).ok())
+        .and_then(|hex_part| algorithm.decode_hex(hex_part))
         .ok_or(SignatureError::Malformed {
             header: display,
             expected: if header == SIG256 {

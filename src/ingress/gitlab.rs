@@ -151,6 +151,7 @@ pub(super) fn receive(
         .or_else(|| header_str(headers, "x-gitlab-event-uuid"))
         .map(str::to_owned);
     Ok(Received {
+        body: None,
         hook,
         delivery,
         payload: body.clone(),

@@ -149,7 +149,7 @@ impl Source {
             hook: received.hook,
             delivery: received.delivery,
             content_type: content.mime().to_owned(),
-            body,
+            body: received.body.unwrap_or(body),
             payload: received.payload,
             hop,
         })
@@ -255,6 +255,9 @@ pub const HOP_HEADER: &str = "x-relay-hop";
 struct Received {
     hook: String,
     delivery: Option<String>,
+    /// Replaces the body as stored, when the provider had to remove something
+    /// from it (see `gitea::strip_legacy_secret`).
+    body: Option<Bytes>,
     /// The JSON document (the body, or a form post's `payload` field).
     payload: Bytes,
 }

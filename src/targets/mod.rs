@@ -128,6 +128,19 @@ impl Target {
         }
     }
 
+    /// `text` with this target's credential replaced by `[redacted]`, for
+    /// anything a target answered that gets stored or logged (a target may
+    /// echo the token it was sent).
+    pub fn scrub(&self, text: String) -> String {
+        match self
+            .credential()
+            .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
+        {
+            Some(value) if !value.is_empty() && text.contains(&value) => text.replace(&value, "[redacted]"),
+            _ => text,
+        }
+    }
+
     /// A one-line description for `relay check`: where requests go.
     pub fn describe(&self) -> String {
         let endpoint = match &self.kind {

@@ -1,0 +1,209 @@
+//! The commands a person runs: `relay check` on good and broken configs
+//! (each error names the file and the key, exit code 78), and `relay
+//! explain` on the shipped sample config and payloads.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::support::relay_binary;
+
+fn repo_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = Command::new(relay_binary());
+    command.args(args).env_remove("RELAY_CONFIG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_sample_config_checks_and_lists_what_it_holds() {
+    let sample = repo_file("relay.toml");
+    let (code, out, err) = run(&["check", "-c", sample.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "sources:",
+        "github POST /hooks/github",
+        "gitlab POST /hooks/gitlab",
+        "routes:",
+        "main-builds",
+        "targets:",
+        "circleci POST https://circleci.com/api/v2/project/gh/acme/api/pipeline (dry run)",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn broken_configs_name_the_file_and_the_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[server]\nlistn = [\"127.0.0.1:1\"]\n",
+            "server.listn: unknown field",
+        ),
+        ("bogus = 1\n", "bogus: unknown field"),
+        (
+            "[delivery]\ntimeout = \"ten seconds\"\n",
+            "delivery.timeout: invalid value",
+        ),
+        (
+            "[sources.gh]\nprovider = \"githab\"\npath = \"/h\"\n",
+            "sources.gh.provider: unknown variant",
+        ),
+        (
+            "[sources.gh]\nprovider = \"github\"\npath = \"/h\"\n",
+            "sources.gh.secret: is required",
+        ),
+        (
+            "[sources.gh]\nprovider = \"github\"\npath = \"/h\"\nsecret = { vault = \"x\" }\n",
+            "sources.gh.secret: a secret: a string, { env = \"NAME\" }",
+        ),
+        (
+            "[sources.gh]\nprovider = \"github\"\npath = \"/h\"\nsecret = { env = \"RELAY_TEST_UNSET_SECRET\" }\n",
+            "sources.gh.secret: environment variable RELAY_TEST_UNSET_SECRET is not set",
+        ),
+        (
+            "[sources.gh]\nprovider = \"github\"\npath = \"/h\"\nsecret = \"s\"\ntoken = \"t\"\n",
+            "sources.gh.token: not a setting of provider \"github\"",
+        ),
+        (
+            "[[routes]]\nname = \"r\"\nto = [\"nowhere\"]\n",
+            "routes[0].to[0]: no target is named \"nowhere\"",
+        ),
+        (
+            "[targets.t]\nkind = \"http\"\nurl = \"http://x\"\n[[routes]]\nname = \"r\"\ntags = [\"v[\"]\nto = [\"t\"]\n",
+            "routes[0].tags[0]: \"v[\" is not a valid glob",
+        ),
+        (
+            "[targets.t]\nkind = \"http\"\nurl = \"http://x\"\n[[routes]]\nname = \"r\"\nevents = [\"pushh\"]\nto = [\"t\"]\n",
+            "routes[0].events[0]: \"pushh\" is not an event relay routes",
+        ),
+        (
+            "[targets.t]\nkind = \"http\"\nurl = \"http://x\"\n[[routes]]\nname = \"r\"\nwhen = \"branch ==\"\nto = [\"t\"]\n",
+            "routes[0].when: syntax error",
+        ),
+        (
+            "[targets.t]\nkind = \"circleci\"\nproject = \"gh/a/b\"\ntoken = \"t\"\nbranch = \"{{ brnach }}\"\n",
+            "targets.t.branch: unknown variable brnach",
+        ),
+        (
+            "[targets.t]\nkind = \"http\"\nurl = \"http://x\"\nproject = \"p\"\n",
+            "targets.t.project: not a setting of kind \"http\"",
+        ),
+        (
+            "[targets.t]\nkind = \"circleci\"\nproject = \"gh/a/b\"\n",
+            "targets.t.token: is required unless the target is dry_run",
+        ),
+        (
+            "[store]\nurl = \"mysql://x\"\n",
+            "store.url: must start with sqlite://",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    for (text, expected) in cases {
+        std::fs::write(&path, text).unwrap();
+        let (code, _, err) = run(&["check", "-c", path.to_str().unwrap()], &[]);
+        assert_eq!(code, 78, "{text}\n{err}");
+        let wanted = format!("{}: {expected}", path.display());
+        assert!(
+            err.contains(&wanted),
+            "for\n{text}\nexpected {wanted:?} in:\n{err}"
+        );
+    }
+
+    // An environment override that does not parse names the variable.
+    std::fs::write(&path, "[delivery]\nattempts = 3\n").unwrap();
+    let (code, _, err) = run(
+        &["check", "-c", path.to_str().unwrap()],
+        &[("RELAY_DELIVERY__ATTEMPTS", "many")],
+    );
+    assert_eq!(code, 78);
+    assert!(err.contains("RELAY_DELIVERY__ATTEMPTS: invalid type"), "{err}");
+
+    // And one that does parse takes effect over the file.
+    let (code, _, err) = run(
+        &["check", "-c", path.to_str().unwrap()],
+        &[
+            ("RELAY_DELIVERY__ATTEMPTS", "5"),
+            ("RELAY_ADMIN_TOKEN", "not a config key"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let (code, _, err) = run(&["check", "-c", "/nonexistent/relay.toml"], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("/nonexistent/relay.toml: cannot read the config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_shows_verdicts_and_the_exact_dry_run_requests() {
+    let sample = repo_file("relay.toml");
+    let payload = repo_file("examples/github-tag.json");
+    let (code, out, err) = run(
+        &[
+            "explain",
+            "-c",
+            sample.to_str().unwrap(),
+            "-s",
+            "github",
+            "-e",
+            "push",
+            payload.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let expected = "\
+event 1 of 1: tag acme/api refs/tags/v1.4.0 4e1243bd22c66e76c2ba9eddc1f91394e57f9f83
+  route main-builds: no — events: event tag is not in [push]
+  route releases: matched
+    → target circleci-api (dry run: logged, not sent)
+      POST https://circleci.com/api/v2/project/gh/acme/api/pipeline
+      Content-Type: application/json
+      Accept: application/json
+      User-Agent: relay/0.1.0
+      Circle-Token: [redacted]
+      
+      {\"parameters\":{\"deploy\":false,\"upstream_sha\":\"4e1243bd22c66e76c2ba9eddc1f91394e57f9f83\"},\"tag\":\"v1.4.0\"}
+    → target gitlab-deploy (dry run: logged, not sent)
+      POST https://gitlab.example.com/api/v4/projects/acme%2Fdeploy/trigger/pipeline
+      Content-Type: application/json
+      Accept: application/json
+      User-Agent: relay/0.1.0
+      
+      {\"ref\":\"main\",\"token\":\"[redacted]\",\"variables\":{\"UPSTREAM_REPO\":\"acme/api\",\"UPSTREAM_SHA\":\"4e1243bd22c66e76c2ba9eddc1f91394e57f9f83\",\"VERSION\":\"v1.4.0\"}}
+";
+    assert_eq!(out, expected);
+
+    let (code, _, err) = run(
+        &[
+            "explain",
+            "-c",
+            sample.to_str().unwrap(),
+            "-s",
+            "nope",
+            "-e",
+            "push",
+            payload.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no source is named \"nope\" (sources: bitbucket, gitea, github, gitlab)"),
+        "{err}"
+    );
+}

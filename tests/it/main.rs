@@ -1,0 +1,10 @@
+//! relay's integration tests: one binary, the real daemon on loopback, mock
+//! CI servers written here. See `support` for the harness.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod ingress_errors;
+mod providers;
+mod secrets;
+mod support;
