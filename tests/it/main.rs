@@ -8,3 +8,4 @@ mod ingress_errors;
 mod providers;
 mod secrets;
 mod support;
+mod targets;
