@@ -19,7 +19,7 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Body> {
     }
     match request.uri().path() {
         "/healthz" => json_response(StatusCode::OK, &json!({ "status": "ok" })),
-        "/readyz" => match app.store.ping().await {
+        "/readyz" => match app.store.ping(app.now()).await {
             Ok(()) => json_response(StatusCode::OK, &json!({ "status": "ready" })),
             Err(e) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -6,6 +6,7 @@
 //! left stays in the store for the next start.
 
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,35 @@ use crate::dispatch;
 use crate::server::{self, Listeners};
 use crate::store::{self, Store, StoreError};
 
+/// Wall-clock time that advances with tokio's clock: the system time at
+/// start plus the monotonic time since. Tests that pause tokio's clock move
+/// it; in production it is the system time without the jumps a clock
+/// adjustment would put into retry schedules.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            wall: SystemTime::now(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.wall + self.start.elapsed()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
 /// What ingress, dispatch and admin share.
 #[derive(Debug)]
 pub struct App {
@@ -25,6 +55,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Wakes the dispatcher: new jobs were committed or a send finished.
     wake: Notify,
+    /// Every time decision (due times, leases, retention) reads this clock.
+    clock: Clock,
 }
 
 impl App {
@@ -33,7 +65,12 @@ impl App {
             config: RwLock::new(config),
             store,
             wake: Notify::new(),
+            clock: Clock::new(),
         }
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
     }
 
     pub fn config(&self) -> Arc<Config> {

@@ -11,7 +11,7 @@ pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -106,7 +106,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             if free == 0 {
                 continue;
             }
-            match app.store.claim(name, free, lease).await {
+            match app.store.claim(name, free, lease, app.now()).await {
                 Ok(jobs) => {
                     maybe_more |= jobs.len() == free;
                     for job in jobs {
@@ -124,7 +124,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             continue;
         }
         let wait = match app.store.next_wakeup().await {
-            Ok(Some(at)) => match at.duration_since(SystemTime::now()) {
+            Ok(Some(at)) => match at.duration_since(app.now()) {
                 Ok(wait) => wait.min(MAX_IDLE),
                 // Due already but not claimed: its target is at capacity, and
                 // a finishing send will wake us.
@@ -171,18 +171,19 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
     );
     async {
         let config = app.config();
-        let started_at = SystemTime::now();
-        let clock = Instant::now();
-        let result = attempt(&config, &client, &job).await;
+        let started_at = app.now();
+        let clock = tokio::time::Instant::now();
+        let result = attempt(&config, &client, &job, app.now()).await;
         let duration = clock.elapsed();
+        let ended = app.now();
         let next = RetryPolicy::new(&config.delivery).decide(
             job.attempts,
             job.maybe_attempts,
             &result,
             rand::random::<f64>(),
-            SystemTime::now(),
+            ended,
         );
-        log_result(&result, &next, duration);
+        log_result(&result, &next, duration, ended);
         let completion = Completion {
             job_id: job.id,
             claim: job.claim,
@@ -194,6 +195,7 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
                 excerpt: result.message,
             },
             next,
+            at: ended,
         };
         record(&app, completion).await;
     }
@@ -203,7 +205,12 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
     app.wake_dispatch();
 }
 
-async fn attempt(config: &Config, client: &reqwest::Client, job: &ClaimedJob) -> AttemptResult {
+async fn attempt(
+    config: &Config,
+    client: &reqwest::Client,
+    job: &ClaimedJob,
+    now: SystemTime,
+) -> AttemptResult {
     let Some(target) = config.targets.get(&job.target) else {
         return AttemptResult::dead_request(format!(
             "target {} is no longer in the config; retry the job by hand once it is back",
@@ -238,8 +245,8 @@ async fn attempt(config: &Config, client: &reqwest::Client, job: &ClaimedJob) ->
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             };
-            let retry_after = header(http::header::RETRY_AFTER)
-                .and_then(|v| retry::parse_retry_after(&v, SystemTime::now()));
+            let retry_after =
+                header(http::header::RETRY_AFTER).and_then(|v| retry::parse_retry_after(&v, now));
             let location = header(http::header::LOCATION);
             let body = read_limited(response).await;
             let outcome = Outcome::of_status(status);
@@ -282,7 +289,7 @@ async fn read_limited(mut response: reqwest::Response) -> Bytes {
     buffer.freeze()
 }
 
-fn log_result(result: &AttemptResult, next: &NextState, duration: Duration) {
+fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now: SystemTime) {
     let outcome = result.outcome.code();
     let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     let status = result.status.unwrap_or(0);
@@ -290,7 +297,7 @@ fn log_result(result: &AttemptResult, next: &NextState, duration: Duration) {
         NextState::Done if result.outcome == Outcome::DryRun => {}
         NextState::Done => info!(outcome, status, duration_ms = ms, "delivered"),
         NextState::Retry { due_at, .. } => {
-            let wait = due_at.duration_since(SystemTime::now()).unwrap_or_default();
+            let wait = due_at.duration_since(now).unwrap_or_default();
             warn!(
                 outcome,
                 status,

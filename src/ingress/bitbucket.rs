@@ -13,7 +13,7 @@ use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
 };
 use crate::config::{Compiler, RawSource, Secret};
-use crate::event::Event;
+use crate::event::{Event, ZERO_SHA};
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]
@@ -197,16 +197,15 @@ pub(super) fn parse(hook: &str, payload: &[u8]) -> Result<Parsed, PayloadError> 
         event.deleted = change.new.is_none();
         event.created = change.old.is_none();
         event.forced = change.forced;
-        event.before = change
-            .old
-            .as_ref()
-            .map(|o| o.target.hash.clone())
-            .unwrap_or_default();
-        event.sha = change
-            .new
-            .as_ref()
-            .map(|n| n.target.hash.clone())
-            .unwrap_or_default();
+        // A created ref had no commit before, a deleted one has none after:
+        // zeros, as GitHub and GitLab send.
+        let hash = |state: &Option<RefState>| {
+            state
+                .as_ref()
+                .map_or_else(|| ZERO_SHA.to_owned(), |s| s.target.hash.clone())
+        };
+        event.before = hash(&change.old);
+        event.sha = hash(&change.new);
         event.message = change
             .new
             .as_ref()

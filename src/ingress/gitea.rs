@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, github};
 use crate::config::{Compiler, RawSource, Secret};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, ZERO_SHA};
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]
@@ -202,7 +202,12 @@ pub(super) fn parse(hook: &str, payload: &[u8]) -> Result<Parsed, PayloadError> 
                 repo: change.repository.full_name,
                 repo_url: change.repository.html_url,
                 pusher: change.sender.map(|s| s.login).unwrap_or_default(),
-                sha: change.sha,
+                // A deleted ref points nowhere: zeros, as a push would say.
+                sha: if hook == "delete" && change.sha.is_empty() {
+                    ZERO_SHA.to_owned()
+                } else {
+                    change.sha
+                },
                 deleted: hook == "delete",
                 created: hook == "create",
                 ..Event::default()

@@ -14,7 +14,7 @@ use super::{
     required_header,
 };
 use crate::config::{Compiler, RawSource, Secret};
-use crate::event::{Event, EventKind, Pipeline, changed_paths, is_zero_sha};
+use crate::event::{Event, EventKind, Pipeline, ZERO_SHA, changed_paths, is_zero_sha};
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]
@@ -189,13 +189,30 @@ struct Login {
 #[derive(Deserialize)]
 struct Commit {
     #[serde(default)]
+    id: String,
+    #[serde(default)]
     message: String,
+    /// Absent (not empty) when the sender does not list files: Gitea does
+    /// not in some versions, and then nothing is known about the paths.
     #[serde(default)]
-    added: Vec<String>,
+    added: Option<Vec<String>>,
     #[serde(default)]
-    modified: Vec<String>,
+    modified: Option<Vec<String>>,
     #[serde(default)]
-    removed: Vec<String>,
+    removed: Option<Vec<String>>,
+}
+
+impl Commit {
+    fn lists_files(&self) -> bool {
+        self.added.is_some() && self.modified.is_some() && self.removed.is_some()
+    }
+
+    fn files(&self) -> impl Iterator<Item = &String> {
+        [&self.added, &self.modified, &self.removed]
+            .into_iter()
+            .flatten()
+            .flatten()
+    }
 }
 
 /// `create` and `delete`: parsed for the record, never routed as pushes.
@@ -251,6 +268,10 @@ pub(super) fn parse(hook: &str, payload: &[u8]) -> Result<Parsed, PayloadError> 
             let mut event = repo_event(change.repository);
             event.pusher = change.sender.map(|s| s.login).unwrap_or_default();
             event.deleted = hook == "delete";
+            event.created = hook == "create";
+            if event.deleted {
+                event.sha = ZERO_SHA.to_owned();
+            }
             match change.ref_type.as_str() {
                 "tag" => {
                     event.git_ref = format!("refs/tags/{}", change.git_ref);
@@ -319,15 +340,23 @@ pub(super) fn push_event(payload: &[u8], commit_cap: usize) -> Result<Event, Pay
         .filter(|n| !n.is_empty())
         .or_else(|| push.sender.map(|s| s.login))
         .unwrap_or_default();
-    event.message = push.head_commit.map(|c| c.message).unwrap_or_default();
+    // Gitea may leave head_commit out; the listed commit at `after` is the head.
+    event.message = push
+        .head_commit
+        .map(|c| c.message)
+        .or_else(|| {
+            push.commits
+                .iter()
+                .find(|c| c.id == event.sha)
+                .map(|c| c.message.clone())
+        })
+        .unwrap_or_default();
     let listed = push.commits.len();
-    event.paths_complete =
-        listed > 0 && listed < commit_cap && push.total_commits.is_none_or(|total| total <= listed);
-    event.paths = changed_paths(
-        push.commits
-            .iter()
-            .flat_map(|c| c.added.iter().chain(&c.modified).chain(&c.removed)),
-    );
+    event.paths_complete = listed > 0
+        && listed < commit_cap
+        && push.total_commits.is_none_or(|total| total <= listed)
+        && push.commits.iter().all(Commit::lists_files);
+    event.paths = changed_paths(push.commits.iter().flat_map(Commit::files));
     event.set_ref(&push.git_ref);
     Ok(event)
 }

@@ -540,7 +540,7 @@ async fn accept(
         Parsed::Events(events) => events,
     };
     let plan = routing::plan(&config, source, &webhook, &events);
-    let record = record(&webhook, &events, &plan, SystemTime::now());
+    let record = record(&webhook, &events, &plan, app.now());
     let jobs = record.jobs.len();
     match app.store.ingest(record).await? {
         Ingested::Accepted => {

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use uuid::Uuid;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{MAX_BATCH, SqliteStore};
 
 use crate::config::{StoreLocation, StoreSettings};
 use crate::targets::PreparedRequest;
@@ -108,6 +108,8 @@ pub struct Completion {
     pub claim: Uuid,
     pub attempt: AttemptRecord,
     pub next: NextState,
+    /// When the attempt ended, by the dispatcher's clock.
+    pub at: SystemTime,
 }
 
 /// The store cannot do what was asked right now. Ingress answers 503, so
@@ -135,6 +137,17 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub fn parse(text: &str) -> Option<JobState> {
+        [
+            JobState::Queued,
+            JobState::InFlight,
+            JobState::Done,
+            JobState::Dead,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
@@ -151,16 +164,104 @@ impl fmt::Display for JobState {
     }
 }
 
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub target: Option<String>,
+    pub event: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// A job as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub event_id: String,
+    pub route: String,
+    pub target: String,
+    pub state: JobState,
+    /// Attempts since the job was queued (or last retried by hand).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: SystemTime,
+    #[serde(serialize_with = "rfc3339")]
+    pub due_at: SystemTime,
+    /// False for a job whose request could not be built: retrying cannot help.
+    pub retryable: bool,
+}
+
+/// One recorded attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptView {
+    pub number: u32,
+    #[serde(serialize_with = "rfc3339")]
+    pub started_at: SystemTime,
+    pub duration_ms: u64,
+    pub status: Option<u16>,
+    pub outcome: String,
+    pub excerpt: String,
+}
+
+/// A job with its stored request and every attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: JobView,
+    /// The request as stored: what is sent, minus the credential.
+    pub request: Option<serde_json::Value>,
+    pub attempts: Vec<AttemptView>,
+}
+
+/// An accepted webhook and how its jobs stand.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub id: String,
+    pub source: String,
+    pub delivery: Option<String>,
+    pub hook: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub received_at: SystemTime,
+    pub summary: serde_json::Value,
+    pub jobs: u32,
+    pub pending: u32,
+    pub done: u32,
+    pub dead: u32,
+}
+
+/// What a manual retry came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    Requeued,
+    NotFound,
+    /// Only dead jobs are retried by hand.
+    NotDead(JobState),
+    /// The request could not be built when the job was queued.
+    NoRequest,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Commits the event and all its jobs in one transaction, durably, or
     /// reports the delivery id as already accepted.
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError>;
 
-    /// Leases up to `limit` due jobs of one target (queued and due, or whose
-    /// lease expired) for `lease`.
-    async fn claim(&self, target: &str, limit: usize, lease: Duration)
-    -> Result<Vec<ClaimedJob>, StoreError>;
+    /// Leases up to `limit` jobs of one target that are due at `now` (queued
+    /// and due, or whose lease expired) for `lease`.
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<ClaimedJob>, StoreError>;
 
     /// Records an attempt and moves the job on, if `claim` still holds.
     /// `Ok(false)`: the claim was lost (the lease expired and another worker
@@ -171,7 +272,33 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError>;
 
     /// Whether the store answers and can write.
-    async fn ping(&self) -> Result<(), StoreError>;
+    async fn ping(&self, now: SystemTime) -> Result<(), StoreError>;
+
+    /// Jobs, most recently changed first.
+    async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError>;
+
+    /// One job, its stored request (JSON, no credentials) and every attempt.
+    async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError>;
+
+    /// Accepted webhooks, newest first.
+    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError>;
+
+    /// Queues a dead job again with a fresh attempt budget.
+    async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError>;
+
+    /// Queues again every dead job of `target` that died between `since`
+    /// and `until`; returns how many.
+    async fn requeue_dead(
+        &self,
+        target: &str,
+        since: SystemTime,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes up to `limit` events received before `before` whose jobs are
+    /// all finished, with their jobs and attempts; returns how many events.
+    async fn purge(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError>;
 }
 
 /// Opens the store the config names.

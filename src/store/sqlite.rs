@@ -1,11 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`,
 //! so a commit is on disk when it returns.
 //!
-//! One writer thread owns the connection. It takes every command that is
+//! One writer thread owns the connection. It takes every operation that is
 //! waiting, runs them in one transaction (each inside its own savepoint, so
 //! one failure spoils nothing else) and commits once: concurrent webhooks
 //! share an fsync, and each caller hears back only after its own data is
-//! durable. A lock file keeps a second relay off the same database.
+//! durable. A lock file keeps a second relay off the same database. Times
+//! come from the caller, so the store never reads a clock of its own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,20 +15,20 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 use uuid::Uuid;
 
 use super::{
-    ClaimedJob, Completion, Ingested, JobState, NewEvent, NextState, Store, StoreError, from_millis,
-    to_millis,
+    AttemptView, ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobState, JobView,
+    NewEvent, NextState, Requeued, Store, StoreError, from_millis, to_millis,
 };
 use crate::targets::PreparedRequest;
 
-/// Commands waiting beyond this are left for the next transaction, which
+/// Operations waiting beyond this are left for the next transaction, which
 /// bounds how long the first caller of a batch waits.
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 
 /// Incremented whenever the schema changes; the store refuses newer files.
 const SCHEMA_VERSION: i64 = 1;
@@ -85,41 +86,35 @@ CREATE TABLE meta (
 /// The SQLite store. Cheap to share: it is a channel to the writer thread.
 #[derive(Debug)]
 pub struct SqliteStore {
-    commands: mpsc::Sender<Command>,
+    operations: mpsc::Sender<Operation>,
     /// Held open for the store's life: the OS lock on it is what keeps a
     /// second relay from dispatching the same jobs.
     _lock: File,
     path: PathBuf,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// One operation for the writer: it runs inside a savepoint (or learns that
+/// none could be opened) and says whether its work should be kept.
+type Operation = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Finish + Send>;
 
-enum Command {
-    Ingest(Box<NewEvent>, Reply<Ingested>),
-    Claim {
-        target: String,
-        limit: usize,
-        lease: Duration,
-        reply: Reply<Vec<ClaimedJob>>,
-    },
-    Complete(Box<Completion>, Reply<bool>),
-    NextWakeup(Reply<Option<SystemTime>>),
-    Ping(Reply<()>),
-}
-
-/// A command's result, held until the batch's commit decides its fate.
-enum Outcome {
-    Ingest(Reply<Ingested>, Result<Ingested, StoreError>),
-    Claim(Reply<Vec<ClaimedJob>>, Result<Vec<ClaimedJob>, StoreError>),
-    Complete(Reply<bool>, Result<bool, StoreError>),
-    NextWakeup(Reply<Option<SystemTime>>, Result<Option<SystemTime>, StoreError>),
-    Ping(Reply<()>, Result<(), StoreError>),
+/// What an operation left behind: whether to keep its savepoint, and how to
+/// answer its caller once the batch's fate is known (`Some` = commit failed).
+struct Finish {
+    keep: bool,
+    reply: Box<dyn FnOnce(Option<StoreError>) + Send>,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database, takes its lock, and puts any
     /// job a previous run left in flight back in the queue.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with_batch(path, MAX_BATCH)
+    }
+
+    /// As [`SqliteStore::open`], with at most `max_batch` operations per
+    /// transaction; 1 turns group commit off (one fsync per operation), which
+    /// the benchmark uses as its baseline.
+    pub fn open_with_batch(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
         let open_error = |reason: String| StoreError::Open {
             path: path.to_owned(),
             reason,
@@ -132,10 +127,15 @@ impl SqliteStore {
             .open(&lock_path)
             .map_err(|e| open_error(format!("cannot create lock file {}: {e}", lock_path.display())))?;
         lock.try_lock().map_err(|_| {
-            open_error("another relay is using this database; each relay needs its own sqlite file (or share a postgres:// store)".to_owned())
+            open_error(
+                "another relay is using this database; each relay needs its own sqlite file (or share a postgres:// store)"
+                    .to_owned(),
+            )
         })?;
         let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
         prepare(&mut conn).map_err(open_error)?;
+        // The lock proves no other process holds these jobs: whatever was in
+        // flight belonged to a run that is gone.
         let recovered = conn
             .execute(
                 "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",
@@ -148,13 +148,14 @@ impl SqliteStore {
                 "jobs left in flight by the previous run are queued again"
             );
         }
-        let (commands, receiver) = mpsc::channel(4 * MAX_BATCH);
+        let (operations, receiver) = mpsc::channel(4 * MAX_BATCH);
+        let max_batch = max_batch.max(1);
         std::thread::Builder::new()
             .name("relay-sqlite-writer".to_owned())
-            .spawn(move || writer(conn, receiver))
+            .spawn(move || writer(conn, receiver, max_batch))
             .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
-            commands,
+            operations,
             _lock: lock,
             path: path.to_owned(),
         })
@@ -164,10 +165,29 @@ impl SqliteStore {
         &self.path
     }
 
-    async fn request<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+    /// Runs `f` on the writer thread inside the next batch; answers after the
+    /// batch committed (or with the commit's error).
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
+        let operation: Operation = Box::new(move |conn| {
+            let result = conn.and_then(f);
+            Finish {
+                keep: result.is_ok(),
+                reply: Box::new(move |commit_error| {
+                    // A caller that stopped waiting (its client hung up) is
+                    // no loss: what was committed stays committed.
+                    let _ = tx.send(match commit_error {
+                        Some(e) => Err(e),
+                        None => result,
+                    });
+                }),
+            }
+        });
+        self.operations
+            .send(operation)
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -181,40 +201,36 @@ fn lock_path(db: &Path) -> PathBuf {
 }
 
 fn prepare(conn: &mut Connection) -> Result<(), String> {
-    prepare_schema(conn).map_err(|e| e.to_string())?;
+    let fail = |e: rusqlite::Error| e.to_string();
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(fail)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(|e| e.to_string())?;
+        .map_err(fail)?;
     if version > SCHEMA_VERSION {
         return Err(format!(
             "the database has schema version {version}, newer than this relay's {SCHEMA_VERSION}; run a newer relay"
         ));
     }
-    Ok(())
-}
-
-fn prepare_schema(conn: &mut Connection) -> rusqlite::Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if version == 0 {
-        let tx = conn.transaction()?;
-        tx.execute_batch(SCHEMA)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
+        let tx = conn.transaction().map_err(fail)?;
+        tx.execute_batch(SCHEMA).map_err(fail)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(fail)?;
+        tx.commit().map_err(fail)?;
     }
     Ok(())
 }
 
-fn writer(mut conn: Connection, mut commands: mpsc::Receiver<Command>) {
-    while let Some(first) = commands.blocking_recv() {
+fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
+    while let Some(first) = operations.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match commands.try_recv() {
-                Ok(cmd) => batch.push(cmd),
+        while batch.len() < max_batch {
+            match operations.try_recv() {
+                Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
@@ -226,116 +242,46 @@ fn unavailable(e: &rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Command>) {
+fn run_batch(conn: &mut Connection, batch: Vec<Operation>) {
     let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             error!(error = %e, "store: cannot begin a transaction");
-            let err = unavailable(&e);
-            for cmd in batch {
-                fail(cmd, err.clone());
+            for op in batch {
+                (op(Err(unavailable(&e))).reply)(None);
             }
             return;
         }
     };
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for cmd in batch {
-        let outcome = match tx.savepoint() {
+    let mut finished = Vec::with_capacity(batch.len());
+    for op in batch {
+        match tx.savepoint() {
             Ok(sp) => {
-                let outcome = apply(&sp, cmd);
-                if outcome.is_ok()
+                let finish = op(Ok(&sp));
+                if finish.keep
                     && let Err(e) = sp.commit()
                 {
-                    outcomes.push(outcome.into_error(unavailable(&e)));
+                    (finish.reply)(Some(unavailable(&e)));
                     continue;
                 }
-                outcome
+                // A savepoint dropped without commit rolls back its work.
+                finished.push(finish);
             }
-            Err(e) => {
-                let err = unavailable(&e);
-                fail(cmd, err);
-                continue;
+            Err(e) => (op(Err(unavailable(&e))).reply)(None),
+        }
+    }
+    match tx.commit() {
+        Ok(()) => {
+            for finish in finished {
+                (finish.reply)(None);
             }
-        };
-        outcomes.push(outcome);
-    }
-    if let Err(e) = tx.commit() {
-        error!(error = %e, "store: commit failed; the batch was rolled back");
-        let err = unavailable(&e);
-        for outcome in outcomes {
-            outcome.into_error(err.clone()).send();
         }
-        return;
-    }
-    for outcome in outcomes {
-        outcome.send();
-    }
-}
-
-fn fail(cmd: Command, err: StoreError) {
-    let _ = match cmd {
-        Command::Ingest(_, reply) => reply.send(Err(err)).is_ok(),
-        Command::Claim { reply, .. } => reply.send(Err(err)).is_ok(),
-        Command::Complete(_, reply) => reply.send(Err(err)).is_ok(),
-        Command::NextWakeup(reply) => reply.send(Err(err)).is_ok(),
-        Command::Ping(reply) => reply.send(Err(err)).is_ok(),
-    };
-}
-
-impl Outcome {
-    fn is_ok(&self) -> bool {
-        match self {
-            Outcome::Ingest(_, r) => r.is_ok(),
-            Outcome::Claim(_, r) => r.is_ok(),
-            Outcome::Complete(_, r) => r.is_ok(),
-            Outcome::NextWakeup(_, r) => r.is_ok(),
-            Outcome::Ping(_, r) => r.is_ok(),
+        Err(e) => {
+            error!(error = %e, "store: commit failed; the batch was rolled back");
+            for finish in finished {
+                (finish.reply)(Some(unavailable(&e)));
+            }
         }
-    }
-
-    fn into_error(self, err: StoreError) -> Outcome {
-        match self {
-            Outcome::Ingest(tx, _) => Outcome::Ingest(tx, Err(err)),
-            Outcome::Claim(tx, _) => Outcome::Claim(tx, Err(err)),
-            Outcome::Complete(tx, _) => Outcome::Complete(tx, Err(err)),
-            Outcome::NextWakeup(tx, _) => Outcome::NextWakeup(tx, Err(err)),
-            Outcome::Ping(tx, _) => Outcome::Ping(tx, Err(err)),
-        }
-    }
-
-    /// Answers the caller. A caller that stopped waiting (its client hung up)
-    /// is no loss: what was committed stays committed and will be sent.
-    fn send(self) {
-        let _ = match self {
-            Outcome::Ingest(tx, r) => tx.send(r).is_ok(),
-            Outcome::Claim(tx, r) => tx.send(r).is_ok(),
-            Outcome::Complete(tx, r) => tx.send(r).is_ok(),
-            Outcome::NextWakeup(tx, r) => tx.send(r).is_ok(),
-            Outcome::Ping(tx, r) => tx.send(r).is_ok(),
-        };
-    }
-}
-
-fn apply(conn: &Connection, cmd: Command) -> Outcome {
-    match cmd {
-        Command::Ingest(event, reply) => Outcome::Ingest(reply, ingest(conn, &event)),
-        Command::Claim {
-            target,
-            limit,
-            lease,
-            reply,
-        } => Outcome::Claim(reply, claim(conn, &target, limit, lease)),
-        Command::Complete(completion, reply) => Outcome::Complete(reply, complete(conn, &completion)),
-        Command::NextWakeup(reply) => Outcome::NextWakeup(reply, next_wakeup(conn)),
-        Command::Ping(reply) => Outcome::Ping(
-            reply,
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('ping', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![to_millis(SystemTime::now()).to_string()],
-            )
-            .map(|_| ())
-            .map_err(|e| unavailable(&e)),
-        ),
     }
 }
 
@@ -410,10 +356,9 @@ fn claim(
     target: &str,
     limit: usize,
     lease: Duration,
+    now: SystemTime,
 ) -> Result<Vec<ClaimedJob>, StoreError> {
-    let now = SystemTime::now();
     let claim = Uuid::now_v7();
-    let lease_until = to_millis(now + lease);
     let mut stmt = conn
         .prepare_cached(
             "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
@@ -430,7 +375,7 @@ fn claim(
         .query_map(
             params![
                 claim.to_string(),
-                lease_until,
+                to_millis(now + lease),
                 to_millis(now),
                 target,
                 i64::try_from(limit).unwrap_or(i64::MAX)
@@ -487,7 +432,7 @@ fn claim(
 }
 
 fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
-    let now = to_millis(SystemTime::now());
+    let now = to_millis(c.at);
     let (state, due_at, maybe, error) = match &c.next {
         NextState::Done => (JobState::Done, now, 0, None),
         NextState::Retry {
@@ -501,40 +446,35 @@ fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
         ),
         NextState::Dead { reason } => (JobState::Dead, now, 0, Some(reason.as_str())),
     };
-    let number: Option<i64> = conn
+    let updated = conn
         .prepare_cached(
             "UPDATE jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
                  due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5
-             WHERE id = ?6 AND claim_id = ?7 AND state = 'in_flight'
-             RETURNING attempts",
+             WHERE id = ?6 AND claim_id = ?7 AND state = 'in_flight'",
         )
         .and_then(|mut stmt| {
-            stmt.query_row(
-                params![
-                    state.as_str(),
-                    maybe,
-                    due_at,
-                    error,
-                    now,
-                    c.job_id.to_string(),
-                    c.claim.to_string()
-                ],
-                |row| row.get(0),
-            )
-            .optional()
+            stmt.execute(params![
+                state.as_str(),
+                maybe,
+                due_at,
+                error,
+                now,
+                c.job_id.to_string(),
+                c.claim.to_string()
+            ])
         })
         .map_err(|e| unavailable(&e))?;
-    let Some(number) = number else {
+    if updated == 0 {
         return Ok(false);
-    };
+    }
+    // Numbered across manual retries, which reset the job's own counter.
     conn.prepare_cached(
         "INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, (SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6)",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
             c.job_id.to_string(),
-            number,
             to_millis(c.attempt.started_at),
             i64::try_from(c.attempt.duration.as_millis()).unwrap_or(i64::MAX),
             c.attempt.status,
@@ -558,6 +498,174 @@ fn next_wakeup(conn: &Connection) -> Result<Option<SystemTime>, StoreError> {
     .map_err(|e| unavailable(&e))
 }
 
+const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at, request IS NOT NULL";
+
+fn job_view(row: &Row<'_>) -> rusqlite::Result<JobView> {
+    let state: String = row.get(4)?;
+    Ok(JobView {
+        id: row.get(0)?,
+        event_id: row.get(1)?,
+        route: row.get(2)?,
+        target: row.get(3)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Dead),
+        attempts: row.get(5)?,
+        last_error: row.get(6)?,
+        created_at: from_millis(row.get(7)?),
+        updated_at: from_millis(row.get(8)?),
+        due_at: from_millis(row.get(9)?),
+        retryable: row.get(10)?,
+    })
+}
+
+fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+         WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR target = ?2) AND (?3 IS NULL OR event_id = ?3)
+         ORDER BY updated_at DESC, id DESC
+         LIMIT ?4"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
+    let rows = stmt
+        .query_map(
+            params![
+                filter.state.map(JobState::as_str),
+                filter.target,
+                filter.event.map(|e| e.to_string()),
+                i64::try_from(filter.limit).unwrap_or(i64::MAX)
+            ],
+            job_view,
+        )
+        .map_err(|e| unavailable(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(&e))?;
+    Ok(rows)
+}
+
+fn job(conn: &Connection, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS}, request FROM jobs WHERE id = ?1");
+    let found = conn
+        .query_row(&sql, params![id.to_string()], |row| {
+            Ok((job_view(row)?, row.get::<_, Option<String>>(11)?))
+        })
+        .optional()
+        .map_err(|e| unavailable(&e))?;
+    let Some((view, request)) = found else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT number, started_at, duration_ms, status, outcome, excerpt
+             FROM attempts WHERE job_id = ?1 ORDER BY number",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let attempts = stmt
+        .query_map(params![id.to_string()], |row| {
+            Ok(AttemptView {
+                number: row.get(0)?,
+                started_at: from_millis(row.get(1)?),
+                duration_ms: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                status: row.get(3)?,
+                outcome: row.get(4)?,
+                excerpt: row.get(5)?,
+            })
+        })
+        .map_err(|e| unavailable(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(&e))?;
+    Ok(Some(JobDetail {
+        job: view,
+        request: request.and_then(|r| serde_json::from_str(&r).ok()),
+        attempts,
+    }))
+}
+
+fn events(conn: &Connection, limit: usize) -> Result<Vec<EventView>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+                    COUNT(j.id),
+                    COALESCE(SUM(j.state IN ('queued', 'in_flight')), 0),
+                    COALESCE(SUM(j.state = 'done'), 0),
+                    COALESCE(SUM(j.state = 'dead'), 0)
+             FROM events e LEFT JOIN jobs j ON j.event_id = e.id
+             GROUP BY e.id
+             ORDER BY e.received_at DESC, e.id DESC
+             LIMIT ?1",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let rows = stmt
+        .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+            Ok(EventView {
+                id: row.get(0)?,
+                source: row.get(1)?,
+                delivery: row.get(2)?,
+                hook: row.get(3)?,
+                received_at: from_millis(row.get(4)?),
+                summary: serde_json::from_str(&row.get::<_, String>(5)?).unwrap_or_default(),
+                jobs: row.get(6)?,
+                pending: row.get(7)?,
+                done: row.get(8)?,
+                dead: row.get(9)?,
+            })
+        })
+        .map_err(|e| unavailable(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unavailable(&e))?;
+    Ok(rows)
+}
+
+fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
+    let found: Option<(String, bool)> = conn
+        .query_row(
+            "SELECT state, request IS NOT NULL FROM jobs WHERE id = ?1",
+            params![id.to_string()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| unavailable(&e))?;
+    match found {
+        None => Ok(Requeued::NotFound),
+        Some((state, _)) if state != "dead" => Ok(Requeued::NotDead(
+            JobState::parse(&state).unwrap_or(JobState::Done),
+        )),
+        Some((_, false)) => Ok(Requeued::NoRequest),
+        Some(_) => {
+            requeue_where(conn, "id = ?2", params![to_millis(now), id.to_string()])?;
+            Ok(Requeued::Requeued)
+        }
+    }
+}
+
+/// Puts dead jobs matching `condition` (whose parameters start at ?2) back
+/// in the queue with a fresh attempt budget; their history stays.
+fn requeue_where(
+    conn: &Connection,
+    condition: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', attempts = 0, maybe_attempts = 0, due_at = ?1, updated_at = ?1,
+             last_error = NULL
+         WHERE state = 'dead' AND request IS NOT NULL AND {condition}"
+    );
+    conn.execute(&sql, params)
+        .map(|n| n as u64)
+        .map_err(|e| unavailable(&e))
+}
+
+fn purge(conn: &Connection, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM events WHERE id IN (
+             SELECT id FROM events e
+             WHERE e.received_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
+             LIMIT ?2)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)]))
+    .map(|n| n as u64)
+    .map_err(|e| unavailable(&e))
+}
+
 fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad id {text:?}: {e}")))
 }
@@ -565,8 +673,7 @@ fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        self.request(|reply| Command::Ingest(Box::new(event), reply))
-            .await
+        self.run(move |conn| ingest(conn, &event)).await
     }
 
     async fn claim(
@@ -574,27 +681,69 @@ impl Store for SqliteStore {
         target: &str,
         limit: usize,
         lease: Duration,
+        now: SystemTime,
     ) -> Result<Vec<ClaimedJob>, StoreError> {
         let target = target.to_owned();
-        self.request(|reply| Command::Claim {
-            target,
-            limit,
-            lease,
-            reply,
+        self.run(move |conn| claim(conn, &target, limit, lease, now))
+            .await
+    }
+
+    async fn complete(&self, completion: Completion) -> Result<bool, StoreError> {
+        self.run(move |conn| complete(conn, &completion)).await
+    }
+
+    async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError> {
+        self.run(next_wakeup).await
+    }
+
+    async fn ping(&self, now: SystemTime) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('ping', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![to_millis(now).to_string()],
+            )
+            .map(|_| ())
+            .map_err(|e| unavailable(&e))
         })
         .await
     }
 
-    async fn complete(&self, completion: Completion) -> Result<bool, StoreError> {
-        self.request(|reply| Command::Complete(Box::new(completion), reply))
-            .await
+    async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
+        self.run(move |conn| jobs(conn, &filter)).await
     }
 
-    async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError> {
-        self.request(Command::NextWakeup).await
+    async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
+        self.run(move |conn| job(conn, id)).await
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.request(Command::Ping).await
+    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
+        self.run(move |conn| events(conn, limit)).await
+    }
+
+    async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
+        self.run(move |conn| requeue(conn, id, now)).await
+    }
+
+    async fn requeue_dead(
+        &self,
+        target: &str,
+        since: SystemTime,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        let target = target.to_owned();
+        self.run(move |conn| {
+            requeue_where(
+                conn,
+                "target = ?2 AND updated_at >= ?3 AND updated_at <= ?4",
+                params![to_millis(now), target, to_millis(since), to_millis(until)],
+            )
+        })
+        .await
+    }
+
+    async fn purge(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        self.run(move |conn| purge(conn, before, limit)).await
     }
 }

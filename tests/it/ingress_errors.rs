@@ -6,8 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use relay::store::{ClaimedJob, Completion, Ingested, NewEvent, Store, StoreError};
+use relay::store::{
+    ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent, Requeued, Store,
+    StoreError,
+};
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::support::{MockServer, Relay, Reply, b64, sign, test_client};
 
@@ -428,20 +432,54 @@ struct FullDisk;
 #[async_trait]
 impl Store for FullDisk {
     async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
-        Err(StoreError::Unavailable("database or disk is full".into()))
+        Err(full())
     }
-    async fn claim(&self, _: &str, _: usize, _: Duration) -> Result<Vec<ClaimedJob>, StoreError> {
+    async fn claim(
+        &self,
+        _: &str,
+        _: usize,
+        _: Duration,
+        _: SystemTime,
+    ) -> Result<Vec<ClaimedJob>, StoreError> {
         Ok(Vec::new())
     }
     async fn complete(&self, _: Completion) -> Result<bool, StoreError> {
-        Err(StoreError::Unavailable("database or disk is full".into()))
+        Err(full())
     }
     async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError> {
         Ok(None)
     }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("database or disk is full".into()))
+    async fn ping(&self, _: SystemTime) -> Result<(), StoreError> {
+        Err(full())
     }
+    async fn jobs(&self, _: JobFilter) -> Result<Vec<JobView>, StoreError> {
+        Err(full())
+    }
+    async fn job(&self, _: Uuid) -> Result<Option<JobDetail>, StoreError> {
+        Err(full())
+    }
+    async fn events(&self, _: usize) -> Result<Vec<EventView>, StoreError> {
+        Err(full())
+    }
+    async fn requeue(&self, _: Uuid, _: SystemTime) -> Result<Requeued, StoreError> {
+        Err(full())
+    }
+    async fn requeue_dead(
+        &self,
+        _: &str,
+        _: SystemTime,
+        _: SystemTime,
+        _: SystemTime,
+    ) -> Result<u64, StoreError> {
+        Err(full())
+    }
+    async fn purge(&self, _: SystemTime, _: usize) -> Result<u64, StoreError> {
+        Err(full())
+    }
+}
+
+fn full() -> StoreError {
+    StoreError::Unavailable("database or disk is full".into())
 }
 
 #[tokio::test]

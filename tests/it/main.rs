@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod fixtures;
 mod ingress_errors;
 mod providers;
 mod secrets;
