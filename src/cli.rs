@@ -51,8 +51,14 @@ pub enum CliError {
     },
     #[error("relay would refuse this webhook ({status}): {error}")]
     Refused { status: u16, error: IngressError },
-    #[error("cannot post the webhook: {0}")]
-    Post(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach {what} at {url}: {detail}")]
+    Unreachable {
+        what: &'static str,
+        url: String,
+        detail: String,
+    },
 }
 
 fn find_source<'c>(config: &'c Config, name: &str) -> Result<&'c crate::ingress::Source, CliError> {
@@ -168,22 +174,150 @@ pub async fn send(
                 .server
                 .listen
                 .first()
-                .ok_or_else(|| CliError::Post("server.listen is empty; pass --url".to_owned()))?;
+                .ok_or_else(|| CliError::Usage("server.listen is empty; pass --url".to_owned()))?;
             format!("http://{addr}{}", source.path)
         }
     };
     let delivery = Uuid::new_v4().to_string();
     let headers = source.sender_headers(hook, &payload, &delivery);
     let client = crate::dispatch::http_client(std::time::Duration::from_secs(30))
-        .map_err(|e| CliError::Post(e.to_string()))?;
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let response = client
         .post(&url)
         .headers(headers)
         .body(payload)
         .send()
         .await
-        .map_err(|e| CliError::Post(format!("{url}: {}", e.without_url())))?;
+        .map_err(|e| CliError::Unreachable {
+            what: "relay",
+            url: url.clone(),
+            detail: crate::dispatch::outcome::transport_detail(&e),
+        })?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
     Ok((status, body))
+}
+
+/// The admin API's base URL: `--admin`, else `admin.listen` from the config.
+pub fn admin_url(config: &Config, explicit: Option<String>) -> Result<String, CliError> {
+    if let Some(url) = explicit {
+        return Ok(url.trim_end_matches('/').to_owned());
+    }
+    let admin = config.admin.as_ref().ok_or_else(|| {
+        CliError::Usage("the config has no [admin] listener; set admin.listen or pass --admin".to_owned())
+    })?;
+    let mut addr = admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    Ok(format!("http://{addr}"))
+}
+
+/// One call to the admin API, with the admin token from the config.
+pub async fn admin_call(
+    config: &Config,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<(u16, serde_json::Value), CliError> {
+    let client = crate::dispatch::http_client(std::time::Duration::from_secs(30))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut request = client.request(method, format!("{base}{path}"));
+    if let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        request = request.bearer_auth(String::from_utf8_lossy(token.expose()));
+    }
+    let response = request.send().await.map_err(|e| CliError::Unreachable {
+        what: "the admin API",
+        url: base.to_owned(),
+        detail: crate::dispatch::outcome::transport_detail(&e),
+    })?;
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    Ok((status, body))
+}
+
+/// `relay jobs list`: one line per job.
+pub fn format_jobs(answer: &serde_json::Value) -> String {
+    let jobs = answer["jobs"].as_array().cloned().unwrap_or_default();
+    if jobs.is_empty() {
+        return "no jobs\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<36}  {:<9}  {:<20}  {:<20}  {:>8}  {:<24}  {}\n",
+        "JOB", "STATE", "TARGET", "ROUTE", "ATTEMPTS", "UPDATED", "LAST ERROR"
+    );
+    for job in jobs {
+        let error: String = job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<9}  {:<20}  {:<20}  {:>8}  {:<24}  {}",
+            job["id"].as_str().unwrap_or(""),
+            job["state"].as_str().unwrap_or(""),
+            job["target"].as_str().unwrap_or(""),
+            job["route"].as_str().unwrap_or(""),
+            job["attempts"],
+            job["updated_at"].as_str().unwrap_or(""),
+            error.replace('\n', " "),
+        );
+    }
+    out
+}
+
+/// `relay jobs show`: the job, its request and every attempt.
+pub fn format_job(job: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for key in [
+        "id",
+        "event_id",
+        "route",
+        "target",
+        "state",
+        "attempts",
+        "created_at",
+        "updated_at",
+        "due_at",
+    ] {
+        let value = match &job[key] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let _ = writeln!(out, "{key:<11} {value}");
+    }
+    if let Some(error) = job["last_error"].as_str() {
+        let _ = writeln!(out, "{:<11} {error}", "last_error");
+    }
+    if let Some(request) = job.get("request").filter(|r| !r.is_null()) {
+        let _ = writeln!(
+            out,
+            "{:<11} POST {}",
+            "request",
+            request["url"].as_str().unwrap_or("")
+        );
+    }
+    let history = job["history"].as_array().cloned().unwrap_or_default();
+    if !history.is_empty() {
+        out.push_str("\nattempts:\n");
+    }
+    for a in history {
+        let _ = writeln!(
+            out,
+            "  #{:<3} {}  {:>6} ms  {:<16} {}  {}",
+            a["number"],
+            a["started_at"].as_str().unwrap_or(""),
+            a["duration_ms"],
+            a["outcome"].as_str().unwrap_or(""),
+            a["status"]
+                .as_u64()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".to_owned()),
+            a["excerpt"].as_str().unwrap_or("").lines().next().unwrap_or(""),
+        );
+    }
+    out
 }

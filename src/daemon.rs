@@ -6,7 +6,7 @@
 //! left stays in the store for the next start.
 
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -131,9 +131,44 @@ pub async fn run_with_store(
     );
     let app = Arc::new(App::new(Arc::new(config), store));
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
+    let retention = tokio::spawn(purge_finished(app.clone(), shutdown.clone()));
     server::serve(app.clone(), listeners, shutdown.clone()).await;
     if dispatcher.await.is_err() {
         warn!("the dispatcher ended abnormally");
     }
+    retention.abort();
     info!("relay stopped");
+}
+
+/// Deletes finished events (and their jobs and attempts) older than
+/// `store.retention`, a bounded batch at a time so ingest never waits long.
+async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
+    const BATCH: usize = 500;
+    loop {
+        let retention = app.config().store.retention;
+        let before = app.now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut purged = 0;
+        loop {
+            match app.store.purge(before, BATCH).await {
+                Ok(n) => {
+                    purged += n;
+                    if n < BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot purge finished events; will try again");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            info!(events = purged, retention = %humantime::format_duration(retention), "finished events purged");
+        }
+        let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

@@ -61,6 +61,19 @@ enum Command {
         /// A file holding the JSON payload.
         file: PathBuf,
     },
+    /// See and retry jobs through a running relay's admin API.
+    Jobs {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The admin API's base URL; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
     /// Sign a payload with the source's secret and post it to relay (test-fire).
     Send {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
@@ -73,6 +86,35 @@ enum Command {
         /// Where to post; default: the first server.listen address and the source's path.
         #[arg(long)]
         url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsAction {
+    /// List jobs, most recently changed first.
+    List {
+        /// queued, in_flight, done or dead.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One job, its request and every attempt.
+    Show { id: String },
+    /// Queue a dead job again, or every dead job of a target that died in a time range.
+    Retry {
+        /// The job to retry.
+        #[arg(conflicts_with_all = ["target", "since"], required_unless_present = "target")]
+        id: Option<String>,
+        #[arg(long, requires = "since")]
+        target: Option<String>,
+        /// An RFC 3339 time, or a duration meaning that long ago (2h, 1d).
+        #[arg(long, requires = "target")]
+        since: Option<String>,
+        #[arg(long, requires = "target")]
+        until: Option<String>,
     },
 }
 
@@ -157,6 +199,18 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Jobs {
+            config,
+            admin,
+            json,
+            action,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            jobs(&config, admin, json, action).await
+        }
         Command::Send {
             config,
             source,
@@ -182,6 +236,81 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn jobs(config: &Config, admin: Option<String>, json: bool, action: JobsAction) -> ExitCode {
+    let base = match relay::cli::admin_url(config, admin) {
+        Ok(base) => base,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let (method, path) = match &action {
+        JobsAction::List { state, target, limit } => {
+            let mut query = format!("limit={limit}");
+            if let Some(s) = state {
+                query.push_str(&format!("&state={}", encode(s)));
+            }
+            if let Some(t) = target {
+                query.push_str(&format!("&target={}", encode(t)));
+            }
+            (reqwest::Method::GET, format!("/api/jobs?{query}"))
+        }
+        JobsAction::Show { id } => (reqwest::Method::GET, format!("/api/jobs/{}", encode(id))),
+        JobsAction::Retry { id: Some(id), .. } => {
+            (reqwest::Method::POST, format!("/api/jobs/{}/retry", encode(id)))
+        }
+        JobsAction::Retry {
+            target, since, until, ..
+        } => {
+            let mut query = format!(
+                "target={}&since={}",
+                encode(target.as_deref().unwrap_or_default()),
+                encode(since.as_deref().unwrap_or_default())
+            );
+            if let Some(u) = until {
+                query.push_str(&format!("&until={}", encode(u)));
+            }
+            (reqwest::Method::POST, format!("/api/jobs/retry?{query}"))
+        }
+    };
+    match relay::cli::admin_call(config, &base, method, &path).await {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            if json {
+                println!("{body}");
+            } else {
+                match action {
+                    JobsAction::List { .. } => print!("{}", relay::cli::format_jobs(&body)),
+                    JobsAction::Show { .. } => print!("{}", relay::cli::format_job(&body)),
+                    JobsAction::Retry { id: Some(_), .. } => {
+                        println!("queued {}", body["job"].as_str().unwrap_or(""))
+                    }
+                    JobsAction::Retry { .. } => {
+                        println!(
+                            "queued {} dead job(s) of {}",
+                            body["requeued"],
+                            body["target"].as_str().unwrap_or("")
+                        )
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let message = body["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| body.to_string());
+            eprintln!("relay: the admin API answered {status}: {message}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("relay: {e}");
+            ExitCode::FAILURE
         }
     }
 }

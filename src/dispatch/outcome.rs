@@ -88,7 +88,7 @@ pub fn of_transport_error(error: &reqwest::Error, timeout: Duration) -> (Outcome
 }
 
 /// The error chain, without the URL (which may carry a token).
-fn transport_detail(error: &reqwest::Error) -> String {
+pub fn transport_detail(error: &reqwest::Error) -> String {
     let mut parts = Vec::new();
     let mut source = std::error::Error::source(error);
     while let Some(inner) = source {

@@ -213,7 +213,8 @@ pub struct JobDetail {
     pub job: JobView,
     /// The request as stored: what is sent, minus the credential.
     pub request: Option<serde_json::Value>,
-    pub attempts: Vec<AttemptView>,
+    /// Every attempt ever made, across manual retries, oldest first.
+    pub history: Vec<AttemptView>,
 }
 
 /// An accepted webhook and how its jobs stand.

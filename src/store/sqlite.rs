@@ -1,12 +1,12 @@
 //! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`,
 //! so a commit is on disk when it returns.
 //!
-//! One writer thread owns the connection. It takes every operation that is
-//! waiting, runs them in one transaction (each inside its own savepoint, so
-//! one failure spoils nothing else) and commits once: concurrent webhooks
-//! share an fsync, and each caller hears back only after its own data is
-//! durable. A lock file keeps a second relay off the same database. Times
-//! come from the caller, so the store never reads a clock of its own.
+//! One writer task owns the connection. It takes every operation that is
+//! waiting, runs them in one transaction on tokio's blocking pool (each inside
+//! its own savepoint, so one failure spoils nothing else) and commits once:
+//! concurrent webhooks share an fsync, and each caller hears back only after
+//! its own data is durable. A lock file keeps a second relay off the same
+//! database. Times come from the caller; the store reads no clock of its own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ CREATE TABLE meta (
 );
 ";
 
-/// The SQLite store. Cheap to share: it is a channel to the writer thread.
+/// The SQLite store. Cheap to share: it is a channel to the writer task.
 #[derive(Debug)]
 pub struct SqliteStore {
     operations: mpsc::Sender<Operation>,
@@ -148,12 +148,10 @@ impl SqliteStore {
                 "jobs left in flight by the previous run are queued again"
             );
         }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| open_error("the store must be opened inside a tokio runtime".to_owned()))?;
         let (operations, receiver) = mpsc::channel(4 * MAX_BATCH);
-        let max_batch = max_batch.max(1);
-        std::thread::Builder::new()
-            .name("relay-sqlite-writer".to_owned())
-            .spawn(move || writer(conn, receiver, max_batch))
-            .map_err(|e| open_error(format!("cannot start the writer thread: {e}")))?;
+        runtime.spawn(writer(conn, receiver, max_batch.max(1)));
         Ok(SqliteStore {
             operations,
             _lock: lock,
@@ -165,8 +163,8 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on the writer thread inside the next batch; answers after the
-    /// batch committed (or with the commit's error).
+    /// Runs `f` inside the writer's next batch; answers after the batch
+    /// committed (or with the commit's error).
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -224,8 +222,11 @@ fn prepare(conn: &mut Connection) -> Result<(), String> {
     Ok(())
 }
 
-fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
-    while let Some(first) = operations.blocking_recv() {
+/// Gathers what is waiting into a batch and runs it on the blocking pool;
+/// operations that arrive meanwhile form the next batch. Ends, closing the
+/// database, when every handle to the store is gone.
+async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
+    while let Some(first) = operations.recv().await {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < max_batch {
@@ -234,7 +235,20 @@ fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_b
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch);
+        let ran = tokio::task::spawn_blocking(move || {
+            run_batch(&mut conn, batch);
+            conn
+        })
+        .await;
+        match ran {
+            Ok(back) => conn = back,
+            Err(e) => {
+                // A panic inside SQLite's code path: the callers of that batch
+                // saw their reply channels close (StoreError::Closed).
+                error!(error = %e, "store: the writer failed; the store is closed");
+                return;
+            }
+        }
     }
 }
 
@@ -575,7 +589,7 @@ fn job(conn: &Connection, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
     Ok(Some(JobDetail {
         job: view,
         request: request.and_then(|r| serde_json::from_str(&r).ok()),
-        attempts,
+        history: attempts,
     }))
 }
 

@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod crash;
+mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod providers;

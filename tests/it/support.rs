@@ -123,7 +123,8 @@ pub struct Recorded {
     pub target: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
-    pub at: Instant,
+    /// On tokio's clock, so tests with paused time see virtual time.
+    pub at: tokio::time::Instant,
 }
 
 impl Recorded {
@@ -155,6 +156,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// How long the mock takes before answering.
+    pub delay: Duration,
 }
 
 impl Reply {
@@ -163,7 +166,13 @@ impl Reply {
             status,
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: body.into(),
+            delay: Duration::ZERO,
         }
+    }
+
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Reply {
@@ -191,14 +200,26 @@ pub struct MockServer {
 
 impl MockServer {
     pub async fn start(default: Reply) -> MockServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(MockState {
             requests: Mutex::new(Vec::new()),
             script: Mutex::new(VecDeque::new()),
             default,
             arrived: Notify::new(),
         });
+        MockServer::serve("127.0.0.1:0".parse().unwrap(), state).await
+    }
+
+    async fn serve(addr: SocketAddr, state: Arc<MockState>) -> MockServer {
+        // After `stop`, the old accept loop closes its listener on its next poll.
+        let deadline = Instant::now() + PATIENCE;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => panic!("mock cannot bind {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
         tokio::spawn(async move {
@@ -207,7 +228,7 @@ impl MockServer {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                     () = st.cancelled() => return,
                 };
-                let s = s.clone();
+                let (s, st) = (s.clone(), st.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let s = s.clone();
@@ -229,9 +250,12 @@ impl MockServer {
                                     .unwrap_or_default(),
                                 headers: parts.headers,
                                 body,
-                                at: Instant::now(),
+                                at: tokio::time::Instant::now(),
                             });
                             s.arrived.notify_waiters();
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
                             let mut response = http::Response::new(Full::new(Bytes::from(reply.body)));
                             *response.status_mut() = http::StatusCode::from_u16(reply.status).unwrap();
                             for (k, v) in reply.headers {
@@ -243,13 +267,23 @@ impl MockServer {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    // Stopping closes open connections too: an outage, not a drain.
+                    tokio::select! {
+                        _ = connection => {}
+                        () = st.cancelled() => {}
+                    }
                 });
             }
         });
         MockServer { addr, state, stop }
+    }
+
+    /// Comes back on the same address after [`MockServer::stop`], keeping the
+    /// requests recorded so far and the script.
+    pub async fn restart(&self) -> MockServer {
+        MockServer::serve(self.addr, self.state.clone()).await
     }
 
     pub fn url(&self) -> String {
@@ -267,7 +301,13 @@ impl MockServer {
 
     /// Waits until at least `n` requests arrived; fails the test after `PATIENCE`.
     pub async fn wait_for(&self, n: usize) -> Vec<Recorded> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.wait_for_within(n, PATIENCE).await
+    }
+
+    /// As `wait_for`, with its own limit (on tokio's clock: virtual time in
+    /// tests that pause it).
+    pub async fn wait_for_within(&self, n: usize, patience: Duration) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let notified = self.state.arrived.notified();
             let seen = self.requests();
@@ -286,6 +326,7 @@ impl MockServer {
         }
     }
 
+    /// Refuses connections from now on and drops the open ones.
     pub fn stop(&self) {
         self.stop.cancel();
     }
