@@ -9,6 +9,7 @@ mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod providers;
+mod routing;
 mod secrets;
 mod support;
 mod targets;
