@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use relay::store::{Ingested, MAX_BATCH, NewEvent, NewJob, SqliteStore, Store};
+use relay::store::{Ingested, JobLimits, MAX_BATCH, NewEvent, NewJob, SqliteStore, Store};
 use relay::targets::{Auth, PreparedRequest, RequestBody};
 use uuid::Uuid;
 
@@ -64,7 +64,17 @@ fn event(body: &Bytes, n: usize) -> NewEvent {
                     name: "Circle-Token".to_owned(),
                 },
             }),
+            // As with the default loop guard: a dedupe key, and a burst
+            // breaker (here never reached) that counts recent jobs.
+            limits: JobLimits {
+                dedupe: Some((
+                    format!("acme/api\nrefs/heads/main\n{n:040x}"),
+                    Duration::from_secs(600),
+                )),
+                burst: Some((u32::MAX, Duration::from_secs(60))),
+            },
         }],
+        drops: Vec::new(),
     }
 }
 
@@ -80,7 +90,7 @@ async fn round(max_batch: usize, body: &Bytes) -> f64 {
         tasks.push(tokio::spawn(async move {
             for n in (t..EVENTS).step_by(TASKS) {
                 let outcome = store.ingest(event(&body, n)).await.expect("ingest commits");
-                assert_eq!(outcome, Ingested::Accepted);
+                assert_eq!(outcome, Ingested::Accepted(Vec::new()));
             }
         }));
     }

@@ -28,6 +28,14 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Body> {
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Body::from(app.metrics.encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => match app.store.ping(app.now()).await {
             Ok(()) => json_response(StatusCode::OK, &json!({ "status": "ready" })),

@@ -28,10 +28,22 @@ pub fn check_report(config: &Config) -> String {
     for (name, target) in &config.targets {
         let _ = writeln!(out, "  {:<20} {}", name, target.describe());
     }
+    let (graph, cycles) = crate::loops::report(config);
+    let _ = writeln!(out, "\ngraph (route → target builds repository):");
+    out.push_str(&graph);
     let _ = writeln!(out, "\nstore: {:?}", config.store.location);
-    if !config.warnings.is_empty() {
+    let mut warnings = config.warnings.clone();
+    for cycle in &cycles {
+        warnings.push(format!(
+            "routes {} form a cycle; loop_guard stops it at {} hops (and dedupe_window {})",
+            cycle.join(", "),
+            config.loop_guard.max_hops,
+            humantime::format_duration(config.loop_guard.dedupe_window)
+        ));
+    }
+    if !warnings.is_empty() {
         let _ = writeln!(out, "\nwarnings:");
-        for warning in &config.warnings {
+        for warning in &warnings {
             let _ = writeln!(out, "  {warning}");
         }
     }
@@ -89,7 +101,7 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
         Parsed::Events(events) => events,
     };
-    let plan = routing::plan(config, source, &webhook, &events);
+    let plan = routing::plan(config, source, &webhook, &events, std::time::SystemTime::now());
     let mut out = String::new();
     for (index, event) in events.iter().enumerate() {
         let _ = writeln!(
@@ -115,7 +127,11 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
             },
         );
         for dropped in plan.dropped.iter().filter(|d| d.event_index == index) {
-            let _ = writeln!(out, "  not routed ({}): {}", dropped.rule, dropped.reason);
+            let _ = writeln!(
+                out,
+                "  not routed ({}): {}",
+                dropped.dropped.rule, dropped.dropped.reason
+            );
         }
         for (_, route, verdict) in plan.trace.iter().filter(|(i, _, _)| *i == index) {
             match verdict {

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dispatch;
+use crate::metrics::Metrics;
 use crate::server::{self, Listeners};
 use crate::store::{self, Store, StoreError};
 
@@ -57,6 +58,7 @@ pub struct App {
     wake: Notify,
     /// Every time decision (due times, leases, retention) reads this clock.
     clock: Clock,
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -66,6 +68,7 @@ impl App {
             store,
             wake: Notify::new(),
             clock: Clock::new(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -149,7 +152,7 @@ async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
         let before = app.now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut purged = 0;
         loop {
-            match app.store.purge(before, BATCH).await {
+            match app.store.purge(before, app.now(), BATCH).await {
                 Ok(n) => {
                     purged += n;
                     if n < BATCH as u64 {

@@ -223,7 +223,8 @@ impl Event {
     ///
     /// `payload` is exposed lazily: the raw JSON is parsed only if a template
     /// or expression actually reads it.
-    pub fn context(&self, webhook: &Webhook) -> Value {
+    /// `hop` is how many relay hops led here (see `guard::hop`).
+    pub fn context(&self, webhook: &Webhook, hop: u32) -> Value {
         let mut map: BTreeMap<&'static str, Value> = BTreeMap::new();
         map.insert("source", Value::from(webhook.source.as_str()));
         map.insert("provider", Value::from(webhook.provider.as_str()));
@@ -247,7 +248,7 @@ impl Event {
             Value::from(webhook.delivery.as_deref().unwrap_or_default()),
         );
         map.insert("event_id", Value::from(webhook.id.to_string()));
-        map.insert("hop", Value::from(webhook.hop));
+        map.insert("hop", Value::from(hop));
         map.insert(
             "payload",
             Value::from_object(LazyPayload::new(webhook.payload.clone())),

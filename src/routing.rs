@@ -8,17 +8,19 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::time::SystemTime;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use minijinja::value::Value;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::config::{Compiler, Config};
+use crate::config::{BurstSetting, Compiler, Config};
 use crate::event::{Event, EventKind, Webhook};
 use crate::guard;
 use crate::ingress::Source;
-use crate::targets::{PreparedRequest, Target};
+use crate::store::{Dropped, JobLimits};
+use crate::targets::{PreparedRequest, RenderInput, Target};
 use crate::template::Condition;
 
 /// A `[[routes]]` entry, compiled.
@@ -272,6 +274,17 @@ impl Route {
         }
     }
 
+    /// Whether events of `repo` can match this route's `repos` filter.
+    pub fn accepts_repo(&self, repo: &str) -> bool {
+        self.repos.as_ref().is_none_or(|p| p.matches(repo))
+    }
+
+    /// Whether this route takes pipeline events from the named source.
+    pub fn takes_pipelines_from(&self, source: &str) -> bool {
+        self.events.contains(&EventKind::Pipeline)
+            && self.from.as_ref().is_none_or(|f| f.iter().any(|s| s == source))
+    }
+
     /// A one-line description for `relay check`.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
@@ -330,22 +343,21 @@ pub struct PlannedJob {
     /// The request without credentials, or why it cannot be built (the job
     /// is then dead at once, with that reason).
     pub request: Result<PreparedRequest, String>,
+    pub limits: JobLimits,
 }
 
 /// An event a guard rule kept from routing.
 #[derive(Debug)]
-pub struct Dropped {
+pub struct EventDrop {
     pub event_index: usize,
-    pub route: Option<String>,
-    pub rule: &'static str,
-    pub reason: String,
+    pub dropped: Dropped,
 }
 
 /// Everything routing decided for one webhook.
 #[derive(Debug, Default)]
 pub struct Plan {
     pub jobs: Vec<PlannedJob>,
-    pub dropped: Vec<Dropped>,
+    pub dropped: Vec<EventDrop>,
     /// Every route's verdict for every event, for `relay explain`.
     pub trace: Vec<(usize, String, Verdict)>,
 }
@@ -358,13 +370,6 @@ impl Plan {
             .iter()
             .filter(|j| seen.insert(j.route.as_str()))
             .map(|j| j.route.as_str())
-            .collect()
-    }
-
-    pub fn dropped_json(&self) -> serde_json::Value {
-        self.dropped
-            .iter()
-            .map(|d| json!({ "route": d.route, "rule": d.rule, "reason": d.reason }))
             .collect()
     }
 
@@ -383,19 +388,24 @@ impl Plan {
 }
 
 /// Evaluates every route for every event and renders the requests to queue.
-pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event]) -> Plan {
+/// `now` dates what rendering needs dated (payload URLs' expiry).
+pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event], now: SystemTime) -> Plan {
     let mut plan = Plan::default();
     for (index, event) in events.iter().enumerate() {
-        if let Some((rule, reason)) = guard::screen(source, event) {
-            plan.dropped.push(Dropped {
+        let hop = guard::hop(config, webhook, event);
+        if let Some((rule, reason)) = guard::screen(config, source, event, hop) {
+            plan.dropped.push(EventDrop {
                 event_index: index,
-                route: None,
-                rule,
-                reason,
+                dropped: Dropped {
+                    route: None,
+                    target: None,
+                    rule: rule.to_owned(),
+                    reason,
+                },
             });
             continue;
         }
-        let ctx = event.context(webhook);
+        let ctx = event.context(webhook, hop);
         // Two routes sending one event to the same target would trigger it
         // twice with the same request; the first route wins.
         let mut targeted: BTreeSet<&str> = BTreeSet::new();
@@ -413,20 +423,43 @@ pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event
                 let Some(target) = config.targets.get(target_name) else {
                     continue;
                 };
-                let request = target
-                    .render(config, webhook, event, &ctx)
-                    .map_err(|e| e.to_string());
+                let input = RenderInput {
+                    config,
+                    webhook,
+                    event,
+                    ctx: &ctx,
+                    hop,
+                    now,
+                };
+                let request = target.render(&input).map_err(|e| e.to_string());
                 plan.jobs.push(PlannedJob {
                     id: Uuid::now_v7(),
                     event_index: index,
                     route: route.name.clone(),
                     target: target_name.clone(),
                     request,
+                    limits: limits(config, target, event),
                 });
             }
         }
     }
     plan
+}
+
+/// The dedupe window and burst breaker that apply to a job for `target`.
+fn limits(config: &Config, target: &Target, event: &Event) -> JobLimits {
+    let guard = &config.loop_guard;
+    let dedupe = (!guard.dedupe_window.is_zero() && !event.sha.is_empty()).then(|| {
+        (
+            format!("{}\n{}\n{}", event.repo, event.git_ref, event.sha),
+            guard.dedupe_window,
+        )
+    });
+    let burst = match target.burst.unwrap_or(guard.burst) {
+        BurstSetting::Off => None,
+        BurstSetting::Limit(b) => Some((b.limit, b.per)),
+    };
+    JobLimits { dedupe, burst }
 }
 
 #[cfg(test)]

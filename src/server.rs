@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::daemon::App;
-use crate::{admin, ingress};
+use crate::{admin, ingress, payload};
 
 /// Every response body relay sends is small and complete.
 pub type Body = Full<Bytes>;
@@ -158,6 +158,9 @@ async fn accept_loop(
             let app = app.clone();
             async move {
                 let response = match role {
+                    Role::Ingress if request.uri().path().starts_with(payload::PATH_PREFIX) => {
+                        payload::handle(&app, &request).await
+                    }
                     Role::Ingress => ingress::handle(&app, request, peer).await,
                     Role::Admin => admin::handle(&app, request).await,
                 };

@@ -52,9 +52,20 @@ pub struct Server {
     pub listen: Vec<SocketAddr>,
     pub max_body: u64,
     pub public_url: Option<String>,
+    /// Set when payload URLs can be made: a public URL and a signing key.
+    pub payload: Option<PayloadUrls>,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub tls: Option<TlsFiles>,
+}
+
+/// How payload URLs are made and checked.
+#[derive(Debug, Clone)]
+pub struct PayloadUrls {
+    /// `server.public_url`, without a trailing slash.
+    pub public_url: String,
+    pub key: Secret,
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -104,12 +115,20 @@ pub struct Burst {
     pub per: Duration,
 }
 
+/// The burst breaker for a target: off, or at most `limit` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BurstSetting {
+    Off,
+    Limit(Burst),
+}
+
 #[derive(Debug, Clone)]
 pub struct LoopGuard {
     pub dedupe_window: Duration,
     pub max_hops: u32,
     pub hop_variable: String,
-    pub burst: Option<Burst>,
+    /// The default for targets that set no `burst` of their own.
+    pub burst: BurstSetting,
 }
 
 /// One thing wrong with the config, at one key.
@@ -165,6 +184,31 @@ impl Compiler {
 
     pub fn warn(&mut self, message: impl Into<String>) {
         self.warnings.push(message.into());
+    }
+
+    /// `false` (off) or `{ limit, per }`; `true` says nothing, so it is an error.
+    pub fn burst(&mut self, key: &str, raw: raw::RawBurstSetting) -> BurstSetting {
+        match raw {
+            raw::RawBurstSetting::Switch(false) => BurstSetting::Off,
+            raw::RawBurstSetting::Switch(true) => {
+                self.problem(
+                    key,
+                    "true sets no limit; write { limit = 30, per = \"1m\" } or false",
+                );
+                BurstSetting::Off
+            }
+            raw::RawBurstSetting::Limit(b) if b.limit == 0 || b.per.is_zero() => {
+                self.problem(
+                    key,
+                    "limit and per must be more than 0 (write false to turn the breaker off)",
+                );
+                BurstSetting::Off
+            }
+            raw::RawBurstSetting::Limit(b) => BurstSetting::Limit(Burst {
+                limit: b.limit,
+                per: b.per,
+            }),
+        }
     }
 
     pub fn problem_count(&self) -> usize {
@@ -264,10 +308,7 @@ impl Config {
             dedupe_window: loop_guard.dedupe_window,
             max_hops: loop_guard.max_hops,
             hop_variable: loop_guard.hop_variable,
-            burst: loop_guard.burst.map(|b| Burst {
-                limit: b.limit,
-                per: b.per,
-            }),
+            burst: c.burst("loop_guard.burst", loop_guard.burst),
         };
 
         let mut sources = Vec::new();
@@ -287,6 +328,25 @@ impl Config {
         for (name, raw) in raw_targets {
             if let Some(target) = Target::compile(&name, raw, &mut c) {
                 targets.insert(name, target);
+            }
+        }
+        for (name, target) in &targets {
+            if !target.uses_payload_urls() {
+                continue;
+            }
+            match &server.payload {
+                None => c.problem(
+                    format!("targets.{name}.payload_parameter"),
+                    "needs server.public_url (how CI jobs reach relay) and server.payload_key (which signs the URLs)",
+                ),
+                Some(p) if p.ttl > store.retention => c.problem(
+                    "server.payload_ttl",
+                    format!(
+                        "is longer than store.retention ({}): the body would be purged while its URL is still valid",
+                        humantime::format_duration(store.retention)
+                    ),
+                ),
+                Some(_) => {}
             }
         }
         let mut routes: Vec<Route> = Vec::new();
@@ -452,10 +512,21 @@ fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
     if raw.request_timeout.is_zero() {
         c.problem("server.request_timeout", "must be longer than 0s");
     }
+    let public_url = raw.public_url.map(|u| u.trim_end_matches('/').to_owned());
+    let key = raw.payload_key.and_then(|k| c.secret("server.payload_key", &k));
+    let payload = match (&public_url, key) {
+        (Some(url), Some(key)) => Some(PayloadUrls {
+            public_url: url.clone(),
+            key,
+            ttl: raw.payload_ttl,
+        }),
+        _ => None,
+    };
     Server {
         listen,
         max_body: raw.max_body.as_u64(),
-        public_url: raw.public_url.map(|u| u.trim_end_matches('/').to_owned()),
+        public_url,
+        payload,
         request_timeout: raw.request_timeout,
         shutdown_timeout: raw.shutdown_timeout,
         tls: raw.tls.map(|t| TlsFiles {

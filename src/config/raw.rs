@@ -57,6 +57,11 @@ pub struct RawServer {
     pub public_url: Option<String>,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Signs payload URLs (`GET {public_url}/payloads/{event}?exp=…&sig=…`).
+    pub payload_key: Option<SecretSpec>,
+    /// How long a payload URL stays valid; at most `store.retention`.
+    #[serde(with = "humantime_serde")]
+    pub payload_ttl: Duration,
     /// How long in-flight requests and sends may take to finish on SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -69,6 +74,8 @@ impl Default for RawServer {
             listen: OneOrMany::One(SocketAddr::from(([127, 0, 0, 1], 8080))),
             max_body: ByteSize::mib(25),
             public_url: None,
+            payload_key: None,
+            payload_ttl: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(20),
             tls: None,
@@ -162,7 +169,7 @@ pub struct RawLoopGuard {
     pub dedupe_window: Duration,
     pub max_hops: u32,
     pub hop_variable: String,
-    pub burst: Option<RawBurst>,
+    pub burst: RawBurstSetting,
 }
 
 impl Default for RawLoopGuard {
@@ -171,12 +178,20 @@ impl Default for RawLoopGuard {
             dedupe_window: Duration::from_secs(600),
             max_hops: 3,
             hop_variable: "RELAY_HOP".to_owned(),
-            burst: Some(RawBurst {
+            burst: RawBurstSetting::Limit(RawBurst {
                 limit: 30,
                 per: Duration::from_secs(60),
             }),
         }
     }
+}
+
+/// `burst = false` turns the breaker off; a table sets it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged, expecting = "false, or a limit like { limit = 30, per = \"1m\" }")]
+pub enum RawBurstSetting {
+    Switch(bool),
+    Limit(RawBurst),
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -308,7 +323,7 @@ pub struct RawTarget {
     pub kind: TargetKindName,
     pub dry_run: Option<bool>,
     pub concurrency: Option<usize>,
-    pub burst: Option<RawBurst>,
+    pub burst: Option<RawBurstSetting>,
     pub base_url: Option<String>,
     pub project: Option<String>,
     pub token: Option<SecretSpec>,

@@ -184,6 +184,7 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
             ended,
         );
         log_result(&result, &next, duration, ended);
+        app.metrics.attempt(&job.target, result.outcome);
         let completion = Completion {
             job_id: job.id,
             claim: job.claim,

@@ -29,7 +29,7 @@ use crate::daemon::App;
 use crate::event::{Event, Provider, Webhook};
 use crate::routing::{self, Plan};
 use crate::server::{Body, json_response};
-use crate::store::{Ingested, NewEvent, NewJob, StoreError};
+use crate::store::{Dropped, HeldBack, Ingested, NewEvent, NewJob, StoreError};
 
 /// A configured `[sources.NAME]`.
 #[derive(Debug)]
@@ -249,6 +249,7 @@ fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAdd
 
 /// The hop count a relay-triggered request carries.
 pub const HOP_HEADER: &str = "x-relay-hop";
+pub const HOP_HEADER_NAME: &str = "X-Relay-Hop";
 
 /// What a provider hands back once the request is verified.
 #[derive(Debug)]
@@ -485,7 +486,10 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> http::Response<Body> {
     let path = request.uri().path().to_owned();
-    match accept(app, request, peer).await {
+    let config = app.config();
+    // Unknown paths share one label value, so scanners cannot grow the series.
+    let source = config.source_for_path(&path).map_or("-", |s| s.name.as_str());
+    let response = match accept(app, request, peer).await {
         Ok(response) => response,
         Err(error) => {
             if matches!(error, IngressError::Store(_)) {
@@ -495,7 +499,9 @@ pub async fn handle(
             }
             error.into_response()
         }
-    }
+    };
+    app.metrics.request(source, response.status().as_u16());
+    response
 }
 
 async fn accept(
@@ -539,20 +545,30 @@ async fn accept(
         }
         Parsed::Events(events) => events,
     };
-    let plan = routing::plan(&config, source, &webhook, &events);
-    let record = record(&webhook, &events, &plan, app.now());
-    let jobs = record.jobs.len();
+    let now = app.now();
+    let plan = routing::plan(&config, source, &webhook, &events, now);
+    let record = record(&webhook, &events, &plan, now);
+    let planned = record.jobs.len();
     match app.store.ingest(record).await? {
-        Ingested::Accepted => {
+        Ingested::Accepted(held_back) => {
             app.wake_dispatch();
-            log_accepted(&webhook, &events, &plan);
+            log_accepted(&webhook, &events, &plan, &held_back);
+            let dropped: Vec<&Dropped> = plan
+                .dropped
+                .iter()
+                .map(|d| &d.dropped)
+                .chain(held_back.iter().map(|h| &h.dropped))
+                .collect();
+            for d in &dropped {
+                app.metrics.dropped(&d.rule);
+            }
             Ok(json_response(
                 StatusCode::ACCEPTED,
                 &json!({
                     "event": webhook.id,
-                    "jobs": jobs,
+                    "jobs": planned - held_back.len(),
                     "routes": plan.route_names(),
-                    "dropped": plan.dropped_json(),
+                    "dropped": dropped,
                     "rejected": plan.rejected_json(),
                 }),
             ))
@@ -576,7 +592,6 @@ fn record(webhook: &Webhook, events: &[Event], plan: &Plan, now: SystemTime) -> 
             .iter()
             .map(|e| json!({ "kind": e.kind, "repo": e.repo, "ref": e.git_ref, "sha": e.sha }))
             .collect::<Vec<_>>(),
-        "dropped": plan.dropped_json(),
     });
     NewEvent {
         id: webhook.id,
@@ -597,12 +612,14 @@ fn record(webhook: &Webhook, events: &[Event], plan: &Plan, now: SystemTime) -> 
                 route: job.route.clone(),
                 target: job.target.clone(),
                 request: job.request.clone(),
+                limits: job.limits.clone(),
             })
             .collect(),
+        drops: plan.dropped.iter().map(|d| d.dropped.clone()).collect(),
     }
 }
 
-fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan) {
+fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[HeldBack]) {
     for event in events {
         info!(
             event_id = %webhook.id,
@@ -616,7 +633,8 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan) {
             "webhook accepted"
         );
     }
-    for job in plan.jobs.iter().filter(|j| j.request.is_ok()) {
+    let queued = |id: &Uuid| !held_back.iter().any(|h| &h.job_id == id);
+    for job in plan.jobs.iter().filter(|j| j.request.is_ok() && queued(&j.id)) {
         info!(
             event_id = %webhook.id,
             source = %webhook.source,
@@ -626,8 +644,22 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan) {
             "job queued"
         );
     }
-    for drop in &plan.dropped {
-        info!(event_id = %webhook.id, source = %webhook.source, rule = drop.rule, reason = %drop.reason, "event not routed");
+    for drop in plan
+        .dropped
+        .iter()
+        .map(|d| &d.dropped)
+        .chain(held_back.iter().map(|h| &h.dropped))
+    {
+        info!(
+            event_id = %webhook.id,
+            source = %webhook.source,
+            delivery = webhook.delivery.as_deref().unwrap_or(""),
+            rule = %drop.rule,
+            route = drop.route.as_deref().unwrap_or(""),
+            target = drop.target.as_deref().unwrap_or(""),
+            reason = %drop.reason,
+            "loop guard dropped"
+        );
     }
     for job in &plan.jobs {
         if let Err(reason) = &job.request {

@@ -37,9 +37,21 @@ pub struct NewEvent {
     pub payload: Option<Bytes>,
     pub hop: u32,
     pub received_at: SystemTime,
-    /// The normalized events and any drops, as JSON, for people reading the store.
+    /// The normalized events, as JSON, for people reading the store.
     pub summary: String,
     pub jobs: Vec<NewJob>,
+    /// What the loop guard kept from routing, by rule.
+    pub drops: Vec<Dropped>,
+}
+
+/// Something the loop guard held back, and why. Stored with the event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    pub route: Option<String>,
+    pub target: Option<String>,
+    /// The guard rule's stable name (`guard::RULE_*`).
+    pub rule: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone)]
@@ -49,14 +61,35 @@ pub struct NewJob {
     pub target: String,
     /// The request to send, or why none can be built (the job is then dead).
     pub request: Result<PreparedRequest, String>,
+    /// Rules the store applies atomically, across restarts and relays.
+    pub limits: JobLimits,
+}
+
+/// The loop guard's rules that need the store's memory of earlier triggers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobLimits {
+    /// `(key, window)`: a job with the same target and key (repo, ref, sha)
+    /// queued within the window is held back.
+    pub dedupe: Option<(String, Duration)>,
+    /// At most `limit` jobs for the target per `per`; the excess is held back.
+    pub burst: Option<(u32, Duration)>,
 }
 
 /// What committing a webhook came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingested {
-    Accepted,
+    /// Committed; the jobs the store held back (dedupe, burst) are listed,
+    /// already recorded as drops, and were not queued.
+    Accepted(Vec<HeldBack>),
     /// The sender redelivered a webhook already accepted under this event id.
     Duplicate(Uuid),
+}
+
+/// A planned job the store did not queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBack {
+    pub job_id: Uuid,
+    pub dropped: Dropped,
 }
 
 /// A job leased to one worker.
@@ -231,6 +264,8 @@ pub struct EventView {
     pub pending: u32,
     pub done: u32,
     pub dead: u32,
+    /// What the loop guard held back, with the rule and the reason.
+    pub dropped: Vec<Dropped>,
 }
 
 /// What a manual retry came to.
@@ -298,8 +333,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> Result<u64, StoreError>;
 
     /// Deletes up to `limit` events received before `before` whose jobs are
-    /// all finished, with their jobs and attempts; returns how many events.
-    async fn purge(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError>;
+    /// all finished, with their jobs, attempts and drops, and forgets dedupe
+    /// keys expired at `now`; returns how many events.
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
+
+    /// The body and content type of an event, as received (payload URLs).
+    async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
 }
 
 /// Opens the store the config names.

@@ -21,19 +21,21 @@ use tracing::{error, info};
 use uuid::Uuid;
 
 use super::{
-    AttemptView, ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobState, JobView,
-    NewEvent, NextState, Requeued, Store, StoreError, from_millis, to_millis,
+    AttemptView, ClaimedJob, Completion, Dropped, EventView, HeldBack, Ingested, JobDetail, JobFilter,
+    JobState, JobView, NewEvent, NewJob, NextState, Requeued, Store, StoreError, from_millis, to_millis,
 };
+use crate::guard;
 use crate::targets::PreparedRequest;
 
 /// Operations waiting beyond this are left for the next transaction, which
 /// bounds how long the first caller of a batch waits.
 pub const MAX_BATCH: usize = 512;
 
-/// Incremented whenever the schema changes; the store refuses newer files.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema, one migration per version, applied in order; `user_version`
+/// records how far a database has come. Never edit a released entry: add one.
+const MIGRATIONS: &[&str] = &[V1, V2];
 
-const SCHEMA: &str = "
+const V1: &str = "
 CREATE TABLE events (
     id           TEXT PRIMARY KEY,
     source       TEXT NOT NULL,
@@ -81,6 +83,26 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+";
+
+/// The loop guard's memory: drops by rule, dedupe keys, and the index the
+/// burst count reads.
+const V2: &str = "
+CREATE TABLE drops (
+    event_id TEXT NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    route    TEXT,
+    target   TEXT,
+    rule     TEXT NOT NULL,
+    reason   TEXT NOT NULL
+);
+CREATE INDEX drops_event ON drops (event_id);
+CREATE TABLE dedupe (
+    target     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (target, key)
+);
+CREATE INDEX jobs_created ON jobs (target, created_at);
 ";
 
 /// The SQLite store. Cheap to share: it is a channel to the writer task.
@@ -207,15 +229,20 @@ fn prepare(conn: &mut Connection) -> Result<(), String> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(fail)?;
-    if version > SCHEMA_VERSION {
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
         return Err(format!(
-            "the database has schema version {version}, newer than this relay's {SCHEMA_VERSION}; run a newer relay"
+            "the database has schema version {version}, newer than this relay's {known}; run a newer relay"
         ));
     }
-    if version == 0 {
+    for (index, migration) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
         let tx = conn.transaction().map_err(fail)?;
-        tx.execute_batch(SCHEMA).map_err(fail)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        tx.execute_batch(migration).map_err(fail)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)
             .map_err(fail)?;
         tx.commit().map_err(fail)?;
     }
@@ -332,13 +359,25 @@ fn ingest(conn: &Connection, event: &NewEvent) -> Result<Ingested, StoreError> {
             .map_err(|e| unavailable(&e))?;
         return Ok(Ingested::Duplicate(parse_uuid(&original)?));
     }
+    for drop in &event.drops {
+        insert_drop(conn, &event.id, drop)?;
+    }
     let mut insert_job = conn
         .prepare_cached(
             "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?8)",
         )
         .map_err(|e| unavailable(&e))?;
+    let mut held_back = Vec::new();
     for job in &event.jobs {
+        if let Some(drop) = hold_back(conn, job, event.received_at)? {
+            insert_drop(conn, &event.id, &drop)?;
+            held_back.push(HeldBack {
+                job_id: job.id,
+                dropped: drop,
+            });
+            continue;
+        }
         let (state, request, needs_payload, error) = match &job.request {
             Ok(request) => (
                 JobState::Queued,
@@ -362,7 +401,80 @@ fn ingest(conn: &Connection, event: &NewEvent) -> Result<Ingested, StoreError> {
             ])
             .map_err(|e| unavailable(&e))?;
     }
-    Ok(Ingested::Accepted)
+    Ok(Ingested::Accepted(held_back))
+}
+
+/// The burst breaker, then the dedupe window; in this order so a job the
+/// breaker held back leaves no dedupe key behind (it never went out).
+fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
+    let drop = |rule: &str, reason: String| Dropped {
+        route: Some(job.route.clone()),
+        target: Some(job.target.clone()),
+        rule: rule.to_owned(),
+        reason,
+    };
+    if let Some((limit, per)) = job.limits.burst {
+        let recent: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM jobs WHERE target = ?1 AND created_at > ?2")
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![job.target, to_millis(now.checked_sub(per).unwrap_or(now))],
+                    |r| r.get(0),
+                )
+            })
+            .map_err(|e| unavailable(&e))?;
+        if recent >= i64::from(limit) {
+            return Ok(Some(drop(
+                guard::RULE_BURST,
+                format!(
+                    "target {} already has {recent} triggers in the last {}; the burst limit is {limit}",
+                    job.target,
+                    humantime::format_duration(per)
+                ),
+            )));
+        }
+    }
+    if let Some((key, window)) = &job.limits.dedupe {
+        // Take the key unless someone holds it unexpired.
+        let taken = conn
+            .prepare_cached(
+                "INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (target, key) DO UPDATE SET expires_at = excluded.expires_at
+                 WHERE dedupe.expires_at <= ?4",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![job.target, key, to_millis(now + *window), to_millis(now)])
+            })
+            .map_err(|e| unavailable(&e))?;
+        if taken == 0 {
+            return Ok(Some(drop(
+                guard::RULE_DEDUPE,
+                format!(
+                    "target {} was already triggered for this repo, ref and sha within loop_guard.dedupe_window ({})",
+                    job.target,
+                    humantime::format_duration(*window)
+                ),
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO drops (event_id, route, target, rule, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            event.to_string(),
+            drop.route,
+            drop.target,
+            drop.rule,
+            drop.reason
+        ])
+    })
+    .map(|_| ())
+    .map_err(|e| unavailable(&e))
 }
 
 fn claim(
@@ -620,11 +732,30 @@ fn events(conn: &Connection, limit: usize) -> Result<Vec<EventView>, StoreError>
                 pending: row.get(7)?,
                 done: row.get(8)?,
                 dead: row.get(9)?,
+                dropped: Vec::new(),
             })
         })
         .map_err(|e| unavailable(&e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| unavailable(&e))?;
+    let mut rows = rows;
+    let mut drops_of = conn
+        .prepare_cached("SELECT route, target, rule, reason FROM drops WHERE event_id = ?1")
+        .map_err(|e| unavailable(&e))?;
+    for event in &mut rows {
+        event.dropped = drops_of
+            .query_map(params![event.id], |row| {
+                Ok(Dropped {
+                    route: row.get(0)?,
+                    target: row.get(1)?,
+                    rule: row.get(2)?,
+                    reason: row.get(3)?,
+                })
+            })
+            .map_err(|e| unavailable(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| unavailable(&e))?;
+    }
     Ok(rows)
 }
 
@@ -667,7 +798,10 @@ fn requeue_where(
         .map_err(|e| unavailable(&e))
 }
 
-fn purge(conn: &Connection, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+fn purge(conn: &Connection, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+    conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")
+        .and_then(|mut stmt| stmt.execute(params![to_millis(now)]))
+        .map_err(|e| unavailable(&e))?;
     conn.prepare_cached(
         "DELETE FROM events WHERE id IN (
              SELECT id FROM events e
@@ -757,7 +891,20 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge(&self, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
-        self.run(move |conn| purge(conn, before, limit)).await
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        self.run(move |conn| purge(conn, before, now, limit)).await
+    }
+
+    async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
+        self.run(move |conn| {
+            conn.query_row(
+                "SELECT content_type, body FROM events WHERE id = ?1",
+                params![id.to_string()],
+                |row| Ok((row.get::<_, String>(0)?, Bytes::from(row.get::<_, Vec<u8>>(1)?))),
+            )
+            .optional()
+            .map_err(|e| unavailable(&e))
+        })
+        .await
     }
 }

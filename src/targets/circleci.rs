@@ -4,6 +4,8 @@
 //! CircleCI limits parameters to 100 keys, 128-character names and
 //! 512-character values; a request over them is refused here, at render
 //! time, so the job is dead with the reason instead of failing remotely.
+//! `hop_parameter` carries the hop count; `payload_parameter` a signed URL
+//! to the webhook's body, since no parameter can hold a whole payload.
 
 use serde_json::{Map, Value, json};
 
@@ -11,7 +13,16 @@ use super::{Auth, Param, PreparedRequest, RenderFailure, RenderInput, RequestBod
 use crate::config::{Compiler, RawTarget, Secret};
 use crate::template::TemplateStr;
 
-pub const KEYS: &[&str] = &["base_url", "project", "token", "branch", "tag", "parameters"];
+pub const KEYS: &[&str] = &[
+    "base_url",
+    "project",
+    "token",
+    "branch",
+    "tag",
+    "parameters",
+    "hop_parameter",
+    "payload_parameter",
+];
 
 const MAX_PARAMETERS: usize = 100;
 const MAX_KEY_CHARS: usize = 128;
@@ -26,6 +37,10 @@ pub struct CircleCi {
     branch: Option<TemplateStr>,
     tag: Option<TemplateStr>,
     parameters: Vec<(String, Param)>,
+    /// Set to hops + 1 (an integer), for pipelines that declare it.
+    hop_parameter: Option<String>,
+    /// Set to a signed URL from which the pipeline fetches the webhook body.
+    payload_parameter: Option<String>,
 }
 
 impl CircleCi {
@@ -76,6 +91,25 @@ impl CircleCi {
             }
         }
         let parameters = super::compile_params(&format!("{key}.parameters"), &params, c);
+        for (field, name) in [
+            ("hop_parameter", &raw.hop_parameter),
+            ("payload_parameter", &raw.payload_parameter),
+        ] {
+            if let Some(name) = name {
+                if name.is_empty() || name.chars().count() > MAX_KEY_CHARS {
+                    c.problem(
+                        format!("{key}.{field}"),
+                        "must be a parameter name of 1 to 128 characters",
+                    );
+                }
+                if params.contains_key(name) {
+                    c.problem(
+                        format!("{key}.{field}"),
+                        format!("{name:?} is also set in parameters"),
+                    );
+                }
+            }
+        }
         let token = super::compile_credential(&format!("{key}.token"), raw.token.as_ref(), dry_run, c);
         Some(CircleCi {
             base_url,
@@ -84,7 +118,17 @@ impl CircleCi {
             branch,
             tag,
             parameters,
+            hop_parameter: raw.hop_parameter.clone(),
+            payload_parameter: raw.payload_parameter.clone(),
         })
+    }
+
+    pub fn uses_payload_urls(&self) -> bool {
+        self.payload_parameter.is_some()
+    }
+
+    pub fn project_source(&self) -> &str {
+        self.project.source()
     }
 
     pub fn describe(&self) -> String {
@@ -122,6 +166,14 @@ impl CircleCi {
             let value = input.param(param)?;
             check_value(name, &value)?;
             parameters.insert(name.clone(), value);
+        }
+        if let Some(name) = &self.hop_parameter {
+            parameters.insert(name.clone(), json!(input.next_hop()));
+        }
+        if let Some(name) = &self.payload_parameter {
+            let url = input.payload_url()?;
+            check_value(name, &json!(url))?;
+            parameters.insert(name.clone(), json!(url));
         }
         if !parameters.is_empty() {
             body.insert("parameters".into(), Value::Object(parameters));

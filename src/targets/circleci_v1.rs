@@ -91,6 +91,10 @@ impl CircleCiV1 {
         })
     }
 
+    pub fn project_source(&self) -> &str {
+        self.project.source()
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "POST {}/api/v1.1/project/{}/tree/{{branch}} job {}",

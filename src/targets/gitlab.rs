@@ -7,6 +7,7 @@
 //!   variable `TRIGGER_PAYLOAD`; variables then ride in the query string.
 //!
 //! GitLab refuses variables that are not strings, so they are strings here.
+//! Every trigger carries `loop_guard.hop_variable` (`RELAY_HOP`) = hops + 1.
 
 use serde_json::{Map, Value, json};
 
@@ -86,6 +87,10 @@ impl Gitlab {
         })
     }
 
+    pub fn project_source(&self) -> &str {
+        self.project.source()
+    }
+
     pub fn describe(&self) -> String {
         if self.forward_payload {
             format!(
@@ -113,10 +118,16 @@ impl Gitlab {
                 "the event has no branch or tag; set ref on the target".into(),
             ));
         }
-        let mut variables = Vec::with_capacity(self.variables.len());
+        let mut variables = Vec::with_capacity(self.variables.len() + 1);
         for (name, value) in &self.variables {
-            variables.push((name.clone(), input.text(value)?));
+            if name != input.hop_variable() {
+                variables.push((name.clone(), input.text(value)?));
+            }
         }
+        // The hop count rides along so the pipeline's own events, coming
+        // back as Pipeline Hooks, show how deep the chain is.
+        variables.push((input.hop_variable().to_owned(), input.next_hop().to_string()));
+        variables.sort();
         let mut headers = vec![
             ("Content-Type".to_owned(), "application/json".to_owned()),
             ("Accept".to_owned(), "application/json".to_owned()),

@@ -3,7 +3,8 @@
 //! receiver verifies relay rather than the original sender.
 //!
 //! No incoming header is passed on; relay adds its own `X-Relay-*` headers
-//! naming the event, its source and its id.
+//! naming the event, its source, its id, and the hop count (one more than
+//! the event's), which a relay receiving this request reads back.
 
 use super::{Auth, PreparedRequest, RenderFailure, RenderInput, RequestBody, USER_AGENT};
 use crate::config::{Compiler, RawTarget, Secret};
@@ -71,6 +72,10 @@ impl HttpTarget {
             ("X-Relay-Event".to_owned(), input.event.kind.as_str().to_owned()),
             ("X-Relay-Source".to_owned(), webhook.source.clone()),
             ("X-Relay-Event-Id".to_owned(), webhook.id.to_string()),
+            (
+                crate::ingress::HOP_HEADER_NAME.to_owned(),
+                input.next_hop().to_string(),
+            ),
         ];
         Ok(PreparedRequest {
             url: input.text(&self.url)?,

@@ -14,16 +14,17 @@ mod gitlab;
 mod http;
 
 use std::fmt::Write as _;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use minijinja::value::Value;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Burst, Compiler, Config, ParamValue, RawTarget, Secret, TargetKindName};
+use crate::config::{BurstSetting, Compiler, Config, ParamValue, RawTarget, Secret, TargetKindName};
 use crate::event::{Event, Webhook};
 use crate::signature::{self, Algorithm};
-use crate::template::{RenderError, TemplateStr, Templates};
+use crate::template::{RenderError, TemplateStr};
 
 /// A `[targets.NAME]`, compiled.
 #[derive(Debug)]
@@ -33,7 +34,8 @@ pub struct Target {
     pub dry_run: bool,
     /// In-flight sends allowed at once; `None` takes `delivery.concurrency`.
     pub concurrency: Option<usize>,
-    pub burst: Option<Burst>,
+    /// Overrides `loop_guard.burst` for this target.
+    pub burst: Option<BurstSetting>,
     pub kind: Kind,
 }
 
@@ -80,10 +82,7 @@ impl Target {
             name: name.to_owned(),
             dry_run,
             concurrency: raw.concurrency,
-            burst: raw.burst.map(|b| Burst {
-                limit: b.limit,
-                per: b.per,
-            }),
+            burst: raw.burst.map(|b| c.burst(&format!("{key}.burst"), b)),
             kind: kind?,
         })
     }
@@ -98,25 +97,39 @@ impl Target {
     }
 
     /// Builds the request this event asks of the target, without credentials.
-    pub fn render(
-        &self,
-        config: &Config,
-        webhook: &Webhook,
-        event: &Event,
-        ctx: &Value,
-    ) -> Result<PreparedRequest, RenderFailure> {
-        let input = RenderInput {
-            templates: &config.templates,
-            webhook,
-            event,
-            ctx,
-        };
+    pub fn render(&self, input: &RenderInput<'_>) -> Result<PreparedRequest, RenderFailure> {
         match &self.kind {
-            Kind::CircleCi(t) => t.render(&input),
-            Kind::CircleCiV1(t) => t.render(&input),
-            Kind::Gitlab(t) => t.render(&input),
-            Kind::Http(t) => t.render(&input),
+            Kind::CircleCi(t) => t.render(input),
+            Kind::CircleCiV1(t) => t.render(input),
+            Kind::Gitlab(t) => t.render(input),
+            Kind::Http(t) => t.render(input),
         }
+    }
+
+    /// The repository whose pipeline this target starts, as a Git host names
+    /// it (`acme/api`), where the config says so statically: CircleCI slugs
+    /// `gh/acme/api`, `github/acme/api`, `bb/…`; GitLab paths. `None` for
+    /// numeric ids, templates and plain URLs.
+    pub fn built_repo(&self) -> Option<String> {
+        let (project, vcs_prefixed) = match &self.kind {
+            Kind::CircleCi(t) => (t.project_source(), true),
+            Kind::CircleCiV1(t) => (t.project_source(), true),
+            Kind::Gitlab(t) => (t.project_source(), false),
+            Kind::Http(_) => return None,
+        };
+        if project.contains("{{") || project.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        if !vcs_prefixed {
+            return Some(project.to_owned());
+        }
+        let (vcs, rest) = project.split_once('/')?;
+        matches!(vcs, "gh" | "github" | "bb" | "bitbucket").then(|| rest.to_owned())
+    }
+
+    /// Whether requests for this target carry a payload URL.
+    pub fn uses_payload_urls(&self) -> bool {
+        matches!(&self.kind, Kind::CircleCi(t) if t.uses_payload_urls())
     }
 
     fn credential(&self) -> Option<&Secret> {
@@ -200,15 +213,36 @@ impl Target {
 /// What a target kind's `render` reads.
 #[derive(Debug)]
 pub struct RenderInput<'a> {
-    pub templates: &'a Templates,
+    pub config: &'a Config,
     pub webhook: &'a Webhook,
     pub event: &'a Event,
     pub ctx: &'a Value,
+    /// Relay hops that led to this event; the trigger carries one more.
+    pub hop: u32,
+    pub now: SystemTime,
 }
 
 impl RenderInput<'_> {
     fn text(&self, field: &TemplateStr) -> Result<String, RenderFailure> {
-        Ok(self.templates.render(field, self.ctx)?.into_owned())
+        Ok(self.config.templates.render(field, self.ctx)?.into_owned())
+    }
+
+    /// The hop count the trigger carries: one more than the event's.
+    fn next_hop(&self) -> u32 {
+        self.hop + 1
+    }
+
+    /// A signed, expiring URL from which the webhook's body can be fetched.
+    fn payload_url(&self) -> Result<String, RenderFailure> {
+        let settings = self.config.server.payload.as_ref().ok_or_else(|| {
+            RenderFailure::Missing("payload URLs need server.public_url and server.payload_key".to_owned())
+        })?;
+        Ok(crate::payload::signed_url(settings, self.webhook.id, self.now))
+    }
+
+    /// The name of the pipeline variable that carries the hop count.
+    fn hop_variable(&self) -> &str {
+        &self.config.loop_guard.hop_variable
     }
 
     /// A typed parameter: literals keep their type, templates render to strings.

@@ -184,7 +184,7 @@ event 1 of 1: tag acme/api refs/tags/v1.4.0 4e1243bd22c66e76c2ba9eddc1f91394e57f
       Accept: application/json
       User-Agent: relay/0.1.0
       
-      {\"ref\":\"main\",\"token\":\"[redacted]\",\"variables\":{\"UPSTREAM_REPO\":\"acme/api\",\"UPSTREAM_SHA\":\"4e1243bd22c66e76c2ba9eddc1f91394e57f9f83\",\"VERSION\":\"v1.4.0\"}}
+      {\"ref\":\"main\",\"token\":\"[redacted]\",\"variables\":{\"RELAY_HOP\":\"1\",\"UPSTREAM_REPO\":\"acme/api\",\"UPSTREAM_SHA\":\"4e1243bd22c66e76c2ba9eddc1f91394e57f9f83\",\"VERSION\":\"v1.4.0\"}}
 ";
     assert_eq!(out, expected);
 

@@ -41,6 +41,9 @@ shutdown_timeout = "{shutdown_timeout}"
 [store]
 url = "sqlite://{db}"
 
+[loop_guard]
+burst = false
+
 [delivery]
 attempts = 100
 backoff = {{ first = "100ms", max = "1s", factor = 2.0 }}

@@ -1307,7 +1307,6 @@ async fn github_tag_push_fixture_is_accepted_and_recorded() {
                 "ref": "refs/tags/simple-tag",
                 "sha": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
             }],
-            "dropped": [],
         })
     );
     assert_eq!(relay.count("SELECT COUNT(*) FROM events"), 1);

@@ -473,7 +473,10 @@ impl Store for FullDisk {
     ) -> Result<u64, StoreError> {
         Err(full())
     }
-    async fn purge(&self, _: SystemTime, _: usize) -> Result<u64, StoreError> {
+    async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
+        Err(full())
+    }
+    async fn event_body(&self, _: Uuid) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
         Err(full())
     }
 }

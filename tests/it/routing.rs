@@ -253,17 +253,22 @@ async fn skip_markers_and_ignored_pushers_are_dropped_and_said_so() {
     .await;
     assert_eq!(bot["jobs"], 0);
     assert_eq!(bot["dropped"][0]["rule"], "ignored_pusher");
-    // The drop is on the stored event too.
-    let summary: String = relay
+    // The drop is stored with the event too.
+    let stored: (String, String) = relay
         .db()
         .query_row(
-            "SELECT summary FROM events WHERE id = ?1",
+            "SELECT rule, reason FROM drops WHERE event_id = ?1",
             [bot["event"].as_str().unwrap()],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    let summary: Value = serde_json::from_str(&summary).unwrap();
-    assert_eq!(summary["dropped"][0]["rule"], "ignored_pusher");
+    assert_eq!(
+        stored,
+        (
+            "ignored_pusher".to_owned(),
+            "pusher \"release-bot\" is in sources.gh.ignore_pushers".to_owned()
+        )
+    );
     relay.stop().await;
 }
 

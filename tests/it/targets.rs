@@ -644,7 +644,7 @@ inputs = { environment = "production", scan_security = false, level = 3, version
         &json!({
             "token": GITLAB_TOKEN,
             "ref": "v1.0.0",
-            "variables": { "UPSTREAM_SHA": SHA_A, "UPSTREAM_REPO": "acme/api", "UPSTREAM_REF": "refs/tags/v1.0.0" },
+            "variables": { "UPSTREAM_SHA": SHA_A, "UPSTREAM_REPO": "acme/api", "UPSTREAM_REF": "refs/tags/v1.0.0", "RELAY_HOP": "1" },
             "inputs": { "environment": "production", "scan_security": false, "level": 3, "version": "v1.0.0" }
         }),
     );
@@ -663,7 +663,7 @@ inputs = { environment = "production", scan_security = false, level = 3, version
         &json!({
             "token": GITLAB_TOKEN,
             "ref": "feature/x",
-            "variables": { "UPSTREAM_SHA": SHA_B, "UPSTREAM_REPO": "acme/api", "UPSTREAM_REF": "refs/heads/feature/x" },
+            "variables": { "UPSTREAM_SHA": SHA_B, "UPSTREAM_REPO": "acme/api", "UPSTREAM_REF": "refs/heads/feature/x", "RELAY_HOP": "1" },
             "inputs": { "environment": "production", "scan_security": false, "level": 3, "version": "" }
         }),
     );
@@ -716,7 +716,7 @@ inputs = { dry = true }
         &json!({
             "token": GITLAB_TOKEN,
             "ref": "main",
-            "variables": { "UPSTREAM_SHA": SHA_A, "UPSTREAM_SOURCE": "gh" },
+            "variables": { "UPSTREAM_SHA": SHA_A, "UPSTREAM_SOURCE": "gh", "RELAY_HOP": "1" },
             "inputs": { "dry": true }
         }),
     );
@@ -746,7 +746,7 @@ inputs = { dry = true }
         &json!({
             "token": GITLAB_TOKEN,
             "ref": "main",
-            "variables": { "UPSTREAM_SHA": SHA_B, "UPSTREAM_SOURCE": "gl" },
+            "variables": { "UPSTREAM_SHA": SHA_B, "UPSTREAM_SOURCE": "gl", "RELAY_HOP": "1" },
             "inputs": { "dry": true }
         }),
     );
@@ -793,6 +793,7 @@ variables = { UPSTREAM_SHA = "{{ sha }}", NOTE = "a b+c&d=e/f#g%h é" }
         vec![
             ("token".to_owned(), GITLAB_TOKEN.to_owned()),
             ("variables[NOTE]".to_owned(), "a b+c&d=e/f#g%h é".to_owned()),
+            ("variables[RELAY_HOP]".to_owned(), "1".to_owned()),
             ("variables[UPSTREAM_SHA]".to_owned(), SHA_A.to_owned()),
         ],
         "raw query: {query}"
@@ -816,11 +817,9 @@ variables = { UPSTREAM_SHA = "{{ sha }}", NOTE = "a b+c&d=e/f#g%h é" }
 
 /// DESIGN.md, loop guard rule 2: "Every trigger carries the hop count
 /// (`RELAY_HOP`, as a GitLab variable …)", so a pipeline event coming back
-/// can be dropped at `max_hops`. GitLab variables are strings (B4).
+/// can be dropped at `max_hops`. GitLab variables are strings (B4). A webhook
+/// from a Git host is hop 0, so its triggers carry 1.
 #[tokio::test]
-#[ignore = "BUG: GitLab triggers do not carry the hop variable (loop_guard.hop_variable, default RELAY_HOP) \
-            that DESIGN.md's loop guard requires; src/targets/gitlab.rs Gitlab::render never adds it \
-            (hop_variable is parsed in src/config but read nowhere)"]
 async fn gitlab_triggers_carry_the_hop_variable() {
     let targets = r#"
 [targets.gl-json]
@@ -840,28 +839,24 @@ forward_payload = true
     let relay = Relay::start(&config(&["gl-json", "gl-payload"], targets, &mock.url())).await;
     post_push(&relay, &github_push("refs/heads/main", SHA_A, "work"), "d-hop").await;
     let requests = mock.wait_for(2).await;
-    let is_count = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
     let json_trigger = requests
         .iter()
         .find(|r| r.path() == "/api/v4/projects/acme%2Fdeploy/trigger/pipeline")
         .expect("the JSON trigger");
-    let hop = json_trigger.json()["variables"]["RELAY_HOP"].clone();
-    assert!(hop.as_str().is_some_and(is_count), "variables.RELAY_HOP = {hop}");
+    assert_eq!(json_trigger.json()["variables"]["RELAY_HOP"], json!("1"));
     let payload_trigger = requests
         .iter()
         .find(|r| r.path() == "/api/v4/projects/acme%2Fother/ref/main/trigger/pipeline")
         .expect("the webhook-style trigger");
     let pairs = query_pairs(payload_trigger.query().unwrap_or_default());
     let hop = pairs.iter().find(|(k, _)| k == "variables[RELAY_HOP]");
-    assert!(hop.is_some_and(|(_, v)| is_count(v)), "query: {pairs:?}");
+    assert_eq!(hop.map(|(_, v)| v.as_str()), Some("1"), "query: {pairs:?}");
     relay.stop().await;
 }
 
 /// DESIGN.md documents `hop_parameter = "relay_hop"` on a circleci target
 /// ("as a CircleCI parameter when the target declares hop_parameter").
 #[tokio::test]
-#[ignore = "BUG: a circleci target's documented hop_parameter key is refused as a config error \
-            (src/targets/circleci.rs KEYS lacks it) and never rendered into parameters"]
 async fn circleci_hop_parameter_is_sent_as_an_integer_parameter() {
     let targets = r#"
 [targets.circle]
@@ -888,8 +883,7 @@ hop_parameter = "relay_hop"
     )
     .await;
     let requests = mock.wait_for(1).await;
-    let hop = requests[0].json()["parameters"]["relay_hop"].clone();
-    assert!(hop.is_u64(), "parameters.relay_hop = {hop}");
+    assert_eq!(requests[0].json()["parameters"]["relay_hop"], json!(1));
     relay.stop().await;
 }
 

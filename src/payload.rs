@@ -1,0 +1,191 @@
+//! Payload URLs: how a CI job that cannot be handed a whole webhook (CircleCI
+//! parameters hold 512 characters) fetches it from relay.
+//!
+//! `GET {public_url}/payloads/{event}?exp=<unix seconds>&sig=<hex>`, where
+//! `sig` is the HMAC-SHA256 of `"{event}.{exp}"` under `server.payload_key`.
+//! A wrong or expired signature is 403, an unknown or purged event 404, and
+//! a good one returns the body exactly as received, with its content type.
+//! The URL is a capability: it carries no secret, only proof of the key.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode, header};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::config::PayloadUrls;
+use crate::daemon::App;
+use crate::server::{Body, json_response};
+use crate::signature::{self, Algorithm};
+
+/// The path prefix payload URLs are served under, on the ingress listener.
+pub const PATH_PREFIX: &str = "/payloads/";
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn message(event: Uuid, exp: u64) -> String {
+    format!("{event}.{exp}")
+}
+
+/// A URL valid until `now + ttl`.
+pub fn signed_url(settings: &PayloadUrls, event: Uuid, now: SystemTime) -> String {
+    let exp = unix_seconds(now + settings.ttl);
+    let sig = signature::sign(
+        Algorithm::Sha256,
+        settings.key.expose(),
+        &[message(event, exp).as_bytes()],
+    );
+    format!(
+        "{}{PATH_PREFIX}{event}?exp={exp}&sig={}",
+        settings.public_url,
+        hex::encode(sig)
+    )
+}
+
+/// Why a payload URL is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("the URL's signature does not match")]
+    BadSignature,
+    #[error("the URL expired")]
+    Expired,
+    #[error("no such event")]
+    NotFound,
+}
+
+/// Checks a presented URL's parts; the signature first, so an unsigned
+/// request learns nothing, not even whether the event exists.
+pub fn verify(
+    settings: &PayloadUrls,
+    event: &str,
+    exp: &str,
+    sig: &str,
+    now: SystemTime,
+) -> Result<Uuid, UrlError> {
+    let presented = Algorithm::Sha256.decode_hex(sig).ok_or(UrlError::BadSignature)?;
+    if !signature::verify(
+        Algorithm::Sha256,
+        &settings.key,
+        &[format!("{event}.{exp}").as_bytes()],
+        &presented,
+    ) {
+        return Err(UrlError::BadSignature);
+    }
+    let exp: u64 = exp.parse().map_err(|_| UrlError::BadSignature)?;
+    if unix_seconds(now) >= exp {
+        return Err(UrlError::Expired);
+    }
+    Uuid::parse_str(event).map_err(|_| UrlError::NotFound)
+}
+
+/// Answers `GET /payloads/{event}`.
+pub async fn handle<B>(app: &App, request: &Request<B>) -> Response<Body> {
+    let refuse = |status: StatusCode, code: &str, message: String| {
+        json_response(status, &json!({ "error": code, "message": message }))
+    };
+    if request.method() != Method::GET {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "payload URLs answer GET".to_owned(),
+        );
+    }
+    let config = app.config();
+    let Some(settings) = &config.server.payload else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "payload URLs are not enabled (server.public_url and server.payload_key)".to_owned(),
+        );
+    };
+    let event = request.uri().path().trim_start_matches(PATH_PREFIX);
+    let query: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let id = match verify(settings, event, param("exp"), param("sig"), app.now()) {
+        Ok(id) => id,
+        Err(UrlError::NotFound) => {
+            return refuse(StatusCode::NOT_FOUND, "not_found", format!("no event {event}"));
+        }
+        Err(e) => return refuse(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+    };
+    match app.store.event_body(id).await {
+        Ok(Some((content_type, body))) => {
+            let mut response = Response::new(Body::from(body));
+            if let Ok(value) = http::HeaderValue::from_str(&content_type) {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        Ok(None) => refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("event {id} is not in the store (older than store.retention?)"),
+        ),
+        Err(e) => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::Secret;
+
+    fn settings() -> PayloadUrls {
+        PayloadUrls {
+            public_url: "https://relay.example.com".to_owned(),
+            key: Secret::from_bytes("k", "test"),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn parts(url: &str) -> (String, String, String) {
+        let rest = url.strip_prefix("https://relay.example.com/payloads/").unwrap();
+        let (event, query) = rest.split_once('?').unwrap();
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        (event.to_owned(), pairs[0].1.clone(), pairs[1].1.clone())
+    }
+
+    #[test]
+    fn signed_urls_verify_until_they_expire() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let id = Uuid::now_v7();
+        let (event, exp, sig) = parts(&signed_url(&settings(), id, now));
+        assert_eq!(exp, "1800003600");
+        assert_eq!(verify(&settings(), &event, &exp, &sig, now), Ok(id));
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(
+            verify(&settings(), &event, &exp, &sig, later),
+            Err(UrlError::Expired)
+        );
+        assert_eq!(
+            verify(&settings(), &event, "1800009999", &sig, now),
+            Err(UrlError::BadSignature)
+        );
+        let other = Uuid::now_v7().to_string();
+        assert_eq!(
+            verify(&settings(), &other, &exp, &sig, now),
+            Err(UrlError::BadSignature)
+        );
+        assert_eq!(
+            verify(&settings(), &event, &exp, "00", now),
+            Err(UrlError::BadSignature)
+        );
+    }
+}
