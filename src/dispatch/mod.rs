@@ -183,7 +183,7 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
             rand::random::<f64>(),
             ended,
         );
-        log_result(&result, &next, duration, ended);
+        log_result(&result, &next, duration, ended, &job.request.redacted_url());
         app.metrics.attempt(&job.target, result.outcome);
         let completion = Completion {
             job_id: job.id,
@@ -290,13 +290,13 @@ async fn read_limited(mut response: reqwest::Response) -> Bytes {
     buffer.freeze()
 }
 
-fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now: SystemTime) {
+fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now: SystemTime, url: &str) {
     let outcome = result.outcome.code();
     let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     let status = result.status.unwrap_or(0);
     match next {
         NextState::Done if result.outcome == Outcome::DryRun => {}
-        NextState::Done => info!(outcome, status, duration_ms = ms, "delivered"),
+        NextState::Done => info!(outcome, status, duration_ms = ms, url, "delivered"),
         NextState::Retry { due_at, .. } => {
             let wait = due_at.duration_since(now).unwrap_or_default();
             warn!(
@@ -304,12 +304,13 @@ fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now:
                 status,
                 duration_ms = ms,
                 retry_in_secs = wait.as_secs(),
+                url,
                 message = %result.message,
                 "attempt failed; will retry"
             );
         }
         NextState::Dead { reason } => {
-            error!(outcome, status, duration_ms = ms, reason = %reason, "job is dead")
+            error!(outcome, status, duration_ms = ms, url, reason = %reason, "job is dead")
         }
     }
 }

@@ -398,11 +398,22 @@ impl PreparedRequest {
         }
     }
 
+    /// The URL as sent, but with a credential that rides in the query
+    /// shown as `[redacted]`: the form logs use.
+    pub fn redacted_url(&self) -> String {
+        match &self.auth {
+            Auth::Query { name } => {
+                let separator = if self.url.contains('?') { '&' } else { '?' };
+                format!("{}{separator}{name}={REDACTED}", self.url)
+            }
+            _ => self.url.clone(),
+        }
+    }
+
     /// The request as text with the credential's place marked `[redacted]`:
     /// what a dry run logs and `relay explain` prints.
     pub fn redacted(&self, payload: Option<&Bytes>) -> String {
-        const REDACTED: &str = "[redacted]";
-        let mut url = self.url.clone();
+        let url = self.redacted_url();
         let mut headers = self.headers.clone();
         let mut body = match &self.body {
             RequestBody::Text(text) => text.clone(),
@@ -414,10 +425,7 @@ impl PreparedRequest {
         match &self.auth {
             Auth::None => {}
             Auth::Header { name } => headers.push((name.clone(), REDACTED.to_owned())),
-            Auth::Query { name } => {
-                let separator = if url.contains('?') { '&' } else { '?' };
-                url = format!("{url}{separator}{name}={REDACTED}");
-            }
+            Auth::Query { .. } => {}
             Auth::JsonField { name } => {
                 if let Ok(mut doc) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&body)
                 {
@@ -438,6 +446,9 @@ impl PreparedRequest {
         out
     }
 }
+
+/// What stands where a credential would.
+const REDACTED: &str = "[redacted]";
 
 /// A request ready for the wire, credential included. Never stored or logged.
 pub struct WireRequest {

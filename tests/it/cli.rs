@@ -107,6 +107,19 @@ fn broken_configs_name_the_file_and_the_key() {
             "[store]\nurl = \"mysql://x\"\n",
             "store.url: must start with sqlite://",
         ),
+        (
+            "[targets.t]\nkind = \"circleci\"\nproject = \"gh/a/b\"\ndry_run = true\npayload_parameter = \"p\"\n",
+            "targets.t.payload_parameter: needs server.public_url",
+        ),
+        (
+            "[server]\npublic_url = \"https://relay.example.com\"\npayload_key = \"k\"\npayload_ttl = \"30d\"\n\
+             [targets.t]\nkind = \"circleci\"\nproject = \"gh/a/b\"\ndry_run = true\npayload_parameter = \"p\"\n",
+            "server.payload_ttl: is longer than store.retention (14days)",
+        ),
+        (
+            "[loop_guard]\nburst = true\n",
+            "loop_guard.burst: true sets no limit",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.toml");

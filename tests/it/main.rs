@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod fixtures;
 mod ingress_errors;
+mod loop_guard;
 mod providers;
 mod routing;
 mod secrets;

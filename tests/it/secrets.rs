@@ -215,6 +215,10 @@ sign = {{ secret = {{ env = "TEST_MIRROR_SECRET" }} }}
         logs.contains("job is dead"),
         "the 400 from GitLab should be logged:\n{logs}"
     );
+    assert!(
+        logs.contains("/ref/main/trigger/pipeline?variables[RELAY_HOP]=1&token=[redacted]\""),
+        "the webhook-style trigger's URL is logged with its token redacted:\n{logs}"
+    );
 
     // Every byte of the store: the database and any WAL left beside it.
     for suffix in ["", "-wal"] {

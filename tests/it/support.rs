@@ -440,6 +440,16 @@ impl Relay {
         }
     }
 
+    /// Stops relay and hands back its directory (and database), so another
+    /// relay can start on it.
+    pub async fn stop_keeping_dir(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
