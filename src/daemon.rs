@@ -8,9 +8,10 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use sd_notify::NotifyState;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::dispatch;
@@ -99,6 +100,15 @@ impl App {
     }
 }
 
+/// How the outside (signals, tests) steers a running relay.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    /// The one shutdown path: cancel to drain and stop.
+    pub shutdown: CancellationToken,
+    /// Each notification re-reads the config file (SIGHUP).
+    pub reload: Arc<Notify>,
+}
+
 /// Why relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -108,20 +118,15 @@ pub enum RunError {
     Listen(#[from] std::io::Error),
 }
 
-/// Opens the configured store and runs until `shutdown` is cancelled.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+/// Opens the configured store and runs until `control.shutdown` is cancelled.
+pub async fn run(config: Config, listeners: Listeners, control: Control) -> Result<(), RunError> {
     let store = store::open(&config.store)?;
-    run_with_store(config, store, listeners, shutdown).await;
+    run_with_store(config, store, listeners, control).await;
     Ok(())
 }
 
 /// Runs with a store the caller opened.
-pub async fn run_with_store(
-    config: Config,
-    store: Arc<dyn Store>,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) {
+pub async fn run_with_store(config: Config, store: Arc<dyn Store>, listeners: Listeners, control: Control) {
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -133,14 +138,107 @@ pub async fn run_with_store(
         "relay starting"
     );
     let app = Arc::new(App::new(Arc::new(config), store));
+    let shutdown = control.shutdown.clone();
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
     let retention = tokio::spawn(purge_finished(app.clone(), shutdown.clone()));
+    let reloads = tokio::spawn(reload_on_request(app.clone(), control.clone()));
+    let watchdog = tokio::spawn(watchdog());
+    // Listeners are bound and the store is open: ready for systemd.
+    notify(&[NotifyState::Ready]);
+    let stopping = shutdown.clone();
+    let announce = tokio::spawn(async move {
+        stopping.cancelled().await;
+        notify(&[NotifyState::Stopping]);
+    });
     server::serve(app.clone(), listeners, shutdown.clone()).await;
     if dispatcher.await.is_err() {
         warn!("the dispatcher ended abnormally");
     }
-    retention.abort();
+    // Awaited, not just aborted: they hold the store, and its lock must be
+    // free when this returns (a restart in the same process reopens it).
+    for task in [retention, reloads, watchdog, announce] {
+        task.abort();
+        let _ = task.await;
+    }
     info!("relay stopped");
+}
+
+/// Tells systemd (if it is listening: `NOTIFY_SOCKET`) how relay stands.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime runs.
+async fn watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}
+
+/// Re-reads the config file on each request: a valid one replaces the old
+/// for new requests and sends; an invalid one is refused, logged with the
+/// key at fault, and the old one keeps running. Queued jobs keep their
+/// rendered requests; their credentials come from whichever config is
+/// current when they are sent.
+async fn reload_on_request(app: Arc<App>, control: Control) {
+    loop {
+        tokio::select! {
+            () = control.reload.notified() => {}
+            () = control.shutdown.cancelled() => return,
+        }
+        notify(&[NotifyState::Reloading]);
+        let current = app.config();
+        let path = std::path::PathBuf::from(&current.file);
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        match loaded {
+            Ok(Ok(new)) => {
+                for note in restart_needed(&current, &new) {
+                    warn!("{note} changed in the config; it takes effect when relay restarts");
+                }
+                for warning in &new.warnings {
+                    warn!("{warning}");
+                }
+                info!(
+                    sources = new.sources.len(),
+                    routes = new.routes.len(),
+                    targets = new.targets.len(),
+                    config = %new.file,
+                    "config reloaded"
+                );
+                app.replace_config(Arc::new(new));
+                app.metrics.reload(true);
+                app.wake_dispatch();
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "config reload refused; the running config stays");
+                app.metrics.reload(false);
+            }
+            Err(e) => error!(error = %e, "config reload failed; the running config stays"),
+        }
+        notify(&[NotifyState::Ready]);
+    }
+}
+
+/// Settings a running relay cannot change in place.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    if old.server.listen != new.server.listen {
+        notes.push("server.listen");
+    }
+    if old.admin.as_ref().map(|a| a.listen) != new.admin.as_ref().map(|a| a.listen) {
+        notes.push("admin.listen");
+    }
+    if old.store.location != new.store.location {
+        notes.push("store.url");
+    }
+    notes
 }
 
 /// Deletes finished events (and their jobs and attempts) older than

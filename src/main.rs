@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use relay::config::Config;
-use relay::server::Listeners;
-use tokio_util::sync::CancellationToken;
+use relay::daemon::Control;
+use relay::server::{Inherited, Listeners};
 use tracing::{error, info};
 
 const EX_CONFIG: u8 = 78;
@@ -121,6 +121,17 @@ enum JobsAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Sockets systemd passed in must be taken before any other thread runs.
+    let inherited = match &cli.command {
+        Command::Serve { .. } => match relay::server::Inherited::take() {
+            Ok(inherited) => inherited,
+            Err(e) => {
+                eprintln!("relay: cannot use the sockets systemd passed in: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -128,7 +139,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli.command))
+    runtime.block_on(run(cli.command, inherited))
 }
 
 fn init_logging(format: LogFormat) {
@@ -168,9 +179,9 @@ fn read_payload(path: &std::path::Path) -> Result<Bytes, ExitCode> {
     })
 }
 
-async fn run(command: Command) -> ExitCode {
+async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
     match command {
-        Command::Serve { config } => serve(config).await,
+        Command::Serve { config } => serve(config, inherited).await,
         Command::Check { config } => match load(&config) {
             Ok(config) => {
                 print!("{}", relay::cli::check_report(&config));
@@ -315,27 +326,27 @@ async fn jobs(config: &Config, admin: Option<String>, json: bool, action: JobsAc
     }
 }
 
-async fn serve(path: PathBuf) -> ExitCode {
+async fn serve(path: PathBuf, inherited: Option<Inherited>) -> ExitCode {
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let listeners = match Listeners::bind(&config).await {
+    let listeners = match Listeners::bind_with(&config, inherited).await {
         Ok(l) => l,
         Err(e) => {
             error!(error = %e, "cannot listen");
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = CancellationToken::new();
-    let signals = match shutdown_signals(shutdown.clone()) {
+    let control = Control::default();
+    let signals = match handle_signals(control.clone()) {
         Ok(task) => task,
         Err(e) => {
             error!(error = %e, "cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
-    let result = relay::daemon::run(config, listeners, shutdown).await;
+    let result = relay::daemon::run(config, listeners, control).await;
     signals.abort();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -346,20 +357,29 @@ async fn serve(path: PathBuf) -> ExitCode {
     }
 }
 
-/// SIGTERM and SIGINT start the one shutdown path.
-fn shutdown_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// SIGTERM and SIGINT start the one shutdown path; SIGHUP asks for a reload.
+fn handle_signals(control: Control) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        info!(
-            signal = name,
-            "shutting down: no new connections; finishing open requests and sends"
-        );
-        shutdown.cancel();
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    info!(signal = "SIGHUP", "reloading the config");
+                    control.reload.notify_one();
+                    continue;
+                }
+            };
+            info!(
+                signal = name,
+                "shutting down: no new connections; finishing open requests and sends"
+            );
+            control.shutdown.cancel();
+            return;
+        }
     }))
 }

@@ -24,6 +24,11 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     target: String,
     outcome: String,
@@ -36,6 +41,7 @@ pub struct Metrics {
     dropped: Family<RuleLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
+    reloads: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +71,12 @@ impl Metrics {
             "Attempts to send a trigger, by target and outcome code",
             attempts.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP), by result: applied or refused",
+            reloads.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -76,7 +88,17 @@ impl Metrics {
             dropped,
             requests,
             attempts,
+            reloads,
         }
+    }
+
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     pub fn dropped(&self, rule: &str) {

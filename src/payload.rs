@@ -29,9 +29,15 @@ fn message(event: Uuid, exp: u64) -> String {
     format!("{event}.{exp}")
 }
 
-/// A URL valid until `now + ttl`.
+/// A URL valid for at least `ttl` (the expiry is rounded up to a second).
 pub fn signed_url(settings: &PayloadUrls, event: Uuid, now: SystemTime) -> String {
-    let exp = unix_seconds(now + settings.ttl);
+    let until = now + settings.ttl;
+    let whole = unix_seconds(until);
+    let exp = if until == UNIX_EPOCH + std::time::Duration::from_secs(whole) {
+        whole
+    } else {
+        whole + 1
+    };
     let sig = signature::sign(
         Algorithm::Sha256,
         settings.key.expose(),

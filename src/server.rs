@@ -8,6 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -47,20 +49,77 @@ pub struct Listeners {
     pub admin: Option<TcpListener>,
 }
 
+/// Sockets systemd passed in (socket activation, `LISTEN_FDS`), named by
+/// `FileDescriptorName=`: `admin` for the admin listener, anything else
+/// serves webhooks.
+#[derive(Debug)]
+pub struct Inherited {
+    ingress: Vec<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Inherited {
+    /// Takes the passed sockets, if any. Call before any thread starts:
+    /// it removes `LISTEN_FDS` from the environment, as the protocol asks.
+    pub fn take() -> std::io::Result<Option<Inherited>> {
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut fds = listenfd::ListenFd::from_env();
+        if fds.len() == 0 {
+            return Ok(None);
+        }
+        let mut inherited = Inherited {
+            ingress: Vec::new(),
+            admin: None,
+        };
+        for index in 0..fds.len() {
+            let Some(listener) = fds.take_tcp_listener(index)? else {
+                continue;
+            };
+            listener.set_nonblocking(true)?;
+            match names.get(index).map(String::as_str) {
+                Some("admin") => inherited.admin = Some(listener),
+                _ => inherited.ingress.push(listener),
+            }
+        }
+        Ok(Some(inherited))
+    }
+}
+
 impl Listeners {
     /// Binds the config's `server.listen` and `admin.listen` addresses.
     pub async fn bind(config: &crate::config::Config) -> std::io::Result<Listeners> {
+        Listeners::bind_with(config, None).await
+    }
+
+    /// Serves on inherited sockets where systemd passed them, and binds the
+    /// config's addresses for the rest.
+    pub async fn bind_with(
+        config: &crate::config::Config,
+        inherited: Option<Inherited>,
+    ) -> std::io::Result<Listeners> {
+        let (inherited_ingress, inherited_admin) = match inherited {
+            Some(i) => (i.ingress, i.admin),
+            None => (Vec::new(), None),
+        };
         let mut ingress = Vec::new();
-        for addr in &config.server.listen {
-            ingress.push(bind(*addr).await?);
+        if inherited_ingress.is_empty() {
+            for addr in &config.server.listen {
+                ingress.push(bind(*addr).await?);
+            }
+        } else {
+            for listener in inherited_ingress {
+                ingress.push(TcpListener::from_std(listener)?);
+            }
         }
-        let admin = match &config.admin {
-            Some(admin) => Some(bind(admin.listen).await?),
-            None => None,
+        let admin = match (inherited_admin, &config.admin) {
+            (Some(listener), _) => Some(TcpListener::from_std(listener)?),
+            (None, Some(admin)) => Some(bind(admin.listen).await?),
+            (None, None) => None,
         };
         Ok(Listeners { ingress, admin })
     }
-
     pub fn ingress_addrs(&self) -> Vec<SocketAddr> {
         self.ingress.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
@@ -111,8 +170,10 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         ));
     }
     while loops.join_next().await.is_some() {}
-    // The accept loops have ended and dropped their handles, so this is the last.
+    // The accept loops have ended and dropped their handles; connections
+    // hold watchers, not the handle, so this is the last one.
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        warn!("cannot wait for open connections to finish");
         return;
     };
     let deadline = app.config().server.shutdown_timeout;
@@ -128,18 +189,16 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     shutdown: CancellationToken,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let request_timeout = app.config().server.request_timeout;
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(request_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64);
+    let connections = Arc::new(Semaphore::new(app.config().server.max_connections));
     loop {
+        // At the cap, stop accepting: the kernel's backlog holds the rest.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = shutdown.cancelled() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -153,28 +212,107 @@ async fn accept_loop(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move {
-                let response = match role {
-                    Role::Ingress if request.uri().path().starts_with(payload::PATH_PREFIX) => {
-                        payload::handle(&app, &request).await
-                    }
-                    Role::Ingress => ingress::handle(&app, request, peer).await,
-                    Role::Admin => admin::handle(&app, request).await,
-                };
-                Ok::<_, Infallible>(response)
-            }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        // Each connection has its own watcher, so shutdown waits for exactly
+        // the connections open when it begins.
+        let (app, watcher) = (app.clone(), graceful.watcher());
+        // The TLS handshake runs here, in the connection's own task, under a
+        // deadline: a client that never finishes it holds up nothing else.
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%peer, error = %e, "connection ended with an error");
+            let config = app.config();
+            let tls = match role {
+                Role::Ingress => config.server.tls.as_ref().map(|t| t.acceptor.clone()),
+                Role::Admin => None,
+            };
+            let timeout = config.server.request_timeout;
+            match tls {
+                None => serve_connection(stream, peer, role, app, watcher).await,
+                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, role, app, watcher).await,
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake did not finish within server.request_timeout"),
+                },
             }
+            drop(permit);
         });
     }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it closes.
+async fn serve_connection<I>(io: I, peer: SocketAddr, role: Role, app: Arc<App>, watcher: Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let config = app.config();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.request_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let service = service_fn(move |request| {
+        let app = app.clone();
+        async move {
+            let response = match role {
+                Role::Ingress if request.uri().path().starts_with(payload::PATH_PREFIX) => {
+                    payload::handle(&app, &request).await
+                }
+                Role::Ingress => ingress::handle(&app, request, peer).await,
+                Role::Admin => admin::handle(&app, request).await,
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(connection.into_owned()).await {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Header bytes one request may send (all headers together).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Header fields one request may send.
+const MAX_HEADERS: usize = 100;
+
+/// Reads `server.tls`: the certificate chain and key, PEM. Errors name the
+/// file, for a config problem at `server.tls.cert` or `server.tls.key`.
+pub fn load_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| {
+            (
+                "cert",
+                format!("cannot read certificates from {}: {e}", cert.display()),
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(("cert", format!("{} holds no PEM certificate", cert.display())));
+    }
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        (
+            "key",
+            format!("cannot read a private key from {}: {e}", key.display()),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("cert", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private_key)
+        .map_err(|e| {
+            (
+                "key",
+                format!("the key does not fit the certificate in {}: {e}", cert.display()),
+            )
+        })?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }

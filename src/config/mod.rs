@@ -56,7 +56,9 @@ pub struct Server {
     pub payload: Option<PayloadUrls>,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
-    pub tls: Option<TlsFiles>,
+    pub max_connections: usize,
+    /// Read when the config is built, so a reload serves a renewed certificate.
+    pub tls: Option<Tls>,
 }
 
 /// How payload URLs are made and checked.
@@ -68,10 +70,20 @@ pub struct PayloadUrls {
     pub ttl: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
+#[derive(Clone)]
+pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -512,6 +524,9 @@ fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
     if raw.request_timeout.is_zero() {
         c.problem("server.request_timeout", "must be longer than 0s");
     }
+    if raw.max_connections == 0 {
+        c.problem("server.max_connections", "must be at least 1");
+    }
     let public_url = raw.public_url.map(|u| u.trim_end_matches('/').to_owned());
     let key = raw.payload_key.and_then(|k| c.secret("server.payload_key", &k));
     let payload = match (&public_url, key) {
@@ -529,10 +544,20 @@ fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
         payload,
         request_timeout: raw.request_timeout,
         shutdown_timeout: raw.shutdown_timeout,
-        tls: raw.tls.map(|t| TlsFiles {
-            cert: t.cert,
-            key: t.key,
-        }),
+        max_connections: raw.max_connections,
+        tls: raw
+            .tls
+            .and_then(|t| match crate::server::load_tls(&t.cert, &t.key) {
+                Ok(acceptor) => Some(Tls {
+                    cert: t.cert,
+                    key: t.key,
+                    acceptor,
+                }),
+                Err((which, message)) => {
+                    c.problem(format!("server.tls.{which}"), message);
+                    None
+                }
+            }),
     }
 }
 

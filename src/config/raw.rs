@@ -62,6 +62,8 @@ pub struct RawServer {
     /// How long a payload URL stays valid; at most `store.retention`.
     #[serde(with = "humantime_serde")]
     pub payload_ttl: Duration,
+    /// Connections served at once per listener; beyond it, accepting waits.
+    pub max_connections: usize,
     /// How long in-flight requests and sends may take to finish on SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -76,6 +78,7 @@ impl Default for RawServer {
             public_url: None,
             payload_key: None,
             payload_ttl: Duration::from_secs(24 * 3600),
+            max_connections: 1024,
             request_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(20),
             tls: None,

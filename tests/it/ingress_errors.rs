@@ -502,7 +502,10 @@ async fn a_store_that_cannot_commit_answers_503_with_retry_after() {
         config,
         Arc::new(FullDisk),
         listeners,
-        shutdown.clone(),
+        relay::daemon::Control {
+            shutdown: shutdown.clone(),
+            ..Default::default()
+        },
     ));
     let body = push();
     let mut request = test_client()

@@ -677,7 +677,7 @@ async fn payload_urls_return_the_original_body_and_refuse_tampering() {
 #[tokio::test]
 async fn payload_urls_expire() {
     let circle = MockServer::start(Reply::new(201, r#"{"id":"p","number":1,"state":"created"}"#)).await;
-    let relay = payload_relay(&circle, "1s").await;
+    let relay = payload_relay(&circle, "2s").await;
     let body = push(&"8".repeat(40));
     let headers = sign::github("s", "push", "payload-2", &body);
     let (status, _) = relay.post("/hooks/github", &headers, body.clone()).await;
@@ -688,7 +688,7 @@ async fn payload_urls_expire() {
         .to_owned();
     let (status, _, got) = get(&url).await;
     assert_eq!((status, got), (200, body));
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let (status, _, text) = get(&url).await;
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&text).contains("expired"));

@@ -375,7 +375,11 @@ impl Relay {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            relay::daemon::run(config, listeners, token).await.unwrap();
+            let control = relay::daemon::Control {
+                shutdown: token,
+                ..Default::default()
+            };
+            relay::daemon::run(config, listeners, control).await.unwrap();
         });
         Relay {
             addr,
