@@ -29,6 +29,18 @@ pub async fn handle<B>(app: &App, request: Request<B>) -> Response<Body> {
         .unwrap_or_default();
     match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
+            let now = app.now();
+            match app.store.queue_stats(now).await {
+                Ok(stats) => {
+                    let age = stats
+                        .oldest_due
+                        .and_then(|due| now.duration_since(due).ok())
+                        .unwrap_or_default();
+                    app.metrics.queue(&stats, age);
+                }
+                // Still serve the counters; the queue gauges keep their last values.
+                Err(e) => tracing::warn!(error = %e, "cannot read the queue for /metrics"),
+            }
             let mut response = Response::new(Body::from(app.metrics.encode()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -5,12 +5,18 @@
 //! rule, outcome code, status): never a secret, a URL or free text.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::dispatch::Outcome;
 use crate::guard;
+use crate::store::QueueStats;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabel {
@@ -21,6 +27,29 @@ struct RuleLabel {
 struct RequestLabels {
     source: String,
     status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    source: String,
+    kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 1 ms to about 16 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +71,12 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     reloads: Family<ResultLabel, Counter>,
+    events: Family<EventLabels, Counter>,
+    jobs: Family<StateLabel, Gauge>,
+    queue_depth: Gauge,
+    oldest_due_age: Gauge<f64, AtomicU64>,
+    send_latency: HistogramFamily<TargetLabel>,
+    commit_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -77,6 +112,37 @@ impl Metrics {
             "Config reloads (SIGHUP), by result: applied or refused",
             reloads.clone(),
         );
+        let events = Family::<EventLabels, Counter>::default();
+        registry.register("events", "Events accepted, by source and kind", events.clone());
+        let jobs = Family::<StateLabel, Gauge>::default();
+        registry.register("jobs", "Jobs in the store, by state", jobs.clone());
+        let queue_depth = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Jobs waiting to be sent or being sent",
+            queue_depth.clone(),
+        );
+        let oldest_due_age = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "oldest_due_job_age",
+            "How long the longest-waiting due job has waited",
+            Unit::Seconds,
+            oldest_due_age.clone(),
+        );
+        let send_latency: HistogramFamily<TargetLabel> = Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "send_duration",
+            "How long one attempt to send a trigger took, by target",
+            Unit::Seconds,
+            send_latency.clone(),
+        );
+        let commit_latency = latency_histogram();
+        registry.register_with_unit(
+            "store_commit_duration",
+            "How long committing a webhook took, as its sender waited",
+            Unit::Seconds,
+            commit_latency.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -89,7 +155,55 @@ impl Metrics {
             requests,
             attempts,
             reloads,
+            events,
+            jobs,
+            queue_depth,
+            oldest_due_age,
+            send_latency,
+            commit_latency,
         }
+    }
+
+    pub fn event(&self, source: &str, kind: &str) {
+        self.events
+            .get_or_create(&EventLabels {
+                source: source.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn send_took(&self, target: &str, took: Duration) {
+        self.send_latency
+            .get_or_create(&TargetLabel {
+                target: target.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn commit_took(&self, took: Duration) {
+        self.commit_latency.observe(took.as_secs_f64());
+    }
+
+    /// The queue gauges, read from the store when scraped.
+    pub fn queue(&self, stats: &QueueStats, oldest_age: Duration) {
+        let mut pending = 0;
+        for (state, n) in &stats.jobs {
+            let n = i64::try_from(*n).unwrap_or(i64::MAX);
+            self.jobs
+                .get_or_create(&StateLabel {
+                    state: state.as_str().to_owned(),
+                })
+                .set(n);
+            if matches!(
+                state,
+                crate::store::JobState::Queued | crate::store::JobState::InFlight
+            ) {
+                pending += n;
+            }
+        }
+        self.queue_depth.set(pending);
+        self.oldest_due_age.set(oldest_age.as_secs_f64());
     }
 
     pub fn reload(&self, applied: bool) {

@@ -566,7 +566,7 @@ fn compile_store(raw: raw::RawStore, c: &mut Compiler) -> StoreSettings {
         if path.is_empty() {
             c.problem("store.url", "sqlite:// needs a file path, like sqlite://relay.db");
         }
-        StoreLocation::Sqlite(PathBuf::from(path))
+        StoreLocation::Sqlite(state_path(Path::new(path)))
     } else if raw.url.starts_with("postgres://") || raw.url.starts_with("postgresql://") {
         StoreLocation::Postgres(raw.url)
     } else {
@@ -579,6 +579,24 @@ fn compile_store(raw: raw::RawStore, c: &mut Compiler) -> StoreSettings {
     StoreSettings {
         location,
         retention: raw.retention,
+    }
+}
+
+/// A relative store path lives in systemd's `$STATE_DIRECTORY` when relay
+/// runs with `StateDirectory=`, else in the working directory.
+fn state_path(path: &Path) -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY") {
+        Some(dirs) if path.is_relative() => {
+            // Several StateDirectory= entries arrive colon-separated; the first is ours.
+            let first = dirs
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            Path::new(&first).join(path)
+        }
+        _ => path.to_owned(),
     }
 }
 

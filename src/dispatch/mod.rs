@@ -185,6 +185,9 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
         );
         log_result(&result, &next, duration, ended, &job.request.redacted_url());
         app.metrics.attempt(&job.target, result.outcome);
+        if result.outcome != Outcome::DryRun {
+            app.metrics.send_took(&job.target, duration);
+        }
         let completion = Completion {
             job_id: job.id,
             claim: job.claim,

@@ -549,9 +549,15 @@ async fn accept(
     let plan = routing::plan(&config, source, &webhook, &events, now);
     let record = record(&webhook, &events, &plan, now);
     let planned = record.jobs.len();
-    match app.store.ingest(record).await? {
+    let committing = tokio::time::Instant::now();
+    let ingested = app.store.ingest(record).await?;
+    app.metrics.commit_took(committing.elapsed());
+    match ingested {
         Ingested::Accepted(held_back) => {
             app.wake_dispatch();
+            for event in &events {
+                app.metrics.event(&webhook.source, event.kind.as_str());
+            }
             log_accepted(&webhook, &events, &plan, &held_back);
             let dropped: Vec<&Dropped> = plan
                 .dropped

@@ -268,6 +268,15 @@ pub struct EventView {
     pub dropped: Vec<Dropped>,
 }
 
+/// How the queue stands, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs per state (every state, zero included).
+    pub jobs: Vec<(JobState, u64)>,
+    /// When the longest-waiting due job became due.
+    pub oldest_due: Option<SystemTime>,
+}
+
 /// What a manual retry came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requeued {
@@ -336,6 +345,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// all finished, with their jobs, attempts and drops, and forgets dedupe
     /// keys expired at `now`; returns how many events.
     async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
+
+    /// Jobs by state and the oldest job due at `now`.
+    async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError>;
 
     /// The body and content type of an event, as received (payload URLs).
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;

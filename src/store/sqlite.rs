@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 use super::{
     AttemptView, ClaimedJob, Completion, Dropped, EventView, HeldBack, Ingested, JobDetail, JobFilter,
-    JobState, JobView, NewEvent, NewJob, NextState, Requeued, Store, StoreError, from_millis, to_millis,
+    JobState, JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, Store, StoreError, from_millis,
+    to_millis,
 };
 use crate::guard;
 use crate::targets::PreparedRequest;
@@ -893,6 +894,41 @@ impl Store for SqliteStore {
 
     async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
         self.run(move |conn| purge(conn, before, now, limit)).await
+    }
+
+    async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {
+        self.run(move |conn| {
+            let mut jobs: Vec<(JobState, u64)> = [
+                JobState::Queued,
+                JobState::InFlight,
+                JobState::Done,
+                JobState::Dead,
+            ]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+            let mut stmt = conn
+                .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .map_err(|e| unavailable(&e))?;
+            let counts = stmt
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+                .map_err(|e| unavailable(&e))?;
+            for count in counts {
+                let (state, n) = count.map_err(|e| unavailable(&e))?;
+                if let Some(slot) = jobs.iter_mut().find(|(s, _)| s.as_str() == state) {
+                    slot.1 = u64::try_from(n).unwrap_or(0);
+                }
+            }
+            let oldest: Option<i64> = conn
+                .prepare_cached("SELECT MIN(due_at) FROM jobs WHERE state = 'queued' AND due_at <= ?1")
+                .and_then(|mut stmt| stmt.query_row(params![to_millis(now)], |row| row.get(0)))
+                .map_err(|e| unavailable(&e))?;
+            Ok(QueueStats {
+                jobs,
+                oldest_due: oldest.map(from_millis),
+            })
+        })
+        .await
     }
 
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {

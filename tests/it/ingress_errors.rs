@@ -476,6 +476,9 @@ impl Store for FullDisk {
     async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
         Err(full())
     }
+    async fn queue_stats(&self, _: SystemTime) -> Result<relay::store::QueueStats, StoreError> {
+        Err(full())
+    }
     async fn event_body(&self, _: Uuid) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
         Err(full())
     }

@@ -9,6 +9,7 @@ mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod loop_guard;
+mod production;
 mod providers;
 mod routing;
 mod secrets;

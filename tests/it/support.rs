@@ -506,18 +506,23 @@ impl Daemon {
     /// Runs `relay serve -c <config>` with these extra environment variables
     /// and waits until it listens.
     pub fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
-        use std::io::BufRead;
         let mut command = std::process::Command::new(relay_binary());
+        command.args(["serve", "--log-format", "json", "-c"]).arg(config);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Daemon::spawn(command)
+    }
+
+    /// Starts a command that ends up running `relay serve` (through a
+    /// wrapper like `systemd-socket-activate`), with JSON logs on stderr.
+    pub fn spawn(mut command: std::process::Command) -> Daemon {
+        use std::io::BufRead;
         command
-            .args(["serve", "--log-format", "json", "-c"])
-            .arg(config)
             .env("RELAY_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
-        }
         let mut child = command.spawn().expect("relay binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(String::new()));
@@ -574,6 +579,23 @@ impl Daemon {
 
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `count` lines containing `needle`.
+    pub fn wait_log(&self, needle: &str, count: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let seen = self.logs().lines().filter(|l| l.contains(needle)).count();
+            if seen >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {count}× {needle:?} in the log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends a signal to the child (by its PID, which this test started).
