@@ -644,6 +644,7 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[H
         info!(
             event_id = %webhook.id,
             source = %webhook.source,
+            delivery = webhook.delivery.as_deref().unwrap_or(""),
             route = %job.route,
             target = %job.target,
             job_id = %job.id,
@@ -672,6 +673,7 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[H
             warn!(
                 event_id = %webhook.id,
                 source = %webhook.source,
+                delivery = webhook.delivery.as_deref().unwrap_or(""),
                 route = %job.route,
                 target = %job.target,
                 job_id = %job.id,
