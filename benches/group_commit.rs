@@ -64,15 +64,13 @@ fn event(body: &Bytes, n: usize) -> NewEvent {
                     name: "Circle-Token".to_owned(),
                 },
             }),
-            // As with the default loop guard: a dedupe key, and a burst
-            // breaker (here never reached) that counts recent jobs.
+            // A dedupe key (each distinct), as with the default loop guard; the
+            // burst breaker off, as in relay-bench, so every event queues a job.
             limits: JobLimits {
-                dedupe: Some((
-                    format!("acme/api\nrefs/heads/main\n{n:040x}"),
-                    Duration::from_secs(600),
-                )),
-                burst: Some((u32::MAX, Duration::from_secs(60))),
+                dedupe: Some((format!("acme/api\nrefs/heads/main\n{n:040x}"), Duration::from_secs(600))),
+                burst: None,
             },
+            lease: None,
         }],
         drops: Vec::new(),
     }

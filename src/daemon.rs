@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::dispatch;
+use crate::dispatch::{self, Sends};
 use crate::metrics::Metrics;
 use crate::server::{self, Listeners};
 use crate::store::{self, Store, StoreError};
@@ -60,17 +60,24 @@ pub struct App {
     /// Every time decision (due times, leases, retention) reads this clock.
     clock: Clock,
     pub metrics: Metrics,
+    /// The HTTP client, send slots and in-flight sends, shared by dispatch
+    /// and ingress.
+    pub sends: Sends,
+    /// Cancelled when shutdown begins: nothing new is handed to a send then.
+    pub shutdown: CancellationToken,
 }
 
 impl App {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>) -> App {
-        App {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<App, RunError> {
+        Ok(App {
             config: RwLock::new(config),
             store,
             wake: Notify::new(),
             clock: Clock::new(),
             metrics: Metrics::new(),
-        }
+            sends: Sends::new().map_err(|e| RunError::Client(e.to_string()))?,
+            shutdown,
+        })
     }
 
     pub fn now(&self) -> SystemTime {
@@ -116,17 +123,23 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Listen(#[from] std::io::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
 }
 
 /// Opens the configured store and runs until `control.shutdown` is cancelled.
 pub async fn run(config: Config, listeners: Listeners, control: Control) -> Result<(), RunError> {
     let store = store::open(&config.store)?;
-    run_with_store(config, store, listeners, control).await;
-    Ok(())
+    run_with_store(config, store, listeners, control).await
 }
 
 /// Runs with a store the caller opened.
-pub async fn run_with_store(config: Config, store: Arc<dyn Store>, listeners: Listeners, control: Control) {
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    listeners: Listeners,
+    control: Control,
+) -> Result<(), RunError> {
     for warning in &config.warnings {
         warn!("{warning}");
     }
@@ -137,7 +150,7 @@ pub async fn run_with_store(config: Config, store: Arc<dyn Store>, listeners: Li
         config = %config.file,
         "relay starting"
     );
-    let app = Arc::new(App::new(Arc::new(config), store));
+    let app = Arc::new(App::new(Arc::new(config), store, control.shutdown.clone())?);
     let shutdown = control.shutdown.clone();
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
     let retention = tokio::spawn(purge_finished(app.clone(), shutdown.clone()));
@@ -161,6 +174,7 @@ pub async fn run_with_store(config: Config, store: Arc<dyn Store>, listeners: Li
         let _ = task.await;
     }
     info!("relay stopped");
+    Ok(())
 }
 
 /// Tells systemd (if it is listening: `NOTIFY_SOCKET`) how relay stands.

@@ -235,7 +235,15 @@ impl Compiler {
             ));
         }
         match spec.resolve() {
-            Ok(secret) => Some(secret),
+            Ok(secret) => {
+                if secret.expose().len() < crate::targets::MIN_SCRUBBED_SECRET {
+                    self.warn(format!(
+                        "{key} is shorter than {} characters: guessable, and too short to be kept out of target answers",
+                        crate::targets::MIN_SCRUBBED_SECRET
+                    ));
+                }
+                Some(secret)
+            }
             Err(e) => {
                 self.problem(key, e.to_string());
                 None

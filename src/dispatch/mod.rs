@@ -10,7 +10,8 @@ pub mod outcome;
 pub mod retry;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -29,6 +30,9 @@ pub use retry::RetryPolicy;
 /// The longest the dispatcher sleeps without looking at the store; wake-ups
 /// from ingress and finished sends usually come much sooner.
 const MAX_IDLE: Duration = Duration::from_secs(5);
+
+/// The most jobs one claim takes (the slots cap it lower, usually).
+const MAX_CLAIM: usize = 256;
 
 /// How much of a target's answer is kept for the attempt record.
 const RESPONSE_READ_LIMIT: usize = 64 * 1024;
@@ -71,55 +75,106 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
 
 /// How long a claim lasts: long enough for one attempt and its recording, so
 /// only a worker that died (or stalled) loses its jobs.
-fn lease(delivery: &Delivery) -> Duration {
+pub fn lease(delivery: &Delivery) -> Duration {
     delivery.timeout * 2 + Duration::from_secs(30)
 }
 
-/// Runs until `shutdown`, then lets in-flight sends finish within
-/// `server.shutdown_timeout`.
-pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
-    let config = app.config();
-    let client = match http_client(config.delivery.timeout) {
-        Ok(client) => client,
-        Err(e) => {
-            error!(error = %e, "cannot build the HTTP client; nothing will be sent");
-            return;
+/// Sends in flight at once for a target.
+pub fn capacity(config: &Config, target: &str) -> usize {
+    config
+        .targets
+        .get(target)
+        .and_then(|t| t.concurrency)
+        .unwrap_or(config.delivery.concurrency)
+}
+
+/// What every send shares: the HTTP client, the tracker that shutdown waits
+/// on, and each target's send slots. Both the dispatcher (for jobs it
+/// claims) and ingress (for jobs it hands over on commit) send through it,
+/// so a target's capacity counts all of them.
+#[derive(Debug)]
+pub struct Sends {
+    client: reqwest::Client,
+    tracker: TaskTracker,
+    /// (capacity, semaphore) per target; replaced when a reload changes the capacity.
+    slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Set when the dispatcher left due jobs for lack of a slot: then, and
+    /// only then, a finishing send is worth waking it for.
+    starved: AtomicBool,
+}
+
+impl Sends {
+    pub fn new() -> Result<Sends, reqwest::Error> {
+        Ok(Sends {
+            // Each request sets the attempt timeout of the config it runs under.
+            client: http_client(Duration::from_secs(300))?,
+            tracker: TaskTracker::new(),
+            slots: Mutex::new(HashMap::new()),
+            starved: AtomicBool::new(false),
+        })
+    }
+
+    fn semaphore(&self, target: &str, capacity: usize) -> Arc<Semaphore> {
+        let mut slots = match self.slots.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let slot = slots
+            .entry(target.to_owned())
+            .or_insert_with(|| (capacity, Arc::new(Semaphore::new(capacity))));
+        if slot.0 != capacity {
+            *slot = (capacity, Arc::new(Semaphore::new(capacity)));
         }
-    };
-    let tracker = TaskTracker::new();
-    // (capacity, semaphore) per target; rebuilt when a reload changes the capacity.
-    let mut slots: HashMap<String, (usize, Arc<Semaphore>)> = HashMap::new();
+        slot.1.clone()
+    }
+
+    /// A send slot for `target`, if one is free right now.
+    pub fn try_slot(&self, config: &Config, target: &str) -> Option<OwnedSemaphorePermit> {
+        self.semaphore(target, capacity(config, target)).try_acquire_owned().ok()
+    }
+}
+
+/// Sends a leased job on the shared tracker; the permit is its slot.
+pub fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
+    app.sends.tracker.spawn(deliver(app.clone(), job, permit));
+}
+
+/// Claims due jobs (retries, a backlog, what a crash left) until `shutdown`,
+/// then lets every send in flight finish within `server.shutdown_timeout`.
+pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let config = app.config();
         let lease = lease(&config.delivery);
         let mut maybe_more = false;
-        for (name, target) in &config.targets {
-            let capacity = target.concurrency.unwrap_or(config.delivery.concurrency);
-            let slot = slots
-                .entry(name.clone())
-                .or_insert_with(|| (capacity, Arc::new(Semaphore::new(capacity))));
-            if slot.0 != capacity {
-                *slot = (capacity, Arc::new(Semaphore::new(capacity)));
+        let mut starved = false;
+        for name in config.targets.keys() {
+            // Slots first, then claims: ingress takes slots too, and a job
+            // claimed without one would sit out its lease.
+            let semaphore = app.sends.semaphore(name, capacity(&config, name));
+            let mut permits = Vec::new();
+            while permits.len() < MAX_CLAIM {
+                match semaphore.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
             }
-            let semaphore = slot.1.clone();
-            let free = semaphore.available_permits();
-            if free == 0 {
+            if permits.is_empty() {
+                starved = true;
                 continue;
             }
-            match app.store.claim(name, free, lease, app.now()).await {
+            let asked = permits.len();
+            match app.store.claim(name, asked, lease, app.now()).await {
                 Ok(jobs) => {
-                    maybe_more |= jobs.len() == free;
-                    for job in jobs {
-                        // Only this loop takes permits, so one is free for each job.
-                        let Ok(permit) = semaphore.clone().try_acquire_owned() else {
-                            break;
-                        };
-                        tracker.spawn(deliver(app.clone(), client.clone(), job, permit));
+                    maybe_more |= jobs.len() == asked;
+                    starved |= jobs.len() == asked;
+                    for (job, permit) in jobs.into_iter().zip(permits) {
+                        start_send(&app, job, permit);
                     }
                 }
                 Err(e) => warn!(target = %name, error = %e, "cannot claim jobs; will try again"),
             }
         }
+        app.sends.starved.store(starved, Ordering::Relaxed);
         if maybe_more {
             continue;
         }
@@ -142,8 +197,9 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => {}
         }
     }
+    let tracker = &app.sends.tracker;
     tracker.close();
-    let deadline = config.server.shutdown_timeout;
+    let deadline = app.config().server.shutdown_timeout;
     let in_flight = tracker.len();
     if in_flight > 0 {
         info!(
@@ -160,7 +216,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit: OwnedSemaphorePermit) {
+async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     let span = info_span!(
         "send",
         job_id = %job.id,
@@ -169,11 +225,11 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
         route = %job.route,
         attempt = job.attempts + 1,
     );
-    async {
+    let retry_scheduled = async {
         let config = app.config();
         let started_at = app.now();
         let clock = tokio::time::Instant::now();
-        let result = attempt(&config, &client, &job, app.now()).await;
+        let result = attempt(&config, &app.sends.client, &job, app.now()).await;
         let duration = clock.elapsed();
         let ended = app.now();
         let next = RetryPolicy::new(&config.delivery).decide(
@@ -201,12 +257,18 @@ async fn deliver(app: Arc<App>, client: reqwest::Client, job: ClaimedJob, permit
             next,
             at: ended,
         };
+        let retry_scheduled = matches!(completion.next, NextState::Retry { .. });
         record(&app, completion).await;
+        retry_scheduled
     }
     .instrument(span)
     .await;
     drop(permit);
-    app.wake_dispatch();
+    // The dispatcher sleeps until the earliest due job it knew of; a new
+    // retry may be due sooner, and a starved target now has a free slot.
+    if retry_scheduled || app.sends.starved.load(Ordering::Relaxed) {
+        app.wake_dispatch();
+    }
 }
 
 async fn attempt(
@@ -235,7 +297,7 @@ async fn attempt(
         Ok(wire) => wire,
         Err(e) => return AttemptResult::dead_request(e.to_string()),
     };
-    let mut request = client.post(&wire.url).body(wire.body);
+    let mut request = client.post(&wire.url).timeout(config.delivery.timeout).body(wire.body);
     for (name, value) in &wire.headers {
         request = request.header(name.as_str(), value.as_str());
     }

@@ -12,7 +12,9 @@ mod gitea;
 mod github;
 mod gitlab;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::str::FromStr;
 use std::time::SystemTime;
 
@@ -20,16 +22,19 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use ipnet::IpNet;
+use tokio::sync::OwnedSemaphorePermit;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::config::{Compiler, RawSource};
+use crate::config::Config;
 use crate::daemon::App;
+use crate::dispatch;
 use crate::event::{Event, Provider, Webhook};
 use crate::routing::{self, Plan};
 use crate::server::{Body, json_response};
-use crate::store::{Dropped, HeldBack, Ingested, NewEvent, NewJob, StoreError};
+use crate::store::{ClaimedJob, Dropped, HeldBack, Ingested, Lease, NewEvent, NewJob, StoreError};
 
 /// A configured `[sources.NAME]`.
 #[derive(Debug)]
@@ -481,7 +486,7 @@ impl IngressError {
 
 /// Answers one request on the ingress listener.
 pub async fn handle(
-    app: &App,
+    app: &Arc<App>,
     request: http::Request<hyper::body::Incoming>,
     peer: SocketAddr,
 ) -> http::Response<Body> {
@@ -505,7 +510,7 @@ pub async fn handle(
 }
 
 async fn accept(
-    app: &App,
+    app: &Arc<App>,
     request: http::Request<hyper::body::Incoming>,
     peer: SocketAddr,
 ) -> Result<http::Response<Body>, IngressError> {
@@ -547,14 +552,41 @@ async fn accept(
     };
     let now = app.now();
     let plan = routing::plan(&config, source, &webhook, &events, now);
-    let record = record(&webhook, &events, &plan, now);
+    let handoffs = take_slots(app, &config, &plan, now);
+    let record = record(&webhook, &events, &plan, now, &handoffs);
     let planned = record.jobs.len();
-    let committing = tokio::time::Instant::now();
-    let ingested = app.store.ingest(record).await?;
-    app.metrics.commit_took(committing.elapsed());
-    match ingested {
+    // The commit and the hand-off of its jobs run to the end on their own
+    // task: a sender that hangs up (or times out) mid-request must not leave
+    // committed jobs waiting out their lease.
+    let app_for_commit = app.clone();
+    let committed = tokio::spawn(async move {
+        let committing = tokio::time::Instant::now();
+        let ingested = app_for_commit.store.ingest(record).await;
+        app_for_commit.metrics.commit_took(committing.elapsed());
+        if let Ok(Ingested::Accepted(held_back)) = &ingested {
+            let mut handoffs = handoffs;
+            for held in held_back {
+                handoffs.remove(&held.job_id);
+            }
+            let queued = plan
+                .jobs
+                .iter()
+                .filter(|j| j.request.is_ok() && !held_back.iter().any(|h| h.job_id == j.id))
+                .count()
+                > handoffs.len();
+            hand_over(&app_for_commit, &webhook, &plan, handoffs);
+            // Only jobs that found no free slot wait in the queue for the dispatcher.
+            if queued {
+                app_for_commit.wake_dispatch();
+            }
+        }
+        (ingested, webhook, plan)
+    });
+    let (ingested, webhook, plan) = committed
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the commit task failed: {e}")))?;
+    match ingested? {
         Ingested::Accepted(held_back) => {
-            app.wake_dispatch();
             for event in &events {
                 app.metrics.event(&webhook.source, event.kind.as_str());
             }
@@ -591,8 +623,59 @@ async fn accept(
     }
 }
 
+/// A leased job's claim and the send slot that goes with it.
+type Handoff = (Lease, OwnedSemaphorePermit);
+
+/// Send slots for the jobs whose targets have one free now: those jobs are
+/// stored leased and sent right after the commit, with no claim and no wait
+/// for the dispatcher. The rest are queued for it.
+fn take_slots(app: &App, config: &Config, plan: &Plan, now: SystemTime) -> HashMap<Uuid, Handoff> {
+    let mut handoffs = HashMap::new();
+    if app.shutdown.is_cancelled() {
+        return handoffs;
+    }
+    let until = now + dispatch::lease(&config.delivery);
+    for job in plan.jobs.iter().filter(|j| j.request.is_ok()) {
+        if let Some(permit) = app.sends.try_slot(config, &job.target) {
+            let lease = Lease {
+                claim: Uuid::now_v7(),
+                until,
+            };
+            handoffs.insert(job.id, (lease, permit));
+        }
+    }
+    handoffs
+}
+
+/// Starts the sends of the jobs committed leased.
+fn hand_over(app: &Arc<App>, webhook: &Webhook, plan: &Plan, mut handoffs: HashMap<Uuid, Handoff>) {
+    for planned in &plan.jobs {
+        let (Some((lease, permit)), Ok(request)) = (handoffs.remove(&planned.id), &planned.request) else {
+            continue;
+        };
+        let job = ClaimedJob {
+            id: planned.id,
+            event_id: webhook.id,
+            route: planned.route.clone(),
+            target: planned.target.clone(),
+            attempts: 0,
+            maybe_attempts: 0,
+            claim: lease.claim,
+            payload: request.needs_payload().then(|| webhook.payload.clone()),
+            request: request.clone(),
+        };
+        dispatch::start_send(app, job, permit);
+    }
+}
+
 /// The store's record of an accepted webhook.
-fn record(webhook: &Webhook, events: &[Event], plan: &Plan, now: SystemTime) -> NewEvent {
+fn record(
+    webhook: &Webhook,
+    events: &[Event],
+    plan: &Plan,
+    now: SystemTime,
+    handoffs: &HashMap<Uuid, Handoff>,
+) -> NewEvent {
     let summary = json!({
         "events": events
             .iter()
@@ -619,6 +702,7 @@ fn record(webhook: &Webhook, events: &[Event], plan: &Plan, now: SystemTime) -> 
                 target: job.target.clone(),
                 request: job.request.clone(),
                 limits: job.limits.clone(),
+                lease: handoffs.get(&job.id).map(|(lease, _)| *lease),
             })
             .collect(),
         drops: plan.dropped.iter().map(|d| d.dropped.clone()).collect(),
@@ -641,7 +725,7 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[H
     }
     let queued = |id: &Uuid| !held_back.iter().any(|h| &h.job_id == id);
     for job in plan.jobs.iter().filter(|j| j.request.is_ok() && queued(&j.id)) {
-        info!(
+        debug!(
             event_id = %webhook.id,
             source = %webhook.source,
             delivery = webhook.delivery.as_deref().unwrap_or(""),

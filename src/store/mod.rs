@@ -63,6 +63,17 @@ pub struct NewJob {
     pub request: Result<PreparedRequest, String>,
     /// Rules the store applies atomically, across restarts and relays.
     pub limits: JobLimits,
+    /// Set when the caller will send the job itself right after the commit
+    /// (a free send slot): the job is stored leased, with this claim, rather
+    /// than queued, so no claim is needed. A crash leaves it to be claimed
+    /// again like any leased job.
+    pub lease: Option<Lease>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub claim: Uuid,
+    pub until: SystemTime,
 }
 
 /// The loop guard's rules that need the store's memory of earlier triggers.

@@ -149,7 +149,11 @@ impl Target {
             .credential()
             .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
         {
-            Some(value) if !value.is_empty() && text.contains(&value) => text.replace(&value, "[redacted]"),
+            // A value this short would shred ordinary words and hide nothing
+            // (the config warns about it).
+            Some(value) if value.chars().count() >= MIN_SCRUBBED_SECRET && text.contains(&value) => {
+                text.replace(&value, REDACTED)
+            }
             _ => text,
         }
     }
@@ -446,6 +450,9 @@ impl PreparedRequest {
         out
     }
 }
+
+/// Credentials shorter than this are not searched for in target answers.
+pub const MIN_SCRUBBED_SECRET: usize = 8;
 
 /// What stands where a credential would.
 const REDACTED: &str = "[redacted]";

@@ -528,5 +528,5 @@ async fn a_store_that_cannot_commit_answers_503_with_retry_after() {
     );
     assert!(circle.requests().is_empty());
     shutdown.cancel();
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }

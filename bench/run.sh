@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds relay and the harness in release mode, then runs the benchmark:
+# relay against adnanh/webhook and bare hyper, side by side on loopback.
+# Arguments go to relay-bench: --duration SECS --runs N --out FILE --only NAME.
+# Installs wrk and webhook with apt-get when they are missing (needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins
+exec target/release/relay-bench "$@"

@@ -1,0 +1,794 @@
+//! relay-bench: relay against adnanh/webhook and bare hyper, side by side,
+//! in one run on loopback, and the figures the benchmark issue asks for.
+//!
+//!     cargo run --release --bin relay-bench -- [--duration 5] [--runs 3] [--out bench-results.json]
+//!
+//! Every subject serves on CPU 0; wrk and this harness (with its mock
+//! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
+//! push, with a delivery id of its own per request, at 1 and 32 connections;
+//! figures are medians of `--runs` runs, with the spread. Bounded: every run
+//! has a fixed duration or a fixed count. Talks only to 127.0.0.1.
+
+mod load;
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use load::WrkResult;
+use serde::Serialize;
+use servers::{Baseline, MockCircle};
+
+const SECRET: &str = "bench-webhook-secret";
+const CONCURRENCY: [u32; 2] = [1, 32];
+const BACKLOG: usize = 20_000;
+const E2E_RATE: u32 = 100;
+
+#[derive(Debug, Clone)]
+struct Options {
+    duration: Duration,
+    runs: usize,
+    out: PathBuf,
+    only: Option<String>,
+}
+
+fn options() -> Result<Options, String> {
+    let mut options = Options {
+        duration: Duration::from_secs(5),
+        runs: 3,
+        out: PathBuf::from("bench-results.json"),
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--duration" => {
+                options.duration = Duration::from_secs(value()?.parse().map_err(|_| "--duration takes seconds")?)
+            }
+            "--runs" => options.runs = value()?.parse().map_err(|_| "--runs takes a number")?,
+            "--out" => options.out = PathBuf::from(value()?),
+            "--only" => options.only = Some(value()?),
+            "serve-baseline" => {
+                // The harness re-runs itself as the hyper baselines.
+                let which = match value()?.as_str() {
+                    "ceiling" => Baseline::Ceiling,
+                    _ => Baseline::Verify,
+                };
+                let port: u16 = value()?.parse().map_err(|_| "serve-baseline WHICH PORT")?;
+                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                runtime
+                    .block_on(servers::serve_baseline(port, which, SECRET.as_bytes().into()))
+                    .map_err(|e| e.to_string())?;
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if options.runs == 0 {
+        return Err("--runs must be at least 1".to_owned());
+    }
+    Ok(options)
+}
+
+fn main() {
+    let options = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("relay-bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = ensure_tools() {
+        eprintln!("relay-bench: {e}");
+        std::process::exit(1);
+    }
+    let machine = machine();
+    // The harness (and the mock CircleCI in it) shares CPU 1 with wrk;
+    // threads started from here on inherit this.
+    let _ = Command::new("taskset")
+        .args(["-p", "-c", "1", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(options, machine)) {
+        eprintln!("relay-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// wrk and webhook come from Debian; installed when missing (as root).
+fn ensure_tools() -> Result<(), String> {
+    let missing: Vec<&str> = [("wrk", "wrk"), ("webhook", "webhook"), ("taskset", "util-linux")]
+        .into_iter()
+        .filter(|(tool, _)| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let ok = Command::new("sh")
+        .args(["-c", &format!("apt-get update -qq && apt-get install -y -qq {}", missing.join(" "))])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("cannot install {} (run as root, or install them)", missing.join(" ")))
+    }
+}
+
+/// A ~7 KB GitHub push of 20 commits, and its signature.
+fn payload() -> (Bytes, String) {
+    let commits: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("{:040x}", i + 1), "tree_id": format!("{:040x}", i + 100),
+                "message": format!("Change {i}: handle empty payloads in the importer"),
+                "timestamp": "2026-11-20T10:12:03+01:00",
+                "author": { "name": "Ada Lovelace", "email": "ada@example.com", "username": "ada" },
+                "added": [], "removed": [], "modified": ["services/api/src/import.rs"]
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "ref": "refs/heads/main", "before": "1".repeat(40), "after": format!("{:040x}", 20),
+        "created": false, "deleted": false, "forced": false, "base_ref": null,
+        "compare": "https://github.com/acme/api/compare/1111111111...0000000014",
+        "commits": commits,
+        "head_commit": { "id": format!("{:040x}", 20), "message": "Change 19", "added": [], "removed": [], "modified": [] },
+        "repository": { "id": 1296269, "name": "api", "full_name": "acme/api", "html_url": "https://github.com/acme/api", "private": false },
+        "pusher": { "name": "ada", "email": "ada@example.com" },
+        "sender": { "login": "ada", "id": 583231 }
+    });
+    let body = Bytes::from(doc.to_string());
+    let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
+    (body, format!("sha256={}", hex::encode(tag)))
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+async fn wait_for_port(port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("nothing listens on 127.0.0.1:{port}"))
+}
+
+/// A process this harness started; killed by its PID when dropped.
+struct Running {
+    child: Child,
+    port: u16,
+    /// Where its stderr went.
+    log: PathBuf,
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program args…` on CPU 0 with stderr to `log`.
+async fn start_pinned(program: &Path, args: &[String], port: u16, log: PathBuf, env: &[(&str, &str)]) -> Result<Running, String> {
+    let err = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut command = Command::new("taskset");
+    command.args(["-c", "0"]).arg(program).args(args).stdout(Stdio::null()).stderr(err);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let child = command.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    let running = Running { child, port, log };
+    wait_for_port(port).await?;
+    Ok(running)
+}
+
+/// The subjects, in the order of the table.
+const SUBJECTS: [(&str, &str); 5] = [
+    ("hyper-ceiling", "a minimal hyper 1 server: 200 without reading the body"),
+    ("hyper-verify", "hyper reading the body, checking X-Hub-Signature-256, parsing the JSON (typed)"),
+    (
+        "webhook-noexec",
+        "adnanh/webhook, payload-hmac-sha256 on X-Hub-Signature-256 and a match on ref; execute-command \"\" (answers 200 once the rule matches; the exec then fails at the PATH lookup, no process started)",
+    ),
+    (
+        "webhook-exec",
+        "the same, running /bin/true and waiting for it (include-command-output-in-response)",
+    ),
+    (
+        "relay",
+        "relay: one GitHub source, one route, a circleci target at the mock; SQLite, synchronous=FULL",
+    ),
+];
+
+/// A scratch directory, removed when the harness finishes.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch, String> {
+        let dir = std::env::temp_dir().join(format!("relay-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Workspace {
+    dir: Scratch,
+    body: Bytes,
+    signature: String,
+    relay_binary: PathBuf,
+}
+
+impl Workspace {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+}
+
+fn webhook_hooks(path: &Path, exec: bool) -> Result<(), String> {
+    let hooks = serde_json::json!([{
+        "id": "bench",
+        "execute-command": if exec { "/bin/true" } else { "" },
+        "include-command-output-in-response": exec,
+        "trigger-rule": { "and": [
+            { "match": { "type": "payload-hmac-sha256", "secret": SECRET,
+                         "parameter": { "source": "header", "name": "X-Hub-Signature-256" } } },
+            { "match": { "type": "value", "value": "refs/heads/main",
+                         "parameter": { "source": "payload", "name": "ref" } } }
+        ] }
+    }]);
+    std::fs::write(path, hooks.to_string()).map_err(|e| e.to_string())
+}
+
+fn relay_config(ws: &Workspace, port: u16, db: &Path, circle: std::net::SocketAddr, record: bool) -> String {
+    // The load repeats one commit: the dedupe window and burst breaker would
+    // hold back all but the first triggers, so they are off, and every
+    // request commits an event and a job.
+    let parameters = if record { "parameters = { delivery = \"{{ delivery }}\" }" } else { "" };
+    let _ = ws;
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[store]
+url = "sqlite://{db}"
+
+[loop_guard]
+dedupe_window = "0s"
+burst = false
+
+[delivery]
+concurrency = 32
+
+[sources.github]
+provider = "github"
+path = "/hooks/github"
+secret = "{SECRET}"
+
+[[routes]]
+name = "builds"
+to = ["circleci"]
+
+[targets.circleci]
+kind = "circleci"
+base_url = "http://{circle}"
+project = "gh/acme/api"
+token = "bench-circle-token"
+{parameters}
+"#,
+        db = db.display()
+    )
+}
+
+async fn start_subject(name: &str, ws: &Workspace, circle: std::net::SocketAddr, run: usize) -> Result<Running, String> {
+    let port = free_port()?;
+    let log = ws.path(&format!("{name}-{run}.log"));
+    match name {
+        "hyper-ceiling" | "hyper-verify" => {
+            let which = if name == "hyper-ceiling" { "ceiling" } else { "verify" };
+            let me = std::env::current_exe().map_err(|e| e.to_string())?;
+            start_pinned(&me, &["serve-baseline".into(), which.into(), port.to_string()], port, log, &[]).await
+        }
+        "webhook-noexec" | "webhook-exec" => {
+            let hooks = ws.path(&format!("{name}.json"));
+            webhook_hooks(&hooks, name == "webhook-exec")?;
+            let args = vec![
+                "-hooks".into(),
+                hooks.display().to_string(),
+                "-ip".into(),
+                "127.0.0.1".into(),
+                "-port".into(),
+                port.to_string(),
+            ];
+            start_pinned(Path::new("webhook"), &args, port, log, &[]).await
+        }
+        _ => {
+            let db = ws.path(&format!("relay-{run}.db"));
+            let config = ws.path(&format!("relay-{run}.toml"));
+            std::fs::write(&config, relay_config(ws, port, &db, circle, false)).map_err(|e| e.to_string())?;
+            let args = vec![
+                "serve".into(),
+                "--log-format".into(),
+                "json".into(),
+                "-c".into(),
+                config.display().to_string(),
+            ];
+            start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
+        }
+    }
+}
+
+fn url(name: &str, port: u16) -> String {
+    match name {
+        "webhook-noexec" | "webhook-exec" => format!("http://127.0.0.1:{port}/hooks/bench"),
+        _ => format!("http://127.0.0.1:{port}/hooks/github"),
+    }
+}
+
+/// One load run's figures.
+#[derive(Debug, Clone, Serialize)]
+struct RunFigures {
+    wrk: WrkResult,
+    cpu_us_per_request: f64,
+}
+
+/// Median and spread of the runs at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    connections: u32,
+    requests_per_sec: f64,
+    requests_per_sec_min: f64,
+    requests_per_sec_max: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_request: f64,
+    non_2xx: u64,
+    socket_errors: u64,
+    runs: Vec<RunFigures>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
+    let pick = |f: &dyn Fn(&RunFigures) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let rps = pick(&|r| r.wrk.requests_per_sec);
+    Summary {
+        connections,
+        requests_per_sec: median(rps.clone()),
+        requests_per_sec_min: rps.iter().copied().fold(f64::INFINITY, f64::min),
+        requests_per_sec_max: rps.iter().copied().fold(0.0, f64::max),
+        p50_ms: median(pick(&|r| r.wrk.p50_ms)),
+        p99_ms: median(pick(&|r| r.wrk.p99_ms)),
+        cpu_us_per_request: median(pick(&|r| r.cpu_us_per_request)),
+        non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
+        socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
+        runs,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SubjectResult {
+    name: String,
+    what: String,
+    rss_idle_mib: f64,
+    rss_after_mib: f64,
+    by_connections: Vec<Summary>,
+    /// webhook-exec: commands that failed with "too many open files".
+    exec_failures: Option<u64>,
+}
+
+async fn measure(name: &str, what: &str, ws: &Workspace, circle: std::net::SocketAddr, options: &Options) -> Result<SubjectResult, String> {
+    let mut per_connections: Vec<(u32, Vec<RunFigures>)> = CONCURRENCY.iter().map(|c| (*c, Vec::new())).collect();
+    let (mut idle, mut after) = (Vec::new(), Vec::new());
+    let mut exec_failures = 0;
+    for run in 0..options.runs {
+        // A fresh process (and, for relay, a fresh database) per run.
+        let subject = start_subject(name, ws, circle, run).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        idle.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        for (connections, figures) in &mut per_connections {
+            let script = ws.path("post.lua");
+            load::write_script(&script, &ws.path("body.json"), &ws.signature, &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()))
+                .map_err(|e| e.to_string())?;
+            let before = load::cpu_time(subject.pid()).unwrap_or_default();
+            let wrk = tokio::task::spawn_blocking({
+                let (url, script, duration, c) = (url(name, subject.port), script.clone(), options.duration, *connections);
+                move || load::wrk(&url, c, duration, &script)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let cpu = load::cpu_time(subject.pid()).unwrap_or_default().saturating_sub(before);
+            let cpu_us = cpu.as_secs_f64() * 1e6 / wrk.requests.max(1) as f64;
+            figures.push(RunFigures {
+                wrk,
+                cpu_us_per_request: cpu_us,
+            });
+        }
+        after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        exec_failures += std::fs::read_to_string(&subject.log)
+            .map(|log| log.matches("too many open files").count() as u64)
+            .unwrap_or(0);
+        drop(subject);
+    }
+    Ok(SubjectResult {
+        name: name.to_owned(),
+        what: what.to_owned(),
+        rss_idle_mib: median(idle),
+        rss_after_mib: median(after),
+        by_connections: per_connections.into_iter().map(|(c, runs)| summarize(c, runs)).collect(),
+        exec_failures: (name == "webhook-exec").then_some(exec_failures),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct EndToEnd {
+    rate_per_sec: u32,
+    seconds: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Per run: (p50, p99).
+    runs: Vec<(f64, f64)>,
+}
+
+/// 202 received → trigger received by the mock, at a fixed request rate.
+async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, String> {
+    let mut runs = Vec::new();
+    let seconds = options.duration.as_secs().max(2);
+    for run in 0..options.runs {
+        let mock = MockCircle::default();
+        let circle = mock.clone().start(true).await.map_err(|e| e.to_string())?;
+        let port = free_port()?;
+        let db = ws.path(&format!("e2e-{run}.db"));
+        let config = ws.path(&format!("e2e-{run}.toml"));
+        std::fs::write(&config, relay_config(ws, port, &db, circle, true)).map_err(|e| e.to_string())?;
+        let args = vec!["serve".into(), "--log-format".into(), "json".into(), "-c".into(), config.display().to_string()];
+        let relay = start_pinned(&ws.relay_binary, &args, port, ws.path(&format!("e2e-{run}.log")), &[]).await?;
+        let client = relay::dispatch::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let total = E2E_RATE as u64 * seconds;
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
+        let mut sent = Vec::new();
+        for n in 0..total {
+            tick.tick().await;
+            let delivery = format!("e2e-{run}-{n}");
+            let request = client
+                .post(format!("http://127.0.0.1:{port}/hooks/github"))
+                .header("Content-Type", "application/json")
+                .header("X-GitHub-Event", "push")
+                .header("X-GitHub-Delivery", &delivery)
+                .header("X-Hub-Signature-256", &ws.signature)
+                .body(ws.body.clone());
+            sent.push(tokio::spawn(async move {
+                let response = request.send().await.ok()?;
+                (response.status().as_u16() == 202).then(|| (delivery, Instant::now()))
+            }));
+        }
+        let mut answered = Vec::new();
+        for task in sent {
+            if let Ok(Some(pair)) = task.await {
+                answered.push(pair);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mock.count.load(Ordering::Relaxed) < answered.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let arrivals = mock.arrivals.lock().map_err(|_| "mock poisoned")?.clone();
+        let mut latencies: Vec<f64> = answered
+            .iter()
+            .filter_map(|(d, acked)| arrivals.get(d).map(|at| at.saturating_duration_since(*acked).as_secs_f64() * 1e3))
+            .collect();
+        if latencies.len() < answered.len() {
+            return Err(format!("end to end: only {} of {} triggers arrived", latencies.len(), answered.len()));
+        }
+        latencies.sort_by(f64::total_cmp);
+        let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+        runs.push((at(0.5), at(0.99)));
+        drop(relay);
+    }
+    Ok(EndToEnd {
+        rate_per_sec: E2E_RATE,
+        seconds,
+        p50_ms: median(runs.iter().map(|r| r.0).collect()),
+        p99_ms: median(runs.iter().map(|r| r.1).collect()),
+        runs,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Delivery {
+    backlog: usize,
+    triggers_per_sec: f64,
+    runs: Vec<f64>,
+}
+
+/// A backlog of queued jobs, then relay started on it: triggers per second
+/// reaching the mock, first to last.
+async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String> {
+    let mut runs = Vec::new();
+    for run in 0..options.runs {
+        let mock = MockCircle::default();
+        let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
+        let db = ws.path(&format!("backlog-{run}.db"));
+        fill_backlog(&db, circle).await?;
+        let port = free_port()?;
+        let config = ws.path(&format!("backlog-{run}.toml"));
+        std::fs::write(&config, relay_config(ws, port, &db, circle, false)).map_err(|e| e.to_string())?;
+        let args = vec!["serve".into(), "--log-format".into(), "json".into(), "-c".into(), config.display().to_string()];
+        let relay = start_pinned(&ws.relay_binary, &args, port, ws.path(&format!("backlog-{run}.log")), &[]).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut first = None;
+        while mock.count.load(Ordering::Relaxed) < BACKLOG {
+            if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
+                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("delivery: {} of {BACKLOG} after 120s", mock.count.load(Ordering::Relaxed)));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (started, at_start) = first.unwrap_or((Instant::now(), 0));
+        runs.push((BACKLOG - at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3));
+        drop(relay);
+    }
+    Ok(Delivery {
+        backlog: BACKLOG,
+        triggers_per_sec: median(runs.clone()),
+        runs,
+    })
+}
+
+/// Queues `BACKLOG` jobs through relay's own store, as ingest would.
+async fn fill_backlog(db: &Path, circle: std::net::SocketAddr) -> Result<(), String> {
+    use relay::store::{JobLimits, NewEvent, NewJob, SqliteStore, Store};
+    use relay::targets::{Auth, PreparedRequest, RequestBody};
+    let store = SqliteStore::open(db).map_err(|e| e.to_string())?;
+    let body = Bytes::from_static(br#"{"ref":"refs/heads/main"}"#);
+    let mut pending = Vec::new();
+    let store = Arc::new(store);
+    for chunk in 0..(BACKLOG / 500) {
+        for n in 0..500 {
+            let store = store.clone();
+            let event = NewEvent {
+                id: uuid::Uuid::now_v7(),
+                source: "github".to_owned(),
+                delivery: Some(format!("backlog-{chunk}-{n}")),
+                hook: "push".to_owned(),
+                content_type: "application/json".to_owned(),
+                body: body.clone(),
+                payload: None,
+                hop: 0,
+                received_at: SystemTime::now(),
+                summary: "{}".to_owned(),
+                jobs: vec![NewJob {
+                    id: uuid::Uuid::now_v7(),
+                    route: "builds".to_owned(),
+                    target: "circleci".to_owned(),
+                    request: Ok(PreparedRequest {
+                        url: format!("http://{circle}/api/v2/project/gh/acme/api/pipeline"),
+                        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+                        body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
+                        auth: Auth::Header {
+                            name: "Circle-Token".to_owned(),
+                        },
+                    }),
+                    limits: JobLimits::default(),
+                    lease: None,
+                }],
+                drops: Vec::new(),
+            };
+            pending.push(tokio::spawn(async move { store.ingest(event).await }));
+        }
+        for task in pending.drain(..) {
+            task.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    when: String,
+    machine: String,
+    duration_secs: u64,
+    runs: usize,
+    payload_bytes: usize,
+    subjects: Vec<SubjectResult>,
+    end_to_end: Option<EndToEnd>,
+    delivery: Option<Delivery>,
+}
+
+async fn run(options: Options, machine: String) -> Result<(), String> {
+    let dir = Scratch::new()?;
+    let (body, signature) = payload();
+    let relay_binary = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("relay");
+    if !relay_binary.exists() {
+        return Err(format!(
+            "{} is missing: build it first (bench/run.sh does: cargo build --release --bins)",
+            relay_binary.display()
+        ));
+    }
+    let ws = Workspace {
+        dir,
+        body,
+        signature,
+        relay_binary,
+    };
+    std::fs::write(ws.path("body.json"), &ws.body).map_err(|e| e.to_string())?;
+    let circle = MockCircle::default().start(false).await.map_err(|e| e.to_string())?;
+    let mut subjects = Vec::new();
+    for (name, what) in SUBJECTS {
+        if options.only.as_deref().is_some_and(|o| o != name && o != "load") {
+            continue;
+        }
+        eprintln!("measuring {name} …");
+        subjects.push(measure(name, what, &ws, circle, &options).await?);
+    }
+    let wanted = |part: &str| options.only.as_deref().is_none_or(|o| o == part);
+    let end_to_end = if wanted("e2e") {
+        eprintln!("measuring relay end to end at {E2E_RATE} req/s …");
+        Some(end_to_end(&ws, &options).await?)
+    } else {
+        None
+    };
+    let delivery = if wanted("delivery") {
+        eprintln!("measuring relay delivery from a backlog of {BACKLOG} …");
+        Some(delivery(&ws, &options).await?)
+    } else {
+        None
+    };
+    let report = Report {
+        when: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        machine,
+        duration_secs: options.duration.as_secs(),
+        runs: options.runs,
+        payload_bytes: ws.body.len(),
+        subjects,
+        end_to_end,
+        delivery,
+    };
+    print!("{}", table(&report));
+    std::fs::write(&options.out, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("cannot write {}: {e}", options.out.display()))?;
+    eprintln!("wrote {}", options.out.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|m| m.trim().to_owned())))
+        .unwrap_or_default();
+    format!("{cpus} CPUs, {model}")
+}
+
+fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a Summary> {
+    report
+        .subjects
+        .iter()
+        .find(|s| s.name == name)?
+        .by_connections
+        .iter()
+        .find(|c| c.connections == connections)
+}
+
+fn table(report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
+        report.machine,
+        report.payload_bytes / 1024,
+        report.duration_secs,
+        report.runs
+    );
+    let _ = writeln!(
+        out,
+        "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | RSS idle → after (MiB) | non-2xx |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &report.subjects {
+        for c in &s.by_connections {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.0} | {:.1} → {:.1} | {} |",
+                s.name,
+                c.connections,
+                c.requests_per_sec,
+                c.requests_per_sec_min,
+                c.requests_per_sec_max,
+                c.p50_ms,
+                c.p99_ms,
+                c.cpu_us_per_request,
+                s.rss_idle_mib,
+                s.rss_after_mib,
+                c.non_2xx + c.socket_errors
+            );
+        }
+    }
+    if let Some(failures) = report.subjects.iter().find_map(|s| s.exec_failures) {
+        let _ = writeln!(out, "\nwebhook-exec: {failures} commands failed with \"too many open files\"");
+    }
+    if let Some(relay) = find(report, "relay", 32) {
+        let _ = writeln!(out, "\nrelay at 32 connections, as a ratio of each baseline's req/s:");
+        for base in ["hyper-ceiling", "hyper-verify", "webhook-noexec", "webhook-exec"] {
+            if let Some(b) = find(report, base, 32) {
+                let _ = writeln!(out, "  vs {base}: {:.2}×", relay.requests_per_sec / b.requests_per_sec.max(1e-9));
+            }
+        }
+    }
+    if let Some(e) = &report.end_to_end {
+        let _ = writeln!(
+            out,
+            "relay end to end (202 received → mock CircleCI has the trigger) at {} req/s: p50 {:.2} ms, p99 {:.2} ms",
+            e.rate_per_sec, e.p50_ms, e.p99_ms
+        );
+    }
+    if let Some(d) = &report.delivery {
+        let spread = (
+            d.runs.iter().copied().fold(f64::INFINITY, f64::min),
+            d.runs.iter().copied().fold(0.0, f64::max),
+        );
+        let _ = writeln!(
+            out,
+            "relay delivery from a backlog of {}: {:.0} triggers/s (spread {:.0}–{:.0})",
+            d.backlog, d.triggers_per_sec, spread.0, spread.1
+        );
+    }
+    out
+}

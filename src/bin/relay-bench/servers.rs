@@ -1,0 +1,133 @@
+//! The servers the harness runs itself: the two hyper baselines (as a
+//! separate process, so their CPU and memory are their own) and the mock
+//! CircleCI that relay triggers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type Response = http::Response<Full<Bytes>>;
+
+fn respond(status: u16, body: &'static str) -> Response {
+    let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    response
+}
+
+/// Which baseline to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Baseline {
+    /// Answer 200 without reading the body.
+    Ceiling,
+    /// Read the body, check `X-Hub-Signature-256`, parse the JSON.
+    Verify,
+}
+
+/// What the verify baseline reads of the push: a typed parse, like relay's.
+#[derive(serde::Deserialize)]
+struct Push {
+    #[serde(rename = "ref")]
+    git_ref: String,
+}
+
+/// Serves a baseline until the process is killed.
+pub async fn serve_baseline(port: u16, which: Baseline, secret: Arc<[u8]>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let secret = secret.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                let secret = secret.clone();
+                async move {
+                    if which == Baseline::Ceiling {
+                        return Ok::<_, Infallible>(respond(200, ""));
+                    }
+                    let presented = request
+                        .headers()
+                        .get("x-hub-signature-256")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("sha256="))
+                        .and_then(|v| hex::decode(v).ok())
+                        .unwrap_or_default();
+                    let body = match request.into_body().collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(_) => return Ok(respond(400, "unreadable")),
+                    };
+                    let key = relay::config::Secret::from_bytes(secret.to_vec(), "bench");
+                    if !relay::signature::verify(relay::signature::Algorithm::Sha256, &key, &[&body], &presented) {
+                        return Ok(respond(401, "bad signature"));
+                    }
+                    match serde_json::from_slice::<Push>(&body) {
+                        Ok(push) if !push.git_ref.is_empty() => Ok(respond(200, "")),
+                        _ => Ok(respond(400, "bad payload")),
+                    }
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The mock CircleCI: answers 201 and notes when each delivery's trigger
+/// arrived (relay puts the delivery id in a pipeline parameter).
+#[derive(Debug, Clone, Default)]
+pub struct MockCircle {
+    pub arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    pub count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[derive(serde::Deserialize)]
+struct Trigger {
+    #[serde(default)]
+    parameters: HashMap<String, serde_json::Value>,
+}
+
+impl MockCircle {
+    pub async fn start(self, record: bool) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let mock = self.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let mock = mock.clone();
+                        async move {
+                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let at = Instant::now();
+                            mock.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if record
+                                && let Ok(trigger) = serde_json::from_slice::<Trigger>(&body)
+                                && let Some(serde_json::Value::String(d)) = trigger.parameters.get("delivery")
+                                && let Ok(mut arrivals) = mock.arrivals.lock()
+                            {
+                                arrivals.insert(d.clone(), at);
+                            }
+                            Ok::<_, Infallible>(respond(
+                                201,
+                                r#"{"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created","number":1,"created_at":"2026-11-22T10:00:00Z"}"#,
+                            ))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+}
