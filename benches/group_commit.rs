@@ -67,7 +67,10 @@ fn event(body: &Bytes, n: usize) -> NewEvent {
             // A dedupe key (each distinct), as with the default loop guard; the
             // burst breaker off, as in relay-bench, so every event queues a job.
             limits: JobLimits {
-                dedupe: Some((format!("acme/api\nrefs/heads/main\n{n:040x}"), Duration::from_secs(600))),
+                dedupe: Some((
+                    format!("acme/api\nrefs/heads/main\n{n:040x}"),
+                    Duration::from_secs(600),
+                )),
                 burst: None,
             },
             lease: None,

@@ -12,9 +12,11 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::ingress::{IngressError, Parsed};
 use crate::routing::{self, Verdict};
+use crate::store::{SchemaStatus, StoreError};
 
 /// `relay check`: the config, as relay understood it.
-pub fn check_report(config: &Config) -> String {
+/// `schema` is what the store said about its schema, if it could be asked.
+pub fn check_report(config: &Config, schema: &Result<SchemaStatus, StoreError>) -> String {
     let mut out = format!("{}: ok\n", config.file);
     let _ = writeln!(out, "\nsources:");
     for source in &config.sources {
@@ -31,8 +33,35 @@ pub fn check_report(config: &Config) -> String {
     let (graph, cycles) = crate::loops::report(config);
     let _ = writeln!(out, "\ngraph (route → target builds repository):");
     out.push_str(&graph);
-    let _ = writeln!(out, "\nstore: {:?}", config.store.location);
+    let _ = writeln!(out, "\nstore: {}", config.store.location);
     let mut warnings = config.warnings.clone();
+    match schema {
+        Ok(SchemaStatus { version: 0, latest }) => {
+            let _ = writeln!(
+                out,
+                "  schema: none yet (relay creates version {latest} when it starts)"
+            );
+        }
+        Ok(SchemaStatus { version, latest }) if version < latest => {
+            let _ = writeln!(
+                out,
+                "  schema: version {version} (relay migrates it to {latest} when it starts)"
+            );
+        }
+        Ok(SchemaStatus { version, latest }) if version > latest => {
+            let _ = writeln!(out, "  schema: version {version}");
+            warnings.push(format!(
+                "the store's schema (version {version}) is newer than this relay's ({latest}): run a newer relay"
+            ));
+        }
+        Ok(SchemaStatus { version, .. }) => {
+            let _ = writeln!(out, "  schema: version {version} (current)");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  schema: unknown");
+            warnings.push(format!("cannot read the store's schema version: {e}"));
+        }
+    }
     for cycle in &cycles {
         warnings.push(format!(
             "routes {} form a cycle; loop_guard stops it at {} hops (and dedupe_window {})",

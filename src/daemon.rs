@@ -68,7 +68,11 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, shutdown: CancellationToken) -> Result<App, RunError> {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<App, RunError> {
         Ok(App {
             config: RwLock::new(config),
             store,
@@ -129,7 +133,7 @@ pub enum RunError {
 
 /// Opens the configured store and runs until `control.shutdown` is cancelled.
 pub async fn run(config: Config, listeners: Listeners, control: Control) -> Result<(), RunError> {
-    let store = store::open(&config.store)?;
+    let store = store::open(&config.store).await?;
     run_with_store(config, store, listeners, control).await
 }
 

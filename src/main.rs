@@ -184,7 +184,8 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
         Command::Serve { config } => serve(config, inherited).await,
         Command::Check { config } => match load(&config) {
             Ok(config) => {
-                print!("{}", relay::cli::check_report(&config));
+                let schema = relay::store::schema_status(&config.store).await;
+                print!("{}", relay::cli::check_report(&config, &schema));
                 ExitCode::SUCCESS
             }
             Err(code) => code,

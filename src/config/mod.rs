@@ -95,7 +95,28 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
-    Postgres(String),
+    Postgres(Box<PostgresSettings>),
+}
+
+impl fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            StoreLocation::Postgres(pg) => f.write_str(&pg.shown),
+        }
+    }
+}
+
+/// How to reach the shared PostgreSQL store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// Parsed from `store.url`, with `store.password` applied. Its `Debug`
+    /// hides the password.
+    pub connect: tokio_postgres::Config,
+    /// The URL with any password masked: safe for logs and `relay check`.
+    pub shown: String,
+    pub pool_size: usize,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +140,9 @@ pub struct Delivery {
     pub concurrency: usize,
     pub maybe_delivered_retries: u32,
     pub throttle_floor: Duration,
+    /// How long a claim on a job lasts: one whole attempt and its
+    /// recording, so only a relay that died (or stalled) loses its jobs.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -574,9 +598,17 @@ fn compile_store(raw: raw::RawStore, c: &mut Compiler) -> StoreSettings {
         if path.is_empty() {
             c.problem("store.url", "sqlite:// needs a file path, like sqlite://relay.db");
         }
+        for (key, set) in [
+            ("password", raw.password.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
+        ] {
+            if set {
+                c.problem(format!("store.{key}"), "applies only to a postgres:// store");
+            }
+        }
         StoreLocation::Sqlite(state_path(Path::new(path)))
     } else if raw.url.starts_with("postgres://") || raw.url.starts_with("postgresql://") {
-        StoreLocation::Postgres(raw.url)
+        StoreLocation::Postgres(Box::new(compile_postgres(&raw, c)))
     } else {
         c.problem(
             "store.url",
@@ -588,6 +620,83 @@ fn compile_store(raw: raw::RawStore, c: &mut Compiler) -> StoreSettings {
         location,
         retention: raw.retention,
     }
+}
+
+fn compile_postgres(raw: &raw::RawStore, c: &mut Compiler) -> PostgresSettings {
+    let shown = mask_password(&raw.url);
+    let mut connect = match raw.url.parse::<tokio_postgres::Config>() {
+        Ok(connect) => connect,
+        Err(e) => {
+            // The parser's detail names the option, never the password.
+            let detail = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            c.problem(
+                "store.url",
+                format!("is not a PostgreSQL URL ({detail}): {shown}"),
+            );
+            tokio_postgres::Config::new()
+        }
+    };
+    if let Some(spec) = &raw.password {
+        if connect.get_password().is_some() {
+            c.problem(
+                "store.password",
+                "is set, and store.url carries a password too; keep one (the secret reference)",
+            );
+        }
+        if let Some(secret) = c.secret("store.password", spec) {
+            connect.password(secret.expose());
+        }
+    } else if connect.get_password().is_some() {
+        c.warn(
+            "store.url carries the database password; prefer store.password = { env = \"…\" } or { file = \"…\" }"
+                .to_owned(),
+        );
+    }
+    if raw.pool_size == 0 {
+        c.problem("store.pool_size", "must be at least 1");
+    }
+    if let Some(path) = &raw.ca_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        c.problem("store.ca_file", format!("cannot read {}: {e}", path.display()));
+    }
+    connect.application_name("relay");
+    PostgresSettings {
+        connect,
+        shown,
+        pool_size: raw.pool_size.max(1),
+        ca_file: raw.ca_file.clone(),
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some(("password", _)) => "password=***".to_owned(),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// A relative store path lives in systemd's `$STATE_DIRECTORY` when relay
@@ -627,7 +736,20 @@ fn compile_delivery(raw: raw::RawDelivery, c: &mut Compiler) -> Delivery {
             "must not be longer than delivery.backoff.max",
         );
     }
+    // Room for one whole attempt and its recording: a shorter lease would
+    // hand a healthy send to another worker and send the job twice.
+    let lease = raw.lease.unwrap_or(raw.timeout * 2 + Duration::from_secs(30));
+    if lease <= raw.timeout {
+        c.problem(
+            "delivery.lease",
+            format!(
+                "must be longer than delivery.timeout ({}), or sends that are still running would be taken over and repeated",
+                humantime::format_duration(raw.timeout)
+            ),
+        );
+    }
     Delivery {
+        lease,
         timeout: raw.timeout,
         attempts: raw.attempts,
         backoff: Backoff {

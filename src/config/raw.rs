@@ -106,6 +106,13 @@ pub struct RawStore {
     pub url: String,
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// PostgreSQL only: the password, when the URL carries none.
+    pub password: Option<SecretSpec>,
+    /// PostgreSQL only: connections kept open to the database.
+    pub pool_size: usize,
+    /// PostgreSQL only: a PEM file of CA certificates trusted for the
+    /// database's TLS certificate, in place of the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RawStore {
@@ -113,6 +120,9 @@ impl Default for RawStore {
         RawStore {
             url: "sqlite://relay.db".to_owned(),
             retention: Duration::from_secs(14 * 24 * 3600),
+            password: None,
+            pool_size: 16,
+            ca_file: None,
         }
     }
 }
@@ -130,6 +140,10 @@ pub struct RawDelivery {
     /// The least a retry waits after a 429 or a timeout.
     #[serde(with = "humantime_serde")]
     pub throttle_floor: Duration,
+    /// How long a relay owns a job it is sending; a job whose relay died is
+    /// taken over once this runs out. Default: twice `timeout`, plus 30s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Option<Duration>,
 }
 
 impl Default for RawDelivery {
@@ -141,6 +155,7 @@ impl Default for RawDelivery {
             concurrency: 8,
             maybe_delivered_retries: 1,
             throttle_floor: Duration::from_secs(30),
+            lease: None,
         }
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::{Config, Delivery};
+use crate::config::Config;
 use crate::daemon::App;
 use crate::store::{AttemptRecord, ClaimedJob, Completion, NextState};
 use crate::targets::{USER_AGENT, response_message};
@@ -71,12 +71,6 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error>
         .user_agent(USER_AGENT)
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
-}
-
-/// How long a claim lasts: long enough for one attempt and its recording, so
-/// only a worker that died (or stalled) loses its jobs.
-pub fn lease(delivery: &Delivery) -> Duration {
-    delivery.timeout * 2 + Duration::from_secs(30)
 }
 
 /// Sends in flight at once for a target.
@@ -130,7 +124,9 @@ impl Sends {
 
     /// A send slot for `target`, if one is free right now.
     pub fn try_slot(&self, config: &Config, target: &str) -> Option<OwnedSemaphorePermit> {
-        self.semaphore(target, capacity(config, target)).try_acquire_owned().ok()
+        self.semaphore(target, capacity(config, target))
+            .try_acquire_owned()
+            .ok()
     }
 }
 
@@ -144,7 +140,7 @@ pub fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit)
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let config = app.config();
-        let lease = lease(&config.delivery);
+        let lease = config.delivery.lease;
         let mut maybe_more = false;
         let mut starved = false;
         for name in config.targets.keys() {
@@ -178,7 +174,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if maybe_more {
             continue;
         }
-        let wait = match app.store.next_wakeup().await {
+        let wait = match app.store.next_wakeup(app.now()).await {
             Ok(Some(at)) => match at.duration_since(app.now()) {
                 Ok(wait) => wait.min(MAX_IDLE),
                 // Due already but not claimed: its target is at capacity, and
@@ -193,6 +189,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         };
         tokio::select! {
             () = app.dispatch_wakeup() => {}
+            () = app.store.work_arrived() => {}
             () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => {}
         }
@@ -297,7 +294,10 @@ async fn attempt(
         Ok(wire) => wire,
         Err(e) => return AttemptResult::dead_request(e.to_string()),
     };
-    let mut request = client.post(&wire.url).timeout(config.delivery.timeout).body(wire.body);
+    let mut request = client
+        .post(&wire.url)
+        .timeout(config.delivery.timeout)
+        .body(wire.body);
     for (name, value) in &wire.headers {
         request = request.header(name.as_str(), value.as_str());
     }
@@ -384,10 +384,20 @@ fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now:
 /// completion that cannot be recorded leaves the job leased; it is sent
 /// again when the lease expires (at least once, never lost).
 async fn record(app: &App, completion: Completion) {
+    // The claim id, not the lease, decides whether a completion counts: a
+    // store that is down for a while is waited out, and the attempt still
+    // lands unless another relay took the job meanwhile. Only shutdown stops
+    // the wait; the job is then sent again once its lease runs out.
     let mut wait = Duration::from_millis(100);
-    for _ in 0..10 {
+    let mut failures = 0u32;
+    loop {
         match app.store.complete(completion.clone()).await {
-            Ok(true) => return,
+            Ok(true) => {
+                if failures > 0 {
+                    info!(failures, "attempt recorded once the store answered again");
+                }
+                return;
+            }
             Ok(false) => {
                 warn!(
                     "the job's lease expired during the send and another worker took it; this attempt is not recorded"
@@ -395,11 +405,19 @@ async fn record(app: &App, completion: Completion) {
                 return;
             }
             Err(e) => {
-                warn!(error = %e, "cannot record the attempt; retrying");
-                tokio::time::sleep(wait).await;
+                if failures == 0 {
+                    warn!(error = %e, "cannot record the attempt; retrying until the store answers");
+                }
+                failures += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = app.shutdown.cancelled() => {
+                        error!(error = %e, "shutting down before the attempt could be recorded; the job will be sent again after its lease runs out");
+                        return;
+                    }
+                }
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
     }
-    error!("gave up recording the attempt; the job will be sent again after its lease expires");
 }

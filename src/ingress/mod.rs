@@ -14,21 +14,21 @@ mod gitlab;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use ipnet::IpNet;
-use tokio::sync::OwnedSemaphorePermit;
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::config::{Compiler, RawSource};
 use crate::config::Config;
+use crate::config::{Compiler, RawSource};
 use crate::daemon::App;
 use crate::dispatch;
 use crate::event::{Event, Provider, Webhook};
@@ -634,7 +634,7 @@ fn take_slots(app: &App, config: &Config, plan: &Plan, now: SystemTime) -> HashM
     if app.shutdown.is_cancelled() {
         return handoffs;
     }
-    let until = now + dispatch::lease(&config.delivery);
+    let until = now + config.delivery.lease;
     for job in plan.jobs.iter().filter(|j| j.request.is_ok()) {
         if let Some(permit) = app.sends.try_slot(config, &job.target) {
             let lease = Lease {

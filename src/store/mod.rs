@@ -6,6 +6,7 @@
 //! with a lease and a claim id, and completes them only where that claim id
 //! still holds. No credential is ever written: jobs hold prepared requests.
 
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub use postgres::PostgresStore;
 pub use sqlite::{MAX_BATCH, SqliteStore};
 
 use crate::config::{StoreLocation, StoreSettings};
@@ -168,6 +170,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot open the store at {path}: {reason}")]
     Open { path: PathBuf, reason: String },
+    /// `url` is masked: it never carries the password.
+    #[error("cannot open the PostgreSQL store at {url}: {reason}")]
+    Connect { url: String, reason: String },
 }
 
 /// The state of a job, as stored.
@@ -324,8 +329,17 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// took the job); nothing was written.
     async fn complete(&self, completion: Completion) -> Result<bool, StoreError>;
 
-    /// The next moment a job becomes due or a lease expires.
-    async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError>;
+    /// The next moment a job becomes due or a lease expires, on the
+    /// caller's clock (whose reading is `now`).
+    async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Completes when work may have arrived from elsewhere: another relay
+    /// queued a job on a shared store. A store only this process writes
+    /// never completes it; the dispatcher also polls, so a missed signal
+    /// costs latency, never a job.
+    async fn work_arrived(&self) {
+        std::future::pending::<()>().await;
+    }
 
     /// Whether the store answers and can write.
     async fn ping(&self, now: SystemTime) -> Result<(), StoreError>;
@@ -364,14 +378,29 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
 }
 
-/// Opens the store the config names.
-pub fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the store the config names, bringing its schema up to date.
+pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
     match &settings.location {
         StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
-        StoreLocation::Postgres(_) => Err(StoreError::Open {
-            path: PathBuf::from("postgres://…"),
-            reason: "the PostgreSQL store is not available in this build yet; use sqlite://".to_owned(),
-        }),
+        StoreLocation::Postgres(pg) => Ok(Arc::new(PostgresStore::open(pg).await?)),
+    }
+}
+
+/// How far a store's schema has come, for `relay check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// 0: the store is empty; relay creates the schema when it starts.
+    pub version: u32,
+    /// The version this build migrates to.
+    pub latest: u32,
+}
+
+/// Reads the schema version without migrating or taking any lock a running
+/// relay holds.
+pub async fn schema_status(settings: &StoreSettings) -> Result<SchemaStatus, StoreError> {
+    match &settings.location {
+        StoreLocation::Sqlite(path) => sqlite::schema_status(path),
+        StoreLocation::Postgres(pg) => postgres::schema_status(pg).await,
     }
 }
 

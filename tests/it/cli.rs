@@ -120,6 +120,22 @@ fn broken_configs_name_the_file_and_the_key() {
             "[loop_guard]\nburst = true\n",
             "loop_guard.burst: true sets no limit",
         ),
+        (
+            "[store]\nurl = \"postgres://relay@db/relay?sslmode=verify-all\"\n",
+            "store.url: is not a PostgreSQL URL (invalid value for option `sslmode`): postgres://relay@db/relay?sslmode=verify-all",
+        ),
+        (
+            "[store]\nurl = \"postgres://relay:hunter22@db/relay\"\npassword = \"also-a-literal\"\n",
+            "store.password: is set, and store.url carries a password too",
+        ),
+        (
+            "[store]\nurl = \"sqlite://r.db\"\npassword = \"x\"\n",
+            "store.password: applies only to a postgres:// store",
+        ),
+        (
+            "[delivery]\ntimeout = \"10s\"\nlease = \"10s\"\n",
+            "delivery.lease: must be longer than delivery.timeout (10s)",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.toml");
@@ -219,4 +235,58 @@ event 1 of 1: tag acme/api refs/tags/v1.4.0 4e1243bd22c66e76c2ba9eddc1f91394e57f
         err.contains("no source is named \"nope\" (sources: bitbucket, gitea, github, gitlab)"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn check_reports_the_store_schema_and_never_the_database_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.toml");
+    let check = |store: String| {
+        std::fs::write(&path, format!("[store]\nurl = \"{store}\"\n")).unwrap();
+        run(&["check", "-c", path.to_str().unwrap()], &[])
+    };
+
+    let db = dir.path().join("relay.db");
+    let (code, out, err) = check(format!("sqlite://{}", db.display()));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("store: sqlite://{}\n", db.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("schema: none yet (relay creates version 3 when it starts)"),
+        "{out}"
+    );
+    drop(relay::store::SqliteStore::open(&db).unwrap());
+    let (_, out, _) = check(format!("sqlite://{}", db.display()));
+    assert!(out.contains("schema: version 3 (current)"), "{out}");
+
+    // Nothing listens on port 1: the check still passes, and says why it
+    // could not read the schema, with the password masked.
+    let (code, out, err) = check("postgres://relay:hunter22@127.0.0.1:1/relay?connect_timeout=2".to_owned());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("store: postgres://relay:***@127.0.0.1:1/relay?connect_timeout=2\n  schema: unknown"),
+        "{out}"
+    );
+    assert!(
+        out.contains("cannot read the store's schema version: cannot open the PostgreSQL store at postgres://relay:***@127.0.0.1:1/relay"),
+        "{out}"
+    );
+    assert!(out.contains("store.url carries the database password"), "{out}");
+    assert!(
+        !out.contains("hunter22") && !err.contains("hunter22"),
+        "{out}\n{err}"
+    );
+
+    if let Some(url) = crate::support::postgres_database("check_reports_the_postgres_schema").await {
+        let (code, out, err) = check(url.clone());
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("schema: none yet"), "{out}");
+        let config = relay::config::Config::from_toml(&format!("[store]\nurl = \"{url}\"\n")).unwrap();
+        drop(relay::store::open(&config.store).await.unwrap());
+        let (_, out, _) = check(url);
+        assert!(out.contains("(current)"), "{out}");
+        assert!(!out.contains("relay-test-pw"), "{out}");
+    }
 }

@@ -17,11 +17,11 @@ use tokio::sync::Mutex;
 
 use crate::support::{Daemon, MockServer, Reply, sign};
 
-const SECRET: &str = "crash-secret";
+pub const SECRET: &str = "crash-secret";
 /// In flight per target at once; bounds the duplicates one kill can cause.
-const CONCURRENCY: usize = 8;
+pub const CONCURRENCY: usize = 8;
 
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
 }
@@ -32,6 +32,21 @@ fn write_config(
     target: &MockServer,
     shutdown_timeout: &str,
 ) -> std::path::PathBuf {
+    let store = format!("sqlite://{}", dir.join("relay.db").display());
+    write_config_with(dir, addr, target, shutdown_timeout, &store, "")
+}
+
+/// A config with one GitHub source, one route and one CircleCI target whose
+/// trigger carries the delivery id, on `store`; `delivery` adds lines to the
+/// `[delivery]` table.
+pub fn write_config_with(
+    dir: &Path,
+    addr: SocketAddr,
+    target: &MockServer,
+    shutdown_timeout: &str,
+    store: &str,
+    delivery: &str,
+) -> std::path::PathBuf {
     let text = format!(
         r#"
 [server]
@@ -39,7 +54,7 @@ listen = ["{addr}"]
 shutdown_timeout = "{shutdown_timeout}"
 
 [store]
-url = "sqlite://{db}"
+url = "{store}"
 
 [loop_guard]
 burst = false
@@ -48,6 +63,7 @@ burst = false
 attempts = 100
 backoff = {{ first = "100ms", max = "1s", factor = 2.0 }}
 concurrency = {CONCURRENCY}
+{delivery}
 
 [sources.gh]
 provider = "github"
@@ -65,7 +81,6 @@ project = "gh/acme/api"
 token = "t"
 parameters = {{ delivery = "{{{{ delivery }}}}" }}
 "#,
-        db = dir.join("relay.db").display(),
         target = target.url(),
     );
     let path = dir.join("relay.toml");
@@ -73,7 +88,7 @@ parameters = {{ delivery = "{{{{ delivery }}}}" }}
     path
 }
 
-fn push(i: usize) -> Vec<u8> {
+pub fn push(i: usize) -> Vec<u8> {
     json!({
         "ref": "refs/heads/main", "before": "1111111111111111111111111111111111111111",
         "after": format!("{:040x}", i + 1), "repository": { "full_name": "acme/api" },
@@ -83,18 +98,22 @@ fn push(i: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Posts webhook `i` until relay acknowledges it (202, or 200 for a
-/// redelivery of one it already holds), as a Git host's redelivery would.
+/// Posts webhook `i` until a relay acknowledges it (202, or 200 for a
+/// redelivery of one it already holds), as a Git host's redelivery would,
+/// trying the `urls` in turn from `i`'s own (relays behind no balancer).
 /// Returns whether it was acknowledged before `deadline`.
-async fn deliver_until_acknowledged(
+pub async fn deliver_until_acknowledged(
     client: &reqwest::Client,
-    url: &str,
+    urls: &[String],
     i: usize,
     deadline: Instant,
 ) -> bool {
     let body = push(i);
     let headers = sign::github(SECRET, "push", &format!("crash-{i}"), &body);
+    let mut turn = i;
     while Instant::now() < deadline {
+        let url = &urls[turn % urls.len()];
+        turn += 1;
         let mut request = client
             .post(url)
             .body(body.clone())
@@ -118,7 +137,7 @@ async fn deliver_until_acknowledged(
 }
 
 /// Which deliveries the target saw, and how often.
-fn seen(target: &MockServer) -> BTreeMap<String, usize> {
+pub fn seen(target: &MockServer) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for r in target.requests() {
         let delivery = r.json()["parameters"]["delivery"].as_str().unwrap().to_owned();
@@ -154,7 +173,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_webhook() {
                 if i >= WEBHOOKS {
                     return;
                 }
-                if deliver_until_acknowledged(&client, &url, i, deadline).await {
+                if deliver_until_acknowledged(&client, std::slice::from_ref(&url), i, deadline).await {
                     acknowledged.fetch_add(1, Ordering::SeqCst);
                 }
             }
@@ -230,7 +249,7 @@ async fn sigterm_drains_in_flight_sends_exits_0_and_a_restart_sends_the_rest() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let client = crate::support::test_client();
     for i in 0..WEBHOOKS {
-        assert!(deliver_until_acknowledged(&client, &url, i, deadline).await);
+        assert!(deliver_until_acknowledged(&client, std::slice::from_ref(&url), i, deadline).await);
     }
     slow.wait_for(CONCURRENCY).await;
 

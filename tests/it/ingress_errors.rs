@@ -446,7 +446,7 @@ impl Store for FullDisk {
     async fn complete(&self, _: Completion) -> Result<bool, StoreError> {
         Err(full())
     }
-    async fn next_wakeup(&self) -> Result<Option<SystemTime>, StoreError> {
+    async fn next_wakeup(&self, _: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         Ok(None)
     }
     async fn ping(&self, _: SystemTime) -> Result<(), StoreError> {

@@ -13,5 +13,7 @@ mod production;
 mod providers;
 mod routing;
 mod secrets;
+mod shared_store;
+mod store;
 mod support;
 mod targets;

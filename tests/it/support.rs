@@ -644,3 +644,33 @@ pub async fn post_to(url: &str, headers: &[(String, String)], body: impl Into<By
     let response = request.send().await.unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
 }
+
+/// The environment variable naming a PostgreSQL server the tests may create
+/// databases on (`.ci/postgres start` prints such a URL).
+pub const POSTGRES_ENV: &str = "RELAY_TEST_POSTGRES";
+
+/// A fresh, empty database on the test server, as a `postgres://` URL, or
+/// `None` (and one note on the terminal) when `RELAY_TEST_POSTGRES` is unset.
+/// `test` names the caller in the skip note.
+pub async fn postgres_database(test: &str) -> Option<String> {
+    let Ok(server) = std::env::var(POSTGRES_ENV) else {
+        use std::io::Write as _;
+        // Straight to the terminal: libtest hides what passing tests print.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped (PostgreSQL): {test} — set {POSTGRES_ENV} to run it (.ci/postgres start DIR PORT prints one)"
+        );
+        return None;
+    };
+    let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but the server does not answer: {e}"));
+    tokio::spawn(connection);
+    let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create a test database: {e}"));
+    let (base, _) = server.rsplit_once('/').expect("the URL names a database");
+    Some(format!("{base}/{name}"))
+}

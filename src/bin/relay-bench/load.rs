@@ -54,7 +54,10 @@ pub fn wrk(url: &str, connections: u32, duration: Duration, script: &Path) -> Re
         .map_err(|e| format!("cannot run wrk: {e}"))?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        return Err(format!("wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr)));
+        return Err(format!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
     }
     parse_wrk(&text).ok_or_else(|| format!("cannot read wrk's output:\n{text}"))
 }

@@ -34,6 +34,9 @@ struct Options {
     runs: usize,
     out: PathBuf,
     only: Option<String>,
+    /// A PostgreSQL server where the harness may create (and drop) a
+    /// database per run: adds relay on the shared store as a subject.
+    postgres: Option<String>,
 }
 
 fn options() -> Result<Options, String> {
@@ -42,17 +45,20 @@ fn options() -> Result<Options, String> {
         runs: 3,
         out: PathBuf::from("bench-results.json"),
         only: None,
+        postgres: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--duration" => {
-                options.duration = Duration::from_secs(value()?.parse().map_err(|_| "--duration takes seconds")?)
+                options.duration =
+                    Duration::from_secs(value()?.parse().map_err(|_| "--duration takes seconds")?)
             }
             "--runs" => options.runs = value()?.parse().map_err(|_| "--runs takes a number")?,
             "--out" => options.out = PathBuf::from(value()?),
             "--only" => options.only = Some(value()?),
+            "--postgres" => options.postgres = Some(value()?),
             "serve-baseline" => {
                 // The harness re-runs itself as the hyper baselines.
                 let which = match value()?.as_str() {
@@ -94,7 +100,11 @@ fn main() {
         .args(["-p", "-c", "1", &std::process::id().to_string()])
         .stdout(Stdio::null())
         .status();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("relay-bench: {e}");
@@ -111,7 +121,12 @@ fn main() {
 fn ensure_tools() -> Result<(), String> {
     let missing: Vec<&str> = [("wrk", "wrk"), ("webhook", "webhook"), ("taskset", "util-linux")]
         .into_iter()
-        .filter(|(tool, _)| !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(|(_, package)| package)
         .collect();
     if missing.is_empty() {
@@ -119,13 +134,22 @@ fn ensure_tools() -> Result<(), String> {
     }
     eprintln!("installing {}", missing.join(" "));
     let ok = Command::new("sh")
-        .args(["-c", &format!("apt-get update -qq && apt-get install -y -qq {}", missing.join(" "))])
+        .args([
+            "-c",
+            &format!(
+                "apt-get update -qq && apt-get install -y -qq {}",
+                missing.join(" ")
+            ),
+        ])
         .status()
         .is_ok_and(|s| s.success());
     if ok {
         Ok(())
     } else {
-        Err(format!("cannot install {} (run as root, or install them)", missing.join(" ")))
+        Err(format!(
+            "cannot install {} (run as root, or install them)",
+            missing.join(" ")
+        ))
     }
 }
 
@@ -191,7 +215,9 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -205,23 +231,42 @@ impl Drop for Running {
 }
 
 /// Starts `program args…` on CPU 0 with stderr to `log`.
-async fn start_pinned(program: &Path, args: &[String], port: u16, log: PathBuf, env: &[(&str, &str)]) -> Result<Running, String> {
+async fn start_pinned(
+    program: &Path,
+    args: &[String],
+    port: u16,
+    log: PathBuf,
+    env: &[(&str, &str)],
+) -> Result<Running, String> {
     let err = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let mut command = Command::new("taskset");
-    command.args(["-c", "0"]).arg(program).args(args).stdout(Stdio::null()).stderr(err);
+    command
+        .args(["-c", "0"])
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(err);
     for (k, v) in env {
         command.env(k, v);
     }
-    let child = command.spawn().map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+    let child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
     let running = Running { child, port, log };
     wait_for_port(port).await?;
     Ok(running)
 }
 
 /// The subjects, in the order of the table.
-const SUBJECTS: [(&str, &str); 5] = [
-    ("hyper-ceiling", "a minimal hyper 1 server: 200 without reading the body"),
-    ("hyper-verify", "hyper reading the body, checking X-Hub-Signature-256, parsing the JSON (typed)"),
+const SUBJECTS: [(&str, &str); 6] = [
+    (
+        "hyper-ceiling",
+        "a minimal hyper 1 server: 200 without reading the body",
+    ),
+    (
+        "hyper-verify",
+        "hyper reading the body, checking X-Hub-Signature-256, parsing the JSON (typed)",
+    ),
     (
         "webhook-noexec",
         "adnanh/webhook, payload-hmac-sha256 on X-Hub-Signature-256 and a match on ref; execute-command \"\" (answers 200 once the rule matches; the exec then fails at the PATH lookup, no process started)",
@@ -233,6 +278,10 @@ const SUBJECTS: [(&str, &str); 5] = [
     (
         "relay",
         "relay: one GitHub source, one route, a circleci target at the mock; SQLite, synchronous=FULL",
+    ),
+    (
+        "relay-postgres",
+        "the same on the PostgreSQL store (--postgres URL; a fresh database per run)",
     ),
 ];
 
@@ -258,6 +307,7 @@ struct Workspace {
     body: Bytes,
     signature: String,
     relay_binary: PathBuf,
+    postgres: Option<String>,
 }
 
 impl Workspace {
@@ -281,19 +331,22 @@ fn webhook_hooks(path: &Path, exec: bool) -> Result<(), String> {
     std::fs::write(path, hooks.to_string()).map_err(|e| e.to_string())
 }
 
-fn relay_config(ws: &Workspace, port: u16, db: &Path, circle: std::net::SocketAddr, record: bool) -> String {
+fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, record: bool) -> String {
     // The load repeats one commit: the dedupe window and burst breaker would
     // hold back all but the first triggers, so they are off, and every
     // request commits an event and a job.
-    let parameters = if record { "parameters = { delivery = \"{{ delivery }}\" }" } else { "" };
-    let _ = ws;
+    let parameters = if record {
+        "parameters = { delivery = \"{{ delivery }}\" }"
+    } else {
+        ""
+    };
     format!(
         r#"
 [server]
 listen = ["127.0.0.1:{port}"]
 
 [store]
-url = "sqlite://{db}"
+url = "{store}"
 
 [loop_guard]
 dedupe_window = "0s"
@@ -317,19 +370,34 @@ base_url = "http://{circle}"
 project = "gh/acme/api"
 token = "bench-circle-token"
 {parameters}
-"#,
-        db = db.display()
+"#
     )
 }
 
-async fn start_subject(name: &str, ws: &Workspace, circle: std::net::SocketAddr, run: usize) -> Result<Running, String> {
+async fn start_subject(
+    name: &str,
+    ws: &Workspace,
+    circle: std::net::SocketAddr,
+    run: usize,
+) -> Result<Running, String> {
     let port = free_port()?;
     let log = ws.path(&format!("{name}-{run}.log"));
     match name {
         "hyper-ceiling" | "hyper-verify" => {
-            let which = if name == "hyper-ceiling" { "ceiling" } else { "verify" };
+            let which = if name == "hyper-ceiling" {
+                "ceiling"
+            } else {
+                "verify"
+            };
             let me = std::env::current_exe().map_err(|e| e.to_string())?;
-            start_pinned(&me, &["serve-baseline".into(), which.into(), port.to_string()], port, log, &[]).await
+            start_pinned(
+                &me,
+                &["serve-baseline".into(), which.into(), port.to_string()],
+                port,
+                log,
+                &[],
+            )
+            .await
         }
         "webhook-noexec" | "webhook-exec" => {
             let hooks = ws.path(&format!("{name}.json"));
@@ -345,9 +413,14 @@ async fn start_subject(name: &str, ws: &Workspace, circle: std::net::SocketAddr,
             start_pinned(Path::new("webhook"), &args, port, log, &[]).await
         }
         _ => {
-            let db = ws.path(&format!("relay-{run}.db"));
-            let config = ws.path(&format!("relay-{run}.toml"));
-            std::fs::write(&config, relay_config(ws, port, &db, circle, false)).map_err(|e| e.to_string())?;
+            let store = if name == "relay-postgres" {
+                let server = ws.postgres.as_deref().ok_or("relay-postgres needs --postgres URL")?;
+                fresh_postgres_database(server).await?
+            } else {
+                format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
+            };
+            let config = ws.path(&format!("{name}-{run}.toml"));
+            std::fs::write(&config, relay_config(port, &store, circle, false)).map_err(|e| e.to_string())?;
             let args = vec![
                 "serve".into(),
                 "--log-format".into(),
@@ -358,6 +431,26 @@ async fn start_subject(name: &str, ws: &Workspace, circle: std::net::SocketAddr,
             start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
         }
     }
+}
+
+/// A new, empty database on `server` for one run, as a URL. (Left in
+/// place afterwards: a relay may still hold connections to it.)
+async fn fresh_postgres_database(server: &str) -> Result<String, String> {
+    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("--postgres: cannot connect: {e}"))?;
+    tokio::spawn(connection);
+    let name = format!("relay_bench_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(|e| format!("--postgres: cannot create a database (the role needs CREATEDB): {e}"))?;
+    let (base, _) = server
+        .split('?')
+        .next()
+        .and_then(|s| s.rsplit_once('/'))
+        .ok_or("--postgres takes a URL ending in /DATABASE")?;
+    Ok(format!("{base}/{name}"))
 }
 
 fn url(name: &str, port: u16) -> String {
@@ -429,8 +522,15 @@ struct SubjectResult {
     exec_failures: Option<u64>,
 }
 
-async fn measure(name: &str, what: &str, ws: &Workspace, circle: std::net::SocketAddr, options: &Options) -> Result<SubjectResult, String> {
-    let mut per_connections: Vec<(u32, Vec<RunFigures>)> = CONCURRENCY.iter().map(|c| (*c, Vec::new())).collect();
+async fn measure(
+    name: &str,
+    what: &str,
+    ws: &Workspace,
+    circle: std::net::SocketAddr,
+    options: &Options,
+) -> Result<SubjectResult, String> {
+    let mut per_connections: Vec<(u32, Vec<RunFigures>)> =
+        CONCURRENCY.iter().map(|c| (*c, Vec::new())).collect();
     let (mut idle, mut after) = (Vec::new(), Vec::new());
     let mut exec_failures = 0;
     for run in 0..options.runs {
@@ -440,16 +540,28 @@ async fn measure(name: &str, what: &str, ws: &Workspace, circle: std::net::Socke
         idle.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
         for (connections, figures) in &mut per_connections {
             let script = ws.path("post.lua");
-            load::write_script(&script, &ws.path("body.json"), &ws.signature, &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()))
-                .map_err(|e| e.to_string())?;
+            load::write_script(
+                &script,
+                &ws.path("body.json"),
+                &ws.signature,
+                &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()),
+            )
+            .map_err(|e| e.to_string())?;
             let before = load::cpu_time(subject.pid()).unwrap_or_default();
             let wrk = tokio::task::spawn_blocking({
-                let (url, script, duration, c) = (url(name, subject.port), script.clone(), options.duration, *connections);
+                let (url, script, duration, c) = (
+                    url(name, subject.port),
+                    script.clone(),
+                    options.duration,
+                    *connections,
+                );
                 move || load::wrk(&url, c, duration, &script)
             })
             .await
             .map_err(|e| e.to_string())??;
-            let cpu = load::cpu_time(subject.pid()).unwrap_or_default().saturating_sub(before);
+            let cpu = load::cpu_time(subject.pid())
+                .unwrap_or_default()
+                .saturating_sub(before);
             let cpu_us = cpu.as_secs_f64() * 1e6 / wrk.requests.max(1) as f64;
             figures.push(RunFigures {
                 wrk,
@@ -467,7 +579,10 @@ async fn measure(name: &str, what: &str, ws: &Workspace, circle: std::net::Socke
         what: what.to_owned(),
         rss_idle_mib: median(idle),
         rss_after_mib: median(after),
-        by_connections: per_connections.into_iter().map(|(c, runs)| summarize(c, runs)).collect(),
+        by_connections: per_connections
+            .into_iter()
+            .map(|(c, runs)| summarize(c, runs))
+            .collect(),
         exec_failures: (name == "webhook-exec").then_some(exec_failures),
     })
 }
@@ -492,9 +607,22 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         let port = free_port()?;
         let db = ws.path(&format!("e2e-{run}.db"));
         let config = ws.path(&format!("e2e-{run}.toml"));
-        std::fs::write(&config, relay_config(ws, port, &db, circle, true)).map_err(|e| e.to_string())?;
-        let args = vec!["serve".into(), "--log-format".into(), "json".into(), "-c".into(), config.display().to_string()];
-        let relay = start_pinned(&ws.relay_binary, &args, port, ws.path(&format!("e2e-{run}.log")), &[]).await?;
+        std::fs::write(&config, relay_config(port, &format!("sqlite://{}", db.display()), circle, true)).map_err(|e| e.to_string())?;
+        let args = vec![
+            "serve".into(),
+            "--log-format".into(),
+            "json".into(),
+            "-c".into(),
+            config.display().to_string(),
+        ];
+        let relay = start_pinned(
+            &ws.relay_binary,
+            &args,
+            port,
+            ws.path(&format!("e2e-{run}.log")),
+            &[],
+        )
+        .await?;
         let client = relay::dispatch::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let total = E2E_RATE as u64 * seconds;
         let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
@@ -527,10 +655,18 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         let arrivals = mock.arrivals.lock().map_err(|_| "mock poisoned")?.clone();
         let mut latencies: Vec<f64> = answered
             .iter()
-            .filter_map(|(d, acked)| arrivals.get(d).map(|at| at.saturating_duration_since(*acked).as_secs_f64() * 1e3))
+            .filter_map(|(d, acked)| {
+                arrivals
+                    .get(d)
+                    .map(|at| at.saturating_duration_since(*acked).as_secs_f64() * 1e3)
+            })
             .collect();
         if latencies.len() < answered.len() {
-            return Err(format!("end to end: only {} of {} triggers arrived", latencies.len(), answered.len()));
+            return Err(format!(
+                "end to end: only {} of {} triggers arrived",
+                latencies.len(),
+                answered.len()
+            ));
         }
         latencies.sort_by(f64::total_cmp);
         let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
@@ -564,9 +700,22 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
         fill_backlog(&db, circle).await?;
         let port = free_port()?;
         let config = ws.path(&format!("backlog-{run}.toml"));
-        std::fs::write(&config, relay_config(ws, port, &db, circle, false)).map_err(|e| e.to_string())?;
-        let args = vec!["serve".into(), "--log-format".into(), "json".into(), "-c".into(), config.display().to_string()];
-        let relay = start_pinned(&ws.relay_binary, &args, port, ws.path(&format!("backlog-{run}.log")), &[]).await?;
+        std::fs::write(&config, relay_config(port, &format!("sqlite://{}", db.display()), circle, false)).map_err(|e| e.to_string())?;
+        let args = vec![
+            "serve".into(),
+            "--log-format".into(),
+            "json".into(),
+            "-c".into(),
+            config.display().to_string(),
+        ];
+        let relay = start_pinned(
+            &ws.relay_binary,
+            &args,
+            port,
+            ws.path(&format!("backlog-{run}.log")),
+            &[],
+        )
+        .await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < BACKLOG {
@@ -574,7 +723,10 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
                 first = Some((Instant::now(), mock.count.load(Ordering::Relaxed)));
             }
             if Instant::now() > deadline {
-                return Err(format!("delivery: {} of {BACKLOG} after 120s", mock.count.load(Ordering::Relaxed)));
+                return Err(format!(
+                    "delivery: {} of {BACKLOG} after 120s",
+                    mock.count.load(Ordering::Relaxed)
+                ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -631,7 +783,9 @@ async fn fill_backlog(db: &Path, circle: std::net::SocketAddr) -> Result<(), Str
             pending.push(tokio::spawn(async move { store.ingest(event).await }));
         }
         for task in pending.drain(..) {
-            task.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+            task.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -666,12 +820,19 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         body,
         signature,
         relay_binary,
+        postgres: options.postgres.clone(),
     };
     std::fs::write(ws.path("body.json"), &ws.body).map_err(|e| e.to_string())?;
-    let circle = MockCircle::default().start(false).await.map_err(|e| e.to_string())?;
+    let circle = MockCircle::default()
+        .start(false)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut subjects = Vec::new();
     for (name, what) in SUBJECTS {
         if options.only.as_deref().is_some_and(|o| o != name && o != "load") {
+            continue;
+        }
+        if name == "relay-postgres" && ws.postgres.is_none() {
             continue;
         }
         eprintln!("measuring {name} …");
@@ -701,8 +862,11 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         delivery,
     };
     print!("{}", table(&report));
-    std::fs::write(&options.out, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("cannot write {}: {e}", options.out.display()))?;
+    std::fs::write(
+        &options.out,
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", options.out.display()))?;
     eprintln!("wrote {}", options.out.display());
     Ok(())
 }
@@ -711,7 +875,14 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|m| m.trim().to_owned())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split(':')
+                    .nth(1)
+                    .map(|m| m.trim().to_owned())
+            })
+        })
         .unwrap_or_default();
     format!("{cpus} CPUs, {model}")
 }
@@ -762,15 +933,32 @@ fn table(report: &Report) -> String {
         }
     }
     if let Some(failures) = report.subjects.iter().find_map(|s| s.exec_failures) {
-        let _ = writeln!(out, "\nwebhook-exec: {failures} commands failed with \"too many open files\"");
+        let _ = writeln!(
+            out,
+            "\nwebhook-exec: {failures} commands failed with \"too many open files\""
+        );
     }
     if let Some(relay) = find(report, "relay", 32) {
-        let _ = writeln!(out, "\nrelay at 32 connections, as a ratio of each baseline's req/s:");
+        let _ = writeln!(
+            out,
+            "\nrelay at 32 connections, as a ratio of each baseline's req/s:"
+        );
         for base in ["hyper-ceiling", "hyper-verify", "webhook-noexec", "webhook-exec"] {
             if let Some(b) = find(report, base, 32) {
-                let _ = writeln!(out, "  vs {base}: {:.2}×", relay.requests_per_sec / b.requests_per_sec.max(1e-9));
+                let _ = writeln!(
+                    out,
+                    "  vs {base}: {:.2}×",
+                    relay.requests_per_sec / b.requests_per_sec.max(1e-9)
+                );
             }
         }
+    }
+    if let (Some(pg), Some(sqlite)) = (find(report, "relay-postgres", 32), find(report, "relay", 32)) {
+        let _ = writeln!(
+            out,
+            "  relay-postgres vs relay (SQLite): {:.2}×",
+            pg.requests_per_sec / sqlite.requests_per_sec.max(1e-9)
+        );
     }
     if let Some(e) = &report.end_to_end {
         let _ = writeln!(

@@ -64,7 +64,12 @@ pub async fn serve_baseline(port: u16, which: Baseline, secret: Arc<[u8]>) -> st
                         Err(_) => return Ok(respond(400, "unreadable")),
                     };
                     let key = relay::config::Secret::from_bytes(secret.to_vec(), "bench");
-                    if !relay::signature::verify(relay::signature::Algorithm::Sha256, &key, &[&body], &presented) {
+                    if !relay::signature::verify(
+                        relay::signature::Algorithm::Sha256,
+                        &key,
+                        &[&body],
+                        &presented,
+                    ) {
                         return Ok(respond(401, "bad signature"));
                     }
                     match serde_json::from_slice::<Push>(&body) {
@@ -106,7 +111,12 @@ impl MockCircle {
                     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                         let mock = mock.clone();
                         async move {
-                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let at = Instant::now();
                             mock.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if record

@@ -1,0 +1,483 @@
+//! Several relays on one PostgreSQL store, tested with the real binary:
+//! two relays behind no balancer send every job once; a relay SIGKILLed
+//! mid-load leaves its leased jobs to the other; a relay stopped past its
+//! lease cannot record a job another relay took over; and a database
+//! restart during load costs 503s, never a webhook.
+//!
+//! Every test needs `RELAY_TEST_POSTGRES` (see `support::postgres_database`)
+//! and is skipped, with a note, without it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::crash::{
+    CONCURRENCY, SECRET, deliver_until_acknowledged, free_port, push, seen, write_config_with,
+};
+use crate::support::{Daemon, MockServer, Reply, postgres_database, sign};
+
+const CREATED: &str = r#"{"id":"p","number":1,"state":"created"}"#;
+/// Short enough that a takeover happens within a test, longer than a send.
+const FAST_LEASE: &str = "timeout = \"1s\"\nlease = \"2s\"";
+
+async fn query_i64(url: &str, sql: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Starts `n` relays on the database at `url`, each on its own port.
+fn start_relays(dir: &Path, n: usize, target: &MockServer, url: &str, delivery: &str) -> Vec<Daemon> {
+    (0..n)
+        .map(|i| {
+            let own = dir.join(format!("relay-{i}"));
+            std::fs::create_dir_all(&own).unwrap();
+            let config = write_config_with(&own, free_port(), target, "5s", url, delivery);
+            Daemon::start(&config, &[])
+        })
+        .collect()
+}
+
+/// Posts webhooks `0..count` from `senders` concurrent senders, each webhook
+/// first to its own relay (alternating) and to the other when that fails;
+/// returns how many were acknowledged.
+async fn post_all(urls: Vec<String>, count: usize, senders: usize, deadline: Instant) -> usize {
+    let client = crate::support::test_client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..senders {
+        let (next, acknowledged, urls, client) =
+            (next.clone(), acknowledged.clone(), urls.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= count {
+                    return;
+                }
+                if deliver_until_acknowledged(&client, &urls, i, deadline).await {
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    acknowledged.load(Ordering::SeqCst)
+}
+
+/// Waits until the target has seen every delivery `crash-0..count`, then a
+/// moment more for stragglers; returns (delivered, duplicated).
+async fn drained(target: &MockServer, count: usize, deadline: Instant) -> (usize, usize) {
+    let all: BTreeSet<String> = (0..count).map(|i| format!("crash-{i}")).collect();
+    loop {
+        let counts = seen(target);
+        if all.iter().all(|d| counts.contains_key(d)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {} of {count} delivered",
+            counts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = seen(target);
+    let delivered = all.iter().filter(|d| counts.contains_key(*d)).count();
+    let requests: usize = counts.values().sum();
+    (delivered, requests - counts.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_send_every_job_exactly_once() {
+    let Some(db) = postgres_database("two_relays_on_one_database_send_every_job_exactly_once").await else {
+        return;
+    };
+    const WEBHOOKS: usize = 600;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let target = MockServer::start(Reply::new(201, CREATED)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let relays = start_relays(dir.path(), 2, &target, &db, "");
+    let urls: Vec<String> = relays.iter().map(|r| r.url("/hooks/github")).collect();
+
+    let acked = post_all(urls, WEBHOOKS, 16, deadline).await;
+    let (delivered, duplicated) = drained(&target, WEBHOOKS, deadline).await;
+    eprintln!(
+        "two relays, no crash: {WEBHOOKS} webhooks, {acked} acknowledged, {delivered} delivered, {duplicated} duplicated, {} lost",
+        WEBHOOKS - delivered
+    );
+    assert_eq!(acked, WEBHOOKS);
+    assert_eq!(delivered, WEBHOOKS);
+    assert_eq!(
+        duplicated, 0,
+        "with nothing crashing, every job is sent exactly once"
+    );
+    // Both relays did the work: ingress hands each job to its own relay.
+    for relay in &relays {
+        assert!(
+            relay.logs().contains("\"outcome\":\"delivered\""),
+            "{}",
+            relay.logs()
+        );
+    }
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'").await,
+        WEBHOOKS as i64
+    );
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM attempts").await,
+        WEBHOOKS as i64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_one_of_two_relays_mid_load_and_the_other_finishes_its_jobs() {
+    let Some(db) =
+        postgres_database("sigkill_one_of_two_relays_mid_load_and_the_other_finishes_its_jobs").await
+    else {
+        return;
+    };
+    const WEBHOOKS: usize = 800;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // Answers take a moment, so the killed relay has sends in flight.
+    let target = MockServer::start(Reply::new(201, CREATED).after(Duration::from_millis(20))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays = start_relays(dir.path(), 2, &target, &db, FAST_LEASE);
+    let urls: Vec<String> = relays.iter().map(|r| r.url("/hooks/github")).collect();
+    let survivor = relays.pop().unwrap();
+    let victim = Arc::new(Mutex::new(relays.pop().unwrap()));
+
+    let load = tokio::spawn(post_all(urls, WEBHOOKS, 16, deadline));
+    while target.requests().len() < WEBHOOKS / 4 {
+        assert!(Instant::now() < deadline, "load did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = Instant::now();
+    {
+        let mut victim = victim.lock().await;
+        victim.signal("KILL");
+        let _ = victim.child.wait();
+    }
+    let acked = load.await.unwrap();
+    let (delivered, duplicated) = drained(&target, WEBHOOKS, deadline).await;
+    eprintln!(
+        "two relays, one SIGKILLed: {WEBHOOKS} webhooks, {acked} acknowledged, {delivered} delivered, \
+         {duplicated} duplicated, {} lost; drained {:.1}s after the kill",
+        WEBHOOKS - delivered,
+        killed_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(acked, WEBHOOKS);
+    assert_eq!(delivered, WEBHOOKS, "nothing acknowledged is lost");
+    assert!(
+        duplicated <= CONCURRENCY,
+        "{duplicated} duplicates: more than the {CONCURRENCY} sends the killed relay can have had in flight"
+    );
+    // The survivor took over what the dead relay had leased.
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state <> 'done'").await,
+        0,
+        "survivor's log:\n{}",
+        survivor.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_past_its_lease_cannot_record_the_job_another_relay_took() {
+    let Some(db) =
+        postgres_database("a_relay_stopped_past_its_lease_cannot_record_the_job_another_relay_took").await
+    else {
+        return;
+    };
+    let target = MockServer::start(Reply::new(201, CREATED)).await;
+    // The first send is answered late: the relay is stopped meanwhile.
+    target.script([Reply::new(201, CREATED).after(Duration::from_millis(1500))]);
+    let dir = tempfile::tempdir().unwrap();
+    let relays = start_relays(dir.path(), 2, &target, &db, "timeout = \"5s\"\nlease = \"6s\"");
+    let (stale, other) = (&relays[0], &relays[1]);
+
+    let body = push(0);
+    let (status, text) = crate::support::post_to(
+        &stale.url("/hooks/github"),
+        &sign::github(SECRET, "push", "crash-0", &body),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    target.wait_for(1).await;
+    stale.signal("STOP");
+    let stopped_at = Instant::now();
+    // Past the lease, the other relay takes the job and completes it.
+    let requests = target.wait_for_within(2, Duration::from_secs(20)).await;
+    assert!(
+        stopped_at.elapsed() >= Duration::from_secs(5),
+        "taken over after {:?}, before the lease ran out",
+        stopped_at.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'").await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the other relay did not complete the job"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stale.signal("CONT");
+    stale.wait_log("another worker took it", 1);
+    other.wait_log("\"outcome\":\"delivered\"", 1);
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        query_i64(&db, "SELECT COUNT(*) FROM attempts").await,
+        1,
+        "the stale relay's completion was refused by the claim id"
+    );
+    assert_eq!(query_i64(&db, "SELECT COUNT(*) FROM jobs").await, 1);
+    assert_eq!(query_i64(&db, "SELECT MAX(attempts)::bigint FROM jobs").await, 1);
+}
+
+/// A PostgreSQL server of the test's own, which it may stop and start.
+struct OwnCluster {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnCluster {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/postgres")
+    }
+
+    fn run(args: &[&str]) -> String {
+        let out = std::process::Command::new(Self::script())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            ".ci/postgres {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Initialises and starts a cluster; returns it and its URL.
+    fn start() -> (OwnCluster, String) {
+        // Outside any private temp directory: the server runs as `postgres`.
+        let dir = std::env::temp_dir().join(format!("relay-pg-{}", uuid::Uuid::new_v4().simple()));
+        let port = free_port().port();
+        let url = Self::run(&["start", dir.to_str().unwrap(), &port.to_string()]);
+        (OwnCluster { dir, port }, url)
+    }
+
+    fn stop(&self) {
+        Self::run(&["stop", self.dir.to_str().unwrap()]);
+    }
+
+    fn resume(&self) {
+        Self::run(&["resume", self.dir.to_str().unwrap(), &self.port.to_string()]);
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(Self::script())
+            .args(["stop", self.dir.to_str().unwrap()])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_during_load_costs_503s_and_no_webhook() {
+    // The shared test server stays up for the other tests; this one
+    // restarts a server of its own.
+    if postgres_database("a_database_restart_during_load_costs_503s_and_no_webhook")
+        .await
+        .is_none()
+    {
+        return;
+    }
+    const WEBHOOKS: usize = 400;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (cluster, db) = OwnCluster::start();
+    let target = MockServer::start(Reply::new(201, CREATED)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("relay");
+    std::fs::create_dir_all(&own).unwrap();
+    let addr = free_port();
+    // The default lease (far longer than the outage): sends in flight when
+    // the database went away are recorded when it is back, not repeated.
+    let config = write_config_with(&own, addr, &target, "5s", &db, "timeout = \"1s\"");
+    let admin = free_port();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[admin]\nlisten = \"{admin}\"\n"));
+    std::fs::write(&config, text).unwrap();
+    let relay = Daemon::start(&config, &[]);
+    let url = relay.url("/hooks/github");
+    let ready = format!("http://{admin}/readyz");
+    let client = crate::support::test_client();
+    assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
+
+    // Slow senders, so the outage falls in the middle of the load.
+    let load = tokio::spawn(post_all(vec![url.clone()], WEBHOOKS, 4, deadline));
+    while target.requests().len() < WEBHOOKS / 4 {
+        assert!(Instant::now() < deadline, "load did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.stop();
+    // While the database is down: ingest answers 503 (the sender retries),
+    // and readiness says so.
+    let body = push(WEBHOOKS + 1);
+    let (status, answer) =
+        crate::support::post_to(&url, &sign::github(SECRET, "push", "outage-probe", &body), body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("retry"), "{answer}");
+    let mut not_ready = false;
+    for _ in 0..50 {
+        if client.get(&ready).send().await.unwrap().status() == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(not_ready, "/readyz should report the database outage");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.resume();
+
+    let acked = load.await.unwrap();
+    let (delivered, duplicated) = drained(&target, WEBHOOKS, deadline).await;
+    eprintln!(
+        "database restart under load: {WEBHOOKS} webhooks, {acked} acknowledged, {delivered} delivered, \
+         {duplicated} duplicated, {} lost",
+        WEBHOOKS - delivered
+    );
+    assert_eq!(acked, WEBHOOKS);
+    assert_eq!(delivered, WEBHOOKS);
+    assert_eq!(duplicated, 0, "log:\n{}", relay.logs());
+    // Recovered without a restart: ready again, and every job recorded.
+    assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
+    let recorded = query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'").await;
+    assert_eq!(recorded, WEBHOOKS as i64, "log:\n{}", relay.logs());
+}
+
+/// A relay in this process on the shared database, serving payload URLs
+/// under its own address with the key every relay shares.
+async fn shared_relay(db: &str, circle: &MockServer) -> crate::support::Relay {
+    let addr = free_port();
+    let text = format!(
+        r#"
+[server]
+listen = ["{addr}"]
+public_url = "http://{addr}/"
+payload_key = "shared-payload-key-9f3a"
+
+[store]
+url = "{db}"
+
+[loop_guard]
+burst = {{ limit = 3, per = "1m" }}
+
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "{SECRET}"
+
+[[routes]]
+name = "all"
+to = ["circle"]
+
+[targets.circle]
+kind = "circleci"
+base_url = "{circle}"
+project = "gh/acme/api"
+token = "t"
+payload_parameter = "payload_url"
+"#,
+        circle = circle.url()
+    );
+    crate::support::Relay::start_with(tempfile::tempdir().unwrap(), &text).await
+}
+
+#[tokio::test]
+async fn delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays() {
+    let Some(db) = postgres_database("delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays").await
+    else {
+        return;
+    };
+    let circle = MockServer::start(Reply::new(201, CREATED)).await;
+    let a = shared_relay(&db, &circle).await;
+    let b = shared_relay(&db, &circle).await;
+
+    // One delivery id, posted to both relays (a sender's retry that went
+    // through the other relay): accepted once.
+    let original = push(1);
+    let body = original.clone();
+    let (status, first) = a
+        .post(
+            "/hooks/github",
+            &sign::github(SECRET, "push", "d-1", &body),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = b
+        .post(
+            "/hooks/github",
+            &sign::github(SECRET, "push", "d-1", &body),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["duplicate"], first["event"]);
+
+    // The same commit under a new delivery id, through the other relay: the
+    // dedupe window is the database's.
+    let (status, held) = b
+        .post(
+            "/hooks/github",
+            &sign::github(SECRET, "push", "d-2", &body),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(status, 202, "{held}");
+    assert_eq!(held["jobs"], 0, "{held}");
+    assert_eq!(held["dropped"][0]["rule"], relay::guard::RULE_DEDUPE, "{held}");
+
+    // The burst limit (3 a minute) counts both relays' triggers.
+    for (i, relay) in [(2, &b), (3, &a)] {
+        let body = push(i);
+        let (status, answer) = relay
+            .post(
+                "/hooks/github",
+                &sign::github(SECRET, "push", &format!("d-{}", i + 1), &body),
+                body,
+            )
+            .await;
+        assert_eq!((status, answer["jobs"].as_u64()), (202, Some(1)), "{answer}");
+    }
+    let body = push(4);
+    let (status, answer) = b
+        .post("/hooks/github", &sign::github(SECRET, "push", "d-5", &body), body)
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["dropped"][0]["rule"], relay::guard::RULE_BURST, "{answer}");
+
+    // A payload URL minted by one relay is served by the other.
+    let sent = circle.wait_for(3).await;
+    let minted = sent
+        .iter()
+        .map(|r| r.json()["parameters"]["payload_url"].as_str().unwrap().to_owned())
+        .find(|u| u.contains(first["event"].as_str().unwrap()))
+        .expect("the first event's trigger carries its payload URL");
+    let from_b = minted.replace(&a.addr.to_string(), &b.addr.to_string());
+    assert_ne!(from_b, minted);
+    let response = crate::support::test_client().get(&from_b).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.bytes().await.unwrap(), original);
+    a.stop().await;
+    b.stop().await;
+}

@@ -1,0 +1,1357 @@
+//! The store contract, once, run against both backends: every case is an
+//! `async fn` taking a fresh [`Fixture`], and `cases!` makes a test of it in
+//! `store::sqlite` and in `store::postgres`. The PostgreSQL tests run when
+//! `RELAY_TEST_POSTGRES` names a server (`.ci/postgres start DIR PORT`) and
+//! pass as skipped otherwise. A few cases only make sense on a shared store
+//! (two relays on one database) and exist for PostgreSQL alone.
+//!
+//! Windows are short (a few hundred milliseconds) and waited out with real
+//! sleeps: PostgreSQL decides with its own clock, which no test can pause.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use relay::config::{Config, StoreSettings};
+use relay::guard;
+use relay::store::{
+    AttemptRecord, Completion, Dropped, HeldBack, Ingested, JobFilter, JobLimits, JobState, Lease, NewEvent,
+    NewJob, NextState, Requeued, Store, StoreError,
+};
+use relay::targets::{Auth, PreparedRequest, RequestBody};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::support::{PATIENCE, postgres_database};
+
+/// The short window the timing cases wait out.
+const WINDOW: Duration = Duration::from_millis(300);
+/// How far a time the store reports may be from the one the test expects:
+/// PostgreSQL stamps with its own `now()`, a round trip away.
+const SLACK: Duration = Duration::from_millis(100);
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A store to test, and what keeps it alive.
+struct Fixture {
+    store: Arc<dyn Store>,
+    settings: StoreSettings,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    async fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(&format!("sqlite://{}", dir.path().join("relay.db").display()));
+        let store = relay::store::open(&settings).await.unwrap();
+        Fixture {
+            store,
+            settings,
+            _dir: Some(dir),
+        }
+    }
+
+    /// `None` (the test then passes as skipped) without a test server.
+    async fn postgres(case: &str) -> Option<Fixture> {
+        let url = postgres_database(case).await?;
+        let settings = settings(&url);
+        let store = relay::store::open(&settings).await.unwrap();
+        Some(Fixture {
+            store,
+            settings,
+            _dir: None,
+        })
+    }
+
+    /// A second store on the same database: another relay.
+    async fn another(&self) -> Arc<dyn Store> {
+        relay::store::open(&self.settings).await.unwrap()
+    }
+}
+
+fn settings(url: &str) -> StoreSettings {
+    let config = Config::from_toml(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[store]\nurl = \"{url}\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("config for {url}: {e:?}"));
+    config.store
+}
+
+/// Each case becomes `store::sqlite::<case>` and `store::postgres::<case>`;
+/// the `postgres_only` ones only the latter.
+macro_rules! cases {
+    (both: [$($case:ident),* $(,)?], postgres_only: [$($pg_case:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Fixture::sqlite().await).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    if let Some(fixture) = super::Fixture::postgres(stringify!($case)).await {
+                        super::$case(fixture).await;
+                    }
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $pg_case() {
+                    if let Some(fixture) = super::Fixture::postgres(stringify!($pg_case)).await {
+                        super::$pg_case(fixture).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+cases! {
+    both: [
+        ingest_then_claim,
+        duplicate_delivery,
+        failed_request_is_stored_dead,
+        leased_job_waits_for_its_lease,
+        claim_respects_limit_and_reclaims_expired_leases,
+        stale_completion_writes_nothing,
+        complete_moves_the_job,
+        retry_waits_until_due,
+        next_wakeup_reports_the_earliest,
+        dedupe_window,
+        burst_limit,
+        requeue_one,
+        requeue_dead_by_target_and_time,
+        purge_deletes_finished_old_events,
+        queue_stats_counts_every_state,
+        event_body,
+        events_view_with_drops,
+    ],
+    postgres_only: [
+        concurrent_claims_never_share_a_job,
+        work_arrived_wakes_another_relay,
+        listener_reconnects,
+        concurrent_migrations,
+        newer_schema_is_refused,
+        connect_errors_hide_the_password,
+    ],
+}
+
+// ---------------------------------------------------------------------------
+// Building blocks
+
+fn text_request(n: usize) -> PreparedRequest {
+    PreparedRequest {
+        url: format!("https://ci.example/api/v2/project/{n}/pipeline"),
+        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+        body: RequestBody::Text(format!(r#"{{"n":{n}}}"#)),
+        auth: Auth::Header {
+            name: "Circle-Token".to_owned(),
+        },
+    }
+}
+
+fn payload_request() -> PreparedRequest {
+    PreparedRequest {
+        url: "https://hooks.example/forward".to_owned(),
+        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+        body: RequestBody::Payload,
+        auth: Auth::None,
+    }
+}
+
+fn job(target: &str, request: Result<PreparedRequest, String>) -> NewJob {
+    NewJob {
+        id: Uuid::now_v7(),
+        route: "builds".to_owned(),
+        target: target.to_owned(),
+        request,
+        limits: JobLimits::default(),
+        lease: None,
+    }
+}
+
+fn queued(target: &str) -> NewJob {
+    job(target, Ok(text_request(1)))
+}
+
+fn with_limits(mut job: NewJob, limits: JobLimits) -> NewJob {
+    job.limits = limits;
+    job
+}
+
+fn event(delivery: &str, jobs: Vec<NewJob>) -> NewEvent {
+    NewEvent {
+        id: Uuid::now_v7(),
+        source: "github".to_owned(),
+        delivery: Some(delivery.to_owned()),
+        hook: "push".to_owned(),
+        content_type: "application/json".to_owned(),
+        body: Bytes::from(format!(r#"{{"delivery":"{delivery}"}}"#)),
+        payload: None,
+        hop: 0,
+        received_at: SystemTime::now(),
+        summary: r#"{"events":[{"kind":"push"}]}"#.to_owned(),
+        jobs,
+        drops: Vec::new(),
+    }
+}
+
+async fn accept(store: &Arc<dyn Store>, event: NewEvent) {
+    assert_eq!(store.ingest(event).await.unwrap(), Ingested::Accepted(Vec::new()));
+}
+
+async fn claim(
+    store: &Arc<dyn Store>,
+    target: &str,
+    limit: usize,
+    lease: Duration,
+) -> Vec<relay::store::ClaimedJob> {
+    store
+        .claim(target, limit, lease, SystemTime::now())
+        .await
+        .unwrap()
+}
+
+fn completion(id: Uuid, claim: Uuid, status: u16, next: NextState) -> Completion {
+    let at = SystemTime::now();
+    Completion {
+        job_id: id,
+        claim,
+        attempt: AttemptRecord {
+            started_at: at - Duration::from_millis(40),
+            duration: Duration::from_millis(40),
+            status: Some(status),
+            outcome: if status < 300 { "ok" } else { "http_error" },
+            excerpt: format!("answered {status}"),
+        },
+        next,
+        at,
+    }
+}
+
+async fn complete(store: &Arc<dyn Store>, id: Uuid, claim: Uuid, status: u16, next: NextState) -> bool {
+    store.complete(completion(id, claim, status, next)).await.unwrap()
+}
+
+fn all_jobs() -> JobFilter {
+    JobFilter {
+        limit: 1000,
+        ..JobFilter::default()
+    }
+}
+
+async fn state_of(store: &Arc<dyn Store>, id: Uuid) -> JobState {
+    store.job(id).await.unwrap().unwrap().job.state
+}
+
+async fn history_len(store: &Arc<dyn Store>, id: Uuid) -> usize {
+    store.job(id).await.unwrap().unwrap().history.len()
+}
+
+fn ids(jobs: &[relay::store::ClaimedJob]) -> HashSet<Uuid> {
+    jobs.iter().map(|j| j.id).collect()
+}
+
+/// `actual` within [`SLACK`] of `expected`, either way.
+fn assert_near(actual: SystemTime, expected: SystemTime, what: &str) {
+    let gap = actual
+        .duration_since(expected)
+        .or_else(|e| Ok::<_, ()>(e.duration()))
+        .unwrap();
+    assert!(gap <= SLACK, "{what}: {actual:?} is {gap:?} from {expected:?}");
+}
+
+async fn sleep_until(t: SystemTime) {
+    if let Ok(wait) = t.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Both backends
+
+async fn ingest_then_claim(f: Fixture) {
+    let store = &f.store;
+    let forms = Bytes::from_static(br#"{"form":"decoded"}"#);
+    let mut first = event("d-1", vec![queued("ci"), job("ci", Ok(payload_request()))]);
+    first.content_type = "application/x-www-form-urlencoded".to_owned();
+    first.body = Bytes::from_static(b"payload=%7B%22form%22%3A%22decoded%22%7D");
+    first.payload = Some(forms.clone());
+    let (text_job, form_job) = (first.jobs[0].id, first.jobs[1].id);
+    let second = event("d-2", vec![job("ci", Ok(payload_request()))]);
+    let body_job = second.jobs[0].id;
+    let (first_id, second_id, second_body) = (first.id, second.id, second.body.clone());
+    accept(store, first).await;
+    accept(store, second).await;
+
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(ids(&claimed), HashSet::from([text_job, form_job, body_job]));
+    for job in &claimed {
+        assert_eq!(job.route, "builds");
+        assert_eq!(job.target, "ci");
+        assert_eq!((job.attempts, job.maybe_attempts), (0, 0));
+        if job.id == text_job {
+            assert_eq!(job.event_id, first_id);
+            assert_eq!(job.request, text_request(1));
+            assert_eq!(job.payload, None, "a composed body needs no payload");
+        } else if job.id == form_job {
+            assert_eq!(job.event_id, first_id);
+            assert_eq!(job.request, payload_request());
+            assert_eq!(
+                job.payload,
+                Some(forms.clone()),
+                "the JSON document, not the form body"
+            );
+        } else {
+            assert_eq!(job.event_id, second_id);
+            assert_eq!(job.payload, Some(second_body.clone()), "the body is the document");
+        }
+    }
+    assert_eq!(
+        claimed.iter().map(|j| j.claim).collect::<HashSet<_>>().len(),
+        1,
+        "one claim id per claim call"
+    );
+    assert!(
+        claim(store, "ci", 10, LEASE).await.is_empty(),
+        "leased jobs are not claimed twice"
+    );
+    assert!(claim(store, "other", 10, LEASE).await.is_empty());
+    let views = store.jobs(all_jobs()).await.unwrap();
+    assert_eq!(views.len(), 3);
+    assert!(views.iter().all(|v| v.state == JobState::InFlight && v.retryable));
+}
+
+async fn duplicate_delivery(f: Fixture) {
+    let store = &f.store;
+    let first = event("dup-1", vec![queued("ci")]);
+    let first_id = first.id;
+    accept(store, first).await;
+    let again = event("dup-1", vec![queued("ci"), queued("other")]);
+    assert_eq!(store.ingest(again).await.unwrap(), Ingested::Duplicate(first_id));
+    assert_eq!(
+        store.jobs(all_jobs()).await.unwrap().len(),
+        1,
+        "no job from the duplicate"
+    );
+    assert_eq!(
+        store.events(10).await.unwrap().len(),
+        1,
+        "no event from the duplicate"
+    );
+
+    // The key is (source, delivery): another source may reuse the id, and
+    // events without a delivery id are never duplicates.
+    let mut elsewhere = event("dup-1", vec![queued("ci")]);
+    elsewhere.source = "gitlab".to_owned();
+    accept(store, elsewhere).await;
+    for _ in 0..2 {
+        let mut anonymous = event("-", vec![queued("ci")]);
+        anonymous.delivery = None;
+        accept(store, anonymous).await;
+    }
+    assert_eq!(store.events(10).await.unwrap().len(), 4);
+    assert_eq!(store.jobs(all_jobs()).await.unwrap().len(), 4);
+}
+
+async fn failed_request_is_stored_dead(f: Fixture) {
+    let store = &f.store;
+    let broken = job("ci", Err("template error: branch is undefined".to_owned()));
+    let id = broken.id;
+    accept(store, event("dead-1", vec![broken])).await;
+    let detail = store.job(id).await.unwrap().unwrap();
+    assert_eq!(detail.job.state, JobState::Dead);
+    assert_eq!(detail.job.attempts, 0);
+    assert_eq!(
+        detail.job.last_error.as_deref(),
+        Some("template error: branch is undefined")
+    );
+    assert!(!detail.job.retryable);
+    assert_eq!(detail.request, None);
+    assert!(detail.history.is_empty());
+    assert!(claim(store, "ci", 10, LEASE).await.is_empty());
+    assert_eq!(store.next_wakeup(SystemTime::now()).await.unwrap(), None);
+}
+
+async fn leased_job_waits_for_its_lease(f: Fixture) {
+    let store = &f.store;
+    let received = SystemTime::now();
+    let first_claim = Uuid::now_v7();
+    let mut leased = queued("ci");
+    leased.lease = Some(Lease {
+        claim: first_claim,
+        until: received + WINDOW,
+    });
+    let id = leased.id;
+    let mut e = event("lease-1", vec![leased]);
+    e.received_at = received;
+    accept(store, e).await;
+
+    assert_eq!(state_of(store, id).await, JobState::InFlight);
+    assert!(claim(store, "ci", 10, LEASE).await.is_empty(), "the lease holds");
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert_near(wake, received + WINDOW, "the lease's end");
+
+    sleep_until(received + WINDOW + Duration::from_millis(50)).await;
+    let again = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(ids(&again), HashSet::from([id]));
+    assert_ne!(again[0].claim, first_claim, "a fresh claim id");
+    assert_eq!(again[0].attempts, 0, "claiming is not an attempt");
+
+    // The fast lane's own completion, after the lease was taken over.
+    assert!(!complete(store, id, first_claim, 201, NextState::Done).await);
+    assert_eq!(history_len(store, id).await, 0);
+    assert!(complete(store, id, again[0].claim, 201, NextState::Done).await);
+    assert_eq!(state_of(store, id).await, JobState::Done);
+
+    // And within its lease, the leaseholder completes as usual.
+    let mut fast = queued("ci");
+    let fast_claim = Uuid::now_v7();
+    fast.lease = Some(Lease {
+        claim: fast_claim,
+        until: SystemTime::now() + LEASE,
+    });
+    let fast_id = fast.id;
+    accept(store, event("lease-2", vec![fast])).await;
+    assert!(complete(store, fast_id, fast_claim, 201, NextState::Done).await);
+    assert_eq!(history_len(store, fast_id).await, 1);
+}
+
+async fn claim_respects_limit_and_reclaims_expired_leases(f: Fixture) {
+    let store = &f.store;
+    let jobs: Vec<NewJob> = (0..5).map(|_| queued("ci")).collect();
+    let all: HashSet<Uuid> = jobs.iter().map(|j| j.id).collect();
+    accept(store, event("limit-1", jobs)).await;
+
+    let first = claim(store, "ci", 2, WINDOW).await;
+    assert_eq!(first.len(), 2);
+    let rest = claim(store, "ci", 10, WINDOW).await;
+    assert_eq!(rest.len(), 3);
+    assert!(claim(store, "ci", 10, WINDOW).await.is_empty());
+    let mut seen = ids(&first);
+    seen.extend(ids(&rest));
+    assert_eq!(seen, all);
+
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let expired = claim(store, "ci", 3, LEASE).await;
+    assert_eq!(
+        expired.len(),
+        3,
+        "expired leases are claimed again, up to the limit"
+    );
+    let expired_rest = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(expired_rest.len(), 2);
+    let old_claims: HashSet<Uuid> = first.iter().chain(&rest).map(|j| j.claim).collect();
+    for job in expired.iter().chain(&expired_rest) {
+        assert!(!old_claims.contains(&job.claim), "a new claim id");
+    }
+    let mut again = ids(&expired);
+    again.extend(ids(&expired_rest));
+    assert_eq!(again, all);
+}
+
+async fn stale_completion_writes_nothing(f: Fixture) {
+    let store = &f.store;
+    let j = queued("ci");
+    let id = j.id;
+    accept(store, event("stale-1", vec![j])).await;
+    let old = claim(store, "ci", 1, WINDOW).await;
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let new = claim(store, "ci", 1, LEASE).await;
+    assert_eq!(ids(&new), HashSet::from([id]));
+
+    for next in [
+        NextState::Done,
+        NextState::Dead {
+            reason: "stale".to_owned(),
+        },
+        NextState::Retry {
+            due_at: SystemTime::now(),
+            maybe_delivered: true,
+        },
+    ] {
+        assert!(!complete(store, id, old[0].claim, 500, next).await);
+    }
+    let detail = store.job(id).await.unwrap().unwrap();
+    assert_eq!(detail.history.len(), 0, "a stale completion records no attempt");
+    assert_eq!(detail.job.state, JobState::InFlight);
+    assert_eq!(detail.job.attempts, 0);
+    assert!(complete(store, id, new[0].claim, 201, NextState::Done).await);
+    assert!(
+        !complete(store, id, new[0].claim, 201, NextState::Done).await,
+        "a claim completes once"
+    );
+    assert_eq!(history_len(store, id).await, 1);
+}
+
+async fn complete_moves_the_job(f: Fixture) {
+    let store = &f.store;
+    let jobs = vec![queued("ci"), queued("ci"), queued("ci")];
+    let (done, retry, dead) = (jobs[0].id, jobs[1].id, jobs[2].id);
+    accept(store, event("complete-1", jobs)).await;
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    let claim_id = claimed[0].claim;
+
+    assert!(complete(store, done, claim_id, 201, NextState::Done).await);
+    let retry_at = SystemTime::now() + Duration::from_secs(3600);
+    assert!(
+        complete(
+            store,
+            retry,
+            claim_id,
+            503,
+            NextState::Retry {
+                due_at: retry_at,
+                maybe_delivered: true
+            }
+        )
+        .await
+    );
+    assert!(
+        complete(
+            store,
+            dead,
+            claim_id,
+            404,
+            NextState::Dead {
+                reason: "404: project not found".to_owned()
+            }
+        )
+        .await
+    );
+
+    let d = store.job(done).await.unwrap().unwrap();
+    assert_eq!(
+        (d.job.state, d.job.attempts, d.job.last_error.as_deref()),
+        (JobState::Done, 1, None)
+    );
+    assert_eq!(d.history.len(), 1);
+    let attempt = &d.history[0];
+    assert_eq!(
+        (
+            attempt.number,
+            attempt.status,
+            attempt.outcome.as_str(),
+            attempt.excerpt.as_str()
+        ),
+        (1, Some(201), "ok", "answered 201")
+    );
+    assert_eq!(attempt.duration_ms, 40);
+    assert_eq!(d.request, Some(serde_json::to_value(text_request(1)).unwrap()));
+
+    let r = store.job(retry).await.unwrap().unwrap();
+    assert_eq!(
+        (r.job.state, r.job.attempts, r.job.last_error.as_deref()),
+        (JobState::Queued, 1, Some("answered 503"))
+    );
+    assert_near(r.job.due_at, retry_at, "the retry's due time");
+    assert_eq!(r.history[0].status, Some(503));
+
+    let x = store.job(dead).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            x.job.state,
+            x.job.attempts,
+            x.job.last_error.as_deref(),
+            x.job.retryable
+        ),
+        (JobState::Dead, 1, Some("404: project not found"), true)
+    );
+
+    let by_state = |state| JobFilter {
+        state: Some(state),
+        limit: 10,
+        ..JobFilter::default()
+    };
+    for (state, id) in [
+        (JobState::Done, done),
+        (JobState::Queued, retry),
+        (JobState::Dead, dead),
+    ] {
+        let listed = store.jobs(by_state(state)).await.unwrap();
+        assert_eq!(listed.len(), 1, "{state}");
+        assert_eq!(listed[0].id, id.to_string());
+    }
+    let of_event = store
+        .jobs(JobFilter {
+            event: Some(claimed[0].event_id),
+            target: Some("ci".to_owned()),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_event.len(), 3);
+    assert!(
+        store
+            .jobs(JobFilter {
+                target: Some("nowhere".to_owned()),
+                limit: 10,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn retry_waits_until_due(f: Fixture) {
+    let store = &f.store;
+    let j = queued("ci");
+    let id = j.id;
+    accept(store, event("retry-1", vec![j])).await;
+    let claimed = claim(store, "ci", 1, LEASE).await;
+    let c = completion(
+        id,
+        claimed[0].claim,
+        503,
+        NextState::Retry {
+            due_at: SystemTime::now() + WINDOW,
+            maybe_delivered: true,
+        },
+    );
+    let due = c.at + WINDOW;
+    assert!(store.complete(c).await.unwrap());
+
+    assert!(claim(store, "ci", 10, LEASE).await.is_empty(), "not due yet");
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert_near(wake, due, "the retry's due time");
+    sleep_until(due + Duration::from_millis(50)).await;
+    let again = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(ids(&again), HashSet::from([id]));
+    assert_eq!((again[0].attempts, again[0].maybe_attempts), (1, 1));
+
+    assert!(complete(store, id, again[0].claim, 201, NextState::Done).await);
+    let history = store.job(id).await.unwrap().unwrap().history;
+    assert_eq!(history.iter().map(|a| a.number).collect::<Vec<_>>(), [1, 2]);
+}
+
+async fn next_wakeup_reports_the_earliest(f: Fixture) {
+    let store = &f.store;
+    assert_eq!(store.next_wakeup(SystemTime::now()).await.unwrap(), None);
+
+    // A retry in an hour and a lease ending in a minute: the lease is first.
+    let jobs = vec![queued("ci"), queued("ci")];
+    let (later, leased) = (jobs[0].id, jobs[1].id);
+    accept(store, event("wake-1", jobs)).await;
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    let claim_id = claimed[0].claim;
+    let claimed_at = SystemTime::now();
+    let c = completion(
+        later,
+        claim_id,
+        503,
+        NextState::Retry {
+            due_at: SystemTime::now() + Duration::from_secs(3600),
+            maybe_delivered: false,
+        },
+    );
+    let retry_due = c.at + Duration::from_secs(3600);
+    assert!(store.complete(c).await.unwrap());
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert_near(wake, claimed_at + LEASE, "the lease's end");
+
+    assert!(complete(store, leased, claim_id, 201, NextState::Done).await);
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert_near(wake, retry_due, "the retry");
+
+    // A job due now beats both; past-due reads as no later than now.
+    accept(store, event("wake-2", vec![queued("other")])).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let now = SystemTime::now();
+    let wake = store.next_wakeup(now).await.unwrap().unwrap();
+    assert!(wake <= now, "due already: {wake:?} is after {now:?}");
+    assert_near(wake, now, "a job due now");
+}
+
+async fn dedupe_window(f: Fixture) {
+    let store = &f.store;
+    let key = "acme/api\nrefs/heads/main\n2222222222222222222222222222222222222222".to_owned();
+    let limits = JobLimits {
+        dedupe: Some((key.clone(), WINDOW)),
+        burst: None,
+    };
+    accept(
+        store,
+        event("dd-1", vec![with_limits(queued("ci"), limits.clone())]),
+    )
+    .await;
+
+    let second = with_limits(queued("ci"), limits.clone());
+    let second_id = second.id;
+    let other_target = with_limits(queued("other"), limits.clone());
+    let e = event("dd-2", vec![second, other_target]);
+    let event_id = e.id;
+    let expected = Dropped {
+        route: Some("builds".to_owned()),
+        target: Some("ci".to_owned()),
+        rule: guard::RULE_DEDUPE.to_owned(),
+        reason: "target ci was already triggered for this repo, ref and sha within loop_guard.dedupe_window (300ms)"
+            .to_owned(),
+    };
+    assert_eq!(
+        store.ingest(e).await.unwrap(),
+        Ingested::Accepted(vec![HeldBack {
+            job_id: second_id,
+            dropped: expected.clone(),
+        }])
+    );
+    assert!(
+        store.job(second_id).await.unwrap().is_none(),
+        "a held-back job is not stored"
+    );
+    let view = store.events(10).await.unwrap();
+    let stored = view.iter().find(|v| v.id == event_id.to_string()).unwrap();
+    assert_eq!(stored.dropped, vec![expected]);
+    assert_eq!(stored.jobs, 1, "the other target's job went through");
+
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    accept(store, event("dd-3", vec![with_limits(queued("ci"), limits)])).await;
+    let ci = store
+        .jobs(JobFilter {
+            target: Some("ci".to_owned()),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ci.len(), 2, "once the window passed, the key is taken again");
+}
+
+async fn burst_limit(f: Fixture) {
+    let store = &f.store;
+    let burst = JobLimits {
+        dedupe: None,
+        burst: Some((2, WINDOW)),
+    };
+    let key = "acme/api\nrefs/heads/main\n3333333333333333333333333333333333333333".to_owned();
+    let with_key = JobLimits {
+        dedupe: Some((key.clone(), Duration::from_secs(3600))),
+        burst: Some((2, WINDOW)),
+    };
+    let jobs = vec![
+        with_limits(queued("ci"), burst.clone()),
+        with_limits(queued("ci"), burst.clone()),
+        with_limits(queued("ci"), with_key.clone()),
+        with_limits(queued("other"), burst.clone()),
+    ];
+    let third = jobs[2].id;
+    let expected = Dropped {
+        route: Some("builds".to_owned()),
+        target: Some("ci".to_owned()),
+        rule: guard::RULE_BURST.to_owned(),
+        reason: "target ci already has 2 triggers in the last 300ms; the burst limit is 2".to_owned(),
+    };
+    assert_eq!(
+        store.ingest(event("burst-1", jobs)).await.unwrap(),
+        Ingested::Accepted(vec![HeldBack {
+            job_id: third,
+            dropped: expected.clone(),
+        }])
+    );
+    let next = with_limits(queued("ci"), burst.clone());
+    let next_id = next.id;
+    let Ingested::Accepted(held) = store.ingest(event("burst-2", vec![next])).await.unwrap() else {
+        panic!("not a duplicate");
+    };
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].job_id, next_id);
+    assert_eq!(held[0].dropped.rule, guard::RULE_BURST);
+
+    // The window passes; the held-back job's dedupe key was never taken.
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    accept(store, event("burst-3", vec![with_limits(queued("ci"), with_key)])).await;
+    assert_eq!(
+        store
+            .jobs(JobFilter {
+                target: Some("ci".to_owned()),
+                limit: 10,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+async fn requeue_one(f: Fixture) {
+    let store = &f.store;
+    let jobs = vec![queued("ci"), queued("ci"), job("ci", Err("no branch".to_owned()))];
+    let (dead, done, unbuildable) = (jobs[0].id, jobs[1].id, jobs[2].id);
+    accept(store, event("rq-1", jobs)).await;
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    let claim_id = claimed[0].claim;
+    assert!(
+        complete(
+            store,
+            dead,
+            claim_id,
+            404,
+            NextState::Dead {
+                reason: "gone".to_owned()
+            }
+        )
+        .await
+    );
+    assert!(complete(store, done, claim_id, 201, NextState::Done).await);
+
+    assert_eq!(
+        store.requeue(dead, SystemTime::now()).await.unwrap(),
+        Requeued::Requeued
+    );
+    let view = store.job(dead).await.unwrap().unwrap();
+    assert_eq!(
+        (view.job.state, view.job.attempts, view.job.last_error),
+        (JobState::Queued, 0, None)
+    );
+    assert_eq!(view.history.len(), 1, "history stays");
+    assert_eq!(
+        store.requeue(dead, SystemTime::now()).await.unwrap(),
+        Requeued::NotDead(JobState::Queued)
+    );
+    let again = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(ids(&again), HashSet::from([dead]));
+    assert_eq!((again[0].attempts, again[0].maybe_attempts), (0, 0));
+    assert_eq!(
+        store.requeue(dead, SystemTime::now()).await.unwrap(),
+        Requeued::NotDead(JobState::InFlight)
+    );
+    assert!(complete(store, dead, again[0].claim, 201, NextState::Done).await);
+    let numbers: Vec<u32> = store
+        .job(dead)
+        .await
+        .unwrap()
+        .unwrap()
+        .history
+        .iter()
+        .map(|a| a.number)
+        .collect();
+    assert_eq!(numbers, [1, 2], "numbered across manual retries");
+
+    assert_eq!(
+        store.requeue(done, SystemTime::now()).await.unwrap(),
+        Requeued::NotDead(JobState::Done)
+    );
+    assert_eq!(
+        store.requeue(unbuildable, SystemTime::now()).await.unwrap(),
+        Requeued::NoRequest
+    );
+    assert_eq!(state_of(store, unbuildable).await, JobState::Dead);
+    assert_eq!(
+        store.requeue(Uuid::now_v7(), SystemTime::now()).await.unwrap(),
+        Requeued::NotFound
+    );
+}
+
+async fn requeue_dead_by_target_and_time(f: Fixture) {
+    let store = &f.store;
+    let start = SystemTime::now();
+    let kill = |store: Arc<dyn Store>, target: &'static str, delivery: &'static str| async move {
+        let j = queued(target);
+        let id = j.id;
+        accept(&store, event(delivery, vec![j])).await;
+        let claimed = claim(&store, target, 1, LEASE).await;
+        assert!(
+            complete(
+                &store,
+                id,
+                claimed[0].claim,
+                400,
+                NextState::Dead {
+                    reason: "bad".to_owned()
+                }
+            )
+            .await
+        );
+        id
+    };
+    let early = kill(store.clone(), "ci", "rd-1").await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let mark = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let late = kill(store.clone(), "ci", "rd-2").await;
+    let elsewhere = kill(store.clone(), "other", "rd-3").await;
+    let unbuildable = job("ci", Err("no branch".to_owned()));
+    let unbuildable_id = unbuildable.id;
+    accept(store, event("rd-4", vec![unbuildable])).await;
+
+    let now = SystemTime::now();
+    assert_eq!(
+        store
+            .requeue_dead("ci", mark, now + Duration::from_secs(1), now)
+            .await
+            .unwrap(),
+        1,
+        "only the late job died in range (the unbuildable one cannot be retried)"
+    );
+    assert_eq!(state_of(store, late).await, JobState::Queued);
+    assert_eq!(state_of(store, early).await, JobState::Dead);
+    assert_eq!(state_of(store, elsewhere).await, JobState::Dead);
+    assert_eq!(state_of(store, unbuildable_id).await, JobState::Dead);
+
+    let now = SystemTime::now();
+    assert_eq!(
+        store
+            .requeue_dead("ci", start - Duration::from_secs(3600), mark, now)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(state_of(store, early).await, JobState::Queued);
+    assert_eq!(
+        store
+            .requeue_dead("ci", start - Duration::from_secs(3600), now, now)
+            .await
+            .unwrap(),
+        0,
+        "nothing dead is left to retry"
+    );
+    assert_eq!(state_of(store, elsewhere).await, JobState::Dead);
+    let queued_jobs = store
+        .jobs(JobFilter {
+            state: Some(JobState::Queued),
+            limit: 10,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        queued_jobs
+            .iter()
+            .all(|j| j.attempts == 0 && j.last_error.is_none())
+    );
+    assert_eq!(queued_jobs.len(), 2);
+}
+
+async fn purge_deletes_finished_old_events(f: Fixture) {
+    let store = &f.store;
+    // Old: one event with a job done, one with a dead job, one with nothing
+    // queued at all, and one still pending.
+    let finished = event("p-1", vec![queued("ci")]);
+    let (finished_id, finished_job) = (finished.id, finished.jobs[0].id);
+    accept(store, finished).await;
+    let claimed = claim(store, "ci", 1, LEASE).await;
+    assert!(complete(store, finished_job, claimed[0].claim, 201, NextState::Done).await);
+    let dead = event("p-2", vec![job("ci", Err("no branch".to_owned()))]);
+    let dead_id = dead.id;
+    accept(store, dead).await;
+    let mut empty = event("p-3", Vec::new());
+    empty.drops = vec![Dropped {
+        route: None,
+        target: None,
+        rule: guard::RULE_SKIP_MARKER.to_owned(),
+        reason: "[skip ci]".to_owned(),
+    }];
+    let empty_id = empty.id;
+    accept(store, empty).await;
+    let pending = event("p-4", vec![queued("later")]);
+    let pending_id = pending.id;
+    accept(store, pending).await;
+
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let cutoff = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let recent = event("p-5", Vec::new());
+    let recent_id = recent.id;
+    accept(store, recent).await;
+
+    assert_eq!(
+        store.purge(cutoff, SystemTime::now(), 2).await.unwrap(),
+        2,
+        "up to the limit"
+    );
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 1);
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 0);
+    let left: HashSet<String> = store
+        .events(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        left,
+        HashSet::from([pending_id.to_string(), recent_id.to_string()])
+    );
+    for gone in [finished_id, dead_id, empty_id] {
+        assert_eq!(store.event_body(gone).await.unwrap(), None);
+    }
+    assert!(
+        store.job(finished_job).await.unwrap().is_none(),
+        "jobs go with their event"
+    );
+    assert_eq!(store.jobs(all_jobs()).await.unwrap().len(), 1);
+}
+
+async fn queue_stats_counts_every_state(f: Fixture) {
+    let store = &f.store;
+    let stats = store.queue_stats(SystemTime::now()).await.unwrap();
+    assert_eq!(
+        stats.jobs,
+        vec![
+            (JobState::Queued, 0),
+            (JobState::InFlight, 0),
+            (JobState::Done, 0),
+            (JobState::Dead, 0)
+        ]
+    );
+    assert_eq!(stats.oldest_due, None);
+
+    let before = SystemTime::now();
+    let jobs = vec![queued("ci"), queued("ci"), queued("ci")];
+    accept(store, event("qs-1", jobs)).await;
+    let claimed = claim(store, "ci", 3, LEASE).await;
+    let claim_id = claimed[0].claim;
+    assert!(complete(store, claimed[0].id, claim_id, 201, NextState::Done).await);
+    assert!(
+        complete(
+            store,
+            claimed[1].id,
+            claim_id,
+            404,
+            NextState::Dead {
+                reason: "gone".to_owned()
+            }
+        )
+        .await
+    );
+    let waiting = queued("ci");
+    let waiting_received = SystemTime::now();
+    let mut e = event("qs-2", vec![waiting, job("ci", Err("no branch".to_owned()))]);
+    e.received_at = waiting_received;
+    accept(store, e).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let stats = store.queue_stats(SystemTime::now()).await.unwrap();
+    assert_eq!(
+        stats.jobs,
+        vec![
+            (JobState::Queued, 1),
+            (JobState::InFlight, 1),
+            (JobState::Done, 1),
+            (JobState::Dead, 2)
+        ]
+    );
+    let oldest = stats.oldest_due.unwrap();
+    assert!(oldest >= before, "{oldest:?} is before the test began");
+    assert_near(oldest, waiting_received, "the waiting job's due time");
+}
+
+async fn event_body(f: Fixture) {
+    let store = &f.store;
+    let mut e = event("body-1", Vec::new());
+    e.content_type = "application/x-www-form-urlencoded".to_owned();
+    e.body = Bytes::from_static(b"payload=%7B%7D\x00\xff");
+    e.payload = Some(Bytes::from_static(b"{}"));
+    let id = e.id;
+    accept(store, e).await;
+    assert_eq!(
+        store.event_body(id).await.unwrap(),
+        Some((
+            "application/x-www-form-urlencoded".to_owned(),
+            Bytes::from_static(b"payload=%7B%7D\x00\xff")
+        ))
+    );
+    assert_eq!(store.event_body(Uuid::now_v7()).await.unwrap(), None);
+}
+
+async fn events_view_with_drops(f: Fixture) {
+    let store = &f.store;
+    let skip = Dropped {
+        route: None,
+        target: None,
+        rule: guard::RULE_SKIP_MARKER.to_owned(),
+        reason: "the head commit says [skip ci]".to_owned(),
+    };
+    let hops = Dropped {
+        route: Some("deploys".to_owned()),
+        target: Some("cd".to_owned()),
+        rule: guard::RULE_HOP_LIMIT.to_owned(),
+        reason: "hop 3 reached max_hops 3".to_owned(),
+    };
+    let older = event("ev-1", vec![queued("ci")]);
+    let older_id = older.id;
+    accept(store, older).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let limits = JobLimits {
+        dedupe: Some(("k".to_owned(), Duration::from_secs(3600))),
+        burst: None,
+    };
+    accept(
+        store,
+        event("ev-0", vec![with_limits(queued("ci"), limits.clone())]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut newer = event(
+        "ev-2",
+        vec![
+            queued("ci"),
+            queued("ci"),
+            job("ci", Err("no branch".to_owned())),
+            with_limits(queued("ci"), limits),
+        ],
+    );
+    newer.hook = "tag_push".to_owned();
+    newer.source = "gitlab".to_owned();
+    newer.drops = vec![skip.clone(), hops.clone()];
+    let newer_id = newer.id;
+    let a = newer.jobs[0].id;
+    let Ingested::Accepted(held) = store.ingest(newer).await.unwrap() else {
+        panic!("not a duplicate");
+    };
+    assert_eq!(held.len(), 1);
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    let claim_of_a = claimed.iter().find(|j| j.id == a).unwrap().claim;
+    assert!(complete(store, a, claim_of_a, 201, NextState::Done).await);
+
+    let view = store.events(2).await.unwrap();
+    assert_eq!(view.len(), 2, "the limit holds");
+    let newest = &view[0];
+    assert_eq!(newest.id, newer_id.to_string(), "newest first");
+    assert_eq!(
+        (
+            newest.source.as_str(),
+            newest.delivery.as_deref(),
+            newest.hook.as_str()
+        ),
+        ("gitlab", Some("ev-2"), "tag_push")
+    );
+    assert_eq!(newest.summary, serde_json::json!({"events": [{"kind": "push"}]}));
+    assert_eq!(
+        (newest.jobs, newest.pending, newest.done, newest.dead),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(newest.dropped, vec![skip, hops, held[0].dropped.clone()]);
+
+    let all = store.events(10).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let oldest = &all[2];
+    assert_eq!(oldest.id, older_id.to_string());
+    assert_eq!(
+        (oldest.jobs, oldest.pending, oldest.done, oldest.dead),
+        (1, 1, 0, 0)
+    );
+    assert!(oldest.dropped.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL only: several relays on one database
+
+async fn concurrent_claims_never_share_a_job(f: Fixture) {
+    const JOBS: usize = 200;
+    let a = f.store.clone();
+    let b = f.another().await;
+    let mut all = HashSet::new();
+    for n in 0..JOBS / 10 {
+        let jobs: Vec<NewJob> = (0..10).map(|_| queued("ci")).collect();
+        all.extend(jobs.iter().map(|j| j.id));
+        accept(&a, event(&format!("cc-{n}"), jobs)).await;
+    }
+
+    let claimed = Arc::new(Mutex::new(Vec::new()));
+    let total = Arc::new(AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let store = if worker % 2 == 0 { a.clone() } else { b.clone() };
+        let (claimed, total) = (claimed.clone(), total.clone());
+        workers.push(tokio::spawn(async move {
+            while total.load(Ordering::SeqCst) < JOBS && tokio::time::Instant::now() < deadline {
+                let jobs = claim(&store, "ci", 7, LEASE).await;
+                total.fetch_add(jobs.len(), Ordering::SeqCst);
+                claimed.lock().await.extend(jobs.iter().map(|j| j.id));
+                if jobs.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let claimed = claimed.lock().await;
+    let unique: HashSet<Uuid> = claimed.iter().copied().collect();
+    assert_eq!(claimed.len(), unique.len(), "a job was claimed twice");
+    assert_eq!(unique, all, "every job was claimed");
+    assert!(claim(&b, "ci", 10, LEASE).await.is_empty());
+}
+
+async fn work_arrived_wakes_another_relay(f: Fixture) {
+    let a = f.store.clone();
+    let b = f.another().await;
+    let quiet = Duration::from_millis(300);
+    assert!(
+        tokio::time::timeout(quiet, b.work_arrived()).await.is_err(),
+        "no work yet"
+    );
+
+    // A job the ingesting relay sends itself is no news for others.
+    let mut leased = queued("ci");
+    leased.lease = Some(Lease {
+        claim: Uuid::now_v7(),
+        until: SystemTime::now() + LEASE,
+    });
+    accept(&a, event("wa-1", vec![leased])).await;
+    assert!(
+        tokio::time::timeout(quiet, b.work_arrived()).await.is_err(),
+        "a leased job wakes nobody"
+    );
+
+    accept(&a, event("wa-2", vec![queued("ci")])).await;
+    tokio::time::timeout(Duration::from_secs(2), b.work_arrived())
+        .await
+        .expect("relay B hears of the queued job");
+
+    // A retry and a manual requeue are news too.
+    let claimed = claim(&a, "ci", 10, LEASE).await;
+    let job = claimed.iter().find(|j| j.attempts == 0).unwrap();
+    assert!(
+        complete(
+            &a,
+            job.id,
+            job.claim,
+            404,
+            NextState::Dead {
+                reason: "gone".to_owned()
+            }
+        )
+        .await
+    );
+    assert!(
+        tokio::time::timeout(quiet, b.work_arrived()).await.is_err(),
+        "a dead job is no news"
+    );
+    assert_eq!(
+        a.requeue(job.id, SystemTime::now()).await.unwrap(),
+        Requeued::Requeued
+    );
+    tokio::time::timeout(Duration::from_secs(2), b.work_arrived())
+        .await
+        .expect("relay B hears of the requeued job");
+}
+
+async fn listener_reconnects(f: Fixture) {
+    let a = f.store.clone();
+    let b = f.another().await;
+    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
+        unreachable!("a postgres fixture");
+    };
+    let (admin, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // Both relays' LISTEN connections, as a database restart or a proxy
+    // would end them.
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query = 'LISTEN relay_jobs'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 2);
+
+    // Signals may have been missed meanwhile: the reconnect itself wakes.
+    tokio::time::timeout(Duration::from_secs(5), b.work_arrived())
+        .await
+        .expect("relay B reconnects and looks for work");
+    accept(&a, event("lr-1", vec![queued("ci")])).await;
+    tokio::time::timeout(Duration::from_secs(2), b.work_arrived())
+        .await
+        .expect("relay B hears of new work on its new connection");
+}
+
+async fn concurrent_migrations(f: Fixture) {
+    // A database of its own, empty: the fixture's was migrated already.
+    let Some(url) = postgres_database("concurrent_migrations_fresh").await else {
+        return;
+    };
+    let fresh = settings(&url);
+    let status = relay::store::schema_status(&fresh).await.unwrap();
+    assert_eq!(status.version, 0, "an empty database");
+    assert!(status.latest >= 1);
+
+    let (one, two, three) = tokio::join!(
+        relay::store::open(&fresh),
+        relay::store::open(&fresh),
+        relay::store::open(&fresh)
+    );
+    let (one, two, three) = (one.unwrap(), two.unwrap(), three.unwrap());
+    let after = relay::store::schema_status(&fresh).await.unwrap();
+    assert_eq!(after.version, after.latest);
+    assert_eq!(after.latest, status.latest);
+
+    // All three work on the one schema.
+    accept(&one, event("m-1", vec![queued("ci")])).await;
+    assert_eq!(claim(&two, "ci", 10, LEASE).await.len(), 1);
+    assert_eq!(three.jobs(all_jobs()).await.unwrap().len(), 1);
+    assert_eq!(
+        relay::store::schema_status(&f.settings).await.unwrap(),
+        after,
+        "the fixture's own database is at the latest version too"
+    );
+}
+
+/// A password in the test server's URL, if it has one.
+fn password_of(settings: &StoreSettings) -> Option<String> {
+    let relay::config::StoreLocation::Postgres(pg) = &settings.location else {
+        return None;
+    };
+    pg.connect
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
+async fn newer_schema_is_refused(f: Fixture) {
+    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
+        unreachable!("a postgres fixture");
+    };
+    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute("UPDATE relay_schema SET version = version + 1")
+        .await
+        .unwrap();
+    let error = relay::store::open(&f.settings).await.unwrap_err();
+    let StoreError::Connect { url, reason } = &error else {
+        panic!("not a connect error: {error}");
+    };
+    assert!(reason.contains("run a newer relay"), "{reason}");
+    assert_eq!(url, &pg.shown);
+    if let Some(password) = password_of(&f.settings) {
+        assert!(!error.to_string().contains(&password), "{error}");
+    }
+    let status = relay::store::schema_status(&f.settings).await.unwrap();
+    assert_eq!(status.version, status.latest + 1);
+}
+
+async fn connect_errors_hide_the_password(f: Fixture) {
+    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
+        unreachable!("a postgres fixture");
+    };
+    let wrong = "wrong-secret-password-1234";
+    let mut bad = pg.clone();
+    bad.connect.password(wrong);
+    let error = relay::store::PostgresStore::open(&bad).await.unwrap_err();
+    assert!(matches!(error, StoreError::Connect { .. }), "{error}");
+    let text = format!("{error} {error:?}");
+    assert!(!text.contains(wrong), "the password leaked: {text}");
+    assert!(text.contains("password authentication failed"), "{text}");
+
+    let status = relay::store::schema_status(&StoreSettings {
+        location: relay::config::StoreLocation::Postgres(bad),
+        retention: f.settings.retention,
+    })
+    .await
+    .unwrap_err();
+    assert!(!format!("{status} {status:?}").contains(wrong));
+}
