@@ -414,7 +414,10 @@ async fn start_subject(
         }
         _ => {
             let store = if name == "relay-postgres" {
-                let server = ws.postgres.as_deref().ok_or("relay-postgres needs --postgres URL")?;
+                let server = ws
+                    .postgres
+                    .as_deref()
+                    .ok_or("relay-postgres needs --postgres URL")?;
                 fresh_postgres_database(server).await?
             } else {
                 format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
@@ -607,7 +610,11 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         let port = free_port()?;
         let db = ws.path(&format!("e2e-{run}.db"));
         let config = ws.path(&format!("e2e-{run}.toml"));
-        std::fs::write(&config, relay_config(port, &format!("sqlite://{}", db.display()), circle, true)).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &config,
+            relay_config(port, &format!("sqlite://{}", db.display()), circle, true),
+        )
+        .map_err(|e| e.to_string())?;
         let args = vec![
             "serve".into(),
             "--log-format".into(),
@@ -700,7 +707,11 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
         fill_backlog(&db, circle).await?;
         let port = free_port()?;
         let config = ws.path(&format!("backlog-{run}.toml"));
-        std::fs::write(&config, relay_config(port, &format!("sqlite://{}", db.display()), circle, false)).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &config,
+            relay_config(port, &format!("sqlite://{}", db.display()), circle, false),
+        )
+        .map_err(|e| e.to_string())?;
         let args = vec![
             "serve".into(),
             "--log-format".into(),
