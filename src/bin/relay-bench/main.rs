@@ -594,10 +594,15 @@ async fn measure(
 struct EndToEnd {
     rate_per_sec: u32,
     seconds: u64,
+    /// 202 received → trigger received. Zero when the trigger arrived
+    /// first: relay sends right after the commit, as the 202 goes out.
     p50_ms: f64,
     p99_ms: f64,
-    /// Per run: (p50, p99).
-    runs: Vec<(f64, f64)>,
+    /// Webhook sent → trigger received: the commit included.
+    from_send_p50_ms: f64,
+    from_send_p99_ms: f64,
+    /// Per run: (p50, p99, from-send p50, from-send p99).
+    runs: Vec<(f64, f64, f64, f64)>,
 }
 
 /// 202 received → trigger received by the mock, at a fixed request rate.
@@ -645,8 +650,9 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
                 .header("X-Hub-Signature-256", &ws.signature)
                 .body(ws.body.clone());
             sent.push(tokio::spawn(async move {
+                let started = Instant::now();
                 let response = request.send().await.ok()?;
-                (response.status().as_u16() == 202).then(|| (delivery, Instant::now()))
+                (response.status().as_u16() == 202).then(|| (delivery, started, Instant::now()))
             }));
         }
         let mut answered = Vec::new();
@@ -660,24 +666,27 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let arrivals = mock.arrivals.lock().map_err(|_| "mock poisoned")?.clone();
-        let mut latencies: Vec<f64> = answered
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+        let (mut after_ack, mut after_send): (Vec<f64>, Vec<f64>) = answered
             .iter()
-            .filter_map(|(d, acked)| {
-                arrivals
-                    .get(d)
-                    .map(|at| at.saturating_duration_since(*acked).as_secs_f64() * 1e3)
-            })
-            .collect();
-        if latencies.len() < answered.len() {
+            .filter_map(|(d, started, acked)| arrivals.get(d).map(|at| (ms(*acked, *at), ms(*started, *at))))
+            .unzip();
+        if after_ack.len() < answered.len() {
             return Err(format!(
                 "end to end: only {} of {} triggers arrived",
-                latencies.len(),
+                after_ack.len(),
                 answered.len()
             ));
         }
-        latencies.sort_by(f64::total_cmp);
-        let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
-        runs.push((at(0.5), at(0.99)));
+        after_ack.sort_by(f64::total_cmp);
+        after_send.sort_by(f64::total_cmp);
+        let at = |sorted: &[f64], q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
+        runs.push((
+            at(&after_ack, 0.5),
+            at(&after_ack, 0.99),
+            at(&after_send, 0.5),
+            at(&after_send, 0.99),
+        ));
         drop(relay);
     }
     Ok(EndToEnd {
@@ -685,6 +694,8 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         seconds,
         p50_ms: median(runs.iter().map(|r| r.0).collect()),
         p99_ms: median(runs.iter().map(|r| r.1).collect()),
+        from_send_p50_ms: median(runs.iter().map(|r| r.2).collect()),
+        from_send_p99_ms: median(runs.iter().map(|r| r.3).collect()),
         runs,
     })
 }
@@ -974,8 +985,9 @@ fn table(report: &Report) -> String {
     if let Some(e) = &report.end_to_end {
         let _ = writeln!(
             out,
-            "relay end to end (202 received → mock CircleCI has the trigger) at {} req/s: p50 {:.2} ms, p99 {:.2} ms",
-            e.rate_per_sec, e.p50_ms, e.p99_ms
+            "relay end to end at {} req/s: 202 received → mock CircleCI has the trigger p50 {:.2} ms, p99 {:.2} ms \
+             (0 when the trigger arrives first); webhook sent → trigger p50 {:.2} ms, p99 {:.2} ms",
+            e.rate_per_sec, e.p50_ms, e.p99_ms, e.from_send_p50_ms, e.from_send_p99_ms
         );
     }
     if let Some(d) = &report.delivery {
