@@ -72,6 +72,42 @@ pub struct NewJob {
     pub lease: Option<Lease>,
 }
 
+impl NewJob {
+    /// Held back by the burst breaker: `recent` triggers of the target in
+    /// the last `per` reached `limit`. (Both stores word it alike.)
+    fn burst_drop(&self, recent: i64, limit: u32, per: Duration) -> Dropped {
+        self.dropped(
+            crate::guard::RULE_BURST,
+            format!(
+                "target {} already has {recent} triggers in the last {}; the burst limit is {limit}",
+                self.target,
+                humantime::format_duration(per)
+            ),
+        )
+    }
+
+    /// Held back by the dedupe window: the same key went out within `window`.
+    fn dedupe_drop(&self, window: Duration) -> Dropped {
+        self.dropped(
+            crate::guard::RULE_DEDUPE,
+            format!(
+                "target {} was already triggered for this repo, ref and sha within loop_guard.dedupe_window ({})",
+                self.target,
+                humantime::format_duration(window)
+            ),
+        )
+    }
+
+    fn dropped(&self, rule: &str, reason: String) -> Dropped {
+        Dropped {
+            route: Some(self.route.clone()),
+            target: Some(self.target.clone()),
+            rule: rule.to_owned(),
+            reason,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub claim: Uuid,

@@ -43,7 +43,6 @@ use super::{
     JobState, JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, SchemaStatus, Store, StoreError,
 };
 use crate::config::PostgresSettings;
-use crate::guard;
 use crate::targets::PreparedRequest;
 
 /// The schema, one migration per version, applied in order inside one
@@ -1040,12 +1039,6 @@ async fn hold_back(
     tx: &deadpool_postgres::Transaction<'_>,
     job: &NewJob,
 ) -> Result<Option<Dropped>, StoreError> {
-    let drop = |rule: &str, reason: String| Dropped {
-        route: Some(job.route.clone()),
-        target: Some(job.target.clone()),
-        rule: rule.to_owned(),
-        reason,
-    };
     if let Some((limit, per)) = job.limits.burst {
         // Counting stops at the limit: the answer is only "reached or not",
         // and a busy target must not cost a scan of its whole window.
@@ -1064,14 +1057,7 @@ async fn hold_back(
             .map_err(|e| unavailable(&e))?;
         let recent: i64 = col(&row, 0)?;
         if recent >= i64::from(limit) {
-            return Ok(Some(drop(
-                guard::RULE_BURST,
-                format!(
-                    "target {} already has {recent} triggers in the last {}; the burst limit is {limit}",
-                    job.target,
-                    humantime::format_duration(per)
-                ),
-            )));
+            return Ok(Some(job.burst_drop(recent, limit, per)));
         }
     }
     if let Some((key, window)) = &job.limits.dedupe {
@@ -1091,14 +1077,7 @@ async fn hold_back(
             .await
             .map_err(|e| unavailable(&e))?;
         if taken == 0 {
-            return Ok(Some(drop(
-                guard::RULE_DEDUPE,
-                format!(
-                    "target {} was already triggered for this repo, ref and sha within loop_guard.dedupe_window ({})",
-                    job.target,
-                    humantime::format_duration(*window)
-                ),
-            )));
+            return Ok(Some(job.dedupe_drop(*window)));
         }
     }
     Ok(None)

@@ -25,7 +25,6 @@ use super::{
     JobState, JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, Store, StoreError, from_millis,
     to_millis,
 };
-use crate::guard;
 use crate::targets::PreparedRequest;
 
 /// Operations waiting beyond this are left for the next transaction, which
@@ -468,12 +467,6 @@ fn ingest(conn: &Connection, event: &NewEvent) -> Result<Ingested, StoreError> {
 /// The burst breaker, then the dedupe window; in this order so a job the
 /// breaker held back leaves no dedupe key behind (it never went out).
 fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
-    let drop = |rule: &str, reason: String| Dropped {
-        route: Some(job.route.clone()),
-        target: Some(job.target.clone()),
-        rule: rule.to_owned(),
-        reason,
-    };
     if let Some((limit, per)) = job.limits.burst {
         let recent: i64 = conn
             // Counting stops at the limit: the answer is only "reached or not",
@@ -493,14 +486,7 @@ fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<
             })
             .map_err(|e| unavailable(&e))?;
         if recent >= i64::from(limit) {
-            return Ok(Some(drop(
-                guard::RULE_BURST,
-                format!(
-                    "target {} already has {recent} triggers in the last {}; the burst limit is {limit}",
-                    job.target,
-                    humantime::format_duration(per)
-                ),
-            )));
+            return Ok(Some(job.burst_drop(recent, limit, per)));
         }
     }
     if let Some((key, window)) = &job.limits.dedupe {
@@ -516,14 +502,7 @@ fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<
             })
             .map_err(|e| unavailable(&e))?;
         if taken == 0 {
-            return Ok(Some(drop(
-                guard::RULE_DEDUPE,
-                format!(
-                    "target {} was already triggered for this repo, ref and sha within loop_guard.dedupe_window ({})",
-                    job.target,
-                    humantime::format_duration(*window)
-                ),
-            )));
+            return Ok(Some(job.dedupe_drop(*window)));
         }
     }
     Ok(None)

@@ -146,6 +146,58 @@ pub fn seen(target: &MockServer) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Posts webhooks `0..count` from `senders` concurrent senders, each webhook
+/// first to its own relay (alternating) and to the other when that fails;
+/// returns how many were acknowledged.
+pub async fn post_all(urls: Vec<String>, count: usize, senders: usize, deadline: Instant) -> usize {
+    let client = crate::support::test_client();
+    let next = Arc::new(AtomicUsize::new(0));
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..senders {
+        let (next, acknowledged, urls, client) =
+            (next.clone(), acknowledged.clone(), urls.clone(), client.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= count {
+                    return;
+                }
+                if deliver_until_acknowledged(&client, &urls, i, deadline).await {
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    acknowledged.load(Ordering::SeqCst)
+}
+
+/// Waits until the target has seen every delivery `crash-0..count`, then a
+/// moment more for stragglers; returns (delivered, duplicated).
+pub async fn drained(target: &MockServer, count: usize, deadline: Instant) -> (usize, usize) {
+    let all: BTreeSet<String> = (0..count).map(|i| format!("crash-{i}")).collect();
+    loop {
+        let counts = seen(target);
+        if all.iter().all(|d| counts.contains_key(d)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained: {} of {count} delivered",
+            counts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = seen(target);
+    let delivered = all.iter().filter(|d| counts.contains_key(*d)).count();
+    let requests: usize = counts.values().sum();
+    (delivered, requests - counts.len())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_no_acknowledged_webhook() {
     const WEBHOOKS: usize = 2000;
@@ -160,25 +212,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_webhook() {
     let daemon = Arc::new(Mutex::new(Daemon::start(&config, &[])));
     let url = format!("http://{addr}/hooks/github");
 
-    let client = crate::support::test_client();
-    let next = Arc::new(AtomicUsize::new(0));
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let mut senders = Vec::new();
-    for _ in 0..SENDERS {
-        let (next, acknowledged, url, client) =
-            (next.clone(), acknowledged.clone(), url.clone(), client.clone());
-        senders.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= WEBHOOKS {
-                    return;
-                }
-                if deliver_until_acknowledged(&client, std::slice::from_ref(&url), i, deadline).await {
-                    acknowledged.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
+    let load = tokio::spawn(post_all(vec![url], WEBHOOKS, SENDERS, deadline));
 
     // Kill while the load runs: random moments, each followed by a restart.
     let mut in_flight_at_kills = Vec::new();
@@ -192,34 +226,14 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_webhook() {
         in_flight_at_kills.push(before);
         *guard = Daemon::start(&config, &[]);
     }
-    for s in senders {
-        s.await.unwrap();
-    }
-    let acked = acknowledged.load(Ordering::SeqCst);
+    let acked = load.await.unwrap();
     assert_eq!(
         acked, WEBHOOKS,
         "every webhook should be acknowledged once relay is back"
     );
 
     // Let the last relay drain.
-    let all: BTreeSet<String> = (0..WEBHOOKS).map(|i| format!("crash-{i}")).collect();
-    loop {
-        let counts = seen(&target);
-        if all.iter().all(|d| counts.contains_key(d)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not drained: {} of {WEBHOOKS} delivered",
-            counts.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let counts = seen(&target);
-    let delivered = all.iter().filter(|d| counts.contains_key(*d)).count();
-    let requests: usize = counts.values().sum();
-    let duplicated = requests - counts.len();
+    let (delivered, duplicated) = drained(&target, WEBHOOKS, deadline).await;
     let lost = WEBHOOKS - delivered;
     eprintln!(
         "crash test: {WEBHOOKS} webhooks, {acked} acknowledged, {delivered} delivered, {duplicated} duplicated, \

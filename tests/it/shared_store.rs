@@ -2,22 +2,19 @@
 //! two relays behind no balancer send every job once; a relay SIGKILLed
 //! mid-load leaves its leased jobs to the other; a relay stopped past its
 //! lease cannot record a job another relay took over; and a database
-//! restart during load costs 503s, never a webhook.
+//! restart during load costs 503s, never a webhook. Also: delivery ids, the
+//! loop guard and payload URLs hold across relays.
 //!
 //! Every test needs `RELAY_TEST_POSTGRES` (see `support::postgres_database`)
 //! and is skipped, with a note, without it.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use crate::crash::{
-    CONCURRENCY, SECRET, deliver_until_acknowledged, free_port, push, seen, write_config_with,
-};
+use crate::crash::{CONCURRENCY, SECRET, drained, free_port, post_all, push, write_config_with};
 use crate::support::{Daemon, MockServer, Reply, postgres_database, sign};
 
 const CREATED: &str = r#"{"id":"p","number":1,"state":"created"}"#;
@@ -40,58 +37,6 @@ fn start_relays(dir: &Path, n: usize, target: &MockServer, url: &str, delivery: 
             Daemon::start(&config, &[])
         })
         .collect()
-}
-
-/// Posts webhooks `0..count` from `senders` concurrent senders, each webhook
-/// first to its own relay (alternating) and to the other when that fails;
-/// returns how many were acknowledged.
-async fn post_all(urls: Vec<String>, count: usize, senders: usize, deadline: Instant) -> usize {
-    let client = crate::support::test_client();
-    let next = Arc::new(AtomicUsize::new(0));
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..senders {
-        let (next, acknowledged, urls, client) =
-            (next.clone(), acknowledged.clone(), urls.clone(), client.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= count {
-                    return;
-                }
-                if deliver_until_acknowledged(&client, &urls, i, deadline).await {
-                    acknowledged.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-    acknowledged.load(Ordering::SeqCst)
-}
-
-/// Waits until the target has seen every delivery `crash-0..count`, then a
-/// moment more for stragglers; returns (delivered, duplicated).
-async fn drained(target: &MockServer, count: usize, deadline: Instant) -> (usize, usize) {
-    let all: BTreeSet<String> = (0..count).map(|i| format!("crash-{i}")).collect();
-    loop {
-        let counts = seen(target);
-        if all.iter().all(|d| counts.contains_key(d)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not drained: {} of {count} delivered",
-            counts.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let counts = seen(target);
-    let delivered = all.iter().filter(|d| counts.contains_key(*d)).count();
-    let requests: usize = counts.values().sum();
-    (delivered, requests - counts.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
