@@ -98,6 +98,31 @@ impl NewJob {
         )
     }
 
+    /// The job as first written: leased to the caller, queued, or dead at
+    /// once when no request could be built.
+    fn row(&self) -> Result<JobRow<'_>, StoreError> {
+        Ok(match &self.request {
+            Ok(request) => JobRow {
+                state: if self.lease.is_some() {
+                    JobState::InFlight
+                } else {
+                    JobState::Queued
+                },
+                request: Some(
+                    serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                ),
+                needs_payload: request.needs_payload(),
+                error: None,
+            },
+            Err(reason) => JobRow {
+                state: JobState::Dead,
+                request: None,
+                needs_payload: false,
+                error: Some(reason),
+            },
+        })
+    }
+
     fn dropped(&self, rule: &str, reason: String) -> Dropped {
         Dropped {
             route: Some(self.route.clone()),
@@ -106,6 +131,16 @@ impl NewJob {
             reason,
         }
     }
+}
+
+/// A new job's columns, as both stores write them.
+struct JobRow<'a> {
+    state: JobState,
+    /// The prepared request as JSON (no credentials).
+    request: Option<String>,
+    needs_payload: bool,
+    /// Why the job is dead from the start.
+    error: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

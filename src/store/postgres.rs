@@ -533,19 +533,12 @@ impl Store for PostgresStore {
                 });
                 continue;
             }
-            let (state, request, needs_payload, error) = match &job.request {
-                Ok(request) => (
-                    if job.lease.is_some() {
-                        JobState::InFlight
-                    } else {
-                        JobState::Queued
-                    },
-                    Some(serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?),
-                    request.needs_payload(),
-                    None,
-                ),
-                Err(reason) => (JobState::Dead, None, false, Some(reason.as_str())),
-            };
+            let super::JobRow {
+                state,
+                request,
+                needs_payload,
+                error,
+            } = job.row()?;
             queued |= state == JobState::Queued;
             tx.execute(
                 &insert_job,

@@ -432,19 +432,12 @@ fn ingest(conn: &Connection, event: &NewEvent) -> Result<Ingested, StoreError> {
             });
             continue;
         }
-        let (state, request, needs_payload, error) = match &job.request {
-            Ok(request) => (
-                if job.lease.is_some() {
-                    JobState::InFlight
-                } else {
-                    JobState::Queued
-                },
-                Some(serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?),
-                request.needs_payload(),
-                None,
-            ),
-            Err(reason) => (JobState::Dead, None, false, Some(reason.as_str())),
-        };
+        let super::JobRow {
+            state,
+            request,
+            needs_payload,
+            error,
+        } = job.row()?;
         insert_job
             .execute(params![
                 job.id.to_string(),

@@ -422,16 +422,7 @@ async fn start_subject(
             } else {
                 format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
             };
-            let config = ws.path(&format!("{name}-{run}.toml"));
-            std::fs::write(&config, relay_config(port, &store, circle, false)).map_err(|e| e.to_string())?;
-            let args = vec![
-                "serve".into(),
-                "--log-format".into(),
-                "json".into(),
-                "-c".into(),
-                config.display().to_string(),
-            ];
-            start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
+            start_relay(ws, &format!("{name}-{run}"), port, &store, circle, false).await
         }
     }
 }
@@ -454,6 +445,29 @@ async fn fresh_postgres_database(server: &str) -> Result<String, String> {
         .and_then(|s| s.rsplit_once('/'))
         .ok_or("--postgres takes a URL ending in /DATABASE")?;
     Ok(format!("{base}/{name}"))
+}
+
+/// relay on `store` at `port`, pinned like every subject; `label` names its
+/// config and log in the scratch directory.
+async fn start_relay(
+    ws: &Workspace,
+    label: &str,
+    port: u16,
+    store: &str,
+    circle: std::net::SocketAddr,
+    record: bool,
+) -> Result<Running, String> {
+    let config = ws.path(&format!("{label}.toml"));
+    std::fs::write(&config, relay_config(port, store, circle, record)).map_err(|e| e.to_string())?;
+    let args = vec![
+        "serve".into(),
+        "--log-format".into(),
+        "json".into(),
+        "-c".into(),
+        config.display().to_string(),
+    ];
+    let log = ws.path(&format!("{label}.log"));
+    start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
 }
 
 fn url(name: &str, port: u16) -> String {
@@ -613,28 +627,8 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         let mock = MockCircle::default();
         let circle = mock.clone().start(true).await.map_err(|e| e.to_string())?;
         let port = free_port()?;
-        let db = ws.path(&format!("e2e-{run}.db"));
-        let config = ws.path(&format!("e2e-{run}.toml"));
-        std::fs::write(
-            &config,
-            relay_config(port, &format!("sqlite://{}", db.display()), circle, true),
-        )
-        .map_err(|e| e.to_string())?;
-        let args = vec![
-            "serve".into(),
-            "--log-format".into(),
-            "json".into(),
-            "-c".into(),
-            config.display().to_string(),
-        ];
-        let relay = start_pinned(
-            &ws.relay_binary,
-            &args,
-            port,
-            ws.path(&format!("e2e-{run}.log")),
-            &[],
-        )
-        .await?;
+        let store = format!("sqlite://{}", ws.path(&format!("e2e-{run}.db")).display());
+        let relay = start_relay(ws, &format!("e2e-{run}"), port, &store, circle, true).await?;
         let client = relay::dispatch::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let total = E2E_RATE as u64 * seconds;
         let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
@@ -717,27 +711,8 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
         let db = ws.path(&format!("backlog-{run}.db"));
         fill_backlog(&db, circle).await?;
         let port = free_port()?;
-        let config = ws.path(&format!("backlog-{run}.toml"));
-        std::fs::write(
-            &config,
-            relay_config(port, &format!("sqlite://{}", db.display()), circle, false),
-        )
-        .map_err(|e| e.to_string())?;
-        let args = vec![
-            "serve".into(),
-            "--log-format".into(),
-            "json".into(),
-            "-c".into(),
-            config.display().to_string(),
-        ];
-        let relay = start_pinned(
-            &ws.relay_binary,
-            &args,
-            port,
-            ws.path(&format!("backlog-{run}.log")),
-            &[],
-        )
-        .await?;
+        let store = format!("sqlite://{}", db.display());
+        let relay = start_relay(ws, &format!("backlog-{run}"), port, &store, circle, false).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < BACKLOG {
