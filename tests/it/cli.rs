@@ -285,8 +285,29 @@ async fn check_reports_the_store_schema_and_never_the_database_password() {
         assert!(out.contains("schema: none yet"), "{out}");
         let config = relay::config::Config::from_toml(&format!("[store]\nurl = \"{url}\"\n")).unwrap();
         drop(relay::store::open(&config.store).await.unwrap());
-        let (_, out, _) = check(url);
+        let (_, out, _) = check(url.clone());
         assert!(out.contains("(current)"), "{out}");
         assert!(!out.contains("relay-test-pw"), "{out}");
+
+        // The password from a secret reference instead of the URL.
+        let parsed: tokio_postgres::Config = url.parse().unwrap();
+        let password = String::from_utf8(parsed.get_password().unwrap().to_vec()).unwrap();
+        let bare = url.replacen(&format!(":{password}@"), "@", 1);
+        std::fs::write(
+            &path,
+            format!("[store]\nurl = \"{bare}\"\npassword = {{ env = \"RELAY_TEST_DB_PASSWORD\" }}\n"),
+        )
+        .unwrap();
+        let (code, out, err) = run(
+            &["check", "-c", path.to_str().unwrap()],
+            &[("RELAY_TEST_DB_PASSWORD", &password)],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("(current)"), "{out}");
+        assert!(!out.contains("carries the database password"), "{out}");
+        assert!(
+            !out.contains(&password) && !err.contains(&password),
+            "{out}\n{err}"
+        );
     }
 }

@@ -426,3 +426,75 @@ async fn delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_checks_its_certificate() {
+    if postgres_database("tls_to_the_database_checks_its_certificate")
+        .await
+        .is_none()
+    {
+        return;
+    }
+    let (cluster, url) = OwnCluster::start();
+    // The server gets a certificate for 127.0.0.1 and requires TLS of
+    // every TCP client.
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let data = cluster.dir.join("data");
+    std::fs::write(data.join("server.crt"), certified.cert.pem()).unwrap();
+    std::fs::write(data.join("server.key"), certified.signing_key.serialize_pem()).unwrap();
+    let ca = cluster.dir.join("ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let hba = std::fs::read_to_string(data.join("pg_hba.conf"))
+        .unwrap()
+        .replace("host    all", "hostssl all")
+        .replace("host    replication", "hostssl replication");
+    std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+    let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+    conf.push_str("\nssl = on\n");
+    std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+    let owner = std::process::Command::new("chown")
+        .args([
+            "-R",
+            "--reference",
+            data.to_str().unwrap(),
+            data.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(owner.success());
+    let key_mode = std::process::Command::new("chmod")
+        .args(["600", data.join("server.key").to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(key_mode.success());
+    cluster.stop();
+    cluster.resume();
+
+    let open = |text: String| async move {
+        let config = relay::config::Config::from_toml(&text).unwrap();
+        relay::store::open(&config.store).await.map(drop)
+    };
+    // Trusting the CA that signed it: connected, schema created.
+    open(format!(
+        "[store]\nurl = \"{url}?sslmode=require\"\nca_file = \"{}\"\n",
+        ca.display()
+    ))
+    .await
+    .unwrap();
+    // Without it, the certificate is refused, and the error says what to do.
+    let refused = open(format!("[store]\nurl = \"{url}?sslmode=require\"\n"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("set store.ca_file"), "{refused}");
+    assert!(!refused.contains("relay-test-pw"), "{refused}");
+    // The server takes no connection without TLS.
+    let plain = open(format!("[store]\nurl = \"{url}?sslmode=disable\"\n"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        plain.contains("no encryption") || plain.contains("pg_hba.conf"),
+        "{plain}"
+    );
+}
