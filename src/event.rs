@@ -113,11 +113,11 @@ pub fn is_zero_sha(sha: &str) -> bool {
 }
 
 /// The sorted, de-duplicated list of files the pushed commits touched.
-pub fn changed_paths<'a>(files: impl Iterator<Item = &'a String>) -> Vec<String> {
-    let mut paths: Vec<String> = files.cloned().collect();
+pub fn changed_paths<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut paths: Vec<&str> = files.collect();
     paths.sort_unstable();
     paths.dedup();
-    paths
+    paths.into_iter().map(str::to_owned).collect()
 }
 
 /// A verified webhook request: the bytes as received plus what the headers said.

@@ -5,6 +5,8 @@
 //! tag never triggers twice. `create`, `delete` and other events parse to kind
 //! `other`. SHA-1 (`X-Hub-Signature`) is accepted only with `allow_sha1`.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::HeaderMap;
 use serde::Deserialize;
@@ -134,8 +136,10 @@ struct Repository {
     html_url: Option<String>,
 }
 
+/// A push, borrowing from the body where it can: the commit list is most of
+/// a push's bytes, and only its file names and the head's message are kept.
 #[derive(Deserialize)]
-struct Push {
+struct Push<'a> {
     #[serde(rename = "ref")]
     git_ref: String,
     before: String,
@@ -151,10 +155,10 @@ struct Push {
     pusher: Option<Named>,
     #[serde(default)]
     sender: Option<Login>,
-    #[serde(default)]
-    head_commit: Option<Commit>,
-    #[serde(default)]
-    commits: Vec<Commit>,
+    #[serde(default, borrow)]
+    head_commit: Option<Commit<'a>>,
+    #[serde(default, borrow)]
+    commits: Vec<Commit<'a>>,
     /// Gitea's count of all pushed commits (its list is capped lower).
     #[serde(default)]
     total_commits: Option<usize>,
@@ -187,31 +191,32 @@ struct Login {
 }
 
 #[derive(Deserialize)]
-struct Commit {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    message: String,
+struct Commit<'a> {
+    #[serde(default, borrow)]
+    id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    message: Cow<'a, str>,
     /// Absent (not empty) when the sender does not list files: Gitea does
     /// not in some versions, and then nothing is known about the paths.
-    #[serde(default)]
-    added: Option<Vec<String>>,
-    #[serde(default)]
-    modified: Option<Vec<String>>,
-    #[serde(default)]
-    removed: Option<Vec<String>>,
+    #[serde(default, borrow)]
+    added: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    modified: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    removed: Option<Vec<Cow<'a, str>>>,
 }
 
-impl Commit {
+impl Commit<'_> {
     fn lists_files(&self) -> bool {
         self.added.is_some() && self.modified.is_some() && self.removed.is_some()
     }
 
-    fn files(&self) -> impl Iterator<Item = &String> {
+    fn files(&self) -> impl Iterator<Item = &str> {
         [&self.added, &self.modified, &self.removed]
             .into_iter()
             .flatten()
             .flatten()
+            .map(|file| &**file)
     }
 }
 
@@ -343,13 +348,9 @@ pub(super) fn push_event(payload: &[u8], commit_cap: usize) -> Result<Event, Pay
     // Gitea may leave head_commit out; the listed commit at `after` is the head.
     event.message = push
         .head_commit
-        .map(|c| c.message)
-        .or_else(|| {
-            push.commits
-                .iter()
-                .find(|c| c.id == event.sha)
-                .map(|c| c.message.clone())
-        })
+        .as_ref()
+        .or_else(|| push.commits.iter().find(|c| c.id == event.sha))
+        .map(|c| c.message.clone().into_owned())
         .unwrap_or_default();
     let listed = push.commits.len();
     event.paths_complete = listed > 0

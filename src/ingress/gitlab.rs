@@ -395,7 +395,8 @@ fn push_event(push: Push) -> Event {
     event.paths = changed_paths(
         push.commits
             .iter()
-            .flat_map(|c| c.added.iter().chain(&c.modified).chain(&c.removed)),
+            .flat_map(|c| c.added.iter().chain(&c.modified).chain(&c.removed))
+            .map(String::as_str),
     );
     event.sha = push.after;
     event.before = push.before;

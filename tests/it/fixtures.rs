@@ -1284,19 +1284,32 @@ async fn github_tag_push_fixture_is_accepted_and_recorded() {
         json!({ "event": id, "jobs": 0, "routes": [], "dropped": [], "rejected": [] })
     );
 
-    let (source, hook, delivery, stored, summary): (String, String, Option<String>, Vec<u8>, String) = relay
+    type Row = (String, String, Option<String>, Vec<u8>, i64, String);
+    let (source, hook, delivery, stored, codec, summary): Row = relay
         .db()
         .query_row(
-            "SELECT source, hook, delivery, body, summary FROM events WHERE id = ?1",
+            "SELECT source, hook, delivery, body, codec, summary FROM events WHERE id = ?1",
             [id.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .unwrap();
     assert_eq!(
         (source.as_str(), hook.as_str(), delivery.as_deref()),
         ("github", "push", Some("e2e-tag-push"))
     );
-    assert_eq!(stored, body, "the body is stored exactly as received");
+    // Stored LZ4-compressed (codec 1), and exactly the body once unpacked.
+    assert_eq!(codec, 1, "a {}-byte JSON body is stored compressed", body.len());
+    assert!(
+        stored.len() < body.len() / 2,
+        "{} of {} bytes",
+        stored.len(),
+        body.len()
+    );
+    assert_eq!(
+        relay.stored_body(Some(&id)),
+        (body, None),
+        "the body is stored exactly as received"
+    );
     let summary: Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(
         summary,

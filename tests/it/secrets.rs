@@ -231,6 +231,25 @@ sign = {{ secret = {{ env = "TEST_MIRROR_SECRET" }} }}
         }
     }
     let conn = rusqlite::Connection::open(&db).unwrap();
+    // And every stored body as it reads once unpacked: a compressed one
+    // (codec 1) would hide a secret from the scan above.
+    let bodies: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> = conn
+        .prepare("SELECT body, payload, codec FROM events")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(bodies.len(), 2, "the push and the legacy Gitea push are stored");
+    for (body, payload, codec) in bodies {
+        for stored in std::iter::once(body).chain(payload) {
+            let plain = match codec {
+                0 => stored,
+                _ => lz4_flex::block::decompress_size_prepended(&stored).unwrap(),
+            };
+            assert_clean("a stored event body", &String::from_utf8_lossy(&plain));
+        }
+    }
     let excerpts: Vec<String> = conn
         .prepare("SELECT excerpt FROM attempts WHERE status = 400")
         .unwrap()

@@ -405,6 +405,25 @@ impl Relay {
             .unwrap()
     }
 
+    /// An event's `body` and `payload` columns as received: the store keeps
+    /// them LZ4-compressed where that pays (`codec` 1).
+    pub fn stored_body(&self, event_id: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
+        let (body, payload, codec): (Vec<u8>, Option<Vec<u8>>, i64) = self
+            .db()
+            .query_row(
+                "SELECT body, payload, codec FROM events WHERE ?1 IS NULL OR id = ?1",
+                [event_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        let unpack = |stored: Vec<u8>| match codec {
+            0 => stored,
+            1 => lz4_flex::block::decompress_size_prepended(&stored).unwrap(),
+            other => panic!("codec {other}"),
+        };
+        (unpack(body), payload.map(unpack))
+    }
+
     pub fn count(&self, sql: &str) -> i64 {
         self.db().query_row(sql, [], |r| r.get(0)).unwrap()
     }

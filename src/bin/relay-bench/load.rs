@@ -117,6 +117,17 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// Bytes a process has caused to be written to storage so far
+/// (`write_bytes` in /proc/PID/io: what reaches the disk, not the page cache).
+pub fn disk_writes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Resident memory, in MiB.
 pub fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

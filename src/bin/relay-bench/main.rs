@@ -24,6 +24,7 @@ use serde::Serialize;
 use servers::{Baseline, MockCircle};
 
 const SECRET: &str = "bench-webhook-secret";
+/// The connection counts every subject is measured at, unless `--connections` says.
 const CONCURRENCY: [u32; 2] = [1, 32];
 const BACKLOG: usize = 20_000;
 const E2E_RATE: u32 = 100;
@@ -37,6 +38,8 @@ struct Options {
     /// A PostgreSQL server where the harness may create (and drop) a
     /// database per run: adds relay on the shared store as a subject.
     postgres: Option<String>,
+    /// wrk's connection counts (`--connections 32` or `1,32`).
+    connections: Vec<u32>,
 }
 
 fn options() -> Result<Options, String> {
@@ -46,6 +49,7 @@ fn options() -> Result<Options, String> {
         out: PathBuf::from("bench-results.json"),
         only: None,
         postgres: None,
+        connections: CONCURRENCY.to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -59,6 +63,13 @@ fn options() -> Result<Options, String> {
             "--out" => options.out = PathBuf::from(value()?),
             "--only" => options.only = Some(value()?),
             "--postgres" => options.postgres = Some(value()?),
+            "--connections" => {
+                options.connections = value()?
+                    .split(',')
+                    .map(|c| c.trim().parse::<u32>().ok().filter(|c| *c > 0))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or("--connections takes counts like 1,32")?
+            }
             "serve-baseline" => {
                 // The harness re-runs itself as the hyper baselines.
                 let which = match value()?.as_str() {
@@ -482,6 +493,8 @@ fn url(name: &str, port: u16) -> String {
 struct RunFigures {
     wrk: WrkResult,
     cpu_us_per_request: f64,
+    /// Bytes the subject had the kernel write to storage, per request.
+    disk_bytes_per_request: f64,
 }
 
 /// Median and spread of the runs at one concurrency.
@@ -494,6 +507,7 @@ struct Summary {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_request: f64,
+    disk_bytes_per_request: f64,
     non_2xx: u64,
     socket_errors: u64,
     runs: Vec<RunFigures>,
@@ -522,6 +536,7 @@ fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
         p50_ms: median(pick(&|r| r.wrk.p50_ms)),
         p99_ms: median(pick(&|r| r.wrk.p99_ms)),
         cpu_us_per_request: median(pick(&|r| r.cpu_us_per_request)),
+        disk_bytes_per_request: median(pick(&|r| r.disk_bytes_per_request)),
         non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
         socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
         runs,
@@ -547,7 +562,7 @@ async fn measure(
     options: &Options,
 ) -> Result<SubjectResult, String> {
     let mut per_connections: Vec<(u32, Vec<RunFigures>)> =
-        CONCURRENCY.iter().map(|c| (*c, Vec::new())).collect();
+        options.connections.iter().map(|c| (*c, Vec::new())).collect();
     let (mut idle, mut after) = (Vec::new(), Vec::new());
     let mut exec_failures = 0;
     for run in 0..options.runs {
@@ -565,6 +580,7 @@ async fn measure(
             )
             .map_err(|e| e.to_string())?;
             let before = load::cpu_time(subject.pid()).unwrap_or_default();
+            let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
             let wrk = tokio::task::spawn_blocking({
                 let (url, script, duration, c) = (
                     url(name, subject.port),
@@ -579,10 +595,14 @@ async fn measure(
             let cpu = load::cpu_time(subject.pid())
                 .unwrap_or_default()
                 .saturating_sub(before);
-            let cpu_us = cpu.as_secs_f64() * 1e6 / wrk.requests.max(1) as f64;
+            let written = load::disk_writes(subject.pid())
+                .unwrap_or_default()
+                .saturating_sub(written_before);
+            let requests = wrk.requests.max(1) as f64;
             figures.push(RunFigures {
+                cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
+                disk_bytes_per_request: written as f64 / requests,
                 wrk,
-                cpu_us_per_request: cpu_us,
             });
         }
         after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
@@ -907,14 +927,14 @@ fn table(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | RSS idle → after (MiB) | non-2xx |"
+        "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | disk KB/req | RSS idle → after (MiB) | non-2xx |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &report.subjects {
         for c in &s.by_connections {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.0} | {:.1} → {:.1} | {} |",
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} → {:.1} | {} |",
                 s.name,
                 c.connections,
                 c.requests_per_sec,
@@ -923,6 +943,7 @@ fn table(report: &Report) -> String {
                 c.p50_ms,
                 c.p99_ms,
                 c.cpu_us_per_request,
+                c.disk_bytes_per_request / 1024.0,
                 s.rss_idle_mib,
                 s.rss_after_mib,
                 c.non_2xx + c.socket_errors
