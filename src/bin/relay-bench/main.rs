@@ -40,6 +40,10 @@ struct Options {
     postgres: Option<String>,
     /// wrk's connection counts (`--connections 32` or `1,32`).
     connections: Vec<u32>,
+    /// The relay binary to measure; by default the one built beside this
+    /// harness. Another build (say, of an older commit) can be measured on
+    /// the same machine in the same conditions.
+    relay: Option<PathBuf>,
 }
 
 fn options() -> Result<Options, String> {
@@ -50,6 +54,7 @@ fn options() -> Result<Options, String> {
         only: None,
         postgres: None,
         connections: CONCURRENCY.to_vec(),
+        relay: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -63,6 +68,7 @@ fn options() -> Result<Options, String> {
             "--out" => options.out = PathBuf::from(value()?),
             "--only" => options.only = Some(value()?),
             "--postgres" => options.postgres = Some(value()?),
+            "--relay" => options.relay = Some(PathBuf::from(value()?)),
             "--connections" => {
                 options.connections = value()?
                     .split(',')
@@ -823,9 +829,12 @@ struct Report {
 async fn run(options: Options, machine: String) -> Result<(), String> {
     let dir = Scratch::new()?;
     let (body, signature) = payload();
-    let relay_binary = std::env::current_exe()
-        .map_err(|e| e.to_string())?
-        .with_file_name("relay");
+    let relay_binary = match &options.relay {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("relay"),
+    };
     if !relay_binary.exists() {
         return Err(format!(
             "{} is missing: build it first (bench/run.sh does: cargo build --release --bins)",
