@@ -121,7 +121,7 @@ async fn main() {
                     next: NextState::Done,
                     at: now,
                 };
-                assert!(store.complete(completion).await.expect("completion commits"));
+                assert!(store.complete(completion, now).await.expect("completion commits"));
             }
         }));
     }

@@ -717,6 +717,10 @@ fn state_path(path: &Path) -> PathBuf {
     }
 }
 
+/// The shortest `delivery.lease`: renewals every third of it must still
+/// leave a database round trip room.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+
 fn compile_delivery(raw: raw::RawDelivery, c: &mut Compiler) -> Delivery {
     if raw.attempts == 0 {
         c.problem("delivery.attempts", "must be at least 1");
@@ -736,15 +740,16 @@ fn compile_delivery(raw: raw::RawDelivery, c: &mut Compiler) -> Delivery {
             "must not be longer than delivery.backoff.max",
         );
     }
-    // Room for one whole attempt and its recording: a shorter lease would
-    // hand a healthy send to another worker and send the job twice.
+    // A sending relay renews its leases every third of the lease, so the
+    // lease only bounds how long a dead relay's jobs wait for another; the
+    // default leaves room for a whole attempt even between renewals.
     let lease = raw.lease.unwrap_or(raw.timeout * 2 + Duration::from_secs(30));
-    if lease <= raw.timeout {
+    if lease < MIN_LEASE {
         c.problem(
             "delivery.lease",
             format!(
-                "must be longer than delivery.timeout ({}), or sends that are still running would be taken over and repeated",
-                humantime::format_duration(raw.timeout)
+                "must be at least {}: a relay renews the leases of its sends every third of it",
+                humantime::format_duration(MIN_LEASE)
             ),
         );
     }

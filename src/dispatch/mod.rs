@@ -10,6 +10,7 @@ pub mod outcome;
 pub mod retry;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::daemon::App;
@@ -226,7 +227,10 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
         let config = app.config();
         let started_at = app.now();
         let clock = tokio::time::Instant::now();
-        let result = attempt(&config, &app.sends.client, &job, app.now()).await;
+        let result = tokio::select! {
+            result = attempt(&config, &app.sends.client, &job, app.now()) => result,
+            never = keep_leased(&app, &job, config.delivery.lease) => match never {},
+        };
         let duration = clock.elapsed();
         let ended = app.now();
         let next = RetryPolicy::new(&config.delivery).decide(
@@ -265,6 +269,27 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     // retry may be due sooner, and a starved target now has a free slot.
     if retry_scheduled || app.sends.starved.load(Ordering::Relaxed) {
         app.wake_dispatch();
+    }
+}
+
+/// Renews the job's lease every third of `lease` for as long as its send
+/// runs: a send may outlast the lease while its relay lives, and the jobs of
+/// a relay that died are taken over one lease after its last renewal. The
+/// claim id fences each renewal; once it is lost, renewing stops.
+async fn keep_leased(app: &App, job: &ClaimedJob, lease: Duration) -> Infallible {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match app.store.renew(job.id, job.claim, lease, app.now()).await {
+            Ok(true) => debug!(lease_secs = lease.as_secs_f64(), "lease renewed"),
+            Ok(false) => {
+                warn!(
+                    "the job's lease ran out and another worker took it while this send was running; this attempt will not be recorded"
+                );
+                return std::future::pending().await;
+            }
+            Err(e) => warn!(error = %e, "cannot renew the job's lease; will try again"),
+        }
     }
 }
 
@@ -391,7 +416,7 @@ async fn record(app: &App, completion: Completion) {
     let mut wait = Duration::from_millis(100);
     let mut failures = 0u32;
     loop {
-        match app.store.complete(completion.clone()).await {
+        match app.store.complete(completion.clone(), app.now()).await {
             Ok(true) => {
                 if failures > 0 {
                     info!(failures, "attempt recorded once the store answered again");

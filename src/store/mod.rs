@@ -397,8 +397,21 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Records an attempt and moves the job on, if `claim` still holds.
     /// `Ok(false)`: the claim was lost (the lease expired and another worker
+    /// took the job); nothing was written. `now` is when it is written, on
+    /// the clock of the completion's times: later than `completion.at` when
+    /// the store was away for a while.
+    async fn complete(&self, completion: Completion, now: SystemTime) -> Result<bool, StoreError>;
+
+    /// Extends the lease of a job being sent to `lease` from `now`, if
+    /// `claim` still holds. `Ok(false)`: the claim was lost (another worker
     /// took the job); nothing was written.
-    async fn complete(&self, completion: Completion) -> Result<bool, StoreError>;
+    async fn renew(
+        &self,
+        job: Uuid,
+        claim: Uuid,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError>;
 
     /// The next moment a job becomes due or a lease expires, on the
     /// caller's clock (whose reading is `now`).

@@ -637,8 +637,13 @@ impl Store for PostgresStore {
         Ok(jobs)
     }
 
-    async fn complete(&self, c: Completion) -> Result<bool, StoreError> {
+    async fn complete(&self, c: Completion, now: SystemTime) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
+        // Times are translated from the moment of writing, not from `c.at`:
+        // a completion recorded late (the database was away) keeps the
+        // attempt's real start, and a retry's backoff counts from the
+        // attempt's end.
+        let written_at = now;
         let (state, due_in, maybe, error) = match &c.next {
             NextState::Done => (JobState::Done, 0, 0, None),
             NextState::Retry {
@@ -646,7 +651,7 @@ impl Store for PostgresStore {
                 maybe_delivered,
             } => (
                 JobState::Queued,
-                offset(*due_at, c.at),
+                offset(*due_at, written_at),
                 i32::from(*maybe_delivered),
                 Some(c.attempt.excerpt.as_str()),
             ),
@@ -669,7 +674,7 @@ impl Store for PostgresStore {
                     now() + $7::int8 * interval '1 microsecond', $8, $9, $10, $11
              FROM moved";
         let state_name = state.as_str();
-        let started = offset(c.attempt.started_at, c.at);
+        let started = offset(c.attempt.started_at, written_at);
         let duration_ms = micros(c.attempt.duration) / 1000;
         let status = c.attempt.status.map(i32::from);
         let params: [&(dyn ToSql + Sync); 11] = [
@@ -707,6 +712,28 @@ impl Store for PostgresStore {
         notify(&tx).await?;
         tx.commit().await.map_err(|e| unavailable(&e))?;
         Ok(true)
+    }
+
+    async fn renew(
+        &self,
+        job: Uuid,
+        claim: Uuid,
+        lease: Duration,
+        _now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE jobs SET lease_until = now() + $3::int8 * interval '1 microsecond'
+                 WHERE id = $1 AND claim_id = $2 AND state = 'in_flight'",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let renewed = client
+            .execute(&stmt, &[&job, &claim, &micros(lease)])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(renewed > 0)
     }
 
     async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError> {

@@ -1132,9 +1132,36 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn complete(&self, completion: Completion) -> Result<bool, StoreError> {
+    async fn complete(&self, completion: Completion, _now: SystemTime) -> Result<bool, StoreError> {
+        // Times are stored as given, on the caller's clock: nothing to translate.
         self.run(Durability::Committed, move |conn| complete(conn, &completion))
             .await
+    }
+
+    async fn renew(
+        &self,
+        job: Uuid,
+        claim: Uuid,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        // Losing a renewal to a power cut costs nothing: the process that
+        // held the lease is gone with it.
+        self.run(Durability::Committed, move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'in_flight'",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    to_millis(now + lease),
+                    job.to_string(),
+                    claim.to_string()
+                ])
+            })
+            .map(|renewed| renewed > 0)
+            .map_err(|e| unavailable(&e))
+        })
+        .await
     }
 
     async fn next_wakeup(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {

@@ -133,8 +133,8 @@ fn broken_configs_name_the_file_and_the_key() {
             "store.password: applies only to a postgres:// store",
         ),
         (
-            "[delivery]\ntimeout = \"10s\"\nlease = \"10s\"\n",
-            "delivery.lease: must be longer than delivery.timeout (10s)",
+            "[delivery]\nlease = \"500ms\"\n",
+            "delivery.lease: must be at least 1s: a relay renews the leases of its sends every third of it",
         ),
     ];
     let dir = tempfile::tempdir().unwrap();

@@ -190,6 +190,37 @@ async fn a_404_is_dead_after_one_attempt_with_the_targets_message() {
     relay.stop().await;
 }
 
+/// A target that takes longer to answer than the lease: relay renews the
+/// lease while the send runs, so the job is not taken over and sent again.
+#[tokio::test]
+async fn a_send_that_outlasts_its_lease_is_renewed_not_repeated() {
+    let circle = MockServer::start(Reply::new(201, CREATED).after(Duration::from_secs(4))).await;
+    let relay = Relay::start(&config(&circle, "timeout = \"10s\"\nlease = \"1500ms\"", "")).await;
+    post_push(&relay, 1).await;
+    relay
+        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
+        .await;
+    // Another lease's worth: a takeover would have sent by now.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(circle.requests().len(), 1, "one send, however long it took");
+    let (attempts, recorded): (i64, i64) = relay
+        .db()
+        .query_row(
+            "SELECT j.attempts, (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) FROM jobs j",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((attempts, recorded), (1, 1));
+    let duration_ms: i64 = relay
+        .db()
+        .query_row("SELECT duration_ms FROM attempts", [], |r| r.get(0))
+        .unwrap();
+    assert!(duration_ms >= 4000, "the attempt took {duration_ms} ms");
+    assert_eq!(outcomes(&relay), vec![(Some(201), "delivered".to_owned())]);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn a_target_outage_delays_but_loses_nothing() {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;

@@ -443,7 +443,10 @@ impl Store for FullDisk {
     ) -> Result<Vec<ClaimedJob>, StoreError> {
         Ok(Vec::new())
     }
-    async fn complete(&self, _: Completion) -> Result<bool, StoreError> {
+    async fn complete(&self, _: Completion, _: SystemTime) -> Result<bool, StoreError> {
+        Err(full())
+    }
+    async fn renew(&self, _: Uuid, _: Uuid, _: Duration, _: SystemTime) -> Result<bool, StoreError> {
         Err(full())
     }
     async fn next_wakeup(&self, _: SystemTime) -> Result<Option<SystemTime>, StoreError> {

@@ -120,6 +120,7 @@ cases! {
         leased_job_waits_for_its_lease,
         claim_respects_limit_and_reclaims_expired_leases,
         stale_completion_writes_nothing,
+        renewal_extends_only_a_lease_still_held,
         complete_moves_the_job,
         retry_waits_until_due,
         next_wakeup_reports_the_earliest,
@@ -236,7 +237,10 @@ fn completion(id: Uuid, claim: Uuid, status: u16, next: NextState) -> Completion
 }
 
 async fn complete(store: &Arc<dyn Store>, id: Uuid, claim: Uuid, status: u16, next: NextState) -> bool {
-    store.complete(completion(id, claim, status, next)).await.unwrap()
+    store
+        .complete(completion(id, claim, status, next), SystemTime::now())
+        .await
+        .unwrap()
 }
 
 fn all_jobs() -> JobFilter {
@@ -490,6 +494,61 @@ async fn stale_completion_writes_nothing(f: Fixture) {
     assert_eq!(history_len(store, id).await, 1);
 }
 
+/// A renewal moves the lease's end out from the store's now, where the
+/// claim id still holds; a stale worker's renewal changes nothing.
+async fn renewal_extends_only_a_lease_still_held(f: Fixture) {
+    let store = &f.store;
+    let j = queued("ci");
+    let id = j.id;
+    accept(store, event("renew-1", vec![j])).await;
+    let first = claim(store, "ci", 1, WINDOW).await;
+    assert_eq!(ids(&first), HashSet::from([id]));
+
+    // Renewed before it runs out, the lease holds past its first end.
+    tokio::time::sleep(WINDOW / 2).await;
+    let renewed_at = SystemTime::now();
+    assert!(store.renew(id, first[0].claim, LEASE, renewed_at).await.unwrap());
+    tokio::time::sleep(WINDOW).await;
+    assert!(
+        claim(store, "ci", 1, LEASE).await.is_empty(),
+        "the renewed lease holds"
+    );
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert_near(wake, renewed_at + LEASE, "the renewed lease's end");
+
+    // Left to run out, it is taken over; the old claim can renew no more.
+    assert!(
+        store
+            .renew(id, first[0].claim, WINDOW, SystemTime::now())
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let second = claim(store, "ci", 1, LEASE).await;
+    assert_eq!(ids(&second), HashSet::from([id]));
+    assert!(
+        !store
+            .renew(id, first[0].claim, LEASE, SystemTime::now())
+            .await
+            .unwrap(),
+        "a stale claim cannot renew"
+    );
+    let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
+    assert!(
+        wake > SystemTime::now() + LEASE - Duration::from_secs(5),
+        "the stale renewal left the new lease alone"
+    );
+    assert!(complete(store, id, second[0].claim, 201, NextState::Done).await);
+    assert!(
+        !store
+            .renew(id, second[0].claim, LEASE, SystemTime::now())
+            .await
+            .unwrap(),
+        "a finished job has no lease to renew"
+    );
+    assert_eq!(state_of(store, id).await, JobState::Done);
+}
+
 async fn complete_moves_the_job(f: Fixture) {
     let store = &f.store;
     let jobs = vec![queued("ci"), queued("ci"), queued("ci")];
@@ -617,7 +676,7 @@ async fn retry_waits_until_due(f: Fixture) {
         },
     );
     let due = c.at + WINDOW;
-    assert!(store.complete(c).await.unwrap());
+    assert!(store.complete(c, SystemTime::now()).await.unwrap());
 
     assert!(claim(store, "ci", 10, LEASE).await.is_empty(), "not due yet");
     let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
@@ -653,7 +712,7 @@ async fn next_wakeup_reports_the_earliest(f: Fixture) {
         },
     );
     let retry_due = c.at + Duration::from_secs(3600);
-    assert!(store.complete(c).await.unwrap());
+    assert!(store.complete(c, SystemTime::now()).await.unwrap());
     let wake = store.next_wakeup(SystemTime::now()).await.unwrap().unwrap();
     assert_near(wake, claimed_at + LEASE, "the lease's end");
 
