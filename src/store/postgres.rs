@@ -137,12 +137,42 @@ const MAX_OFFSET_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// store reports itself unavailable (ingress answers 503, the sender retries).
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Unacknowledged data on a connection for this long ends it.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection is probed after this long (then every third of it).
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(15);
+/// tokio-postgres's (and libpq's) default idle time, which a URL that sets
+/// none leaves in place.
+const LIBPQ_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 /// How often an idle LISTEN connection is checked: a connection that died
 /// silently (a dropped NAT entry) would otherwise never be replaced.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The longest a store operation may take before it is reported
+/// unavailable (ingress answers 503, the sender retries). A database that
+/// stopped answering without closing its connections (a host gone, a
+/// network partition) would otherwise hold each webhook until its sender
+/// gave up. Below GitHub's and GitLab's 10-second delivery timeout.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Runs one store operation under [`OPERATION_TIMEOUT`].
+async fn within<T>(
+    what: &str,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(OPERATION_TIMEOUT, operation)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer within {}s ({what})",
+                OPERATION_TIMEOUT.as_secs()
+            )))
+        })
+}
 
 /// The connection type both the pool and the listener use: tokio-postgres
 /// skips TLS itself when `sslmode=disable`.
@@ -179,7 +209,7 @@ impl PostgresStore {
         };
         let tls = tls_connector(settings).map_err(fail)?;
         let manager = Manager::from_config(
-            settings.connect.clone(),
+            connection_config(&settings.connect),
             tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -197,7 +227,7 @@ impl PostgresStore {
         drop(client);
 
         let wake = Arc::new(Notify::new());
-        let connect = with_connect_timeout(&settings.connect);
+        let connect = connection_config(&settings.connect);
         // Listening before `open` returns: work queued from here on is heard.
         let session = listen_on(&connect, &tls, &wake).await.map_err(fail)?;
         let stop = CancellationToken::new();
@@ -233,7 +263,7 @@ pub async fn schema_status(settings: &PostgresSettings) -> Result<SchemaStatus, 
         reason,
     };
     let tls = tls_connector(settings).map_err(fail)?;
-    let (client, connection) = with_connect_timeout(&settings.connect)
+    let (client, connection) = connection_config(&settings.connect)
         .connect(tls)
         .await
         .map_err(|e| fail(connect_error(&e)))?;
@@ -267,10 +297,25 @@ fn latest_version() -> u32 {
     u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
 }
 
-fn with_connect_timeout(connect: &tokio_postgres::Config) -> tokio_postgres::Config {
+/// The URL's connection settings, with what a long-running daemon needs
+/// where the URL leaves it open: a connect timeout, and TCP keepalives and a
+/// user timeout, so that a connection to a database that vanished without a
+/// word (a host gone, a dropped NAT entry) fails in seconds instead of
+/// hanging until the kernel's two-hour default.
+fn connection_config(connect: &tokio_postgres::Config) -> tokio_postgres::Config {
     let mut connect = connect.clone();
     if connect.get_connect_timeout().is_none() {
         connect.connect_timeout(POOL_TIMEOUT);
+    }
+    if connect.get_tcp_user_timeout().is_none() {
+        connect.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if connect.get_keepalives_idle() == LIBPQ_KEEPALIVES_IDLE {
+        connect
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVES_IDLE)
+            .keepalives_interval(KEEPALIVES_IDLE / 3)
+            .keepalives_retries(3);
     }
     connect
 }
@@ -448,121 +493,124 @@ fn target_lock(target: &str) -> i32 {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-        let insert_event = tx
-            .prepare_cached(
-                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7, $8, $9)
-                 ON CONFLICT (source, delivery) DO NOTHING
-                 RETURNING id",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let inserted = tx
-            .query_opt(
-                &insert_event,
-                &[
-                    &event.id,
-                    &event.source,
-                    &event.delivery,
-                    &event.hook,
-                    &event.content_type,
-                    &&event.body[..],
-                    &event.payload.as_deref(),
-                    &i64::from(event.hop),
-                    &event.summary,
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if inserted.is_none() {
-            // Another relay may have committed this delivery a moment ago:
-            // the unique key decided, and its event id is the answer.
-            let original = tx
-                .query_one(
-                    "SELECT id FROM events WHERE source = $1 AND delivery = $2",
-                    &[&event.source, &event.delivery],
+        within("ingest", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+            let insert_event = tx
+                .prepare_cached(
+                    "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
+                     VALUES ($1, $2, $3, $4, now(), $5, $6, $7, $8, $9)
+                     ON CONFLICT (source, delivery) DO NOTHING
+                     RETURNING id",
                 )
                 .await
                 .map_err(|e| unavailable(&e))?;
-            return Ok(Ingested::Duplicate(col(&original, 0)?));
-        }
-        for drop in &event.drops {
-            insert_drop(&tx, event.id, drop).await?;
-        }
-        // The burst count is only right if no other relay is adding jobs for
-        // the target meanwhile: a per-target lock, held to the commit. All
-        // are taken up front, in key order (unnest keeps the array's), so
-        // two ingests for the same targets queue rather than deadlock.
-        // Dedupe needs no lock of its own: its row decides.
-        let mut locks: Vec<i32> = event
-            .jobs
-            .iter()
-            .filter(|job| job.limits.burst.is_some())
-            .map(|job| target_lock(&job.target))
-            .collect();
-        locks.sort_unstable();
-        locks.dedup();
-        if !locks.is_empty() {
-            let lock = tx
-                .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
+            let inserted = tx
+                .query_opt(
+                    &insert_event,
+                    &[
+                        &event.id,
+                        &event.source,
+                        &event.delivery,
+                        &event.hook,
+                        &event.content_type,
+                        &&event.body[..],
+                        &event.payload.as_deref(),
+                        &i64::from(event.hop),
+                        &event.summary,
+                    ],
+                )
                 .await
                 .map_err(|e| unavailable(&e))?;
-            tx.execute(&lock, &[&TARGET_LOCK_CLASS, &locks])
-                .await
-                .map_err(|e| unavailable(&e))?;
-        }
-        let insert_job = tx
-            .prepare_cached(
-                "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
-                                   claim_id, lease_until, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8,
-                         $9, now() + $10::int8 * interval '1 microsecond', now(), now())",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut held_back = Vec::new();
-        let mut queued = false;
-        for job in &event.jobs {
-            if let Some(drop) = hold_back(&tx, job).await? {
-                insert_drop(&tx, event.id, &drop).await?;
-                held_back.push(HeldBack {
-                    job_id: job.id,
-                    dropped: drop,
-                });
-                continue;
+            if inserted.is_none() {
+                // Another relay may have committed this delivery a moment ago:
+                // the unique key decided, and its event id is the answer.
+                let original = tx
+                    .query_one(
+                        "SELECT id FROM events WHERE source = $1 AND delivery = $2",
+                        &[&event.source, &event.delivery],
+                    )
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                return Ok(Ingested::Duplicate(col(&original, 0)?));
             }
-            let super::JobRow {
-                state,
-                request,
-                needs_payload,
-                error,
-            } = job.row()?;
-            queued |= state == JobState::Queued;
-            tx.execute(
-                &insert_job,
-                &[
-                    &job.id,
-                    &event.id,
-                    &job.route,
-                    &job.target,
-                    &state.as_str(),
-                    &request,
-                    &needs_payload,
-                    &error,
-                    &job.lease.map(|l| l.claim),
-                    &job.lease.map(|l| offset(l.until, event.received_at)),
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        }
-        if queued {
-            notify(&tx).await?;
-        }
-        tx.commit().await.map_err(|e| unavailable(&e))?;
-        Ok(Ingested::Accepted(held_back))
+            for drop in &event.drops {
+                insert_drop(&tx, event.id, drop).await?;
+            }
+            // The burst count is only right if no other relay is adding jobs for
+            // the target meanwhile: a per-target lock, held to the commit. All
+            // are taken up front, in key order (unnest keeps the array's), so
+            // two ingests for the same targets queue rather than deadlock.
+            // Dedupe needs no lock of its own: its row decides.
+            let mut locks: Vec<i32> = event
+                .jobs
+                .iter()
+                .filter(|job| job.limits.burst.is_some())
+                .map(|job| target_lock(&job.target))
+                .collect();
+            locks.sort_unstable();
+            locks.dedup();
+            if !locks.is_empty() {
+                let lock = tx
+                    .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                tx.execute(&lock, &[&TARGET_LOCK_CLASS, &locks])
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+            }
+            let insert_job = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
+                                       claim_id, lease_until, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8,
+                             $9, now() + $10::int8 * interval '1 microsecond', now(), now())",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let mut held_back = Vec::new();
+            let mut queued = false;
+            for job in &event.jobs {
+                if let Some(drop) = hold_back(&tx, job).await? {
+                    insert_drop(&tx, event.id, &drop).await?;
+                    held_back.push(HeldBack {
+                        job_id: job.id,
+                        dropped: drop,
+                    });
+                    continue;
+                }
+                let super::JobRow {
+                    state,
+                    request,
+                    needs_payload,
+                    error,
+                } = job.row()?;
+                queued |= state == JobState::Queued;
+                tx.execute(
+                    &insert_job,
+                    &[
+                        &job.id,
+                        &event.id,
+                        &job.route,
+                        &job.target,
+                        &state.as_str(),
+                        &request,
+                        &needs_payload,
+                        &error,
+                        &job.lease.map(|l| l.claim),
+                        &job.lease.map(|l| offset(l.until, event.received_at)),
+                    ],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            }
+            if queued {
+                notify(&tx).await?;
+            }
+            tx.commit().await.map_err(|e| unavailable(&e))?;
+            Ok(Ingested::Accepted(held_back))
+        })
+        .await
     }
 
     async fn claim(
@@ -572,146 +620,152 @@ impl Store for PostgresStore {
         lease: Duration,
         _now: SystemTime,
     ) -> Result<Vec<ClaimedJob>, StoreError> {
-        let client = self.client().await?;
-        // One statement, so one short transaction: expired leases first (a
-        // worker died holding them), then due jobs, each walking its own
-        // partial index in order. Rows another relay is claiming right now
-        // are skipped, not waited for.
-        let stmt = client
-            .prepare_cached(
-                "WITH expired AS (
-                     SELECT id FROM jobs
-                     WHERE target = $1 AND state = 'in_flight' AND lease_until <= now()
-                     ORDER BY lease_until LIMIT $2
-                     FOR UPDATE SKIP LOCKED
-                 ), due AS (
-                     SELECT id FROM jobs
-                     WHERE target = $1 AND state = 'queued' AND due_at <= now()
-                     ORDER BY due_at LIMIT $2 - (SELECT count(*) FROM expired)
-                     FOR UPDATE SKIP LOCKED
-                 ), claimed AS (
-                     UPDATE jobs SET state = 'in_flight', claim_id = $3,
-                         lease_until = now() + $4::int8 * interval '1 microsecond', updated_at = now()
-                     WHERE id IN (SELECT id FROM expired UNION ALL SELECT id FROM due)
-                     RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload
-                 )
-                 SELECT c.id, c.event_id, c.route, c.target, c.attempts, c.maybe_attempts, c.request,
-                        CASE WHEN c.needs_payload THEN COALESCE(e.payload, e.body) END
-                 FROM claimed c JOIN events e ON e.id = c.event_id",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let claim = Uuid::now_v7();
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &target,
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                    &claim,
-                    &micros(lease),
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: Uuid = col(row, 0)?;
-            let request: PreparedRequest = col::<Option<&str>>(row, 6)?
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
-                .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
-            jobs.push(ClaimedJob {
-                id,
-                event_id: col(row, 1)?,
-                route: col(row, 2)?,
-                target: col(row, 3)?,
-                attempts: u32::try_from(col::<i32>(row, 4)?).unwrap_or(0),
-                maybe_attempts: u32::try_from(col::<i32>(row, 5)?).unwrap_or(0),
-                claim,
-                request,
-                payload: col::<Option<Vec<u8>>>(row, 7)?.map(Bytes::from),
-            });
-        }
-        Ok(jobs)
+        within("claim", async {
+            let client = self.client().await?;
+            // One statement, so one short transaction: expired leases first (a
+            // worker died holding them), then due jobs, each walking its own
+            // partial index in order. Rows another relay is claiming right now
+            // are skipped, not waited for.
+            let stmt = client
+                .prepare_cached(
+                    "WITH expired AS (
+                         SELECT id FROM jobs
+                         WHERE target = $1 AND state = 'in_flight' AND lease_until <= now()
+                         ORDER BY lease_until LIMIT $2
+                         FOR UPDATE SKIP LOCKED
+                     ), due AS (
+                         SELECT id FROM jobs
+                         WHERE target = $1 AND state = 'queued' AND due_at <= now()
+                         ORDER BY due_at LIMIT $2 - (SELECT count(*) FROM expired)
+                         FOR UPDATE SKIP LOCKED
+                     ), claimed AS (
+                         UPDATE jobs SET state = 'in_flight', claim_id = $3,
+                             lease_until = now() + $4::int8 * interval '1 microsecond', updated_at = now()
+                         WHERE id IN (SELECT id FROM expired UNION ALL SELECT id FROM due)
+                         RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload
+                     )
+                     SELECT c.id, c.event_id, c.route, c.target, c.attempts, c.maybe_attempts, c.request,
+                            CASE WHEN c.needs_payload THEN COALESCE(e.payload, e.body) END
+                     FROM claimed c JOIN events e ON e.id = c.event_id",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let claim = Uuid::now_v7();
+            let rows = client
+                .query(
+                    &stmt,
+                    &[
+                        &target,
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                        &claim,
+                        &micros(lease),
+                    ],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let mut jobs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: Uuid = col(row, 0)?;
+                let request: PreparedRequest = col::<Option<&str>>(row, 6)?
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
+                    .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
+                jobs.push(ClaimedJob {
+                    id,
+                    event_id: col(row, 1)?,
+                    route: col(row, 2)?,
+                    target: col(row, 3)?,
+                    attempts: u32::try_from(col::<i32>(row, 4)?).unwrap_or(0),
+                    maybe_attempts: u32::try_from(col::<i32>(row, 5)?).unwrap_or(0),
+                    claim,
+                    request,
+                    payload: col::<Option<Vec<u8>>>(row, 7)?.map(Bytes::from),
+                });
+            }
+            Ok(jobs)
+        })
+        .await
     }
 
     async fn complete(&self, c: Completion, now: SystemTime) -> Result<bool, StoreError> {
-        let mut client = self.client().await?;
-        // Times are translated from the moment of writing, not from `c.at`:
-        // a completion recorded late (the database was away) keeps the
-        // attempt's real start, and a retry's backoff counts from the
-        // attempt's end.
-        let written_at = now;
-        let (state, due_in, maybe, error) = match &c.next {
-            NextState::Done => (JobState::Done, 0, 0, None),
-            NextState::Retry {
-                due_at,
-                maybe_delivered,
-            } => (
-                JobState::Queued,
-                offset(*due_at, written_at),
-                i32::from(*maybe_delivered),
-                Some(c.attempt.excerpt.as_str()),
-            ),
-            NextState::Dead { reason } => (JobState::Dead, 0, 0, Some(reason.as_str())),
-        };
-        // The attempt is written only where the claim still holds: a stale
-        // worker's completion matches no row and so records nothing.
-        // Attempts are numbered across manual retries, which reset the job's
-        // own counter.
-        const COMPLETE: &str = "WITH moved AS (
-                 UPDATE jobs SET state = $1, attempts = attempts + 1, maybe_attempts = maybe_attempts + $2,
-                     due_at = now() + $3::int8 * interval '1 microsecond', claim_id = NULL,
-                     lease_until = NULL, last_error = $4, updated_at = now()
-                 WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
-                 RETURNING id
-             )
-             INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
-             SELECT moved.id,
-                    (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE job_id = moved.id),
-                    now() + $7::int8 * interval '1 microsecond', $8, $9, $10, $11
-             FROM moved";
-        let state_name = state.as_str();
-        let started = offset(c.attempt.started_at, written_at);
-        let duration_ms = micros(c.attempt.duration) / 1000;
-        let status = c.attempt.status.map(i32::from);
-        let params: [&(dyn ToSql + Sync); 11] = [
-            &state_name,
-            &maybe,
-            &due_in,
-            &error,
-            &c.job_id,
-            &c.claim,
-            &started,
-            &duration_ms,
-            &status,
-            &c.attempt.outcome,
-            &c.attempt.excerpt,
-        ];
-        if state != JobState::Queued {
-            // One statement is its own transaction: no BEGIN and COMMIT
-            // round trips on the busiest path.
-            let stmt = client
-                .prepare_cached(COMPLETE)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            let recorded = client
-                .execute(&stmt, &params)
-                .await
-                .map_err(|e| unavailable(&e))?;
-            return Ok(recorded > 0);
-        }
-        // A retry is news for every relay's dispatcher once it commits.
-        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-        let stmt = tx.prepare_cached(COMPLETE).await.map_err(|e| unavailable(&e))?;
-        if tx.execute(&stmt, &params).await.map_err(|e| unavailable(&e))? == 0 {
-            return Ok(false);
-        }
-        notify(&tx).await?;
-        tx.commit().await.map_err(|e| unavailable(&e))?;
-        Ok(true)
+        within("complete", async {
+            let mut client = self.client().await?;
+            // Times are translated from the moment of writing, not from `c.at`:
+            // a completion recorded late (the database was away) keeps the
+            // attempt's real start, and a retry's backoff counts from the
+            // attempt's end.
+            let written_at = now;
+            let (state, due_in, maybe, error) = match &c.next {
+                NextState::Done => (JobState::Done, 0, 0, None),
+                NextState::Retry {
+                    due_at,
+                    maybe_delivered,
+                } => (
+                    JobState::Queued,
+                    offset(*due_at, written_at),
+                    i32::from(*maybe_delivered),
+                    Some(c.attempt.excerpt.as_str()),
+                ),
+                NextState::Dead { reason } => (JobState::Dead, 0, 0, Some(reason.as_str())),
+            };
+            // The attempt is written only where the claim still holds: a stale
+            // worker's completion matches no row and so records nothing.
+            // Attempts are numbered across manual retries, which reset the job's
+            // own counter.
+            const COMPLETE: &str = "WITH moved AS (
+                     UPDATE jobs SET state = $1, attempts = attempts + 1, maybe_attempts = maybe_attempts + $2,
+                         due_at = now() + $3::int8 * interval '1 microsecond', claim_id = NULL,
+                         lease_until = NULL, last_error = $4, updated_at = now()
+                     WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
+                     RETURNING id
+                 )
+                 INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
+                 SELECT moved.id,
+                        (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE job_id = moved.id),
+                        now() + $7::int8 * interval '1 microsecond', $8, $9, $10, $11
+                 FROM moved";
+            let state_name = state.as_str();
+            let started = offset(c.attempt.started_at, written_at);
+            let duration_ms = micros(c.attempt.duration) / 1000;
+            let status = c.attempt.status.map(i32::from);
+            let params: [&(dyn ToSql + Sync); 11] = [
+                &state_name,
+                &maybe,
+                &due_in,
+                &error,
+                &c.job_id,
+                &c.claim,
+                &started,
+                &duration_ms,
+                &status,
+                &c.attempt.outcome,
+                &c.attempt.excerpt,
+            ];
+            if state != JobState::Queued {
+                // One statement is its own transaction: no BEGIN and COMMIT
+                // round trips on the busiest path.
+                let stmt = client
+                    .prepare_cached(COMPLETE)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let recorded = client
+                    .execute(&stmt, &params)
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                return Ok(recorded > 0);
+            }
+            // A retry is news for every relay's dispatcher once it commits.
+            let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+            let stmt = tx.prepare_cached(COMPLETE).await.map_err(|e| unavailable(&e))?;
+            if tx.execute(&stmt, &params).await.map_err(|e| unavailable(&e))? == 0 {
+                return Ok(false);
+            }
+            notify(&tx).await?;
+            tx.commit().await.map_err(|e| unavailable(&e))?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn renew(
@@ -721,36 +775,42 @@ impl Store for PostgresStore {
         lease: Duration,
         _now: SystemTime,
     ) -> Result<bool, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE jobs SET lease_until = now() + $3::int8 * interval '1 microsecond'
-                 WHERE id = $1 AND claim_id = $2 AND state = 'in_flight'",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let renewed = client
-            .execute(&stmt, &[&job, &claim, &micros(lease)])
-            .await
-            .map_err(|e| unavailable(&e))?;
-        Ok(renewed > 0)
+        within("renew", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE jobs SET lease_until = now() + $3::int8 * interval '1 microsecond'
+                     WHERE id = $1 AND claim_id = $2 AND state = 'in_flight'",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let renewed = client
+                .execute(&stmt, &[&job, &claim, &micros(lease)])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            Ok(renewed > 0)
+        })
+        .await
     }
 
     async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
-                              (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
-                        now()",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
-        let next: Option<SystemTime> = col(&row, 0)?;
-        let db_now: SystemTime = col(&row, 1)?;
-        // Past-due reads as "now": the caller sleeps on the difference.
-        Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
+        within("next_wakeup", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
+                                  (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
+                            now()",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+            let next: Option<SystemTime> = col(&row, 0)?;
+            let db_now: SystemTime = col(&row, 1)?;
+            // Past-due reads as "now": the caller sleeps on the difference.
+            Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
+        })
+        .await
     }
 
     async fn work_arrived(&self) {
@@ -758,195 +818,210 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self, _now: SystemTime) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        // A write, not a SELECT 1: a read-only standby or a full disk must
-        // count as not ready.
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('ping', now()::text)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        client
-            .execute(&stmt, &[])
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable(&e))
+        within("ping", async {
+            let client = self.client().await?;
+            // A write, not a SELECT 1: a read-only standby or a full disk must
+            // count as not ready.
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('ping', now()::text)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client
+                .execute(&stmt, &[])
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(&e))
+        })
+        .await
     }
 
     async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
-                        request IS NOT NULL
-                 FROM jobs
-                 WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR target = $2)
-                   AND ($3::uuid IS NULL OR event_id = $3)
-                 ORDER BY updated_at DESC, id DESC
-                 LIMIT $4",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        client
-            .query(
-                &stmt,
-                &[
-                    &filter.state.map(JobState::as_str),
-                    &filter.target,
-                    &filter.event,
-                    &i64::try_from(filter.limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?
-            .iter()
-            .map(job_view)
-            .collect()
+        within("jobs", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
+                            request IS NOT NULL
+                     FROM jobs
+                     WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR target = $2)
+                       AND ($3::uuid IS NULL OR event_id = $3)
+                     ORDER BY updated_at DESC, id DESC
+                     LIMIT $4",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client
+                .query(
+                    &stmt,
+                    &[
+                        &filter.state.map(JobState::as_str),
+                        &filter.target,
+                        &filter.event,
+                        &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?
+                .iter()
+                .map(job_view)
+                .collect()
+        })
+        .await
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
-                        request IS NOT NULL, request
-                 FROM jobs WHERE id = $1",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let Some(row) = client
-            .query_opt(&stmt, &[&id])
-            .await
-            .map_err(|e| unavailable(&e))?
-        else {
-            return Ok(None);
-        };
-        let view = job_view(&row)?;
-        let request: Option<String> = col(&row, 11)?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT number, started_at, duration_ms, status, outcome, excerpt
-                 FROM attempts WHERE job_id = $1 ORDER BY number",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let history = client
-            .query(&stmt, &[&id])
-            .await
-            .map_err(|e| unavailable(&e))?
-            .iter()
-            .map(|row| {
-                Ok(AttemptView {
-                    number: u32::try_from(col::<i32>(row, 0)?).unwrap_or(0),
-                    started_at: col(row, 1)?,
-                    duration_ms: u64::try_from(col::<i64>(row, 2)?).unwrap_or(0),
-                    status: col::<Option<i32>>(row, 3)?.and_then(|s| u16::try_from(s).ok()),
-                    outcome: col(row, 4)?,
-                    excerpt: col(row, 5)?,
+        within("job", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
+                            request IS NOT NULL, request
+                     FROM jobs WHERE id = $1",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let Some(row) = client
+                .query_opt(&stmt, &[&id])
+                .await
+                .map_err(|e| unavailable(&e))?
+            else {
+                return Ok(None);
+            };
+            let view = job_view(&row)?;
+            let request: Option<String> = col(&row, 11)?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT number, started_at, duration_ms, status, outcome, excerpt
+                     FROM attempts WHERE job_id = $1 ORDER BY number",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let history = client
+                .query(&stmt, &[&id])
+                .await
+                .map_err(|e| unavailable(&e))?
+                .iter()
+                .map(|row| {
+                    Ok(AttemptView {
+                        number: u32::try_from(col::<i32>(row, 0)?).unwrap_or(0),
+                        started_at: col(row, 1)?,
+                        duration_ms: u64::try_from(col::<i64>(row, 2)?).unwrap_or(0),
+                        status: col::<Option<i32>>(row, 3)?.and_then(|s| u16::try_from(s).ok()),
+                        outcome: col(row, 4)?,
+                        excerpt: col(row, 5)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(Some(JobDetail {
-            job: view,
-            request: request.and_then(|r| serde_json::from_str(&r).ok()),
-            history,
-        }))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(JobDetail {
+                job: view,
+                request: request.and_then(|r| serde_json::from_str(&r).ok()),
+                history,
+            }))
+        })
+        .await
     }
 
     async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
-                        c.jobs, c.pending, c.done, c.dead
-                 FROM (SELECT * FROM events ORDER BY received_at DESC, id DESC LIMIT $1) e
-                 CROSS JOIN LATERAL (
-                     SELECT count(*) AS jobs,
-                            count(*) FILTER (WHERE state IN ('queued', 'in_flight')) AS pending,
-                            count(*) FILTER (WHERE state = 'done') AS done,
-                            count(*) FILTER (WHERE state = 'dead') AS dead
-                     FROM jobs WHERE event_id = e.id) c
-                 ORDER BY e.received_at DESC, e.id DESC",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let rows = client
-            .query(&stmt, &[&i64::try_from(limit).unwrap_or(i64::MAX)])
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: Uuid = col(row, 0)?;
-            ids.push(id);
-            events.push(EventView {
-                id: id.to_string(),
-                source: col(row, 1)?,
-                delivery: col(row, 2)?,
-                hook: col(row, 3)?,
-                received_at: col(row, 4)?,
-                summary: serde_json::from_str(col(row, 5)?).unwrap_or_default(),
-                jobs: count(row, 6)?,
-                pending: count(row, 7)?,
-                done: count(row, 8)?,
-                dead: count(row, 9)?,
-                dropped: Vec::new(),
-            });
-        }
-        if ids.is_empty() {
-            return Ok(events);
-        }
-        let stmt = client
-            .prepare_cached(
-                "SELECT event_id, route, target, rule, reason FROM drops WHERE event_id = ANY($1) ORDER BY id",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        for row in client.query(&stmt, &[&ids]).await.map_err(|e| unavailable(&e))? {
-            let event_id: Uuid = col(&row, 0)?;
-            if let Some(index) = ids.iter().position(|id| *id == event_id) {
-                events[index].dropped.push(Dropped {
-                    route: col(&row, 1)?,
-                    target: col(&row, 2)?,
-                    rule: col(&row, 3)?,
-                    reason: col(&row, 4)?,
+        within("events", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+                            c.jobs, c.pending, c.done, c.dead
+                     FROM (SELECT * FROM events ORDER BY received_at DESC, id DESC LIMIT $1) e
+                     CROSS JOIN LATERAL (
+                         SELECT count(*) AS jobs,
+                                count(*) FILTER (WHERE state IN ('queued', 'in_flight')) AS pending,
+                                count(*) FILTER (WHERE state = 'done') AS done,
+                                count(*) FILTER (WHERE state = 'dead') AS dead
+                         FROM jobs WHERE event_id = e.id) c
+                     ORDER BY e.received_at DESC, e.id DESC",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let rows = client
+                .query(&stmt, &[&i64::try_from(limit).unwrap_or(i64::MAX)])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: Uuid = col(row, 0)?;
+                ids.push(id);
+                events.push(EventView {
+                    id: id.to_string(),
+                    source: col(row, 1)?,
+                    delivery: col(row, 2)?,
+                    hook: col(row, 3)?,
+                    received_at: col(row, 4)?,
+                    summary: serde_json::from_str(col(row, 5)?).unwrap_or_default(),
+                    jobs: count(row, 6)?,
+                    pending: count(row, 7)?,
+                    done: count(row, 8)?,
+                    dead: count(row, 9)?,
+                    dropped: Vec::new(),
                 });
             }
-        }
-        Ok(events)
+            if ids.is_empty() {
+                return Ok(events);
+            }
+            let stmt = client
+                .prepare_cached(
+                    "SELECT event_id, route, target, rule, reason FROM drops WHERE event_id = ANY($1) ORDER BY id",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            for row in client.query(&stmt, &[&ids]).await.map_err(|e| unavailable(&e))? {
+                let event_id: Uuid = col(&row, 0)?;
+                if let Some(index) = ids.iter().position(|id| *id == event_id) {
+                    events[index].dropped.push(Dropped {
+                        route: col(&row, 1)?,
+                        target: col(&row, 2)?,
+                        rule: col(&row, 3)?,
+                        reason: col(&row, 4)?,
+                    });
+                }
+            }
+            Ok(events)
+        })
+        .await
     }
 
     async fn requeue(&self, id: Uuid, _now: SystemTime) -> Result<Requeued, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-        // Try first, explain after: the update's own condition decides, so
-        // a requeue racing another relay's cannot queue a job twice.
-        let requeued = requeue_where(&tx, "id = $1", &[&id]).await?;
-        if requeued > 0 {
-            notify(&tx).await?;
-            tx.commit().await.map_err(|e| unavailable(&e))?;
-            return Ok(Requeued::Requeued);
-        }
-        let found = tx
-            .query_opt(
-                "SELECT state, request IS NOT NULL FROM jobs WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let Some(row) = found else {
-            return Ok(Requeued::NotFound);
-        };
-        let state: String = col(&row, 0)?;
-        if state != JobState::Dead.as_str() {
-            return Ok(Requeued::NotDead(
-                JobState::parse(&state).unwrap_or(JobState::Done),
-            ));
-        }
-        // Dead, yet not requeued: only a job without a request stays dead.
-        Ok(Requeued::NoRequest)
+        within("requeue", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+            // Try first, explain after: the update's own condition decides, so
+            // a requeue racing another relay's cannot queue a job twice.
+            let requeued = requeue_where(&tx, "id = $1", &[&id]).await?;
+            if requeued > 0 {
+                notify(&tx).await?;
+                tx.commit().await.map_err(|e| unavailable(&e))?;
+                return Ok(Requeued::Requeued);
+            }
+            let found = tx
+                .query_opt(
+                    "SELECT state, request IS NOT NULL FROM jobs WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let Some(row) = found else {
+                return Ok(Requeued::NotFound);
+            };
+            let state: String = col(&row, 0)?;
+            if state != JobState::Dead.as_str() {
+                return Ok(Requeued::NotDead(
+                    JobState::parse(&state).unwrap_or(JobState::Done),
+                ));
+            }
+            // Dead, yet not requeued: only a job without a request stays dead.
+            Ok(Requeued::NoRequest)
+        })
+        .await
     }
 
     async fn requeue_dead(
@@ -956,97 +1031,111 @@ impl Store for PostgresStore {
         until: SystemTime,
         now: SystemTime,
     ) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-        let requeued = requeue_where(
-            &tx,
-            "target = $1 AND updated_at >= now() + $2::int8 * interval '1 microsecond'
-                 AND updated_at <= now() + $3::int8 * interval '1 microsecond'",
-            &[&target, &offset(since, now), &offset(until, now)],
-        )
-        .await?;
-        if requeued > 0 {
-            notify(&tx).await?;
-            tx.commit().await.map_err(|e| unavailable(&e))?;
-        }
-        Ok(requeued)
+        within("requeue_dead", async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+            let requeued = requeue_where(
+                &tx,
+                "target = $1 AND updated_at >= now() + $2::int8 * interval '1 microsecond'
+                     AND updated_at <= now() + $3::int8 * interval '1 microsecond'",
+                &[&target, &offset(since, now), &offset(until, now)],
+            )
+            .await?;
+            if requeued > 0 {
+                notify(&tx).await?;
+                tx.commit().await.map_err(|e| unavailable(&e))?;
+            }
+            Ok(requeued)
+        })
+        .await
     }
 
     async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
-            .await
-            .map_err(|e| unavailable(&e))?;
-        client.execute(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
-        let stmt = client
-            .prepare_cached(
-                "DELETE FROM events WHERE id IN (
-                     SELECT id FROM events e
-                     WHERE e.received_at < now() + $1::int8 * interval '1 microsecond'
-                       AND NOT EXISTS (SELECT 1 FROM jobs j
-                                       WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
-                     LIMIT $2)",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        client
-            .execute(
-                &stmt,
-                &[&offset(before, now), &i64::try_from(limit).unwrap_or(i64::MAX)],
-            )
-            .await
-            .map_err(|e| unavailable(&e))
+        within("purge", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client.execute(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+            let stmt = client
+                .prepare_cached(
+                    "DELETE FROM events WHERE id IN (
+                         SELECT id FROM events e
+                         WHERE e.received_at < now() + $1::int8 * interval '1 microsecond'
+                           AND NOT EXISTS (SELECT 1 FROM jobs j
+                                           WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
+                         LIMIT $2)",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            client
+                .execute(
+                    &stmt,
+                    &[&offset(before, now), &i64::try_from(limit).unwrap_or(i64::MAX)],
+                )
+                .await
+                .map_err(|e| unavailable(&e))
+        })
+        .await
     }
 
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut jobs: Vec<(JobState, u64)> = [
-            JobState::Queued,
-            JobState::InFlight,
-            JobState::Done,
-            JobState::Dead,
-        ]
-        .into_iter()
-        .map(|s| (s, 0))
-        .collect();
-        for row in client.query(&stmt, &[]).await.map_err(|e| unavailable(&e))? {
-            let state: &str = col(&row, 0)?;
-            if let Some(slot) = jobs.iter_mut().find(|(s, _)| s.as_str() == state) {
-                slot.1 = u64::try_from(col::<i64>(&row, 1)?).unwrap_or(0);
+        within("queue_stats", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let mut jobs: Vec<(JobState, u64)> = [
+                JobState::Queued,
+                JobState::InFlight,
+                JobState::Done,
+                JobState::Dead,
+            ]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+            for row in client.query(&stmt, &[]).await.map_err(|e| unavailable(&e))? {
+                let state: &str = col(&row, 0)?;
+                if let Some(slot) = jobs.iter_mut().find(|(s, _)| s.as_str() == state) {
+                    slot.1 = u64::try_from(col::<i64>(&row, 1)?).unwrap_or(0);
+                }
             }
-        }
-        let stmt = client
-            .prepare_cached("SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND due_at <= now()")
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
-        let oldest: Option<SystemTime> = col(&row, 0)?;
-        let db_now: SystemTime = col(&row, 1)?;
-        Ok(QueueStats {
-            jobs,
-            oldest_due: oldest.map(|t| on_caller_clock(t, db_now, now)),
+            let stmt = client
+                .prepare_cached(
+                    "SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND due_at <= now()",
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+            let oldest: Option<SystemTime> = col(&row, 0)?;
+            let db_now: SystemTime = col(&row, 1)?;
+            Ok(QueueStats {
+                jobs,
+                oldest_due: oldest.map(|t| on_caller_clock(t, db_now, now)),
+            })
         })
+        .await
     }
 
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT content_type, body FROM events WHERE id = $1")
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let Some(row) = client
-            .query_opt(&stmt, &[&id])
-            .await
-            .map_err(|e| unavailable(&e))?
-        else {
-            return Ok(None);
-        };
-        Ok(Some((col(&row, 0)?, Bytes::from(col::<Vec<u8>>(&row, 1)?))))
+        within("event_body", async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT content_type, body FROM events WHERE id = $1")
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let Some(row) = client
+                .query_opt(&stmt, &[&id])
+                .await
+                .map_err(|e| unavailable(&e))?
+            else {
+                return Ok(None);
+            };
+            Ok(Some((col(&row, 0)?, Bytes::from(col::<Vec<u8>>(&row, 1)?))))
+        })
+        .await
     }
 }
 

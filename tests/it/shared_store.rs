@@ -249,7 +249,9 @@ async fn a_database_restart_during_load_costs_503s_and_no_webhook() {
     const WEBHOOKS: usize = 400;
     let deadline = Instant::now() + Duration::from_secs(120);
     let (cluster, db) = OwnCluster::start();
-    let target = MockServer::start(Reply::new(201, CREATED)).await;
+    // A target that takes its time, so sends are in flight when the
+    // database goes away and their outcomes wait for it.
+    let target = MockServer::start(Reply::new(201, CREATED).after(Duration::from_millis(200))).await;
     let dir = tempfile::tempdir().unwrap();
     let own = dir.path().join("relay");
     std::fs::create_dir_all(&own).unwrap();
@@ -295,6 +297,13 @@ async fn a_database_restart_during_load_costs_503s_and_no_webhook() {
 
     let acked = load.await.unwrap();
     let (delivered, duplicated) = drained(&target, WEBHOOKS, deadline).await;
+    // Sends that finished during the outage were recorded once it was over.
+    let logs = relay.logs();
+    assert!(
+        logs.contains("cannot record the attempt; retrying until the store answers")
+            && logs.contains("attempt recorded once the store answered again"),
+        "no send was in flight across the outage, or its outcome was not recorded after it:\n{logs}"
+    );
     eprintln!(
         "database restart under load: {WEBHOOKS} webhooks, {acked} acknowledged, {delivered} delivered, \
          {duplicated} duplicated, {} lost",
@@ -307,6 +316,153 @@ async fn a_database_restart_during_load_costs_503s_and_no_webhook() {
     assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
     let recorded = query_i64(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'done'").await;
     assert_eq!(recorded, WEBHOOKS as i64, "log:\n{}", relay.logs());
+}
+
+/// A TCP forwarder to PostgreSQL that can go silent: while frozen it keeps
+/// every connection open and passes nothing on, like a database host that
+/// stopped answering without closing anything.
+struct Silence {
+    addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Silence {
+    async fn start(upstream: std::net::SocketAddr) -> Silence {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                tokio::spawn(Silence::pump(ri, wo, watch.clone()));
+                tokio::spawn(Silence::pump(ro, wi, watch.clone()));
+            }
+        });
+        Silence { addr, frozen }
+    }
+
+    /// Copies `from` to `to`, holding each chunk back while frozen.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut frozen: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+/// A database that stops answering without closing its connections (a host
+/// gone, a partition): webhooks get a 503 before the sender's 10-second
+/// timeout instead of hanging, readiness says so, and once it answers again
+/// relay carries on by itself and loses nothing it acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_silent_costs_503s_in_time_and_no_webhook() {
+    let Some(db) = postgres_database("a_database_that_goes_silent_costs_503s_in_time_and_no_webhook").await
+    else {
+        return;
+    };
+    let (prefix, rest) = db.split_once('@').unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let silence = Silence::start(host.parse().unwrap()).await;
+    let via = format!("{prefix}@{}/{path}", silence.addr);
+    let circle = MockServer::start(Reply::new(201, CREATED)).await;
+    let admin = free_port();
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[admin]
+listen = "{admin}"
+
+[store]
+url = "{via}"
+
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "{SECRET}"
+
+[[routes]]
+name = "all"
+to = ["circle"]
+
+[targets.circle]
+kind = "circleci"
+base_url = "{circle}"
+project = "gh/acme/api"
+token = "t"
+"#,
+        circle = circle.url()
+    );
+    let relay = crate::support::Relay::start_with(tempfile::tempdir().unwrap(), &text).await;
+    let client = crate::support::test_client();
+    let ready = format!("http://{admin}/readyz");
+    let post = |n: usize| {
+        let body = push(n);
+        let headers = sign::github(SECRET, "push", &format!("silent-{n}"), &body);
+        let url = relay.url("/hooks/github");
+        async move { crate::support::post_to(&url, &headers, body).await }
+    };
+    assert_eq!(post(1).await.0, 202);
+    circle.wait_for(1).await;
+
+    silence.set(true);
+    let asked = Instant::now();
+    let (status, answer) = post(2).await;
+    let waited = asked.elapsed();
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("did not answer"), "{answer}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}: GitHub and GitLab give up on a delivery after 10s"
+    );
+    let readiness = client.get(&ready).send().await.unwrap();
+    assert_eq!(readiness.status(), 503);
+
+    silence.set(false);
+    // Back by itself: the next webhooks are accepted and sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut accepted = 0;
+    for n in 3..13 {
+        loop {
+            let (status, answer) = post(n).await;
+            if status == 202 {
+                accepted += 1;
+                break;
+            }
+            assert_eq!(status, 503, "{answer}");
+            assert!(Instant::now() < deadline, "the store did not come back: {answer}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert_eq!(accepted, 10);
+    let requests = circle.wait_for(11).await;
+    assert_eq!(
+        requests.len(),
+        11,
+        "the first webhook and the ten after the silence"
+    );
+    assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
+    relay.stop().await;
 }
 
 /// A relay in this process on the shared database, serving payload URLs
