@@ -134,6 +134,7 @@ cases! {
         events_view_with_drops,
     ],
     postgres_only: [
+        queue_decisions_follow_the_databases_clock_not_the_callers,
         concurrent_claims_never_share_a_job,
         work_arrived_wakes_another_relay,
         listener_reconnects,
@@ -547,6 +548,67 @@ async fn renewal_extends_only_a_lease_still_held(f: Fixture) {
         "a finished job has no lease to renew"
     );
     assert_eq!(state_of(store, id).await, JobState::Done);
+}
+
+/// Relays on hosts whose clocks disagree share one queue: what is due, and
+/// when a lease or a backoff ends, is decided by the database's clock, and
+/// times come back on each caller's own clock.
+async fn queue_decisions_follow_the_databases_clock_not_the_callers(f: Fixture) {
+    let store = &f.store;
+    let hour = Duration::from_secs(3600);
+    let j = queued("ci");
+    let id = j.id;
+    let mut e = event("skew-1", vec![j]);
+    // Received by a host an hour ahead: due now all the same.
+    e.received_at = SystemTime::now() + hour;
+    accept(store, e).await;
+
+    // A host an hour behind claims it: due by the database's clock.
+    let behind = SystemTime::now() - hour;
+    let claimed = store.claim("ci", 10, LEASE, behind).await.unwrap();
+    assert_eq!(
+        ids(&claimed),
+        HashSet::from([id]),
+        "due, whatever the caller's clock says"
+    );
+    // The lease ends LEASE from now, on each caller's own clock.
+    let wake = store.next_wakeup(behind).await.unwrap().unwrap();
+    assert_near(wake, behind + LEASE, "the lease's end, on the slow host's clock");
+    let ahead = SystemTime::now() + hour;
+    let wake = store.next_wakeup(ahead).await.unwrap().unwrap();
+    assert_near(wake, ahead + LEASE, "the lease's end, on the fast host's clock");
+
+    // A retry scheduled by the fast host, WINDOW after its attempt ended.
+    let mut c = completion(
+        id,
+        claimed[0].claim,
+        503,
+        NextState::Retry {
+            due_at: ahead + WINDOW,
+            maybe_delivered: false,
+        },
+    );
+    c.at = ahead;
+    c.attempt.started_at = ahead - c.attempt.duration;
+    let written = SystemTime::now();
+    assert!(store.complete(c, ahead).await.unwrap());
+    assert!(
+        store
+            .claim("ci", 10, LEASE, ahead + hour)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due before its backoff ends, however late the caller's clock"
+    );
+    tokio::time::sleep(WINDOW + Duration::from_millis(100)).await;
+    let again = store.claim("ci", 10, LEASE, behind).await.unwrap();
+    assert_eq!(ids(&again), HashSet::from([id]), "due once the backoff ended");
+    let detail = store.job(id).await.unwrap().unwrap();
+    assert_near(
+        detail.history[0].started_at,
+        written - Duration::from_millis(40),
+        "the attempt's start, on the database's clock",
+    );
 }
 
 async fn complete_moves_the_job(f: Fixture) {
