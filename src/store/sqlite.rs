@@ -300,8 +300,9 @@ enum Durability {
     Synced,
     /// Answered once committed, before the fsync (WAL with
     /// `synchronous=NORMAL`): lost only with the machine, never with the
-    /// process, and the next synced commit, or the writer once idle, puts it
-    /// on disk. Only for records whose loss repeats a send: a claim or an
+    /// process, and on disk within [`MAX_UNSYNCED`] (the next synced commit,
+    /// or the writer's own sync once idle or once that long has passed).
+    /// Only for records whose loss repeats a send: a claim, a renewal, an
     /// attempt's outcome.
     Committed,
 }
@@ -465,14 +466,18 @@ pub fn schema_status(path: &Path) -> Result<super::SchemaStatus, StoreError> {
 /// more before it syncs on its own (see [`Durability::Committed`]).
 const IDLE_SYNC: Duration = Duration::from_millis(50);
 
+/// The longest unsynced work waits for a sync while the writer stays busy
+/// with more of the same: the bound on what a power cut can take back.
+const MAX_UNSYNCED: Duration = Duration::from_millis(200);
+
 /// Gathers what is waiting into a batch and runs it on the blocking pool;
 /// operations that arrive meanwhile form the next batch. Ends, closing the
 /// database, when every handle to the store is gone.
 async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
-    // Whether a commit's pages may still be only in the OS's cache.
-    let mut unsynced = false;
+    // Since when committed pages may be only in the OS's cache.
+    let mut unsynced_since: Option<std::time::Instant> = None;
     loop {
-        let next = if unsynced {
+        let next = if unsynced_since.is_some() {
             tokio::time::timeout(IDLE_SYNC, operations.recv()).await
         } else {
             Ok(operations.recv().await)
@@ -483,7 +488,9 @@ async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>,
             Err(_idle) => {
                 conn = match on_blocking_pool(conn, sync).await {
                     Some((conn, synced)) => {
-                        unsynced = !synced;
+                        if synced {
+                            unsynced_since = None;
+                        }
                         conn
                     }
                     None => return,
@@ -499,11 +506,22 @@ async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>,
                 Err(_) => break,
             }
         }
-        conn = match on_blocking_pool(conn, move |conn| run_batch(conn, batch)).await {
-            Some((conn, committed)) => {
+        let overdue = unsynced_since.is_some_and(|since| since.elapsed() >= MAX_UNSYNCED);
+        let ran = on_blocking_pool(conn, move |conn| {
+            let synced_first = overdue && sync(conn);
+            (synced_first, run_batch(conn, batch))
+        })
+        .await;
+        conn = match ran {
+            Some((conn, (synced_first, committed))) => {
+                if synced_first {
+                    unsynced_since = None;
+                }
                 match committed {
-                    Some(Durability::Synced) => unsynced = false,
-                    Some(Durability::Committed) => unsynced = true,
+                    Some(Durability::Synced) => unsynced_since = None,
+                    Some(Durability::Committed) => {
+                        unsynced_since.get_or_insert_with(std::time::Instant::now);
+                    }
                     None => {}
                 }
                 conn
@@ -511,7 +529,7 @@ async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>,
             None => return,
         };
     }
-    if unsynced {
+    if unsynced_since.is_some() {
         let _ = on_blocking_pool(conn, sync).await;
     }
 }
@@ -1538,6 +1556,66 @@ mod tests {
             )
             .unwrap();
         assert_eq!(left, 0);
+    }
+
+    /// Whether `marker` has reached the database file itself, which only a
+    /// checkpoint (a sync of the WAL, then a copy) writes to.
+    fn in_main_file(path: &Path, marker: &str) -> bool {
+        std::fs::read(path).is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+    }
+
+    async fn write_unsynced(store: &SqliteStore, key: String) {
+        store
+            .run(Durability::Committed, move |conn| {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, 'x') ON CONFLICT (key) DO NOTHING",
+                    params![key],
+                )
+                .map_err(|e| unavailable(&e))
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Work answered before its fsync is put on disk by the writer once it
+    /// has nothing else to do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsynced_work_is_synced_once_the_writer_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path).unwrap();
+        write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !in_main_file(&path, "marker-idle-5c1e") {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A writer that never goes idle still syncs unsynced work within
+    /// MAX_UNSYNCED.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsynced_work_is_synced_in_time_under_steady_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path).unwrap();
+        write_unsynced(&store, "marker-busy-0000".to_owned()).await;
+        // A write every 10 ms: never the 50 ms the idle sync waits for.
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while !in_main_file(&path, "marker-busy-0000") {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "never synced while busy"
+            );
+            n += 1;
+            write_unsynced(&store, format!("steady-{n}")).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            n >= 5,
+            "synced after only {n} writes: the test did not keep the writer busy"
+        );
     }
 
     #[test]
