@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds relay and the harness in release mode, then runs the benchmark:
 # relay against adnanh/webhook and bare hyper, side by side on loopback.
-# Arguments go to relay-bench: --duration SECS --runs N --out FILE --only NAME.
+# Arguments go to relay-bench: --duration SECS --runs N --out FILE --only NAME
+# --connections 1,32 --postgres URL --relay PATH (another relay build).
 # Installs wrk and webhook with apt-get when they are missing (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."

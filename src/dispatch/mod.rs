@@ -2,8 +2,9 @@
 //! record the attempt, and schedule a retry or declare the job dead.
 //!
 //! No database transaction is held across an HTTP call: a job is leased with
-//! a claim id, sent with no lock held, then completed only if the claim still
-//! holds. Per-target semaphores cap sends in flight. Jobs not finished when
+//! a claim id, sent with no lock held (its lease renewed while the send
+//! runs), then completed only if the claim still holds. Per-target
+//! semaphores cap sends in flight. Jobs not finished when
 //! shutdown's deadline passes stay in the store and are sent after restart.
 
 pub mod outcome;

@@ -2,6 +2,7 @@
 //! in one run on loopback, and the figures the benchmark issue asks for.
 //!
 //!     cargo run --release --bin relay-bench -- [--duration 5] [--runs 3] [--out bench-results.json]
+//!         [--only SUBJECT] [--connections 1,32] [--postgres URL] [--relay PATH]
 //!
 //! Every subject serves on CPU 0; wrk and this harness (with its mock
 //! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
