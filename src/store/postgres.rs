@@ -152,26 +152,33 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The longest a store operation may take before it is reported
-/// unavailable (ingress answers 503, the sender retries). A database that
-/// stopped answering without closing its connections (a host gone, a
-/// network partition) would otherwise hold each webhook until its sender
-/// gave up. Below GitHub's and GitLab's 10-second delivery timeout.
+/// The longest an operation on the delivery path (ingest, claims,
+/// completions, renewals, readiness, payload URLs) may take before it is
+/// reported unavailable (ingress answers 503, the sender retries). A
+/// database that stopped answering without closing its connections (a host
+/// gone, a network partition) would otherwise hold each webhook until its
+/// sender gave up. Below GitHub's and GitLab's 10-second delivery timeout.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// Runs one store operation under [`OPERATION_TIMEOUT`].
+/// The same for what a person asks through the admin API or the CLI, which
+/// may touch many rows (a retry of every dead job of a target) and has no
+/// sender waiting on it.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs one store operation, giving up after `limit`. (A statement the
+/// database is still running then may yet complete: every operation here is
+/// one that can be asked again.)
 async fn within<T>(
     what: &str,
+    limit: Duration,
     operation: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(OPERATION_TIMEOUT, operation)
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(format!(
-                "the database did not answer within {}s ({what})",
-                OPERATION_TIMEOUT.as_secs()
-            )))
-        })
+    tokio::time::timeout(limit, operation).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "the database did not answer within {}s ({what})",
+            limit.as_secs()
+        )))
+    })
 }
 
 /// The connection type both the pool and the listener use: tokio-postgres
@@ -493,7 +500,7 @@ fn target_lock(target: &str) -> i32 {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        within("ingest", async {
+        within("ingest", OPERATION_TIMEOUT, async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
             let insert_event = tx
@@ -620,7 +627,7 @@ impl Store for PostgresStore {
         lease: Duration,
         _now: SystemTime,
     ) -> Result<Vec<ClaimedJob>, StoreError> {
-        within("claim", async {
+        within("claim", OPERATION_TIMEOUT, async {
             let client = self.client().await?;
             // One statement, so one short transaction: expired leases first (a
             // worker died holding them), then due jobs, each walking its own
@@ -689,7 +696,7 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, c: Completion, now: SystemTime) -> Result<bool, StoreError> {
-        within("complete", async {
+        within("complete", OPERATION_TIMEOUT, async {
             let mut client = self.client().await?;
             // Times are translated from the moment of writing, not from `c.at`:
             // a completion recorded late (the database was away) keeps the
@@ -775,7 +782,7 @@ impl Store for PostgresStore {
         lease: Duration,
         _now: SystemTime,
     ) -> Result<bool, StoreError> {
-        within("renew", async {
+        within("renew", OPERATION_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
@@ -794,7 +801,7 @@ impl Store for PostgresStore {
     }
 
     async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
-        within("next_wakeup", async {
+        within("next_wakeup", OPERATION_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
@@ -818,7 +825,7 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self, _now: SystemTime) -> Result<(), StoreError> {
-        within("ping", async {
+        within("ping", OPERATION_TIMEOUT, async {
             let client = self.client().await?;
             // A write, not a SELECT 1: a read-only standby or a full disk must
             // count as not ready.
@@ -839,7 +846,7 @@ impl Store for PostgresStore {
     }
 
     async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
-        within("jobs", async {
+        within("jobs", ADMIN_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
@@ -873,7 +880,7 @@ impl Store for PostgresStore {
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
-        within("job", async {
+        within("job", ADMIN_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
@@ -925,7 +932,7 @@ impl Store for PostgresStore {
     }
 
     async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
-        within("events", async {
+        within("events", ADMIN_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(
@@ -991,7 +998,7 @@ impl Store for PostgresStore {
     }
 
     async fn requeue(&self, id: Uuid, _now: SystemTime) -> Result<Requeued, StoreError> {
-        within("requeue", async {
+        within("requeue", ADMIN_TIMEOUT, async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
             // Try first, explain after: the update's own condition decides, so
@@ -1031,7 +1038,7 @@ impl Store for PostgresStore {
         until: SystemTime,
         now: SystemTime,
     ) -> Result<u64, StoreError> {
-        within("requeue_dead", async {
+        within("requeue_dead", ADMIN_TIMEOUT, async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
             let requeued = requeue_where(
@@ -1051,7 +1058,7 @@ impl Store for PostgresStore {
     }
 
     async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
-        within("purge", async {
+        within("purge", ADMIN_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
@@ -1081,7 +1088,7 @@ impl Store for PostgresStore {
     }
 
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {
-        within("queue_stats", async {
+        within("queue_stats", ADMIN_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
@@ -1120,7 +1127,7 @@ impl Store for PostgresStore {
     }
 
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
-        within("event_body", async {
+        within("event_body", OPERATION_TIMEOUT, async {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached("SELECT content_type, body FROM events WHERE id = $1")
