@@ -1,18 +1,31 @@
-//! Ingest throughput of the SQLite store with group commit against one
-//! fsync per commit, measured in the same run on the same disk:
+//! The SQLite store under load, in two measurements:
 //!
-//!     cargo bench --bench group_commit
+//!     cargo bench --bench group_commit            # both
+//!     cargo bench --bench group_commit -- ingest  # group commit against one fsync per commit
+//!     cargo bench --bench group_commit -- webhook [N]
 //!
-//! Each round commits the same number of ~7 KB events (each with one job)
-//! from 32 concurrent tasks, as concurrent webhooks would. The figure that
-//! matters is the ratio; absolute numbers depend on the disk. Bounded: a
-//! fixed number of events per round, three rounds per mode.
+//! `ingest`: each round commits the same number of ~7 KB events (each with
+//! one job) from 32 concurrent tasks, as concurrent webhooks would, with
+//! group commit and with one fsync per commit, interleaved, on the same
+//! disk. The figure that matters is the ratio.
+//!
+//! `webhook`: what one webhook costs the store as relay uses it, its ingest
+//! with the job leased to the sender, then the job's completion, from 32
+//! tasks on one thread: webhooks per second and the process's CPU time per
+//! webhook (fsync waits do not count). Run it under `valgrind
+//! --tool=callgrind` for instruction counts, which do not depend on what
+//! else the machine is doing.
+//!
+//! Bounded: a fixed number of events per round, three rounds per mode.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use relay::store::{Ingested, JobLimits, MAX_BATCH, NewEvent, NewJob, SqliteStore, Store};
+use relay::store::{
+    AttemptRecord, Completion, Ingested, JobLimits, Lease, MAX_BATCH, NewEvent, NewJob, NextState,
+    SqliteStore, Store,
+};
 use relay::targets::{Auth, PreparedRequest, RequestBody};
 use uuid::Uuid;
 
@@ -40,7 +53,11 @@ fn payload() -> Bytes {
     Bytes::from(doc.to_string())
 }
 
-fn event(body: &Bytes, n: usize) -> NewEvent {
+/// Event `n` with one job: queued with a dedupe key (each distinct, as with
+/// the default loop guard), or leased to the caller as ingress's fast lane
+/// stores it. The burst breaker is off, as in relay-bench, so every event
+/// queues its job.
+fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
     NewEvent {
         id: Uuid::now_v7(),
         source: "github".to_owned(),
@@ -51,7 +68,7 @@ fn event(body: &Bytes, n: usize) -> NewEvent {
         payload: None,
         hop: 0,
         received_at: SystemTime::now(),
-        summary: r#"{"events":[{"kind":"push"}],"dropped":[]}"#.to_owned(),
+        summary: r#"{"events":[{"kind":"push","repo":"acme/api","ref":"refs/heads/main","sha":"2222222222222222222222222222222222222222"}]}"#.to_owned(),
         jobs: vec![NewJob {
             id: Uuid::now_v7(),
             route: "builds".to_owned(),
@@ -64,23 +81,23 @@ fn event(body: &Bytes, n: usize) -> NewEvent {
                     name: "Circle-Token".to_owned(),
                 },
             }),
-            // A dedupe key (each distinct), as with the default loop guard; the
-            // burst breaker off, as in relay-bench, so every event queues a job.
             limits: JobLimits {
-                dedupe: Some((
-                    format!("acme/api\nrefs/heads/main\n{n:040x}"),
-                    Duration::from_secs(600),
-                )),
+                dedupe: lease.is_none().then(|| {
+                    (
+                        format!("acme/api\nrefs/heads/main\n{n:040x}"),
+                        Duration::from_secs(600),
+                    )
+                }),
                 burst: None,
             },
-            lease: None,
+            lease,
         }],
         drops: Vec::new(),
     }
 }
 
-/// Events per second for one round on a fresh database.
-async fn round(max_batch: usize, body: &Bytes) -> f64 {
+/// Events per second for one round of ingests on a fresh database.
+async fn ingest_round(max_batch: usize, body: &Bytes) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open_with_batch(&dir.path().join("bench.db"), max_batch).expect("store opens"));
@@ -90,7 +107,7 @@ async fn round(max_batch: usize, body: &Bytes) -> f64 {
         let (store, body) = (store.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             for n in (t..EVENTS).step_by(TASKS) {
-                let outcome = store.ingest(event(&body, n)).await.expect("ingest commits");
+                let outcome = store.ingest(event(&body, n, None)).await.expect("ingest commits");
                 assert_eq!(outcome, Ingested::Accepted(Vec::new()));
             }
         }));
@@ -101,22 +118,79 @@ async fn round(max_batch: usize, body: &Bytes) -> f64 {
     EVENTS as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Webhooks per second and CPU µs per webhook for `events` ingests, each
+/// followed by its job's completion.
+async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("bench.db")).expect("store opens"));
+    let (started, cpu) = (Instant::now(), cpu_seconds());
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (store, body) = (store.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in (t..events).step_by(TASKS) {
+                let claim = Uuid::now_v7();
+                let lease = Lease {
+                    claim,
+                    until: SystemTime::now() + Duration::from_secs(60),
+                };
+                let event = event(&body, n, Some(lease));
+                let job_id = event.jobs[0].id;
+                let outcome = store.ingest(event).await.expect("ingest commits");
+                assert_eq!(outcome, Ingested::Accepted(Vec::new()));
+                let now = SystemTime::now();
+                let completion = Completion {
+                    job_id,
+                    claim,
+                    attempt: AttemptRecord {
+                        started_at: now,
+                        duration: Duration::from_millis(1),
+                        status: Some(201),
+                        outcome: "delivered",
+                        excerpt: r#"201: {"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created"}"#
+                            .to_owned(),
+                    },
+                    next: NextState::Done,
+                    at: now,
+                };
+                let recorded = store.complete(completion, now).await.expect("completion commits");
+                assert!(recorded);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task finishes");
+    }
+    let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    (events as f64 / wall, cpu * 1e6 / events as f64)
+}
+
+/// User and system CPU time of this process so far, from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn median(mut xs: Vec<f64>) -> (f64, f64, f64) {
     xs.sort_by(f64::total_cmp);
     (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let body = payload();
+async fn ingest(body: &Bytes) {
     println!(
         "ingest of {EVENTS} events of {} bytes from {TASKS} tasks, {ROUNDS} rounds per mode (rounds interleaved)",
         body.len()
     );
     let (mut grouped, mut single) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        grouped.push(round(MAX_BATCH, &body).await);
-        single.push(round(1, &body).await);
+        grouped.push(ingest_round(MAX_BATCH, body).await);
+        single.push(ingest_round(1, body).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (g, g_lo, g_hi) = median(grouped);
@@ -124,4 +198,49 @@ async fn main() {
     println!("group commit (≤{MAX_BATCH} per transaction): {g:>8.0} events/s (min {g_lo:.0}, max {g_hi:.0})");
     println!("one fsync per commit:                {s:>8.0} events/s (min {s_lo:.0}, max {s_hi:.0})");
     println!("ratio: group commit is {:.1}× one fsync per commit", g / s);
+}
+
+async fn webhooks(body: &Bytes, events: usize, rounds: usize) {
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (rate, cpu) = webhook_round(events, body).await;
+        rates.push(rate);
+        cpus.push(cpu);
+    }
+    let (rate, rate_lo, rate_hi) = median(rates);
+    let (cpu, cpu_lo, cpu_hi) = median(cpus);
+    println!(
+        "{events} webhooks (ingest, then the completion) of {} bytes from {TASKS} tasks, median of {rounds}: \
+         {rate:.0}/s (min {rate_lo:.0}, max {rate_hi:.0}), {cpu:.1} µs CPU per webhook (min {cpu_lo:.1}, max {cpu_hi:.1})",
+        body.len()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let body = payload();
+    let which = args.first().map(String::as_str);
+    // `webhook` counts the CPU of one thread's work: a current-thread
+    // runtime (SQLite's writer still runs on tokio's blocking pool).
+    let runtime = match which {
+        Some("webhook") => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    }
+    .expect("a tokio runtime");
+    runtime.block_on(async {
+        match which {
+            Some("ingest") => ingest(&body).await,
+            Some("webhook") => {
+                let events = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
+                webhooks(&body, events, 1).await;
+            }
+            _ => {
+                ingest(&body).await;
+                webhooks(&body, 20_000, ROUNDS).await;
+            }
+        }
+    });
 }
