@@ -126,7 +126,10 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         error,
     };
     let webhook = source.receive(&headers, payload).map_err(refused)?;
-    let events = match source.parse(&webhook).map_err(|e| refused(e.into()))? {
+    let events = match source
+        .parse(&webhook, config.files())
+        .map_err(|e| refused(e.into()))?
+    {
         Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
         Parsed::Events(events) => events,
     };

@@ -112,6 +112,16 @@ pub fn is_zero_sha(sha: &str) -> bool {
     !sha.is_empty() && sha.bytes().all(|b| b == b'0')
 }
 
+/// Whether a parser reads the files each pushed commit touched: most of a
+/// push's bytes, and read by nothing unless a route filters on `paths` or a
+/// template reads them (`Config::files`). Skipped, an event's `paths` are
+/// empty and `paths_complete` is false.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Files {
+    Read,
+    Skip,
+}
+
 /// The sorted, de-duplicated list of files the pushed commits touched.
 pub fn changed_paths<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut paths: Vec<&str> = files.collect();

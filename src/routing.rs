@@ -274,6 +274,11 @@ impl Route {
         }
     }
 
+    /// Whether this route decides on the files a push changed.
+    pub fn filters_paths(&self) -> bool {
+        self.paths.is_some()
+    }
+
     /// Whether events of `repo` can match this route's `repos` filter.
     pub fn accepts_repo(&self, repo: &str) -> bool {
         self.repos.as_ref().is_none_or(|p| p.matches(repo))
@@ -491,6 +496,50 @@ mod tests {
         let p = patterns(&["services/api/**"]);
         assert!(p.matches("services/api/src/main.rs"));
         assert!(!p.matches("services/web/index.ts"));
+    }
+
+    /// The commits' file lists are read exactly when something reads
+    /// `paths`: a route's filter, a `when`, or a target's template.
+    #[test]
+    fn files_are_read_only_for_a_config_that_reads_paths() {
+        let files = |route: &str, target: &str| {
+            let text = format!(
+                r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "s"
+
+[[routes]]
+name = "r"
+to = ["ci"]
+{route}
+
+[targets.ci]
+kind = "circleci"
+project = "gh/acme/api"
+token = "t"
+dry_run = true
+{target}
+"#
+            );
+            Config::from_toml(&text).unwrap().files()
+        };
+        use crate::event::Files;
+        assert_eq!(files("", ""), Files::Skip);
+        assert_eq!(
+            files("branches = [\"main\"]", "parameters = { sha = \"{{ sha }}\" }"),
+            Files::Skip
+        );
+        assert_eq!(files("paths = [\"docs/**\"]", ""), Files::Read);
+        assert_eq!(files("when = \"paths | length > 0\"", ""), Files::Read);
+        assert_eq!(
+            files("", "parameters = { changed = \"{{ paths | join(',') }}\" }"),
+            Files::Read
+        );
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct RenderError {
 #[derive(Debug)]
 pub struct Templates {
     env: Environment<'static>,
+    /// The event fields some template or expression reads.
+    reads: BTreeSet<&'static str>,
 }
 
 impl Default for Templates {
@@ -81,7 +83,10 @@ impl Templates {
         // Printing a missing value fails loudly (a typo must not render as ""),
         // while `if payload.x` on a missing key is simply false.
         env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
-        Templates { env }
+        Templates {
+            env,
+            reads: BTreeSet::new(),
+        }
     }
 
     /// Compiles a string field; `key` names it in errors (`targets.x.branch`).
@@ -116,8 +121,14 @@ impl Templates {
             .map_err(|e| template_error(key, &e))?;
         let template = self.env.get_template(key).map_err(|e| template_error(key, &e))?;
         let globals: BTreeSet<String> = self.env.globals().map(|(k, _)| k.to_owned()).collect();
-        let unknown: Vec<String> = template
-            .undeclared_variables(false)
+        let names = template.undeclared_variables(false);
+        self.reads.extend(
+            CONTEXT_FIELDS
+                .iter()
+                .copied()
+                .filter(|field| names.contains(*field)),
+        );
+        let unknown: Vec<String> = names
             .into_iter()
             .filter(|name| !CONTEXT_FIELDS.contains(&name.as_str()) && !globals.contains(name))
             .collect::<BTreeSet<_>>()
@@ -134,6 +145,11 @@ impl Templates {
             });
         }
         Ok(())
+    }
+
+    /// Whether some template or expression reads this event field.
+    pub fn reads(&self, field: &str) -> bool {
+        self.reads.contains(field)
     }
 
     pub fn render<'a>(&self, field: &'a TemplateStr, ctx: &Value) -> Result<Cow<'a, str>, RenderError> {

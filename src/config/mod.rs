@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 pub use raw::{Encoding, ParamValue, RawRoute, RawSign, RawSource, RawTarget, TargetKindName};
 pub use secret::{Secret, SecretError, SecretSpec};
 
+use crate::event::Files;
 use crate::ingress::Source;
 use crate::routing::Route;
 use crate::targets::Target;
@@ -297,6 +298,15 @@ impl Compiler {
 }
 
 impl Config {
+    /// Whether parsers must read the files pushes changed (see [`Files`]).
+    pub fn files(&self) -> Files {
+        if self.routes.iter().any(Route::filters_paths) || self.templates.reads("paths") {
+            Files::Read
+        } else {
+            Files::Skip
+        }
+    }
+
     /// Reads `path`, then applies `RELAY_SECTION__KEY` environment overrides.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, github};
 use crate::config::{Compiler, RawSource, Secret};
-use crate::event::{Event, EventKind, ZERO_SHA};
+use crate::event::{Event, EventKind, Files, ZERO_SHA};
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]
@@ -193,9 +193,9 @@ struct AnyHook {
     repository: Option<Repository>,
 }
 
-pub(super) fn parse(hook: &str, payload: &[u8]) -> Result<Parsed, PayloadError> {
+pub(super) fn parse(hook: &str, payload: &[u8], files: Files) -> Result<Parsed, PayloadError> {
     let event = match hook {
-        "push" => github::push_event(payload, COMMIT_LIST_CAP)?,
+        "push" => github::push_event(payload, COMMIT_LIST_CAP, files)?,
         "create" | "delete" => {
             let change: RefChange = from_json(payload)?;
             let mut event = Event {

@@ -10,13 +10,14 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use http::HeaderMap;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, header_str,
     required_header,
 };
 use crate::config::{Compiler, RawSource, Secret};
-use crate::event::{Event, EventKind, Pipeline, ZERO_SHA, changed_paths, is_zero_sha};
+use crate::event::{Event, EventKind, Files, Pipeline, ZERO_SHA, changed_paths, is_zero_sha};
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]
@@ -157,8 +158,9 @@ struct Push<'a> {
     sender: Option<Login>,
     #[serde(default, borrow)]
     head_commit: Option<Commit<'a>>,
+    /// Parsed only when needed (see [`Files`]): as it stands in the body.
     #[serde(default, borrow)]
-    commits: Vec<Commit<'a>>,
+    commits: Option<&'a RawValue>,
     /// Gitea's count of all pushed commits (its list is capped lower).
     #[serde(default)]
     total_commits: Option<usize>,
@@ -264,10 +266,10 @@ struct AnyHook {
 /// list is partial, which routes with `paths` must know.
 const COMMIT_LIST_CAP: usize = 20;
 
-pub(super) fn parse(hook: &str, payload: &[u8]) -> Result<Parsed, PayloadError> {
+pub(super) fn parse(hook: &str, payload: &[u8], files: Files) -> Result<Parsed, PayloadError> {
     match hook {
         "ping" => Ok(Parsed::Ping),
-        "push" => Ok(Parsed::Events(vec![push_event(payload, COMMIT_LIST_CAP)?])),
+        "push" => Ok(Parsed::Events(vec![push_event(payload, COMMIT_LIST_CAP, files)?])),
         "create" | "delete" => {
             let change: RefChange = from_json(payload)?;
             let mut event = repo_event(change.repository);
@@ -331,8 +333,14 @@ fn repo_event(repo: Repository) -> Event {
 
 /// A GitHub-shaped push (GitHub's and Gitea's); `commit_cap` is the length
 /// at which the sender starts leaving commits out of the list.
-pub(super) fn push_event(payload: &[u8], commit_cap: usize) -> Result<Event, PayloadError> {
+pub(super) fn push_event(payload: &[u8], commit_cap: usize, files: Files) -> Result<Event, PayloadError> {
     let push: Push = from_json(payload)?;
+    // The commit list is read for its files, or for the head's message
+    // where the sender left `head_commit` out (Gitea may).
+    let commits: Vec<Commit> = match push.commits {
+        Some(raw) if files == Files::Read || push.head_commit.is_none() => from_json(raw.get().as_bytes())?,
+        _ => Vec::new(),
+    };
     let mut event = repo_event(push.repository);
     event.deleted = push.deleted || is_zero_sha(&push.after);
     event.created = push.created || is_zero_sha(&push.before);
@@ -349,15 +357,17 @@ pub(super) fn push_event(payload: &[u8], commit_cap: usize) -> Result<Event, Pay
     event.message = push
         .head_commit
         .as_ref()
-        .or_else(|| push.commits.iter().find(|c| c.id == event.sha))
+        .or_else(|| commits.iter().find(|c| c.id == event.sha))
         .map(|c| c.message.clone().into_owned())
         .unwrap_or_default();
-    let listed = push.commits.len();
-    event.paths_complete = listed > 0
-        && listed < commit_cap
-        && push.total_commits.is_none_or(|total| total <= listed)
-        && push.commits.iter().all(Commit::lists_files);
-    event.paths = changed_paths(push.commits.iter().flat_map(Commit::files));
+    if files == Files::Read {
+        let listed = commits.len();
+        event.paths_complete = listed > 0
+            && listed < commit_cap
+            && push.total_commits.is_none_or(|total| total <= listed)
+            && commits.iter().all(Commit::lists_files);
+        event.paths = changed_paths(commits.iter().flat_map(Commit::files));
+    }
     event.set_ref(&push.git_ref);
     Ok(event)
 }

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::config::{Compiler, RawSource};
 use crate::daemon::App;
 use crate::dispatch;
-use crate::event::{Event, Provider, Webhook};
+use crate::event::{Event, Files, Provider, Webhook};
 use crate::routing::{self, Plan};
 use crate::server::{Body, json_response};
 use crate::store::{ClaimedJob, Dropped, HeldBack, Ingested, Lease, NewEvent, NewJob, StoreError};
@@ -189,12 +189,14 @@ impl Source {
     }
 
     /// Parses a verified webhook into events (several for a Bitbucket push).
-    pub fn parse(&self, webhook: &Webhook) -> Result<Parsed, PayloadError> {
+    /// `files` says whether the files each pushed commit touched are read
+    /// (GitHub and Gitea; the others' file lists are small or absent).
+    pub fn parse(&self, webhook: &Webhook, files: Files) -> Result<Parsed, PayloadError> {
         match &self.settings {
-            Settings::Github(_) => github::parse(&webhook.hook, &webhook.payload),
+            Settings::Github(_) => github::parse(&webhook.hook, &webhook.payload, files),
             Settings::Gitlab(_) => gitlab::parse(&webhook.hook, &webhook.payload),
             Settings::Bitbucket(_) => bitbucket::parse(&webhook.hook, &webhook.payload),
-            Settings::Gitea(_) => gitea::parse(&webhook.hook, &webhook.payload),
+            Settings::Gitea(_) => gitea::parse(&webhook.hook, &webhook.payload, files),
             Settings::Generic(s) => generic::parse(s, &webhook.hook, &webhook.payload),
         }
     }
@@ -543,7 +545,7 @@ async fn accept(
     };
 
     let webhook = source.receive(&parts.headers, body)?;
-    let events = match source.parse(&webhook)? {
+    let events = match source.parse(&webhook, config.files())? {
         Parsed::Ping => {
             info!(source = %source.name, delivery = webhook.delivery.as_deref().unwrap_or(""), "ping answered");
             return Ok(json_response(StatusCode::OK, &json!({ "pong": true })));

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use relay::config::Config;
-use relay::event::{Event, EventKind, Pipeline};
+use relay::event::{Event, EventKind, Files, Pipeline};
 use relay::ingress::{IngressError, Parsed, SignatureError};
 use serde_json::{Value, json};
 
@@ -96,9 +96,33 @@ fn deliver(label: &str, provider: &str, hook: &str, body: Vec<u8>) -> Parsed {
         .receive(&headers, Bytes::from(body))
         .unwrap_or_else(|e| panic!("{label}: receive refused it: {e}"));
     assert_eq!(webhook.hook, hook, "{label}: the hook name relay read");
-    source
-        .parse(&webhook)
-        .unwrap_or_else(|e| panic!("{label}: parse refused it: {e}"))
+    let parsed = source
+        .parse(&webhook, Files::Read)
+        .unwrap_or_else(|e| panic!("{label}: parse refused it: {e}"));
+    // For a config that reads no paths, GitHub and Gitea pushes skip the
+    // commits' file lists: everything else comes out the same.
+    let skipped = source
+        .parse(&webhook, Files::Skip)
+        .unwrap_or_else(|e| panic!("{label}: parse without files refused it: {e}"));
+    match (&parsed, &skipped) {
+        (Parsed::Ping, Parsed::Ping) => {}
+        (Parsed::Events(read), Parsed::Events(skipped)) => {
+            let expected: Vec<Event> = read
+                .iter()
+                .cloned()
+                .map(|mut event| {
+                    if matches!(provider, "github" | "gitea") {
+                        event.paths.clear();
+                        event.paths_complete = false;
+                    }
+                    event
+                })
+                .collect();
+            assert_eq!(skipped, &expected, "{label}: parsed without the commits' files");
+        }
+        _ => panic!("{label}: a ping one way and events the other"),
+    }
+    parsed
 }
 
 // ---------------------------------------------------------------------------
@@ -1244,7 +1268,7 @@ fn bitbucket_published_signature_vector() {
     let webhook = source
         .receive(&headers, Bytes::from(body.clone()))
         .unwrap_or_else(|e| panic!("the published Bitbucket signature is refused: {e}"));
-    let Parsed::Events(events) = source.parse(&webhook).unwrap() else {
+    let Parsed::Events(events) = source.parse(&webhook, Files::Read).unwrap() else {
         panic!("the signed push parsed as a ping");
     };
     compare("bitbucket signed vector", &events, &[BB_SIGNED]);
