@@ -1,12 +1,16 @@
-//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`,
-//! so a commit is on disk when it returns.
+//! The embedded store: one SQLite file in WAL mode. A webhook's commit is
+//! on disk (`synchronous=FULL`) before its sender hears back.
 //!
 //! One writer task owns the connection. It takes every operation that is
-//! waiting, runs them in one transaction on tokio's blocking pool (each inside
-//! its own savepoint, so one failure spoils nothing else) and commits once:
-//! concurrent webhooks share an fsync, and each caller hears back only after
-//! its own data is durable. A lock file keeps a second relay off the same
-//! database. Times come from the caller; the store reads no clock of its own.
+//! waiting, runs them in one transaction on tokio's blocking pool and commits
+//! once: concurrent webhooks share an fsync, and each caller hears back only
+//! after its own data is durable. Should one operation fail, the batch runs
+//! again with each in its own savepoint, so one failure spoils nothing else.
+//! Claims, renewals and attempt records are answered once committed and put
+//! on disk within `MAX_UNSYNCED` (see [`Durability`]); event bodies are stored
+//! LZ4-compressed where that pays. A lock file keeps a second relay off the
+//! same database. Times come from the caller; the store reads no clock of its
+//! own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
