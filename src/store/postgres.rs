@@ -1348,3 +1348,31 @@ async fn keep_listening(
         wake.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL that says nothing of timeouts gets a daemon's: a dead peer is
+    /// noticed in seconds, not after the kernel's two hours.
+    #[test]
+    fn connections_get_keepalives_and_a_user_timeout_unless_the_url_sets_them() {
+        let plain: tokio_postgres::Config = "postgres://relay@db/relay".parse().unwrap();
+        let hardened = connection_config(&plain);
+        assert_eq!(hardened.get_connect_timeout(), Some(&POOL_TIMEOUT));
+        assert_eq!(hardened.get_tcp_user_timeout(), Some(&Duration::from_secs(10)));
+        assert!(hardened.get_keepalives());
+        assert_eq!(hardened.get_keepalives_idle(), Duration::from_secs(15));
+        assert_eq!(hardened.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(hardened.get_keepalives_retries(), Some(3));
+
+        let own: tokio_postgres::Config =
+            "postgres://relay@db/relay?connect_timeout=2&tcp_user_timeout=30&keepalives_idle=60"
+                .parse()
+                .unwrap();
+        let kept = connection_config(&own);
+        assert_eq!(kept.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(kept.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(kept.get_keepalives_idle(), Duration::from_secs(60));
+    }
+}
