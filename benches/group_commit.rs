@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use relay::guard::JobLimits;
+use relay::request::{Auth, PreparedRequest, RequestBody};
 use relay::store::{
-    AttemptRecord, Completion, Ingested, JobLimits, Lease, MAX_BATCH, NewEvent, NewJob, NextState,
-    SqliteStore, Store,
+    AttemptRecord, Completion, Ingested, Lease, MAX_BATCH, NewEvent, NewJob, NextState, SqliteStore, Store,
 };
-use relay::targets::{Auth, PreparedRequest, RequestBody};
 use uuid::Uuid;
 
 const EVENTS: usize = 4000;
@@ -108,7 +108,13 @@ async fn ingest_round(max_batch: usize, body: &Bytes) -> f64 {
         tasks.push(tokio::spawn(async move {
             for n in (t..EVENTS).step_by(TASKS) {
                 let outcome = store.ingest(event(&body, n, None)).await.expect("ingest commits");
-                assert_eq!(outcome, Ingested::Accepted(Vec::new()));
+                assert_eq!(
+                    outcome,
+                    Ingested::Accepted {
+                        held_back: Vec::new(),
+                        leased: Vec::new()
+                    }
+                );
             }
         }));
     }
@@ -138,7 +144,13 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
                 let event = event(&body, n, Some(lease));
                 let job_id = event.jobs[0].id;
                 let outcome = store.ingest(event).await.expect("ingest commits");
-                assert_eq!(outcome, Ingested::Accepted(Vec::new()));
+                assert_eq!(
+                    outcome,
+                    Ingested::Accepted {
+                        held_back: Vec::new(),
+                        leased: Vec::new()
+                    }
+                );
                 let now = SystemTime::now();
                 let completion = Completion {
                     job_id,

@@ -151,7 +151,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::Secret;
 
     fn settings() -> PayloadUrls {
         PayloadUrls {

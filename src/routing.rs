@@ -15,12 +15,14 @@ use minijinja::value::Value;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::config::{BurstSetting, Compiler, Config};
+use crate::config::{Compiler, Config};
+
 use crate::event::{Event, EventKind, Webhook};
 use crate::guard;
+use crate::guard::{Dropped, JobLimits};
 use crate::ingress::Source;
-use crate::store::{Dropped, JobLimits};
-use crate::targets::{PreparedRequest, RenderInput, Target};
+use crate::request::PreparedRequest;
+use crate::targets::{RenderInput, Target};
 use crate::template::Condition;
 
 /// A `[[routes]]` entry, compiled.
@@ -396,17 +398,18 @@ impl Plan {
 /// `now` dates what rendering needs dated (payload URLs' expiry).
 pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event], now: SystemTime) -> Plan {
     let mut plan = Plan::default();
+    let origin = guard::Origin {
+        source: &source.name,
+        ignore_pushers: &source.ignore_pushers,
+        pipelines_routed: config.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
+        request_hop: webhook.hop,
+    };
     for (index, event) in events.iter().enumerate() {
-        let hop = guard::hop(config, webhook, event);
-        if let Some((rule, reason)) = guard::screen(config, source, event, hop) {
+        let hop = guard::hop(&config.loop_guard, &origin, event);
+        if let Some(dropped) = guard::screen(&config.loop_guard, &origin, event, hop) {
             plan.dropped.push(EventDrop {
                 event_index: index,
-                dropped: Dropped {
-                    route: None,
-                    target: None,
-                    rule: rule.to_owned(),
-                    reason,
-                },
+                dropped,
             });
             continue;
         }
@@ -443,28 +446,12 @@ pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event
                     route: route.name.clone(),
                     target: target_name.clone(),
                     request,
-                    limits: limits(config, target, event),
+                    limits: JobLimits::for_trigger(&config.loop_guard, target.burst, event),
                 });
             }
         }
     }
     plan
-}
-
-/// The dedupe window and burst breaker that apply to a job for `target`.
-fn limits(config: &Config, target: &Target, event: &Event) -> JobLimits {
-    let guard = &config.loop_guard;
-    let dedupe = (!guard.dedupe_window.is_zero() && !event.sha.is_empty()).then(|| {
-        (
-            format!("{}\n{}\n{}", event.repo, event.git_ref, event.sha),
-            guard.dedupe_window,
-        )
-    });
-    let burst = match target.burst.unwrap_or(guard.burst) {
-        BurstSetting::Off => None,
-        BurstSetting::Limit(b) => Some((b.limit, b.per)),
-    };
-    JobLimits { dedupe, burst }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The hash behind an HMAC signature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

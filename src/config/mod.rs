@@ -7,7 +7,6 @@
 //! file. Nothing here touches the network or the store.
 
 mod raw;
-mod secret;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -19,10 +18,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::de::DeserializeOwned;
 
+use crate::secret::{Secret, SecretSpec};
 pub use raw::{Encoding, ParamValue, RawRoute, RawSign, RawSource, RawTarget, TargetKindName};
-pub use secret::{Secret, SecretError, SecretSpec};
 
 use crate::event::Files;
+use crate::guard::{Burst, BurstSetting, LoopGuard};
 use crate::ingress::Source;
 use crate::routing::Route;
 use crate::targets::Target;
@@ -146,28 +146,6 @@ pub struct Delivery {
     pub lease: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Burst {
-    pub limit: u32,
-    pub per: Duration,
-}
-
-/// The burst breaker for a target: off, or at most `limit` per `per`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum BurstSetting {
-    Off,
-    Limit(Burst),
-}
-
-#[derive(Debug, Clone)]
-pub struct LoopGuard {
-    pub dedupe_window: Duration,
-    pub max_hops: u32,
-    pub hop_variable: String,
-    /// The default for targets that set no `burst` of their own.
-    pub burst: BurstSetting,
-}
-
 /// One thing wrong with the config, at one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -261,10 +239,10 @@ impl Compiler {
         }
         match spec.resolve() {
             Ok(secret) => {
-                if secret.expose().len() < crate::targets::MIN_SCRUBBED_SECRET {
+                if secret.expose().len() < crate::secret::MIN_SCRUBBED_SECRET {
                     self.warn(format!(
                         "{key} is shorter than {} characters: guessable, and too short to be kept out of target answers",
-                        crate::targets::MIN_SCRUBBED_SECRET
+                        crate::secret::MIN_SCRUBBED_SECRET
                     ));
                 }
                 Some(secret)

@@ -13,8 +13,8 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::secret::SecretSpec;
 use crate::event::Provider;
+use crate::secret::SecretSpec;
 use crate::signature::Algorithm;
 
 /// The top level, only to reject unknown sections before reading each one.

@@ -12,8 +12,9 @@ use serde::Deserialize;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
 };
-use crate::config::{Compiler, RawSource, Secret};
+use crate::config::{Compiler, RawSource};
 use crate::event::{Event, ZERO_SHA};
+use crate::secret::Secret;
 use crate::signature::{self, Algorithm};
 
 #[derive(Debug)]

@@ -13,8 +13,9 @@ use serde_json::Value;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, header_str,
 };
-use crate::config::{Compiler, Encoding, RawSource, Secret};
+use crate::config::{Compiler, Encoding, RawSource};
 use crate::event::{Event, is_zero_sha};
+use crate::secret::Secret;
 use crate::signature::{self, Algorithm};
 
 /// The event fields a generic source can map, with their default pointers.

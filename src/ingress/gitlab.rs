@@ -18,8 +18,9 @@ use serde::Deserialize;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
 };
-use crate::config::{Compiler, RawSource, Secret};
+use crate::config::{Compiler, RawSource};
 use crate::event::{Event, EventKind, Pipeline, changed_paths, is_zero_sha};
+use crate::secret::Secret;
 use crate::signature::{self, Algorithm};
 
 /// Standard Webhooks' recommended tolerance between sender and receiver clocks.

@@ -32,9 +32,10 @@ use crate::config::{Compiler, RawSource};
 use crate::daemon::App;
 use crate::dispatch;
 use crate::event::{Event, Files, Provider, Webhook};
+use crate::guard::Dropped;
 use crate::routing::{self, Plan};
 use crate::server::{Body, json_response};
-use crate::store::{ClaimedJob, Dropped, HeldBack, Ingested, Lease, NewEvent, NewJob, StoreError};
+use crate::store::{ClaimedJob, HeldBack, Ingested, Lease, NewEvent, NewJob, StoreError};
 
 /// A configured `[sources.NAME]`.
 #[derive(Debug)]
@@ -565,18 +566,10 @@ async fn accept(
         let committing = tokio::time::Instant::now();
         let ingested = app_for_commit.store.ingest(record).await;
         app_for_commit.metrics.commit_took(committing.elapsed());
-        if let Ok(Ingested::Accepted(held_back)) = &ingested {
-            let mut handoffs = handoffs;
-            for held in held_back {
-                handoffs.remove(&held.job_id);
-            }
-            let queued = plan
-                .jobs
-                .iter()
-                .filter(|j| j.request.is_ok() && !held_back.iter().any(|h| h.job_id == j.id))
-                .count()
-                > handoffs.len();
-            hand_over(&app_for_commit, &webhook, &plan, handoffs);
+        if let Ok(Ingested::Accepted { leased, .. }) = &ingested {
+            let queued = plan.jobs.iter().filter(|j| j.request.is_ok()).count()
+                > leased.len() + held_back_count(&ingested);
+            hand_over(&app_for_commit, leased.clone(), handoffs);
             // Only jobs that found no free slot wait in the queue for the dispatcher.
             if queued {
                 app_for_commit.wake_dispatch();
@@ -584,11 +577,17 @@ async fn accept(
         }
         (ingested, webhook, plan)
     });
-    let (ingested, webhook, plan) = committed
+    let (ingested, webhook, plan) = tokio::time::timeout(SENDERS_DEADLINE, committed)
         .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "the store did not commit within {}s",
+                SENDERS_DEADLINE.as_secs()
+            ))
+        })?
         .map_err(|e| StoreError::Unavailable(format!("the commit task failed: {e}")))?;
     match ingested? {
-        Ingested::Accepted(held_back) => {
+        Ingested::Accepted { held_back, .. } => {
             for event in &events {
                 app.metrics.event(&webhook.source, event.kind.as_str());
             }
@@ -625,6 +624,12 @@ async fn accept(
     }
 }
 
+/// The longest a sender waits for the store to commit its webhook before it
+/// hears 503 (and retries): well inside GitHub's and GitLab's 10-second
+/// delivery timeout. The commit itself runs on; a webhook it commits after
+/// the 503 is answered as a duplicate when the sender retries.
+const SENDERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// A leased job's claim and the send slot that goes with it.
 type Handoff = (Lease, OwnedSemaphorePermit);
 
@@ -649,24 +654,20 @@ fn take_slots(app: &App, config: &Config, plan: &Plan, now: SystemTime) -> HashM
     handoffs
 }
 
-/// Starts the sends of the jobs committed leased.
-fn hand_over(app: &Arc<App>, webhook: &Webhook, plan: &Plan, mut handoffs: HashMap<Uuid, Handoff>) {
-    for planned in &plan.jobs {
-        let (Some((lease, permit)), Ok(request)) = (handoffs.remove(&planned.id), &planned.request) else {
-            continue;
-        };
-        let job = ClaimedJob {
-            id: planned.id,
-            event_id: webhook.id,
-            route: planned.route.clone(),
-            target: planned.target.clone(),
-            attempts: 0,
-            maybe_attempts: 0,
-            claim: lease.claim,
-            payload: request.needs_payload().then(|| webhook.payload.clone()),
-            request: request.clone(),
-        };
-        dispatch::start_send(app, job, permit);
+/// Starts the sends of the jobs committed leased; the slots of jobs the
+/// store held back are freed.
+fn hand_over(app: &Arc<App>, leased: Vec<ClaimedJob>, mut handoffs: HashMap<Uuid, Handoff>) {
+    for job in leased {
+        if let Some((_, permit)) = handoffs.remove(&job.id) {
+            dispatch::start_send(app, job, permit);
+        }
+    }
+}
+
+fn held_back_count(ingested: &Result<Ingested, StoreError>) -> usize {
+    match ingested {
+        Ok(Ingested::Accepted { held_back, .. }) => held_back.len(),
+        _ => 0,
     }
 }
 

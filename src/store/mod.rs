@@ -23,7 +23,8 @@ pub use postgres::PostgresStore;
 pub use sqlite::{MAX_BATCH, SqliteStore};
 
 use crate::config::{StoreLocation, StoreSettings};
-use crate::targets::PreparedRequest;
+use crate::guard::{Dropped, JobLimits, Trigger};
+use crate::request::PreparedRequest;
 
 /// One accepted webhook and everything routing made of it.
 #[derive(Debug, Clone)]
@@ -46,16 +47,6 @@ pub struct NewEvent {
     pub drops: Vec<Dropped>,
 }
 
-/// Something the loop guard held back, and why. Stored with the event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Dropped {
-    pub route: Option<String>,
-    pub target: Option<String>,
-    /// The guard rule's stable name (`guard::RULE_*`).
-    pub rule: String,
-    pub reason: String,
-}
-
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub id: Uuid,
@@ -73,31 +64,6 @@ pub struct NewJob {
 }
 
 impl NewJob {
-    /// Held back by the burst breaker: `recent` triggers of the target in
-    /// the last `per` reached `limit`. (Both stores word it alike.)
-    fn burst_drop(&self, recent: i64, limit: u32, per: Duration) -> Dropped {
-        self.dropped(
-            crate::guard::RULE_BURST,
-            format!(
-                "target {} already has {recent} triggers in the last {}; the burst limit is {limit}",
-                self.target,
-                humantime::format_duration(per)
-            ),
-        )
-    }
-
-    /// Held back by the dedupe window: the same key went out within `window`.
-    fn dedupe_drop(&self, window: Duration) -> Dropped {
-        self.dropped(
-            crate::guard::RULE_DEDUPE,
-            format!(
-                "target {} was already triggered for this repo, ref and sha within loop_guard.dedupe_window ({})",
-                self.target,
-                humantime::format_duration(window)
-            ),
-        )
-    }
-
     /// The job as first written: leased to the caller, queued, or dead at
     /// once when no request could be built.
     fn row(&self) -> Result<JobRow<'_>, StoreError> {
@@ -123,13 +89,33 @@ impl NewJob {
         })
     }
 
-    fn dropped(&self, rule: &str, reason: String) -> Dropped {
-        Dropped {
-            route: Some(self.route.clone()),
-            target: Some(self.target.clone()),
-            rule: rule.to_owned(),
-            reason,
+    /// The loop guard's view of this job, for the wording of a drop.
+    fn trigger(&self) -> Trigger<'_> {
+        Trigger {
+            route: &self.route,
+            target: &self.target,
         }
+    }
+
+    /// The job as the caller will send it, when it is stored leased to the
+    /// caller (see [`NewJob::lease`]).
+    fn leased(&self, event: &NewEvent) -> Option<ClaimedJob> {
+        let (Some(lease), Ok(request)) = (self.lease, &self.request) else {
+            return None;
+        };
+        Some(ClaimedJob {
+            id: self.id,
+            event_id: event.id,
+            route: self.route.clone(),
+            target: self.target.clone(),
+            attempts: 0,
+            maybe_attempts: 0,
+            claim: lease.claim,
+            payload: request
+                .needs_payload()
+                .then(|| event.payload.clone().unwrap_or_else(|| event.body.clone())),
+            request: request.clone(),
+        })
     }
 }
 
@@ -149,22 +135,17 @@ pub struct Lease {
     pub until: SystemTime,
 }
 
-/// The loop guard's rules that need the store's memory of earlier triggers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JobLimits {
-    /// `(key, window)`: a job with the same target and key (repo, ref, sha)
-    /// queued within the window is held back.
-    pub dedupe: Option<(String, Duration)>,
-    /// At most `limit` jobs for the target per `per`; the excess is held back.
-    pub burst: Option<(u32, Duration)>,
-}
-
 /// What committing a webhook came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ingested {
-    /// Committed; the jobs the store held back (dedupe, burst) are listed,
-    /// already recorded as drops, and were not queued.
-    Accepted(Vec<HeldBack>),
+    /// Committed. The jobs the store held back (dedupe, burst) were
+    /// recorded as drops and not queued; the jobs that came with a lease
+    /// and were not held back are stored leased to the caller, who sends
+    /// them now.
+    Accepted {
+        held_back: Vec<HeldBack>,
+        leased: Vec<ClaimedJob>,
+    },
     /// The sender redelivered a webhook already accepted under this event id.
     Duplicate(Uuid),
 }
@@ -177,7 +158,7 @@ pub struct HeldBack {
 }
 
 /// A job leased to one worker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedJob {
     pub id: Uuid,
     pub event_id: Uuid,

@@ -39,11 +39,12 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use super::{
-    AttemptView, ClaimedJob, Completion, Dropped, EventView, HeldBack, Ingested, JobDetail, JobFilter,
-    JobState, JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, SchemaStatus, Store, StoreError,
+    AttemptView, ClaimedJob, Completion, EventView, HeldBack, Ingested, JobDetail, JobFilter, JobState,
+    JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, SchemaStatus, Store, StoreError,
 };
 use crate::config::PostgresSettings;
-use crate::targets::PreparedRequest;
+use crate::guard::{Check, Dropped};
+use crate::request::PreparedRequest;
 
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
@@ -152,8 +153,8 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The longest an operation on the delivery path (ingest, claims,
-/// completions, renewals, readiness, payload URLs) may take before it is
+/// The longest an operation on the delivery path (claims, completions,
+/// renewals, readiness, payload URLs; ingest is bounded by its caller) may take before it is
 /// reported unavailable (ingress answers 503, the sender retries). A
 /// database that stopped answering without closing its connections (a host
 /// gone, a network partition) would otherwise hold each webhook until its
@@ -500,7 +501,9 @@ fn target_lock(target: &str) -> i32 {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        within("ingest", OPERATION_TIMEOUT, async {
+        // No deadline of its own: the accept path bounds the wait for every
+        // store alike (`accept::SENDERS_DEADLINE`), and lets the commit run on.
+        async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
             let insert_event = tx
@@ -576,6 +579,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(|e| unavailable(&e))?;
             let mut held_back = Vec::new();
+            let mut leased = Vec::new();
             let mut queued = false;
             for job in &event.jobs {
                 if let Some(drop) = hold_back(&tx, job).await? {
@@ -610,13 +614,14 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(|e| unavailable(&e))?;
+                leased.extend(job.leased(&event));
             }
             if queued {
                 notify(&tx).await?;
             }
             tx.commit().await.map_err(|e| unavailable(&e))?;
-            Ok(Ingested::Accepted(held_back))
-        })
+            Ok(Ingested::Accepted { held_back, leased })
+        }
         .await
     }
 
@@ -1146,54 +1151,54 @@ impl Store for PostgresStore {
     }
 }
 
-/// The burst breaker, then the dedupe window, both relative to the
-/// database's `now()`; in this order so a job the breaker held back leaves
-/// no dedupe key behind (it never went out).
+/// The loop guard's store-side checks, in the guard's order and relative
+/// to the database's `now()`; `Some` when one holds the job back.
 /// The caller holds the target's advisory lock when a burst limit is set,
 /// so the count cannot race another relay's ingest for the same target.
 async fn hold_back(
     tx: &deadpool_postgres::Transaction<'_>,
     job: &NewJob,
 ) -> Result<Option<Dropped>, StoreError> {
-    if let Some((limit, per)) = job.limits.burst {
-        // Counting stops at the limit: the answer is only "reached or not",
-        // and a busy target must not cost a scan of its whole window.
-        let stmt = tx
-            .prepare_cached(
-                "SELECT count(*) FROM (
-                     SELECT 1 FROM jobs
-                     WHERE target = $1 AND created_at > now() - $2::int8 * interval '1 microsecond'
-                     LIMIT $3) recent",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = tx
-            .query_one(&stmt, &[&job.target, &micros(per), &i64::from(limit)])
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let recent: i64 = col(&row, 0)?;
-        if recent >= i64::from(limit) {
-            return Ok(Some(job.burst_drop(recent, limit, per)));
-        }
-    }
-    if let Some((key, window)) = &job.limits.dedupe {
-        // Take the key unless someone holds it unexpired; the row lock of
-        // ON CONFLICT makes a second relay wait for the first's verdict.
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO dedupe (target, key, expires_at)
-                 VALUES ($1, $2, now() + $3::int8 * interval '1 microsecond')
-                 ON CONFLICT (target, key) DO UPDATE SET expires_at = EXCLUDED.expires_at
-                 WHERE dedupe.expires_at <= now()",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let taken = tx
-            .execute(&stmt, &[&job.target, key, &micros(*window)])
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if taken == 0 {
-            return Ok(Some(job.dedupe_drop(*window)));
+    let trigger = job.trigger();
+    for check in job.limits.checks() {
+        let held = match check {
+            Check::Burst { limit, per } => {
+                let stmt = tx
+                    .prepare_cached(
+                        "SELECT count(*) FROM (
+                             SELECT 1 FROM jobs
+                             WHERE target = $1 AND created_at > now() - $2::int8 * interval '1 microsecond'
+                             LIMIT $3) recent",
+                    )
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let row = tx
+                    .query_one(&stmt, &[&job.target, &micros(per), &i64::from(limit)])
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                trigger.burst(col(&row, 0)?, limit, per)
+            }
+            Check::Dedupe { key, window } => {
+                // The row lock of ON CONFLICT makes a second relay wait for
+                // the first's verdict.
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO dedupe (target, key, expires_at)
+                         VALUES ($1, $2, now() + $3::int8 * interval '1 microsecond')
+                         ON CONFLICT (target, key) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                         WHERE dedupe.expires_at <= now()",
+                    )
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let taken = tx
+                    .execute(&stmt, &[&job.target, &key, &micros(window)])
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                trigger.dedupe(taken > 0, window)
+            }
+        };
+        if held.is_some() {
+            return Ok(held);
         }
     }
     Ok(None)

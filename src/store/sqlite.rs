@@ -25,11 +25,11 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::{
-    AttemptView, ClaimedJob, Completion, Dropped, EventView, HeldBack, Ingested, JobDetail, JobFilter,
-    JobState, JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, Store, StoreError, from_millis,
-    to_millis,
+    AttemptView, ClaimedJob, Completion, EventView, HeldBack, Ingested, JobDetail, JobFilter, JobState,
+    JobView, NewEvent, NewJob, NextState, QueueStats, Requeued, Store, StoreError, from_millis, to_millis,
 };
-use crate::targets::PreparedRequest;
+use crate::guard::{Check, Dropped};
+use crate::request::PreparedRequest;
 
 /// Operations waiting beyond this are left for the next transaction, which
 /// bounds how long the first caller of a batch waits.
@@ -738,6 +738,7 @@ fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Result<Ingest
         )
         .map_err(|e| unavailable(&e))?;
     let mut held_back = Vec::new();
+    let mut leased = Vec::new();
     for job in &event.jobs {
         if let Some(drop) = hold_back(conn, job, event.received_at)? {
             insert_drop(conn, &event.id, &drop)?;
@@ -768,49 +769,51 @@ fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Result<Ingest
                 job.lease.map(|l| to_millis(l.until)),
             ])
             .map_err(|e| unavailable(&e))?;
+        leased.extend(job.leased(event));
     }
-    Ok(Ingested::Accepted(held_back))
+    Ok(Ingested::Accepted { held_back, leased })
 }
 
-/// The burst breaker, then the dedupe window; in this order so a job the
-/// breaker held back leaves no dedupe key behind (it never went out).
+/// The loop guard's store-side checks, in the guard's order; `Some` when
+/// one holds the job back.
 fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
-    if let Some((limit, per)) = job.limits.burst {
-        let recent: i64 = conn
-            // Counting stops at the limit: the answer is only "reached or not",
-            // and a busy target must not cost a scan of its whole window.
-            .prepare_cached(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE target = ?1 AND created_at > ?2 LIMIT ?3)",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![
-                        job.target,
-                        to_millis(now.checked_sub(per).unwrap_or(now)),
-                        i64::from(limit)
-                    ],
-                    |r| r.get(0),
-                )
-            })
-            .map_err(|e| unavailable(&e))?;
-        if recent >= i64::from(limit) {
-            return Ok(Some(job.burst_drop(recent, limit, per)));
-        }
-    }
-    if let Some((key, window)) = &job.limits.dedupe {
-        // Take the key unless someone holds it unexpired.
-        let taken = conn
-            .prepare_cached(
-                "INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (target, key) DO UPDATE SET expires_at = excluded.expires_at
-                 WHERE dedupe.expires_at <= ?4",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![job.target, key, to_millis(now + *window), to_millis(now)])
-            })
-            .map_err(|e| unavailable(&e))?;
-        if taken == 0 {
-            return Ok(Some(job.dedupe_drop(*window)));
+    let trigger = job.trigger();
+    for check in job.limits.checks() {
+        let held = match check {
+            Check::Burst { limit, per } => {
+                let recent: i64 = conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE target = ?1 AND created_at > ?2 LIMIT ?3)",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_row(
+                            params![
+                                job.target,
+                                to_millis(now.checked_sub(per).unwrap_or(now)),
+                                i64::from(limit)
+                            ],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(|e| unavailable(&e))?;
+                trigger.burst(recent, limit, per)
+            }
+            Check::Dedupe { key, window } => {
+                let taken = conn
+                    .prepare_cached(
+                        "INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (target, key) DO UPDATE SET expires_at = excluded.expires_at
+                         WHERE dedupe.expires_at <= ?4",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![job.target, key, to_millis(now + window), to_millis(now)])
+                    })
+                    .map_err(|e| unavailable(&e))?;
+                trigger.dedupe(taken > 0, window)
+            }
+        };
+        if held.is_some() {
+            return Ok(held);
         }
     }
     Ok(None)

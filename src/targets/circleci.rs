@@ -9,8 +9,10 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Auth, Param, PreparedRequest, RenderFailure, RenderInput, RequestBody, USER_AGENT};
-use crate::config::{Compiler, RawTarget, Secret};
+use super::{Param, RenderFailure, RenderInput, USER_AGENT};
+use crate::config::{Compiler, RawTarget};
+use crate::request::{Auth, PreparedRequest, RequestBody};
+use crate::secret::Secret;
 use crate::template::TemplateStr;
 
 pub const KEYS: &[&str] = &[

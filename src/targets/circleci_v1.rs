@@ -5,9 +5,11 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{Auth, PreparedRequest, RenderFailure, RenderInput, RequestBody, USER_AGENT, encode_component};
-use crate::config::{Compiler, RawTarget, Secret};
+use super::{RenderFailure, RenderInput, USER_AGENT, encode_component};
+use crate::config::{Compiler, RawTarget};
 use crate::event::is_zero_sha;
+use crate::request::{Auth, PreparedRequest, RequestBody};
+use crate::secret::Secret;
 use crate::template::TemplateStr;
 
 pub const KEYS: &[&str] = &[

@@ -6,8 +6,10 @@
 //! naming the event, its source, its id, and the hop count (one more than
 //! the event's), which a relay receiving this request reads back.
 
-use super::{Auth, PreparedRequest, RenderFailure, RenderInput, RequestBody, USER_AGENT};
-use crate::config::{Compiler, RawTarget, Secret};
+use super::{RenderFailure, RenderInput, USER_AGENT};
+use crate::config::{Compiler, RawTarget};
+use crate::request::{Auth, PreparedRequest, RequestBody};
+use crate::secret::Secret;
 use crate::template::TemplateStr;
 
 pub const KEYS: &[&str] = &["url", "sign"];

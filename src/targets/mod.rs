@@ -13,17 +13,20 @@ mod circleci_v1;
 mod gitlab;
 mod http;
 
-use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use minijinja::value::Value;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde::{Deserialize, Serialize};
 
-use crate::config::{BurstSetting, Compiler, Config, ParamValue, RawTarget, Secret, TargetKindName};
+use crate::config::{Compiler, Config, ParamValue, RawTarget, TargetKindName};
+
+use crate::guard::BurstSetting;
+
 use crate::event::{Event, Webhook};
-use crate::signature::{self, Algorithm};
+use crate::request::{Auth, AuthorizeError, PreparedRequest, WireRequest};
+use crate::secret::{MIN_SCRUBBED_SECRET, REDACTED, Secret};
+use crate::signature;
 use crate::template::{RenderError, TemplateStr};
 
 /// A `[targets.NAME]`, compiled.
@@ -301,7 +304,7 @@ fn compile_text(key: &str, source: &str, c: &mut Compiler) -> Option<TemplateStr
 /// missing one only warns, so the sample config runs without credentials).
 fn compile_credential(
     key: &str,
-    spec: Option<&crate::config::SecretSpec>,
+    spec: Option<&crate::secret::SecretSpec>,
     dry_run: bool,
     c: &mut Compiler,
 ) -> Option<Secret> {
@@ -344,135 +347,6 @@ fn encode_component(value: &str) -> String {
     utf8_percent_encode(value, COMPONENT).to_string()
 }
 
-/// The rendered request the store keeps: everything but the credential.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PreparedRequest {
-    /// Always POST; the URL never holds a credential.
-    pub url: String,
-    pub headers: Vec<(String, String)>,
-    pub body: RequestBody,
-    /// Where the credential goes when the request is sent.
-    pub auth: Auth,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestBody {
-    /// A body relay composed (JSON text).
-    Text(String),
-    /// The webhook's JSON document, byte for byte, read from the event at send
-    /// time rather than copied into every job.
-    Payload,
-}
-
-/// Where a target's credential goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "type")]
-pub enum Auth {
-    None,
-    /// `Circle-Token: <token>`.
-    Header {
-        name: String,
-    },
-    /// `?token=<token>` (GitLab's webhook-style trigger).
-    Query {
-        name: String,
-    },
-    /// `"token": "<token>"` added to the JSON body (GitLab's trigger API).
-    JsonField {
-        name: String,
-    },
-    /// An HMAC of the body under the target's secret.
-    Hmac {
-        header: String,
-        algorithm: Algorithm,
-        prefix: String,
-    },
-}
-
-impl PreparedRequest {
-    pub fn needs_payload(&self) -> bool {
-        self.body == RequestBody::Payload
-    }
-
-    fn body_bytes(&self, payload: Option<&Bytes>) -> Result<Bytes, AuthorizeError> {
-        match &self.body {
-            RequestBody::Text(text) => Ok(Bytes::from(text.clone())),
-            RequestBody::Payload => payload.cloned().ok_or(AuthorizeError::PayloadMissing),
-        }
-    }
-
-    /// The URL as sent, but with a credential that rides in the query
-    /// shown as `[redacted]`: the form logs use.
-    pub fn redacted_url(&self) -> String {
-        match &self.auth {
-            Auth::Query { name } => {
-                let separator = if self.url.contains('?') { '&' } else { '?' };
-                format!("{}{separator}{name}={REDACTED}", self.url)
-            }
-            _ => self.url.clone(),
-        }
-    }
-
-    /// The request as text with the credential's place marked `[redacted]`:
-    /// what a dry run logs and `relay explain` prints.
-    pub fn redacted(&self, payload: Option<&Bytes>) -> String {
-        let url = self.redacted_url();
-        let mut headers = self.headers.clone();
-        let mut body = match &self.body {
-            RequestBody::Text(text) => text.clone(),
-            RequestBody::Payload => match payload {
-                Some(p) => String::from_utf8_lossy(p).into_owned(),
-                None => "<the webhook's JSON body>".to_owned(),
-            },
-        };
-        match &self.auth {
-            Auth::None => {}
-            Auth::Header { name } => headers.push((name.clone(), REDACTED.to_owned())),
-            Auth::Query { .. } => {}
-            Auth::JsonField { name } => {
-                if let Ok(mut doc) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&body)
-                {
-                    doc.insert(name.clone(), serde_json::Value::String(REDACTED.to_owned()));
-                    body = serde_json::Value::Object(doc).to_string();
-                }
-            }
-            Auth::Hmac { header, prefix, .. } => {
-                headers.push((header.clone(), format!("{prefix}{REDACTED}")))
-            }
-        }
-        let mut out = format!("POST {url}\n");
-        for (name, value) in headers {
-            let _ = writeln!(out, "{name}: {value}");
-        }
-        out.push('\n');
-        out.push_str(&body);
-        out
-    }
-}
-
-/// Credentials shorter than this are not searched for in target answers.
-pub const MIN_SCRUBBED_SECRET: usize = 8;
-
-/// What stands where a credential would.
-const REDACTED: &str = "[redacted]";
-
-/// A request ready for the wire, credential included. Never stored or logged.
-pub struct WireRequest {
-    pub url: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
-}
-
-impl std::fmt::Debug for WireRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL and headers may carry the credential.
-        f.debug_struct("WireRequest")
-            .field("body_len", &self.body.len())
-            .finish_non_exhaustive()
-    }
-}
-
 /// Why an event cannot become a request for this target; the job is dead at
 /// once with this reason rather than sent to fail.
 #[derive(Debug, thiserror::Error)]
@@ -483,16 +357,6 @@ pub enum RenderFailure {
     Limit(String),
     #[error("{0}")]
     Missing(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AuthorizeError {
-    #[error("target {target} has no credential configured (it was dry_run when this job was queued?)")]
-    NoCredential { target: String },
-    #[error("the stored request body is not a JSON object")]
-    Body,
-    #[error("the webhook's body is no longer in the store")]
-    PayloadMissing,
 }
 
 /// The message a target put in an error response, for the attempt record:
@@ -543,26 +407,5 @@ mod tests {
     fn gitlab_paths_become_one_segment() {
         assert_eq!(encode_component("group/sub/app"), "group%2Fsub%2Fapp");
         assert_eq!(encode_component("feature/x-1.2_a~b"), "feature%2Fx-1.2_a~b");
-    }
-
-    #[test]
-    fn redaction_marks_every_credential_place() {
-        let base = PreparedRequest {
-            url: "https://x/api".into(),
-            headers: vec![("Content-Type".into(), "application/json".into())],
-            body: RequestBody::Text(r#"{"ref":"main"}"#.into()),
-            auth: Auth::JsonField { name: "token".into() },
-        };
-        let text = base.redacted(None);
-        assert!(text.contains(r#""token":"[redacted]""#), "{text}");
-        let q = PreparedRequest {
-            auth: Auth::Query { name: "token".into() },
-            url: "https://x/api?variables[A]=1".into(),
-            ..base.clone()
-        };
-        assert!(
-            q.redacted(None)
-                .starts_with("POST https://x/api?variables[A]=1&token=[redacted]\n")
-        );
     }
 }

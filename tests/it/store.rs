@@ -16,11 +16,12 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use relay::config::{Config, StoreSettings};
 use relay::guard;
+use relay::guard::{Dropped, JobLimits};
+use relay::request::{Auth, PreparedRequest, RequestBody};
 use relay::store::{
-    AttemptRecord, Completion, Dropped, HeldBack, Ingested, JobFilter, JobLimits, JobState, Lease, NewEvent,
-    NewJob, NextState, Requeued, Store, StoreError,
+    AttemptRecord, Completion, HeldBack, Ingested, JobFilter, JobState, Lease, NewEvent, NewJob, NextState,
+    Requeued, Store, StoreError,
 };
-use relay::targets::{Auth, PreparedRequest, RequestBody};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -204,8 +205,21 @@ fn event(delivery: &str, jobs: Vec<NewJob>) -> NewEvent {
     }
 }
 
+/// Ingests an event none of whose jobs is held back; the jobs that came
+/// with a lease must come back leased, and only those.
 async fn accept(store: &Arc<dyn Store>, event: NewEvent) {
-    assert_eq!(store.ingest(event).await.unwrap(), Ingested::Accepted(Vec::new()));
+    let expected: Vec<(Uuid, Uuid)> = event
+        .jobs
+        .iter()
+        .filter(|j| j.request.is_ok())
+        .filter_map(|j| j.lease.map(|l| (j.id, l.claim)))
+        .collect();
+    let Ingested::Accepted { held_back, leased } = store.ingest(event).await.unwrap() else {
+        panic!("not accepted");
+    };
+    assert_eq!(held_back, Vec::new());
+    let leased: Vec<(Uuid, Uuid)> = leased.iter().map(|j| (j.id, j.claim)).collect();
+    assert_eq!(leased, expected);
 }
 
 async fn claim(
@@ -396,7 +410,22 @@ async fn leased_job_waits_for_its_lease(f: Fixture) {
     let id = leased.id;
     let mut e = event("lease-1", vec![leased]);
     e.received_at = received;
-    accept(store, e).await;
+    let event_id = e.id;
+    let Ingested::Accepted { held_back, leased } = store.ingest(e).await.unwrap() else {
+        panic!("not accepted");
+    };
+    assert!(held_back.is_empty());
+    // The store hands the leased job back, ready for the caller to send.
+    assert_eq!(leased.len(), 1);
+    assert_eq!(
+        (
+            leased[0].id,
+            leased[0].event_id,
+            leased[0].claim,
+            leased[0].attempts
+        ),
+        (id, event_id, first_claim, 0)
+    );
 
     assert_eq!(state_of(store, id).await, JobState::InFlight);
     assert!(claim(store, "ci", 10, LEASE).await.is_empty(), "the lease holds");
@@ -818,10 +847,13 @@ async fn dedupe_window(f: Fixture) {
     };
     assert_eq!(
         store.ingest(e).await.unwrap(),
-        Ingested::Accepted(vec![HeldBack {
-            job_id: second_id,
-            dropped: expected.clone(),
-        }])
+        Ingested::Accepted {
+            held_back: vec![HeldBack {
+                job_id: second_id,
+                dropped: expected.clone(),
+            }],
+            leased: Vec::new()
+        }
     );
     assert!(
         store.job(second_id).await.unwrap().is_none(),
@@ -871,14 +903,19 @@ async fn burst_limit(f: Fixture) {
     };
     assert_eq!(
         store.ingest(event("burst-1", jobs)).await.unwrap(),
-        Ingested::Accepted(vec![HeldBack {
-            job_id: third,
-            dropped: expected.clone(),
-        }])
+        Ingested::Accepted {
+            held_back: vec![HeldBack {
+                job_id: third,
+                dropped: expected.clone(),
+            }],
+            leased: Vec::new()
+        }
     );
     let next = with_limits(queued("ci"), burst.clone());
     let next_id = next.id;
-    let Ingested::Accepted(held) = store.ingest(event("burst-2", vec![next])).await.unwrap() else {
+    let Ingested::Accepted { held_back: held, .. } =
+        store.ingest(event("burst-2", vec![next])).await.unwrap()
+    else {
         panic!("not a duplicate");
     };
     assert_eq!(held.len(), 1);
@@ -1226,7 +1263,7 @@ async fn events_view_with_drops(f: Fixture) {
     newer.drops = vec![skip.clone(), hops.clone()];
     let newer_id = newer.id;
     let a = newer.jobs[0].id;
-    let Ingested::Accepted(held) = store.ingest(newer).await.unwrap() else {
+    let Ingested::Accepted { held_back: held, .. } = store.ingest(newer).await.unwrap() else {
         panic!("not a duplicate");
     };
     assert_eq!(held.len(), 1);

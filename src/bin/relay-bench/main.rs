@@ -767,8 +767,9 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
 
 /// Queues `BACKLOG` jobs through relay's own store, as ingest would.
 async fn fill_backlog(db: &Path, circle: std::net::SocketAddr) -> Result<(), String> {
-    use relay::store::{JobLimits, NewEvent, NewJob, SqliteStore, Store};
-    use relay::targets::{Auth, PreparedRequest, RequestBody};
+    use relay::guard::JobLimits;
+    use relay::request::{Auth, PreparedRequest, RequestBody};
+    use relay::store::{NewEvent, NewJob, SqliteStore, Store};
     let store = SqliteStore::open(db).map_err(|e| e.to_string())?;
     let body = Bytes::from_static(br#"{"ref":"refs/heads/main"}"#);
     let mut pending = Vec::new();

@@ -63,7 +63,7 @@ pub async fn serve_baseline(port: u16, which: Baseline, secret: Arc<[u8]>) -> st
                         Ok(b) => b.to_bytes(),
                         Err(_) => return Ok(respond(400, "unreadable")),
                     };
-                    let key = relay::config::Secret::from_bytes(secret.to_vec(), "bench");
+                    let key = relay::secret::Secret::from_bytes(secret.to_vec(), "bench");
                     if !relay::signature::verify(
                         relay::signature::Algorithm::Sha256,
                         &key,

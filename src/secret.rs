@@ -10,6 +10,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+/// What stands where a secret would, in anything shown to a person.
+pub const REDACTED: &str = "[redacted]";
+
+/// Secrets shorter than this are not searched for in target answers: a value
+/// so short would shred ordinary words and hide nothing.
+pub const MIN_SCRUBBED_SECRET: usize = 8;
+
 /// How `relay.toml` names a secret. Literals work but are warned about.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
@@ -210,7 +217,7 @@ impl fmt::Debug for Secret {
 
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
+        f.write_str(REDACTED)
     }
 }
 
