@@ -1,8 +1,11 @@
 //! relay-bench: relay against adnanh/webhook and bare hyper, side by side,
 //! in one run on loopback, and the figures the benchmark issue asks for.
 //!
-//!     cargo run --release --bin relay-bench -- [--duration 5] [--runs 3] [--out bench-results.json]
+//!     bench/run.sh [--duration 5] [--runs 3] [--out bench-results.json]
 //!         [--only SUBJECT] [--connections 1,32] [--postgres URL] [--relay PATH]
+//!
+//! (`bench/run.sh` builds relay and this harness with `cargo build --release
+//! -p relay -p relay-bench`, then runs `target/release/relay-bench`.)
 //!
 //! Every subject serves on CPU 0; wrk and this harness (with its mock
 //! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
@@ -20,93 +23,156 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
 use load::WrkResult;
 use serde::Serialize;
 use servers::{Baseline, MockCircle};
 
 const SECRET: &str = "bench-webhook-secret";
-/// The connection counts every subject is measured at, unless `--connections` says.
-const CONCURRENCY: [u32; 2] = [1, 32];
 const BACKLOG: usize = 20_000;
 const E2E_RATE: u32 = 100;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Parser)]
+#[command(
+    name = "relay-bench",
+    version,
+    about = "relay against adnanh/webhook and bare hyper, side by side, on loopback",
+    long_about = LONG_ABOUT,
+    after_help = "Examples (bench/run.sh builds relay and relay-bench, then runs relay-bench):\n  \
+        bench/run.sh --runs 3 --duration 10 --out bench.json --only relay\n  \
+        bench/run.sh --postgres postgres://relay:…@127.0.0.1/relay\n  \
+        bench/run.sh --only relay --connections 32 --relay /tmp/relay-old",
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
+const LONG_ABOUT: &str = "\
+relay against adnanh/webhook and bare hyper, side by side, in one run on
+loopback.
+
+Every subject gets the same ~7 KB signed GitHub push from wrk, a delivery id
+of its own per request, at each of --connections: the subject serves on CPU 0,
+wrk and the harness run on CPU 1. Prints one table (req/s, p50/p99, CPU µs and
+bytes written to disk per request, RSS idle and after, relay's ratio to each
+baseline: medians of --runs, with the spread), relay's end-to-end latency at
+100 webhooks/s and its delivery rate from a 20,000-job backlog, and writes the
+same as JSON to compare across commits.
+
+Measures the relay binary beside this one (target/release/relay) unless
+--relay names another. Installs wrk and webhook with apt-get when they are
+missing (needs root). Talks only to 127.0.0.1.";
+
+#[derive(Debug, Subcommand)]
+enum Internal {
+    /// Serves a hyper baseline on 127.0.0.1:PORT until killed (the harness
+    /// runs itself this way, so the baseline's CPU and memory are its own).
+    #[command(hide = true)]
+    ServeBaseline {
+        #[arg(value_enum)]
+        which: Baseline,
+        port: u16,
+    },
+}
+
+/// The subjects and parts `--only` may name.
+const ONLY: [&str; 9] = [
+    "hyper-ceiling",
+    "hyper-verify",
+    "webhook-noexec",
+    "webhook-exec",
+    "relay",
+    "relay-postgres",
+    "load",
+    "e2e",
+    "delivery",
+];
+
+#[derive(Debug, Clone, Args)]
 struct Options {
+    /// Seconds of load per run, at each connection count
+    ///
+    /// The end-to-end measurement runs at least 2 s.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = seconds, verbatim_doc_comment)]
     duration: Duration,
+    /// Runs per measurement; figures are their median and spread
+    #[arg(long, value_name = "N", default_value = "3", value_parser = run_count)]
     runs: usize,
+    /// Where to write the results as JSON
+    #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     out: PathBuf,
+    /// Measure one part only (default: all of them)
+    ///
+    /// A subject's load: hyper-ceiling, hyper-verify, webhook-noexec,
+    /// webhook-exec, relay, relay-postgres; every subject's load: load;
+    /// relay's end-to-end latency: e2e; relay's delivery from a backlog:
+    /// delivery.
+    #[arg(
+        long,
+        value_name = "PART",
+        value_parser = clap::builder::PossibleValuesParser::new(ONLY),
+        hide_possible_values = true,
+        requires_if("relay-postgres", "postgres"),
+        verbatim_doc_comment
+    )]
     only: Option<String>,
-    /// A PostgreSQL server where the harness may create (and drop) a
-    /// database per run: adds relay on the shared store as a subject.
-    postgres: Option<String>,
-    /// wrk's connection counts (`--connections 32` or `1,32`).
+    /// wrk's connection counts, comma-separated
+    #[arg(long, value_name = "COUNTS", value_delimiter = ',', default_value = "1,32", value_parser = connection_count)]
     connections: Vec<u32>,
-    /// The relay binary to measure; by default the one built beside this
-    /// harness. Another build (say, of an older commit) can be measured on
-    /// the same machine in the same conditions.
+    /// Add relay on PostgreSQL (relay-postgres) as a subject
+    ///
+    /// URL is a server where the harness may create a fresh database per run
+    /// (the role needs CREATEDB), postgres://USER:PASSWORD@HOST/DATABASE.
+    #[arg(long, value_name = "URL", verbatim_doc_comment)]
+    postgres: Option<String>,
+    /// Measure this relay binary instead of the one beside the harness
+    ///
+    /// Another build (an older commit's, say) measured on the same machine
+    /// in the same conditions.
+    #[arg(long, value_name = "PATH", verbatim_doc_comment)]
     relay: Option<PathBuf>,
 }
 
-fn options() -> Result<Options, String> {
-    let mut options = Options {
-        duration: Duration::from_secs(5),
-        runs: 3,
-        out: PathBuf::from("bench-results.json"),
-        only: None,
-        postgres: None,
-        connections: CONCURRENCY.to_vec(),
-        relay: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--duration" => {
-                options.duration =
-                    Duration::from_secs(value()?.parse().map_err(|_| "--duration takes seconds")?)
-            }
-            "--runs" => options.runs = value()?.parse().map_err(|_| "--runs takes a number")?,
-            "--out" => options.out = PathBuf::from(value()?),
-            "--only" => options.only = Some(value()?),
-            "--postgres" => options.postgres = Some(value()?),
-            "--relay" => options.relay = Some(PathBuf::from(value()?)),
-            "--connections" => {
-                options.connections = value()?
-                    .split(',')
-                    .map(|c| c.trim().parse::<u32>().ok().filter(|c| *c > 0))
-                    .collect::<Option<Vec<u32>>>()
-                    .ok_or("--connections takes counts like 1,32")?
-            }
-            "serve-baseline" => {
-                // The harness re-runs itself as the hyper baselines.
-                let which = match value()?.as_str() {
-                    "ceiling" => Baseline::Ceiling,
-                    _ => Baseline::Verify,
-                };
-                let port: u16 = value()?.parse().map_err(|_| "serve-baseline WHICH PORT")?;
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime
-                    .block_on(servers::serve_baseline(port, which, SECRET.as_bytes().into()))
-                    .map_err(|e| e.to_string())?;
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
+fn seconds(value: &str) -> Result<Duration, String> {
+    match value.trim().parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err("takes a whole number of seconds, at least 1".to_owned()),
     }
-    if options.runs == 0 {
-        return Err("--runs must be at least 1".to_owned());
+}
+
+fn run_count(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(runs) if runs > 0 => Ok(runs),
+        _ => Err("takes a number, at least 1".to_owned()),
     }
-    Ok(options)
+}
+
+fn connection_count(value: &str) -> Result<u32, String> {
+    match value.trim().parse::<u32>() {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err("takes counts like 1,32 (each at least 1)".to_owned()),
+    }
 }
 
 fn main() {
-    let options = match options() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("relay-bench: {e}");
-            std::process::exit(2);
+    let cli = Cli::parse();
+    if let Some(Internal::ServeBaseline { which, port }) = cli.internal {
+        // The harness re-runs itself as the hyper baselines.
+        let served = tokio::runtime::Runtime::new().and_then(|runtime| {
+            runtime.block_on(servers::serve_baseline(port, which, SECRET.as_bytes().into()))
+        });
+        if let Err(e) = served {
+            eprintln!("relay-bench serve-baseline: {e}");
+            std::process::exit(1);
         }
-    };
+        return;
+    }
+    let options = cli.options;
     if let Err(e) = ensure_tools() {
         eprintln!("relay-bench: {e}");
         std::process::exit(1);
@@ -839,7 +905,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     };
     if !relay_binary.exists() {
         return Err(format!(
-            "{} is missing: build it first (bench/run.sh does: cargo build --release --bins)",
+            "{} is missing: build it first (bench/run.sh does: cargo build --release -p relay -p relay-bench)",
             relay_binary.display()
         ));
     }
@@ -1009,4 +1075,88 @@ fn table(report: &Report) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let options = Cli::try_parse_from(["relay-bench"]).unwrap().options;
+        assert_eq!(options.duration, Duration::from_secs(5));
+        assert_eq!(options.runs, 3);
+        assert_eq!(options.out, PathBuf::from("bench-results.json"));
+        assert_eq!(options.connections, vec![1, 32]);
+        assert_eq!(
+            (options.only, options.postgres, options.relay),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn reads_the_readme_flags() {
+        let cli = Cli::try_parse_from([
+            "relay-bench",
+            "--runs",
+            "2",
+            "--duration",
+            "10",
+            "--out",
+            "bench.json",
+            "--only",
+            "relay",
+            "--connections",
+            "1, 8,32",
+            "--relay",
+            "/tmp/relay-old",
+            "--postgres",
+            "postgres://relay@127.0.0.1/relay",
+        ])
+        .unwrap();
+        let options = cli.options;
+        assert_eq!(options.duration, Duration::from_secs(10));
+        assert_eq!(options.runs, 2);
+        assert_eq!(options.out, PathBuf::from("bench.json"));
+        assert_eq!(options.only.as_deref(), Some("relay"));
+        assert_eq!(options.connections, vec![1, 8, 32]);
+        assert_eq!(options.relay, Some(PathBuf::from("/tmp/relay-old")));
+        assert!(cli.internal.is_none());
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_measure() {
+        for args in [
+            &["--runs", "0"][..],
+            &["--duration", "0"],
+            &["--duration", "5s"],
+            &["--connections", "0,32"],
+            &["--connections", "one"],
+            &["--only", "nginx"],
+            &["--verbose"],
+            &["--only", "relay-postgres"],
+        ] {
+            let argv = std::iter::once("relay-bench").chain(args.iter().copied());
+            assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn runs_itself_as_a_baseline() {
+        let cli = Cli::try_parse_from(["relay-bench", "serve-baseline", "ceiling", "8080"]).unwrap();
+        assert!(matches!(
+            cli.internal,
+            Some(Internal::ServeBaseline {
+                which: Baseline::Ceiling,
+                port: 8080
+            })
+        ));
+    }
 }

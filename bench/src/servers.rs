@@ -23,7 +23,7 @@ fn respond(status: u16, body: &'static str) -> Response {
 }
 
 /// Which baseline to serve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Baseline {
     /// Answer 200 without reading the body.
     Ceiling,

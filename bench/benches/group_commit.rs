@@ -1,8 +1,8 @@
 //! The SQLite store under load, in two measurements:
 //!
-//!     cargo bench --bench group_commit            # both
-//!     cargo bench --bench group_commit -- ingest  # group commit against one fsync per commit
-//!     cargo bench --bench group_commit -- webhook [N]
+//!     cargo bench -p relay-bench --bench group_commit            # both
+//!     cargo bench -p relay-bench --bench group_commit -- ingest  # group commit against one fsync per commit
+//!     cargo bench -p relay-bench --bench group_commit -- webhook [N]
 //!
 //! `ingest`: each round commits the same number of ~7 KB events (each with
 //! one job) from 32 concurrent tasks, as concurrent webhooks would, with
@@ -17,6 +17,10 @@
 //! else the machine is doing.
 //!
 //! Bounded: a fixed number of events per round, three rounds per mode.
+//!
+//! `SqliteStore::open_with_batch` and `MAX_BATCH` exist for this bench alone:
+//! relay's `bench` feature, which this crate's dev-dependency on relay turns
+//! on, is what may expose them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -55,7 +59,7 @@ fn payload() -> Bytes {
 
 /// Event `n` with one job: queued with a dedupe key (each distinct, as with
 /// the default loop guard), or leased to the caller as ingress's fast lane
-/// stores it. The burst breaker is off, as in relay-bench, so every event
+/// stores it. The burst breaker is off, as in the harness, so every event
 /// queues its job.
 fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
     NewEvent {
