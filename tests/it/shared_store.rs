@@ -5,8 +5,9 @@
 //! restart during load costs 503s, never a webhook. Also: delivery ids, the
 //! loop guard and payload URLs hold across relays.
 //!
-//! Every test needs `RELAY_TEST_POSTGRES` (see `support::postgres_database`)
-//! and is skipped, with a note, without it.
+//! Every test needs a PostgreSQL server: `RELAY_TEST_POSTGRES`, or the
+//! cluster the tests start themselves where PostgreSQL is installed (see
+//! `support::postgres_database`); without one each says it is skipped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
