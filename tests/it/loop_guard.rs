@@ -408,7 +408,7 @@ dry_run = true
 async fn run_loop(backend: &Backend, dedupe_window: &str) -> (usize, Value) {
     let gitlab = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
     let relay = relay(
-        &backend,
+        backend,
         &format!(
             r#"
 [loop_guard]

@@ -98,7 +98,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($case)).await {
+                    if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($case))).await {
                         super::$case(fixture).await;
                     }
                 }
@@ -106,7 +106,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $pg_case() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($pg_case)).await {
+                    if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($pg_case))).await {
                         super::$pg_case(fixture).await;
                     }
                 }

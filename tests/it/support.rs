@@ -1,7 +1,15 @@
 //! The test harness: relay started in-process on 127.0.0.1:0 against a fresh
-//! SQLite file, mock CI servers that record every request and answer from a
-//! script, and signing helpers written from PROTOCOLS.md (not from relay's
-//! own code), so the tests check the protocol, not self-consistency.
+//! store (a SQLite file, or a PostgreSQL database of its own: [`Backend`]),
+//! mock CI servers that record every request and answer from a script, and
+//! signing helpers written from PROTOCOLS.md (not from relay's own code), so
+//! the tests check the protocol, not self-consistency.
+//!
+//! Tests read what relay did through its admin API (`/api/jobs`,
+//! `/api/jobs/{id}`, `/api/events`, `/metrics`) or, for a store no relay
+//! serves, through the store's own inspect operations ([`open_store`]):
+//! not through SQL. The few helpers below that do touch the schema are for
+//! tests of what lies in the store itself (bytes on disk, a row deleted on
+//! purpose).
 
 // A shared toolbox: not every test module uses every helper.
 #![allow(dead_code)]
