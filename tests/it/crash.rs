@@ -288,15 +288,14 @@ async fn sigterm_drains_in_flight_sends_exits_0_and_a_restart_sends_the_rest() {
     );
     let sent_before = slow.requests().len();
     assert!(sent_before < WEBHOOKS, "the test needs jobs left over");
-    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
-    let done: i64 = db
-        .query_row("SELECT COUNT(*) FROM jobs WHERE state = 'done'", [], |r| r.get(0))
-        .unwrap();
+    let store =
+        crate::support::open_store(&format!("sqlite://{}", dir.path().join("relay.db").display())).await;
+    let states = crate::support::job_states(store.as_ref()).await;
     assert_eq!(
-        done as usize, sent_before,
-        "every send in flight at SIGTERM finished and was recorded"
+        states["done"] as usize, sent_before,
+        "every send in flight at SIGTERM finished and was recorded: {states:?}"
     );
-    drop(db);
+    drop(store);
 
     // A restart against a fast target sends the rest, and nothing twice.
     slow.stop();

@@ -1,12 +1,47 @@
-//! Delivery that loses nothing, in-process: the retry schedule under a paused
-//! clock (503s, a 429 with Retry-After, a 404), a target outage, the jobs
-//! API and manual retries, and retention.
+//! Delivery that loses nothing, in-process: the retry schedule (503s, a 429
+//! with Retry-After, a 404), a target outage, the jobs API and manual
+//! retries, and retention. Every case runs on SQLite and on PostgreSQL and
+//! reads relay's state through the admin API. On SQLite the schedule cases
+//! run under tokio's paused clock, at full length; PostgreSQL decides due
+//! times with its own clock, so there they run in real time, scaled down.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{MockServer, Relay, Reply, sign, test_client};
+use crate::support::{Backend, MockServer, Relay, Reply, config_on, sign, test_client};
+
+crate::on_both_backends! {
+    cases: [
+        a_send_that_outlasts_its_lease_is_renewed_not_repeated,
+        a_target_outage_delays_but_loses_nothing,
+        dead_jobs_are_listed_inspected_and_retried_by_hand,
+        finished_events_are_purged_after_retention_and_pending_ones_kept,
+    ],
+    paused_on_sqlite: [
+        three_503s_then_201_are_four_requests_on_the_backoff_schedule,
+        a_429_with_retry_after_is_not_retried_sooner,
+        a_429_waits_at_least_the_throttle_floor,
+        a_404_is_dead_after_one_attempt_with_the_targets_message,
+    ],
+}
+
+/// The schedule cases' time unit and the slack allowed after a due time:
+/// on SQLite's paused clock, seconds and the work between an answer and the
+/// next claim; on PostgreSQL, in real time, a quarter of that unit and a
+/// database round trip or two.
+fn pace(backend: &Backend) -> (Duration, Duration) {
+    if backend.is_sqlite() {
+        (Duration::from_secs(1), Duration::from_millis(50))
+    } else {
+        (Duration::from_millis(250), Duration::from_millis(300))
+    }
+}
+
+/// A duration as the config spells it.
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
 
 const SECRET: &str = "delivery-secret";
 const CREATED: &str = r#"{"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created","number":7,"created_at":"2026-11-22T10:00:00Z"}"#;
@@ -62,21 +97,38 @@ async fn post_push(relay: &Relay, n: usize) -> Value {
     answer
 }
 
-fn outcomes(relay: &Relay) -> Vec<(Option<u16>, String)> {
+/// `(status, outcome)` of every attempt through `/api/jobs/{id}`, in order.
+async fn outcomes(relay: &Relay) -> Vec<(Option<u64>, String)> {
     relay
-        .db()
-        .prepare("SELECT status, outcome FROM attempts ORDER BY started_at, number")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
+        .attempts()
+        .await
+        .into_iter()
+        .map(|(_, status, outcome)| (status, outcome))
         .collect()
 }
 
-/// Within `[base, base × 1.2]` (jitter only delays) plus a little slack for
-/// the work between the answer and the next claim.
-fn assert_gap(gap: Duration, base: Duration) {
-    let slack = Duration::from_millis(50);
+/// The `delivery` parameter each request carried, in arrival order.
+fn deliveries(circle: &MockServer) -> Vec<String> {
+    circle
+        .requests()
+        .iter()
+        .map(|r| r.json()["parameters"]["delivery"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Nothing left to send: no job queued (waiting for a retry) or in flight.
+async fn assert_nothing_pending(relay: &Relay) {
+    let queue = relay.queue().await;
+    assert_eq!(
+        (queue["queued"], queue["in_flight"]),
+        (0, 0),
+        "jobs per state: {queue:?}"
+    );
+}
+
+/// Within `[base, base × 1.2]` (jitter only delays) plus `slack` for the
+/// work between the answer and the next claim.
+fn assert_gap(gap: Duration, base: Duration, slack: Duration) {
     assert!(
         gap >= base && gap <= base.mul_f64(1.2) + slack,
         "gap {gap:?} is outside [{base:?}, {:?}]",
@@ -84,36 +136,38 @@ fn assert_gap(gap: Duration, base: Duration) {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn three_503s_then_201_are_four_requests_on_the_backoff_schedule() {
+async fn three_503s_then_201_are_four_requests_on_the_backoff_schedule(backend: Backend) {
+    let (unit, slack) = pace(&backend);
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     circle.script((0..3).map(|_| Reply::new(503, r#"{"message":"try later"}"#)));
-    let relay = Relay::start(&config(
-        &circle,
-        r#"backoff = { first = "2s", max = "30m", factor = 2.0 }"#,
-        "",
-    ))
+    let relay = Relay::start_on(
+        &backend,
+        &config(
+            &circle,
+            &format!(
+                r#"backoff = {{ first = "{}", max = "30m", factor = 2.0 }}"#,
+                ms(unit * 2)
+            ),
+            "",
+        ),
+    )
     .await;
     post_push(&relay, 1).await;
 
     let requests = circle.wait_for_within(4, Duration::from_secs(60)).await;
-    assert_gap(requests[1].at - requests[0].at, Duration::from_secs(2));
-    assert_gap(requests[2].at - requests[1].at, Duration::from_secs(4));
-    assert_gap(requests[3].at - requests[2].at, Duration::from_secs(8));
-    // Nothing more, however long we wait.
-    tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(circle.requests().len(), 4);
+    assert_gap(requests[1].at - requests[0].at, unit * 2, slack);
+    assert_gap(requests[2].at - requests[1].at, unit * 4, slack);
+    assert_gap(requests[3].at - requests[2].at, unit * 8, slack);
     let bodies: Vec<Value> = requests.iter().map(|r| r.json()).collect();
     assert!(
         bodies.iter().all(|b| b == &bodies[0]),
         "every retry sends the same request"
     );
 
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
+    let done = relay.wait_done(1).await;
+    assert_eq!(done[0]["attempts"], 4, "{done:#?}");
     assert_eq!(
-        outcomes(&relay),
+        outcomes(&relay).await,
         vec![
             (Some(503), "retry_status".to_owned()),
             (Some(503), "retry_status".to_owned()),
@@ -121,160 +175,221 @@ async fn three_503s_then_201_are_four_requests_on_the_backoff_schedule() {
             (Some(201), "delivered".to_owned()),
         ]
     );
+    // Nothing more: no retry is pending, and the next webhook is the next
+    // request the target sees.
+    assert_nothing_pending(&relay).await;
+    post_push(&relay, 2).await;
+    circle.wait_for(5).await;
+    relay.wait_done(2).await;
+    assert_eq!(
+        deliveries(&circle),
+        [
+            "delivery-1",
+            "delivery-1",
+            "delivery-1",
+            "delivery-1",
+            "delivery-2"
+        ]
+    );
     relay.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_429_with_retry_after_is_not_retried_sooner() {
+async fn a_429_with_retry_after_is_not_retried_sooner(backend: Backend) {
+    let (unit, slack) = pace(&backend);
+    // Retry-After counts whole seconds: 7 on the paused clock, 2 in real time.
+    let retry_after = if backend.is_sqlite() { 7 } else { 2 };
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
-    circle.script([Reply::new(429, r#"{"message":"rate limited"}"#).header("Retry-After", "7")]);
-    let relay = Relay::start(&config(
-        &circle,
-        r#"backoff = { first = "1s", max = "30m", factor = 2.0 }
-throttle_floor = "1s""#,
-        "",
-    ))
+    circle.script([
+        Reply::new(429, r#"{"message":"rate limited"}"#).header("Retry-After", &retry_after.to_string())
+    ]);
+    let relay = Relay::start_on(
+        &backend,
+        &config(
+            &circle,
+            &format!(
+                "backoff = {{ first = \"{}\", max = \"30m\", factor = 2.0 }}\nthrottle_floor = \"{}\"",
+                ms(unit),
+                ms(unit)
+            ),
+            "",
+        ),
+    )
     .await;
     post_push(&relay, 1).await;
     let requests = circle.wait_for_within(2, Duration::from_secs(60)).await;
     let gap = requests[1].at - requests[0].at;
+    let wanted = Duration::from_secs(retry_after);
     assert!(
-        gap >= Duration::from_secs(7) && gap <= Duration::from_millis(7050),
-        "Retry-After: 7 was not honoured: {gap:?}"
+        gap >= wanted && gap <= wanted + slack,
+        "Retry-After: {retry_after} was not honoured: {gap:?}"
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_eq!(outcomes(&relay)[0], (Some(429), "retry_throttled".to_owned()));
+    relay.wait_done(1).await;
+    assert_eq!(
+        outcomes(&relay).await,
+        vec![
+            (Some(429), "retry_throttled".to_owned()),
+            (Some(201), "delivered".to_owned()),
+        ]
+    );
     relay.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_429_waits_at_least_the_throttle_floor() {
+async fn a_429_waits_at_least_the_throttle_floor(backend: Backend) {
+    let (unit, slack) = pace(&backend);
+    // Far above the backoff: 45s on the paused clock, 2s in real time.
+    let floor = if backend.is_sqlite() {
+        Duration::from_secs(45)
+    } else {
+        Duration::from_secs(2)
+    };
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     circle.script([Reply::new(429, "{}")]);
-    let relay = Relay::start(&config(
-        &circle,
-        r#"backoff = { first = "1s", max = "30m", factor = 2.0 }
-throttle_floor = "45s""#,
-        "",
-    ))
+    let relay = Relay::start_on(
+        &backend,
+        &config(
+            &circle,
+            &format!(
+                "backoff = {{ first = \"{}\", max = \"30m\", factor = 2.0 }}\nthrottle_floor = \"{}\"",
+                ms(unit),
+                ms(floor)
+            ),
+            "",
+        ),
+    )
     .await;
     post_push(&relay, 1).await;
     let requests = circle.wait_for_within(2, Duration::from_secs(120)).await;
     let gap = requests[1].at - requests[0].at;
-    assert!(
-        gap >= Duration::from_secs(45) && gap <= Duration::from_millis(45_050),
-        "{gap:?}"
+    assert!(gap >= floor && gap <= floor + slack, "{gap:?}");
+    relay.wait_done(1).await;
+    assert_eq!(
+        outcomes(&relay).await,
+        vec![
+            (Some(429), "retry_throttled".to_owned()),
+            (Some(201), "delivered".to_owned()),
+        ]
     );
     relay.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_404_is_dead_after_one_attempt_with_the_targets_message() {
+async fn a_404_is_dead_after_one_attempt_with_the_targets_message(backend: Backend) {
     let circle = MockServer::start(Reply::new(404, r#"{"message":"Project does not exist."}"#)).await;
-    let relay = Relay::start(&config(&circle, "", "")).await;
+    let relay = Relay::start_on(&backend, &config(&circle, "", "")).await;
     post_push(&relay, 1).await;
     circle.wait_for(1).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'dead'", 1)
-        .await;
-    tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
-    assert_eq!(circle.requests().len(), 1);
-    let error: String = relay
-        .db()
-        .query_row("SELECT last_error FROM jobs", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(error, "404: Project does not exist.");
-    assert_eq!(outcomes(&relay), vec![(Some(404), "dead_status".to_owned())]);
+    let dead = relay.wait_jobs("state=dead", 1).await;
+    assert_eq!(dead[0]["attempts"], 1);
+    assert_eq!(dead[0]["last_error"], "404: Project does not exist.");
+    assert_eq!(dead[0]["retryable"], true);
+    assert_eq!(
+        outcomes(&relay).await,
+        vec![(Some(404), "dead_status".to_owned())]
+    );
+    // Dead is final: nothing is left to retry, and the next webhook's
+    // request is the next one the target sees.
+    assert_nothing_pending(&relay).await;
+    post_push(&relay, 2).await;
+    circle.wait_for(2).await;
+    relay.wait_jobs("state=dead", 2).await;
+    assert_eq!(deliveries(&circle), ["delivery-1", "delivery-2"]);
+    assert_eq!(relay.queue().await["dead"], 2);
     relay.stop().await;
 }
 
 /// A target that takes longer to answer than the lease: relay renews the
 /// lease while the send runs, so the job is not taken over and sent again.
-#[tokio::test]
-async fn a_send_that_outlasts_its_lease_is_renewed_not_repeated() {
+async fn a_send_that_outlasts_its_lease_is_renewed_not_repeated(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, CREATED).after(Duration::from_secs(4))).await;
-    let relay = Relay::start(&config(&circle, "timeout = \"10s\"\nlease = \"1500ms\"", "")).await;
+    let relay = Relay::start_on(
+        &backend,
+        &config(&circle, "timeout = \"10s\"\nlease = \"1500ms\"", ""),
+    )
+    .await;
     post_push(&relay, 1).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    // Another lease's worth: a takeover would have sent by now.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let done = relay.wait_done(1).await;
+    // A takeover would have claimed the job when its 1.5s lease ran out,
+    // during the 4s send, and its request would have arrived by now.
     assert_eq!(circle.requests().len(), 1, "one send, however long it took");
-    let (attempts, recorded): (i64, i64) = relay
-        .db()
-        .query_row(
-            "SELECT j.attempts, (SELECT COUNT(*) FROM attempts a WHERE a.job_id = j.id) FROM jobs j",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
-    assert_eq!((attempts, recorded), (1, 1));
-    let duration_ms: i64 = relay
-        .db()
-        .query_row("SELECT duration_ms FROM attempts", [], |r| r.get(0))
-        .unwrap();
+    assert_eq!(done[0]["attempts"], 1);
+    let job = relay.job(done[0]["id"].as_str().unwrap()).await;
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{job:#}");
+    assert_eq!(
+        (history[0]["status"].as_u64(), history[0]["outcome"].as_str()),
+        (Some(201), Some("delivered"))
+    );
+    let duration_ms = history[0]["duration_ms"].as_u64().unwrap();
     assert!(duration_ms >= 4000, "the attempt took {duration_ms} ms");
-    assert_eq!(outcomes(&relay), vec![(Some(201), "delivered".to_owned())]);
+    assert_nothing_pending(&relay).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_target_outage_delays_but_loses_nothing() {
+async fn a_target_outage_delays_but_loses_nothing(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
-    let relay = Relay::start(&config(
-        &circle,
-        r#"attempts = 40
+    let relay = Relay::start_on(
+        &backend,
+        &config(
+            &circle,
+            r#"attempts = 40
 backoff = { first = "50ms", max = "300ms", factor = 2.0 }"#,
-        "",
-    ))
+            "",
+        ),
+    )
     .await;
     circle.stop();
     for n in 0..20 {
         post_push(&relay, n).await;
     }
-    // Connections are refused for a while: every job retries, none dies.
-    relay
-        .wait_count(
-            "SELECT COUNT(DISTINCT job_id) FROM attempts WHERE outcome = 'retry_connect'",
-            20,
-        )
-        .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(relay.count("SELECT COUNT(*) FROM jobs WHERE state = 'dead'"), 0);
+    // Connections are refused for a while: every job retries, again and
+    // again, and none dies.
+    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+    loop {
+        let jobs = relay.jobs("").await;
+        assert_eq!(jobs.len(), 20);
+        assert!(jobs.iter().all(|j| j["state"] != "dead"), "{jobs:#?}");
+        if jobs.iter().all(|j| j["attempts"].as_u64().unwrap() >= 3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every job was retried: {jobs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for job in relay.job_details().await {
+        let history = job["history"].as_array().unwrap();
+        assert!(
+            history
+                .iter()
+                .all(|a| a["outcome"] == "retry_connect" && a["status"].is_null()),
+            "{job:#}"
+        );
+    }
 
     let back = circle.restart().await;
-    let requests = back.wait_for(20).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 20)
-        .await;
-    let mut deliveries: Vec<String> = requests
-        .iter()
-        .map(|r| r.json()["parameters"]["delivery"].as_str().unwrap().to_owned())
-        .collect();
-    deliveries.sort();
-    deliveries.dedup();
-    assert_eq!(deliveries.len(), 20, "every webhook reached the target once");
-    assert_eq!(relay.count("SELECT COUNT(*) FROM jobs WHERE state = 'dead'"), 0);
+    back.wait_for(20).await;
+    relay.wait_done(20).await;
+    let mut delivered = deliveries(&back);
+    delivered.sort();
+    delivered.dedup();
+    assert_eq!(delivered.len(), 20, "every webhook reached the target once");
+    assert_eq!(back.requests().len(), 20, "and only once");
+    assert_eq!(relay.queue().await["dead"], 0);
     relay.stop().await;
     back.stop();
 }
 
-/// relay with an admin listener (and a token) on port 0.
-async fn relay_with_admin(circle: &MockServer, token: Option<&str>) -> Relay {
+/// relay with an admin listener with a token, on port 0.
+async fn relay_with_admin(backend: &Backend, circle: &MockServer, token: &str) -> Relay {
     let dir = tempfile::tempdir().unwrap();
-    let admin = match token {
-        Some(t) => format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{t}\"\n"),
-        None => "[admin]\nlisten = \"127.0.0.1:0\"\n".to_owned(),
-    };
-    let text = format!(
-        "{}{admin}{}",
-        crate::support::base_config(&dir.path().join("relay.db")),
+    let rest = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{token}\"\n{}",
         config(circle, "attempts = 1", "")
     );
-    Relay::start_with(dir, &text).await
+    let text = config_on(backend, dir.path(), "", &rest);
+    let mut relay = Relay::start_with(dir, &text).await;
+    relay.api_token = Some(token.to_owned());
+    relay
 }
 
 async fn admin(relay: &Relay, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
@@ -291,18 +406,15 @@ async fn admin(relay: &Relay, method: reqwest::Method, path: &str, token: Option
     )
 }
 
-#[tokio::test]
-async fn dead_jobs_are_listed_inspected_and_retried_by_hand() {
+async fn dead_jobs_are_listed_inspected_and_retried_by_hand(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     circle.script((0..3).map(|_| Reply::new(422, r#"{"message":"Unknown parameter delivery"}"#)));
     let token = Some("admin-token-3e1f");
-    let relay = relay_with_admin(&circle, token).await;
+    let relay = relay_with_admin(&backend, &circle, "admin-token-3e1f").await;
     for n in 0..3 {
         post_push(&relay, n).await;
     }
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'dead'", 3)
-        .await;
+    relay.wait_jobs("state=dead", 3).await;
 
     // Without the token: 401, and nothing about the jobs.
     let (status, answer) = admin(&relay, reqwest::Method::GET, "/api/jobs?state=dead", None).await;
@@ -345,13 +457,10 @@ async fn dead_jobs_are_listed_inspected_and_retried_by_hand() {
     .await;
     assert_eq!((status, answer), (200, json!({ "job": id, "state": "queued" })));
     circle.wait_for(4).await;
-    relay
-        .wait_count(
-            &format!("SELECT COUNT(*) FROM jobs WHERE id = '{id}' AND state = 'done'"),
-            1,
-        )
-        .await;
-    let (_, job) = admin(&relay, reqwest::Method::GET, &format!("/api/jobs/{id}"), token).await;
+    let done = relay.wait_done(1).await;
+    assert_eq!(done[0]["id"], id.as_str());
+    let job = relay.job(&id).await;
+    assert_eq!(job["last_error"], Value::Null, "{job:#}");
     let numbers: Vec<u64> = job["history"]
         .as_array()
         .unwrap()
@@ -400,9 +509,7 @@ async fn dead_jobs_are_listed_inspected_and_retried_by_hand() {
         "queued 2 dead job(s) of circle\n"
     );
     circle.wait_for(6).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 3)
-        .await;
+    relay.wait_done(3).await;
 
     let output = relay_jobs(&cli_config, &["list", "--state", "dead"]).await;
     assert_eq!(String::from_utf8_lossy(&output.stdout), "no jobs\n");
@@ -428,35 +535,51 @@ async fn relay_jobs(config: &std::path::Path, args: &[&str]) -> std::process::Ou
         .unwrap()
 }
 
-#[tokio::test]
-async fn finished_events_are_purged_after_retention_and_pending_ones_kept() {
+async fn finished_events_are_purged_after_retention_and_pending_ones_kept(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n[store]\nurl = \"sqlite://{}\"\nretention = \"1s\"\n{}",
-        dir.path().join("relay.db").display(),
-        config(
+    let text = config_on(
+        &backend,
+        dir.path(),
+        "retention = \"1s\"",
+        &config(
             &circle,
             r#"backoff = { first = "1h", max = "1h", factor = 2.0 }"#,
-            ""
-        )
+            "",
+        ),
     );
     let relay = Relay::start_with(dir, &text).await;
-    post_push(&relay, 1).await;
+    let first = post_push(&relay, 1).await;
     circle.wait_for(1).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
+    relay.wait_done(1).await;
     // The next one fails and waits an hour for its retry: it must survive.
     circle.script([Reply::new(503, "{}")]);
-    post_push(&relay, 2).await;
+    let second = post_push(&relay, 2).await;
     circle.wait_for(2).await;
-    relay.wait_count("SELECT COUNT(*) FROM events", 1).await;
-    relay.wait_count("SELECT COUNT(*) FROM attempts", 1).await;
-    let kept: String = relay
-        .db()
-        .query_row("SELECT state FROM jobs", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(kept, "queued");
+    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+    let events = loop {
+        let events = relay.events().await;
+        if events.len() == 1 {
+            break events;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished event was not purged: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(events[0]["id"], second["event"], "{first} was the one purged");
+    assert_eq!(
+        (events[0]["jobs"].as_u64(), events[0]["pending"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let kept = relay.wait_jobs("state=queued", 1).await;
+    assert_eq!(kept[0]["attempts"], 1);
+    assert_eq!(kept[0]["event_id"], second["event"]);
+    assert_eq!(relay.jobs("").await.len(), 1, "the done job went with its event");
+    assert_eq!(
+        outcomes(&relay).await,
+        vec![(Some(503), "retry_status".to_owned())]
+    );
     relay.stop().await;
 }

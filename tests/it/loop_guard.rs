@@ -7,53 +7,53 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{MockServer, Relay, Reply, base_config, hex, hmac_sha256, sign, test_client};
+use crate::support::{Backend, MockServer, Relay, Reply, config_on, hex, hmac_sha256, sign, test_client};
+
+crate::on_both_backends! {
+    cases: [
+        ci_outcomes_are_dropped_unless_a_route_asks_for_pipelines,
+        events_at_max_hops_are_dropped_below_it_they_carry_one_more,
+        the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts,
+        the_burst_breaker_holds_back_the_excess_per_target,
+        skip_markers_and_ignored_pushers_count_in_the_metrics,
+        a_two_project_trigger_loop_stops_at_max_hops,
+        with_the_dedupe_window_the_same_loop_stops_at_its_first_repeat,
+        payload_urls_return_the_original_body_and_refuse_tampering,
+        payload_urls_expire,
+        each_change_of_a_bitbucket_push_forwards_the_whole_original_body,
+        a_pipeline_event_exposes_its_status_id_source_and_variables,
+    ],
+}
 
 const GITLAB_CREATED: &str = r#"{"id":1,"status":"created","ref":"main"}"#;
 
-/// relay with the admin listener (for /metrics) and `rest` after the base.
-async fn relay(rest: &str) -> Relay {
-    relay_in(tempfile::tempdir().unwrap(), rest).await
+/// relay on `backend` with the admin listener (for /metrics and the API)
+/// and `rest` after the base.
+async fn relay(backend: &Backend, rest: &str) -> Relay {
+    relay_in(backend, tempfile::tempdir().unwrap(), rest).await
 }
 
-async fn relay_in(dir: tempfile::TempDir, rest: &str) -> Relay {
-    let text = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{rest}",
-        base_config(&dir.path().join("relay.db"))
-    );
+async fn relay_in(backend: &Backend, dir: tempfile::TempDir, rest: &str) -> Relay {
+    let text = config_on(backend, dir.path(), "", rest);
     Relay::start_with(dir, &text).await
 }
 
-/// A counter's value from `/metrics`.
-async fn metric(relay: &Relay, series: &str) -> f64 {
-    let text = test_client()
-        .get(format!("http://{}/metrics", relay.admin.unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
-
 async fn dropped(relay: &Relay, rule: &str) -> f64 {
-    metric(relay, &format!("relay_dropped_total{{rule=\"{rule}\"}}")).await
+    relay
+        .metric(&format!("relay_dropped_total{{rule=\"{rule}\"}}"))
+        .await
 }
 
-/// The drops stored for an event: (route, target, rule).
-fn stored_drops(relay: &Relay, event: &Value) -> Vec<(Option<String>, Option<String>, String)> {
-    relay
-        .db()
-        .prepare("SELECT route, target, rule FROM drops WHERE event_id = ?1 ORDER BY rowid")
+/// The drops stored with an event, as `/api/events` shows them:
+/// (route, target, rule).
+async fn stored_drops(relay: &Relay, event: &Value) -> Vec<(Option<String>, Option<String>, String)> {
+    let stored = relay.event(event["event"].as_str().unwrap()).await;
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    stored["dropped"]
+        .as_array()
         .unwrap()
-        .query_map([event["event"].as_str().unwrap()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .unwrap()
-        .map(Result::unwrap)
+        .iter()
+        .map(|d| (text(&d["route"]), text(&d["target"]), text(&d["rule"]).unwrap()))
         .collect()
 }
 
@@ -114,10 +114,11 @@ path = "/hooks/gitlab"
 token = "t"
 "#;
 
-#[tokio::test]
-async fn ci_outcomes_are_dropped_unless_a_route_asks_for_pipelines() {
-    let relay = relay(&format!(
-        r#"{SOURCES}
+async fn ci_outcomes_are_dropped_unless_a_route_asks_for_pipelines(backend: Backend) {
+    let relay = relay(
+        &backend,
+        &format!(
+            r#"{SOURCES}
 [[routes]]
 name = "pushes"
 to = ["t"]
@@ -127,7 +128,8 @@ kind = "http"
 url = "http://127.0.0.1:9/t"
 dry_run = true
 "#
-    ))
+        ),
+    )
     .await;
     let answer = post_gitlab(
         &relay,
@@ -146,7 +148,7 @@ dry_run = true
     assert_eq!(answer2["dropped"][0]["rule"], "ci_outcome");
     assert_eq!(dropped(&relay, "ci_outcome").await, 2.0);
     assert_eq!(
-        stored_drops(&relay, &answer),
+        stored_drops(&relay, &answer).await,
         vec![(None, None, "ci_outcome".to_owned())]
     );
     // A push is not a CI outcome.
@@ -155,11 +157,12 @@ dry_run = true
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn events_at_max_hops_are_dropped_below_it_they_carry_one_more() {
+async fn events_at_max_hops_are_dropped_below_it_they_carry_one_more(backend: Backend) {
     let target = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = relay(&format!(
-        r#"
+    let relay = relay(
+        &backend,
+        &format!(
+            r#"
 [loop_guard]
 max_hops = 3
 dedupe_window = "0s"
@@ -179,8 +182,9 @@ token = "trigger"
 kind = "http"
 url = "{url}/mirror"
 "#,
-        url = target.url()
-    ))
+            url = target.url()
+        ),
+    )
     .await;
     // From a pipeline variable: 2 is routed (its triggers carry 3), 3 is dropped.
     let below = post_gitlab(
@@ -216,14 +220,13 @@ url = "{url}/mirror"
     assert_eq!(hops, vec!["3", "3", "3", "3"]);
     assert_eq!(dropped(&relay, "hop_limit").await, 2.0);
     assert_eq!(
-        stored_drops(&relay, &at),
+        stored_drops(&relay, &at).await,
         vec![(None, None, "hop_limit".to_owned())]
     );
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts() {
+async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts(backend: Backend) {
     let rest = r#"
 [loop_guard]
 dedupe_window = "2s"
@@ -247,7 +250,7 @@ kind = "http"
 url = "http://127.0.0.1:9/two"
 dry_run = true
 "#;
-    let first = relay(rest).await;
+    let first = relay(&backend, rest).await;
     let sha = "e".repeat(40);
     let a = post_github(&first, push(&sha), &[]).await;
     assert_eq!(a["jobs"], 2);
@@ -263,7 +266,7 @@ dry_run = true
     assert_eq!(rules, vec![("one", "dedupe"), ("two", "dedupe")]);
     assert_eq!(dropped(&first, "dedupe").await, 2.0);
     assert_eq!(
-        stored_drops(&first, &b),
+        stored_drops(&first, &b).await,
         vec![
             (
                 Some("builds".to_owned()),
@@ -282,7 +285,7 @@ dry_run = true
     let dir = first.stop_keeping_dir().await;
 
     // The window lives in the store: a restart remembers it...
-    let second = relay_in(dir, rest).await;
+    let second = relay_in(&backend, dir, rest).await;
     assert_eq!(post_github(&second, push(&sha), &[]).await["jobs"], 0);
     // ...until it passes.
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -290,9 +293,9 @@ dry_run = true
     second.stop().await;
 }
 
-#[tokio::test]
-async fn the_burst_breaker_holds_back_the_excess_per_target() {
+async fn the_burst_breaker_holds_back_the_excess_per_target(backend: Backend) {
     let relay = relay(
+        &backend,
         r#"
 [loop_guard]
 dedupe_window = "0s"
@@ -336,19 +339,30 @@ burst = false
                 .contains("burst limit is 3")
         );
     }
+    assert_eq!(relay.jobs("target=limited").await.len(), 3);
+    assert_eq!(relay.jobs("target=roomy").await.len(), 5);
+    let mut burst_drops = Vec::new();
+    for answer in &answers {
+        burst_drops.extend(stored_drops(&relay, answer).await);
+    }
     assert_eq!(
-        relay.count("SELECT COUNT(*) FROM jobs WHERE target = 'limited'"),
-        3
+        burst_drops,
+        vec![
+            (
+                Some("builds".to_owned()),
+                Some("limited".to_owned()),
+                "burst".to_owned()
+            );
+            2
+        ]
     );
-    assert_eq!(relay.count("SELECT COUNT(*) FROM jobs WHERE target = 'roomy'"), 5);
-    assert_eq!(relay.count("SELECT COUNT(*) FROM drops WHERE rule = 'burst'"), 2);
     assert_eq!(dropped(&relay, "burst").await, 2.0);
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn skip_markers_and_ignored_pushers_count_in_the_metrics() {
+async fn skip_markers_and_ignored_pushers_count_in_the_metrics(backend: Backend) {
     let relay = relay(
+        &backend,
         r#"
 [sources.gh]
 provider = "github"
@@ -382,7 +396,7 @@ dry_run = true
         "every rule is exported from the start"
     );
     assert_eq!(
-        stored_drops(&relay, &a),
+        stored_drops(&relay, &a).await,
         vec![(None, None, "skip_marker".to_owned())]
     );
     relay.stop().await;
@@ -391,10 +405,12 @@ dry_run = true
 /// Two GitLab projects, each pipeline triggering the other's. The test plays
 /// GitLab: every trigger it receives becomes a successful pipeline whose
 /// Pipeline Hook (carrying the trigger's variables) it posts back to relay.
-async fn run_loop(dedupe_window: &str) -> (usize, Value) {
+async fn run_loop(backend: &Backend, dedupe_window: &str) -> (usize, Value) {
     let gitlab = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = relay(&format!(
-        r#"
+    let relay = relay(
+        backend,
+        &format!(
+            r#"
 [loop_guard]
 max_hops = 3
 dedupe_window = "{dedupe_window}"
@@ -432,8 +448,9 @@ project = "acme/b"
 token = "trigger-b"
 ref = "main"
 "#,
-        url = gitlab.url()
-    ))
+            url = gitlab.url()
+        ),
+    )
     .await;
     // Each project's pipelines run on its own head commit.
     let sha = |project: &str| {
@@ -444,17 +461,13 @@ ref = "main"
         }
     };
     let mut last = post_gitlab(&relay, pipeline_hook("acme/a", &sha("acme/a"), "success", None)).await;
+    // Every trigger comes from a job an answer announced: the chain is over
+    // when every announced trigger has arrived and been answered.
+    let mut announced = last["jobs"].as_u64().unwrap() as usize;
     let mut answered = 0;
-    loop {
-        let seen = gitlab.requests();
-        if seen.len() == answered {
-            // Nothing new: give a straggler a moment, then the chain is over.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if gitlab.requests().len() == answered {
-                break;
-            }
-            continue;
-        }
+    while answered < announced {
+        let seen = gitlab.wait_for(announced).await;
+        assert_eq!(seen.len(), announced, "more triggers than jobs: {seen:#?}");
         for trigger in &seen[answered..] {
             assert!(
                 trigger.header("x-gitlab-event").is_none(),
@@ -475,26 +488,29 @@ ref = "main"
                 pipeline_hook(project, &sha(project), "success", Some(hop)),
             )
             .await;
+            announced += last["jobs"].as_u64().unwrap() as usize;
         }
         answered = seen.len();
         assert!(answered < 20, "the loop did not stop");
     }
+    // Every job the chain made was sent and is done: nothing is left to
+    // trigger anything more.
+    relay.wait_done(answered).await;
+    assert_eq!(gitlab.requests().len(), answered);
     relay.stop().await;
     (answered, last)
 }
 
-#[tokio::test]
-async fn a_two_project_trigger_loop_stops_at_max_hops() {
-    let (triggers, last) = run_loop("0s").await;
+async fn a_two_project_trigger_loop_stops_at_max_hops(backend: Backend) {
+    let (triggers, last) = run_loop(&backend, "0s").await;
     // Hops 1, 2 and 3 are triggered; the pipeline at hop 3 is dropped.
     assert_eq!(triggers, 3);
     assert_eq!(last["jobs"], 0);
     assert_eq!(last["dropped"][0]["rule"], "hop_limit");
 }
 
-#[tokio::test]
-async fn with_the_dedupe_window_the_same_loop_stops_at_its_first_repeat() {
-    let (triggers, last) = run_loop("10m").await;
+async fn with_the_dedupe_window_the_same_loop_stops_at_its_first_repeat(backend: Backend) {
+    let (triggers, last) = run_loop(&backend, "10m").await;
     // A→B, B→A, then A→B again for the same commit: held back by dedupe.
     assert_eq!(triggers, 2);
     assert_eq!(last["dropped"][0]["rule"], "dedupe");
@@ -555,7 +571,7 @@ dry_run = true
 
 const PAYLOAD_KEY: &str = "payload-key-5d2e";
 
-async fn payload_relay(circle: &MockServer, ttl: &str) -> Relay {
+async fn payload_relay(backend: &Backend, circle: &MockServer, ttl: &str) -> Relay {
     // The relay's own address is the public URL CI jobs use.
     let dir = tempfile::tempdir().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -570,7 +586,7 @@ payload_key = "{PAYLOAD_KEY}"
 payload_ttl = "{ttl}"
 
 [store]
-url = "sqlite://{db}"
+url = "{db}"
 retention = "1h"
 
 [sources.gh]
@@ -589,7 +605,7 @@ project = "gh/acme/api"
 token = "t"
 payload_parameter = "payload_url"
 "#,
-        db = dir.path().join("relay.db").display(),
+        db = backend.store_url(dir.path()),
         circle = circle.url()
     );
     Relay::start_with(dir, &text).await
@@ -605,10 +621,9 @@ async fn get(url: &str) -> (u16, Option<String>, Vec<u8>) {
     (status, content_type, response.bytes().await.unwrap().to_vec())
 }
 
-#[tokio::test]
-async fn payload_urls_return_the_original_body_and_refuse_tampering() {
+async fn payload_urls_return_the_original_body_and_refuse_tampering(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, r#"{"id":"p","number":1,"state":"created"}"#)).await;
-    let relay = payload_relay(&circle, "1h").await;
+    let relay = payload_relay(&backend, &circle, "1h").await;
     // A form-encoded GitHub delivery: the URL returns it exactly as received.
     let doc = push(&"9".repeat(40));
     let form: String = form_urlencoded::Serializer::new(String::new())
@@ -660,24 +675,15 @@ async fn payload_urls_return_the_original_body_and_refuse_tampering() {
     let (status, _, _) = get(&format!("{base}/{other}?exp={far}&sig={good_sig}")).await;
     assert_eq!(status, 404);
     // A purged event (as retention would delete it): 404 even with its valid URL.
-    let conn = rusqlite::Connection::open(relay.db_path()).unwrap();
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute("PRAGMA foreign_keys = ON", []).unwrap();
-    assert_eq!(
-        conn.execute("DELETE FROM events WHERE id = ?1", [&event])
-            .unwrap(),
-        1
-    );
-    drop(conn);
+    assert_eq!(relay.delete_event(&event).await, 1);
     let (status, _, body) = get(&url).await;
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn payload_urls_expire() {
+async fn payload_urls_expire(backend: Backend) {
     let circle = MockServer::start(Reply::new(201, r#"{"id":"p","number":1,"state":"created"}"#)).await;
-    let relay = payload_relay(&circle, "2s").await;
+    let relay = payload_relay(&backend, &circle, "2s").await;
     let body = push(&"8".repeat(40));
     let headers = sign::github("s", "push", "payload-2", &body);
     let (status, _) = relay.post("/hooks/github", &headers, body.clone()).await;
@@ -695,12 +701,13 @@ async fn payload_urls_expire() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn each_change_of_a_bitbucket_push_forwards_the_whole_original_body() {
+async fn each_change_of_a_bitbucket_push_forwards_the_whole_original_body(backend: Backend) {
     use sha2::{Digest, Sha256};
     let gitlab = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = relay(&format!(
-        r#"
+    let relay = relay(
+        &backend,
+        &format!(
+            r#"
 [sources.bb]
 provider = "bitbucket"
 path = "/hooks/bitbucket"
@@ -717,8 +724,9 @@ project = "acme/ci"
 token = "trigger"
 forward_payload = true
 "#,
-        gitlab.url()
-    ))
+            gitlab.url()
+        ),
+    )
     .await;
     let change = |name: &str, hash: char| {
         json!({ "new": { "type": "branch", "name": name, "target": { "hash": hash.to_string().repeat(40) } },
@@ -754,10 +762,9 @@ forward_payload = true
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_pipeline_event_exposes_its_status_id_source_and_variables() {
+async fn a_pipeline_event_exposes_its_status_id_source_and_variables(backend: Backend) {
     let gitlab = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = relay(&format!(
+    let relay = relay(&backend, &format!(
         r#"
 [sources.gl]
 provider = "gitlab"

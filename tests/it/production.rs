@@ -413,11 +413,14 @@ token = "{token}"
     assert_eq!(sent[0].body, sent[1].body, "its rendered request was kept");
     let (status, _) = daemon.terminate();
     assert!(status.success());
-    let db = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
-    let done: i64 = db
-        .query_row("SELECT COUNT(*) FROM jobs WHERE state = 'done'", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(done, 4, "every job delivered, none lost to a reload");
+    let store =
+        crate::support::open_store(&format!("sqlite://{}", dir.path().join("relay.db").display())).await;
+    let states = crate::support::job_states(store.as_ref()).await;
+    assert_eq!(
+        (states["done"], states.values().sum::<u64>()),
+        (4, 4),
+        "every job delivered, none lost to a reload: {states:?}"
+    );
 }
 
 fn have(tool: &str) -> bool {
@@ -625,9 +628,7 @@ async fn metrics_parse_and_move_as_requests_arrive() {
     }
     let wrong = sign::github("guess", "push", "x", b"{}");
     assert_eq!(relay.post("/hooks/github", &wrong, b"{}".to_vec()).await.0, 401);
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 2)
-        .await;
+    relay.wait_done(2).await;
     let after = scrape().await;
     let get = |k: &str| *after.get(k).unwrap_or_else(|| panic!("no {k} in {after:#?}"));
     assert_eq!(

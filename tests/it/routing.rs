@@ -94,17 +94,23 @@ async fn github(relay: &Relay, event: &str, body: Vec<u8>) -> Value {
     answer
 }
 
-/// The routes and targets of the jobs a webhook produced.
-fn jobs_of(relay: &Relay, answer: &Value) -> Vec<(String, String)> {
+/// The routes and targets of the jobs a webhook produced, as
+/// `/api/jobs?event=` lists them, sorted.
+async fn jobs_of(relay: &Relay, answer: &Value) -> Vec<(String, String)> {
     let event = answer["event"].as_str().unwrap();
-    relay
-        .db()
-        .prepare("SELECT route, target FROM jobs WHERE event_id = ?1 ORDER BY route, target")
-        .unwrap()
-        .query_map([event], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+    let mut jobs: Vec<(String, String)> = relay
+        .jobs(&format!("event={event}"))
+        .await
+        .iter()
+        .map(|j| {
+            (
+                j["route"].as_str().unwrap().to_owned(),
+                j["target"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    jobs.sort();
+    jobs
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -134,7 +140,7 @@ async fn predicates_fan_out_and_one_trigger_per_target() {
     assert_eq!(a["routes"], json!(["api-paths", "main-only"]));
     assert_eq!(a["jobs"], 3);
     assert_eq!(
-        jobs_of(&relay, &a),
+        jobs_of(&relay, &a).await,
         pairs(&[("api-paths", "a"), ("main-only", "b"), ("main-only", "c")])
     );
 
@@ -155,7 +161,7 @@ async fn predicates_fan_out_and_one_trigger_per_target() {
     )
     .await;
     assert_eq!(
-        jobs_of(&relay, &c),
+        jobs_of(&relay, &c).await,
         pairs(&[("main-only", "b"), ("main-only", "c")])
     );
 
@@ -183,7 +189,7 @@ async fn predicates_fan_out_and_one_trigger_per_target() {
         push("acme/api", "refs/tags/v1.2.0", "x", "ada", &[]),
     )
     .await;
-    assert_eq!(jobs_of(&relay, &f), pairs(&[("releases", "c")]));
+    assert_eq!(jobs_of(&relay, &f).await, pairs(&[("releases", "c")]));
     let g = github(
         &relay,
         "push",
@@ -254,20 +260,15 @@ async fn skip_markers_and_ignored_pushers_are_dropped_and_said_so() {
     assert_eq!(bot["jobs"], 0);
     assert_eq!(bot["dropped"][0]["rule"], "ignored_pusher");
     // The drop is stored with the event too.
-    let stored: (String, String) = relay
-        .db()
-        .query_row(
-            "SELECT rule, reason FROM drops WHERE event_id = ?1",
-            [bot["event"].as_str().unwrap()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let stored = relay.event(bot["event"].as_str().unwrap()).await;
     assert_eq!(
-        stored,
-        (
-            "ignored_pusher".to_owned(),
-            "pusher \"release-bot\" is in sources.gh.ignore_pushers".to_owned()
-        )
+        stored["dropped"],
+        json!([{
+            "route": null,
+            "target": null,
+            "rule": "ignored_pusher",
+            "reason": "pusher \"release-bot\" is in sources.gh.ignore_pushers",
+        }])
     );
     relay.stop().await;
 }

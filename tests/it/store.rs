@@ -1,9 +1,11 @@
 //! The store contract, once, run against both backends: every case is an
 //! `async fn` taking a fresh [`Fixture`], and `cases!` makes a test of it in
-//! `store::sqlite` and in `store::postgres`. The PostgreSQL tests run when
-//! `RELAY_TEST_POSTGRES` names a server (`.ci/postgres start DIR PORT`) and
-//! pass as skipped otherwise. A few cases only make sense on a shared store
-//! (two relays on one database) and exist for PostgreSQL alone.
+//! `store::sqlite` and in `store::postgres`. The PostgreSQL tests run on the
+//! server `RELAY_TEST_POSTGRES` names, else on a cluster the test process
+//! starts itself when PostgreSQL's server binaries are installed; without
+//! either they say `skipped (PostgreSQL)` (see `support::postgres_database`).
+//! A few cases only make sense on a shared store (two relays on one
+//! database) and exist for PostgreSQL alone.
 //!
 //! Windows are short (a few hundred milliseconds) and waited out with real
 //! sleeps: PostgreSQL decides with its own clock, which no test can pause.
@@ -53,7 +55,8 @@ impl Fixture {
         }
     }
 
-    /// `None` (the test then passes as skipped) without a test server.
+    /// `None` (the test then says it is skipped, and returns) without a
+    /// test server.
     async fn postgres(case: &str) -> Option<Fixture> {
         let url = postgres_database(case).await?;
         let settings = settings(&url);
@@ -96,7 +99,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($case)).await {
+                    if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($case))).await {
                         super::$case(fixture).await;
                     }
                 }
@@ -104,7 +107,7 @@ macro_rules! cases {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $pg_case() {
-                    if let Some(fixture) = super::Fixture::postgres(stringify!($pg_case)).await {
+                    if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($pg_case))).await {
                         super::$pg_case(fixture).await;
                     }
                 }
@@ -1436,7 +1439,7 @@ async fn concurrent_migrations(f: Fixture) {
     let fresh = settings(&url);
     let status = relay::store::schema_status(&fresh).await.unwrap();
     assert_eq!(status.version, 0, "an empty database");
-    assert!(status.latest >= 1);
+    assert_eq!(status.latest, 1, "PostgreSQL's schema is one migration (V1)");
 
     let (one, two, three) = tokio::join!(
         relay::store::open(&fresh),

@@ -1,7 +1,15 @@
 //! The test harness: relay started in-process on 127.0.0.1:0 against a fresh
-//! SQLite file, mock CI servers that record every request and answer from a
-//! script, and signing helpers written from PROTOCOLS.md (not from relay's
-//! own code), so the tests check the protocol, not self-consistency.
+//! store (a SQLite file, or a PostgreSQL database of its own: [`Backend`]),
+//! mock CI servers that record every request and answer from a script, and
+//! signing helpers written from PROTOCOLS.md (not from relay's own code), so
+//! the tests check the protocol, not self-consistency.
+//!
+//! Tests read what relay did through its admin API (`/api/jobs`,
+//! `/api/jobs/{id}`, `/api/events`, `/metrics`) or, for a store no relay
+//! serves, through the store's own inspect operations ([`open_store`]):
+//! not through SQL. The few helpers below that do touch the schema are for
+//! tests of what lies in the store itself (bytes on disk, a row deleted on
+//! purpose).
 
 // A shared toolbox: not every test module uses every helper.
 #![allow(dead_code)]
@@ -10,7 +18,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -19,7 +27,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use relay::config::Config;
+use relay::config::{Config, StoreLocation};
 use relay::server::Listeners;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -332,12 +340,18 @@ impl MockServer {
     }
 }
 
-/// relay running in this process on loopback, with its own SQLite file.
+/// relay running in this process on loopback, with its own store: a fresh
+/// SQLite file or a fresh PostgreSQL database (see [`Backend`]).
 #[derive(Debug)]
 pub struct Relay {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
+    /// Where its store is, as its config says.
+    pub store: StoreLocation,
+    /// Sent as `Authorization: Bearer` by the API helpers, for a relay
+    /// whose `[admin]` has a token.
+    pub api_token: Option<String>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
     client: reqwest::Client,
@@ -349,7 +363,8 @@ pub fn test_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-/// The part every test config shares: loopback on port 0 and a fresh store.
+/// The part every test config shares: loopback on port 0 and a fresh SQLite
+/// store (no admin listener: see [`config_on`] for one).
 pub fn base_config(db: &std::path::Path) -> String {
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[store]\nurl = \"sqlite://{}\"\n\n",
@@ -357,11 +372,32 @@ pub fn base_config(db: &std::path::Path) -> String {
     )
 }
 
+/// A whole config on `backend`: loopback on port 0, the store (with
+/// `store_extra` lines in its table), `rest`, and an admin listener on port
+/// 0 unless `rest` has an `[admin]` table of its own.
+pub fn config_on(backend: &Backend, dir: &std::path::Path, store_extra: &str, rest: &str) -> String {
+    let admin = if rest.contains("[admin]") {
+        ""
+    } else {
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    };
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[store]\nurl = \"{}\"\n{store_extra}\n{rest}{admin}",
+        backend.store_url(dir)
+    )
+}
+
 impl Relay {
-    /// Starts relay with `base_config` followed by `rest` (sources, routes, targets…).
+    /// Starts relay on a fresh SQLite file with an admin listener, then
+    /// `rest` (sources, routes, targets…).
     pub async fn start(rest: &str) -> Relay {
+        Relay::start_on(&Backend::Sqlite, rest).await
+    }
+
+    /// As [`Relay::start`], on `backend`.
+    pub async fn start_on(backend: &Backend, rest: &str) -> Relay {
         let dir = tempfile::tempdir().unwrap();
-        let text = format!("{}{rest}", base_config(&dir.path().join("relay.db")));
+        let text = config_on(backend, dir.path(), "", rest);
         Relay::start_with(dir, &text).await
     }
 
@@ -369,6 +405,7 @@ impl Relay {
     pub async fn start_with(dir: tempfile::TempDir, text: &str) -> Relay {
         let config =
             Config::from_toml(text).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
+        let store = config.store.location.clone();
         let listeners = Listeners::bind(&config).await.unwrap();
         let addr = listeners.ingress_addrs()[0];
         let admin = listeners.admin_addr();
@@ -385,6 +422,8 @@ impl Relay {
             addr,
             admin,
             dir,
+            store,
+            api_token: None,
             shutdown,
             task: Some(task),
             client: test_client(),
@@ -399,35 +438,160 @@ impl Relay {
         self.dir.path().join("relay.db")
     }
 
-    /// A read-only view of the store, as another process would see it.
-    pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(self.db_path(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap()
+    /// `GET` on the admin listener (no token); fails the test unless 200.
+    pub async fn api(&self, path: &str) -> serde_json::Value {
+        let admin = self
+            .admin
+            .unwrap_or_else(|| panic!("this relay has no admin listener for {path}"));
+        let mut request = self.client.get(format!("http://{admin}{path}"));
+        if let Some(token) = &self.api_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "GET {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {text}"))
     }
 
-    /// An event's `body` and `payload` columns as received: the store keeps
-    /// them LZ4-compressed where that pays (`codec` 1).
-    pub fn stored_body(&self, event_id: Option<&str>) -> (Vec<u8>, Option<Vec<u8>>) {
-        let (body, payload, codec): (Vec<u8>, Option<Vec<u8>>, i64) = self
-            .db()
-            .query_row(
-                "SELECT body, payload, codec FROM events WHERE ?1 IS NULL OR id = ?1",
-                [event_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+    /// `GET /api/jobs?{query}` (up to 1000), most recently changed first.
+    pub async fn jobs(&self, query: &str) -> Vec<serde_json::Value> {
+        let answer = self.api(&format!("/api/jobs?limit=1000&{query}")).await;
+        answer["jobs"].as_array().expect("a jobs array").clone()
+    }
+
+    /// `GET /api/jobs/{id}`: the job, its stored request and its history.
+    pub async fn job(&self, id: &str) -> serde_json::Value {
+        self.api(&format!("/api/jobs/{id}")).await
+    }
+
+    /// The one job for `target`, in detail; fails unless there is exactly one.
+    pub async fn job_for(&self, target: &str) -> serde_json::Value {
+        let jobs = self.jobs(&format!("target={target}")).await;
+        assert_eq!(jobs.len(), 1, "one job for {target}: {jobs:#?}");
+        self.job(jobs[0]["id"].as_str().unwrap()).await
+    }
+
+    /// Every job in detail, oldest first (job ids are time-ordered).
+    pub async fn job_details(&self) -> Vec<serde_json::Value> {
+        let mut ids: Vec<String> = self
+            .jobs("")
+            .await
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        let mut details = Vec::new();
+        for id in ids {
+            details.push(self.job(&id).await);
+        }
+        details
+    }
+
+    /// `(number, status, outcome)` of every recorded attempt: job by job,
+    /// oldest job first, each job's attempts in order.
+    pub async fn attempts(&self) -> Vec<(u64, Option<u64>, String)> {
+        self.job_details()
+            .await
+            .iter()
+            .flat_map(|j| j["history"].as_array().unwrap().clone())
+            .map(|a| {
+                (
+                    a["number"].as_u64().unwrap(),
+                    a["status"].as_u64(),
+                    a["outcome"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// `GET /api/events` (up to 1000), newest first.
+    pub async fn events(&self) -> Vec<serde_json::Value> {
+        let answer = self.api("/api/events?limit=1000").await;
+        answer["events"].as_array().expect("an events array").clone()
+    }
+
+    /// One event as `/api/events` shows it; fails if it is not listed.
+    pub async fn event(&self, id: &str) -> serde_json::Value {
+        self.events()
+            .await
+            .into_iter()
+            .find(|e| e["id"] == id)
+            .unwrap_or_else(|| panic!("event {id} is not in /api/events"))
+    }
+
+    /// `/metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let admin = self.admin.expect("an admin listener for /metrics");
+        let response = self
+            .client
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
             .unwrap();
-        let unpack = |stored: Vec<u8>| match codec {
-            0 => stored,
-            1 => lz4_flex::block::decompress_size_prepended(&stored).unwrap(),
-            other => panic!("codec {other}"),
-        };
-        (unpack(body), payload.map(unpack))
+        assert_eq!(response.status().as_u16(), 200);
+        response.text().await.unwrap()
     }
 
-    pub fn count(&self, sql: &str) -> i64 {
-        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+    /// One sample's value from `/metrics` (`series` with its labels).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
     }
 
+    /// Jobs per state (`relay_jobs{state}` on `/metrics`, read from the
+    /// store when scraped).
+    pub async fn queue(&self) -> std::collections::BTreeMap<String, u64> {
+        let text = self.metrics().await;
+        let mut states = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("relay_jobs{state=\"")
+                && let Some((state, value)) = rest.split_once("\"} ")
+            {
+                states.insert(state.to_owned(), value.trim().parse::<f64>().unwrap() as u64);
+            }
+        }
+        assert!(!states.is_empty(), "no relay_jobs in:\n{text}");
+        states
+    }
+
+    /// Polls `GET /api/jobs?{query}` until it lists exactly `n` jobs; fails
+    /// after `PATIENCE`. Returns them.
+    pub async fn wait_jobs(&self, query: &str, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let jobs = self.jobs(query).await;
+            if jobs.len() == n {
+                return jobs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {n} jobs with {query:?}, there are {}: {jobs:#?}",
+                jobs.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until `done` of the webhook's jobs are done, none open.
+    pub async fn wait_done(&self, n: usize) -> Vec<serde_json::Value> {
+        self.wait_jobs("state=done", n).await
+    }
+
+    /// Every byte the store holds: the SQLite file and its WAL, or each
+    /// PostgreSQL table copied out in binary (every column, raw). For scans
+    /// that must not depend on the schema (no credential anywhere).
+    pub async fn store_bytes(&self) -> Vec<u8> {
+        store_bytes(&self.store).await
+    }
+
+    /// Deletes an event (and, by cascade, its jobs, attempts and drops) as
+    /// retention would, without waiting for it.
+    pub async fn delete_event(&self, id: &str) -> u64 {
+        delete_event(&self.store, id).await
+    }
     /// Posts a body with these headers; returns the status and the JSON answer.
     pub async fn post(
         &self,
@@ -445,22 +609,6 @@ impl Relay {
         let json = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("relay answered non-JSON ({status}): {text}"));
         (status, json)
-    }
-
-    /// Polls `sql` (a count) until it reaches `n`; fails after `PATIENCE`.
-    pub async fn wait_count(&self, sql: &str, n: i64) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let got = self.count(sql);
-            if got == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited for `{sql}` to be {n}, it is {got}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 
     /// Stops relay and hands back its directory (and database), so another
@@ -654,6 +802,19 @@ impl Drop for Daemon {
     }
 }
 
+/// `GET` on an admin listener (no token); fails the test unless 200.
+pub async fn api_get(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let response = test_client()
+        .get(format!("http://{admin}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "GET {path}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {text}"))
+}
+
 /// Posts to a URL and returns the status and body text.
 pub async fn post_to(url: &str, headers: &[(String, String)], body: impl Into<Bytes>) -> (u16, String) {
     let mut request = test_client().post(url).body(body.into());
@@ -664,26 +825,133 @@ pub async fn post_to(url: &str, headers: &[(String, String)], body: impl Into<By
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
+// ---------------------------------------------------------------------------
+// Backends: SQLite, and PostgreSQL on a throwaway cluster of the tests' own
+
 /// The environment variable naming a PostgreSQL server the tests may create
-/// databases on (`.ci/postgres start` prints such a URL).
+/// databases on (`.ci/postgres start` prints such a URL). Unset, the tests
+/// start a cluster of their own when PostgreSQL's server binaries are
+/// installed.
 pub const POSTGRES_ENV: &str = "RELAY_TEST_POSTGRES";
 
-/// A fresh, empty database on the test server, as a `postgres://` URL, or
-/// `None` (and one note on the terminal) when `RELAY_TEST_POSTGRES` is unset.
-/// `test` names the caller in the skip note.
-pub async fn postgres_database(test: &str) -> Option<String> {
-    let Ok(server) = std::env::var(POSTGRES_ENV) else {
-        use std::io::Write as _;
-        // Straight to the terminal: libtest hides what passing tests print.
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped (PostgreSQL): {test} — set {POSTGRES_ENV} to run it (.ci/postgres start DIR PORT prints one)"
-        );
-        return None;
+/// The store a test's relay runs on.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A fresh SQLite file in the relay's directory.
+    Sqlite,
+    /// A fresh database of its own (a `postgres://` URL).
+    Postgres(String),
+}
+
+impl Backend {
+    /// A fresh PostgreSQL database, or `None` when there is no server to
+    /// run on (see [`postgres_database`]); `test` names the caller.
+    pub async fn postgres(test: &str) -> Option<Backend> {
+        postgres_database(test).await.map(Backend::Postgres)
+    }
+
+    /// The `store.url` for a relay whose directory is `dir`.
+    pub fn store_url(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Sqlite => format!("sqlite://{}", dir.join("relay.db").display()),
+            Backend::Postgres(url) => url.clone(),
+        }
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, Backend::Sqlite)
+    }
+}
+
+/// Makes each listed `async fn case(backend: Backend)` a test per backend:
+/// `<module>::sqlite::case` and `<module>::postgres::case`. Cases listed
+/// under `paused_on_sqlite` run the SQLite variant with tokio's clock paused
+/// (PostgreSQL decides due times with its own clock, which no test can
+/// pause: those cases scale their waits down on it instead).
+///
+/// Without a PostgreSQL server, a `postgres::` test says
+/// `skipped (PostgreSQL): …` on the terminal and returns without running
+/// its case; see [`postgres_database`].
+#[macro_export]
+macro_rules! on_both_backends {
+    (
+        cases: [$($case:ident),* $(,)?]
+        $(, paused_on_sqlite: [$($paused:ident),* $(,)?])? $(,)?
+    ) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case($crate::support::Backend::Sqlite).await;
+                }
+            )*
+            $($(
+                #[tokio::test(start_paused = true)]
+                async fn $paused() {
+                    super::$paused($crate::support::Backend::Sqlite).await;
+                }
+            )*)?
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let name = concat!(module_path!(), "::", stringify!($case));
+                    if let Some(backend) = $crate::support::Backend::postgres(name).await {
+                        super::$case(backend).await;
+                    }
+                }
+            )*
+            $($(
+                #[tokio::test]
+                async fn $paused() {
+                    let name = concat!(module_path!(), "::", stringify!($paused));
+                    if let Some(backend) = $crate::support::Backend::postgres(name).await {
+                        super::$paused(backend).await;
+                    }
+                }
+            )*)?
+        }
     };
-    let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+}
+
+/// The PostgreSQL server the tests use: `RELAY_TEST_POSTGRES` if set, else
+/// a cluster this test process starts once (see [`own_cluster`]). `Err`
+/// says why there is none.
+fn postgres_server() -> Result<&'static str, &'static str> {
+    static SERVER: OnceLock<Result<String, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| match std::env::var(POSTGRES_ENV) {
+            Ok(url) => Ok(url),
+            Err(_) => own_cluster(),
+        })
+        .as_ref()
+        .map(String::as_str)
+        .map_err(String::as_str)
+}
+
+/// A fresh, empty database on the test server, as a `postgres://` URL.
+///
+/// `None` only when there is no server: `RELAY_TEST_POSTGRES` is unset and
+/// PostgreSQL's server binaries are not installed. The caller then returns
+/// without testing anything, and since libtest has no way to mark a test
+/// skipped at run time, that is said out loud instead: a
+/// `skipped (PostgreSQL): <test> — <why>` line straight to the terminal
+/// (libtest hides what passing tests print), and a count of the skipped
+/// tests when the test process ends (see [`SkipTally`]). A server that
+/// exists but fails is a test failure, never a skip.
+pub async fn postgres_database(test: &str) -> Option<String> {
+    let server = match postgres_server() {
+        Ok(server) => server,
+        Err(why) => {
+            skipped(test, why);
+            return None;
+        }
+    };
+    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
         .await
-        .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but the server does not answer: {e}"));
+        .unwrap_or_else(|e| panic!("the test PostgreSQL server does not answer: {e}"));
     tokio::spawn(connection);
     let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
     client
@@ -692,4 +960,338 @@ pub async fn postgres_database(test: &str) -> Option<String> {
         .unwrap_or_else(|e| panic!("cannot create a test database: {e}"));
     let (base, _) = server.rsplit_once('/').expect("the URL names a database");
     Some(format!("{base}/{name}"))
+}
+
+fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "skipped (PostgreSQL): {test} — {why}");
+    SkipTally::count(test);
+}
+
+/// Counts the PostgreSQL tests skipped in this process and prints the total
+/// when the process ends: a `sh` child reads one line per skipped test from
+/// a pipe, and at end of file (the test process is gone, however it ended)
+/// prints the summary to the terminal.
+#[derive(Debug)]
+struct SkipTally {
+    pipe: Option<std::process::ChildStdin>,
+}
+
+impl SkipTally {
+    fn count(test: &str) {
+        use std::io::Write as _;
+        static TALLY: OnceLock<Mutex<SkipTally>> = OnceLock::new();
+        let tally = TALLY.get_or_init(|| {
+            let child = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    "n=0; while read -r _; do n=$((n + 1)); done; \
+                     echo \"relay tests: $n PostgreSQL test(s) SKIPPED, not run (libtest lists them as ok): \
+                     install PostgreSQL's server (initdb, pg_ctl) or set RELAY_TEST_POSTGRES\" >&2",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            Mutex::new(SkipTally {
+                pipe: child.ok().and_then(|mut c| c.stdin.take()),
+            })
+        });
+        if let Some(pipe) = tally.lock().unwrap().pipe.as_mut() {
+            let _ = writeln!(pipe, "{test}");
+        }
+    }
+}
+
+/// `/usr/lib/postgresql/<newest>/bin`, if it has `initdb` and `pg_ctl`.
+fn postgres_binaries() -> Option<PathBuf> {
+    let mut found: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let version = entry
+                .file_name()
+                .to_str()?
+                .split('.')
+                .map(|p| p.parse::<u32>().ok())
+                .collect::<Option<Vec<u32>>>()?;
+            let bin = entry.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+/// What `.ci/postgres start DIR PORT` does, once per test process: a
+/// throwaway cluster in a fresh directory under the system temp dir
+/// (initialised and run as the `postgres` user when the tests run as root:
+/// the server refuses to run as root), listening on 127.0.0.1 on a free port
+/// and on a socket in that directory, with a `relay` role (password
+/// `relay-test-pw`, CREATEDB) owning a `relay` database. Returns its URL.
+///
+/// A watchdog child started first holds the read end of a pipe whose write
+/// end only this process holds: when the process ends, however it ends, the
+/// watchdog reads end of file, stops the server (`pg_ctl stop -m fast`) and
+/// removes the directory. No server outlives `cargo test`.
+fn own_cluster() -> Result<String, String> {
+    let Some(bin) = postgres_binaries() else {
+        return Err(format!(
+            "{POSTGRES_ENV} is unset and PostgreSQL's server binaries (initdb, pg_ctl) are not installed under /usr/lib/postgresql/*/bin"
+        ));
+    };
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    // Not in a private temp directory: the server may run as `postgres`.
+    let dir = std::env::temp_dir().join(format!(
+        "relay-test-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let data = dir.join("data");
+    let as_server = |program: &str| {
+        let mut command = if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            c
+        } else {
+            std::process::Command::new(bin.join(program))
+        };
+        command.stdin(std::process::Stdio::null());
+        command
+    };
+
+    // The watchdog first, so that even a failed start is cleaned up.
+    let stop = as_server("pg_ctl");
+    let stop_line = format!(
+        "{} -D '{}' -m fast -w stop",
+        std::iter::once(stop.get_program())
+            .chain(stop.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        data.display()
+    );
+    let watchdog = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "cat >/dev/null; {stop_line} >/dev/null 2>&1; rm -rf '{}'",
+                dir.display()
+            ),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the cluster's watchdog: {e}"))?;
+    static WATCHDOG: OnceLock<Mutex<std::process::Child>> = OnceLock::new();
+    let _ = WATCHDOG.set(Mutex::new(watchdog));
+
+    let run = |mut command: std::process::Command, what: &str| -> Result<(), String> {
+        let out = command.output().map_err(|e| format!("{what}: cannot run: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    if root {
+        let mut chown = std::process::Command::new("chown");
+        chown.arg("postgres:").arg(&dir);
+        run(chown, "chown postgres: DIR")?;
+    }
+    let mut initdb = as_server("initdb");
+    initdb.arg("-D").arg(&data).args([
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "-U",
+        "postgres",
+    ]);
+    run(initdb, "initdb").unwrap_or_else(|e| panic!("PostgreSQL is installed but {e}"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let mut start = as_server("pg_ctl");
+    start
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("log"))
+        .arg("-w")
+        .arg("-o")
+        .arg(format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            dir.display()
+        ))
+        .arg("start");
+    run(start, "pg_ctl start").unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+        panic!("PostgreSQL is installed but {e}\n{log}")
+    });
+    let mut psql = as_server("psql");
+    psql.arg("-h")
+        .arg(&dir)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", "CREATE ROLE relay LOGIN PASSWORD 'relay-test-pw' CREATEDB"])
+        .args(["-c", "CREATE DATABASE relay OWNER relay"]);
+    run(psql, "psql").unwrap_or_else(|e| panic!("PostgreSQL is installed but {e}"));
+    Ok(format!("postgres://relay:relay-test-pw@127.0.0.1:{port}/relay"))
+}
+
+/// A store of its own on the database at `url`, for reading what a relay
+/// (in another process, or stopped) left there: the inspect operations of
+/// [`relay::store::Store`], not SQL.
+pub async fn open_store(url: &str) -> std::sync::Arc<dyn relay::store::Store> {
+    let config = Config::from_toml(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[store]\nurl = \"{url}\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("store url {url}: {e}"));
+    relay::store::open(&config.store).await.unwrap()
+}
+
+/// Jobs per state (`queued`, `in_flight`, `done`, `dead`) in a store.
+pub async fn job_states(store: &dyn relay::store::Store) -> std::collections::BTreeMap<String, u64> {
+    store
+        .queue_stats(std::time::SystemTime::now())
+        .await
+        .unwrap()
+        .jobs
+        .into_iter()
+        .map(|(state, n)| (state.as_str().to_owned(), n))
+        .collect()
+}
+
+/// A stored event's body as it lies in the SQLite file: `codec` 0 is the
+/// body as received, 1 LZ4 (size-prepended). For the tests of that
+/// encoding itself: everything else reads events through the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBody {
+    pub codec: i64,
+    /// The `body` column's bytes.
+    pub raw: Vec<u8>,
+    /// `body` and `payload` unpacked.
+    pub body: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Every stored event's body (all events, or the one with this id), read
+/// from the SQLite file at `db`.
+pub fn stored_bodies(db: &std::path::Path, event_id: Option<&str>) -> Vec<StoredBody> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut statement = conn
+        .prepare("SELECT body, payload, codec FROM events WHERE ?1 IS NULL OR id = ?1 ORDER BY id")
+        .unwrap();
+    let rows = statement
+        .query_map([event_id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get(2)?,
+            ))
+        })
+        .unwrap();
+    rows.map(Result::unwrap)
+        .map(|(raw, payload, codec)| {
+            let unpack = |stored: Vec<u8>| match codec {
+                0 => stored,
+                1 => lz4_flex::block::decompress_size_prepended(&stored).unwrap(),
+                other => panic!("codec {other}"),
+            };
+            StoredBody {
+                codec,
+                body: unpack(raw.clone()),
+                raw,
+                payload: payload.map(unpack),
+            }
+        })
+        .collect()
+}
+
+/// Connects to the PostgreSQL store at `location`, as the test's own client.
+async fn postgres_client(location: &StoreLocation) -> Option<tokio_postgres::Client> {
+    let StoreLocation::Postgres(pg) = location else {
+        return None;
+    };
+    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    Some(client)
+}
+
+/// See [`Relay::store_bytes`].
+pub async fn store_bytes(location: &StoreLocation) -> Vec<u8> {
+    let mut all = Vec::new();
+    match location {
+        StoreLocation::Sqlite(path) => {
+            for suffix in ["", "-wal"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                if let Ok(bytes) = std::fs::read(&file) {
+                    all.extend(bytes);
+                }
+            }
+        }
+        StoreLocation::Postgres(_) => {
+            use futures_util::TryStreamExt as _;
+            let client = postgres_client(location).await.unwrap();
+            let tables: Vec<String> = client
+                .query(
+                    "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            assert!(
+                tables.iter().any(|t| t == "jobs"),
+                "no relay tables in {tables:?}"
+            );
+            for table in tables {
+                let copy = format!("COPY {table} TO STDOUT (FORMAT binary)");
+                let stream = client.copy_out(copy.as_str()).await.unwrap();
+                let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+                for chunk in chunks {
+                    all.extend_from_slice(&chunk);
+                }
+            }
+        }
+    }
+    all
+}
+
+/// See [`Relay::delete_event`]: a row deleted on purpose, as retention
+/// would, with the one statement both schemas take.
+pub async fn delete_event(location: &StoreLocation, id: &str) -> u64 {
+    const DELETE: &str = "DELETE FROM events WHERE CAST(id AS TEXT) = $1";
+    match location {
+        StoreLocation::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.busy_timeout(Duration::from_secs(5)).unwrap();
+            conn.pragma_update(None, "foreign_keys", true).unwrap();
+            conn.execute(DELETE, [id]).unwrap() as u64
+        }
+        StoreLocation::Postgres(_) => {
+            let client = postgres_client(location).await.unwrap();
+            client.execute(DELETE, &[&id]).await.unwrap()
+        }
+    }
 }

@@ -8,20 +8,41 @@
 //!   forwards the webhook) as the mock CI server received them;
 //! - CircleCI's parameter limits (at render time: dead job, nothing sent; at
 //!   load time: a config error naming the key);
-//! - dry runs, and how a target's answer is classified in the store;
+//! - dry runs, and how a target's answer is classified in the store (read
+//!   through the admin API);
 //! - that no target credential ever reaches the store.
 //!
 //! Every test posts a GitHub webhook signed with the source secret to relay
-//! on loopback; the targets point at `MockServer`s.
+//! on loopback; the targets point at `MockServer`s. Each runs on SQLite and
+//! on PostgreSQL.
 
 use std::time::Duration;
 
 use relay::config::Config;
-use rusqlite::types::ValueRef;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{MockServer, Recorded, Relay, Reply, base_config, hex, hmac_sha256, sign};
+use crate::support::{Backend, MockServer, Recorded, Relay, Reply, base_config, hex, hmac_sha256, sign};
+
+crate::on_both_backends! {
+    cases: [
+        circleci_v2_branch_push_sends_branch_and_typed_parameters,
+        circleci_v2_tag_push_sends_tag_and_renders_tag_templates,
+        circleci_v2_branch_or_tag_set_on_the_target_wins_over_the_event,
+        circleci_v2_parameter_over_512_characters_is_dead_at_once_and_never_sent,
+        circleci_v1_branch_push_posts_to_the_encoded_branch_with_revision,
+        circleci_v1_tag_push_posts_to_the_project_with_tag_and_no_revision,
+        gitlab_trigger_by_project_path_uses_the_event_ref,
+        gitlab_trigger_by_numeric_id_with_a_fixed_ref_never_carries_gitlab_hook_headers,
+        gitlab_forward_payload_sends_the_webhook_body_byte_for_byte,
+        gitlab_triggers_carry_the_hop_variable,
+        circleci_hop_parameter_is_sent_as_an_integer_parameter,
+        http_target_forwards_the_body_resigned_with_its_own_secret,
+        dry_run_targets_of_every_kind_send_nothing_and_record_a_redacted_request,
+        a_404_from_the_target_makes_the_job_dead_after_one_request,
+        a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_job,
+    ],
+}
 
 /// The GitHub source's webhook secret.
 const GH_SECRET: &str = "gh-source-secret-5e0c1a";
@@ -146,74 +167,47 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// Reads every TEXT and BLOB column of `events`, `jobs` and `attempts` and
-/// fails if any value contains one of `secrets`. A check over nothing proves
-/// nothing, so the same scan must find `acme/api`, the repository every
+/// Fails if one of `secrets` is anywhere in the store, byte for byte (the
+/// SQLite file and its WAL, or every PostgreSQL table copied out raw), or in
+/// what the admin API shows of events and jobs. A check over nothing proves
+/// nothing, so the same scans must find `acme/api`, the repository every
 /// test's webhook names.
-fn assert_store_holds_no_secret(relay: &Relay, secrets: &[&str]) {
-    let db = relay.db();
+async fn assert_store_holds_no_secret(relay: &Relay, secrets: &[&str]) {
     let contains = |bytes: &[u8], needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
-    let mut values = 0usize;
-    let mut control = 0usize;
-    for table in ["events", "jobs", "attempts"] {
-        let columns: Vec<String> = db
-            .prepare(&format!(
-                "SELECT name FROM pragma_table_info('{table}') WHERE upper(type) IN ('TEXT', 'BLOB')"
-            ))
-            .unwrap()
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert!(!columns.is_empty(), "table {table} has no TEXT/BLOB columns?");
-        for column in columns {
-            let mut stmt = db.prepare(&format!("SELECT {column} FROM {table}")).unwrap();
-            let mut rows = stmt.query([]).unwrap();
-            while let Some(row) = rows.next().unwrap() {
-                let bytes: &[u8] = match row.get_ref(0).unwrap() {
-                    ValueRef::Text(b) | ValueRef::Blob(b) => b,
-                    _ => continue,
-                };
-                values += 1;
-                control += usize::from(contains(bytes, "acme/api"));
-                for secret in secrets {
-                    assert!(
-                        !contains(bytes, secret),
-                        "{table}.{column} holds the secret {secret:?}: {}",
-                        String::from_utf8_lossy(bytes)
-                    );
-                }
-            }
+    let stored = relay.store_bytes().await;
+    let events = relay.events().await;
+    let jobs = relay.job_details().await;
+    assert!(!events.is_empty(), "no events stored");
+    assert!(!jobs.is_empty(), "no jobs stored");
+    let shown = serde_json::to_vec(&json!({ "events": events, "jobs": jobs })).unwrap();
+    for (place, bytes) in [("the store", &stored), ("the admin API", &shown)] {
+        assert!(
+            contains(bytes, "acme/api"),
+            "the scan of {place} did not even find the webhook's repository"
+        );
+        for secret in secrets {
+            assert!(!contains(bytes, secret), "{place} holds the secret {secret:?}");
         }
     }
-    assert!(relay.count("SELECT COUNT(*) FROM events") > 0, "no events stored");
-    assert!(relay.count("SELECT COUNT(*) FROM jobs") > 0, "no jobs stored");
-    assert!(values > 0, "the store holds no text at all");
-    assert!(control > 0, "the scan did not even find the webhook's repository");
 }
 
 /// `(state, last_error)` of the one job for `target`.
-fn job(relay: &Relay, target: &str) -> (String, Option<String>) {
-    relay
-        .db()
-        .query_row(
-            "SELECT state, last_error FROM jobs WHERE target = ?1",
-            [target],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap()
+async fn job(relay: &Relay, target: &str) -> (String, Option<String>) {
+    let job = relay.job_for(target).await;
+    (
+        job["state"].as_str().unwrap().to_owned(),
+        job["last_error"].as_str().map(str::to_owned),
+    )
 }
 
-/// `(number, status, outcome)` of every attempt, in order.
-fn attempts(relay: &Relay) -> Vec<(i64, Option<i64>, String)> {
-    let db = relay.db();
-    let mut stmt = db
-        .prepare("SELECT number, status, outcome FROM attempts ORDER BY job_id, number")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+/// Nothing left to send: no job queued (waiting for a retry) or in flight.
+async fn assert_nothing_pending(relay: &Relay) {
+    let queue = relay.queue().await;
+    assert_eq!(
+        (queue["queued"], queue["in_flight"]),
+        (0, 0),
+        "jobs per state: {queue:?}"
+    );
 }
 
 // ----------------------------------------------------------------------------
@@ -241,10 +235,9 @@ fn assert_circleci_v2(r: &Recorded, slug: &str, body: &Value) {
     assert_eq!(&r.json(), body);
 }
 
-#[tokio::test]
-async fn circleci_v2_branch_push_sends_branch_and_typed_parameters() {
+async fn circleci_v2_branch_push_sends_branch_and_typed_parameters(backend: Backend) {
     let mock = MockServer::start(Reply::new(201, CIRCLE_CREATED)).await;
-    let relay = Relay::start(&config(&["circle"], CIRCLE_V2, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["circle"], CIRCLE_V2, &mock.url())).await;
     post_push(
         &relay,
         &github_push("refs/heads/feature/login", SHA_A, "work"),
@@ -269,18 +262,18 @@ async fn circleci_v2_branch_push_sends_branch_and_typed_parameters() {
             }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_eq!(attempts(&relay), vec![(1, Some(201), "delivered".to_owned())]);
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    relay.wait_done(1).await;
+    assert_eq!(
+        relay.attempts().await,
+        vec![(1, Some(201), "delivered".to_owned())]
+    );
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn circleci_v2_tag_push_sends_tag_and_renders_tag_templates() {
+async fn circleci_v2_tag_push_sends_tag_and_renders_tag_templates(backend: Backend) {
     let mock = MockServer::start(Reply::new(201, CIRCLE_CREATED)).await;
-    let relay = Relay::start(&config(&["circle"], CIRCLE_V2, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["circle"], CIRCLE_V2, &mock.url())).await;
     post_push(
         &relay,
         &github_push("refs/tags/v1.4.0", SHA_B, "release"),
@@ -305,15 +298,12 @@ async fn circleci_v2_tag_push_sends_tag_and_renders_tag_templates() {
             }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    relay.wait_done(1).await;
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn circleci_v2_branch_or_tag_set_on_the_target_wins_over_the_event() {
+async fn circleci_v2_branch_or_tag_set_on_the_target_wins_over_the_event(backend: Backend) {
     let targets = r#"
 [targets.pinned-branch]
 kind = "circleci"
@@ -332,7 +322,11 @@ tag = "deploy-{{ branch }}{{ tag }}"
 parameters = { from_ref = "{{ ref }}" }
 "#;
     let mock = MockServer::start(Reply::new(201, CIRCLE_CREATED)).await;
-    let relay = Relay::start(&config(&["pinned-branch", "pinned-tag"], targets, &mock.url())).await;
+    let relay = Relay::start_on(
+        &backend,
+        &config(&["pinned-branch", "pinned-tag"], targets, &mock.url()),
+    )
+    .await;
 
     // A tag push: `branch = "main"` sends a branch, not the event's tag.
     post_push(
@@ -379,15 +373,12 @@ parameters = { from_ref = "{{ ref }}" }
         2..4,
         json!({ "tag": "deploy-feature/x", "parameters": { "from_ref": "refs/heads/feature/x" } }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 4)
-        .await;
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    relay.wait_done(4).await;
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn circleci_v2_parameter_over_512_characters_is_dead_at_once_and_never_sent() {
+async fn circleci_v2_parameter_over_512_characters_is_dead_at_once_and_never_sent(backend: Backend) {
     // Same template, one character apart: 512 is the limit, 513 is over it.
     // Characters, not bytes: "é" is two bytes in UTF-8.
     let targets = r#"
@@ -406,7 +397,7 @@ token = "cci-token-8f41d2b9c07e"
 parameters = { note = "{{ message }}!" }
 "#;
     let mock = MockServer::start(Reply::new(201, CIRCLE_CREATED)).await;
-    let relay = Relay::start(&config(&["edge", "over"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["edge", "over"], targets, &mock.url())).await;
     let message = "é".repeat(512);
     let answer = post_push(
         &relay,
@@ -424,17 +415,12 @@ parameters = { note = "{{ message }}!" }
     assert!(reason.contains("512") && reason.contains("note"), "{reason}");
 
     // The dead job is dead at ingest, before anything is sent.
-    let (state, last_error) = job(&relay, "over");
+    let (state, last_error) = job(&relay, "over").await;
     assert_eq!(state, "dead");
     assert_eq!(last_error.as_deref(), Some(reason));
 
     let requests = mock.wait_for(1).await;
-    relay
-        .wait_count(
-            "SELECT COUNT(*) FROM jobs WHERE target = 'edge' AND state = 'done'",
-            1,
-        )
-        .await;
+    relay.wait_jobs("target=edge&state=done", 1).await;
     assert_eq!(requests.len(), 1, "only the job within the limit is sent");
     assert_circleci_v2(
         &requests[0],
@@ -446,13 +432,14 @@ parameters = { note = "{{ message }}!" }
             .iter()
             .all(|r| r.path() != "/api/v2/project/gh/acme/over/pipeline")
     );
+    let over = relay.job_for("over").await;
     assert_eq!(
-        relay.count("SELECT COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.target = 'over'"),
-        0,
-        "a job dead on arrival has no attempts"
+        (&over["state"], &over["attempts"], &over["history"]),
+        (&json!("dead"), &json!(0), &json!([])),
+        "a job dead on arrival has no attempts: {over:#}"
     );
-    assert_eq!(job(&relay, "over").0, "dead");
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    assert_eq!(over["retryable"], false, "{over:#}");
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
@@ -542,10 +529,9 @@ fn assert_circleci_v1(r: &Recorded, path: &str, body: &Value) {
     assert_eq!(&r.json(), body);
 }
 
-#[tokio::test]
-async fn circleci_v1_branch_push_posts_to_the_encoded_branch_with_revision() {
+async fn circleci_v1_branch_push_posts_to_the_encoded_branch_with_revision(backend: Backend) {
     let mock = MockServer::start(Reply::new(201, r#"{"build_num":7,"lifecycle":"not_running"}"#)).await;
-    let relay = Relay::start(&config(&["legacy"], CIRCLE_V1, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["legacy"], CIRCLE_V1, &mock.url())).await;
     post_push(
         &relay,
         &github_push("refs/heads/feature/x", SHA_A, "work"),
@@ -567,17 +553,14 @@ async fn circleci_v1_branch_push_posts_to_the_encoded_branch_with_revision() {
             }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    relay.wait_done(1).await;
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn circleci_v1_tag_push_posts_to_the_project_with_tag_and_no_revision() {
+async fn circleci_v1_tag_push_posts_to_the_project_with_tag_and_no_revision(backend: Backend) {
     let mock = MockServer::start(Reply::new(201, r#"{"build_num":8,"lifecycle":"not_running"}"#)).await;
-    let relay = Relay::start(&config(&["legacy"], CIRCLE_V1, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["legacy"], CIRCLE_V1, &mock.url())).await;
     post_push(
         &relay,
         &github_push("refs/tags/v3.1.0", SHA_B, "release"),
@@ -599,10 +582,8 @@ async fn circleci_v1_tag_push_posts_to_the_project_with_tag_and_no_revision() {
             }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    relay.wait_done(1).await;
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
@@ -616,8 +597,7 @@ fn assert_gitlab_trigger(r: &Recorded, path: &str, body: &Value) {
     assert_eq!(&r.json(), body);
 }
 
-#[tokio::test]
-async fn gitlab_trigger_by_project_path_uses_the_event_ref() {
+async fn gitlab_trigger_by_project_path_uses_the_event_ref(backend: Backend) {
     let targets = r#"
 [targets.gitlab-deploy]
 kind = "gitlab"
@@ -628,7 +608,7 @@ variables = { UPSTREAM_SHA = "{{ sha }}", UPSTREAM_REPO = "{{ repo }}", UPSTREAM
 inputs = { environment = "production", scan_security = false, level = 3, version = "{{ tag }}" }
 "#;
     let mock = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = Relay::start(&config(&["gitlab-deploy"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["gitlab-deploy"], targets, &mock.url())).await;
     let path = "/api/v4/projects/acme%2Fdeploy/trigger/pipeline";
 
     post_push(
@@ -667,15 +647,12 @@ inputs = { environment = "production", scan_security = false, level = 3, version
             "inputs": { "environment": "production", "scan_security": false, "level": 3, "version": "" }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 2)
-        .await;
-    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET]);
+    relay.wait_done(2).await;
+    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn gitlab_trigger_by_numeric_id_with_a_fixed_ref_never_carries_gitlab_hook_headers() {
+async fn gitlab_trigger_by_numeric_id_with_a_fixed_ref_never_carries_gitlab_hook_headers(backend: Backend) {
     // A GitLab source too: its `X-Gitlab-Event: Push Hook` and token must not
     // be passed on (GitLab answers 403 to `X-Gitlab-Event: Pipeline Hook`).
     let targets = r#"
@@ -700,7 +677,7 @@ variables = { UPSTREAM_SHA = "{{ sha }}", UPSTREAM_SOURCE = "{{ source }}" }
 inputs = { dry = true }
 "#;
     let mock = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = Relay::start(&config(&["gitlab-numeric"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["gitlab-numeric"], targets, &mock.url())).await;
     let path = "/api/v4/projects/1234/trigger/pipeline";
 
     post_push(
@@ -750,15 +727,12 @@ inputs = { dry = true }
             "inputs": { "dry": true }
         }),
     );
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 2)
-        .await;
-    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET, "gl-source-token-66d1"]);
+    relay.wait_done(2).await;
+    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET, "gl-source-token-66d1"]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn gitlab_forward_payload_sends_the_webhook_body_byte_for_byte() {
+async fn gitlab_forward_payload_sends_the_webhook_body_byte_for_byte(backend: Backend) {
     // Characters that break a query string unless encoded: space, +, &, =, /, #, %, é.
     let targets = r#"
 [targets.gitlab-payload]
@@ -770,7 +744,7 @@ forward_payload = true
 variables = { UPSTREAM_SHA = "{{ sha }}", NOTE = "a b+c&d=e/f#g%h é" }
 "#;
     let mock = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = Relay::start(&config(&["gitlab-payload"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["gitlab-payload"], targets, &mock.url())).await;
 
     // Odd spacing and an escaped character: any re-serialization would show.
     let body = format!(
@@ -808,10 +782,8 @@ variables = { UPSTREAM_SHA = "{{ sha }}", NOTE = "a b+c&d=e/f#g%h é" }
         "the body must be the webhook's, byte for byte"
     );
     assert_eq!(sha256_hex(&r.body), sha256_hex(&body));
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET]);
+    relay.wait_done(1).await;
+    assert_store_holds_no_secret(&relay, &[GITLAB_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
@@ -819,8 +791,7 @@ variables = { UPSTREAM_SHA = "{{ sha }}", NOTE = "a b+c&d=e/f#g%h é" }
 /// (`RELAY_HOP`, as a GitLab variable …)", so a pipeline event coming back
 /// can be dropped at `max_hops`. GitLab variables are strings (B4). A webhook
 /// from a Git host is hop 0, so its triggers carry 1.
-#[tokio::test]
-async fn gitlab_triggers_carry_the_hop_variable() {
+async fn gitlab_triggers_carry_the_hop_variable(backend: Backend) {
     let targets = r#"
 [targets.gl-json]
 kind = "gitlab"
@@ -836,7 +807,11 @@ token = "glptt-trigger-3b9e77a1d5"
 forward_payload = true
 "#;
     let mock = MockServer::start(Reply::new(201, GITLAB_CREATED)).await;
-    let relay = Relay::start(&config(&["gl-json", "gl-payload"], targets, &mock.url())).await;
+    let relay = Relay::start_on(
+        &backend,
+        &config(&["gl-json", "gl-payload"], targets, &mock.url()),
+    )
+    .await;
     post_push(&relay, &github_push("refs/heads/main", SHA_A, "work"), "d-hop").await;
     let requests = mock.wait_for(2).await;
     let json_trigger = requests
@@ -856,8 +831,7 @@ forward_payload = true
 
 /// DESIGN.md documents `hop_parameter = "relay_hop"` on a circleci target
 /// ("as a CircleCI parameter when the target declares hop_parameter").
-#[tokio::test]
-async fn circleci_hop_parameter_is_sent_as_an_integer_parameter() {
+async fn circleci_hop_parameter_is_sent_as_an_integer_parameter(backend: Backend) {
     let targets = r#"
 [targets.circle]
 kind = "circleci"
@@ -875,7 +849,7 @@ hop_parameter = "relay_hop"
     if let Err(e) = Config::from_toml(&text) {
         panic!("hop_parameter is a documented circleci key: {e}");
     }
-    let relay = Relay::start(&config(&["circle"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["circle"], targets, &mock.url())).await;
     post_push(
         &relay,
         &github_push("refs/heads/main", SHA_A, "work"),
@@ -890,8 +864,7 @@ hop_parameter = "relay_hop"
 // ----------------------------------------------------------------------------
 // Plain HTTP forwarding (DESIGN.md `[targets.mirror]`)
 
-#[tokio::test]
-async fn http_target_forwards_the_body_resigned_with_its_own_secret() {
+async fn http_target_forwards_the_body_resigned_with_its_own_secret(backend: Backend) {
     let targets = r#"
 [targets.mirror]
 kind = "http"
@@ -899,7 +872,7 @@ url = "@BASE@/ci/incoming/hook?team=ci%2Fops"
 sign = { secret = "mirror-sign-secret-a4c9e2" }
 "#;
     let mock = MockServer::start(Reply::new(200, r#"{"ok":true}"#)).await;
-    let relay = Relay::start(&config(&["mirror"], targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&["mirror"], targets, &mock.url())).await;
 
     let cases = [
         ("refs/heads/main", SHA_A, "d-http-push", "push"),
@@ -934,18 +907,15 @@ sign = { secret = "mirror-sign-secret-a4c9e2" }
         assert_eq!(only_header(r, "x-relay-source"), "gh");
         assert_eq!(only_header(r, "x-relay-event-id"), event_id);
     }
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 2)
-        .await;
-    assert_store_holds_no_secret(&relay, &[MIRROR_SECRET, GH_SECRET]);
+    relay.wait_done(2).await;
+    assert_store_holds_no_secret(&relay, &[MIRROR_SECRET, GH_SECRET]).await;
     relay.stop().await;
 }
 
 // ----------------------------------------------------------------------------
 // Dry runs
 
-#[tokio::test]
-async fn dry_run_targets_of_every_kind_send_nothing_and_record_a_redacted_request() {
+async fn dry_run_targets_of_every_kind_send_nothing_and_record_a_redacted_request(backend: Backend) {
     let targets = r#"
 [targets.dry-circle]
 kind = "circleci"
@@ -992,13 +962,11 @@ sign = { secret = "mirror-sign-secret-a4c9e2" }
         "dry-mirror",
     ];
     let mock = MockServer::start(Reply::new(201, CIRCLE_CREATED)).await;
-    let relay = Relay::start(&config(&names, targets, &mock.url())).await;
+    let relay = Relay::start_on(&backend, &config(&names, targets, &mock.url())).await;
     let answer = post_push(&relay, &github_push("refs/heads/main", SHA_A, "work"), "d-dry").await;
     assert_eq!(answer["jobs"], 5, "{answer}");
 
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 5)
-        .await;
+    relay.wait_done(5).await;
     // Each attempt completes after its send would have happened.
     assert!(
         mock.requests().is_empty(),
@@ -1006,21 +974,15 @@ sign = { secret = "mirror-sign-secret-a4c9e2" }
         mock.requests()
     );
     assert_eq!(
-        relay.count(
-            "SELECT COUNT(*) FROM attempts WHERE outcome = 'dry_run' AND status IS NULL AND number = 1"
-        ),
-        5
+        relay.attempts().await,
+        vec![(1, None, "dry_run".to_owned()); 5],
+        "one attempt per job, no status: nothing was sent"
     );
-    assert_eq!(relay.count("SELECT COUNT(*) FROM attempts"), 5);
-    let db = relay.db();
     for name in names {
-        let excerpt: String = db
-            .query_row(
-                "SELECT a.excerpt FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.target = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let job = relay.job_for(name).await;
+        let history = job["history"].as_array().unwrap();
+        assert_eq!(history.len(), 1, "{job:#}");
+        let excerpt = history[0]["excerpt"].as_str().unwrap();
         assert!(
             excerpt.starts_with(&format!("POST {}/", mock.url())),
             "{name}: {excerpt}"
@@ -1030,7 +992,7 @@ sign = { secret = "mirror-sign-secret-a4c9e2" }
             "{name}: the credential's place is marked: {excerpt}"
         );
     }
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GITLAB_TOKEN, MIRROR_SECRET, GH_SECRET]);
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GITLAB_TOKEN, MIRROR_SECRET, GH_SECRET]).await;
     relay.stop().await;
 }
 
@@ -1045,35 +1007,34 @@ project = "gh/acme/api"
 token = "cci-token-8f41d2b9c07e"
 "#;
 
-#[tokio::test]
-async fn a_404_from_the_target_makes_the_job_dead_after_one_request() {
+async fn a_404_from_the_target_makes_the_job_dead_after_one_request(backend: Backend) {
     let mock = MockServer::start(Reply::new(404, r#"{"message":"Project does not exist."}"#)).await;
     let text = format!(
         "{}{FAST_DELIVERY}",
         config(&["circle"], CIRCLE_PLAIN, &mock.url())
     );
-    let relay = Relay::start(&text).await;
+    let relay = Relay::start_on(&backend, &text).await;
     post_push(&relay, &github_push("refs/heads/main", SHA_A, "work"), "d-404").await;
 
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'dead'", 1)
-        .await;
-    // Give a wrongly scheduled retry (backoff 50ms) the chance to show.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.wait_jobs("state=dead", 1).await;
+    // Dead is final: no retry is scheduled (backoff would be 50ms).
+    assert_nothing_pending(&relay).await;
     let requests = mock.requests();
     assert_eq!(requests.len(), 1, "a 404 is permanent: {requests:#?}");
     assert_circleci_v2(&requests[0], "gh/acme/api", &json!({ "branch": "main" }));
-    assert_eq!(attempts(&relay), vec![(1, Some(404), "dead_status".to_owned())]);
-    let (state, last_error) = job(&relay, "circle");
+    assert_eq!(
+        relay.attempts().await,
+        vec![(1, Some(404), "dead_status".to_owned())]
+    );
+    let (state, last_error) = job(&relay, "circle").await;
     assert_eq!(state, "dead");
     let last_error = last_error.expect("the target's message is kept");
     assert!(last_error.contains("Project does not exist."), "{last_error}");
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_job() {
+async fn a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_job(backend: Backend) {
     let mock = MockServer::start(Reply::new(500, r#"{"message":"no third request expected"}"#)).await;
     mock.script([
         Reply::new(503, r#"{"message":"Service Unavailable"}"#),
@@ -1083,14 +1044,13 @@ async fn a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_jo
         "{}{FAST_DELIVERY}",
         config(&["circle"], CIRCLE_PLAIN, &mock.url())
     );
-    let relay = Relay::start(&text).await;
+    let relay = Relay::start_on(&backend, &text).await;
     post_push(&relay, &github_push("refs/heads/main", SHA_A, "work"), "d-503").await;
 
     let requests = mock.wait_for(2).await;
-    relay
-        .wait_count("SELECT COUNT(*) FROM jobs WHERE state = 'done'", 1)
-        .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.wait_done(1).await;
+    // Done is final: nothing more is scheduled, so no third request.
+    assert_nothing_pending(&relay).await;
     let requests_after = mock.requests();
     assert_eq!(requests_after.len(), 2, "{requests_after:#?}");
     for r in &requests {
@@ -1106,13 +1066,13 @@ async fn a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_jo
         "retried after {gap:?}, before backoff.first"
     );
     assert_eq!(
-        attempts(&relay),
+        relay.attempts().await,
         vec![
             (1, Some(503), "retry_status".to_owned()),
             (2, Some(201), "delivered".to_owned()),
         ]
     );
-    assert_eq!(job(&relay, "circle").0, "done");
-    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]);
+    assert_eq!(job(&relay, "circle").await.0, "done");
+    assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
     relay.stop().await;
 }
