@@ -11,10 +11,10 @@ use http::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::daemon::App;
-use crate::server::{Body, json_response};
+use crate::app::App;
 use crate::signature;
 use crate::store::{JobFilter, JobState, Requeued, StoreError};
+use crate::web::{Body, json_response};
 
 /// The most jobs or events one listing returns.
 const MAX_LIMIT: usize = 1000;

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::clock::wall_time;
 use crate::config::Config;
 use crate::ingress::{IngressError, Parsed};
 use crate::routing::{self, Verdict};
@@ -120,12 +121,13 @@ fn find_source<'c>(config: &'c Config, name: &str) -> Result<&'c crate::ingress:
 pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -> Result<String, CliError> {
     let source = find_source(config, source_name)?;
     let delivery = Uuid::new_v4().to_string();
-    let headers = source.sender_headers(hook, &payload, &delivery);
+    let now = wall_time();
+    let headers = source.sender_headers(hook, &payload, &delivery, now);
     let refused = |error: IngressError| CliError::Refused {
         status: error.status().as_u16(),
         error,
     };
-    let webhook = source.receive(&headers, payload).map_err(refused)?;
+    let webhook = source.receive(&headers, payload, now).map_err(refused)?;
     let events = match source
         .parse(&webhook, config.files())
         .map_err(|e| refused(e.into()))?
@@ -133,7 +135,7 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
         Parsed::Events(events) => events,
     };
-    let plan = routing::plan(config, source, &webhook, &events, std::time::SystemTime::now());
+    let plan = routing::plan(&config.router(), source, &webhook, &events, now);
     let mut out = String::new();
     for (index, event) in events.iter().enumerate() {
         let _ = writeln!(
@@ -183,7 +185,7 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
                         );
                         match &job.request {
                             Ok(request) => {
-                                for line in request.redacted(Some(&webhook.payload)).lines() {
+                                for line in request.redacted(Some(webhook.payload())).lines() {
                                     let _ = writeln!(out, "      {line}");
                                 }
                             }
@@ -227,8 +229,8 @@ pub async fn send(
         }
     };
     let delivery = Uuid::new_v4().to_string();
-    let headers = source.sender_headers(hook, &payload, &delivery);
-    let client = crate::dispatch::http_client(std::time::Duration::from_secs(30))
+    let headers = source.sender_headers(hook, &payload, &delivery, wall_time());
+    let client = crate::sends::http_client(std::time::Duration::from_secs(30))
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let response = client
         .post(&url)
@@ -239,7 +241,7 @@ pub async fn send(
         .map_err(|e| CliError::Unreachable {
             what: "relay",
             url: url.clone(),
-            detail: crate::dispatch::outcome::transport_detail(&e),
+            detail: crate::targets::outcome::transport_detail(&e),
         })?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
@@ -268,7 +270,7 @@ pub async fn admin_call(
     method: reqwest::Method,
     path: &str,
 ) -> Result<(u16, serde_json::Value), CliError> {
-    let client = crate::dispatch::http_client(std::time::Duration::from_secs(30))
+    let client = crate::sends::http_client(std::time::Duration::from_secs(30))
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let mut request = client.request(method, format!("{base}{path}"));
     if let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_ref()) {
@@ -277,7 +279,7 @@ pub async fn admin_call(
     let response = request.send().await.map_err(|e| CliError::Unreachable {
         what: "the admin API",
         url: base.to_owned(),
-        detail: crate::dispatch::outcome::transport_detail(&e),
+        detail: crate::targets::outcome::transport_detail(&e),
     })?;
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();

@@ -1,113 +1,55 @@
-//! The running relay: the shared state every task reads, and `run`, which
-//! opens the store, starts dispatch and serves until shutdown.
+//! The running relay: `run` opens the store, builds the shared state
+//! (`app::App`), starts dispatch, retention and reloads, and serves each
+//! listener what it serves (the accept path, payload URLs, the admin API)
+//! until shutdown.
 //!
 //! Shutdown has one path: the caller's `CancellationToken`. Listeners close,
 //! open requests finish, sends in flight get their deadline, and whatever is
 //! left stays in the store for the next start.
 
-use std::sync::{Arc, RwLock};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use hyper::body::Incoming;
 use sd_notify::NotifyState;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::app::App;
 use crate::config::Config;
-use crate::dispatch::{self, Sends};
-use crate::metrics::Metrics;
-use crate::server::{self, Listeners};
+use crate::server::{self, Listeners, Role, Service};
 use crate::store::{self, Store, StoreError};
+use crate::web::Body;
+use crate::{accept, admin, dispatch, payload};
 
-/// Wall-clock time that advances with tokio's clock: the system time at
-/// start plus the monotonic time since. Tests that pause tokio's clock move
-/// it; in production it is the system time without the jumps a clock
-/// adjustment would put into retry schedules.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    wall: SystemTime,
-    start: tokio::time::Instant,
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        Clock {
-            wall: SystemTime::now(),
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> SystemTime {
-        self.wall + self.start.elapsed()
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
-/// What ingress, dispatch and admin share.
+/// What each listener serves: webhooks and payload URLs on the ingress
+/// listener, the admin API on the admin one.
 #[derive(Debug)]
-pub struct App {
-    /// The current config; a reload swaps in a new one, and each request or
-    /// send keeps the one it started with.
-    config: RwLock<Arc<Config>>,
-    pub store: Arc<dyn Store>,
-    /// Wakes the dispatcher: new jobs were committed or a send finished.
-    wake: Notify,
-    /// Every time decision (due times, leases, retention) reads this clock.
-    clock: Clock,
-    pub metrics: Metrics,
-    /// The HTTP client, send slots and in-flight sends, shared by dispatch
-    /// and ingress.
-    pub sends: Sends,
-    /// Cancelled when shutdown begins: nothing new is handed to a send then.
-    pub shutdown: CancellationToken,
+struct Handlers {
+    app: Arc<App>,
 }
 
-impl App {
-    pub fn new(
-        config: Arc<Config>,
-        store: Arc<dyn Store>,
-        shutdown: CancellationToken,
-    ) -> Result<App, RunError> {
-        Ok(App {
-            config: RwLock::new(config),
-            store,
-            wake: Notify::new(),
-            clock: Clock::new(),
-            metrics: Metrics::new(),
-            sends: Sends::new().map_err(|e| RunError::Client(e.to_string()))?,
-            shutdown,
-        })
+impl Service for Handlers {
+    fn config(&self) -> Arc<Config> {
+        self.app.config()
     }
 
-    pub fn now(&self) -> SystemTime {
-        self.clock.now()
-    }
-
-    pub fn config(&self) -> Arc<Config> {
-        match self.config.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+    async fn handle(
+        &self,
+        role: Role,
+        request: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> http::Response<Body> {
+        let app = &self.app;
+        match role {
+            Role::Ingress if request.uri().path().starts_with(payload::PATH_PREFIX) => {
+                payload::serve::handle(app, &request).await
+            }
+            Role::Ingress => accept::handle(app, request, peer).await,
+            Role::Admin => admin::handle(app, request).await,
         }
-    }
-
-    pub fn replace_config(&self, config: Arc<Config>) {
-        match self.config.write() {
-            Ok(mut guard) => *guard = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
-        }
-    }
-
-    pub fn wake_dispatch(&self) {
-        self.wake.notify_one();
-    }
-
-    pub async fn dispatch_wakeup(&self) {
-        self.wake.notified().await;
     }
 }
 
@@ -154,7 +96,10 @@ pub async fn run_with_store(
         config = %config.file,
         "relay starting"
     );
-    let app = Arc::new(App::new(Arc::new(config), store, control.shutdown.clone())?);
+    let app = Arc::new(
+        App::new(Arc::new(config), store, control.shutdown.clone())
+            .map_err(|e| RunError::Client(e.to_string()))?,
+    );
     let shutdown = control.shutdown.clone();
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
     let retention = tokio::spawn(purge_finished(app.clone(), shutdown.clone()));
@@ -167,7 +112,12 @@ pub async fn run_with_store(
         stopping.cancelled().await;
         notify(&[NotifyState::Stopping]);
     });
-    server::serve(app.clone(), listeners, shutdown.clone()).await;
+    server::serve(
+        Arc::new(Handlers { app: app.clone() }),
+        listeners,
+        shutdown.clone(),
+    )
+    .await;
     if dispatcher.await.is_err() {
         warn!("the dispatcher ended abnormally");
     }

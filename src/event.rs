@@ -1,18 +1,15 @@
-//! The normalized event: what every provider's payload is turned into, and the
-//! template context that routes and targets read.
+//! The normalized event: what every provider's payload is turned into, and
+//! the names of the template context that routes and targets read.
 //!
-//! A verified webhook ([`Webhook`]) yields zero or more [`Event`]s (a Bitbucket
-//! push carries several changes). Nothing here parses provider JSON or touches
-//! the network; providers build these values in `ingress/`.
+//! A verified webhook (`ingress::Webhook`) yields zero or more [`Event`]s (a
+//! Bitbucket push carries several changes). Nothing here parses provider JSON
+//! or touches the network; providers build these values in `ingress/`, and
+//! routing turns them into the template context (`routing::context`).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
-use minijinja::value::{Enumerator, Object, ObjectRepr, Serde, Value};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 /// The Git host that sent a webhook; decides how it is verified and parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -130,37 +127,6 @@ pub fn changed_paths<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
     paths.into_iter().map(str::to_owned).collect()
 }
 
-/// A verified webhook request: the bytes as received plus what the headers said.
-///
-/// Only `ingress` constructs one, and only after the signature checked out, so
-/// holding a `Webhook` means the body is authentic.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    /// The event id relay assigns; returned in the 202 and stored as the key.
-    pub id: Uuid,
-    /// The configured source name (`[sources.NAME]`).
-    pub source: String,
-    pub provider: Provider,
-    /// The sender's own event name (`push`, `Tag Push Hook`, `repo:push`).
-    pub hook: String,
-    /// The sender's delivery id, the key for redelivery dedupe.
-    pub delivery: Option<String>,
-    pub content_type: String,
-    /// The request body exactly as received.
-    pub body: Bytes,
-    /// The JSON document: the body itself, or the `payload` field of a form post.
-    pub payload: Bytes,
-    /// Relay hops recorded on the request (0 for a webhook from a Git host).
-    pub hop: u32,
-}
-
-impl Webhook {
-    /// Whether the JSON document differs from the body (form-encoded posts).
-    pub fn payload_is_body(&self) -> bool {
-        self.payload == self.body
-    }
-}
-
 /// Details only CI-outcome events carry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pipeline {
@@ -228,48 +194,6 @@ impl Event {
             &self.branch
         }
     }
-
-    /// The template and `when` context for this event.
-    ///
-    /// `payload` is exposed lazily: the raw JSON is parsed only if a template
-    /// or expression actually reads it.
-    /// `hop` is how many relay hops led here (see `guard::hop`).
-    pub fn context(&self, webhook: &Webhook, hop: u32) -> Value {
-        let mut map: BTreeMap<&'static str, Value> = BTreeMap::new();
-        map.insert("source", Value::from(webhook.source.as_str()));
-        map.insert("provider", Value::from(webhook.provider.as_str()));
-        map.insert("event", Value::from(self.kind.as_str()));
-        map.insert("hook", Value::from(webhook.hook.as_str()));
-        map.insert("repo", Value::from(self.repo.as_str()));
-        map.insert("repo_url", Value::from(self.repo_url.as_str()));
-        map.insert("ref", Value::from(self.git_ref.as_str()));
-        map.insert("branch", Value::from(self.branch.as_str()));
-        map.insert("tag", Value::from(self.tag.as_str()));
-        map.insert("sha", Value::from(self.sha.as_str()));
-        map.insert("before", Value::from(self.before.as_str()));
-        map.insert("created", Value::from(self.created));
-        map.insert("deleted", Value::from(self.deleted));
-        map.insert("forced", Value::from(self.forced));
-        map.insert("pusher", Value::from(self.pusher.as_str()));
-        map.insert("message", Value::from(self.message.as_str()));
-        map.insert("paths", Value::from(self.paths.clone()));
-        map.insert(
-            "delivery",
-            Value::from(webhook.delivery.as_deref().unwrap_or_default()),
-        );
-        map.insert("event_id", Value::from(webhook.id.to_string()));
-        map.insert("hop", Value::from(hop));
-        map.insert(
-            "payload",
-            Value::from_object(LazyPayload::new(webhook.payload.clone())),
-        );
-        let pipeline = self.pipeline.clone().unwrap_or_default();
-        map.insert("status", Value::from(pipeline.status));
-        map.insert("pipeline_id", Value::from(pipeline.id));
-        map.insert("pipeline_source", Value::from(pipeline.source));
-        map.insert("variables", Value::from(pipeline.variables));
-        Value::from(map)
-    }
 }
 
 /// Every name a template or `when` expression may read; checked at config load.
@@ -300,49 +224,6 @@ pub const CONTEXT_FIELDS: &[&str] = &[
     "pipeline_source",
     "variables",
 ];
-
-/// The original JSON document, parsed on first access.
-#[derive(Debug)]
-struct LazyPayload {
-    raw: Bytes,
-    parsed: OnceLock<Value>,
-}
-
-impl LazyPayload {
-    fn new(raw: Bytes) -> Self {
-        LazyPayload {
-            raw,
-            parsed: OnceLock::new(),
-        }
-    }
-
-    fn value(&self) -> &Value {
-        self.parsed.get_or_init(|| {
-            // The body already parsed once during ingress, so this cannot fail
-            // for a real webhook; an empty map keeps templates total if it does.
-            serde_json::from_slice::<serde_json::Value>(&self.raw)
-                .map(|json| Value::from(Serde(json)))
-                .unwrap_or_else(|_| Value::from(BTreeMap::<String, Value>::new()))
-        })
-    }
-}
-
-impl Object for LazyPayload {
-    fn repr(self: &Arc<Self>) -> ObjectRepr {
-        ObjectRepr::Map
-    }
-
-    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        self.value().get_item(key).ok().filter(|v| !v.is_undefined())
-    }
-
-    fn enumerate(self: &Arc<Self>) -> Enumerator {
-        match self.value().try_iter() {
-            Ok(keys) => Enumerator::Values(keys.collect()),
-            Err(_) => Enumerator::Empty,
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

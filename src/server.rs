@@ -4,17 +4,16 @@
 //! The accept loop only accepts; each connection is served in its own task.
 //! On shutdown the listeners close first (new connections are refused), then
 //! open requests get `server.shutdown_timeout` to finish. Nothing here knows
-//! about webhooks: requests go to `ingress::handle` or `admin::handle`.
+//! about webhooks: every request goes to the [`Service`] the caller hands in,
+//! with the [`Role`] of the listener it came in on.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Response, StatusCode, header};
-use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,24 +23,33 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::daemon::App;
-use crate::{admin, ingress, payload};
+use crate::config::Config;
+use crate::web::Body;
 
-/// Every response body relay sends is small and complete.
-pub type Body = Full<Bytes>;
-
-/// A JSON response with the given status.
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `server.listen`: webhooks, and payload URLs.
+    Ingress,
+    /// `admin.listen`: probes, metrics and the API.
+    Admin,
 }
 
-/// The sockets relay serves on, bound before [`crate::daemon::run`] so that
+/// What the server hands every request to.
+pub trait Service: Send + Sync + 'static {
+    /// The config in force; each new connection reads its limits and TLS from it.
+    fn config(&self) -> Arc<Config>;
+
+    /// Answers one request that came in on the `role` listener from `peer`.
+    fn handle(
+        &self,
+        role: Role,
+        request: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = http::Response<Body>> + Send;
+}
+
+/// The sockets relay serves on, bound before the daemon runs so that
 /// tests can bind port 0 and read the address.
 #[derive(Debug)]
 pub struct Listeners {
@@ -89,16 +97,13 @@ impl Inherited {
 
 impl Listeners {
     /// Binds the config's `server.listen` and `admin.listen` addresses.
-    pub async fn bind(config: &crate::config::Config) -> std::io::Result<Listeners> {
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         Listeners::bind_with(config, None).await
     }
 
     /// Serves on inherited sockets where systemd passed them, and binds the
     /// config's addresses for the rest.
-    pub async fn bind_with(
-        config: &crate::config::Config,
-        inherited: Option<Inherited>,
-    ) -> std::io::Result<Listeners> {
+    pub async fn bind_with(config: &Config, inherited: Option<Inherited>) -> std::io::Result<Listeners> {
         let (inherited_ingress, inherited_admin) = match inherited {
             Some(i) => (i.ingress, i.admin),
             None => (Vec::new(), None),
@@ -135,14 +140,8 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Ingress,
-    Admin,
-}
-
 /// Serves every listener until `shutdown`, then drains open connections.
-pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationToken) {
+pub async fn serve<S: Service>(service: Arc<S>, listeners: Listeners, shutdown: CancellationToken) {
     let graceful = Arc::new(GracefulShutdown::new());
     let mut loops = tokio::task::JoinSet::new();
     for listener in listeners.ingress {
@@ -152,7 +151,7 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         loops.spawn(accept_loop(
             listener,
             Role::Ingress,
-            app.clone(),
+            service.clone(),
             graceful.clone(),
             shutdown.clone(),
         ));
@@ -164,7 +163,7 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         loops.spawn(accept_loop(
             listener,
             Role::Admin,
-            app.clone(),
+            service.clone(),
             graceful.clone(),
             shutdown.clone(),
         ));
@@ -176,20 +175,20 @@ pub async fn serve(app: Arc<App>, listeners: Listeners, shutdown: CancellationTo
         warn!("cannot wait for open connections to finish");
         return;
     };
-    let deadline = app.config().server.shutdown_timeout;
+    let deadline = service.config().server.shutdown_timeout;
     if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
         warn!("open connections did not finish within server.shutdown_timeout; closing them");
     }
 }
 
-async fn accept_loop(
+async fn accept_loop<S: Service>(
     listener: TcpListener,
     role: Role,
-    app: Arc<App>,
+    service: Arc<S>,
     graceful: Arc<GracefulShutdown>,
     shutdown: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(app.config().server.max_connections));
+    let connections = Arc::new(Semaphore::new(service.config().server.max_connections));
     loop {
         // At the cap, stop accepting: the kernel's backlog holds the rest.
         let permit = tokio::select! {
@@ -214,20 +213,20 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         // Each connection has its own watcher, so shutdown waits for exactly
         // the connections open when it begins.
-        let (app, watcher) = (app.clone(), graceful.watcher());
+        let (service, watcher) = (service.clone(), graceful.watcher());
         // The TLS handshake runs here, in the connection's own task, under a
         // deadline: a client that never finishes it holds up nothing else.
         tokio::spawn(async move {
-            let config = app.config();
+            let config = service.config();
             let tls = match role {
                 Role::Ingress => config.server.tls.as_ref().map(|t| t.acceptor.clone()),
                 Role::Admin => None,
             };
             let timeout = config.server.request_timeout;
             match tls {
-                None => serve_connection(stream, peer, role, app, watcher).await,
+                None => serve_connection(stream, peer, role, service, watcher).await,
                 Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, role, app, watcher).await,
+                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, role, service, watcher).await,
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake did not finish within server.request_timeout"),
                 },
@@ -238,11 +237,12 @@ async fn accept_loop(
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on one connection until it closes.
-async fn serve_connection<I>(io: I, peer: SocketAddr, role: Role, app: Arc<App>, watcher: Watcher)
+async fn serve_connection<I, S>(io: I, peer: SocketAddr, role: Role, service: Arc<S>, watcher: Watcher)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service,
 {
-    let config = app.config();
+    let config = service.config();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -255,20 +255,11 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(64)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let service = service_fn(move |request| {
-        let app = app.clone();
-        async move {
-            let response = match role {
-                Role::Ingress if request.uri().path().starts_with(payload::PATH_PREFIX) => {
-                    payload::handle(&app, &request).await
-                }
-                Role::Ingress => ingress::handle(&app, request, peer).await,
-                Role::Admin => admin::handle(&app, request).await,
-            };
-            Ok::<_, Infallible>(response)
-        }
+    let handler = service_fn(move |request| {
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(service.handle(role, request, peer).await) }
     });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let connection = builder.serve_connection(TokioIo::new(io), handler);
     if let Err(e) = watcher.watch(connection.into_owned()).await {
         debug!(%peer, error = %e, "connection ended with an error");
     }
@@ -278,41 +269,3 @@ where
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Header fields one request may send.
 const MAX_HEADERS: usize = 100;
-
-/// Reads `server.tls`: the certificate chain and key, PEM. Errors name the
-/// file, for a config problem at `server.tls.cert` or `server.tls.key`.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, (&'static str, String)> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<_, _>>())
-        .map_err(|e| {
-            (
-                "cert",
-                format!("cannot read certificates from {}: {e}", cert.display()),
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(("cert", format!("{} holds no PEM certificate", cert.display())));
-    }
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        (
-            "key",
-            format!("cannot read a private key from {}: {e}", key.display()),
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ("cert", e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, private_key)
-        .map_err(|e| {
-            (
-                "key",
-                format!("the key does not fit the certificate in {}: {e}", cert.display()),
-            )
-        })?;
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
-}

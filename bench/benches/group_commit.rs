@@ -22,6 +22,9 @@
 //! relay's `bench` feature, which this crate's dev-dependency on relay turns
 //! on, is what may expose them.
 
+// A benchmark measures real time on purpose.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -13,6 +13,9 @@
 //! figures are medians of `--runs` runs, with the spread. Bounded: every run
 //! has a fixed duration or a fixed count. Talks only to 127.0.0.1.
 
+// A benchmark measures real time on purpose.
+#![allow(clippy::disallowed_methods)]
+
 mod load;
 mod servers;
 
@@ -722,7 +725,7 @@ async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, Strin
         let port = free_port()?;
         let store = format!("sqlite://{}", ws.path(&format!("e2e-{run}.db")).display());
         let relay = start_relay(ws, &format!("e2e-{run}"), port, &store, circle, true).await?;
-        let client = relay::dispatch::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let client = relay::sends::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let total = E2E_RATE as u64 * seconds;
         let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
         let mut sent = Vec::new();

@@ -6,7 +6,9 @@
 //! them) and checking cross-references. Every problem names its key and the
 //! file. Nothing here touches the network or the store.
 
-mod raw;
+pub mod compiler;
+pub mod raw;
+mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -18,15 +20,16 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::de::DeserializeOwned;
 
-use crate::secret::{Secret, SecretSpec};
-pub use raw::{Encoding, ParamValue, RawRoute, RawSign, RawSource, RawTarget, TargetKindName};
+use crate::secret::Secret;
 
 use crate::event::Files;
-use crate::guard::{Burst, BurstSetting, LoopGuard};
+use crate::guard::LoopGuard;
 use crate::ingress::Source;
-use crate::routing::Route;
+use crate::payload::PayloadUrls;
+use crate::routing::{Route, Router};
 use crate::targets::Target;
 use crate::template::Templates;
+use compiler::{Compiler, Problem};
 
 /// A validated, compiled configuration. Immutable once built; a reload builds
 /// a new one.
@@ -60,15 +63,6 @@ pub struct Server {
     pub max_connections: usize,
     /// Read when the config is built, so a reload serves a renewed certificate.
     pub tls: Option<Tls>,
-}
-
-/// How payload URLs are made and checked.
-#[derive(Debug, Clone)]
-pub struct PayloadUrls {
-    /// `server.public_url`, without a trailing slash.
-    pub public_url: String,
-    pub key: Secret,
-    pub ttl: Duration,
 }
 
 #[derive(Clone)]
@@ -146,13 +140,6 @@ pub struct Delivery {
     pub lease: Duration,
 }
 
-/// One thing wrong with the config, at one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
 /// The config cannot be used. Lists every problem found, each with its key.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -180,102 +167,18 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// What compiling one part of the config needs: where to put problems and
-/// warnings, and the shared template set.
-#[derive(Debug, Default)]
-pub struct Compiler {
-    problems: Vec<Problem>,
-    warnings: Vec<String>,
-    pub templates: Templates,
-}
-
-impl Compiler {
-    pub fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    pub fn warn(&mut self, message: impl Into<String>) {
-        self.warnings.push(message.into());
-    }
-
-    /// `false` (off) or `{ limit, per }`; `true` says nothing, so it is an error.
-    pub fn burst(&mut self, key: &str, raw: raw::RawBurstSetting) -> BurstSetting {
-        match raw {
-            raw::RawBurstSetting::Switch(false) => BurstSetting::Off,
-            raw::RawBurstSetting::Switch(true) => {
-                self.problem(
-                    key,
-                    "true sets no limit; write { limit = 30, per = \"1m\" } or false",
-                );
-                BurstSetting::Off
-            }
-            raw::RawBurstSetting::Limit(b) if b.limit == 0 || b.per.is_zero() => {
-                self.problem(
-                    key,
-                    "limit and per must be more than 0 (write false to turn the breaker off)",
-                );
-                BurstSetting::Off
-            }
-            raw::RawBurstSetting::Limit(b) => BurstSetting::Limit(Burst {
-                limit: b.limit,
-                per: b.per,
-            }),
-        }
-    }
-
-    pub fn problem_count(&self) -> usize {
-        self.problems.len()
-    }
-
-    /// Resolves a required secret, warning about literals.
-    pub fn secret(&mut self, key: &str, spec: &SecretSpec) -> Option<Secret> {
-        if spec.has_literal() {
-            self.warn(format!(
-                "{key} is written into the config file; prefer {{ env = \"…\" }}, {{ file = \"…\" }} or {{ credential = \"…\" }}"
-            ));
-        }
-        match spec.resolve() {
-            Ok(secret) => {
-                if secret.expose().len() < crate::secret::MIN_SCRUBBED_SECRET {
-                    self.warn(format!(
-                        "{key} is shorter than {} characters: guessable, and too short to be kept out of target answers",
-                        crate::secret::MIN_SCRUBBED_SECRET
-                    ));
-                }
-                Some(secret)
-            }
-            Err(e) => {
-                self.problem(key, e.to_string());
-                None
-            }
-        }
-    }
-
-    /// Rejects keys that exist in the schema but mean nothing for this
-    /// provider or kind, so a misplaced key is never silently ignored.
-    pub fn only_keys(&mut self, prefix: &str, present: &[&str], allowed: &[&str], owner: &str) {
-        for key in present {
-            if !allowed.contains(key) {
-                self.problem(
-                    format!("{prefix}.{key}"),
-                    format!(
-                        "not a setting of {owner} (it takes: {})",
-                        if allowed.is_empty() {
-                            "nothing more".to_owned()
-                        } else {
-                            allowed.join(", ")
-                        }
-                    ),
-                );
-            }
-        }
-    }
-}
-
 impl Config {
+    /// What routing reads of this config.
+    pub fn router(&self) -> Router<'_> {
+        Router {
+            routes: &self.routes,
+            targets: &self.targets,
+            templates: &self.templates,
+            loop_guard: &self.loop_guard,
+            payload_urls: self.server.payload.as_ref(),
+        }
+    }
+
     /// Whether parsers must read the files pushes changed (see [`Files`]).
     pub fn files(&self) -> Files {
         if self.routes.iter().any(Route::filters_paths) || self.templates.reads("paths") {
@@ -565,19 +468,17 @@ fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
         request_timeout: raw.request_timeout,
         shutdown_timeout: raw.shutdown_timeout,
         max_connections: raw.max_connections,
-        tls: raw
-            .tls
-            .and_then(|t| match crate::server::load_tls(&t.cert, &t.key) {
-                Ok(acceptor) => Some(Tls {
-                    cert: t.cert,
-                    key: t.key,
-                    acceptor,
-                }),
-                Err((which, message)) => {
-                    c.problem(format!("server.tls.{which}"), message);
-                    None
-                }
+        tls: raw.tls.and_then(|t| match tls::load_tls(&t.cert, &t.key) {
+            Ok(acceptor) => Some(Tls {
+                cert: t.cert,
+                key: t.key,
+                acceptor,
             }),
+            Err((which, message)) => {
+                c.problem(format!("server.tls.{which}"), message);
+                None
+            }
+        }),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Dispatch: claim due jobs, add credentials, send, classify the outcome,
-//! record the attempt, and schedule a retry or declare the job dead.
+//! Dispatch: claim due jobs, have their targets send them, record each
+//! attempt, and schedule a retry or declare the job dead; also the slots the
+//! accept path reserves before a commit and the hand-over of what it leased.
 //!
 //! No database transaction is held across an HTTP call: a job is leased with
 //! a claim id, sent with no lock held (its lease renewed while the send
@@ -7,26 +8,24 @@
 //! semaphores cap sends in flight. Jobs not finished when
 //! shutdown's deadline passes stay in the store and are sent after restart.
 
-pub mod outcome;
 pub mod retry;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
 
+use crate::app::App;
+use crate::clock::stopwatch;
 use crate::config::Config;
-use crate::daemon::App;
-use crate::store::{AttemptRecord, ClaimedJob, Completion, NextState};
-use crate::targets::{USER_AGENT, response_message};
-pub use outcome::Outcome;
+use crate::sends::capacity;
+use crate::store::{AttemptRecord, ClaimedJob, Completion, Lease, NextState};
+use crate::targets::{AttemptResult, Outcome};
 pub use retry::RetryPolicy;
 
 /// The longest the dispatcher sleeps without looking at the store; wake-ups
@@ -36,104 +35,67 @@ const MAX_IDLE: Duration = Duration::from_secs(5);
 /// The most jobs one claim takes (the slots cap it lower, usually).
 const MAX_CLAIM: usize = 256;
 
-/// How much of a target's answer is kept for the attempt record.
-const RESPONSE_READ_LIMIT: usize = 64 * 1024;
-
-/// What one attempt came to.
-#[derive(Debug, Clone)]
-pub struct AttemptResult {
-    pub outcome: Outcome,
-    pub status: Option<u16>,
-    /// The target's `Retry-After`, already turned into a wait.
-    pub retry_after: Option<Duration>,
-    /// The target's message, or what went wrong on the way.
-    pub message: String,
+/// Send slots taken ahead of a commit, with the lease each job is stored
+/// under, by job id.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    slots: HashMap<Uuid, (Lease, OwnedSemaphorePermit)>,
 }
 
-impl AttemptResult {
-    fn dead_request(message: String) -> AttemptResult {
-        AttemptResult {
-            outcome: Outcome::DeadRequest,
-            status: None,
-            retry_after: None,
-            message,
+impl Reservation {
+    /// The lease a job is to be stored under, if it has a slot.
+    pub fn lease(&self, job: &Uuid) -> Option<Lease> {
+        self.slots.get(job).map(|(lease, _)| *lease)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// Takes a send slot for each job (`(id, target)`) whose target has one free
+/// now: those jobs are stored leased and sent right after the commit, with
+/// no claim and no wait for the dispatcher; the rest are queued for it.
+/// Nothing is reserved once shutdown has begun.
+pub fn reserve<'a>(
+    app: &App,
+    config: &Config,
+    jobs: impl IntoIterator<Item = (Uuid, &'a str)>,
+    now: SystemTime,
+) -> Reservation {
+    let mut reservation = Reservation::default();
+    if app.shutdown.is_cancelled() {
+        return reservation;
+    }
+    let until = now + config.delivery.lease;
+    for (id, target) in jobs {
+        if let Some(permit) = app.sends.try_slot(config, target) {
+            let lease = Lease {
+                claim: Uuid::now_v7(),
+                until,
+            };
+            reservation.slots.insert(id, (lease, permit));
         }
     }
+    reservation
 }
 
-/// The outbound HTTP client: rustls with the ring provider, no redirects (a
-/// redirected POST would become a GET), the attempt timeout on every request.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .user_agent(USER_AGENT)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-}
-
-/// Sends in flight at once for a target.
-pub fn capacity(config: &Config, target: &str) -> usize {
-    config
-        .targets
-        .get(target)
-        .and_then(|t| t.concurrency)
-        .unwrap_or(config.delivery.concurrency)
-}
-
-/// What every send shares: the HTTP client, the tracker that shutdown waits
-/// on, and each target's send slots. Both the dispatcher (for jobs it
-/// claims) and ingress (for jobs it hands over on commit) send through it,
-/// so a target's capacity counts all of them.
-#[derive(Debug)]
-pub struct Sends {
-    client: reqwest::Client,
-    tracker: TaskTracker,
-    /// (capacity, semaphore) per target; replaced when a reload changes the capacity.
-    slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
-    /// Set when the dispatcher left due jobs for lack of a slot: then, and
-    /// only then, a finishing send is worth waking it for.
-    starved: AtomicBool,
-}
-
-impl Sends {
-    pub fn new() -> Result<Sends, reqwest::Error> {
-        Ok(Sends {
-            // Each request sets the attempt timeout of the config it runs under.
-            client: http_client(Duration::from_secs(300))?,
-            tracker: TaskTracker::new(),
-            slots: Mutex::new(HashMap::new()),
-            starved: AtomicBool::new(false),
-        })
-    }
-
-    fn semaphore(&self, target: &str, capacity: usize) -> Arc<Semaphore> {
-        let mut slots = match self.slots.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let slot = slots
-            .entry(target.to_owned())
-            .or_insert_with(|| (capacity, Arc::new(Semaphore::new(capacity))));
-        if slot.0 != capacity {
-            *slot = (capacity, Arc::new(Semaphore::new(capacity)));
+/// Sends the jobs the store committed leased, each in the slot reserved for
+/// it; the slots of jobs the store held back are freed.
+pub fn hand_over(app: &Arc<App>, leased: Vec<ClaimedJob>, mut reservation: Reservation) {
+    for job in leased {
+        if let Some((_, permit)) = reservation.slots.remove(&job.id) {
+            start_send(app, job, permit);
         }
-        slot.1.clone()
-    }
-
-    /// A send slot for `target`, if one is free right now.
-    pub fn try_slot(&self, config: &Config, target: &str) -> Option<OwnedSemaphorePermit> {
-        self.semaphore(target, capacity(config, target))
-            .try_acquire_owned()
-            .ok()
     }
 }
 
 /// Sends a leased job on the shared tracker; the permit is its slot.
-pub fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
+fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     app.sends.tracker.spawn(deliver(app.clone(), job, permit));
 }
 
@@ -172,7 +134,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 Err(e) => warn!(target = %name, error = %e, "cannot claim jobs; will try again"),
             }
         }
-        app.sends.starved.store(starved, Ordering::Relaxed);
+        app.sends.set_starved(starved);
         if maybe_more {
             continue;
         }
@@ -227,7 +189,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     let retry_scheduled = async {
         let config = app.config();
         let started_at = app.now();
-        let clock = tokio::time::Instant::now();
+        let clock = stopwatch();
         let result = tokio::select! {
             result = attempt(&config, &app.sends.client, &job, app.now()) => result,
             never = keep_leased(&app, &job, config.delivery.lease) => match never {},
@@ -268,9 +230,33 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     drop(permit);
     // The dispatcher sleeps until the earliest due job it knew of; a new
     // retry may be due sooner, and a starved target now has a free slot.
-    if retry_scheduled || app.sends.starved.load(Ordering::Relaxed) {
+    if retry_scheduled || app.sends.starved() {
         app.wake_dispatch();
     }
+}
+
+/// One attempt of the job, under the config in force now.
+async fn attempt(
+    config: &Config,
+    client: &reqwest::Client,
+    job: &ClaimedJob,
+    now: SystemTime,
+) -> AttemptResult {
+    let Some(target) = config.targets.get(&job.target) else {
+        return AttemptResult::dead_request(format!(
+            "target {} is no longer in the config; retry the job by hand once it is back",
+            job.target
+        ));
+    };
+    target
+        .send(
+            client,
+            &job.request,
+            job.payload.as_ref(),
+            config.delivery.timeout,
+            now,
+        )
+        .await
 }
 
 /// Renews the job's lease every third of `lease` for as long as its send
@@ -292,93 +278,6 @@ async fn keep_leased(app: &App, job: &ClaimedJob, lease: Duration) -> Infallible
             Err(e) => warn!(error = %e, "cannot renew the job's lease; will try again"),
         }
     }
-}
-
-async fn attempt(
-    config: &Config,
-    client: &reqwest::Client,
-    job: &ClaimedJob,
-    now: SystemTime,
-) -> AttemptResult {
-    let Some(target) = config.targets.get(&job.target) else {
-        return AttemptResult::dead_request(format!(
-            "target {} is no longer in the config; retry the job by hand once it is back",
-            job.target
-        ));
-    };
-    if target.dry_run {
-        let text = job.request.redacted(job.payload.as_ref());
-        info!(request = %text, "dry run: this request was recorded, not sent");
-        return AttemptResult {
-            outcome: Outcome::DryRun,
-            status: None,
-            retry_after: None,
-            message: text,
-        };
-    }
-    let wire = match target.authorize(&job.request, job.payload.as_ref()) {
-        Ok(wire) => wire,
-        Err(e) => return AttemptResult::dead_request(e.to_string()),
-    };
-    let mut request = client
-        .post(&wire.url)
-        .timeout(config.delivery.timeout)
-        .body(wire.body);
-    for (name, value) in &wire.headers {
-        request = request.header(name.as_str(), value.as_str());
-    }
-    let mut result = match request.send().await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let header = |name: http::HeaderName| {
-                response
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let retry_after =
-                header(http::header::RETRY_AFTER).and_then(|v| retry::parse_retry_after(&v, now));
-            let location = header(http::header::LOCATION);
-            let body = read_limited(response).await;
-            let outcome = Outcome::of_status(status);
-            let message = match (status, location) {
-                (300..=399, Some(location)) => format!(
-                    "{status}: redirected to {location}; relay does not follow redirects for triggers, so point the target at the final address"
-                ),
-                _ => format!("{status}: {}", response_message(&body)),
-            };
-            AttemptResult {
-                outcome,
-                status: Some(status),
-                retry_after,
-                message,
-            }
-        }
-        Err(e) => {
-            let (outcome, message) = outcome::of_transport_error(&e, config.delivery.timeout);
-            AttemptResult {
-                outcome,
-                status: None,
-                retry_after: None,
-                message,
-            }
-        }
-    };
-    result.message = target.scrub(result.message);
-    result
-}
-
-/// The start of the response body; the rest is not needed for the record.
-async fn read_limited(mut response: reqwest::Response) -> Bytes {
-    let mut buffer = BytesMut::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        buffer.extend_from_slice(&chunk);
-        if buffer.len() >= RESPONSE_READ_LIMIT {
-            break;
-        }
-    }
-    buffer.freeze()
 }
 
 fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now: SystemTime, url: &str) {

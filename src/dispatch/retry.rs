@@ -7,10 +7,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::AttemptResult;
-use super::outcome::Outcome;
 use crate::config::{Backoff, Delivery};
 use crate::store::NextState;
+use crate::targets::{AttemptResult, Outcome};
 
 /// At most this fraction of the delay is added as jitter.
 pub const JITTER_SPAN: f64 = 0.2;
@@ -91,17 +90,6 @@ impl RetryPolicy {
             },
         }
     }
-}
-
-/// `Retry-After` in seconds or as an HTTP date; a date in the past is now.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    httpdate::parse_http_date(value)
-        .ok()
-        .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -188,21 +176,6 @@ mod tests {
             p.next_delay(1, Outcome::RetryStatus, None, 0.0),
             Duration::from_secs(2)
         );
-    }
-
-    #[test]
-    fn retry_after_in_both_forms() {
-        let now = httpdate::parse_http_date("Sun, 22 Nov 2026 10:00:00 GMT").unwrap();
-        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after("Sun, 22 Nov 2026 10:01:30 GMT", now),
-            Some(Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 22 Nov 2026 09:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon", now), None);
     }
 
     fn result(outcome: Outcome, message: &str) -> AttemptResult {

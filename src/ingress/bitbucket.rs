@@ -12,7 +12,8 @@ use serde::Deserialize;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
 };
-use crate::config::{Compiler, RawSource};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawSource;
 use crate::event::{Event, ZERO_SHA};
 use crate::secret::Secret;
 use crate::signature::{self, Algorithm};

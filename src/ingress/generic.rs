@@ -13,7 +13,8 @@ use serde_json::Value;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, header_str,
 };
-use crate::config::{Compiler, Encoding, RawSource};
+use crate::config::compiler::Compiler;
+use crate::config::raw::{Encoding, RawSource};
 use crate::event::{Event, is_zero_sha};
 use crate::secret::Secret;
 use crate::signature::{self, Algorithm};

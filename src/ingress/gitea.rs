@@ -12,7 +12,8 @@ use http::HeaderMap;
 use serde::Deserialize;
 
 use super::{ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, github};
-use crate::config::{Compiler, RawSource};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawSource;
 use crate::event::{Event, EventKind, Files, ZERO_SHA};
 use crate::secret::Secret;
 use crate::signature::{self, Algorithm};

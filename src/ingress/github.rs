@@ -16,7 +16,8 @@ use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, header_str,
     required_header,
 };
-use crate::config::{Compiler, RawSource};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawSource;
 use crate::event::{Event, EventKind, Files, Pipeline, ZERO_SHA, changed_paths, is_zero_sha};
 use crate::secret::Secret;
 use crate::signature::{self, Algorithm};

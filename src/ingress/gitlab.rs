@@ -18,7 +18,8 @@ use serde::Deserialize;
 use super::{
     ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
 };
-use crate::config::{Compiler, RawSource};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawSource;
 use crate::event::{Event, EventKind, Pipeline, changed_paths, is_zero_sha};
 use crate::secret::Secret;
 use crate::signature::{self, Algorithm};
@@ -135,12 +136,13 @@ pub(super) fn receive(
     headers: &HeaderMap,
     body: &Bytes,
     content: ContentKind,
+    now: SystemTime,
 ) -> Result<Received, super::IngressError> {
     if let Some(token) = &settings.token {
         verify_token(token, source, headers)?;
     }
     if let Some(key) = &settings.signing_key {
-        verify_signature(key, source, headers, body, SystemTime::now())?;
+        verify_signature(key, source, headers, body, now)?;
     }
     if content != ContentKind::Json {
         return Err(PayloadError::Invalid("GitLab sends JSON; this body is form-encoded".to_owned()).into());

@@ -1,8 +1,9 @@
 //! The durable queue, behind one trait: events as received, the jobs they
 //! produced, and every attempt to send them.
 //!
-//! The only module that touches the database. Ingress commits an event and
-//! its jobs in one transaction before answering; dispatch claims due jobs
+//! The only module that touches the database. The accept path commits an
+//! event and its jobs in one transaction before answering (jobs with a send
+//! slot stored leased to this relay, and handed back); dispatch claims due jobs
 //! with a lease and a claim id, and completes them only where that claim id
 //! still holds. No credential is ever written: jobs hold prepared requests.
 

@@ -10,7 +10,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{Param, RenderFailure, RenderInput, USER_AGENT};
-use crate::config::{Compiler, RawTarget};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawTarget;
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;
 use crate::template::TemplateStr;

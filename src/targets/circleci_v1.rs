@@ -6,7 +6,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{RenderFailure, RenderInput, USER_AGENT, encode_component};
-use crate::config::{Compiler, RawTarget};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawTarget;
 use crate::event::is_zero_sha;
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;

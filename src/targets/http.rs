@@ -7,7 +7,8 @@
 //! the event's), which a relay receiving this request reads back.
 
 use super::{RenderFailure, RenderInput, USER_AGENT};
-use crate::config::{Compiler, RawTarget};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawTarget;
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;
 use crate::template::TemplateStr;
@@ -72,8 +73,8 @@ impl HttpTarget {
             ("Content-Type".to_owned(), "application/json".to_owned()),
             ("User-Agent".to_owned(), USER_AGENT.to_owned()),
             ("X-Relay-Event".to_owned(), input.event.kind.as_str().to_owned()),
-            ("X-Relay-Source".to_owned(), webhook.source.clone()),
-            ("X-Relay-Event-Id".to_owned(), webhook.id.to_string()),
+            ("X-Relay-Source".to_owned(), webhook.source().to_owned()),
+            ("X-Relay-Event-Id".to_owned(), webhook.id().to_string()),
             (
                 crate::ingress::HOP_HEADER_NAME.to_owned(),
                 input.next_hop().to_string(),

@@ -1,17 +1,23 @@
-//! Targets: the CI systems relay triggers. One file per kind, each with the
-//! same shape: its settings compiled from `[targets.NAME]`, and `render`,
-//! which turns an event into a [`PreparedRequest`].
+//! Targets: the CI systems relay triggers, and a trigger's whole life with
+//! one. One file per kind, each with the same shape: its settings compiled
+//! from `[targets.NAME]`, and `render`, which turns an event into a
+//! [`PreparedRequest`]; [`Target::authorize`] adds the credential from the
+//! current config at send time, `exchange` sends it and reads the answer,
+//! and `outcome` holds the status classes every kind shares.
 //!
 //! A prepared request holds everything but the credential; it is what the
-//! store keeps, so no token ever reaches the database. [`Target::authorize`]
-//! adds the credential from the current config at send time, and
-//! [`PreparedRequest::redacted`] shows the request with the credential's place
-//! marked, for dry runs and `relay explain`. Nothing here does I/O.
+//! store keeps, so no token ever reaches the database. Only `exchange` does
+//! I/O; nothing here touches the store or decides about retries.
 
 mod circleci;
 mod circleci_v1;
+mod exchange;
 mod gitlab;
 mod http;
+pub mod outcome;
+
+pub use exchange::AttemptResult;
+pub use outcome::Outcome;
 
 use std::time::SystemTime;
 
@@ -19,15 +25,19 @@ use bytes::Bytes;
 use minijinja::value::Value;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-use crate::config::{Compiler, Config, ParamValue, RawTarget, TargetKindName};
+use crate::config::compiler::Compiler;
+
+use crate::config::raw::{ParamValue, RawTarget, TargetKindName};
 
 use crate::guard::BurstSetting;
 
-use crate::event::{Event, Webhook};
+use crate::event::Event;
+use crate::ingress::Webhook;
+use crate::payload::PayloadUrls;
 use crate::request::{Auth, AuthorizeError, PreparedRequest, WireRequest};
 use crate::secret::{MIN_SCRUBBED_SECRET, REDACTED, Secret};
 use crate::signature;
-use crate::template::{RenderError, TemplateStr};
+use crate::template::{RenderError, TemplateStr, Templates};
 
 /// A `[targets.NAME]`, compiled.
 #[derive(Debug)]
@@ -220,7 +230,12 @@ impl Target {
 /// What a target kind's `render` reads.
 #[derive(Debug)]
 pub struct RenderInput<'a> {
-    pub config: &'a Config,
+    /// The templates every target field was compiled into.
+    pub templates: &'a Templates,
+    /// Set when payload URLs can be made (`server.public_url`, `server.payload_key`).
+    pub payload_urls: Option<&'a PayloadUrls>,
+    /// `loop_guard.hop_variable`: the pipeline variable that carries the hop count.
+    pub hop_variable: &'a str,
     pub webhook: &'a Webhook,
     pub event: &'a Event,
     pub ctx: &'a Value,
@@ -231,7 +246,7 @@ pub struct RenderInput<'a> {
 
 impl RenderInput<'_> {
     fn text(&self, field: &TemplateStr) -> Result<String, RenderFailure> {
-        Ok(self.config.templates.render(field, self.ctx)?.into_owned())
+        Ok(self.templates.render(field, self.ctx)?.into_owned())
     }
 
     /// The hop count the trigger carries: one more than the event's.
@@ -241,15 +256,15 @@ impl RenderInput<'_> {
 
     /// A signed, expiring URL from which the webhook's body can be fetched.
     fn payload_url(&self) -> Result<String, RenderFailure> {
-        let settings = self.config.server.payload.as_ref().ok_or_else(|| {
+        let settings = self.payload_urls.ok_or_else(|| {
             RenderFailure::Missing("payload URLs need server.public_url and server.payload_key".to_owned())
         })?;
-        Ok(crate::payload::signed_url(settings, self.webhook.id, self.now))
+        Ok(crate::payload::signed_url(settings, self.webhook.id(), self.now))
     }
 
     /// The name of the pipeline variable that carries the hop count.
     fn hop_variable(&self) -> &str {
-        &self.config.loop_guard.hop_variable
+        self.hop_variable
     }
 
     /// A typed parameter: literals keep their type, templates render to strings.

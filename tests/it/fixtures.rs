@@ -14,6 +14,8 @@
 
 use std::collections::BTreeMap;
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use relay::config::Config;
@@ -94,9 +96,9 @@ fn deliver(label: &str, provider: &str, hook: &str, body: Vec<u8>) -> Parsed {
         .unwrap_or_else(|| panic!("no source named {provider}"));
     let headers = signed_headers(provider, hook, &format!("fixture {label}"), &body);
     let webhook = source
-        .receive(&headers, Bytes::from(body))
+        .receive(&headers, Bytes::from(body), SystemTime::now())
         .unwrap_or_else(|e| panic!("{label}: receive refused it: {e}"));
-    assert_eq!(webhook.hook, hook, "{label}: the hook name relay read");
+    assert_eq!(webhook.hook(), hook, "{label}: the hook name relay read");
     let parsed = source
         .parse(&webhook, Files::Read)
         .unwrap_or_else(|e| panic!("{label}: parse refused it: {e}"));
@@ -1015,7 +1017,7 @@ fn every_provider_fixture_has_a_case() {
 // Published signature vectors
 // ---------------------------------------------------------------------------
 
-fn assert_mismatch(result: Result<relay::event::Webhook, IngressError>, header: &str, source: &str) {
+fn assert_mismatch(result: Result<relay::ingress::Webhook, IngressError>, header: &str, source: &str) {
     match result {
         Err(IngressError::Signature(SignatureError::Mismatch {
             header: got_header,
@@ -1043,16 +1045,16 @@ fn github_documented_signature_vector() {
         ),
     ]);
     let webhook = source
-        .receive(&headers, Bytes::from_static(b"Hello, World!"))
+        .receive(&headers, Bytes::from_static(b"Hello, World!"), SystemTime::now())
         .unwrap_or_else(|e| panic!("GitHub's own test vector is refused: {e}"));
-    assert_eq!(&webhook.body[..], b"Hello, World!");
-    assert_eq!(webhook.hook, "push");
-    assert_eq!(webhook.source, "github");
+    assert_eq!(&webhook.body()[..], b"Hello, World!");
+    assert_eq!(webhook.hook(), "push");
+    assert_eq!(webhook.source(), "github");
 
     let mut flipped = b"Hello, World!".to_vec();
     flipped[7] ^= 0x01; // 'W' -> 'V'
     assert_mismatch(
-        source.receive(&headers, Bytes::from(flipped)),
+        source.receive(&headers, Bytes::from(flipped), SystemTime::now()),
         "X-Hub-Signature-256",
         "github",
     );
@@ -1077,7 +1079,7 @@ fn bitbucket_published_signature_vector() {
         ),
     ]);
     let webhook = source
-        .receive(&headers, Bytes::from(body.clone()))
+        .receive(&headers, Bytes::from(body.clone()), SystemTime::now())
         .unwrap_or_else(|e| panic!("the published Bitbucket signature is refused: {e}"));
     let Parsed::Events(events) = source.parse(&webhook, Files::Read).unwrap() else {
         panic!("the signed push parsed as a ping");
@@ -1088,7 +1090,7 @@ fn bitbucket_published_signature_vector() {
     let middle = flipped.len() / 2;
     flipped[middle] ^= 0x01;
     assert_mismatch(
-        source.receive(&headers, Bytes::from(flipped)),
+        source.receive(&headers, Bytes::from(flipped), SystemTime::now()),
         "X-Hub-Signature",
         "bitbucket",
     );

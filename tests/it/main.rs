@@ -2,6 +2,8 @@
 //! CI servers written here. See `support` for the harness.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// Tests measure real time and wait on purpose.
+#![allow(clippy::disallowed_methods)]
 
 mod cli;
 mod crash;

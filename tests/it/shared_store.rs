@@ -518,12 +518,18 @@ token = "t"
         }
     }
     assert_eq!(accepted, 10);
-    let requests = circle.wait_for(11).await;
+    // The 503 bounded the sender's wait, not the commit: the silent
+    // webhook's transaction went through once the database answered, so it
+    // is sent too, and the sender's redelivery of it is a duplicate.
+    let requests = circle.wait_for(12).await;
     assert_eq!(
         requests.len(),
-        11,
-        "the first webhook and the ten after the silence"
+        12,
+        "the first webhook, the one answered 503 during the silence, and the ten after it"
     );
+    let (status, answer) = post(2).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains(r#""duplicate""#), "{answer}");
     assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
     relay.stop().await;
 }

@@ -1,29 +1,19 @@
-//! Routes: compiled once from `[[routes]]` (globs, `when`), then evaluated for
-//! each event into the jobs to queue.
-//!
-//! Evaluation is pure: it reads the event and the config and renders each
-//! target's request, but never stores, sends or logs. Every route yields a
-//! [`Verdict`] naming the first predicate that failed, which `relay explain`
-//! prints and the ingress logs summarize.
+//! One `[[routes]]` entry: compiled once (globs with `!` exclusions, events,
+//! `when`), then asked per event whether it takes it, with the first
+//! predicate that refused it. Pure: reads the event and the compiled
+//! templates; never renders a request, stores, sends or logs.
 
-use std::collections::BTreeSet;
 use std::fmt;
-use std::time::SystemTime;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use minijinja::value::Value;
-use serde_json::json;
-use uuid::Uuid;
 
-use crate::config::{Compiler, Config};
-
-use crate::event::{Event, EventKind, Webhook};
-use crate::guard;
-use crate::guard::{Dropped, JobLimits};
+use crate::config::compiler::Compiler;
+use crate::config::raw::RawRoute;
+use crate::event::{Event, EventKind};
 use crate::ingress::Source;
-use crate::request::PreparedRequest;
-use crate::targets::{RenderInput, Target};
-use crate::template::Condition;
+use crate::targets::Target;
+use crate::template::{Condition, Templates};
 
 /// A `[[routes]]` entry, compiled.
 #[derive(Debug)]
@@ -118,7 +108,7 @@ fn glob(pattern: &str) -> Result<Glob, globset::Error> {
 impl Route {
     pub fn compile(
         index: usize,
-        raw: crate::config::RawRoute,
+        raw: RawRoute,
         sources: &[Source],
         targets: &std::collections::BTreeMap<String, Target>,
         c: &mut Compiler,
@@ -204,7 +194,7 @@ impl Route {
     }
 
     /// Whether this route takes the event, or the first predicate that refused it.
-    pub fn evaluate(&self, config: &Config, source: &str, event: &Event, ctx: &Value) -> Verdict {
+    pub fn evaluate(&self, templates: &Templates, source: &str, event: &Event, ctx: &Value) -> Verdict {
         if let Some(from) = &self.from
             && !from.iter().any(|s| s == source)
         {
@@ -238,7 +228,7 @@ impl Route {
             );
         }
         if let Some(when) = &self.when {
-            match config.templates.test(when, ctx) {
+            match templates.test(when, ctx) {
                 Ok(true) => {}
                 Ok(false) => return Verdict::miss("when", format!("{:?} is false", when.source())),
                 Err(e) => {
@@ -334,124 +324,9 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn miss(predicate: &'static str, reason: String) -> Verdict {
+    pub(super) fn miss(predicate: &'static str, reason: String) -> Verdict {
         Verdict::Miss { predicate, reason }
     }
-}
-
-/// One job to queue: a route's target, with its request rendered.
-#[derive(Debug)]
-pub struct PlannedJob {
-    pub id: Uuid,
-    /// Which of the webhook's events it is for.
-    pub event_index: usize,
-    pub route: String,
-    pub target: String,
-    /// The request without credentials, or why it cannot be built (the job
-    /// is then dead at once, with that reason).
-    pub request: Result<PreparedRequest, String>,
-    pub limits: JobLimits,
-}
-
-/// An event a guard rule kept from routing.
-#[derive(Debug)]
-pub struct EventDrop {
-    pub event_index: usize,
-    pub dropped: Dropped,
-}
-
-/// Everything routing decided for one webhook.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub jobs: Vec<PlannedJob>,
-    pub dropped: Vec<EventDrop>,
-    /// Every route's verdict for every event, for `relay explain`.
-    pub trace: Vec<(usize, String, Verdict)>,
-}
-
-impl Plan {
-    /// The names of the routes that produced jobs, in config order, once each.
-    pub fn route_names(&self) -> Vec<&str> {
-        let mut seen = BTreeSet::new();
-        self.jobs
-            .iter()
-            .filter(|j| seen.insert(j.route.as_str()))
-            .map(|j| j.route.as_str())
-            .collect()
-    }
-
-    /// Jobs that are dead on arrival, with the reason.
-    pub fn rejected_json(&self) -> serde_json::Value {
-        self.jobs
-            .iter()
-            .filter_map(|j| {
-                j.request
-                    .as_ref()
-                    .err()
-                    .map(|reason| json!({ "route": j.route, "target": j.target, "reason": reason }))
-            })
-            .collect()
-    }
-}
-
-/// Evaluates every route for every event and renders the requests to queue.
-/// `now` dates what rendering needs dated (payload URLs' expiry).
-pub fn plan(config: &Config, source: &Source, webhook: &Webhook, events: &[Event], now: SystemTime) -> Plan {
-    let mut plan = Plan::default();
-    let origin = guard::Origin {
-        source: &source.name,
-        ignore_pushers: &source.ignore_pushers,
-        pipelines_routed: config.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
-        request_hop: webhook.hop,
-    };
-    for (index, event) in events.iter().enumerate() {
-        let hop = guard::hop(&config.loop_guard, &origin, event);
-        if let Some(dropped) = guard::screen(&config.loop_guard, &origin, event, hop) {
-            plan.dropped.push(EventDrop {
-                event_index: index,
-                dropped,
-            });
-            continue;
-        }
-        let ctx = event.context(webhook, hop);
-        // Two routes sending one event to the same target would trigger it
-        // twice with the same request; the first route wins.
-        let mut targeted: BTreeSet<&str> = BTreeSet::new();
-        for route in &config.routes {
-            let verdict = route.evaluate(config, &source.name, event, &ctx);
-            let matched = verdict == Verdict::Match;
-            plan.trace.push((index, route.name.clone(), verdict));
-            if !matched {
-                continue;
-            }
-            for target_name in &route.to {
-                if !targeted.insert(target_name.as_str()) {
-                    continue;
-                }
-                let Some(target) = config.targets.get(target_name) else {
-                    continue;
-                };
-                let input = RenderInput {
-                    config,
-                    webhook,
-                    event,
-                    ctx: &ctx,
-                    hop,
-                    now,
-                };
-                let request = target.render(&input).map_err(|e| e.to_string());
-                plan.jobs.push(PlannedJob {
-                    id: Uuid::now_v7(),
-                    event_index: index,
-                    route: route.name.clone(),
-                    target: target_name.clone(),
-                    request,
-                    limits: JobLimits::for_trigger(&config.loop_guard, target.burst, event),
-                });
-            }
-        }
-    }
-    plan
 }
 
 #[cfg(test)]
@@ -485,54 +360,17 @@ mod tests {
         assert!(!p.matches("services/web/index.ts"));
     }
 
-    /// The commits' file lists are read exactly when something reads
-    /// `paths`: a route's filter, a `when`, or a target's template.
-    #[test]
-    fn files_are_read_only_for_a_config_that_reads_paths() {
-        let files = |route: &str, target: &str| {
-            let text = format!(
-                r#"
-[server]
-listen = ["127.0.0.1:0"]
-
-[sources.gh]
-provider = "github"
-path = "/hooks/github"
-secret = "s"
-
-[[routes]]
-name = "r"
-to = ["ci"]
-{route}
-
-[targets.ci]
-kind = "circleci"
-project = "gh/acme/api"
-token = "t"
-dry_run = true
-{target}
-"#
-            );
-            Config::from_toml(&text).unwrap().files()
-        };
-        use crate::event::Files;
-        assert_eq!(files("", ""), Files::Skip);
-        assert_eq!(
-            files("branches = [\"main\"]", "parameters = { sha = \"{{ sha }}\" }"),
-            Files::Skip
-        );
-        assert_eq!(files("paths = [\"docs/**\"]", ""), Files::Read);
-        assert_eq!(files("when = \"paths | length > 0\"", ""), Files::Read);
-        assert_eq!(
-            files("", "parameters = { changed = \"{{ paths | join(',') }}\" }"),
-            Files::Read
-        );
-    }
-
     #[test]
     fn bad_glob_names_the_key() {
         let mut c = Compiler::default();
         assert!(Patterns::compile("routes[0].tags", &["v[".to_owned()], &mut c).is_none());
-        assert_eq!(c.problem_count(), 1);
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "routes[0].tags[0]");
+        assert!(
+            problems[0].message.starts_with("\"v[\" is not a valid glob"),
+            "{}",
+            problems[0].message
+        );
     }
 }

@@ -6,17 +6,28 @@
 //! A wrong or expired signature is 403, an unknown or purged event 404, and
 //! a good one returns the body exactly as received, with its content type.
 //! The URL is a capability: it carries no secret, only proof of the key.
+//! This module makes and checks URLs; [`serve`] answers them.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{Method, Request, Response, StatusCode, header};
-use serde_json::json;
+use std::time::Duration;
+
 use uuid::Uuid;
 
-use crate::config::PayloadUrls;
-use crate::daemon::App;
-use crate::server::{Body, json_response};
+use crate::secret::Secret;
 use crate::signature::{self, Algorithm};
+
+pub mod serve;
+
+/// How payload URLs are made and checked (`server.public_url`,
+/// `server.payload_key`, `server.payload_ttl`).
+#[derive(Debug, Clone)]
+pub struct PayloadUrls {
+    /// `server.public_url`, without a trailing slash.
+    pub public_url: String,
+    pub key: Secret,
+    pub ttl: Duration,
+}
 
 /// The path prefix payload URLs are served under, on the ingress listener.
 pub const PATH_PREFIX: &str = "/payloads/";
@@ -33,7 +44,7 @@ fn message(event: Uuid, exp: u64) -> String {
 pub fn signed_url(settings: &PayloadUrls, event: Uuid, now: SystemTime) -> String {
     let until = now + settings.ttl;
     let whole = unix_seconds(until);
-    let exp = if until == UNIX_EPOCH + std::time::Duration::from_secs(whole) {
+    let exp = if until == UNIX_EPOCH + Duration::from_secs(whole) {
         whole
     } else {
         whole + 1
@@ -86,72 +97,9 @@ pub fn verify(
     Uuid::parse_str(event).map_err(|_| UrlError::NotFound)
 }
 
-/// Answers `GET /payloads/{event}`.
-pub async fn handle<B>(app: &App, request: &Request<B>) -> Response<Body> {
-    let refuse = |status: StatusCode, code: &str, message: String| {
-        json_response(status, &json!({ "error": code, "message": message }))
-    };
-    if request.method() != Method::GET {
-        return refuse(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "payload URLs answer GET".to_owned(),
-        );
-    }
-    let config = app.config();
-    let Some(settings) = &config.server.payload else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "payload URLs are not enabled (server.public_url and server.payload_key)".to_owned(),
-        );
-    };
-    let event = request.uri().path().trim_start_matches(PATH_PREFIX);
-    let query: Vec<(String, String)> = request
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    let param = |name: &str| {
-        query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map_or("", |(_, v)| v.as_str())
-    };
-    let id = match verify(settings, event, param("exp"), param("sig"), app.now()) {
-        Ok(id) => id,
-        Err(UrlError::NotFound) => {
-            return refuse(StatusCode::NOT_FOUND, "not_found", format!("no event {event}"));
-        }
-        Err(e) => return refuse(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-    };
-    match app.store.event_body(id).await {
-        Ok(Some((content_type, body))) => {
-            let mut response = Response::new(Body::from(body));
-            if let Ok(value) = http::HeaderValue::from_str(&content_type) {
-                response.headers_mut().insert(header::CONTENT_TYPE, value);
-            }
-            response
-        }
-        Ok(None) => refuse(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("event {id} is not in the store (older than store.retention?)"),
-        ),
-        Err(e) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::secret::Secret;
 
     fn settings() -> PayloadUrls {
         PayloadUrls {

@@ -1,0 +1,300 @@
+//! The accept path: one request on a source's path becomes a committed event
+//! whose jobs are on their way, and only then is the sender answered.
+//!
+//! It joins the rooms in order: ingress verifies and parses, routing plans,
+//! dispatch reserves send slots, the store commits the event and its jobs
+//! (those with a slot stored leased to this relay), dispatch is handed the
+//! leased jobs, and the sender hears 202 with what was decided. One config
+//! snapshot serves the whole request. Nothing here parses a payload, renders
+//! a request or speaks SQL; no target is called before the commit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{StatusCode, header};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::clock::stopwatch;
+use crate::config::Config;
+use crate::dispatch::{self, Reservation};
+use crate::event::Event;
+use crate::guard::Dropped;
+use crate::ingress::{IngressError, Parsed, RequestLimits, Webhook};
+use crate::routing::{self, Plan};
+use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError};
+use crate::web::{Body, json_response};
+
+/// The longest a sender waits for the store to commit its webhook before it
+/// hears 503 (and retries): well inside GitHub's and GitLab's 10-second
+/// delivery timeout, for every store alike. The commit itself runs on; a
+/// webhook it commits after the 503 is answered as a duplicate when the
+/// sender retries, and its jobs are sent all the same.
+pub const SENDERS_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Why a webhook was not accepted, with the status the sender hears.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Ingress(#[from] IngressError),
+    #[error("the store cannot accept the webhook right now; it was not recorded, so retry later: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Refusal {
+    /// A stable, machine-readable code for the JSON body and the logs.
+    fn code(&self) -> &'static str {
+        match self {
+            Refusal::Ingress(e) => e.code(),
+            Refusal::Store(_) => "store_unavailable",
+        }
+    }
+
+    fn into_response(self) -> http::Response<Body> {
+        match self {
+            Refusal::Ingress(e) => e.into_response(),
+            Refusal::Store(_) => {
+                let mut response = json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "error": self.code(), "message": self.to_string() }),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+                response
+            }
+        }
+    }
+}
+
+/// Answers one webhook request on the ingress listener.
+pub async fn handle(
+    app: &Arc<App>,
+    request: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> http::Response<Body> {
+    let config = app.config();
+    let path = request.uri().path().to_owned();
+    // Unknown paths share one label value, so scanners cannot grow the series.
+    let source = config.source_for_path(&path).map_or("-", |s| s.name.as_str());
+    let response = match accept(app, &config, request, peer).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            if matches!(refusal, Refusal::Store(_)) {
+                warn!(path = %path, peer = %peer, error = %refusal, "webhook refused: store unavailable");
+            } else {
+                info!(path = %path, peer = %peer, code = refusal.code(), error = %refusal, "webhook refused");
+            }
+            refusal.into_response()
+        }
+    };
+    app.metrics.request(source, response.status().as_u16());
+    response
+}
+
+async fn accept(
+    app: &Arc<App>,
+    config: &Arc<Config>,
+    request: http::Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> Result<http::Response<Body>, Refusal> {
+    let (parts, body) = request.into_parts();
+    let source = config
+        .source_for_path(parts.uri.path())
+        .ok_or_else(|| IngressError::NotFound {
+            path: parts.uri.path().chars().take(200).collect(),
+        })?;
+    let limits = RequestLimits {
+        max_body: config.server.max_body,
+        timeout: config.server.request_timeout,
+    };
+    let webhook = source.read(&parts, body, peer.ip(), limits, app.now()).await?;
+    let events = match source
+        .parse(&webhook, config.files())
+        .map_err(IngressError::from)?
+    {
+        Parsed::Ping => {
+            info!(source = %source.name, delivery = webhook.delivery().unwrap_or(""), "ping answered");
+            return Ok(json_response(StatusCode::OK, &json!({ "pong": true })));
+        }
+        Parsed::Events(events) => events,
+    };
+    let now = app.now();
+    let plan = routing::plan(&config.router(), source, &webhook, &events, now);
+    let sendable = plan
+        .jobs
+        .iter()
+        .filter(|j| j.request.is_ok())
+        .map(|j| (j.id, j.target.as_str()));
+    let reservation = dispatch::reserve(app, config, sendable, now);
+    let record = record(&webhook, &events, &plan, now, &reservation);
+    let planned = record.jobs.len();
+    // The commit and the hand-over of its jobs run to the end on their own
+    // task: a sender that hangs up (or is answered 503 at the deadline) must
+    // not leave committed jobs waiting out their lease.
+    let committing = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let started = stopwatch();
+            let ingested = app.store.ingest(record).await;
+            app.metrics.commit_took(started.elapsed());
+            if let Ok(Ingested::Accepted { held_back, leased }) = &ingested {
+                // Jobs that found no slot wait in the queue for the dispatcher.
+                let sendable = plan.jobs.iter().filter(|j| j.request.is_ok()).count();
+                let queued = sendable > leased.len() + held_back.len();
+                dispatch::hand_over(&app, leased.clone(), reservation);
+                if queued {
+                    app.wake_dispatch();
+                }
+            }
+            (ingested, webhook, plan)
+        })
+    };
+    let (ingested, webhook, plan) = tokio::time::timeout(SENDERS_DEADLINE, committing)
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "the store did not commit within {}s",
+                SENDERS_DEADLINE.as_secs()
+            ))
+        })?
+        .map_err(|e| StoreError::Unavailable(format!("the commit task failed: {e}")))?;
+    match ingested? {
+        Ingested::Accepted { held_back, .. } => {
+            for event in &events {
+                app.metrics.event(webhook.source(), event.kind.as_str());
+            }
+            log_accepted(&webhook, &events, &plan, &held_back);
+            let dropped: Vec<&Dropped> = plan
+                .dropped
+                .iter()
+                .map(|d| &d.dropped)
+                .chain(held_back.iter().map(|h| &h.dropped))
+                .collect();
+            for d in &dropped {
+                app.metrics.dropped(&d.rule);
+            }
+            Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({
+                    "event": webhook.id(),
+                    "jobs": planned - held_back.len(),
+                    "routes": plan.route_names(),
+                    "dropped": dropped,
+                    "rejected": plan.rejected_json(),
+                }),
+            ))
+        }
+        Ingested::Duplicate(original) => {
+            info!(
+                source = %webhook.source(),
+                delivery = webhook.delivery().unwrap_or(""),
+                event_id = %original,
+                "redelivery of an accepted webhook; no new jobs"
+            );
+            Ok(json_response(StatusCode::OK, &json!({ "duplicate": original })))
+        }
+    }
+}
+
+/// The store's record of an accepted webhook.
+fn record(
+    webhook: &Webhook,
+    events: &[Event],
+    plan: &Plan,
+    now: SystemTime,
+    reservation: &Reservation,
+) -> NewEvent {
+    let summary = json!({
+        "events": events
+            .iter()
+            .map(|e| json!({ "kind": e.kind, "repo": e.repo, "ref": e.git_ref, "sha": e.sha }))
+            .collect::<Vec<_>>(),
+    });
+    NewEvent {
+        id: webhook.id(),
+        source: webhook.source().to_owned(),
+        delivery: webhook.delivery().map(str::to_owned),
+        hook: webhook.hook().to_owned(),
+        content_type: webhook.content_type().to_owned(),
+        body: webhook.body().clone(),
+        payload: (!webhook.payload_is_body()).then(|| webhook.payload().clone()),
+        hop: webhook.hop(),
+        received_at: now,
+        summary: summary.to_string(),
+        jobs: plan
+            .jobs
+            .iter()
+            .map(|job| NewJob {
+                id: job.id,
+                route: job.route.clone(),
+                target: job.target.clone(),
+                request: job.request.clone(),
+                limits: job.limits.clone(),
+                lease: reservation.lease(&job.id),
+            })
+            .collect(),
+        drops: plan.dropped.iter().map(|d| d.dropped.clone()).collect(),
+    }
+}
+
+fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[HeldBack]) {
+    for event in events {
+        info!(
+            event_id = %webhook.id(),
+            source = %webhook.source(),
+            delivery = webhook.delivery().unwrap_or(""),
+            hook = %webhook.hook(),
+            kind = %event.kind,
+            repo = %event.repo,
+            git_ref = %event.git_ref,
+            sha = %event.sha,
+            "webhook accepted"
+        );
+    }
+    let queued = |id: &uuid::Uuid| !held_back.iter().any(|h| &h.job_id == id);
+    for job in plan.jobs.iter().filter(|j| j.request.is_ok() && queued(&j.id)) {
+        debug!(
+            event_id = %webhook.id(),
+            source = %webhook.source(),
+            delivery = webhook.delivery().unwrap_or(""),
+            route = %job.route,
+            target = %job.target,
+            job_id = %job.id,
+            "job queued"
+        );
+    }
+    for drop in plan
+        .dropped
+        .iter()
+        .map(|d| &d.dropped)
+        .chain(held_back.iter().map(|h| &h.dropped))
+    {
+        info!(
+            event_id = %webhook.id(),
+            source = %webhook.source(),
+            delivery = webhook.delivery().unwrap_or(""),
+            rule = %drop.rule,
+            route = drop.route.as_deref().unwrap_or(""),
+            target = drop.target.as_deref().unwrap_or(""),
+            reason = %drop.reason,
+            "loop guard dropped"
+        );
+    }
+    for job in &plan.jobs {
+        if let Err(reason) = &job.request {
+            warn!(
+                event_id = %webhook.id(),
+                source = %webhook.source(),
+                delivery = webhook.delivery().unwrap_or(""),
+                route = %job.route,
+                target = %job.target,
+                job_id = %job.id,
+                error = %reason,
+                "job is dead at once: its request cannot be built"
+            );
+        }
+    }
+}

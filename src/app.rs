@@ -1,0 +1,81 @@
+//! The running relay's shared state: the config in force, the store, the
+//! clock, the metrics, the send slots, and the signals between tasks.
+//!
+//! The accept path, dispatch, the admin API and payload URLs each take what
+//! they need from here; nothing in it decides anything. Built once by
+//! `daemon::run`; a reload swaps the config and nothing else.
+
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sends::Sends;
+use crate::store::Store;
+
+/// What the accept path, dispatch and admin share.
+#[derive(Debug)]
+pub struct App {
+    /// The current config; a reload swaps in a new one, and each request or
+    /// send keeps the one it started with.
+    config: RwLock<Arc<Config>>,
+    pub store: Arc<dyn Store>,
+    /// Wakes the dispatcher: new jobs were committed or a send finished.
+    wake: Notify,
+    /// Every time decision (due times, leases, retention) reads this clock.
+    clock: Clock,
+    pub metrics: Metrics,
+    /// The HTTP client, send slots and in-flight sends, shared by dispatch
+    /// and ingress.
+    pub sends: Sends,
+    /// Cancelled when shutdown begins: nothing new is handed to a send then.
+    pub shutdown: CancellationToken,
+}
+
+impl App {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+    ) -> Result<App, reqwest::Error> {
+        Ok(App {
+            config: RwLock::new(config),
+            store,
+            wake: Notify::new(),
+            clock: Clock::new(),
+            metrics: Metrics::new(),
+            sends: Sends::new()?,
+            shutdown,
+        })
+    }
+
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace_config(&self, config: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut guard) => *guard = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
+    pub fn wake_dispatch(&self) {
+        self.wake.notify_one();
+    }
+
+    pub async fn dispatch_wakeup(&self) {
+        self.wake.notified().await;
+    }
+}

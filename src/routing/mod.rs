@@ -1,0 +1,212 @@
+//! Routing: the routes compiled once from `[[routes]]`, evaluated for each
+//! event of a verified webhook into the jobs to queue, each with its
+//! target's request rendered.
+//!
+//! Evaluation is pure: it reads the event and the compiled config and
+//! renders each target's request, but never stores, sends or logs. Every
+//! route yields a [`Verdict`] naming the first predicate that failed, which
+//! `relay explain` prints and the accept path logs. The loop guard's
+//! stateless rules screen each event first.
+
+mod context;
+mod route;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use serde_json::json;
+use uuid::Uuid;
+
+pub use context::context;
+pub use route::{Route, Verdict};
+
+use crate::event::Event;
+use crate::guard::{self, Dropped, JobLimits, LoopGuard};
+use crate::ingress::{Source, Webhook};
+use crate::payload::PayloadUrls;
+use crate::request::PreparedRequest;
+use crate::targets::{RenderInput, Target};
+use crate::template::Templates;
+
+/// What routing reads of the config: the routes, the targets they name, the
+/// templates both compiled into, the loop guard, and payload URL settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Router<'a> {
+    pub routes: &'a [Route],
+    pub targets: &'a BTreeMap<String, Target>,
+    pub templates: &'a Templates,
+    pub loop_guard: &'a LoopGuard,
+    pub payload_urls: Option<&'a PayloadUrls>,
+}
+
+/// One job to queue: a route's target, with its request rendered.
+#[derive(Debug)]
+pub struct PlannedJob {
+    pub id: Uuid,
+    /// Which of the webhook's events it is for.
+    pub event_index: usize,
+    pub route: String,
+    pub target: String,
+    /// The request without credentials, or why it cannot be built (the job
+    /// is then dead at once, with that reason).
+    pub request: Result<PreparedRequest, String>,
+    pub limits: JobLimits,
+}
+
+/// An event a guard rule kept from routing.
+#[derive(Debug)]
+pub struct EventDrop {
+    pub event_index: usize,
+    pub dropped: Dropped,
+}
+
+/// Everything routing decided for one webhook.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub jobs: Vec<PlannedJob>,
+    pub dropped: Vec<EventDrop>,
+    /// Every route's verdict for every event, for `relay explain`.
+    pub trace: Vec<(usize, String, Verdict)>,
+}
+
+impl Plan {
+    /// The names of the routes that produced jobs, in config order, once each.
+    pub fn route_names(&self) -> Vec<&str> {
+        let mut seen = BTreeSet::new();
+        self.jobs
+            .iter()
+            .filter(|j| seen.insert(j.route.as_str()))
+            .map(|j| j.route.as_str())
+            .collect()
+    }
+
+    /// Jobs that are dead on arrival, with the reason.
+    pub fn rejected_json(&self) -> serde_json::Value {
+        self.jobs
+            .iter()
+            .filter_map(|j| {
+                j.request
+                    .as_ref()
+                    .err()
+                    .map(|reason| json!({ "route": j.route, "target": j.target, "reason": reason }))
+            })
+            .collect()
+    }
+}
+
+/// Evaluates every route for every event and renders the requests to queue.
+/// `now` dates what rendering needs dated (payload URLs' expiry).
+pub fn plan(
+    router: &Router<'_>,
+    source: &Source,
+    webhook: &Webhook,
+    events: &[Event],
+    now: SystemTime,
+) -> Plan {
+    let mut plan = Plan::default();
+    let origin = guard::Origin {
+        source: &source.name,
+        ignore_pushers: &source.ignore_pushers,
+        pipelines_routed: router.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
+        request_hop: webhook.hop(),
+    };
+    for (index, event) in events.iter().enumerate() {
+        let hop = guard::hop(router.loop_guard, &origin, event);
+        if let Some(dropped) = guard::screen(router.loop_guard, &origin, event, hop) {
+            plan.dropped.push(EventDrop {
+                event_index: index,
+                dropped,
+            });
+            continue;
+        }
+        let ctx = context(event, webhook, hop);
+        // Two routes sending one event to the same target would trigger it
+        // twice with the same request; the first route wins.
+        let mut targeted: BTreeSet<&str> = BTreeSet::new();
+        for route in router.routes {
+            let verdict = route.evaluate(router.templates, &source.name, event, &ctx);
+            let matched = verdict == Verdict::Match;
+            plan.trace.push((index, route.name.clone(), verdict));
+            if !matched {
+                continue;
+            }
+            for target_name in &route.to {
+                if !targeted.insert(target_name.as_str()) {
+                    continue;
+                }
+                let Some(target) = router.targets.get(target_name) else {
+                    continue;
+                };
+                let input = RenderInput {
+                    templates: router.templates,
+                    payload_urls: router.payload_urls,
+                    hop_variable: &router.loop_guard.hop_variable,
+                    webhook,
+                    event,
+                    ctx: &ctx,
+                    hop,
+                    now,
+                };
+                let request = target.render(&input).map_err(|e| e.to_string());
+                plan.jobs.push(PlannedJob {
+                    id: Uuid::now_v7(),
+                    event_index: index,
+                    route: route.name.clone(),
+                    target: target_name.clone(),
+                    request,
+                    limits: JobLimits::for_trigger(router.loop_guard, target.burst, event),
+                });
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::event::Files;
+
+    /// The commits' file lists are read exactly when something reads
+    /// `paths`: a route's filter, a `when`, or a target's template.
+    #[test]
+    fn files_are_read_only_for_a_config_that_reads_paths() {
+        let files = |route: &str, target: &str| {
+            let text = format!(
+                r#"
+[server]
+listen = ["127.0.0.1:0"]
+
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "s"
+
+[[routes]]
+name = "r"
+to = ["ci"]
+{route}
+
+[targets.ci]
+kind = "circleci"
+project = "gh/acme/api"
+token = "t"
+dry_run = true
+{target}
+"#
+            );
+            Config::from_toml(&text).unwrap().files()
+        };
+        assert_eq!(files("", ""), Files::Skip);
+        assert_eq!(
+            files("branches = [\"main\"]", "parameters = { sha = \"{{ sha }}\" }"),
+            Files::Skip
+        );
+        assert_eq!(files("paths = [\"docs/**\"]", ""), Files::Read);
+        assert_eq!(files("when = \"paths | length > 0\"", ""), Files::Read);
+        assert_eq!(
+            files("", "parameters = { changed = \"{{ paths | join(',') }}\" }"),
+            Files::Read
+        );
+    }
+}
