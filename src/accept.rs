@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::clock::stopwatch;
+use crate::clock::{stopwatch, wall_time};
 use crate::config::Config;
 use crate::dispatch::{self, Reservation};
 use crate::event::Event;
@@ -110,7 +110,8 @@ async fn accept(
         max_body: config.server.max_body,
         timeout: config.server.request_timeout,
     };
-    let webhook = source.read(&parts, body, peer.ip(), limits, app.now()).await?;
+    // A signature's timestamp is the sender's wall clock: compare it with ours.
+    let webhook = source.read(&parts, body, peer.ip(), limits, wall_time()).await?;
     let events = match source
         .parse(&webhook, config.files())
         .map_err(IngressError::from)?

@@ -1,9 +1,12 @@
 //! Time: the one place relay reads a clock.
 //!
-//! Every time decision (due times, leases, retention, payload URL expiry,
-//! signature timestamps) reads [`Clock::now`], and every duration that is
-//! measured starts at [`stopwatch`]. Both follow tokio's clock, so tests that
-//! pause it move them. Nothing else calls `SystemTime::now` or `Instant::now`
+//! Every decision on relay's own schedule (due times, leases, retention,
+//! payload URL expiry) reads [`Clock::now`], and every duration that is
+//! measured starts at [`stopwatch`]; both follow tokio's clock, so tests that
+//! pause it move them. A time another host wrote (a signature's timestamp)
+//! is compared with [`wall_time`], the system clock as it stands, since
+//! `Clock::now` keeps the offset it started with when the system clock is
+//! stepped. Nothing else calls `SystemTime::now` or `Instant::now`
 //! (clippy.toml's `disallowed-methods` keeps it so).
 
 use std::time::SystemTime;
@@ -44,8 +47,8 @@ pub fn stopwatch() -> tokio::time::Instant {
     tokio::time::Instant::now()
 }
 
-/// The system's wall-clock time, for the CLI's one-shot commands, which run
-/// no daemon and keep no [`Clock`].
+/// The system's wall-clock time as it stands: to compare with a time another
+/// host wrote, and for the CLI's one-shot commands, which keep no [`Clock`].
 #[allow(clippy::disallowed_methods)]
 pub fn wall_time() -> SystemTime {
     SystemTime::now()

@@ -57,6 +57,10 @@ fn start_relays(dir: &Path, n: usize, target: &MockServer, url: &str, delivery: 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn two_relays_on_one_database_send_every_job_exactly_once() {
     let Some(db) = postgres_database("two_relays_on_one_database_send_every_job_exactly_once").await else {
         return;
@@ -98,6 +102,10 @@ async fn two_relays_on_one_database_send_every_job_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn sigkill_one_of_two_relays_mid_load_and_the_other_finishes_its_jobs() {
     let Some(db) =
         postgres_database("sigkill_one_of_two_relays_mid_load_and_the_other_finishes_its_jobs").await
@@ -171,6 +179,10 @@ async fn sigkill_one_of_two_relays_mid_load_and_the_other_finishes_its_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn a_relay_stopped_past_its_lease_cannot_record_the_job_another_relay_took() {
     let Some(db) =
         postgres_database("a_relay_stopped_past_its_lease_cannot_record_the_job_another_relay_took").await
@@ -293,6 +305,10 @@ impl Drop for OwnCluster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn a_database_restart_during_load_costs_503s_and_no_webhook() {
     // The shared test server stays up for the other tests; this one
     // restarts a server of its own.
@@ -435,6 +451,10 @@ impl Silence {
 /// timeout instead of hanging, readiness says so, and once it answers again
 /// relay carries on by itself and loses nothing it acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn a_database_that_goes_silent_costs_503s_in_time_and_no_webhook() {
     let Some(db) = postgres_database("a_database_that_goes_silent_costs_503s_in_time_and_no_webhook").await
     else {
@@ -573,6 +593,10 @@ payload_parameter = "payload_url"
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays() {
     let Some(db) = postgres_database("delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays").await
     else {
@@ -653,6 +677,10 @@ async fn delivery_ids_the_loop_guard_and_payload_urls_hold_across_relays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
 async fn tls_to_the_database_checks_its_certificate() {
     if postgres_database("tls_to_the_database_checks_its_certificate")
         .await

@@ -98,6 +98,10 @@ macro_rules! cases {
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(
+                    not(relay_postgres_tests),
+                    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+                )]
                 async fn $case() {
                     if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($case))).await {
                         super::$case(fixture).await;
@@ -106,6 +110,10 @@ macro_rules! cases {
             )*
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                #[cfg_attr(
+                    not(relay_postgres_tests),
+                    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+                )]
                 async fn $pg_case() {
                     if let Some(fixture) = super::Fixture::postgres(concat!(module_path!(), "::", stringify!($pg_case))).await {
                         super::$pg_case(fixture).await;
