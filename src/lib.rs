@@ -4,36 +4,36 @@
 //! The data flow, module by module (ARCHITECTURE.md has the whole map):
 //!
 //! - [`server`]: listeners and HTTP serving; hands each request to the service the daemon gives it.
-//! - [`accept`]: the webhook's use case: verify, plan, reserve, commit, hand over, answer.
+//! - `accept`: the webhook's use case: verify, plan, reserve, commit, hand over, answer.
 //! - [`ingress`]: per provider, verify the raw bytes, then parse into events.
 //! - [`event`]: the normalized [`event::Event`].
 //! - [`guard`]: the loop guard's rules, which keep an event or a trigger from going out;
-//!   [`loops`]: the static trigger graph and its cycles, for `relay check`.
+//!   `loops`: the static trigger graph and its cycles, for `relay check`.
 //! - [`routing`]: routes compiled once, evaluated per event into jobs; the template context.
 //! - [`template`]: the one template and expression engine.
 //! - [`targets`]: per CI kind, the request a job sends and the exchange that sends it;
 //!   [`request`]: that request as stored, without credentials.
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
-//! - [`dispatch`]: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
+//! - `dispatch`: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
 //! - [`payload`]: signed, expiring URLs from which CI jobs fetch a webhook body.
-//! - [`admin`]: health, readiness, metrics ([`metrics`]) and the jobs API.
+//! - `admin`: health, readiness, metrics (`metrics`) and the jobs API.
 //! - [`config`]: `relay.toml`, validated and compiled; [`secret`]: secrets; [`signature`]: keyed hashes.
-//! - [`app`]: the running relay's shared state; [`daemon`]: `run`, which ties it together;
-//!   [`clock`]: the one clock; [`web`]: response bodies; [`cli`]: what the commands print.
+//! - `app`: the running relay's shared state; [`daemon`]: `run`, which ties it together;
+//!   `clock`: the one clock; `web`: response bodies; [`cli`]: what the commands print.
 
-pub mod accept;
-pub mod admin;
-pub mod app;
+pub(crate) mod accept;
+pub(crate) mod admin;
+pub(crate) mod app;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
 pub mod daemon;
-pub mod dispatch;
+pub(crate) mod dispatch;
 pub mod event;
 pub mod guard;
 pub mod ingress;
-pub mod loops;
-pub mod metrics;
+pub(crate) mod loops;
+pub(crate) mod metrics;
 pub mod payload;
 pub mod request;
 pub mod routing;
@@ -44,4 +44,4 @@ pub mod signature;
 pub mod store;
 pub mod targets;
 pub mod template;
-pub mod web;
+pub(crate) mod web;

@@ -47,14 +47,6 @@ impl Reservation {
     pub fn lease(&self, job: &Uuid) -> Option<Lease> {
         self.slots.get(job).map(|(lease, _)| *lease)
     }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
 }
 
 /// Takes a send slot for each job (`(id, target)`) whose target has one free
