@@ -143,8 +143,12 @@ async fn accept(
             app.metrics.commit_took(started.elapsed());
             if let Ok(Ingested::Accepted { held_back, leased }) = &ingested {
                 // Jobs that found no slot wait in the queue for the dispatcher.
-                let sendable = plan.jobs.iter().filter(|j| j.request.is_ok()).count();
-                let queued = sendable > leased.len() + held_back.len();
+                let stored = plan
+                    .jobs
+                    .iter()
+                    .filter(|j| j.request.is_ok() && !held_back.iter().any(|h| h.job_id == j.id))
+                    .count();
+                let queued = stored > leased.len();
                 dispatch::hand_over(&app, leased.clone(), reservation);
                 if queued {
                     app.wake_dispatch();
