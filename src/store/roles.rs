@@ -4,8 +4,9 @@
 //! for retention. [`Store`] is all three, so an `Arc<dyn Store>` serves
 //! every caller; a caller brings into scope the role whose methods it calls.
 //!
-//! What this module must never do: hold code. A trait here states what a
-//! backend promises; both backends keep those promises in their own folder.
+//! What this module must never do: hold a backend's code. A trait here
+//! states what a backend promises; each backend keeps those promises in its
+//! own folder.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};

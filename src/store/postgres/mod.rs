@@ -4,9 +4,11 @@
 //! Everything a relay decides with the queue's clock (is a job due, has a
 //! lease run out, is a dedupe key or a burst window still open) is decided
 //! with the database's `now()`, never the host's: relays on different hosts
-//! share these rows, and their clocks need not agree. The trait hands in the
-//! caller's times; each is translated by its offset from the caller's own
-//! `now`, and times handed back are translated the other way.
+//! share these rows, and their clocks need not agree. The role traits hand
+//! in the caller's times; each is translated by its offset from the
+//! caller's own `now`, and the times the queue hands back (the next
+//! wake-up, the oldest due job) are translated the other way. The views of
+//! jobs, attempts and events show the database's own timestamps.
 //!
 //! What this module must never do: trust the host clock for a queue
 //! decision; hold a row lock across an HTTP call (a claim is one short

@@ -6,8 +6,9 @@
 //!
 //! What this module must never do: decide with the host's clock (the
 //! database's `now()` decides; the caller's times arrive as offsets), hold
-//! a row lock beyond one short statement or the ingest transaction, or
-//! decide a loop-guard rule's order or wording (the guard does).
+//! a lock beyond its own statement or transaction (never across an HTTP
+//! call: completion is fenced by the claim id), or decide a loop-guard
+//! rule's order or wording (the guard does).
 
 use std::time::{Duration, SystemTime};
 

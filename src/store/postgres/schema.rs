@@ -3,8 +3,8 @@
 //! database's version for `relay check`.
 //!
 //! What this module must never do: edit a released migration (add one),
-//! migrate outside the one transaction that holds the lock, or read a row
-//! of relay's data.
+//! migrate outside the one transaction that holds the lock, or touch
+//! relay's rows (it reads and writes `relay_schema` alone).
 
 use deadpool_postgres::Object;
 use tokio_postgres::Client;

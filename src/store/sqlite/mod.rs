@@ -9,18 +9,19 @@
 //! Claims, renewals and attempt records are answered once committed and put
 //! on disk within `MAX_UNSYNCED` (see [`Durability`]); event bodies are stored
 //! LZ4-compressed where that pays. A lock file keeps a second relay off the
-//! same database. Times come from the caller; the store reads no clock of its
-//! own.
+//! same database. Times come from the caller: the store decides nothing by a
+//! clock of its own (the writer's clock only times its own syncs).
 //!
 //! The folder, by concern: `schema` (migrations, connection settings, the
 //! lock file), `writer` (the group commit and its durability), `codec`
 //! (body packing), `queue` (the delivery path's SQL), `views` (what a
-//! person reads, the manual retries, retention). This file opens the store
-//! and wires the role traits to them.
+//! person reads, the manual retries, retention). This file opens the store,
+//! says how a column reads (ids as text, times as milliseconds) and wires
+//! the role traits to the rest.
 //!
 //! What this module must never do: answer a caller before its work is
 //! committed (and, for what a sender or a person is told, synced), let a
-//! second relay use the same file, or read a clock.
+//! second relay use the same file, or decide by a clock of its own.
 
 mod codec;
 mod queue;

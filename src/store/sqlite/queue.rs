@@ -3,10 +3,11 @@
 //! leases, the next wake-up, the readiness write, and putting back what a
 //! previous run left in flight.
 //!
-//! What this module must never do: read a clock (every time comes from the
-//! caller), commit or begin a transaction (the writer batches these
-//! functions), or decide a loop-guard rule's order or wording (the guard
-//! does; this only counts and takes keys).
+//! What this module must never do: decide by a clock of its own (every time
+//! it stores or compares comes from the caller), begin or commit a
+//! transaction (the writer batches these functions), or decide a loop-guard
+//! rule's order or wording (the guard does; this only counts and takes
+//! keys).
 
 use std::time::{Duration, SystemTime};
 

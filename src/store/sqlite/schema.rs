@@ -4,9 +4,9 @@
 //! database.
 //!
 //! What this module must never do: edit a released migration (add one), or
-//! read or write a row of relay's data. A migration runs in its own
-//! transaction, with foreign keys off, so rebuilding a table cascades
-//! nothing away.
+//! touch relay's rows beyond what a migration carries over as it is. A
+//! migration runs in its own transaction, with foreign keys off, so
+//! rebuilding a table cascades nothing away.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -3,8 +3,9 @@
 //! event's body; the manual retries; and retention's purge. The rows'
 //! meaning is `store::rows`'; this only reads the columns.
 //!
-//! What this module must never do: read a clock (times come from the
-//! caller), or requeue a job that is not dead or has no request.
+//! What this module must never do: decide by a clock of its own (times come
+//! from the caller), begin or commit a transaction (the writer batches
+//! these functions), or requeue a job that is not dead or has no request.
 
 use std::time::SystemTime;
 
