@@ -838,7 +838,7 @@ async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String>
 async fn fill_backlog(db: &Path, circle: std::net::SocketAddr) -> Result<(), String> {
     use relay::guard::JobLimits;
     use relay::request::{Auth, PreparedRequest, RequestBody};
-    use relay::store::{NewEvent, NewJob, SqliteStore, Store};
+    use relay::store::{NewEvent, NewJob, Queue, SqliteStore};
     let store = SqliteStore::open(db).map_err(|e| e.to_string())?;
     let body = Bytes::from_static(br#"{"ref":"refs/heads/main"}"#);
     let mut pending = Vec::new();

@@ -1,5 +1,8 @@
-//! The durable queue, behind one trait: events as received, the jobs they
-//! produced, and every attempt to send them.
+//! The durable queue: events as received, the jobs they produced, and every
+//! attempt to send them, behind three role traits (`roles.rs`: the queue,
+//! what a person inspects, maintenance) and two backends, each a folder of
+//! its own (`sqlite/`, `postgres/`: schema, writer or connections, queue
+//! SQL, read views). What a stored row means is written once (`rows.rs`).
 //!
 //! The only module that touches the database. The accept path commits an
 //! event and its jobs in one transaction before answering (jobs with a send
@@ -8,20 +11,24 @@
 //! still holds. No credential is ever written: jobs hold prepared requests.
 
 mod postgres;
+mod roles;
+mod rows;
 mod sqlite;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
 use uuid::Uuid;
 
 pub use postgres::PostgresStore;
-pub use sqlite::{MAX_BATCH, SqliteStore};
+pub use roles::{Inspect, Maintain, Queue, Store};
+#[cfg(feature = "bench")]
+pub use sqlite::MAX_BATCH;
+pub use sqlite::SqliteStore;
 
 use crate::config::{StoreLocation, StoreSettings};
 use crate::guard::{Dropped, JobLimits, Trigger};
@@ -239,7 +246,7 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub fn parse(text: &str) -> Option<JobState> {
+    pub(crate) fn parse(text: &str) -> Option<JobState> {
         [
             JobState::Queued,
             JobState::InFlight,
@@ -361,89 +368,6 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
     s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
 }
 
-#[async_trait]
-pub trait Store: Send + Sync + fmt::Debug {
-    /// Commits the event and all its jobs in one transaction, durably, or
-    /// reports the delivery id as already accepted.
-    async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError>;
-
-    /// Leases up to `limit` jobs of one target that are due at `now` (queued
-    /// and due, or whose lease expired) for `lease`.
-    async fn claim(
-        &self,
-        target: &str,
-        limit: usize,
-        lease: Duration,
-        now: SystemTime,
-    ) -> Result<Vec<ClaimedJob>, StoreError>;
-
-    /// Records an attempt and moves the job on, if `claim` still holds.
-    /// `Ok(false)`: the claim was lost (the lease expired and another worker
-    /// took the job); nothing was written. `now` is when it is written, on
-    /// the clock of the completion's times: later than `completion.at` when
-    /// the store was away for a while.
-    async fn complete(&self, completion: Completion, now: SystemTime) -> Result<bool, StoreError>;
-
-    /// Extends the lease of a job being sent to `lease` from `now`, if
-    /// `claim` still holds. `Ok(false)`: the claim was lost (another worker
-    /// took the job); nothing was written.
-    async fn renew(
-        &self,
-        job: Uuid,
-        claim: Uuid,
-        lease: Duration,
-        now: SystemTime,
-    ) -> Result<bool, StoreError>;
-
-    /// The next moment a job becomes due or a lease expires, on the
-    /// caller's clock (whose reading is `now`).
-    async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError>;
-
-    /// Completes when work may have arrived from elsewhere: another relay
-    /// queued a job on a shared store. A store only this process writes
-    /// never completes it; the dispatcher also polls, so a missed signal
-    /// costs latency, never a job.
-    async fn work_arrived(&self) {
-        std::future::pending::<()>().await;
-    }
-
-    /// Whether the store answers and can write.
-    async fn ping(&self, now: SystemTime) -> Result<(), StoreError>;
-
-    /// Jobs, most recently changed first.
-    async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError>;
-
-    /// One job, its stored request (JSON, no credentials) and every attempt.
-    async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError>;
-
-    /// Accepted webhooks, newest first.
-    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError>;
-
-    /// Queues a dead job again with a fresh attempt budget.
-    async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError>;
-
-    /// Queues again every dead job of `target` that died between `since`
-    /// and `until`; returns how many.
-    async fn requeue_dead(
-        &self,
-        target: &str,
-        since: SystemTime,
-        until: SystemTime,
-        now: SystemTime,
-    ) -> Result<u64, StoreError>;
-
-    /// Deletes up to `limit` events received before `before` whose jobs are
-    /// all finished, with their jobs, attempts and drops, and forgets dedupe
-    /// keys expired at `now`; returns how many events.
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
-
-    /// Jobs by state and the oldest job due at `now`.
-    async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError>;
-
-    /// The body and content type of an event, as received (payload URLs).
-    async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
-}
-
 /// Opens the store the config names, bringing its schema up to date.
 pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
     match &settings.location {
@@ -468,15 +392,4 @@ pub async fn schema_status(settings: &StoreSettings) -> Result<SchemaStatus, Sto
         StoreLocation::Sqlite(path) => sqlite::schema_status(path),
         StoreLocation::Postgres(pg) => postgres::schema_status(pg).await,
     }
-}
-
-/// Milliseconds since the Unix epoch, the store's time unit.
-pub fn to_millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-pub fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }

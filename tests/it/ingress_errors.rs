@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use relay::store::{
-    ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent, Requeued, Store,
-    StoreError,
+    ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
+    Queue, Requeued, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -462,7 +462,7 @@ async fn unknown_paths_and_other_methods() {
 struct FullDisk;
 
 #[async_trait]
-impl Store for FullDisk {
+impl Queue for FullDisk {
     async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
         Err(full())
     }
@@ -487,6 +487,13 @@ impl Store for FullDisk {
     async fn ping(&self, _: SystemTime) -> Result<(), StoreError> {
         Err(full())
     }
+    async fn event_body(&self, _: Uuid) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
+        Err(full())
+    }
+}
+
+#[async_trait]
+impl Inspect for FullDisk {
     async fn jobs(&self, _: JobFilter) -> Result<Vec<JobView>, StoreError> {
         Err(full())
     }
@@ -508,13 +515,14 @@ impl Store for FullDisk {
     ) -> Result<u64, StoreError> {
         Err(full())
     }
-    async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
-        Err(full())
-    }
     async fn queue_stats(&self, _: SystemTime) -> Result<relay::store::QueueStats, StoreError> {
         Err(full())
     }
-    async fn event_body(&self, _: Uuid) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
+}
+
+#[async_trait]
+impl Maintain for FullDisk {
+    async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
         Err(full())
     }
 }

@@ -1,0 +1,458 @@
+//! The queue's SQL on PostgreSQL: committing a webhook with the loop
+//! guard's store-side checks (under per-target advisory locks), claiming
+//! due jobs with `SKIP LOCKED`, recording attempts fenced by the claim id,
+//! renewing leases, the next wake-up and the readiness write; and the
+//! `NOTIFY` that tells every relay of new work.
+//!
+//! What this module must never do: decide with the host's clock (the
+//! database's `now()` decides; the caller's times arrive as offsets), hold
+//! a lock beyond its own statement or transaction (never across an HTTP
+//! call: completion is fenced by the claim id), or decide a loop-guard
+//! rule's order or wording (the guard does).
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::connect::{OPERATION_TIMEOUT, within};
+use super::{PostgresStore, col, micros, offset, unavailable};
+use crate::guard::{Check, Dropped};
+use crate::store::rows;
+use crate::store::{
+    ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
+};
+
+/// The first key of the per-target burst locks ("rly" in ASCII); the second
+/// is a hash of the target's name.
+const TARGET_LOCK_CLASS: i32 = 0x72_6c79;
+
+pub(super) async fn ingest(store: &PostgresStore, event: NewEvent) -> Result<Ingested, StoreError> {
+    // No deadline of its own: the accept path bounds the wait for every
+    // store alike (`accept::SENDERS_DEADLINE`), and lets the commit run on.
+    async {
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        let insert_event = tx
+            .prepare_cached(
+                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
+                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7, $8, $9)
+                 ON CONFLICT (source, delivery) DO NOTHING
+                 RETURNING id",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let inserted = tx
+            .query_opt(
+                &insert_event,
+                &[
+                    &event.id,
+                    &event.source,
+                    &event.delivery,
+                    &event.hook,
+                    &event.content_type,
+                    &&event.body[..],
+                    &event.payload.as_deref(),
+                    &i64::from(event.hop),
+                    &event.summary,
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if inserted.is_none() {
+            // Another relay may have committed this delivery a moment ago:
+            // the unique key decided, and its event id is the answer.
+            let original = tx
+                .query_one(
+                    "SELECT id FROM events WHERE source = $1 AND delivery = $2",
+                    &[&event.source, &event.delivery],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+            return Ok(Ingested::Duplicate(col(&original, 0)?));
+        }
+        for drop in &event.drops {
+            insert_drop(&tx, event.id, drop).await?;
+        }
+        // The burst count is only right if no other relay is adding jobs for
+        // the target meanwhile: a per-target lock, held to the commit. All
+        // are taken up front, in key order (unnest keeps the array's), so
+        // two ingests for the same targets queue rather than deadlock.
+        // Dedupe needs no lock of its own: its row decides.
+        let mut locks: Vec<i32> = event
+            .jobs
+            .iter()
+            .filter(|job| job.limits.burst.is_some())
+            .map(|job| target_lock(&job.target))
+            .collect();
+        locks.sort_unstable();
+        locks.dedup();
+        if !locks.is_empty() {
+            let lock = tx
+                .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
+                .await
+                .map_err(|e| unavailable(&e))?;
+            tx.execute(&lock, &[&TARGET_LOCK_CLASS, &locks])
+                .await
+                .map_err(|e| unavailable(&e))?;
+        }
+        let insert_job = tx
+            .prepare_cached(
+                "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
+                                   claim_id, lease_until, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8,
+                         $9, now() + $10::int8 * interval '1 microsecond', now(), now())",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut held_back = Vec::new();
+        let mut leased = Vec::new();
+        let mut queued = false;
+        for job in &event.jobs {
+            if let Some(drop) = hold_back(&tx, job).await? {
+                insert_drop(&tx, event.id, &drop).await?;
+                held_back.push(HeldBack {
+                    job_id: job.id,
+                    dropped: drop,
+                });
+                continue;
+            }
+            let JobRow {
+                state,
+                request,
+                needs_payload,
+                error,
+            } = job.row()?;
+            queued |= state == JobState::Queued;
+            tx.execute(
+                &insert_job,
+                &[
+                    &job.id,
+                    &event.id,
+                    &job.route,
+                    &job.target,
+                    &state.as_str(),
+                    &request,
+                    &needs_payload,
+                    &error,
+                    &job.lease.map(|l| l.claim),
+                    &job.lease.map(|l| offset(l.until, event.received_at)),
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+            leased.extend(job.leased(&event));
+        }
+        if queued {
+            notify(&tx).await?;
+        }
+        tx.commit().await.map_err(|e| unavailable(&e))?;
+        Ok(Ingested::Accepted { held_back, leased })
+    }
+    .await
+}
+
+pub(super) async fn claim(
+    store: &PostgresStore,
+    target: &str,
+    limit: usize,
+    lease: Duration,
+    _now: SystemTime,
+) -> Result<Vec<ClaimedJob>, StoreError> {
+    within("claim", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        // One statement, so one short transaction: expired leases first (a
+        // worker died holding them), then due jobs, each walking its own
+        // partial index in order. Rows another relay is claiming right now
+        // are skipped, not waited for.
+        let stmt = client
+            .prepare_cached(
+                "WITH expired AS (
+                     SELECT id FROM jobs
+                     WHERE target = $1 AND state = 'in_flight' AND lease_until <= now()
+                     ORDER BY lease_until LIMIT $2
+                     FOR UPDATE SKIP LOCKED
+                 ), due AS (
+                     SELECT id FROM jobs
+                     WHERE target = $1 AND state = 'queued' AND due_at <= now()
+                     ORDER BY due_at LIMIT $2 - (SELECT count(*) FROM expired)
+                     FOR UPDATE SKIP LOCKED
+                 ), claimed AS (
+                     UPDATE jobs SET state = 'in_flight', claim_id = $3,
+                         lease_until = now() + $4::int8 * interval '1 microsecond', updated_at = now()
+                     WHERE id IN (SELECT id FROM expired UNION ALL SELECT id FROM due)
+                     RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload
+                 )
+                 SELECT c.id, c.event_id, c.route, c.target, c.attempts, c.maybe_attempts, c.request,
+                        CASE WHEN c.needs_payload THEN COALESCE(e.payload, e.body) END
+                 FROM claimed c JOIN events e ON e.id = c.event_id",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let claim = Uuid::now_v7();
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &target,
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                    &claim,
+                    &micros(lease),
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut job = rows::claimed_job(row, claim)?;
+            job.payload = col::<Option<Vec<u8>>>(row, 7)?.map(Bytes::from);
+            jobs.push(job);
+        }
+        Ok(jobs)
+    })
+    .await
+}
+
+pub(super) async fn complete(
+    store: &PostgresStore,
+    c: Completion,
+    now: SystemTime,
+) -> Result<bool, StoreError> {
+    within("complete", OPERATION_TIMEOUT, async {
+        let mut client = store.client().await?;
+        // Times are translated from the moment of writing, not from `c.at`:
+        // a completion recorded late (the database was away) keeps the
+        // attempt's real start, and a retry's backoff counts from the
+        // attempt's end.
+        let written_at = now;
+        let (state, due_in, maybe, error) = match &c.next {
+            NextState::Done => (JobState::Done, 0, 0, None),
+            NextState::Retry {
+                due_at,
+                maybe_delivered,
+            } => (
+                JobState::Queued,
+                offset(*due_at, written_at),
+                i32::from(*maybe_delivered),
+                Some(c.attempt.excerpt.as_str()),
+            ),
+            NextState::Dead { reason } => (JobState::Dead, 0, 0, Some(reason.as_str())),
+        };
+        // The attempt is written only where the claim still holds: a stale
+        // worker's completion matches no row and so records nothing.
+        // Attempts are numbered across manual retries, which reset the job's
+        // own counter.
+        const COMPLETE: &str = "WITH moved AS (
+                 UPDATE jobs SET state = $1, attempts = attempts + 1, maybe_attempts = maybe_attempts + $2,
+                     due_at = now() + $3::int8 * interval '1 microsecond', claim_id = NULL,
+                     lease_until = NULL, last_error = $4, updated_at = now()
+                 WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
+                 RETURNING id
+             )
+             INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
+             SELECT moved.id,
+                    (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE job_id = moved.id),
+                    now() + $7::int8 * interval '1 microsecond', $8, $9, $10, $11
+             FROM moved";
+        let state_name = state.as_str();
+        let started = offset(c.attempt.started_at, written_at);
+        let duration_ms = micros(c.attempt.duration) / 1000;
+        let status = c.attempt.status.map(i32::from);
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &state_name,
+            &maybe,
+            &due_in,
+            &error,
+            &c.job_id,
+            &c.claim,
+            &started,
+            &duration_ms,
+            &status,
+            &c.attempt.outcome,
+            &c.attempt.excerpt,
+        ];
+        if state != JobState::Queued {
+            // One statement is its own transaction: no BEGIN and COMMIT
+            // round trips on the busiest path.
+            let stmt = client
+                .prepare_cached(COMPLETE)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let recorded = client
+                .execute(&stmt, &params)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            return Ok(recorded > 0);
+        }
+        // A retry is news for every relay's dispatcher once it commits.
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        let stmt = tx.prepare_cached(COMPLETE).await.map_err(|e| unavailable(&e))?;
+        if tx.execute(&stmt, &params).await.map_err(|e| unavailable(&e))? == 0 {
+            return Ok(false);
+        }
+        notify(&tx).await?;
+        tx.commit().await.map_err(|e| unavailable(&e))?;
+        Ok(true)
+    })
+    .await
+}
+
+pub(super) async fn renew(
+    store: &PostgresStore,
+    job: Uuid,
+    claim: Uuid,
+    lease: Duration,
+    _now: SystemTime,
+) -> Result<bool, StoreError> {
+    within("renew", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE jobs SET lease_until = now() + $3::int8 * interval '1 microsecond'
+                 WHERE id = $1 AND claim_id = $2 AND state = 'in_flight'",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let renewed = client
+            .execute(&stmt, &[&job, &claim, &micros(lease)])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(renewed > 0)
+    })
+    .await
+}
+
+pub(super) async fn next_wakeup(
+    store: &PostgresStore,
+    now: SystemTime,
+) -> Result<Option<SystemTime>, StoreError> {
+    within("next_wakeup", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
+                              (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
+                        now()",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+        let next: Option<SystemTime> = col(&row, 0)?;
+        let db_now: SystemTime = col(&row, 1)?;
+        // Past-due reads as "now": the caller sleeps on the difference.
+        Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
+    })
+    .await
+}
+
+pub(super) async fn ping(store: &PostgresStore, _now: SystemTime) -> Result<(), StoreError> {
+    within("ping", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        // A write, not a SELECT 1: a read-only standby or a full disk must
+        // count as not ready.
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('ping', now()::text)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        client
+            .execute(&stmt, &[])
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(&e))
+    })
+    .await
+}
+
+/// The loop guard's store-side checks, in the guard's order and relative
+/// to the database's `now()`; `Some` when one holds the job back.
+/// The caller holds the target's advisory lock when a burst limit is set,
+/// so the count cannot race another relay's ingest for the same target.
+async fn hold_back(
+    tx: &deadpool_postgres::Transaction<'_>,
+    job: &NewJob,
+) -> Result<Option<Dropped>, StoreError> {
+    let trigger = job.trigger();
+    for check in job.limits.checks() {
+        let held = match check {
+            Check::Burst { limit, per } => {
+                let stmt = tx
+                    .prepare_cached(
+                        "SELECT count(*) FROM (
+                             SELECT 1 FROM jobs
+                             WHERE target = $1 AND created_at > now() - $2::int8 * interval '1 microsecond'
+                             LIMIT $3) recent",
+                    )
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let row = tx
+                    .query_one(&stmt, &[&job.target, &micros(per), &i64::from(limit)])
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                trigger.burst(col(&row, 0)?, limit, per)
+            }
+            Check::Dedupe { key, window } => {
+                // The row lock of ON CONFLICT makes a second relay wait for
+                // the first's verdict.
+                let stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO dedupe (target, key, expires_at)
+                         VALUES ($1, $2, now() + $3::int8 * interval '1 microsecond')
+                         ON CONFLICT (target, key) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                         WHERE dedupe.expires_at <= now()",
+                    )
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                let taken = tx
+                    .execute(&stmt, &[&job.target, &key, &micros(window)])
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                trigger.dedupe(taken > 0, window)
+            }
+        };
+        if held.is_some() {
+            return Ok(held);
+        }
+    }
+    Ok(None)
+}
+
+async fn insert_drop(
+    tx: &deadpool_postgres::Transaction<'_>,
+    event: Uuid,
+    drop: &Dropped,
+) -> Result<(), StoreError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO drops (event_id, route, target, rule, reason) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    tx.execute(
+        &stmt,
+        &[&event, &drop.route, &drop.target, &drop.rule, &drop.reason],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| unavailable(&e))
+}
+
+/// Wakes every relay's dispatcher when this transaction commits (and not if
+/// it rolls back).
+pub(super) async fn notify(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    tx.batch_execute("NOTIFY relay_jobs")
+        .await
+        .map_err(|e| unavailable(&e))
+}
+
+/// The advisory lock key of a target's burst count. FNV-1a, because the
+/// key must be the same in every relay build on every host.
+fn target_lock(target: &str) -> i32 {
+    let hash = target.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}

@@ -1,0 +1,299 @@
+//! What a person reads and asks for, in PostgreSQL's SQL: jobs, one job
+//! with its attempts, events with their drops, the queue's statistics and
+//! an event's body; the manual retries; and retention's purge. The rows'
+//! meaning is `store::rows`'; this only reads the columns.
+//!
+//! What this module must never do: decide with the host's clock (times are
+//! offsets from the database's `now()`), or queue a job twice when relays
+//! retry it at once (the update's own condition decides).
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::connect::{ADMIN_TIMEOUT, OPERATION_TIMEOUT, within};
+use super::queue::notify;
+use super::{PostgresStore, col, offset, on_caller_clock, unavailable};
+use crate::store::rows;
+use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
+
+pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
+    within("jobs", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
+                        request IS NOT NULL
+                 FROM jobs
+                 WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR target = $2)
+                   AND ($3::uuid IS NULL OR event_id = $3)
+                 ORDER BY updated_at DESC, id DESC
+                 LIMIT $4",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        client
+            .query(
+                &stmt,
+                &[
+                    &filter.state.map(JobState::as_str),
+                    &filter.target,
+                    &filter.event,
+                    &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(rows::job_view)
+            .collect()
+    })
+    .await
+}
+
+pub(super) async fn job(store: &PostgresStore, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
+    within("job", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
+                        request IS NOT NULL, request
+                 FROM jobs WHERE id = $1",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&id])
+            .await
+            .map_err(|e| unavailable(&e))?
+        else {
+            return Ok(None);
+        };
+        let view = rows::job_view(&row)?;
+        let request: Option<String> = col(&row, 11)?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT number, started_at, duration_ms, status, outcome, excerpt
+                 FROM attempts WHERE job_id = $1 ORDER BY number",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let history = client
+            .query(&stmt, &[&id])
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(rows::attempt_view)
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Some(rows::job_detail(view, request, history)))
+    })
+    .await
+}
+
+pub(super) async fn events(store: &PostgresStore, limit: usize) -> Result<Vec<EventView>, StoreError> {
+    within("events", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+                        c.jobs, c.pending, c.done, c.dead
+                 FROM (SELECT * FROM events ORDER BY received_at DESC, id DESC LIMIT $1) e
+                 CROSS JOIN LATERAL (
+                     SELECT count(*) AS jobs,
+                            count(*) FILTER (WHERE state IN ('queued', 'in_flight')) AS pending,
+                            count(*) FILTER (WHERE state = 'done') AS done,
+                            count(*) FILTER (WHERE state = 'dead') AS dead
+                     FROM jobs WHERE event_id = e.id) c
+                 ORDER BY e.received_at DESC, e.id DESC",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let rows = client
+            .query(&stmt, &[&i64::try_from(limit).unwrap_or(i64::MAX)])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = col(row, 0)?;
+            ids.push(id);
+            events.push(rows::event_view(row)?);
+        }
+        if ids.is_empty() {
+            return Ok(events);
+        }
+        let stmt = client
+            .prepare_cached(
+                "SELECT event_id, route, target, rule, reason FROM drops WHERE event_id = ANY($1) ORDER BY id",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        for row in client.query(&stmt, &[&ids]).await.map_err(|e| unavailable(&e))? {
+            let event_id: Uuid = col(&row, 0)?;
+            if let Some(index) = ids.iter().position(|id| *id == event_id) {
+                events[index].dropped.push(rows::dropped(&row, 1)?);
+            }
+        }
+        Ok(events)
+    })
+    .await
+}
+
+pub(super) async fn requeue(
+    store: &PostgresStore,
+    id: Uuid,
+    _now: SystemTime,
+) -> Result<Requeued, StoreError> {
+    within("requeue", ADMIN_TIMEOUT, async {
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        // Try first, explain after: the update's own condition decides, so
+        // a requeue racing another relay's cannot queue a job twice.
+        let requeued = requeue_where(&tx, "id = $1", &[&id]).await?;
+        if requeued > 0 {
+            notify(&tx).await?;
+            tx.commit().await.map_err(|e| unavailable(&e))?;
+            return Ok(Requeued::Requeued);
+        }
+        let found = tx
+            .query_opt(
+                "SELECT state, request IS NOT NULL FROM jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(row) = found else {
+            return Ok(Requeued::NotFound);
+        };
+        // Not requeued: not dead, or dead without a request.
+        Ok(rows::not_requeued(&col::<String>(&row, 0)?))
+    })
+    .await
+}
+
+pub(super) async fn requeue_dead(
+    store: &PostgresStore,
+    target: &str,
+    since: SystemTime,
+    until: SystemTime,
+    now: SystemTime,
+) -> Result<u64, StoreError> {
+    within("requeue_dead", ADMIN_TIMEOUT, async {
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        let requeued = requeue_where(
+            &tx,
+            "target = $1 AND updated_at >= now() + $2::int8 * interval '1 microsecond'
+                 AND updated_at <= now() + $3::int8 * interval '1 microsecond'",
+            &[&target, &offset(since, now), &offset(until, now)],
+        )
+        .await?;
+        if requeued > 0 {
+            notify(&tx).await?;
+            tx.commit().await.map_err(|e| unavailable(&e))?;
+        }
+        Ok(requeued)
+    })
+    .await
+}
+
+pub(super) async fn purge(
+    store: &PostgresStore,
+    before: SystemTime,
+    now: SystemTime,
+    limit: usize,
+) -> Result<u64, StoreError> {
+    within("purge", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        client.execute(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM events WHERE id IN (
+                     SELECT id FROM events e
+                     WHERE e.received_at < now() + $1::int8 * interval '1 microsecond'
+                       AND NOT EXISTS (SELECT 1 FROM jobs j
+                                       WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
+                     LIMIT $2)",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        client
+            .execute(
+                &stmt,
+                &[&offset(before, now), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await
+            .map_err(|e| unavailable(&e))
+    })
+    .await
+}
+
+pub(super) async fn queue_stats(store: &PostgresStore, now: SystemTime) -> Result<QueueStats, StoreError> {
+    within("queue_stats", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut counts = Vec::new();
+        for row in client.query(&stmt, &[]).await.map_err(|e| unavailable(&e))? {
+            counts.push((col::<String>(&row, 0)?, col::<i64>(&row, 1)?));
+        }
+        let stmt = client
+            .prepare_cached("SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND due_at <= now()")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+        let oldest: Option<SystemTime> = col(&row, 0)?;
+        let db_now: SystemTime = col(&row, 1)?;
+        Ok(rows::queue_stats(
+            counts,
+            oldest.map(|t| on_caller_clock(t, db_now, now)),
+        ))
+    })
+    .await
+}
+
+pub(super) async fn event_body(
+    store: &PostgresStore,
+    id: Uuid,
+) -> Result<Option<(String, Bytes)>, StoreError> {
+    within("event_body", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT content_type, body FROM events WHERE id = $1")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&id])
+            .await
+            .map_err(|e| unavailable(&e))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((col(&row, 0)?, Bytes::from(col::<Vec<u8>>(&row, 1)?))))
+    })
+    .await
+}
+
+/// Puts dead jobs matching `condition` (whose parameters start at $1) back in
+/// the queue with a fresh attempt budget; their history stays.
+pub(super) async fn requeue_where(
+    tx: &deadpool_postgres::Transaction<'_>,
+    condition: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', attempts = 0, maybe_attempts = 0, due_at = now(), updated_at = now(),
+             last_error = NULL
+         WHERE state = 'dead' AND request IS NOT NULL AND {condition}"
+    );
+    let stmt = tx.prepare_cached(&sql).await.map_err(|e| unavailable(&e))?;
+    tx.execute(&stmt, params).await.map_err(|e| unavailable(&e))
+}

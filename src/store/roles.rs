@@ -1,0 +1,126 @@
+//! The store's contract, split by who uses it: [`Queue`] for the accept
+//! path and the dispatcher, [`Inspect`] for what a person reads (the admin
+//! API, the CLI, metrics) and the retries a person asks for, [`Maintain`]
+//! for retention. [`Store`] is all three, so an `Arc<dyn Store>` serves
+//! every caller; a caller brings into scope the role whose methods it calls.
+//!
+//! What this module must never do: hold a backend's code. A trait here
+//! states what a backend promises; each backend keeps those promises in its
+//! own folder.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::{
+    ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent, QueueStats,
+    Requeued, StoreError,
+};
+
+/// The queue itself: what the accept path and the dispatcher need to take
+/// webhooks in and send their jobs, on the delivery path's deadlines.
+#[async_trait]
+pub trait Queue: Send + Sync + fmt::Debug {
+    /// Commits the event and all its jobs in one transaction, durably, or
+    /// reports the delivery id as already accepted.
+    async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError>;
+
+    /// Leases up to `limit` jobs of one target that are due at `now` (queued
+    /// and due, or whose lease expired) for `lease`.
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<ClaimedJob>, StoreError>;
+
+    /// Records an attempt and moves the job on, if `claim` still holds.
+    /// `Ok(false)`: the claim was lost (the lease expired and another worker
+    /// took the job); nothing was written. `now` is when it is written, on
+    /// the clock of the completion's times: later than `completion.at` when
+    /// the store was away for a while.
+    async fn complete(&self, completion: Completion, now: SystemTime) -> Result<bool, StoreError>;
+
+    /// Extends the lease of a job being sent to `lease` from `now`, if
+    /// `claim` still holds. `Ok(false)`: the claim was lost (another worker
+    /// took the job); nothing was written.
+    async fn renew(
+        &self,
+        job: Uuid,
+        claim: Uuid,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError>;
+
+    /// The next moment a job becomes due or a lease expires, on the
+    /// caller's clock (whose reading is `now`).
+    async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Completes when work may have arrived from elsewhere: another relay
+    /// queued a job on a shared store. A store only this process writes
+    /// never completes it; the dispatcher also polls, so a missed signal
+    /// costs latency, never a job.
+    async fn work_arrived(&self) {
+        std::future::pending::<()>().await;
+    }
+
+    /// Whether the store answers and can write.
+    async fn ping(&self, now: SystemTime) -> Result<(), StoreError>;
+
+    /// The body and content type of an event, as received (payload URLs).
+    async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
+}
+
+/// What a person reads (jobs, their attempts, events, the queue's counts)
+/// and the retries a person asks for, through the admin API, the CLI or
+/// metrics. Nothing here is on the delivery path: a backend may give these
+/// a longer deadline than the queue's.
+#[async_trait]
+pub trait Inspect: Send + Sync + fmt::Debug {
+    /// Jobs, most recently changed first.
+    async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError>;
+
+    /// One job, its stored request (JSON, no credentials) and every attempt.
+    async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError>;
+
+    /// Accepted webhooks, newest first.
+    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError>;
+
+    /// Jobs by state and the oldest job due at `now`.
+    async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError>;
+
+    /// Queues a dead job again with a fresh attempt budget: a person's
+    /// manual retry.
+    async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError>;
+
+    /// Queues again every dead job of `target` that died between `since`
+    /// and `until`; returns how many. A person's manual retry, in bulk.
+    async fn requeue_dead(
+        &self,
+        target: &str,
+        since: SystemTime,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64, StoreError>;
+}
+
+/// Keeping the store in shape over time: retention. (Migrations are not a
+/// method: they run in [`super::open`], before a store exists, and
+/// [`super::schema_status`] reads a schema's version without opening it.)
+#[async_trait]
+pub trait Maintain: Send + Sync + fmt::Debug {
+    /// Deletes up to `limit` events received before `before` whose jobs are
+    /// all finished, with their jobs, attempts and drops, and forgets dedupe
+    /// keys expired at `now`; returns how many events.
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
+}
+
+/// Every role at once: what [`super::open`] hands the daemon, which gives
+/// each part of relay the store it needs.
+pub trait Store: Queue + Inspect + Maintain {}
+
+impl<T: Queue + Inspect + Maintain + ?Sized> Store for T {}

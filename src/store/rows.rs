@@ -1,0 +1,165 @@
+//! What a stored row means, written once for both backends: a job, an
+//! attempt, an event and its drops, a claimed job, the queue's statistics
+//! and why a manual retry was refused are assembled here from columns, and
+//! each backend only says how it reads a column of each kind ([`Columns`]).
+//!
+//! What this module must never do: run a query or know a backend's types
+//! (SQLite's integers for times, PostgreSQL's uuids). The column order it
+//! reads is the order the backends' SELECTs list, so a change to one of
+//! those lists changes its assembly here in the same commit.
+
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use super::{
+    AttemptView, ClaimedJob, EventView, JobDetail, JobState, JobView, QueueStats, Requeued, StoreError,
+};
+use crate::guard::Dropped;
+use crate::request::PreparedRequest;
+
+/// One result row, read column by column by kind. Each backend converts
+/// (and reports a surprise) as it always has; only the assembly is shared.
+pub(super) trait Columns {
+    /// An id column (SQLite's text, PostgreSQL's uuid), as an id.
+    fn uuid(&self, index: usize) -> Result<Uuid, StoreError>;
+    /// An id column, as text.
+    fn id(&self, index: usize) -> Result<String, StoreError>;
+    fn text(&self, index: usize) -> Result<String, StoreError>;
+    fn maybe_text(&self, index: usize) -> Result<Option<String>, StoreError>;
+    /// A stored integer column (`attempts`, an attempt's `number`).
+    fn number(&self, index: usize) -> Result<u32, StoreError>;
+    /// A count the query computed (`COUNT`, `SUM`).
+    fn count(&self, index: usize) -> Result<u32, StoreError>;
+    /// A stored length of time, in milliseconds.
+    fn millis(&self, index: usize) -> Result<u64, StoreError>;
+    /// An HTTP status column.
+    fn status(&self, index: usize) -> Result<Option<u16>, StoreError>;
+    /// A time column.
+    fn time(&self, index: usize) -> Result<SystemTime, StoreError>;
+    fn flag(&self, index: usize) -> Result<bool, StoreError>;
+}
+
+/// A job from the columns `id, event_id, route, target, state, attempts,
+/// last_error, created_at, updated_at, due_at, request IS NOT NULL`.
+pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
+    Ok(JobView {
+        id: row.id(0)?,
+        event_id: row.id(1)?,
+        route: row.text(2)?,
+        target: row.text(3)?,
+        state: JobState::parse(&row.text(4)?).unwrap_or(JobState::Dead),
+        attempts: row.number(5)?,
+        last_error: row.maybe_text(6)?,
+        created_at: row.time(7)?,
+        updated_at: row.time(8)?,
+        due_at: row.time(9)?,
+        retryable: row.flag(10)?,
+    })
+}
+
+/// A job with its stored request (JSON; unreadable JSON shows as none) and
+/// its attempts.
+pub(super) fn job_detail(job: JobView, request: Option<String>, history: Vec<AttemptView>) -> JobDetail {
+    JobDetail {
+        job,
+        request: request.and_then(|r| serde_json::from_str(&r).ok()),
+        history,
+    }
+}
+
+/// An attempt from the columns `number, started_at, duration_ms, status,
+/// outcome, excerpt`.
+pub(super) fn attempt_view(row: &impl Columns) -> Result<AttemptView, StoreError> {
+    Ok(AttemptView {
+        number: row.number(0)?,
+        started_at: row.time(1)?,
+        duration_ms: row.millis(2)?,
+        status: row.status(3)?,
+        outcome: row.text(4)?,
+        excerpt: row.text(5)?,
+    })
+}
+
+/// An event from the columns `id, source, delivery, hook, received_at,
+/// summary, jobs, pending, done, dead`, its drops still to be read.
+pub(super) fn event_view(row: &impl Columns) -> Result<EventView, StoreError> {
+    Ok(EventView {
+        id: row.id(0)?,
+        source: row.text(1)?,
+        delivery: row.maybe_text(2)?,
+        hook: row.text(3)?,
+        received_at: row.time(4)?,
+        summary: serde_json::from_str(&row.text(5)?).unwrap_or_default(),
+        jobs: row.count(6)?,
+        pending: row.count(7)?,
+        done: row.count(8)?,
+        dead: row.count(9)?,
+        dropped: Vec::new(),
+    })
+}
+
+/// A drop from the columns `route, target, rule, reason`, from `first` on.
+pub(super) fn dropped(row: &impl Columns, first: usize) -> Result<Dropped, StoreError> {
+    Ok(Dropped {
+        route: row.maybe_text(first)?,
+        target: row.maybe_text(first + 1)?,
+        rule: row.text(first + 2)?,
+        reason: row.text(first + 3)?,
+    })
+}
+
+/// A job just leased under `claim`, from the columns `id, event_id, route,
+/// target, attempts, maybe_attempts, request`; its payload is the
+/// backend's to add.
+pub(super) fn claimed_job(row: &impl Columns, claim: Uuid) -> Result<ClaimedJob, StoreError> {
+    let id = row.uuid(0)?;
+    let request: PreparedRequest = row
+        .maybe_text(6)?
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
+        .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
+    Ok(ClaimedJob {
+        id,
+        event_id: row.uuid(1)?,
+        route: row.text(2)?,
+        target: row.text(3)?,
+        attempts: row.number(4)?,
+        maybe_attempts: row.number(5)?,
+        claim,
+        request,
+        payload: None,
+    })
+}
+
+/// The queue's statistics from the job count of each stored state (every
+/// state is listed, zero included) and the oldest due time.
+pub(super) fn queue_stats(counts: Vec<(String, i64)>, oldest_due: Option<SystemTime>) -> QueueStats {
+    let mut jobs: Vec<(JobState, u64)> = [
+        JobState::Queued,
+        JobState::InFlight,
+        JobState::Done,
+        JobState::Dead,
+    ]
+    .into_iter()
+    .map(|s| (s, 0))
+    .collect();
+    for (state, n) in counts {
+        if let Some(slot) = jobs.iter_mut().find(|(s, _)| s.as_str() == state) {
+            slot.1 = u64::try_from(n).unwrap_or(0);
+        }
+    }
+    QueueStats { jobs, oldest_due }
+}
+
+/// Why a manual retry of a job stored in `state` queued nothing: it is not
+/// dead, or it is dead without a request to send.
+pub(super) fn not_requeued(state: &str) -> Requeued {
+    if state == JobState::Dead.as_str() {
+        Requeued::NoRequest
+    } else {
+        Requeued::NotDead(JobState::parse(state).unwrap_or(JobState::Done))
+    }
+}

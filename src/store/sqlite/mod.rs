@@ -1,0 +1,323 @@
+//! The embedded store: one SQLite file in WAL mode. A webhook's commit is
+//! on disk (`synchronous=FULL`) before its sender hears back.
+//!
+//! One writer task owns the connection. It takes every operation that is
+//! waiting, runs them in one transaction on tokio's blocking pool and commits
+//! once: concurrent webhooks share an fsync, and each caller hears back only
+//! after its own data is durable. Should one operation fail, the batch runs
+//! again with each in its own savepoint, so one failure spoils nothing else.
+//! Claims, renewals and attempt records are answered once committed and put
+//! on disk within `MAX_UNSYNCED` (see [`Durability`]); event bodies are stored
+//! LZ4-compressed where that pays. A lock file keeps a second relay off the
+//! same database. Times come from the caller: the store decides nothing by a
+//! clock of its own (the writer's clock only times its own syncs).
+//!
+//! The folder, by concern: `schema` (migrations, connection settings, the
+//! lock file), `writer` (the group commit and its durability), `codec`
+//! (body packing), `queue` (the delivery path's SQL), `views` (what a
+//! person reads, the manual retries, retention). This file opens the store,
+//! says how a column reads (ids as text, times as milliseconds) and wires
+//! the role traits to the rest.
+//!
+//! What this module must never do: answer a caller before its work is
+//! committed (and, for what a sender or a person is told, synced), let a
+//! second relay use the same file, or decide by a clock of its own.
+
+mod codec;
+mod queue;
+mod schema;
+mod views;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rusqlite::{Connection, Params, Row, Statement};
+use tracing::info;
+use uuid::Uuid;
+
+pub(crate) use schema::schema_status;
+#[cfg(feature = "bench")]
+pub use writer::MAX_BATCH;
+#[cfg(not(feature = "bench"))]
+use writer::MAX_BATCH;
+use writer::{Durability, Writer};
+
+use super::rows::Columns;
+use super::{
+    ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
+    Queue, QueueStats, Requeued, StoreError,
+};
+
+/// The SQLite store. Cheap to share: it is a channel to the writer task.
+#[derive(Debug)]
+pub struct SqliteStore {
+    writer: Writer,
+    /// Held open for the store's life: the OS lock on it is what keeps a
+    /// second relay from dispatching the same jobs.
+    _lock: File,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, takes its lock, and puts any
+    /// job a previous run left in flight back in the queue.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_batched(path, MAX_BATCH)
+    }
+
+    /// As [`SqliteStore::open`], with at most `max_batch` operations per
+    /// transaction; 1 turns group commit off (one fsync per operation), which
+    /// the benchmark uses as its baseline.
+    #[cfg(feature = "bench")]
+    pub fn open_with_batch(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_batched(path, max_batch)
+    }
+
+    fn open_batched(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
+        let open_error = |reason: String| StoreError::Open {
+            path: path.to_owned(),
+            reason,
+        };
+        let lock = schema::lock(path).map_err(open_error)?;
+        let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
+        schema::prepare(&mut conn).map_err(open_error)?;
+        // The lock proves no other process holds these jobs: whatever was in
+        // flight belonged to a run that is gone.
+        let recovered = queue::recover(&conn).map_err(|e| open_error(e.to_string()))?;
+        if recovered > 0 {
+            info!(
+                jobs = recovered,
+                "jobs left in flight by the previous run are queued again"
+            );
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| open_error("the store must be opened inside a tokio runtime".to_owned()))?;
+        Ok(SqliteStore {
+            writer: Writer::spawn(&runtime, conn, max_batch),
+            _lock: lock,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` inside the writer's next batch (see [`Writer::run`]).
+    async fn run<T: Send + 'static>(
+        &self,
+        durability: Durability,
+        work: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.writer.run(durability, work).await
+    }
+}
+
+fn unavailable(e: &rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad id {text:?}: {e}")))
+}
+
+/// Milliseconds since the Unix epoch, SQLite's time unit.
+fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Every row a statement returns, each made by `make`.
+fn collect<T>(
+    stmt: &mut Statement<'_>,
+    params: impl Params,
+    mut make: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut rows = stmt.query(params).map_err(|e| unavailable(&e))?;
+    let mut made = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| unavailable(&e))? {
+        made.push(make(row)?);
+    }
+    Ok(made)
+}
+
+/// SQLite's columns: ids as text, times as milliseconds; a column that
+/// does not read is reported as the database being unavailable.
+impl Columns for Row<'_> {
+    fn uuid(&self, index: usize) -> Result<Uuid, StoreError> {
+        parse_uuid(&self.text(index)?)
+    }
+
+    fn id(&self, index: usize) -> Result<String, StoreError> {
+        self.text(index)
+    }
+
+    fn text(&self, index: usize) -> Result<String, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn maybe_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn number(&self, index: usize) -> Result<u32, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn count(&self, index: usize) -> Result<u32, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn millis(&self, index: usize) -> Result<u64, StoreError> {
+        let ms: i64 = self.get(index).map_err(|e| unavailable(&e))?;
+        Ok(u64::try_from(ms).unwrap_or(0))
+    }
+
+    fn status(&self, index: usize) -> Result<Option<u16>, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn time(&self, index: usize) -> Result<SystemTime, StoreError> {
+        Ok(from_millis(self.get(index).map_err(|e| unavailable(&e))?))
+    }
+
+    fn flag(&self, index: usize) -> Result<bool, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteStore {
+    async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        // Compressed here, on the caller's task: the writer is one thread
+        // for every caller.
+        let packed = codec::pack(&event);
+        self.run(Durability::Synced, move |conn| {
+            queue::ingest(conn, &event, &packed)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<ClaimedJob>, StoreError> {
+        let target = target.to_owned();
+        self.run(Durability::Committed, move |conn| {
+            queue::claim(conn, &target, limit, lease, now)
+        })
+        .await
+    }
+
+    async fn complete(&self, completion: Completion, _now: SystemTime) -> Result<bool, StoreError> {
+        // Times are stored as given, on the caller's clock: nothing to translate.
+        self.run(Durability::Committed, move |conn| {
+            queue::complete(conn, &completion)
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        job: Uuid,
+        claim: Uuid,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        // Losing a renewal to a power cut costs nothing: the process that
+        // held the lease is gone with it.
+        self.run(Durability::Committed, move |conn| {
+            queue::renew(conn, job, claim, now + lease)
+        })
+        .await
+    }
+
+    async fn next_wakeup(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
+        // Stored times were the caller's clock already.
+        self.run(Durability::Committed, queue::next_wakeup).await
+    }
+
+    async fn ping(&self, now: SystemTime) -> Result<(), StoreError> {
+        self.run(Durability::Synced, move |conn| queue::ping(conn, now))
+            .await
+    }
+
+    async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
+        let stored = self
+            .run(Durability::Committed, move |conn| views::event_body(conn, id))
+            .await?;
+        // Decompressed here, off the writer.
+        stored
+            .map(|(content_type, body, codec)| Ok((content_type, codec::Codec::of(codec)?.unpack(body)?)))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl Inspect for SqliteStore {
+    async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
+        self.run(Durability::Committed, move |conn| views::jobs(conn, &filter))
+            .await
+    }
+
+    async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
+        self.run(Durability::Committed, move |conn| views::job(conn, id))
+            .await
+    }
+
+    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
+        self.run(Durability::Committed, move |conn| views::events(conn, limit))
+            .await
+    }
+
+    async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {
+        self.run(Durability::Committed, move |conn| views::queue_stats(conn, now))
+            .await
+    }
+
+    async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
+        self.run(Durability::Synced, move |conn| views::requeue(conn, id, now))
+            .await
+    }
+
+    async fn requeue_dead(
+        &self,
+        target: &str,
+        since: SystemTime,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<u64, StoreError> {
+        let target = target.to_owned();
+        self.run(Durability::Synced, move |conn| {
+            views::requeue_where(
+                conn,
+                "target = ?2 AND updated_at >= ?3 AND updated_at <= ?4",
+                rusqlite::params![to_millis(now), target, to_millis(since), to_millis(until)],
+            )
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Maintain for SqliteStore {
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        self.run(Durability::Synced, move |conn| {
+            views::purge(conn, before, now, limit)
+        })
+        .await
+    }
+}

@@ -1,0 +1,333 @@
+//! The queue's SQL on SQLite: committing a webhook with the loop guard's
+//! store-side checks, claiming due jobs, recording attempts, renewing
+//! leases, the next wake-up, the readiness write, and putting back what a
+//! previous run left in flight.
+//!
+//! What this module must never do: decide by a clock of its own (every time
+//! it stores or compares comes from the caller), begin or commit a
+//! transaction (the writer batches these functions), or decide a loop-guard
+//! rule's order or wording (the guard does; this only counts and takes
+//! keys).
+
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::codec::{Codec, Packed};
+use super::{from_millis, parse_uuid, to_millis, unavailable};
+use crate::guard::{Check, Dropped};
+use crate::store::rows;
+use crate::store::{
+    ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
+};
+
+/// Puts the jobs a previous run left in flight back in the queue; how many.
+/// Only right under the database's lock: it proves no other process holds
+/// them.
+pub(super) fn recover(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute(
+        "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",
+        [],
+    )
+}
+
+pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Result<Ingested, StoreError> {
+    let received = to_millis(event.received_at);
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary, codec)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (source, delivery) DO NOTHING",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                event.id.to_string(),
+                event.source,
+                event.delivery,
+                event.hook,
+                received,
+                event.content_type,
+                &packed.body[..],
+                packed.payload.as_deref(),
+                event.hop,
+                event.summary,
+                packed.codec as i64,
+            ])
+        })
+        .map_err(|e| unavailable(&e))?;
+    if inserted == 0 {
+        let original: String = conn
+            .query_row(
+                "SELECT id FROM events WHERE source = ?1 AND delivery = ?2",
+                params![event.source, event.delivery],
+                |row| row.get(0),
+            )
+            .map_err(|e| unavailable(&e))?;
+        return Ok(Ingested::Duplicate(parse_uuid(&original)?));
+    }
+    for drop in &event.drops {
+        insert_drop(conn, &event.id, drop)?;
+    }
+    let mut insert_job = conn
+        .prepare_cached(
+            "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
+                               claim_id, lease_until, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?8, ?8)",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let mut held_back = Vec::new();
+    let mut leased = Vec::new();
+    for job in &event.jobs {
+        if let Some(drop) = hold_back(conn, job, event.received_at)? {
+            insert_drop(conn, &event.id, &drop)?;
+            held_back.push(HeldBack {
+                job_id: job.id,
+                dropped: drop,
+            });
+            continue;
+        }
+        let JobRow {
+            state,
+            request,
+            needs_payload,
+            error,
+        } = job.row()?;
+        insert_job
+            .execute(params![
+                job.id.to_string(),
+                event.id.to_string(),
+                job.route,
+                job.target,
+                state.as_str(),
+                request,
+                needs_payload,
+                received,
+                error,
+                job.lease.map(|l| l.claim.to_string()),
+                job.lease.map(|l| to_millis(l.until)),
+            ])
+            .map_err(|e| unavailable(&e))?;
+        leased.extend(job.leased(event));
+    }
+    Ok(Ingested::Accepted { held_back, leased })
+}
+
+/// The loop guard's store-side checks, in the guard's order; `Some` when
+/// one holds the job back.
+fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
+    let trigger = job.trigger();
+    for check in job.limits.checks() {
+        let held = match check {
+            Check::Burst { limit, per } => {
+                let recent: i64 = conn
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE target = ?1 AND created_at > ?2 LIMIT ?3)",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_row(
+                            params![
+                                job.target,
+                                to_millis(now.checked_sub(per).unwrap_or(now)),
+                                i64::from(limit)
+                            ],
+                            |r| r.get(0),
+                        )
+                    })
+                    .map_err(|e| unavailable(&e))?;
+                trigger.burst(recent, limit, per)
+            }
+            Check::Dedupe { key, window } => {
+                let taken = conn
+                    .prepare_cached(
+                        "INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (target, key) DO UPDATE SET expires_at = excluded.expires_at
+                         WHERE dedupe.expires_at <= ?4",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![job.target, key, to_millis(now + window), to_millis(now)])
+                    })
+                    .map_err(|e| unavailable(&e))?;
+                trigger.dedupe(taken > 0, window)
+            }
+        };
+        if held.is_some() {
+            return Ok(held);
+        }
+    }
+    Ok(None)
+}
+
+fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO drops (event_id, route, target, rule, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            event.to_string(),
+            drop.route,
+            drop.target,
+            drop.rule,
+            drop.reason
+        ])
+    })
+    .map(|_| ())
+    .map_err(|e| unavailable(&e))
+}
+
+pub(super) fn claim(
+    conn: &Connection,
+    target: &str,
+    limit: usize,
+    lease: Duration,
+    now: SystemTime,
+) -> Result<Vec<ClaimedJob>, StoreError> {
+    let claim = Uuid::now_v7();
+    // Expired leases first (a worker died holding them), then due jobs, each
+    // walking its own partial index in order and stopping at the limit.
+    let mut claimed = Vec::new();
+    for sql in [
+        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM jobs
+             WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
+             ORDER BY lease_until LIMIT ?5)
+         RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload",
+        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM jobs
+             WHERE target = ?4 AND state = 'queued' AND due_at <= ?3
+             ORDER BY due_at LIMIT ?5)
+         RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload",
+    ] {
+        let wanted = limit.saturating_sub(claimed.len());
+        if wanted == 0 {
+            break;
+        }
+        let mut stmt = conn.prepare_cached(sql).map_err(|e| unavailable(&e))?;
+        let mut returned = stmt
+            .query(params![
+                claim.to_string(),
+                to_millis(now + lease),
+                to_millis(now),
+                target,
+                i64::try_from(wanted).unwrap_or(i64::MAX)
+            ])
+            .map_err(|e| unavailable(&e))?;
+        while let Some(row) = returned.next().map_err(|e| unavailable(&e))? {
+            let needs_payload: bool = row.get(7).map_err(|e| unavailable(&e))?;
+            claimed.push((rows::claimed_job(row, claim)?, needs_payload));
+        }
+    }
+    let mut payload_of = conn
+        .prepare_cached("SELECT COALESCE(payload, body), codec FROM events WHERE id = ?1")
+        .map_err(|e| unavailable(&e))?;
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for (mut job, needs_payload) in claimed {
+        if needs_payload {
+            job.payload = payload_of
+                .query_row(params![job.event_id.to_string()], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()
+                .map_err(|e| unavailable(&e))?
+                .map(|(stored, codec)| Codec::of(codec)?.unpack(stored))
+                .transpose()?;
+        }
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
+    let now = to_millis(c.at);
+    let (state, due_at, maybe, error) = match &c.next {
+        NextState::Done => (JobState::Done, now, 0, None),
+        NextState::Retry {
+            due_at,
+            maybe_delivered,
+        } => (
+            JobState::Queued,
+            to_millis(*due_at),
+            i64::from(*maybe_delivered),
+            Some(c.attempt.excerpt.as_str()),
+        ),
+        NextState::Dead { reason } => (JobState::Dead, now, 0, Some(reason.as_str())),
+    };
+    let updated = conn
+        .prepare_cached(
+            "UPDATE jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
+                 due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5
+             WHERE id = ?6 AND claim_id = ?7 AND state = 'in_flight'",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                state.as_str(),
+                maybe,
+                due_at,
+                error,
+                now,
+                c.job_id.to_string(),
+                c.claim.to_string()
+            ])
+        })
+        .map_err(|e| unavailable(&e))?;
+    if updated == 0 {
+        return Ok(false);
+    }
+    // Numbered across manual retries, which reset the job's own counter.
+    conn.prepare_cached(
+        "INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
+         VALUES (?1, (SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            c.job_id.to_string(),
+            to_millis(c.attempt.started_at),
+            i64::try_from(c.attempt.duration.as_millis()).unwrap_or(i64::MAX),
+            c.attempt.status,
+            c.attempt.outcome,
+            c.attempt.excerpt,
+        ])
+    })
+    .map_err(|e| unavailable(&e))?;
+    Ok(true)
+}
+
+pub(super) fn next_wakeup(conn: &Connection) -> Result<Option<SystemTime>, StoreError> {
+    conn.prepare_cached(
+        "SELECT MIN(t) FROM (
+             SELECT MIN(due_at) AS t FROM jobs WHERE state = 'queued'
+             UNION ALL
+             SELECT MIN(lease_until) FROM jobs WHERE state = 'in_flight')",
+    )
+    .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, Option<i64>>(0)))
+    .map(|t| t.map(from_millis))
+    .map_err(|e| unavailable(&e))
+}
+
+/// Extends a lease still held by `claim` to `until`; false when it is not.
+pub(super) fn renew(
+    conn: &Connection,
+    job: Uuid,
+    claim: Uuid,
+    until: SystemTime,
+) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND claim_id = ?3 AND state = 'in_flight'",
+    )
+    .and_then(|mut stmt| stmt.execute(params![to_millis(until), job.to_string(), claim.to_string()]))
+    .map(|renewed| renewed > 0)
+    .map_err(|e| unavailable(&e))
+}
+
+/// The readiness probe's write: the store answers and can write.
+pub(super) fn ping(conn: &Connection, now: SystemTime) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('ping', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![to_millis(now).to_string()],
+    )
+    .map(|_| ())
+    .map_err(|e| unavailable(&e))
+}

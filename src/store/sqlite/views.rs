@@ -1,0 +1,180 @@
+//! What a person reads and asks for, in SQLite's SQL: jobs, one job with
+//! its attempts, events with their drops, the queue's statistics and an
+//! event's body; the manual retries; and retention's purge. The rows'
+//! meaning is `store::rows`'; this only reads the columns.
+//!
+//! What this module must never do: decide by a clock of its own (times come
+//! from the caller), begin or commit a transaction (the writer batches
+//! these functions), or requeue a job that is not dead or has no request.
+
+use std::time::SystemTime;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::{collect, to_millis, unavailable};
+use crate::store::rows;
+use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
+
+const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at, request IS NOT NULL";
+
+pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+         WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR target = ?2) AND (?3 IS NULL OR event_id = ?3)
+         ORDER BY updated_at DESC, id DESC
+         LIMIT ?4"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
+    collect(
+        &mut stmt,
+        params![
+            filter.state.map(JobState::as_str),
+            filter.target,
+            filter.event.map(|e| e.to_string()),
+            i64::try_from(filter.limit).unwrap_or(i64::MAX)
+        ],
+        |row| rows::job_view(row),
+    )
+}
+
+pub(super) fn job(conn: &Connection, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS}, request FROM jobs WHERE id = ?1");
+    let mut stmt = conn.prepare(&sql).map_err(|e| unavailable(&e))?;
+    let found = collect(&mut stmt, params![id.to_string()], |row| {
+        Ok((
+            rows::job_view(row)?,
+            row.get::<_, Option<String>>(11).map_err(|e| unavailable(&e))?,
+        ))
+    })?;
+    let Some((view, request)) = found.into_iter().next() else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT number, started_at, duration_ms, status, outcome, excerpt
+             FROM attempts WHERE job_id = ?1 ORDER BY number",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let history = collect(&mut stmt, params![id.to_string()], |row| rows::attempt_view(row))?;
+    Ok(Some(rows::job_detail(view, request, history)))
+}
+
+pub(super) fn events(conn: &Connection, limit: usize) -> Result<Vec<EventView>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+                    COUNT(j.id),
+                    COALESCE(SUM(j.state IN ('queued', 'in_flight')), 0),
+                    COALESCE(SUM(j.state = 'done'), 0),
+                    COALESCE(SUM(j.state = 'dead'), 0)
+             FROM events e LEFT JOIN jobs j ON j.event_id = e.id
+             GROUP BY e.id
+             ORDER BY e.received_at DESC, e.id DESC
+             LIMIT ?1",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let mut events = collect(
+        &mut stmt,
+        params![i64::try_from(limit).unwrap_or(i64::MAX)],
+        |row| rows::event_view(row),
+    )?;
+    let mut drops_of = conn
+        .prepare_cached("SELECT route, target, rule, reason FROM drops WHERE event_id = ?1")
+        .map_err(|e| unavailable(&e))?;
+    for event in &mut events {
+        event.dropped = collect(&mut drops_of, params![event.id], |row| rows::dropped(row, 0))?;
+    }
+    Ok(events)
+}
+
+pub(super) fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
+    let found: Option<(String, bool)> = conn
+        .query_row(
+            "SELECT state, request IS NOT NULL FROM jobs WHERE id = ?1",
+            params![id.to_string()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .map_err(|e| unavailable(&e))?;
+    match found {
+        None => Ok(Requeued::NotFound),
+        Some((state, true)) if state == JobState::Dead.as_str() => {
+            requeue_where(conn, "id = ?2", params![to_millis(now), id.to_string()])?;
+            Ok(Requeued::Requeued)
+        }
+        Some((state, _)) => Ok(rows::not_requeued(&state)),
+    }
+}
+
+/// Puts dead jobs matching `condition` (whose parameters start at ?2) back
+/// in the queue with a fresh attempt budget; their history stays.
+pub(super) fn requeue_where(
+    conn: &Connection,
+    condition: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET state = 'queued', attempts = 0, maybe_attempts = 0, due_at = ?1, updated_at = ?1,
+             last_error = NULL
+         WHERE state = 'dead' AND request IS NOT NULL AND {condition}"
+    );
+    conn.execute(&sql, params)
+        .map(|n| n as u64)
+        .map_err(|e| unavailable(&e))
+}
+
+pub(super) fn purge(
+    conn: &Connection,
+    before: SystemTime,
+    now: SystemTime,
+    limit: usize,
+) -> Result<u64, StoreError> {
+    conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")
+        .and_then(|mut stmt| stmt.execute(params![to_millis(now)]))
+        .map_err(|e| unavailable(&e))?;
+    conn.prepare_cached(
+        "DELETE FROM events WHERE id IN (
+             SELECT id FROM events e
+             WHERE e.received_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
+             LIMIT ?2)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)]))
+    .map(|n| n as u64)
+    .map_err(|e| unavailable(&e))
+}
+
+pub(super) fn queue_stats(conn: &Connection, now: SystemTime) -> Result<QueueStats, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        .map_err(|e| unavailable(&e))?;
+    let counts = collect(&mut stmt, [], |row| {
+        Ok((
+            row.get::<_, String>(0).map_err(|e| unavailable(&e))?,
+            row.get::<_, i64>(1).map_err(|e| unavailable(&e))?,
+        ))
+    })?;
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT MIN(due_at) FROM jobs WHERE state = 'queued' AND due_at <= ?1")
+        .and_then(|mut stmt| stmt.query_row(params![to_millis(now)], |row| row.get(0)))
+        .map_err(|e| unavailable(&e))?;
+    Ok(rows::queue_stats(counts, oldest.map(super::from_millis)))
+}
+
+/// An event's content type and body as stored (packed: see `codec`).
+pub(super) fn event_body(conn: &Connection, id: Uuid) -> Result<Option<(String, Vec<u8>, i64)>, StoreError> {
+    conn.query_row(
+        "SELECT content_type, body, codec FROM events WHERE id = ?1",
+        params![id.to_string()],
+        |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        },
+    )
+    .optional()
+    .map_err(|e| unavailable(&e))
+}

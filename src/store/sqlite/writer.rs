@@ -1,0 +1,487 @@
+//! The group-commit writer: one task owns the connection, gathers every
+//! operation waiting into one transaction on tokio's blocking pool and
+//! commits once, so concurrent webhooks share an fsync. Should one
+//! operation fail, the batch runs again with each in its own savepoint, so
+//! one failure spoils nothing else. Each caller is answered after its own
+//! work is durable ([`Durability::Synced`]) or committed and on disk within
+//! [`MAX_UNSYNCED`] ([`Durability::Committed`]).
+//!
+//! What this module must never do: know what an operation writes (it runs
+//! closures), answer a caller before its batch's fate is known, or leave
+//! committed work unsynced for longer than [`MAX_UNSYNCED`].
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::unavailable;
+use crate::store::StoreError;
+
+/// Operations waiting beyond this are left for the next transaction, which
+/// bounds how long the first caller of a batch waits.
+pub const MAX_BATCH: usize = 512;
+
+/// The writer's queue, as callers see it. Cheap to share: it is a channel
+/// to the writer task.
+#[derive(Debug)]
+pub(super) struct Writer {
+    operations: mpsc::Sender<Operation>,
+}
+
+impl Writer {
+    /// Starts the writer task on `runtime`, with at most `max_batch`
+    /// operations per transaction. It ends, closing the database, when the
+    /// last handle is gone.
+    pub(super) fn spawn(runtime: &tokio::runtime::Handle, conn: Connection, max_batch: usize) -> Writer {
+        let (operations, receiver) = mpsc::channel(4 * MAX_BATCH);
+        runtime.spawn(writer(conn, receiver, max_batch.max(1)));
+        Writer { operations }
+    }
+
+    /// Runs `work` inside the writer's next batch; answers once the batch
+    /// committed (with `durability`) or with the error that stopped it.
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        durability: Durability,
+        work: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            work,
+            durable: durability == Durability::Synced,
+            result: None,
+            reply,
+        };
+        self.operations
+            .send(Box::new(call))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// One operation for the writer, boxed so that every kind of call shares
+/// one queue.
+type Operation = Box<dyn Pending>;
+
+/// An operation waiting in the writer's queue. It may run twice: when one
+/// operation of a batch fails, the whole batch is rolled back and run again
+/// with each operation in its own savepoint, so that one failure spoils
+/// nothing else. (Savepoints around every operation, always, cost a tenth
+/// of ingest's time under load; failures are rare.)
+trait Pending: Send {
+    /// Does the work; false when it failed (its error is kept for the answer).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Whether the caller may be answered only once the work is on disk.
+    fn durable(&self) -> bool;
+    /// Answers the caller once the batch's fate is known (`Some` = it failed).
+    fn answer(self: Box<Self>, batch_error: Option<StoreError>);
+}
+
+/// A closure and the channel its caller waits on.
+struct Call<T, F> {
+    work: F,
+    durable: bool,
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Pending for Call<T, F>
+where
+    T: Send,
+    F: FnMut(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let result = (self.work)(conn);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
+    }
+
+    fn answer(self: Box<Self>, batch_error: Option<StoreError>) {
+        let answer = match (batch_error, self.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(result)) => result,
+            (None, None) => Err(StoreError::Unavailable("the operation did not run".to_owned())),
+        };
+        // A caller that stopped waiting (its client hung up) is no loss:
+        // what was committed stays committed.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// Whether a caller hears back before or after the fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// Answered once the work is on disk: anything a sender or a person
+    /// was told happened.
+    Synced,
+    /// Answered once committed, before the fsync (WAL with
+    /// `synchronous=NORMAL`): lost only with the machine, never with the
+    /// process, and on disk within [`MAX_UNSYNCED`] (the next synced commit,
+    /// or the writer's own sync once idle or once that long has passed).
+    /// Only for records whose loss repeats a send: a claim, a renewal, an
+    /// attempt's outcome.
+    Committed,
+}
+
+/// How long the writer waits, after committing work it has not synced, for
+/// more before it syncs on its own (see [`Durability::Committed`]).
+const IDLE_SYNC: Duration = Duration::from_millis(50);
+
+/// The longest unsynced work waits for a sync while the writer stays busy
+/// with more of the same: the bound on what a power cut can take back.
+const MAX_UNSYNCED: Duration = Duration::from_millis(200);
+
+/// Gathers what is waiting into a batch and runs it on the blocking pool;
+/// operations that arrive meanwhile form the next batch. Ends, closing the
+/// database, when every handle to the store is gone.
+async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
+    // Since when committed pages may be only in the OS's cache.
+    let mut unsynced_since: Option<std::time::Instant> = None;
+    loop {
+        let next = if unsynced_since.is_some() {
+            tokio::time::timeout(IDLE_SYNC, operations.recv()).await
+        } else {
+            Ok(operations.recv().await)
+        };
+        let first = match next {
+            Ok(Some(op)) => op,
+            Ok(None) => break,
+            Err(_idle) => {
+                conn = match on_blocking_pool(conn, sync).await {
+                    Some((conn, synced)) => {
+                        if synced {
+                            unsynced_since = None;
+                        }
+                        conn
+                    }
+                    None => return,
+                };
+                continue;
+            }
+        };
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        take_waiting(&mut operations, &mut batch, max_batch);
+        // Let the tasks about to hand in work do so before the batch runs:
+        // every batch costs the same fsync and page writes however small,
+        // so under load a yield that adds a few operations pays for itself;
+        // when nothing else is ready it costs nothing (this task runs again
+        // at once).
+        while batch.len() < max_batch {
+            let before = batch.len();
+            tokio::task::yield_now().await;
+            take_waiting(&mut operations, &mut batch, max_batch);
+            if batch.len() == before {
+                break;
+            }
+        }
+        let overdue = unsynced_since.is_some_and(|since| since.elapsed() >= MAX_UNSYNCED);
+        let ran = on_blocking_pool(conn, move |conn| {
+            let synced_first = overdue && sync(conn);
+            (synced_first, run_batch(conn, batch))
+        })
+        .await;
+        conn = match ran {
+            Some((conn, (synced_first, committed))) => {
+                if synced_first {
+                    unsynced_since = None;
+                }
+                match committed {
+                    Some(Durability::Synced) => unsynced_since = None,
+                    Some(Durability::Committed) => {
+                        unsynced_since.get_or_insert_with(std::time::Instant::now);
+                    }
+                    None => {}
+                }
+                conn
+            }
+            None => return,
+        };
+    }
+    if unsynced_since.is_some() {
+        let _ = on_blocking_pool(conn, sync).await;
+    }
+}
+
+/// Moves what is waiting in the queue into the batch, up to `max_batch`.
+fn take_waiting(operations: &mut mpsc::Receiver<Operation>, batch: &mut Vec<Operation>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match operations.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs `work` on the connection on tokio's blocking pool and hands the
+/// connection back; `None` when the work panicked (the store is then closed:
+/// the callers of that batch saw their reply channels close).
+async fn on_blocking_pool<T: Send + 'static>(
+    mut conn: Connection,
+    work: impl FnOnce(&mut Connection) -> T + Send + 'static,
+) -> Option<(Connection, T)> {
+    match tokio::task::spawn_blocking(move || {
+        let out = work(&mut conn);
+        (conn, out)
+    })
+    .await
+    {
+        Ok(back) => Some(back),
+        Err(e) => {
+            error!(error = %e, "store: the writer failed; the store is closed");
+            None
+        }
+    }
+}
+
+/// Puts committed pages on disk: a checkpoint syncs the WAL first, in any
+/// `synchronous` mode. False if it could not.
+fn sync(conn: &mut Connection) -> bool {
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "store: cannot sync the write-ahead log; will try again");
+            false
+        }
+    }
+}
+
+/// Runs a batch in one transaction and answers every caller; returns how
+/// the batch was committed, or `None` if nothing was.
+fn run_batch(conn: &mut Connection, mut batch: Vec<Operation>) -> Option<Durability> {
+    let durability = if batch.iter().any(|op| op.durable()) {
+        Durability::Synced
+    } else {
+        Durability::Committed
+    };
+    // BEGIN, SAVEPOINT, RELEASE and COMMIT all run as cached statements:
+    // parsed once, not once per batch and operation.
+    let began = set_synchronous(conn, durability).and_then(|()| run_cached(conn, "BEGIN IMMEDIATE"));
+    if let Err(e) = began {
+        error!(error = %e, "store: cannot begin a transaction");
+        for op in batch {
+            op.answer(Some(unavailable(&e)));
+        }
+        return None;
+    }
+    if !batch.iter_mut().all(|op| op.run(conn)) {
+        // Something failed: undo the whole batch and run it again with each
+        // operation isolated, so only the failing ones are refused.
+        rollback(conn);
+        return run_isolated(conn, batch, durability);
+    }
+    commit(conn, batch, durability)
+}
+
+/// The slow path: every operation in its own savepoint.
+fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durability) -> Option<Durability> {
+    if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
+        error!(error = %e, "store: cannot begin a transaction");
+        for op in batch {
+            op.answer(Some(unavailable(&e)));
+        }
+        return None;
+    }
+    let mut finished = Vec::with_capacity(batch.len());
+    for mut op in batch {
+        if let Err(e) = run_cached(conn, "SAVEPOINT op") {
+            op.answer(Some(unavailable(&e)));
+            continue;
+        }
+        let keep = op.run(conn);
+        let closed = if keep {
+            run_cached(conn, "RELEASE op")
+        } else {
+            run_cached(conn, "ROLLBACK TO op").and_then(|()| run_cached(conn, "RELEASE op"))
+        };
+        match closed {
+            Ok(()) => finished.push(op),
+            Err(e) => op.answer(Some(unavailable(&e))),
+        }
+    }
+    commit(conn, finished, durability)
+}
+
+/// Commits and answers: each operation with its own result, or all with
+/// the commit's error.
+fn commit(conn: &mut Connection, batch: Vec<Operation>, durability: Durability) -> Option<Durability> {
+    match run_cached(conn, "COMMIT") {
+        Ok(()) => {
+            for op in batch {
+                op.answer(None);
+            }
+            Some(durability)
+        }
+        Err(e) => {
+            error!(error = %e, "store: commit failed; the batch was rolled back");
+            rollback(conn);
+            for op in batch {
+                op.answer(Some(unavailable(&e)));
+            }
+            None
+        }
+    }
+}
+
+fn rollback(conn: &Connection) {
+    // SQLite may have rolled back already (a full disk, an I/O error).
+    if !conn.is_autocommit() {
+        let _ = run_cached(conn, "ROLLBACK");
+    }
+}
+
+/// `synchronous=FULL` makes a commit fsync the WAL; `NORMAL` leaves that to
+/// the next synced commit or checkpoint.
+fn set_synchronous(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    run_cached(
+        conn,
+        match durability {
+            Durability::Synced => "PRAGMA synchronous = FULL",
+            Durability::Committed => "PRAGMA synchronous = NORMAL",
+        },
+    )
+}
+
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rusqlite::params;
+
+    use super::*;
+    use crate::store::SqliteStore;
+
+    /// Operations queued while the writer is busy share the next batch;
+    /// one that fails leaves no trace and spoils none of the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_operation_spoils_nothing_else_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("relay.db")).unwrap());
+        let write = |key: String| {
+            move |conn: &Connection| {
+                conn.execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", params![key])
+                    .map_err(|e| unavailable(&e))
+            }
+        };
+        // Holds the writer, so the calls below queue up into one batch.
+        let busy = store.run(Durability::Synced, |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        });
+        let mut calls = Vec::new();
+        for n in 0..6 {
+            let store = store.clone();
+            let key = format!("k{n}");
+            calls.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if n == 3 {
+                    // Writes, then fails: its row must not survive.
+                    store
+                        .run(Durability::Synced, move |conn| {
+                            write(key.clone())(conn)?;
+                            Err::<usize, _>(StoreError::Corrupt("refused on purpose".to_owned()))
+                        })
+                        .await
+                } else {
+                    store.run(Durability::Committed, write(key)).await
+                }
+            }));
+        }
+        busy.await.unwrap();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        for (n, answer) in answers.iter().enumerate() {
+            match (n, answer) {
+                (3, Err(StoreError::Corrupt(reason))) => assert_eq!(reason, "refused on purpose"),
+                (3, other) => panic!("the failing operation answered {other:?}"),
+                (_, Ok(1)) => {}
+                (_, other) => panic!("operation {n} answered {other:?}"),
+            }
+        }
+        let keys = store
+            .run(Durability::Committed, |conn| {
+                let mut stmt = conn
+                    .prepare("SELECT key FROM meta WHERE key LIKE 'k%' ORDER BY key")
+                    .unwrap();
+                let keys = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+                Ok(keys.map(Result::unwrap).collect::<Vec<_>>())
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys, ["k0", "k1", "k2", "k4", "k5"]);
+    }
+
+    /// Whether `marker` has reached the database file itself, which only a
+    /// checkpoint (a sync of the WAL, then a copy) writes to.
+    fn in_main_file(path: &Path, marker: &str) -> bool {
+        std::fs::read(path).is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
+    }
+
+    async fn write_unsynced(store: &SqliteStore, key: String) {
+        store
+            .run(Durability::Committed, move |conn| {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, 'x') ON CONFLICT (key) DO NOTHING",
+                    params![key],
+                )
+                .map_err(|e| unavailable(&e))
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Work answered before its fsync is put on disk by the writer once it
+    /// has nothing else to do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsynced_work_is_synced_once_the_writer_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path).unwrap();
+        write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !in_main_file(&path, "marker-idle-5c1e") {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A writer that never goes idle still syncs unsynced work within
+    /// MAX_UNSYNCED.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsynced_work_is_synced_in_time_under_steady_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path).unwrap();
+        write_unsynced(&store, "marker-busy-0000".to_owned()).await;
+        // A write every 10 ms: never the 50 ms the idle sync waits for.
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while !in_main_file(&path, "marker-busy-0000") {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "never synced while busy"
+            );
+            n += 1;
+            write_unsynced(&store, format!("steady-{n}")).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            n >= 5,
+            "synced after only {n} writes: the test did not keep the writer busy"
+        );
+    }
+}
