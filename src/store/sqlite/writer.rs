@@ -362,9 +362,9 @@ fn disk_time() -> std::time::Instant {
     std::time::Instant::now()
 }
 
-#[cfg(test)]
 // These tests watch the database file in real time.
 #[allow(clippy::disallowed_methods)]
+#[cfg(test)]
 mod tests {
     use std::path::Path;
 
