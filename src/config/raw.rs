@@ -359,6 +359,11 @@ pub struct RawTarget {
     pub forward_payload: Option<bool>,
     pub url: Option<String>,
     pub sign: Option<RawSign>,
+    /// A `circleci` target's pipeline definition: present, relay posts to
+    /// `pipeline/run` (the only endpoint GitHub App projects accept).
+    pub definition_id: Option<String>,
+    /// With `definition_id`: the ref CircleCI reads its config from.
+    pub config: Option<RawRef>,
 }
 
 impl RawTarget {
@@ -386,8 +391,18 @@ impl RawTarget {
         note(self.forward_payload.is_some(), "forward_payload");
         note(self.url.is_some(), "url");
         note(self.sign.is_some(), "sign");
+        note(self.definition_id.is_some(), "definition_id");
+        note(self.config.is_some(), "config");
         keys
     }
+}
+
+/// `config = { branch = "…" }` or `{ tag = "…" }`: a ref, one or the other.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRef {
+    pub branch: Option<String>,
+    pub tag: Option<String>,
 }
 
 /// `sign = { secret, header, algorithm, prefix }` on an `http` target.

@@ -1,5 +1,12 @@
-//! CircleCI API v2: `POST {base_url}/api/v2/project/{slug}/pipeline` with a
-//! `Circle-Token` header and `{branch | tag, parameters}`.
+//! CircleCI API v2, two endpoints, both with a `Circle-Token` header:
+//! - `POST {base_url}/api/v2/project/{slug}/pipeline` with `{branch | tag,
+//!   parameters}`, for GitHub OAuth and Bitbucket projects;
+//! - with `definition_id`, `POST …/project/{slug}/pipeline/run` with
+//!   `{definition_id, config: {branch | tag}, checkout: {branch | tag},
+//!   parameters}`, the only one GitHub App projects (`circleci/<org-id>/
+//!   <project-id>`) accept. `checkout` is the ref to build (the target's
+//!   `branch`/`tag`, else the event's); `config` where CircleCI reads its
+//!   config from, the checkout ref unless set.
 //!
 //! CircleCI limits parameters to 100 keys, 128-character names and
 //! 512-character values; a request over them is refused here, at render
@@ -25,6 +32,8 @@ pub const KEYS: &[&str] = &[
     "parameters",
     "hop_parameter",
     "payload_parameter",
+    "definition_id",
+    "config",
 ];
 
 const MAX_PARAMETERS: usize = 100;
@@ -44,6 +53,32 @@ pub struct CircleCi {
     hop_parameter: Option<String>,
     /// Set to a signed URL from which the pipeline fetches the webhook body.
     payload_parameter: Option<String>,
+    /// Present: trigger through `pipeline/run` with this pipeline definition.
+    run: Option<PipelineRun>,
+}
+
+/// What `pipeline/run` needs beyond the legacy endpoint.
+#[derive(Debug)]
+struct PipelineRun {
+    definition_id: uuid::Uuid,
+    /// The ref CircleCI reads `.circleci/config.yml` from; `None`: the checkout ref.
+    config: Option<Ref>,
+}
+
+/// A branch or a tag, templated.
+#[derive(Debug)]
+enum Ref {
+    Branch(TemplateStr),
+    Tag(TemplateStr),
+}
+
+impl Ref {
+    fn render(&self, input: &RenderInput<'_>) -> Result<Value, RenderFailure> {
+        Ok(match self {
+            Ref::Branch(b) => json!({ "branch": input.text(b)? }),
+            Ref::Tag(t) => json!({ "tag": input.text(t)? }),
+        })
+    }
 }
 
 impl CircleCi {
@@ -114,6 +149,7 @@ impl CircleCi {
             }
         }
         let token = super::compile_credential(&format!("{key}.token"), raw.token.as_ref(), dry_run, c);
+        let run = compile_run(key, raw, c);
         Some(CircleCi {
             base_url,
             project: project?,
@@ -123,6 +159,7 @@ impl CircleCi {
             parameters,
             hop_parameter: raw.hop_parameter.clone(),
             payload_parameter: raw.payload_parameter.clone(),
+            run,
         })
     }
 
@@ -135,35 +172,43 @@ impl CircleCi {
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "POST {}/api/v2/project/{}/pipeline",
-            self.base_url,
-            self.project.source()
-        )
+        match &self.run {
+            Some(run) => format!(
+                "POST {}/api/v2/project/{}/pipeline/run (definition {})",
+                self.base_url,
+                self.project.source(),
+                run.definition_id
+            ),
+            None => format!(
+                "POST {}/api/v2/project/{}/pipeline",
+                self.base_url,
+                self.project.source()
+            ),
+        }
     }
 
     pub fn render(&self, input: &RenderInput<'_>) -> Result<PreparedRequest, RenderFailure> {
         let project = input.text(&self.project)?;
+        let checkout = self.checkout(input)?;
         let mut body = Map::new();
-        match (&self.branch, &self.tag) {
-            (Some(branch), _) => {
-                body.insert("branch".into(), json!(input.text(branch)?));
+        let path = match &self.run {
+            Some(run) => {
+                body.insert("definition_id".into(), json!(run.definition_id.to_string()));
+                let config = match &run.config {
+                    Some(config) => config.render(input)?,
+                    None => checkout.clone(),
+                };
+                body.insert("config".into(), config);
+                body.insert("checkout".into(), checkout);
+                "pipeline/run"
             }
-            (None, Some(tag)) => {
-                body.insert("tag".into(), json!(input.text(tag)?));
+            None => {
+                if let Value::Object(fields) = checkout {
+                    body.extend(fields);
+                }
+                "pipeline"
             }
-            (None, None) if !input.event.tag.is_empty() => {
-                body.insert("tag".into(), json!(input.event.tag));
-            }
-            (None, None) if !input.event.branch.is_empty() => {
-                body.insert("branch".into(), json!(input.event.branch));
-            }
-            (None, None) => {
-                return Err(RenderFailure::Missing(
-                    "the event has no branch or tag; set branch or tag on the target".into(),
-                ));
-            }
-        }
+        };
         let mut parameters = Map::new();
         for (name, param) in &self.parameters {
             let value = input.param(param)?;
@@ -182,7 +227,7 @@ impl CircleCi {
             body.insert("parameters".into(), Value::Object(parameters));
         }
         Ok(PreparedRequest {
-            url: format!("{}/api/v2/project/{project}/pipeline", self.base_url),
+            url: format!("{}/api/v2/project/{project}/{path}", self.base_url),
             headers: vec![
                 ("Content-Type".into(), "application/json".into()),
                 ("Accept".into(), "application/json".into()),
@@ -196,6 +241,76 @@ impl CircleCi {
     }
 }
 
+impl CircleCi {
+    /// The ref to build, as `{"branch": …}` or `{"tag": …}`: the target's
+    /// own, else the event's.
+    fn checkout(&self, input: &RenderInput<'_>) -> Result<Value, RenderFailure> {
+        Ok(match (&self.branch, &self.tag) {
+            (Some(branch), _) => json!({ "branch": input.text(branch)? }),
+            (None, Some(tag)) => json!({ "tag": input.text(tag)? }),
+            (None, None) if !input.event.tag.is_empty() => json!({ "tag": input.event.tag }),
+            (None, None) if !input.event.branch.is_empty() => json!({ "branch": input.event.branch }),
+            (None, None) => {
+                return Err(RenderFailure::Missing(
+                    "the event has no branch or tag; set branch or tag on the target".into(),
+                ));
+            }
+        })
+    }
+}
+
+/// `definition_id` (a UUID) and the `config` ref that only `pipeline/run` reads.
+fn compile_run(key: &str, raw: &RawTarget, c: &mut Compiler) -> Option<PipelineRun> {
+    let Some(id) = &raw.definition_id else {
+        if raw.config.is_some() {
+            c.problem(
+                format!("{key}.config"),
+                "is read only by pipeline/run: set definition_id too (Project Settings › Pipelines in CircleCI)",
+            );
+        }
+        return None;
+    };
+    let definition_id = match uuid::Uuid::parse_str(id.trim()) {
+        Ok(uuid) => uuid,
+        Err(_) => {
+            c.problem(
+                format!("{key}.definition_id"),
+                format!(
+                    "{id:?} is not a pipeline definition id: CircleCI shows it as a UUID under Project Settings › Pipelines"
+                ),
+            );
+            return None;
+        }
+    };
+    let config = match &raw.config {
+        None => None,
+        Some(r) => match (&r.branch, &r.tag) {
+            (Some(_), Some(_)) => {
+                c.problem(
+                    format!("{key}.config"),
+                    "takes a branch or a tag, not both: CircleCI reads the config from one ref",
+                );
+                None
+            }
+            (Some(branch), None) => {
+                super::compile_text(&format!("{key}.config.branch"), branch, c).map(Ref::Branch)
+            }
+            (None, Some(tag)) => super::compile_text(&format!("{key}.config.tag"), tag, c).map(Ref::Tag),
+            (None, None) => {
+                c.problem(
+                    format!("{key}.config"),
+                    "names no ref: write { branch = \"…\" } or { tag = \"…\" }",
+                );
+                None
+            }
+        },
+    };
+    Some(PipelineRun {
+        definition_id,
+        config,
+    })
+}
+
 fn check_value(name: &str, value: &Value) -> Result<(), RenderFailure> {
     let chars = match value {
         Value::String(s) => s.chars().count(),
@@ -207,4 +322,93 @@ fn check_value(name: &str, value: &Value) -> Result<(), RenderFailure> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn target(extra: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!(
+            r#"
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "s"
+
+[[routes]]
+name = "r"
+to = ["app"]
+
+[targets.app]
+kind = "circleci"
+project = "circleci/org-id/project-id"
+token = "t"
+dry_run = true
+{extra}
+"#
+        ))
+    }
+
+    /// The target's own problems (a route naming a target that failed to
+    /// compile has one more, at the route).
+    fn problems(extra: &str) -> Vec<(String, String)> {
+        match target(extra) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .into_iter()
+                .filter(|p| p.key.starts_with("targets.app"))
+                .map(|p| (p.key, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn check_names_the_endpoint_each_target_uses() {
+        let config = target("definition_id = \"2338d0ae-5541-4bbf-88a2-55e9f7281f80\"").unwrap();
+        assert_eq!(
+            config.targets["app"].describe(),
+            "circleci POST https://circleci.com/api/v2/project/circleci/org-id/project-id/pipeline/run \
+             (definition 2338d0ae-5541-4bbf-88a2-55e9f7281f80) (dry run)"
+        );
+        let legacy = target("").unwrap();
+        assert_eq!(
+            legacy.targets["app"].describe(),
+            "circleci POST https://circleci.com/api/v2/project/circleci/org-id/project-id/pipeline (dry run)"
+        );
+    }
+
+    #[test]
+    fn a_definition_id_must_be_a_uuid_and_config_needs_one() {
+        let bad = problems("definition_id = \"my-pipeline\"");
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].0, "targets.app.definition_id");
+        assert!(
+            bad[0]
+                .1
+                .starts_with("\"my-pipeline\" is not a pipeline definition id"),
+            "{bad:?}"
+        );
+
+        let orphan = problems("config = { branch = \"main\" }");
+        assert_eq!(orphan.len(), 1, "{orphan:?}");
+        assert_eq!(orphan[0].0, "targets.app.config");
+        assert!(orphan[0].1.contains("set definition_id too"), "{orphan:?}");
+
+        let both = problems(
+            "definition_id = \"2338d0ae-5541-4bbf-88a2-55e9f7281f80\"\nconfig = { branch = \"main\", tag = \"v1\" }",
+        );
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert_eq!(both[0].0, "targets.app.config");
+        assert!(
+            both[0].1.starts_with("takes a branch or a tag, not both"),
+            "{both:?}"
+        );
+
+        let unknown =
+            problems("definition_id = \"2338d0ae-5541-4bbf-88a2-55e9f7281f80\"\nconfig = { sha = \"abc\" }");
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert!(unknown[0].0.starts_with("targets.app.config"), "{unknown:?}");
+    }
 }

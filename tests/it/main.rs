@@ -11,6 +11,7 @@ mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod loop_guard;
+mod pipeline_run;
 mod production;
 mod providers;
 mod routing;
