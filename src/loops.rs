@@ -1,7 +1,13 @@
 //! The static trigger graph `relay check` draws: which repositories each
 //! route sends to which targets, which repository each target builds, and
 //! the cycles this makes possible (route A triggers B's repository, whose
-//! events route back to A).
+//! pipeline's outcome routes back to A).
+//!
+//! What comes back from a triggered pipeline is its outcome, a `pipeline`
+//! event, so an edge runs from a target back only to the routes that take
+//! pipeline events of the repository it builds; an `http` target that posts
+//! to relay itself hands the webhook back whole, so it leads to every route.
+//! A push route that triggers CI is not a cycle.
 //!
 //! A warning, not an error: a cycle can be intended (pipelines chained with
 //! `when` on the status) and the loop guard bounds it at run time. Pure:
@@ -11,6 +17,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::config::Config;
+use crate::targets::Target;
 
 /// One edge: a route's trigger of a target that builds `repo`, which
 /// `next` takes events of.
@@ -29,12 +36,25 @@ pub fn report(config: &Config) -> (String, Vec<Vec<String>>) {
     let mut edges = Vec::new();
     for (i, route) in routes.iter().enumerate() {
         for target_name in &route.to {
-            let built = config.targets.get(target_name).and_then(|t| t.built_repo());
+            let target = config.targets.get(target_name);
+            if target.is_some_and(|t| posts_to_relay(config, t)) {
+                let _ = writeln!(text, "  {} → {target_name} posts to relay itself", route.name);
+                for j in 0..routes.len() {
+                    edges.push(Edge {
+                        from: i,
+                        to: j,
+                        target: target_name.clone(),
+                        repo: "relay itself".to_owned(),
+                    });
+                }
+                continue;
+            }
+            let built = target.and_then(|t| t.built_repo());
             let shown = built.as_deref().unwrap_or("(not known statically)");
             let _ = writeln!(text, "  {} → {target_name} builds {shown}", route.name);
             let Some(repo) = built else { continue };
             for (j, next) in routes.iter().enumerate() {
-                if next.accepts_repo(&repo) {
+                if next.takes_pipelines() && next.accepts_repo(&repo) {
                     edges.push(Edge {
                         from: i,
                         to: j,
@@ -67,6 +87,35 @@ pub fn report(config: &Config) -> (String, Vec<Vec<String>>) {
         );
     }
     (text, cycles)
+}
+
+/// Whether a target's requests come back to relay: an `http` target whose
+/// URL is relay's own `server.public_url` or one of its `server.listen`
+/// addresses (or `localhost` on a listened port).
+fn posts_to_relay(config: &Config, target: &Target) -> bool {
+    let Some(url) = target.http_url() else {
+        return false;
+    };
+    let Some(authority) = url
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+    else {
+        return false;
+    };
+    if let Some(public) = &config.server.public_url
+        && public
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
+            == Some(authority)
+    {
+        return true;
+    }
+    config.server.listen.iter().any(|addr| {
+        let port = addr.port();
+        authority == addr.to_string()
+            || authority == format!("localhost:{port}")
+            || (addr.ip().is_unspecified() && authority.ends_with(&format!(":{port}")))
+    })
 }
 
 /// Tarjan's algorithm: the strongly connected components of the route
@@ -195,11 +244,17 @@ dry_run = true
     }
 
     #[test]
-    fn a_route_that_triggers_its_own_repository_is_a_cycle() {
+    fn a_route_that_takes_its_own_pipelines_is_a_cycle_and_a_push_route_is_not() {
         let c = config(&format!(
             r#"{SOURCES}
 [[routes]]
-name = "self"
+name = "pushes"
+to = ["t"]
+
+[[routes]]
+name = "chain"
+events = ["pipeline"]
+repos = ["acme/x"]
 to = ["t"]
 
 [targets.t]
@@ -210,6 +265,7 @@ dry_run = true
 [[routes]]
 name = "numeric"
 repos = ["acme/y"]
+events = ["pipeline"]
 to = ["n"]
 
 [targets.n]
@@ -218,8 +274,55 @@ project = "1234"
 dry_run = true
 "#
         ));
-        let (_, cycles) = report(&c);
-        // `self` takes every repo, so it takes acme/x's events and numeric's target is unknown.
-        assert_eq!(cycles, vec![vec!["self".to_owned()]]);
+        let (text, cycles) = report(&c);
+        // acme/x's pipeline comes back as a pipeline event: `chain` takes
+        // it, `pushes` does not; numeric's target is not known statically.
+        assert_eq!(cycles, vec![vec!["chain".to_owned()]], "{text}");
+    }
+
+    #[test]
+    fn an_http_target_posting_to_relay_itself_leads_back_to_every_route() {
+        let c = config(&format!(
+            r#"{SOURCES}
+[server]
+listen = ["127.0.0.1:8080"]
+
+[[routes]]
+name = "forward"
+to = ["self", "elsewhere"]
+
+[targets.self]
+kind = "http"
+url = "http://127.0.0.1:8080/gl"
+dry_run = true
+
+[targets.elsewhere]
+kind = "http"
+url = "http://127.0.0.1:9999/hook"
+dry_run = true
+"#
+        ));
+        let (text, cycles) = report(&c);
+        assert!(text.contains("forward → self posts to relay itself"), "{text}");
+        assert!(
+            text.contains("forward → elsewhere builds (not known statically)"),
+            "{text}"
+        );
+        assert_eq!(cycles, vec![vec!["forward".to_owned()]], "{text}");
+    }
+
+    #[test]
+    fn the_sample_config_has_no_cycle() {
+        let sample = Config::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/relay.toml"
+        )));
+        let Ok(sample) = sample else {
+            // Its targets read credentials from the environment only when
+            // not dry_run; the sample is all dry_run, so it always loads.
+            panic!("the sample relay.toml does not load: {}", sample.unwrap_err());
+        };
+        let (text, cycles) = report(&sample);
+        assert!(cycles.is_empty(), "{text}");
     }
 }

@@ -276,6 +276,11 @@ impl Route {
         self.repos.as_ref().is_none_or(|p| p.matches(repo))
     }
 
+    /// Whether this route takes pipeline events at all.
+    pub fn takes_pipelines(&self) -> bool {
+        self.events.contains(&EventKind::Pipeline)
+    }
+
     /// Whether this route takes pipeline events from the named source.
     pub fn takes_pipelines_from(&self, source: &str) -> bool {
         self.events.contains(&EventKind::Pipeline)

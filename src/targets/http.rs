@@ -59,6 +59,11 @@ impl HttpTarget {
         self.signing.as_ref().and_then(|s| s.secret.as_ref())
     }
 
+    /// The URL as configured (a template, or a plain address).
+    pub fn url_source(&self) -> &str {
+        self.url.source()
+    }
+
     pub fn describe(&self) -> String {
         let signed = match &self.signing {
             Some(s) => format!(", signed in {}", s.header),

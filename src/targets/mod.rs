@@ -119,6 +119,14 @@ impl Target {
         }
     }
 
+    /// An `http` target's URL as configured; `None` for the CI kinds.
+    pub fn http_url(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Http(t) => Some(t.url_source()),
+            _ => None,
+        }
+    }
+
     /// The repository whose pipeline this target starts, as a Git host names
     /// it (`acme/api`), where the config says so statically: CircleCI slugs
     /// `gh/acme/api`, `github/acme/api`, `bb/…`; GitLab paths. `None` for
