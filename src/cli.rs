@@ -176,10 +176,15 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
                         .iter()
                         .filter(|j| j.event_index == index && &j.route == route)
                     {
-                        let dry = config.targets.get(&job.target).is_some_and(|t| t.dry_run);
+                        let target = config.targets.get(&job.target);
+                        let dry = target.is_some_and(|t| t.dry_run);
+                        let proxy = target
+                            .and_then(|t| t.proxy.describe())
+                            .map(|p| format!(" ({p})"))
+                            .unwrap_or_default();
                         let _ = writeln!(
                             out,
-                            "    → target {}{}",
+                            "    → target {}{}{proxy}",
                             job.target,
                             if dry { " (dry run: logged, not sent)" } else { "" }
                         );

@@ -13,6 +13,7 @@ mod ingress_errors;
 mod loop_guard;
 mod production;
 mod providers;
+mod proxy;
 mod routing;
 mod secrets;
 mod shared_store;
