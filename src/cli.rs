@@ -178,7 +178,10 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
                     {
                         let target = config.targets.get(&job.target);
                         let dry = target.is_some_and(|t| t.dry_run);
+                        // A proxy the config names; the environment's is left out,
+                        // as it is the shell's here, not the service's.
                         let proxy = target
+                            .filter(|t| !matches!(t.proxy, crate::targets::ProxySetting::Environment))
                             .and_then(|t| t.proxy.describe())
                             .map(|p| format!(" ({p})"))
                             .unwrap_or_default();
