@@ -176,10 +176,18 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
                         .iter()
                         .filter(|j| j.event_index == index && &j.route == route)
                     {
-                        let dry = config.targets.get(&job.target).is_some_and(|t| t.dry_run);
+                        let target = config.targets.get(&job.target);
+                        let dry = target.is_some_and(|t| t.dry_run);
+                        // A proxy the config names; the environment's is left out,
+                        // as it is the shell's here, not the service's.
+                        let proxy = target
+                            .filter(|t| !matches!(t.proxy, crate::targets::ProxySetting::Environment))
+                            .and_then(|t| t.proxy.describe())
+                            .map(|p| format!(" ({p})"))
+                            .unwrap_or_default();
                         let _ = writeln!(
                             out,
-                            "    → target {}{}",
+                            "    → target {}{}{proxy}",
                             job.target,
                             if dry { " (dry run: logged, not sent)" } else { "" }
                         );

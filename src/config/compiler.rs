@@ -67,6 +67,11 @@ impl Compiler {
         &self.problems
     }
 
+    /// The warnings so far, in the order given.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     pub fn problem_count(&self) -> usize {
         self.problems.len()
     }

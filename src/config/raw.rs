@@ -220,6 +220,27 @@ pub struct RawBurst {
     pub per: Duration,
 }
 
+/// A target's `proxy`: `false` (direct), a URL, or a table whose password
+/// is a secret reference. Absent means the environment's proxy settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "false, a proxy URL like \"http://proxy:3128\", or { url = \"http://proxy:3128\", username = \"…\", password = { env = \"…\" } }"
+)]
+pub enum RawProxy {
+    Switch(bool),
+    Url(String),
+    Table(RawProxyTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyTable {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<SecretSpec>,
+}
+
 /// `[sources.NAME]`. One shape for every provider; stage two rejects keys the
 /// provider does not use.
 #[derive(Debug, Deserialize)]
@@ -342,6 +363,7 @@ pub struct RawTarget {
     pub dry_run: Option<bool>,
     pub concurrency: Option<usize>,
     pub burst: Option<RawBurstSetting>,
+    pub proxy: Option<RawProxy>,
     pub base_url: Option<String>,
     pub project: Option<String>,
     pub token: Option<SecretSpec>,

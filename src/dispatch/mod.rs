@@ -23,7 +23,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::clock::stopwatch;
 use crate::config::Config;
-use crate::sends::capacity;
+use crate::sends::{Sends, capacity};
 use crate::store::{AttemptRecord, ClaimedJob, Completion, Lease, NextState};
 use crate::targets::{AttemptResult, Outcome};
 pub use retry::RetryPolicy;
@@ -183,7 +183,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
         let started_at = app.now();
         let clock = stopwatch();
         let result = tokio::select! {
-            result = attempt(&config, &app.sends.client, &job, app.now()) => result,
+            result = attempt(&config, &app.sends, &job, app.now()) => result,
             never = keep_leased(&app, &job, config.delivery.lease) => match never {},
         };
         let duration = clock.elapsed();
@@ -228,21 +228,30 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
 }
 
 /// One attempt of the job, under the config in force now.
-async fn attempt(
-    config: &Config,
-    client: &reqwest::Client,
-    job: &ClaimedJob,
-    now: SystemTime,
-) -> AttemptResult {
+async fn attempt(config: &Config, sends: &Sends, job: &ClaimedJob, now: SystemTime) -> AttemptResult {
     let Some(target) = config.targets.get(&job.target) else {
         return AttemptResult::dead_request(format!(
             "target {} is no longer in the config; retry the job by hand once it is back",
             job.target
         ));
     };
+    let outbound = match sends.outbound(&target.proxy) {
+        Ok(outbound) => outbound,
+        Err(e) => {
+            return AttemptResult {
+                outcome: Outcome::RetryConnect,
+                status: None,
+                retry_after: None,
+                message: target.scrub(format!(
+                    "cannot build the HTTP client for this target's proxy: {}",
+                    crate::targets::outcome::transport_detail(&e)
+                )),
+            };
+        }
+    };
     target
         .send(
-            client,
+            &outbound,
             &job.request,
             job.payload.as_ref(),
             config.delivery.timeout,

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::info;
 
 use super::outcome::{self, Outcome};
-use super::{Target, response_message};
+use super::{Outbound, Target, response_message};
 use crate::request::PreparedRequest;
 
 /// How much of a target's answer is kept for the attempt record.
@@ -40,11 +40,12 @@ impl AttemptResult {
 }
 
 impl Target {
-    /// Sends `request` once (or, for a dry run, records it): the credential
+    /// Sends `request` once (or, for a dry run, records it) through the
+    /// client `sends` keeps for this target's proxy setting: the credential
     /// is added now, from this config, never from the store.
     pub async fn send(
         &self,
-        client: &reqwest::Client,
+        outbound: &Outbound,
         request: &PreparedRequest,
         payload: Option<&Bytes>,
         timeout: Duration,
@@ -64,14 +65,15 @@ impl Target {
             Ok(wire) => wire,
             Err(e) => return AttemptResult::dead_request(e.to_string()),
         };
-        let mut sending = client.post(&wire.url).timeout(timeout).body(wire.body);
+        let mut sending = outbound.client.post(&wire.url).timeout(timeout).body(wire.body);
         for (name, value) in &wire.headers {
             sending = sending.header(name.as_str(), value.as_str());
         }
         let mut result = match sending.send().await {
             Ok(response) => read_answer(response, now).await,
             Err(e) => {
-                let (outcome, message) = outcome::of_transport_error(&e, timeout);
+                let via = outbound.proxy_for(&wire.url);
+                let (outcome, message) = outcome::of_transport_error(&e, timeout, via.as_deref());
                 AttemptResult {
                     outcome,
                     status: None,

@@ -5,6 +5,9 @@
 //! current config at send time, `exchange` sends it and reads the answer,
 //! and `outcome` holds the status classes every kind shares.
 //!
+//! `proxy` says how a target's requests reach it; `sends` keeps a client
+//! for each distinct setting.
+//!
 //! A prepared request holds everything but the credential; it is what the
 //! store keeps, so no token ever reaches the database. Only `exchange` does
 //! I/O; nothing here touches the store or decides about retries.
@@ -15,9 +18,11 @@ mod exchange;
 mod gitlab;
 mod http;
 pub mod outcome;
+pub mod proxy;
 
 pub use exchange::AttemptResult;
 pub use outcome::Outcome;
+pub use proxy::{Outbound, ProxySetting};
 
 use std::time::SystemTime;
 
@@ -49,6 +54,8 @@ pub struct Target {
     pub concurrency: Option<usize>,
     /// Overrides `loop_guard.burst` for this target.
     pub burst: Option<BurstSetting>,
+    /// How requests reach the target: the environment's proxy, direct, or a named proxy.
+    pub proxy: ProxySetting,
     pub kind: Kind,
 }
 
@@ -88,6 +95,7 @@ impl Target {
                 http::HttpTarget::compile(&key, &raw, dry_run, c).map(Kind::Http)
             }
         };
+        let proxy = ProxySetting::compile(&key, raw.proxy.as_ref(), c);
         if c.problem_count() > before {
             return None;
         }
@@ -95,6 +103,7 @@ impl Target {
             name: name.to_owned(),
             dry_run,
             concurrency: raw.concurrency,
+            proxy,
             burst: raw.burst.map(|b| c.burst(&format!("{key}.burst"), b)),
             kind: kind?,
         })
@@ -162,21 +171,21 @@ impl Target {
         }
     }
 
-    /// `text` with this target's credential replaced by `[redacted]`, for
-    /// anything a target answered that gets stored or logged (a target may
-    /// echo the token it was sent).
+    /// `text` with this target's credential and its proxy's password
+    /// replaced by `[redacted]`, for anything a target (or its proxy)
+    /// answered that gets stored or logged (a target may echo the token it
+    /// was sent).
     pub fn scrub(&self, text: String) -> String {
-        match self
-            .credential()
-            .map(|s| String::from_utf8_lossy(s.expose()).into_owned())
-        {
+        let mut text = text;
+        for secret in [self.credential(), self.proxy.password()].into_iter().flatten() {
+            let value = String::from_utf8_lossy(secret.expose()).into_owned();
             // A value this short would shred ordinary words and hide nothing
             // (the config warns about it).
-            Some(value) if value.chars().count() >= MIN_SCRUBBED_SECRET && text.contains(&value) => {
-                text.replace(&value, REDACTED)
+            if value.chars().count() >= MIN_SCRUBBED_SECRET && text.contains(&value) {
+                text = text.replace(&value, REDACTED);
             }
-            _ => text,
         }
+        text
     }
 
     /// A one-line description for `relay check`: where requests go.
@@ -188,7 +197,12 @@ impl Target {
             Kind::Http(t) => t.describe(),
         };
         let dry = if self.dry_run { " (dry run)" } else { "" };
-        format!("{} {endpoint}{dry}", self.kind_name())
+        let proxy = self
+            .proxy
+            .describe()
+            .map(|p| format!(", {p}"))
+            .unwrap_or_default();
+        format!("{} {endpoint}{dry}{proxy}", self.kind_name())
     }
 
     /// The request as it goes on the wire: credentials added now, from this

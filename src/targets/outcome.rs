@@ -69,20 +69,26 @@ impl Outcome {
 }
 
 /// A transport failure, classified by whether the request may have arrived.
-pub fn of_transport_error(error: &reqwest::Error, timeout: Duration) -> (Outcome, String) {
+/// `proxy` is the proxy the request went through, shown without credentials.
+pub fn of_transport_error(
+    error: &reqwest::Error,
+    timeout: Duration,
+    proxy: Option<&str>,
+) -> (Outcome, String) {
     let detail = transport_detail(error);
+    let via = proxy.map(|p| format!(" via proxy {p}")).unwrap_or_default();
     if error.is_connect() {
         // Refused, reset during connect, DNS, TLS handshake: nothing was sent.
-        (Outcome::RetryConnect, format!("connection failed: {detail}"))
+        (Outcome::RetryConnect, format!("connection failed{via}: {detail}"))
     } else if error.is_timeout() {
         (
             Outcome::MaybeDelivered,
-            format!("no answer within {}s after sending", timeout.as_secs_f64()),
+            format!("no answer within {}s after sending{via}", timeout.as_secs_f64()),
         )
     } else {
         (
             Outcome::MaybeDelivered,
-            format!("connection lost after sending: {detail}"),
+            format!("connection lost after sending{via}: {detail}"),
         )
     }
 }

@@ -14,6 +14,7 @@ mod loop_guard;
 mod pipeline_run;
 mod production;
 mod providers;
+mod proxy;
 mod routing;
 mod secrets;
 mod shared_store;
