@@ -358,6 +358,23 @@ pub fn format_job(job: &serde_json::Value) -> String {
             request["url"].as_str().unwrap_or("")
         );
     }
+    let pipeline = &job["pipeline"];
+    if pipeline.is_object() {
+        let number = pipeline["number"]
+            .as_u64()
+            .map_or_else(String::new, |n| format!(" #{n}"));
+        let _ = writeln!(
+            out,
+            "{:<11} {}{number} {} (as of {}){}",
+            "pipeline",
+            pipeline["id"].as_str().unwrap_or(""),
+            pipeline["state"].as_str().unwrap_or(""),
+            pipeline["updated_at"].as_str().unwrap_or(""),
+            pipeline["url"]
+                .as_str()
+                .map_or_else(String::new, |url| format!("\n{:<11} {url}", "")),
+        );
+    }
     let history = job["history"].as_array().cloned().unwrap_or_default();
     if !history.is_empty() {
         out.push_str("\nattempts:\n");
@@ -378,4 +395,32 @@ pub fn format_job(job: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_show_names_the_pipeline_and_its_page() {
+        let job = serde_json::json!({
+            "id": "j1", "event_id": "e1", "route": "ci", "target": "circle", "state": "done",
+            "attempts": 1, "created_at": "t0", "updated_at": "t1", "due_at": "t0",
+            "pipeline": {
+                "id": "5034460f-c7c4-4c43-9457-de07e2029e7b", "number": 42,
+                "url": "https://app.circleci.com/pipelines/github/acme/api/42",
+                "state": "created", "updated_at": "2026-12-04T09:00:00.000Z"
+            },
+            "history": []
+        });
+        let text = format_job(&job);
+        assert!(
+            text.contains(
+                "pipeline    5034460f-c7c4-4c43-9457-de07e2029e7b #42 created (as of 2026-12-04T09:00:00.000Z)\n            https://app.circleci.com/pipelines/github/acme/api/42\n"
+            ),
+            "{text}"
+        );
+        let without = serde_json::json!({ "id": "j2", "pipeline": null, "history": [] });
+        assert!(!format_job(&without).contains("pipeline"));
+    }
 }

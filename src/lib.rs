@@ -35,6 +35,7 @@ pub mod ingress;
 pub(crate) mod loops;
 pub(crate) mod metrics;
 pub mod payload;
+pub mod pipeline;
 pub mod request;
 pub mod routing;
 pub mod secret;

@@ -170,6 +170,7 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
                         excerpt: r#"201: {"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created"}"#
                             .to_owned(),
                     },
+                    pipeline: None,
                     next: NextState::Done,
                     at: now,
                 };

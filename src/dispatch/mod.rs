@@ -210,6 +210,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
                 outcome: result.outcome.code(),
                 excerpt: result.message,
             },
+            pipeline: result.pipeline,
             next,
             at: ended,
         };
@@ -238,15 +239,13 @@ async fn attempt(config: &Config, sends: &Sends, job: &ClaimedJob, now: SystemTi
     let outbound = match sends.outbound(&target.proxy) {
         Ok(outbound) => outbound,
         Err(e) => {
-            return AttemptResult {
-                outcome: Outcome::RetryConnect,
-                status: None,
-                retry_after: None,
-                message: target.scrub(format!(
+            return AttemptResult::without_answer(
+                Outcome::RetryConnect,
+                target.scrub(format!(
                     "cannot build the HTTP client for this target's proxy: {}",
                     crate::targets::outcome::transport_detail(&e)
                 )),
-            };
+            );
         }
     };
     target
@@ -287,7 +286,20 @@ fn log_result(result: &AttemptResult, next: &NextState, duration: Duration, now:
     let status = result.status.unwrap_or(0);
     match next {
         NextState::Done if result.outcome == Outcome::DryRun => {}
-        NextState::Done => info!(outcome, status, duration_ms = ms, url, "delivered"),
+        NextState::Done => match &result.pipeline {
+            Some(pipeline) => info!(
+                outcome,
+                status,
+                duration_ms = ms,
+                url,
+                pipeline = %pipeline.id,
+                pipeline_number = pipeline.number,
+                pipeline_url = pipeline.url.as_deref().unwrap_or(""),
+                pipeline_state = %pipeline.state,
+                "delivered"
+            ),
+            None => info!(outcome, status, duration_ms = ms, url, "delivered"),
+        },
         NextState::Retry { due_at, .. } => {
             let wait = due_at.duration_since(now).unwrap_or_default();
             warn!(

@@ -179,12 +179,7 @@ mod tests {
     }
 
     fn result(outcome: Outcome, message: &str) -> AttemptResult {
-        AttemptResult {
-            outcome,
-            status: None,
-            retry_after: None,
-            message: message.to_owned(),
-        }
+        AttemptResult::without_answer(outcome, message.to_owned())
     }
 
     #[test]

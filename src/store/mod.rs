@@ -32,6 +32,7 @@ pub use sqlite::SqliteStore;
 
 use crate::config::{StoreLocation, StoreSettings};
 use crate::guard::{Dropped, JobLimits, Trigger};
+use crate::pipeline::{Pipeline, PipelineState};
 use crate::request::PreparedRequest;
 
 /// One accepted webhook and everything routing made of it.
@@ -213,6 +214,9 @@ pub struct Completion {
     pub job_id: Uuid,
     pub claim: Uuid,
     pub attempt: AttemptRecord,
+    /// The pipeline the attempt's answer named; kept on the job (a later
+    /// answer that names one replaces it, one that names none leaves it).
+    pub pipeline: Option<Pipeline>,
     pub next: NextState,
     /// When the attempt ended, by the dispatcher's clock.
     pub at: SystemTime,
@@ -301,6 +305,20 @@ pub struct JobView {
     pub due_at: SystemTime,
     /// False for a job whose request could not be built: retrying cannot help.
     pub retryable: bool,
+    /// The pipeline the trigger started; `null` until an answer names one.
+    pub pipeline: Option<PipelineView>,
+}
+
+/// A job's pipeline, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PipelineView {
+    pub id: String,
+    pub number: Option<u64>,
+    /// The page a person opens.
+    pub url: Option<String>,
+    pub state: PipelineState,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: SystemTime,
 }
 
 /// One recorded attempt.

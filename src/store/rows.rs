@@ -13,9 +13,11 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use super::{
-    AttemptView, ClaimedJob, EventView, JobDetail, JobState, JobView, QueueStats, Requeued, StoreError,
+    AttemptView, ClaimedJob, EventView, JobDetail, JobState, JobView, PipelineView, QueueStats, Requeued,
+    StoreError,
 };
 use crate::guard::Dropped;
+use crate::pipeline::PipelineState;
 use crate::request::PreparedRequest;
 
 /// One result row, read column by column by kind. Each backend converts
@@ -38,10 +40,20 @@ pub(super) trait Columns {
     /// A time column.
     fn time(&self, index: usize) -> Result<SystemTime, StoreError>;
     fn flag(&self, index: usize) -> Result<bool, StoreError>;
+    /// A nullable stored integer (a pipeline's number).
+    fn maybe_int(&self, index: usize) -> Result<Option<i64>, StoreError>;
+    /// A nullable time column.
+    fn maybe_time(&self, index: usize) -> Result<Option<SystemTime>, StoreError>;
 }
 
-/// A job from the columns `id, event_id, route, target, state, attempts,
-/// last_error, created_at, updated_at, due_at, request IS NOT NULL`.
+/// The job columns both backends select, in the order [`job_view`] reads them.
+pub(super) const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, \
+     due_at, request IS NOT NULL, pipeline_id, pipeline_number, pipeline_url, pipeline_state, pipeline_updated_at";
+
+/// How many columns [`JOB_COLUMNS`] lists: what a query selects after them starts here.
+pub(super) const JOB_COLUMN_COUNT: usize = 16;
+
+/// A job from [`JOB_COLUMNS`].
 pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
     Ok(JobView {
         id: row.id(0)?,
@@ -55,7 +67,28 @@ pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
         updated_at: row.time(8)?,
         due_at: row.time(9)?,
         retryable: row.flag(10)?,
+        pipeline: pipeline_view(row, 11)?,
     })
+}
+
+/// A job's pipeline from the columns `pipeline_id, pipeline_number,
+/// pipeline_url, pipeline_state, pipeline_updated_at`, from `first` on;
+/// none until an answer named one.
+fn pipeline_view(row: &impl Columns, first: usize) -> Result<Option<PipelineView>, StoreError> {
+    let Some(id) = row.maybe_text(first)? else {
+        return Ok(None);
+    };
+    let state = row.maybe_text(first + 3)?;
+    Ok(Some(PipelineView {
+        id,
+        number: row.maybe_int(first + 1)?.and_then(|n| u64::try_from(n).ok()),
+        url: row.maybe_text(first + 2)?,
+        state: state
+            .as_deref()
+            .and_then(PipelineState::parse)
+            .unwrap_or(PipelineState::Created),
+        updated_at: row.maybe_time(first + 4)?.unwrap_or(std::time::UNIX_EPOCH),
+    }))
 }
 
 /// A job with its stored request (JSON; unreadable JSON shows as none) and

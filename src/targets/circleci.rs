@@ -19,6 +19,7 @@ use serde_json::{Map, Value, json};
 use super::{Param, RenderFailure, RenderInput, USER_AGENT};
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawTarget;
+use crate::pipeline::{Pipeline, PipelineState};
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;
 use crate::template::TemplateStr;
@@ -322,6 +323,38 @@ fn check_value(name: &str, value: &Value) -> Result<(), RenderFailure> {
         )));
     }
     Ok(())
+}
+
+/// The pipeline a 201 from either endpoint names: `{id, number, state}`
+/// (PROTOCOLS.md B1, B2). Its page is
+/// `https://app.circleci.com/pipelines/{slug}/{number}`, the slug read back
+/// from the request's own URL with CircleCI's long VCS names.
+pub(super) fn pipeline(request: &PreparedRequest, body: &[u8]) -> Result<Pipeline, String> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        id: Option<String>,
+        number: Option<u64>,
+        state: Option<String>,
+    }
+    let created: Created =
+        serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's pipeline JSON".to_owned())?;
+    let state = match created.state.as_deref() {
+        Some("errored") => PipelineState::Error,
+        _ => PipelineState::Created,
+    };
+    let url = created.number.and_then(|number| {
+        let path = request.url.split_once("/api/v2/project/")?.1;
+        let slug = path
+            .strip_suffix("/pipeline/run")
+            .or_else(|| path.strip_suffix("/pipeline"))?;
+        let slug = match slug.split_once('/') {
+            Some(("gh", rest)) => format!("github/{rest}"),
+            Some(("bb", rest)) => format!("bitbucket/{rest}"),
+            _ => slug.to_owned(),
+        };
+        Some(format!("https://app.circleci.com/pipelines/{slug}/{number}"))
+    });
+    Pipeline::new(created.id, created.number, url, state)
 }
 
 #[cfg(test)]

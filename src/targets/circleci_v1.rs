@@ -9,6 +9,7 @@ use super::{RenderFailure, RenderInput, USER_AGENT, encode_component};
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawTarget;
 use crate::event::is_zero_sha;
+use crate::pipeline::{Pipeline, PipelineState};
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;
 use crate::template::TemplateStr;
@@ -159,4 +160,32 @@ impl CircleCiV1 {
             },
         })
     }
+}
+
+/// The build a v1.1 trigger answer names: `{build_num, build_url,
+/// lifecycle, outcome}` (PROTOCOLS.md B3).
+pub(super) fn pipeline(body: &[u8]) -> Result<Pipeline, String> {
+    #[derive(serde::Deserialize)]
+    struct Build {
+        build_num: Option<u64>,
+        build_url: Option<String>,
+        lifecycle: Option<String>,
+        outcome: Option<String>,
+    }
+    let build: Build =
+        serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's build JSON".to_owned())?;
+    let state = match (build.lifecycle.as_deref(), build.outcome.as_deref()) {
+        (Some("running"), _) => PipelineState::Running,
+        (Some("finished"), Some("success")) => PipelineState::Success,
+        (Some("finished"), Some("failed" | "timedout" | "infrastructure_fail")) => PipelineState::Failed,
+        (Some("finished"), Some("canceled")) => PipelineState::Canceled,
+        (Some("finished"), _) => PipelineState::Error,
+        _ => PipelineState::Created,
+    };
+    Pipeline::new(
+        build.build_num.map(|n| n.to_string()),
+        build.build_num,
+        build.build_url,
+        state,
+    )
 }

@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::info;
 
 use super::outcome::{self, Outcome};
-use super::{Outbound, Target, response_message};
+use super::{Kind, Outbound, Target, circleci, circleci_v1, gitlab, response_message};
+use crate::pipeline::Pipeline;
 use crate::request::PreparedRequest;
 
 /// How much of a target's answer is kept for the attempt record.
@@ -26,15 +27,23 @@ pub struct AttemptResult {
     pub retry_after: Option<Duration>,
     /// The target's message, or what went wrong on the way.
     pub message: String,
+    /// The pipeline a 2xx answer named, read by the target's kind.
+    pub pipeline: Option<Pipeline>,
 }
 
 impl AttemptResult {
     pub fn dead_request(message: String) -> AttemptResult {
+        AttemptResult::without_answer(Outcome::DeadRequest, message)
+    }
+
+    /// An attempt that got no answer to read (a dry run, a transport error).
+    pub fn without_answer(outcome: Outcome, message: String) -> AttemptResult {
         AttemptResult {
-            outcome: Outcome::DeadRequest,
+            outcome,
             status: None,
             retry_after: None,
             message,
+            pipeline: None,
         }
     }
 }
@@ -54,12 +63,7 @@ impl Target {
         if self.dry_run {
             let text = request.redacted(payload);
             info!(request = %text, "dry run: this request was recorded, not sent");
-            return AttemptResult {
-                outcome: Outcome::DryRun,
-                status: None,
-                retry_after: None,
-                message: text,
-            };
+            return AttemptResult::without_answer(Outcome::DryRun, text);
         }
         let wire = match self.authorize(request, payload) {
             Ok(wire) => wire,
@@ -70,16 +74,11 @@ impl Target {
             sending = sending.header(name.as_str(), value.as_str());
         }
         let mut result = match sending.send().await {
-            Ok(response) => read_answer(response, now).await,
+            Ok(response) => self.read_answer(request, response, now).await,
             Err(e) => {
                 let via = outbound.proxy_for(&wire.url);
                 let (outcome, message) = outcome::of_transport_error(&e, timeout, via.as_deref());
-                AttemptResult {
-                    outcome,
-                    status: None,
-                    retry_after: None,
-                    message,
-                }
+                AttemptResult::without_answer(outcome, message)
             }
         };
         result.message = self.scrub(result.message);
@@ -87,30 +86,59 @@ impl Target {
     }
 }
 
-/// Classifies an answer by its status, with the target's message.
-async fn read_answer(response: reqwest::Response, now: SystemTime) -> AttemptResult {
-    let status = response.status().as_u16();
-    let header = |name: http::HeaderName| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let retry_after = header(http::header::RETRY_AFTER).and_then(|v| outcome::parse_retry_after(&v, now));
-    let location = header(http::header::LOCATION);
-    let body = read_limited(response).await;
-    let message = match (status, location) {
-        (300..=399, Some(location)) => format!(
-            "{status}: redirected to {location}; relay does not follow redirects for triggers, so point the target at the final address"
-        ),
-        _ => format!("{status}: {}", response_message(&body)),
-    };
-    AttemptResult {
-        outcome: Outcome::of_status(status),
-        status: Some(status),
-        retry_after,
-        message,
+impl Target {
+    /// Classifies an answer by its status, with the target's message; a
+    /// 2xx is read by the target's kind for the pipeline it started.
+    async fn read_answer(
+        &self,
+        request: &PreparedRequest,
+        response: reqwest::Response,
+        now: SystemTime,
+    ) -> AttemptResult {
+        let status = response.status().as_u16();
+        let header = |name: http::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after = header(http::header::RETRY_AFTER).and_then(|v| outcome::parse_retry_after(&v, now));
+        let location = header(http::header::LOCATION);
+        let body = read_limited(response).await;
+        let mut message = match (status, location) {
+            (300..=399, Some(location)) => format!(
+                "{status}: redirected to {location}; relay does not follow redirects for triggers, so point the target at the final address"
+            ),
+            _ => format!("{status}: {}", response_message(&body)),
+        };
+        let outcome = Outcome::of_status(status);
+        let pipeline = match (outcome, self.read_pipeline(request, &body)) {
+            (Outcome::Delivered, Some(Ok(pipeline))) => Some(pipeline),
+            (Outcome::Delivered, Some(Err(why))) => {
+                message = format!("{message} ({why})");
+                None
+            }
+            _ => None,
+        };
+        AttemptResult {
+            outcome,
+            status: Some(status),
+            retry_after,
+            message,
+            pipeline,
+        }
+    }
+
+    /// The pipeline a 2xx answer names, each kind reading its own API's
+    /// answer; `None` for kinds that start no pipeline (`http`).
+    fn read_pipeline(&self, request: &PreparedRequest, body: &[u8]) -> Option<Result<Pipeline, String>> {
+        match &self.kind {
+            Kind::CircleCi(_) => Some(circleci::pipeline(request, body)),
+            Kind::CircleCiV1(_) => Some(circleci_v1::pipeline(body)),
+            Kind::Gitlab(_) => Some(gitlab::pipeline(body)),
+            Kind::Http(_) => None,
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use super::{Param, RenderFailure, RenderInput, USER_AGENT, encode_component};
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawTarget;
+use crate::pipeline::{Pipeline, PipelineState};
 use crate::request::{Auth, PreparedRequest, RequestBody};
 use crate::secret::Secret;
 use crate::template::TemplateStr;
@@ -182,4 +183,31 @@ impl Gitlab {
             auth: Auth::JsonField { name: "token".into() },
         })
     }
+}
+
+/// The pipeline a GitLab trigger answer names: `{id, iid, web_url, status}`
+/// (PROTOCOLS.md B4).
+pub(super) fn pipeline(body: &[u8]) -> Result<Pipeline, String> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        id: Option<u64>,
+        iid: Option<u64>,
+        web_url: Option<String>,
+        status: Option<String>,
+    }
+    let created: Created =
+        serde_json::from_slice(body).map_err(|_| "the answer is not GitLab's pipeline JSON".to_owned())?;
+    let state = match created.status.as_deref() {
+        Some("running") => PipelineState::Running,
+        Some("success") => PipelineState::Success,
+        Some("failed") => PipelineState::Failed,
+        Some("canceled" | "skipped") => PipelineState::Canceled,
+        _ => PipelineState::Created,
+    };
+    Pipeline::new(
+        created.id.map(|id| id.to_string()),
+        created.iid,
+        created.web_url,
+        state,
+    )
 }

@@ -12,6 +12,7 @@ mod fixtures;
 mod ingress_errors;
 mod loop_guard;
 mod pipeline_run;
+mod pipelines;
 mod production;
 mod providers;
 mod proxy;

@@ -209,6 +209,14 @@ impl Columns for Row {
     fn flag(&self, index: usize) -> Result<bool, StoreError> {
         col(self, index)
     }
+
+    fn maybe_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        col(self, index)
+    }
+
+    fn maybe_time(&self, index: usize) -> Result<Option<SystemTime>, StoreError> {
+        col(self, index)
+    }
 }
 
 #[async_trait]

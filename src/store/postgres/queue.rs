@@ -246,7 +246,12 @@ pub(super) async fn complete(
         const COMPLETE: &str = "WITH moved AS (
                  UPDATE jobs SET state = $1, attempts = attempts + 1, maybe_attempts = maybe_attempts + $2,
                      due_at = now() + $3::int8 * interval '1 microsecond', claim_id = NULL,
-                     lease_until = NULL, last_error = $4, updated_at = now()
+                     lease_until = NULL, last_error = $4, updated_at = now(),
+                     pipeline_id = COALESCE($12::text, pipeline_id),
+                     pipeline_number = CASE WHEN $12::text IS NULL THEN pipeline_number ELSE $13::int8 END,
+                     pipeline_url = CASE WHEN $12::text IS NULL THEN pipeline_url ELSE $14::text END,
+                     pipeline_state = CASE WHEN $12::text IS NULL THEN pipeline_state ELSE $15::text END,
+                     pipeline_updated_at = CASE WHEN $12::text IS NULL THEN pipeline_updated_at ELSE now() END
                  WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
                  RETURNING id
              )
@@ -259,7 +264,14 @@ pub(super) async fn complete(
         let started = offset(c.attempt.started_at, written_at);
         let duration_ms = micros(c.attempt.duration) / 1000;
         let status = c.attempt.status.map(i32::from);
-        let params: [&(dyn ToSql + Sync); 11] = [
+        let pipeline = c.pipeline.as_ref();
+        let pipeline_id = pipeline.map(|p| p.id.as_str());
+        let pipeline_number = pipeline
+            .and_then(|p| p.number)
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let pipeline_url = pipeline.and_then(|p| p.url.as_deref());
+        let pipeline_state = pipeline.map(|p| p.state.as_str());
+        let params: [&(dyn ToSql + Sync); 15] = [
             &state_name,
             &maybe,
             &due_in,
@@ -271,6 +283,10 @@ pub(super) async fn complete(
             &status,
             &c.attempt.outcome,
             &c.attempt.excerpt,
+            &pipeline_id,
+            &pipeline_number,
+            &pipeline_url,
+            &pipeline_state,
         ];
         if state != JobState::Queued {
             // One statement is its own transaction: no BEGIN and COMMIT

@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The tables and semantics of the SQLite schema (its V1 to V3), in native
 /// types. `drops.id` only keeps a drop list in the order it was written.
@@ -86,6 +86,16 @@ CREATE TABLE meta (
     key   text PRIMARY KEY,
     value text NOT NULL
 );
+";
+
+/// The pipeline a job's trigger started (SQLite's V6).
+const V2: &str = "
+ALTER TABLE jobs
+    ADD COLUMN pipeline_id text,
+    ADD COLUMN pipeline_number bigint,
+    ADD COLUMN pipeline_url text,
+    ADD COLUMN pipeline_state text,
+    ADD COLUMN pipeline_updated_at timestamptz;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

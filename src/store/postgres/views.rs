@@ -16,22 +16,21 @@ use uuid::Uuid;
 use super::connect::{ADMIN_TIMEOUT, OPERATION_TIMEOUT, within};
 use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable};
-use crate::store::rows;
+use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
 
 pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
     within("jobs", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
-                        request IS NOT NULL
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS}
                  FROM jobs
                  WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR target = $2)
                    AND ($3::uuid IS NULL OR event_id = $3)
                  ORDER BY updated_at DESC, id DESC
-                 LIMIT $4",
-            )
+                 LIMIT $4"
+            ))
             .await
             .map_err(|e| unavailable(&e))?;
         client
@@ -57,11 +56,7 @@ pub(super) async fn job(store: &PostgresStore, id: Uuid) -> Result<Option<JobDet
     within("job", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at,
-                        request IS NOT NULL, request
-                 FROM jobs WHERE id = $1",
-            )
+            .prepare_cached(&format!("SELECT {JOB_COLUMNS}, request FROM jobs WHERE id = $1"))
             .await
             .map_err(|e| unavailable(&e))?;
         let Some(row) = client
@@ -72,7 +67,7 @@ pub(super) async fn job(store: &PostgresStore, id: Uuid) -> Result<Option<JobDet
             return Ok(None);
         };
         let view = rows::job_view(&row)?;
-        let request: Option<String> = col(&row, 11)?;
+        let request: Option<String> = col(&row, JOB_COLUMN_COUNT)?;
         let stmt = client
             .prepare_cached(
                 "SELECT number, started_at, duration_ms, status, outcome, excerpt

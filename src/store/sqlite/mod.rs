@@ -194,6 +194,15 @@ impl Columns for Row<'_> {
     fn flag(&self, index: usize) -> Result<bool, StoreError> {
         self.get(index).map_err(|e| unavailable(&e))
     }
+
+    fn maybe_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        self.get(index).map_err(|e| unavailable(&e))
+    }
+
+    fn maybe_time(&self, index: usize) -> Result<Option<SystemTime>, StoreError> {
+        let ms: Option<i64> = self.get(index).map_err(|e| unavailable(&e))?;
+        Ok(ms.map(from_millis))
+    }
 }
 
 #[async_trait]

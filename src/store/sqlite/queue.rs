@@ -257,10 +257,16 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
     let updated = conn
         .prepare_cached(
             "UPDATE jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
-                 due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5
+                 due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5,
+                 pipeline_id = COALESCE(?8, pipeline_id),
+                 pipeline_number = CASE WHEN ?8 IS NULL THEN pipeline_number ELSE ?9 END,
+                 pipeline_url = CASE WHEN ?8 IS NULL THEN pipeline_url ELSE ?10 END,
+                 pipeline_state = CASE WHEN ?8 IS NULL THEN pipeline_state ELSE ?11 END,
+                 pipeline_updated_at = CASE WHEN ?8 IS NULL THEN pipeline_updated_at ELSE ?5 END
              WHERE id = ?6 AND claim_id = ?7 AND state = 'in_flight'",
         )
         .and_then(|mut stmt| {
+            let pipeline = c.pipeline.as_ref();
             stmt.execute(params![
                 state.as_str(),
                 maybe,
@@ -268,7 +274,13 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
                 error,
                 now,
                 c.job_id.to_string(),
-                c.claim.to_string()
+                c.claim.to_string(),
+                pipeline.map(|p| p.id.as_str()),
+                pipeline
+                    .and_then(|p| p.number)
+                    .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                pipeline.and_then(|p| p.url.as_deref()),
+                pipeline.map(|p| p.state.as_str()),
             ])
         })
         .map_err(|e| unavailable(&e))?;

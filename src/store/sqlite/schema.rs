@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 const V1: &str = "
 CREATE TABLE events (
@@ -142,6 +142,16 @@ CREATE INDEX jobs_event ON jobs (event_id);
 CREATE INDEX jobs_created ON jobs (target, created_at);
 CREATE INDEX jobs_queued ON jobs (target, due_at) WHERE state = 'queued';
 CREATE INDEX jobs_leased ON jobs (target, lease_until) WHERE state = 'in_flight';
+";
+
+/// The pipeline a job's trigger started, as its CI's answer named it
+/// (`crate::pipeline::Pipeline`); all null until an answer names one.
+const V6: &str = "
+ALTER TABLE jobs ADD COLUMN pipeline_id TEXT;
+ALTER TABLE jobs ADD COLUMN pipeline_number INTEGER;
+ALTER TABLE jobs ADD COLUMN pipeline_url TEXT;
+ALTER TABLE jobs ADD COLUMN pipeline_state TEXT;
+ALTER TABLE jobs ADD COLUMN pipeline_updated_at INTEGER;
 ";
 
 fn lock_path(db: &Path) -> PathBuf {

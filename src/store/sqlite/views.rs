@@ -13,10 +13,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{collect, to_millis, unavailable};
-use crate::store::rows;
+use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
-
-const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, due_at, request IS NOT NULL";
 
 pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
     let sql = format!(
@@ -44,7 +42,8 @@ pub(super) fn job(conn: &Connection, id: Uuid) -> Result<Option<JobDetail>, Stor
     let found = collect(&mut stmt, params![id.to_string()], |row| {
         Ok((
             rows::job_view(row)?,
-            row.get::<_, Option<String>>(11).map_err(|e| unavailable(&e))?,
+            row.get::<_, Option<String>>(JOB_COLUMN_COUNT)
+                .map_err(|e| unavailable(&e))?,
         ))
     })?;
     let Some((view, request)) = found.into_iter().next() else {
