@@ -357,6 +357,21 @@ pub(super) fn pipeline(request: &PreparedRequest, body: &[u8]) -> Result<Pipelin
     Pipeline::new(created.id, created.number, url, state)
 }
 
+/// What a refusal from API v2 means (PROTOCOLS.md B1, B2): the legacy
+/// endpoint refuses GitHub App and GitLab projects whatever it says, and a
+/// 401 or 404 is most often a project token, which v2 does not take.
+pub(super) fn advice(request: &PreparedRequest, status: u16) -> Option<&'static str> {
+    let app_project = request.url.contains("/api/v2/project/circleci/");
+    if app_project && request.url.ends_with("/pipeline") {
+        return Some(
+            "projects set up through the GitHub App or GitLab take only pipeline/run: set definition_id (Project Settings › Pipelines)",
+        );
+    }
+    matches!(status, 401 | 404).then_some(
+        "API v2 needs a personal API token (a project API token does not work here), or the project slug is wrong",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::Config;

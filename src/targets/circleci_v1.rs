@@ -189,3 +189,11 @@ pub(super) fn pipeline(body: &[u8]) -> Result<Pipeline, String> {
         state,
     )
 }
+
+/// What a refusal from API v1.1 means: it cannot trigger a job of a
+/// `version: 2.1` config (PROTOCOLS.md B3).
+pub(super) fn advice(status: u16, body: &[u8]) -> Option<&'static str> {
+    let text = String::from_utf8_lossy(body);
+    (status == 400 && text.contains("2.1"))
+        .then_some("v1.1 job triggers do not work with `version: 2.1`; use a `circleci` target (API v2)")
+}

@@ -113,6 +113,11 @@ impl Target {
             _ => format!("{status}: {}", response_message(&body)),
         };
         let outcome = Outcome::of_status(status);
+        if outcome == Outcome::DeadStatus
+            && let Some(advice) = self.advice(request, status, &body)
+        {
+            message = format!("{message}; {advice}");
+        }
         let pipeline = match (outcome, self.read_pipeline(request, &body)) {
             (Outcome::Delivered, Some(Ok(pipeline))) => Some(pipeline),
             (Outcome::Delivered, Some(Err(why))) => {
@@ -127,6 +132,17 @@ impl Target {
             retry_after,
             message,
             pipeline,
+        }
+    }
+
+    /// What to do about a refusal, where the kind's API is known to mean
+    /// something its message does not say.
+    fn advice(&self, request: &PreparedRequest, status: u16, body: &[u8]) -> Option<&'static str> {
+        match &self.kind {
+            Kind::CircleCi(_) => circleci::advice(request, status),
+            Kind::CircleCiV1(_) => circleci_v1::advice(status, body),
+            Kind::Gitlab(_) => gitlab::advice(status, body),
+            Kind::Http(_) => None,
         }
     }
 

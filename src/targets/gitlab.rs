@@ -211,3 +211,27 @@ pub(super) fn pipeline(body: &[u8]) -> Result<Pipeline, String> {
         state,
     )
 }
+
+/// What a refusal from the trigger API means (PROTOCOLS.md B4).
+pub(super) fn advice(status: u16, body: &[u8]) -> Option<&'static str> {
+    match status {
+        404 => Some(
+            "a pipeline trigger token is needed here, not a personal access token (or the project id is wrong)",
+        ),
+        400 => {
+            let text = String::from_utf8_lossy(body);
+            if text.contains("Reference not found") {
+                Some("the ref does not exist in that project")
+            } else if text.contains("variables") {
+                None
+            } else {
+                Some("check `workflow:rules`: a rule may refuse `CI_PIPELINE_SOURCE == \"trigger\"`")
+            }
+        }
+        403 => Some(
+            "GitLab's own loop guard refused it: it takes no trigger sent with `X-Gitlab-Event: Pipeline Hook` (relay passes on no incoming header; look for something in between that adds it)",
+        ),
+        401 => Some("the trigger token is invalid or has expired"),
+        _ => None,
+    }
+}

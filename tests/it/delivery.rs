@@ -279,7 +279,10 @@ async fn a_404_is_dead_after_one_attempt_with_the_targets_message(backend: Backe
     circle.wait_for(1).await;
     let dead = relay.wait_jobs("state=dead", 1).await;
     assert_eq!(dead[0]["attempts"], 1);
-    assert_eq!(dead[0]["last_error"], "404: Project does not exist.");
+    assert_eq!(
+        dead[0]["last_error"],
+        "404: Project does not exist.; API v2 needs a personal API token (a project API token does not work here), or the project slug is wrong"
+    );
     assert_eq!(dead[0]["retryable"], true);
     assert_eq!(
         outcomes(&relay).await,

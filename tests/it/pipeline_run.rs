@@ -201,6 +201,9 @@ async fn the_answers_the_api_declares_for_failure_make_the_job_dead_at_once(back
         ("token", 401, "Invalid token provided."),
         ("missing", 404, "Project does not exist."),
     ];
+    // What relay adds for a person to act on: a 401 or 404 from API v2 is
+    // most often a project token.
+    const TOKEN_ADVICE: &str = "; API v2 needs a personal API token (a project API token does not work here), or the project slug is wrong";
     let mut mocks = Vec::new();
     let mut targets = String::new();
     for (name, status, message) in answers {
@@ -219,7 +222,12 @@ async fn the_answers_the_api_declares_for_failure_make_the_job_dead_at_once(back
         assert_pipeline_run(&requests[0]);
         let job = relay.job_for(name).await;
         assert_eq!(job["state"], "dead", "{job}");
-        assert_eq!(job["last_error"], json!(format!("{status}: {message}")), "{job}");
+        let advice = if *status == 400 { "" } else { TOKEN_ADVICE };
+        assert_eq!(
+            job["last_error"],
+            json!(format!("{status}: {message}{advice}")),
+            "{job}"
+        );
     }
     relay.stop().await;
 }
