@@ -7,6 +7,7 @@
 //! target: the accept path (`accept`) does the rest.
 
 mod bitbucket;
+mod circleci;
 mod error;
 mod generic;
 mod gitea;
@@ -58,6 +59,7 @@ enum Settings {
     Gitlab(gitlab::Settings),
     Bitbucket(bitbucket::Settings),
     Gitea(gitea::Settings),
+    Circleci(circleci::Settings),
     Generic(generic::Settings),
 }
 
@@ -101,11 +103,22 @@ impl Source {
                 c.only_keys(&key, &present, &["secret"], &owner);
                 gitea::Settings::compile(&key, &raw, c).map(Settings::Gitea)
             }
+            Provider::Circleci => {
+                c.only_keys(&key, &present, &["secret"], &owner);
+                circleci::Settings::compile(&key, &raw, c).map(Settings::Circleci)
+            }
             Provider::Generic => {
                 c.only_keys(
                     &key,
                     &present,
-                    &["secret", "signature", "event_header", "delivery_header", "fields"],
+                    &[
+                        "secret",
+                        "signature",
+                        "event_header",
+                        "delivery_header",
+                        "fields",
+                        "kind",
+                    ],
                     &owner,
                 );
                 generic::Settings::compile(&key, &raw, c).map(Settings::Generic)
@@ -131,6 +144,7 @@ impl Source {
             Settings::Gitlab(s) => s.describe(),
             Settings::Bitbucket(s) => s.describe(),
             Settings::Gitea(s) => s.describe(),
+            Settings::Circleci(s) => s.describe(),
             Settings::Generic(s) => s.describe(),
         };
         format!("{} POST {} ({auth})", self.provider, self.path)
@@ -186,6 +200,7 @@ impl Source {
             Settings::Gitlab(s) => gitlab::receive(s, &self.name, headers, &body, content, now)?,
             Settings::Bitbucket(s) => bitbucket::receive(s, &self.name, headers, &body, content)?,
             Settings::Gitea(s) => gitea::receive(s, &self.name, headers, &body, content)?,
+            Settings::Circleci(s) => circleci::receive(s, &self.name, headers, &body, content)?,
             Settings::Generic(s) => generic::receive(s, &self.name, headers, &body, content)?,
         };
         let hop = header_str(headers, HOP_HEADER)
@@ -213,6 +228,7 @@ impl Source {
             Settings::Gitlab(s) => owned(gitlab::sign(s, hook, body, delivery, now)),
             Settings::Bitbucket(s) => owned(bitbucket::sign(s, hook, body, delivery)),
             Settings::Gitea(s) => owned(gitea::sign(s, hook, body, delivery)),
+            Settings::Circleci(s) => owned(circleci::sign(s, hook, body)),
             Settings::Generic(s) => generic::sign(s, hook, body, delivery),
         };
         let mut headers = HeaderMap::new();
@@ -240,6 +256,7 @@ impl Source {
             Settings::Gitlab(_) => gitlab::parse(webhook.hook(), webhook.payload()),
             Settings::Bitbucket(_) => bitbucket::parse(webhook.hook(), webhook.payload()),
             Settings::Gitea(_) => gitea::parse(webhook.hook(), webhook.payload(), files),
+            Settings::Circleci(_) => circleci::parse(webhook.hook(), webhook.payload()),
             Settings::Generic(s) => generic::parse(s, webhook.hook(), webhook.payload()),
         }
     }

@@ -5,6 +5,7 @@
 // Tests measure real time and wait on purpose.
 #![allow(clippy::disallowed_methods)]
 
+mod circleci_source;
 mod cli;
 mod crash;
 mod delivery;
