@@ -52,7 +52,8 @@ pub enum EventKind {
     Tag,
     BranchDelete,
     TagDelete,
-    /// A CI outcome (GitLab Pipeline Hook, GitHub workflow_run, …).
+    /// A CI outcome (GitLab Pipeline Hook, GitHub workflow_run, CircleCI
+    /// workflow-completed, a generic source with `kind = "pipeline"`, …).
     Pipeline,
     /// The sender checking that the hook works; answered, never stored.
     Ping,

@@ -361,6 +361,15 @@ fn config_names_what_a_circleci_or_generic_pipeline_source_lacks_or_does_not_tak
     };
     let missing = check("[sources.c]\nprovider = \"circleci\"\npath = \"/hooks/c\"\n").unwrap();
     assert!(missing.contains("sources.c.secret"), "{missing}");
+    let described = relay::config::Config::from_toml(
+        "[sources.c]\nprovider = \"circleci\"\npath = \"/hooks/c\"\nsecret = [\"a\", \"b\"]\n",
+    )
+    .unwrap();
+    let described = described.source("c").unwrap().describe();
+    assert!(
+        described.starts_with("circleci POST /hooks/c (Circleci-Signature v1, secret from"),
+        "{described}"
+    );
     let misplaced =
         check("[sources.c]\nprovider = \"circleci\"\npath = \"/hooks/c\"\nsecret = \"s\"\ntoken = \"t\"\n")
             .unwrap();
@@ -380,7 +389,7 @@ fn config_names_what_a_circleci_or_generic_pipeline_source_lacks_or_does_not_tak
     );
     let status_on_push = check(&format!("{generic}fields = {{ status = \"/status\" }}\n")).unwrap();
     assert!(
-        status_on_push.contains("kind = \\\"pipeline\\\"") || status_on_push.contains("kind = \"pipeline\""),
+        status_on_push.contains("sources.g.fields.status") && status_on_push.contains(r#"kind = "pipeline""#),
         "{status_on_push}"
     );
     assert!(check(&format!(
