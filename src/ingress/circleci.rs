@@ -22,7 +22,8 @@ use http::HeaderMap;
 use serde::Deserialize;
 
 use super::{
-    ContentKind, Parsed, PayloadError, Received, SignatureError, from_json, header_str, required_header,
+    ContentKind, Parsed, PayloadError, Received, SignatureError, bounded, from_json, header_str,
+    required_header,
 };
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawSource;
@@ -372,18 +373,6 @@ fn repo_from_slug(slug: &str) -> &str {
     }
 }
 
-/// `value`, cut to at most `max` bytes on a character boundary.
-fn bounded(mut value: String, max: usize) -> String {
-    if value.len() > max {
-        let mut end = max;
-        while !value.is_char_boundary(end) {
-            end -= 1;
-        }
-        value.truncate(end);
-    }
-    value
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,11 +449,5 @@ mod tests {
         assert_eq!(split_repository_url(""), None);
         assert_eq!(repo_from_slug("gh/acme/app"), "acme/app");
         assert_eq!(repo_from_slug("circleci/org/proj"), "circleci/org/proj");
-    }
-
-    #[test]
-    fn long_fields_are_cut_on_a_character_boundary() {
-        assert_eq!(bounded("ééé".to_owned(), 3), "é");
-        assert_eq!(bounded("abc".to_owned(), 10), "abc");
     }
 }

@@ -19,7 +19,7 @@ use http::HeaderMap;
 use serde_json::Value;
 
 use super::{
-    ContentKind, Parsed, PayloadError, Received, SignatureError, form_payload, from_json, header_str,
+    ContentKind, Parsed, PayloadError, Received, SignatureError, bounded, form_payload, from_json, header_str,
 };
 use crate::config::compiler::Compiler;
 use crate::config::raw::{Encoding, GenericKind, RawSource};
@@ -285,15 +285,10 @@ pub(super) fn parse(settings: &Settings, hook: &str, payload: &[u8]) -> Result<P
     }
     let doc: Value = from_json(payload)?;
     let field = |name: &str| -> String {
-        let mut value = scalar(settings.pointer(name).and_then(|p| doc.pointer(p)));
-        if value.len() > MAX_FIELD {
-            let mut end = MAX_FIELD;
-            while !value.is_char_boundary(end) {
-                end -= 1;
-            }
-            value.truncate(end);
-        }
-        value
+        bounded(
+            scalar(settings.pointer(name).and_then(|p| doc.pointer(p))),
+            MAX_FIELD,
+        )
     };
     let git_ref = field("ref");
     if settings.kind == GenericKind::Pipeline {

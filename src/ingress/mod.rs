@@ -374,6 +374,19 @@ fn form_payload(body: &[u8]) -> Result<Bytes, PayloadError> {
         .ok_or(PayloadError::NoFormPayload)
 }
 
+/// `value`, cut to at most `max` bytes on a character boundary: what a
+/// parser keeps of a field from a payload, which is hostile input.
+fn bounded(mut value: String, max: usize) -> String {
+    if value.len() > max {
+        let mut end = max;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -434,6 +447,12 @@ mod tests {
         );
         assert!(ContentKind::of(&headers(&[("content-type", "text/plain")])).is_err());
         assert!(ContentKind::of(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("ééé".to_owned(), 3), "é");
+        assert_eq!(bounded("abc".to_owned(), 10), "abc");
     }
 
     #[test]
