@@ -19,6 +19,7 @@ pub enum Provider {
     Gitlab,
     Bitbucket,
     Gitea,
+    Circleci,
     Generic,
 }
 
@@ -29,6 +30,7 @@ impl Provider {
             Provider::Gitlab => "gitlab",
             Provider::Bitbucket => "bitbucket",
             Provider::Gitea => "gitea",
+            Provider::Circleci => "circleci",
             Provider::Generic => "generic",
         }
     }
@@ -50,7 +52,8 @@ pub enum EventKind {
     Tag,
     BranchDelete,
     TagDelete,
-    /// A CI outcome (GitLab Pipeline Hook, GitHub workflow_run, …).
+    /// A CI outcome (GitLab Pipeline Hook, GitHub workflow_run, CircleCI
+    /// workflow-completed, a generic source with `kind = "pipeline"`, …).
     Pipeline,
     /// The sender checking that the hook works; answered, never stored.
     Ping,
@@ -131,7 +134,15 @@ pub fn changed_paths<'a>(files: impl Iterator<Item = &'a str>) -> Vec<String> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pipeline {
     pub status: String,
-    pub id: u64,
+    /// The CI's id of the pipeline, as text: GitLab's and GitHub's numeric
+    /// ids in decimal, CircleCI's UUID. The template context gives a
+    /// decimal id as a number (see `routing::context`).
+    pub id: String,
+    /// The pipeline's number within its project (CircleCI's `number`); 0 when
+    /// the sender gives none.
+    pub number: u64,
+    /// The workflow's name (CircleCI's `workflow.name`); empty when none.
+    pub workflow: String,
     pub source: String,
     pub variables: BTreeMap<String, String>,
 }
@@ -221,6 +232,8 @@ pub const CONTEXT_FIELDS: &[&str] = &[
     "payload",
     "status",
     "pipeline_id",
+    "pipeline_number",
+    "workflow",
     "pipeline_source",
     "variables",
 ];

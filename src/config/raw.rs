@@ -259,6 +259,8 @@ pub struct RawSource {
     pub event_header: Option<String>,
     pub delivery_header: Option<String>,
     pub fields: Option<BTreeMap<String, String>>,
+    /// `generic` only: what its deliveries are (default `push`).
+    pub kind: Option<GenericKind>,
 }
 
 impl RawSource {
@@ -278,6 +280,7 @@ impl RawSource {
         note(self.event_header.is_some(), "event_header");
         note(self.delivery_header.is_some(), "delivery_header");
         note(self.fields.is_some(), "fields");
+        note(self.kind.is_some(), "kind");
         keys
     }
 }
@@ -293,6 +296,15 @@ pub struct RawSignature {
     pub prefix: String,
     #[serde(default)]
     pub encoding: Encoding,
+}
+
+/// What a `generic` source's deliveries are: pushes, or CI outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenericKind {
+    #[default]
+    Push,
+    Pipeline,
 }
 
 fn default_algorithm() -> Algorithm {

@@ -307,9 +307,9 @@ pub(super) fn parse(hook: &str, payload: &[u8], files: Files) -> Result<Parsed, 
                     .conclusion
                     .or(run.workflow_run.status)
                     .unwrap_or_default(),
-                id: run.workflow_run.id,
+                id: run.workflow_run.id.to_string(),
                 source: run.workflow_run.event,
-                variables: Default::default(),
+                ..Pipeline::default()
             });
             Ok(Parsed::Events(vec![event]))
         }

@@ -424,13 +424,14 @@ fn pipeline_event(hook: PipelineHook) -> Event {
     event.message = hook.commit.map(|c| c.message).unwrap_or_default();
     event.pipeline = Some(Pipeline {
         status: attrs.status,
-        id: attrs.id,
+        id: attrs.id.to_string(),
         source: attrs.source,
         variables: attrs
             .variables
             .into_iter()
             .map(|v| (v.key, v.value))
             .collect::<BTreeMap<_, _>>(),
+        ..Pipeline::default()
     });
     event
 }

@@ -7,6 +7,7 @@
 //! target: the accept path (`accept`) does the rest.
 
 mod bitbucket;
+mod circleci;
 mod error;
 mod generic;
 mod gitea;
@@ -58,6 +59,7 @@ enum Settings {
     Gitlab(gitlab::Settings),
     Bitbucket(bitbucket::Settings),
     Gitea(gitea::Settings),
+    Circleci(circleci::Settings),
     Generic(generic::Settings),
 }
 
@@ -101,11 +103,22 @@ impl Source {
                 c.only_keys(&key, &present, &["secret"], &owner);
                 gitea::Settings::compile(&key, &raw, c).map(Settings::Gitea)
             }
+            Provider::Circleci => {
+                c.only_keys(&key, &present, &["secret"], &owner);
+                circleci::Settings::compile(&key, &raw, c).map(Settings::Circleci)
+            }
             Provider::Generic => {
                 c.only_keys(
                     &key,
                     &present,
-                    &["secret", "signature", "event_header", "delivery_header", "fields"],
+                    &[
+                        "secret",
+                        "signature",
+                        "event_header",
+                        "delivery_header",
+                        "fields",
+                        "kind",
+                    ],
                     &owner,
                 );
                 generic::Settings::compile(&key, &raw, c).map(Settings::Generic)
@@ -131,6 +144,7 @@ impl Source {
             Settings::Gitlab(s) => s.describe(),
             Settings::Bitbucket(s) => s.describe(),
             Settings::Gitea(s) => s.describe(),
+            Settings::Circleci(s) => s.describe(),
             Settings::Generic(s) => s.describe(),
         };
         format!("{} POST {} ({auth})", self.provider, self.path)
@@ -186,6 +200,7 @@ impl Source {
             Settings::Gitlab(s) => gitlab::receive(s, &self.name, headers, &body, content, now)?,
             Settings::Bitbucket(s) => bitbucket::receive(s, &self.name, headers, &body, content)?,
             Settings::Gitea(s) => gitea::receive(s, &self.name, headers, &body, content)?,
+            Settings::Circleci(s) => circleci::receive(s, &self.name, headers, &body, content)?,
             Settings::Generic(s) => generic::receive(s, &self.name, headers, &body, content)?,
         };
         let hop = header_str(headers, HOP_HEADER)
@@ -213,6 +228,7 @@ impl Source {
             Settings::Gitlab(s) => owned(gitlab::sign(s, hook, body, delivery, now)),
             Settings::Bitbucket(s) => owned(bitbucket::sign(s, hook, body, delivery)),
             Settings::Gitea(s) => owned(gitea::sign(s, hook, body, delivery)),
+            Settings::Circleci(s) => owned(circleci::sign(s, hook, body)),
             Settings::Generic(s) => generic::sign(s, hook, body, delivery),
         };
         let mut headers = HeaderMap::new();
@@ -240,6 +256,7 @@ impl Source {
             Settings::Gitlab(_) => gitlab::parse(webhook.hook(), webhook.payload()),
             Settings::Bitbucket(_) => bitbucket::parse(webhook.hook(), webhook.payload()),
             Settings::Gitea(_) => gitea::parse(webhook.hook(), webhook.payload(), files),
+            Settings::Circleci(_) => circleci::parse(webhook.hook(), webhook.payload()),
             Settings::Generic(s) => generic::parse(s, webhook.hook(), webhook.payload()),
         }
     }
@@ -357,6 +374,19 @@ fn form_payload(body: &[u8]) -> Result<Bytes, PayloadError> {
         .ok_or(PayloadError::NoFormPayload)
 }
 
+/// `value`, cut to at most `max` bytes on a character boundary: what a
+/// parser keeps of a field from a payload, which is hostile input.
+fn bounded(mut value: String, max: usize) -> String {
+    if value.len() > max {
+        let mut end = max;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -417,6 +447,12 @@ mod tests {
         );
         assert!(ContentKind::of(&headers(&[("content-type", "text/plain")])).is_err());
         assert!(ContentKind::of(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("ééé".to_owned(), 3), "é");
+        assert_eq!(bounded("abc".to_owned(), 10), "abc");
     }
 
     #[test]

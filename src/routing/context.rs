@@ -1,6 +1,8 @@
 //! The template and `when` context of an event: every name in
 //! `event::CONTEXT_FIELDS`, bound to the event and the webhook it came in.
 //! The raw JSON is exposed lazily, parsed only if something reads `payload`.
+//! `pipeline_id` is a number where the CI's id is one (GitLab, GitHub) and
+//! text otherwise (CircleCI's UUID).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -44,10 +46,26 @@ pub fn context(event: &Event, webhook: &Webhook, hop: u32) -> Value {
     );
     let pipeline = event.pipeline.clone().unwrap_or_default();
     map.insert("status", Value::from(pipeline.status));
-    map.insert("pipeline_id", Value::from(pipeline.id));
+    map.insert("pipeline_id", pipeline_id(&pipeline.id));
+    map.insert("pipeline_number", Value::from(pipeline.number));
+    map.insert("workflow", Value::from(pipeline.workflow));
     map.insert("pipeline_source", Value::from(pipeline.source));
     map.insert("variables", Value::from(pipeline.variables));
     Value::from(map)
+}
+
+/// `pipeline_id` as templates and `when` have always seen it: a number for a
+/// decimal id (GitLab, GitHub), so `pipeline_id == 42` holds and it renders
+/// as before; 0 for an event without a pipeline; otherwise the text itself
+/// (CircleCI's UUID).
+fn pipeline_id(id: &str) -> Value {
+    if id.is_empty() {
+        return Value::from(0u64);
+    }
+    match id.parse::<u64>() {
+        Ok(number) if number.to_string() == id => Value::from(number),
+        _ => Value::from(id),
+    }
 }
 
 /// The original JSON document, parsed on first access.
@@ -90,5 +108,20 @@ impl Object for LazyPayload {
             Ok(keys) => Enumerator::Values(keys.collect()),
             Err(_) => Enumerator::Empty,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decimal_pipeline_id_stays_a_number_and_a_uuid_is_text() {
+        assert_eq!(pipeline_id("42"), Value::from(42u64));
+        assert_eq!(pipeline_id("42").to_string(), "42");
+        assert_eq!(pipeline_id(""), Value::from(0u64));
+        let uuid = "877c620f-900a-455b-ad51-1a772b5a3eab";
+        assert_eq!(pipeline_id(uuid), Value::from(uuid));
+        assert_eq!(pipeline_id("042"), Value::from("042"));
     }
 }

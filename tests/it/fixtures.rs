@@ -1,5 +1,5 @@
 //! Conformance over the real sender payloads in `../shared/fixtures` (see its
-//! SOURCES.md): every GitHub, GitLab, Bitbucket and Gitea fixture is signed the
+//! SOURCES.md): every GitHub, GitLab, Bitbucket, Gitea and CircleCI fixture is signed the
 //! way its sender signs it (with `support::sign`, not relay's own signer), goes
 //! through `Source::receive` and `Source::parse`, and every field of every
 //! resulting event is compared with a value read off the fixture by hand and
@@ -35,6 +35,7 @@ const GITLAB_TOKEN: &str = "gitlab-fixture-token";
 /// The secret of the captured signed Bitbucket delivery (PROTOCOLS.md A3).
 const BITBUCKET_SECRET: &str = "Gkvl$k$wyNpQAF42";
 const GITEA_SECRET: &str = "gitea-fixture-secret";
+const CIRCLECI_SECRET: &str = "circleci-fixture-secret";
 
 /// One source per provider, named after it; no routes or targets. The
 /// Bitbucket secret is a TOML literal string, so it is taken byte for byte.
@@ -58,6 +59,11 @@ secret = 'Gkvl$k$wyNpQAF42'
 provider = "gitea"
 path = "/hooks/gitea"
 secret = "gitea-fixture-secret"
+
+[sources.circleci]
+provider = "circleci"
+path = "/hooks/circleci"
+secret = "circleci-fixture-secret"
 "#;
 
 fn config() -> Config {
@@ -82,6 +88,8 @@ fn signed_headers(provider: &str, hook: &str, delivery: &str, body: &[u8]) -> He
         "gitlab" => sign::gitlab(GITLAB_TOKEN, hook, delivery),
         "bitbucket" => sign::bitbucket(BITBUCKET_SECRET, hook, delivery, body),
         "gitea" => sign::gitea(GITEA_SECRET, hook, delivery, body),
+        // CircleCI's delivery id is the body's own `id`.
+        "circleci" => sign::circleci(CIRCLECI_SECRET, hook, body),
         other => panic!("no source for provider {other}"),
     };
     header_map(&pairs)
@@ -168,7 +176,9 @@ struct Expect {
 
 struct ExpectPipeline {
     status: &'static str,
-    id: u64,
+    id: &'static str,
+    number: u64,
+    workflow: &'static str,
     source: &'static str,
     variables: &'static [(&'static str, &'static str)],
 }
@@ -184,7 +194,9 @@ fn compare(label: &str, events: &[Event], expected: &[Expect]) {
     for (i, (got, want)) in events.iter().zip(expected).enumerate() {
         let pipeline = want.pipeline.as_ref().map(|p| Pipeline {
             status: p.status.to_owned(),
-            id: p.id,
+            id: p.id.to_owned(),
+            number: p.number,
+            workflow: p.workflow.to_owned(),
             source: p.source.to_owned(),
             variables: p
                 .variables
@@ -633,7 +645,9 @@ const CASES: &[Case] = &[
             paths_complete: false,
             pipeline: Some(ExpectPipeline {
                 status: "success",
-                id: 31,
+                id: "31",
+                number: 0,
+                workflow: "",
                 source: "merge_request_event",
                 variables: &[("NESTOR_PROD_ENVIRONMENT", "us-west-1")],
             }),
@@ -989,7 +1003,89 @@ const CASES: &[Case] = &[
             pipeline: None,
         }]),
     },
+    Case {
+        file: "circleci/workflow-completed-github.json",
+        hook: "workflow-completed",
+        want: Want::Events(&[Expect {
+            kind: EventKind::Pipeline,
+            ..CCI_GITHUB
+        }]),
+    },
+    Case {
+        file: "circleci/job-completed-github.json",
+        hook: "job-completed",
+        // Recorded and acknowledged, never routed: no pipeline outcome.
+        want: Want::Events(&[Expect {
+            kind: EventKind::Other,
+            pipeline: None,
+            ..CCI_GITHUB
+        }]),
+    },
+    Case {
+        file: "circleci/workflow-completed-gitlab-app.json",
+        hook: "workflow-completed",
+        // A GitLab project: no `vcs`; the ref, commit and repository come
+        // from `trigger_parameters.git` (its checkout_url names the repository).
+        want: Want::Events(&[Expect {
+            kind: EventKind::Pipeline,
+            repo: "zulip-testing/circleci-webhook-test",
+            repo_url: "https://gitlab.com/zulip-testing/circleci-webhook-test",
+            git_ref: "refs/heads/main",
+            branch: "main",
+            tag: "",
+            sha: "c31f86994c54672f97b5bd5e544315b7bd40e4c1",
+            before: "",
+            created: false,
+            deleted: false,
+            forced: false,
+            pusher: "",
+            message: "app: Enhance message within hello().",
+            paths: &[],
+            paths_complete: false,
+            pipeline: Some(ExpectPipeline {
+                status: "success",
+                id: "18448206-98fd-4ed2-abef-896da41340c0",
+                number: 3,
+                workflow: "sample",
+                source: "gitlab",
+                variables: &[],
+            }),
+        }]),
+    },
 ];
+
+// ---------------------------------------------------------------------------
+// CircleCI (Circleci-Event-Type; the delivery id is the body's `id`)
+// ---------------------------------------------------------------------------
+
+/// A GitHub OAuth project's pipeline: everything from `pipeline.vcs`.
+const CCI_GITHUB: Expect = Expect {
+    kind: EventKind::Pipeline,
+    repo: "zulip-testing/circleci-webhook-test",
+    repo_url: "https://github.com/zulip-testing/circleci-webhook-test",
+    git_ref: "refs/heads/main",
+    branch: "main",
+    tag: "",
+    sha: "a5e30a908224e46626a796d058289475f6d387b5",
+    before: "",
+    created: false,
+    deleted: false,
+    forced: false,
+    // CircleCI names no pusher.
+    pusher: "",
+    // The commit's subject (its body is empty).
+    message: ".circleci: Update Webhook URL.",
+    paths: &[],
+    paths_complete: false,
+    pipeline: Some(ExpectPipeline {
+        status: "success",
+        id: "877c620f-900a-455b-ad51-1a772b5a3eab",
+        number: 4,
+        workflow: "sample",
+        source: "webhook",
+        variables: &[],
+    }),
+};
 
 /// A fixture added to the shared directory without a case here fails this.
 #[test]
@@ -999,7 +1095,7 @@ fn every_provider_fixture_has_a_case() {
         return;
     };
     let mut on_disk = Vec::new();
-    for provider in ["github", "gitlab", "bitbucket", "gitea"] {
+    for provider in ["github", "gitlab", "bitbucket", "gitea", "circleci"] {
         for entry in std::fs::read_dir(dir.join(provider)).unwrap() {
             let name = entry.unwrap().file_name().into_string().unwrap();
             if name.ends_with(".json") {
@@ -1032,6 +1128,39 @@ fn assert_mismatch(result: Result<relay::ingress::Webhook, IngressError>, header
 
 /// GitHub's docs vector ("Testing the webhook payload validation"): the
 /// body is not JSON, which `receive` never reads.
+/// CircleCI's delivery id is the body's `id`: what its redeliveries repeat.
+#[test]
+fn circleci_fixtures_are_keyed_on_the_body_id() {
+    let config = config();
+    let source = config.source("circleci").unwrap();
+    for (file, hook, id) in [
+        (
+            "circleci/workflow-completed-github.json",
+            "workflow-completed",
+            "630a6132-5bf1-3600-b26d-a020d41358f9",
+        ),
+        (
+            "circleci/job-completed-github.json",
+            "job-completed",
+            "e7346c18-44cb-331d-9d45-698a38edb2e0",
+        ),
+        (
+            "circleci/workflow-completed-gitlab-app.json",
+            "workflow-completed",
+            "02ca6868-629c-3f34-b574-6f2d506357f8",
+        ),
+    ] {
+        let Some(body) = fixture(file) else {
+            return;
+        };
+        let headers = header_map(&sign::circleci(CIRCLECI_SECRET, hook, &body));
+        let webhook = source
+            .receive(&headers, Bytes::from(body), SystemTime::now())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(webhook.delivery(), Some(id), "{file}");
+    }
+}
+
 #[test]
 fn github_documented_signature_vector() {
     let config = config();

@@ -109,6 +109,19 @@ pub mod sign {
         ]
     }
 
+    /// CircleCI: `Circleci-Signature: v1=<hex HMAC-SHA256>`; the delivery id
+    /// is the body's own `id`, so there is no delivery header.
+    pub fn circleci(secret: &str, event: &str, body: &[u8]) -> Vec<(String, String)> {
+        vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("Circleci-Event-Type".into(), event.into()),
+            (
+                "Circleci-Signature".into(),
+                format!("v1={}", hex(&hmac_sha256(secret.as_bytes(), &[body]))),
+            ),
+        ]
+    }
+
     /// Gitea signs the JSON document; Forgejo sends its headers beside Gitea's.
     pub fn gitea(secret: &str, event: &str, delivery: &str, json: &[u8]) -> Vec<(String, String)> {
         let sig = hex(&hmac_sha256(secret.as_bytes(), &[json]));
