@@ -11,6 +11,7 @@ mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod loop_guard;
+mod packaging;
 mod production;
 mod providers;
 mod routing;
