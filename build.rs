@@ -52,9 +52,11 @@ fn commit_of_checkout() -> Option<String> {
     if top.canonicalize().ok()? != manifest.canonicalize().ok()? {
         return None;
     }
-    // HEAD, the branch it names (a loose ref or packed-refs) and the index
-    // live under the Git directory, which a worktree keeps elsewhere.
-    for name in ["HEAD", "packed-refs", "index"] {
+    // HEAD, its reflog (written by every commit and checkout, even of a
+    // branch that is only in packed-refs), the branch it names, packed-refs
+    // and the index live under the Git directory, which a worktree keeps
+    // elsewhere.
+    for name in ["HEAD", "logs/HEAD", "packed-refs", "index"] {
         watch(git(&["rev-parse", "--git-path", name]));
     }
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
@@ -69,21 +71,14 @@ fn commit_of_checkout() -> Option<String> {
     Some(if dirty { format!("{commit}-dirty") } else { commit })
 }
 
-/// Reruns the build script when `path` changes: the file where it exists
-/// (a missing one would make Cargo rerun on every build), else its folder,
-/// where git writes it (a branch packed until its next commit). Relative
-/// paths are relative to the package, where both git and this script run.
+/// Reruns the build script when the file at `path` changes. Only a file
+/// that exists: Cargo reruns on every build for a missing one, and a folder
+/// of the Git directory changes with every git command in any worktree.
+/// Relative paths are relative to the package, where both git and this
+/// script run.
 fn watch(path: Option<String>) {
-    let Some(path) = path.map(PathBuf::from) else {
-        return;
-    };
-    let watched = if path.exists() {
-        Some(path.as_path())
-    } else {
-        path.parent()
-    };
-    if let Some(watched) = watched.filter(|p| p.exists()) {
-        println!("cargo::rerun-if-changed={}", watched.display());
+    if let Some(path) = path.map(PathBuf::from).filter(|p| p.is_file()) {
+        println!("cargo::rerun-if-changed={}", path.display());
     }
 }
 
