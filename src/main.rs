@@ -1,13 +1,17 @@
 //! The `relay` command: parses arguments, loads the config, and calls into
 //! the library. Exit codes: 0 success, 1 failure at run time, 2 bad usage,
 //! 78 (EX_CONFIG) a config relay cannot use, so systemd can stop restarting.
+//!
+//! The clap definitions here are the one source of `--help`, the shell
+//! completions (`relay completions SHELL`) and the man pages (`relay man`,
+//! hidden: the package build runs it), so none of them can drift.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytes::Bytes;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use relay::config::Config;
 use relay::daemon::Control;
 use relay::server::{Inherited, Listeners};
@@ -20,10 +24,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EX_CONFIG: u8 = 78;
 
+/// The commit relay was built from (`build.rs`: 12 hex digits, `-dirty` for
+/// uncommitted changes, or `unknown` outside a Git checkout).
+const GIT_COMMIT: &str = env!("RELAY_GIT_COMMIT");
+
 #[derive(Debug, Parser)]
 #[command(
     name = "relay",
-    version,
     about = "Receive Git webhooks, route them, trigger CI pipelines durably"
 )]
 struct Cli {
@@ -92,6 +99,18 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Print the shell completion script (bash: `source <(relay completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the relay(1) man page as roff, or write every page into a directory.
+    #[command(hide = true)]
+    Man {
+        /// Write relay.1 and a relay-COMMAND.1 page per subcommand here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,8 +142,31 @@ enum JobsAction {
     },
 }
 
+/// The command line as clap sees it, with the version lines: `-V` prints
+/// the version and commit, `--version` adds the store schema versions this
+/// build migrates to.
+fn command() -> clap::Command {
+    let version = env!("CARGO_PKG_VERSION");
+    Cli::command()
+        .version(format!("{version} ({GIT_COMMIT})"))
+        .long_version(format!(
+            "{version}\ncommit: {GIT_COMMIT}\nstore schema: sqlite {}, postgres {}",
+            relay::store::SQLITE_SCHEMA_VERSION,
+            relay::store::POSTGRES_SCHEMA_VERSION,
+        ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut command()).exit(),
+    };
+    // These only print what the clap definitions say; no logging, no runtime.
+    match &cli.command {
+        Command::Completions { shell } => return completions(*shell),
+        Command::Man { dir } => return man(dir.as_deref()),
+        _ => {}
+    }
     init_logging(cli.log_format);
     // Sockets systemd passed in must be taken before any other thread runs.
     let inherited = match &cli.command {
@@ -145,6 +187,57 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(cli.command, inherited))
+}
+
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    // Into memory first: clap_complete panics when its writer fails (a
+    // closed pipe); writing to stdout here reports the error instead.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command(), "relay", &mut script);
+    print_bytes(&script, "the completions")
+}
+
+fn print_bytes(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: cannot write {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// relay(1) on stdout, or with `dir` that page and one per subcommand
+/// (`relay-serve.1`, `relay-jobs-list.1`, …), the way git ships its pages.
+fn man(dir: Option<&std::path::Path>) -> ExitCode {
+    let mut cmd = command().disable_help_subcommand(true);
+    cmd.build();
+    let mut roff = Vec::new();
+    let result = match dir {
+        None => page(cmd).render(&mut roff),
+        Some(dir) => write_pages(cmd, dir),
+    };
+    match result {
+        Ok(()) => print_bytes(&roff, "the man page"),
+        Err(e) => {
+            eprintln!("relay: cannot write the man pages: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn page(cmd: clap::Command) -> clap_mangen::Man {
+    let title = cmd.get_display_name().unwrap_or(cmd.get_name()).to_uppercase();
+    clap_mangen::Man::new(cmd).title(title)
+}
+
+fn write_pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_pages(sub.clone(), dir)?;
+    }
+    page(cmd).generate_to(dir).map(drop)
 }
 
 fn init_logging(format: LogFormat) {
@@ -254,6 +347,8 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
                 }
             }
         }
+        // Answered in `main`, before the runtime starts.
+        Command::Completions { .. } | Command::Man { .. } => ExitCode::SUCCESS,
     }
 }
 

@@ -30,6 +30,11 @@ pub use roles::{Inspect, Maintain, Queue, Store};
 pub use sqlite::MAX_BATCH;
 pub use sqlite::SqliteStore;
 
+/// The SQLite schema version this build migrates to (`PRAGMA user_version`).
+pub const SQLITE_SCHEMA_VERSION: u32 = sqlite::SCHEMA_VERSION;
+/// The PostgreSQL schema version this build migrates to (`relay_schema`).
+pub const POSTGRES_SCHEMA_VERSION: u32 = postgres::SCHEMA_VERSION;
+
 use crate::config::{StoreLocation, StoreSettings};
 use crate::guard::{Dropped, JobLimits, Trigger};
 use crate::pipeline::{Pipeline, PipelineState};

@@ -13,6 +13,7 @@ mod delivery;
 mod fixtures;
 mod ingress_errors;
 mod loop_guard;
+mod packaging;
 mod pipeline_run;
 mod pipelines;
 mod production;

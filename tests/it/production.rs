@@ -658,7 +658,7 @@ fn the_units_verify_and_the_service_is_hardened() {
     // A root with the binary where the unit says, and systemd's own units.
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    for d in ["usr/local/bin", "etc/systemd/system", "bin", "usr/lib/systemd"] {
+    for d in ["usr/bin", "etc/systemd/system", "bin", "usr/lib/systemd"] {
         std::fs::create_dir_all(r.join(d)).unwrap();
     }
     let copy = std::process::Command::new("cp")
@@ -667,7 +667,7 @@ fn the_units_verify_and_the_service_is_hardened() {
         .status()
         .unwrap();
     assert!(copy.success());
-    std::fs::copy(relay_binary(), r.join("usr/local/bin/relay")).unwrap();
+    std::fs::copy(relay_binary(), r.join("usr/bin/relay")).unwrap();
     std::fs::copy("/bin/kill", r.join("bin/kill")).unwrap();
     for unit in ["relay.service", "relay.socket"] {
         std::fs::copy(units.join(unit), r.join("etc/systemd/system").join(unit)).unwrap();

@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use self::connect::{POOL_TIMEOUT, connection_config, describe, pool_error, tls_connector};
 use self::listen::{keep_listening, listen_on};
-pub(crate) use self::schema::schema_status;
+pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
     ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,

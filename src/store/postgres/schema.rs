@@ -19,6 +19,9 @@ use crate::store::{SchemaStatus, StoreError};
 /// edit a released entry: add one.
 const MIGRATIONS: &[&str] = &[V1, V2];
 
+/// The schema version this build migrates a database to (`relay --version`).
+pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
 /// The tables and semantics of the SQLite schema (its V1 to V3), in native
 /// types. `drops.id` only keeps a drop list in the order it was written.
 const V1: &str = "

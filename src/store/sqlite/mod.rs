@@ -40,7 +40,7 @@ use rusqlite::{Connection, Params, Row, Statement};
 use tracing::info;
 use uuid::Uuid;
 
-pub(crate) use schema::schema_status;
+pub(crate) use schema::{SCHEMA_VERSION, schema_status};
 #[cfg(feature = "bench")]
 pub use writer::MAX_BATCH;
 #[cfg(not(feature = "bench"))]

@@ -20,6 +20,9 @@ use crate::store::{SchemaStatus, StoreError};
 /// records how far a database has come. Never edit a released entry: add one.
 const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
+/// The schema version this build migrates a database to (`relay --version`).
+pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
 const V1: &str = "
 CREATE TABLE events (
     id           TEXT PRIMARY KEY,
