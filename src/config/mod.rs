@@ -29,7 +29,7 @@ use crate::event::Files;
 use crate::guard::LoopGuard;
 use crate::ingress::Source;
 use crate::payload::PayloadUrls;
-use crate::routing::{Route, Router};
+use crate::routing::{Declared, Route, Router};
 use crate::targets::Target;
 use crate::template::Templates;
 use compiler::{Compiler, Problem};
@@ -216,6 +216,10 @@ impl Config {
             burst: c.burst("loop_guard.burst", loop_guard.burst),
         };
 
+        let declared = Declared {
+            sources: raw_sources.iter().map(|(name, _)| name.clone()).collect(),
+            targets: raw_targets.iter().map(|(name, _)| name.clone()).collect(),
+        };
         let mut sources = Vec::new();
         let mut paths = HashSet::new();
         for (name, raw) in raw_sources {
@@ -262,7 +266,7 @@ impl Config {
                     format!("route name {:?} is used twice", raw.name),
                 );
             }
-            if let Some(route) = Route::compile(index, raw, &sources, &targets, &mut c) {
+            if let Some(route) = Route::compile(index, raw, &declared, &mut c) {
                 routes.push(route);
             }
         }

@@ -18,7 +18,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 pub use context::context;
-pub use route::{Route, Verdict};
+pub use route::{Declared, Route, Verdict};
 
 use crate::event::Event;
 use crate::guard::{self, Dropped, JobLimits, LoopGuard};

@@ -11,9 +11,16 @@ use minijinja::value::Value;
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawRoute;
 use crate::event::{Event, EventKind};
-use crate::ingress::Source;
-use crate::targets::Target;
 use crate::template::{Condition, Templates};
+
+/// The sources and targets the config declares, whether or not they
+/// compiled: a route that names one with problems of its own is not also
+/// told that it does not exist.
+#[derive(Debug, Default)]
+pub struct Declared {
+    pub sources: Vec<String>,
+    pub targets: Vec<String>,
+}
 
 /// A `[[routes]]` entry, compiled.
 #[derive(Debug)]
@@ -106,13 +113,7 @@ fn glob(pattern: &str) -> Result<Glob, globset::Error> {
 }
 
 impl Route {
-    pub fn compile(
-        index: usize,
-        raw: RawRoute,
-        sources: &[Source],
-        targets: &std::collections::BTreeMap<String, Target>,
-        c: &mut Compiler,
-    ) -> Option<Route> {
+    pub fn compile(index: usize, raw: RawRoute, declared: &Declared, c: &mut Compiler) -> Option<Route> {
         let key = format!("routes[{index}]");
         let before = c.problem_count();
         if raw.name.trim().is_empty() {
@@ -120,8 +121,8 @@ impl Route {
         }
         if let Some(from) = &raw.from {
             for (i, name) in from.iter().enumerate() {
-                if !sources.iter().any(|s| &s.name == name) {
-                    let known: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+                if !declared.sources.iter().any(|s| s == name) {
+                    let known: Vec<&str> = declared.sources.iter().map(String::as_str).collect();
                     c.problem(
                         format!("{key}.from[{i}]"),
                         format!("no source is named {name:?} ({})", listing("sources", &known)),
@@ -133,8 +134,8 @@ impl Route {
             c.problem(format!("{key}.to"), "names no target");
         }
         for (i, name) in raw.to.iter().enumerate() {
-            if !targets.contains_key(name) {
-                let known: Vec<&str> = targets.keys().map(String::as_str).collect();
+            if !declared.targets.iter().any(|t| t == name) {
+                let known: Vec<&str> = declared.targets.iter().map(String::as_str).collect();
                 c.problem(
                     format!("{key}.to[{i}]"),
                     format!("no target is named {name:?} ({})", listing("targets", &known)),

@@ -398,17 +398,12 @@ dry_run = true
         ))
     }
 
-    /// The target's own problems (a route naming a target that failed to
-    /// compile has one more, at the route).
+    /// Every problem the config has: the target's own, and no second one
+    /// at the route that names it (it is declared, only broken).
     fn problems(extra: &str) -> Vec<(String, String)> {
         match target(extra) {
             Ok(_) => Vec::new(),
-            Err(e) => e
-                .problems
-                .into_iter()
-                .filter(|p| p.key.starts_with("targets.app"))
-                .map(|p| (p.key, p.message))
-                .collect(),
+            Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
         }
     }
 
