@@ -10,6 +10,7 @@ mod circleci_source;
 mod cli;
 mod crash;
 mod delivery;
+mod faulty_targets;
 mod fixtures;
 mod ingress_errors;
 mod loop_guard;

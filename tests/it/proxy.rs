@@ -150,7 +150,7 @@ async fn serve_proxied(mut client: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
 }
 
 /// A TLS server with a self-signed certificate: relay's handshake fails.
-async fn untrusted_tls_server() -> SocketAddr {
+pub(crate) async fn untrusted_tls_server() -> SocketAddr {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
