@@ -20,9 +20,10 @@ use crate::app::App;
 use crate::clock::{stopwatch, wall_time};
 use crate::config::Config;
 use crate::dispatch::{self, Reservation};
-use crate::event::Event;
+use crate::event::{Event, EventKind, Upstream};
 use crate::guard::Dropped;
 use crate::ingress::{IngressError, Parsed, RequestLimits, Webhook};
+use crate::pipeline::PipelineState;
 use crate::routing::{self, Plan};
 use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError};
 use crate::web::{Body, json_response};
@@ -123,7 +124,8 @@ async fn accept(
         Parsed::Events(events) => events,
     };
     let now = app.now();
-    let plan = routing::plan(&config.router(), source, &webhook, &events, now);
+    let upstreams = correlate(app, &events, now).await?;
+    let plan = routing::plan(&config.router(), source, &webhook, &events, &upstreams, now);
     let sendable = plan
         .jobs
         .iter()
@@ -204,6 +206,40 @@ async fn accept(
     }
 }
 
+/// For each pipeline event, what started the pipeline it reports when relay
+/// did, with the pipeline's new state recorded on that job. Bounded by the
+/// senders' deadline like the commit: a store that cannot say is a 503, since
+/// routing without knowing the hop count could let a loop through.
+async fn correlate(
+    app: &App,
+    events: &[Event],
+    now: SystemTime,
+) -> Result<Vec<Option<Upstream>>, StoreError> {
+    let mut upstreams = Vec::with_capacity(events.len());
+    for event in events {
+        let reported = event
+            .pipeline
+            .as_ref()
+            .filter(|p| event.kind == EventKind::Pipeline && !p.id.is_empty());
+        let upstream = match reported {
+            None => None,
+            Some(pipeline) => {
+                let state = PipelineState::of_ci_status(&pipeline.status);
+                tokio::time::timeout(SENDERS_DEADLINE, app.store.correlate(&pipeline.id, state, now))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "the store did not answer within {}s",
+                            SENDERS_DEADLINE.as_secs()
+                        ))
+                    })??
+            }
+        };
+        upstreams.push(upstream);
+    }
+    Ok(upstreams)
+}
+
 /// The store's record of an accepted webhook.
 fn record(
     webhook: &Webhook,
@@ -226,7 +262,7 @@ fn record(
         content_type: webhook.content_type().to_owned(),
         body: webhook.body().clone(),
         payload: (!webhook.payload_is_body()).then(|| webhook.payload().clone()),
-        hop: webhook.hop(),
+        hop: plan.hop,
         received_at: now,
         summary: summary.to_string(),
         jobs: plan

@@ -135,7 +135,9 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
         Parsed::Events(events) => events,
     };
-    let plan = routing::plan(&config.router(), source, &webhook, &events, now);
+    // No store here: an event is explained as if relay had started no
+    // pipeline it reports on.
+    let plan = routing::plan(&config.router(), source, &webhook, &events, &[], now);
     let mut out = String::new();
     for (index, event) in events.iter().enumerate() {
         let _ = writeln!(

@@ -147,6 +147,22 @@ pub struct Pipeline {
     pub variables: BTreeMap<String, String>,
 }
 
+/// The trigger that started the pipeline a `pipeline` event reports, when
+/// relay started it: found by the pipeline's id among the jobs' pipelines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The event whose route triggered the pipeline.
+    pub event_id: String,
+    pub route: String,
+    pub target: String,
+    /// That event's own hop count; the pipeline ran one hop further.
+    pub hop: u32,
+    /// The repository and commit of that event (its first, for a Bitbucket
+    /// push of several).
+    pub repo: String,
+    pub sha: String,
+}
+
 /// One normalized event. Absent strings are empty, so templates never print "none".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -236,6 +252,7 @@ pub const CONTEXT_FIELDS: &[&str] = &[
     "workflow",
     "pipeline_source",
     "variables",
+    "upstream",
 ];
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, Upstream};
 
 /// Markers in a head commit message that ask CI (and relay) to stay quiet.
 pub const SKIP_MARKERS: [&str; 4] = ["[skip ci]", "[ci skip]", "[no ci]", "[skip relay]"];
@@ -72,16 +72,19 @@ pub struct Origin<'a> {
 }
 
 /// How many relay hops led to this event: the `X-Relay-Hop` header on the
-/// request, or the hop variable a relay-triggered pipeline carries back in
-/// its pipeline event, whichever is higher.
-pub fn hop(guard: &LoopGuard, origin: &Origin<'_>, event: &Event) -> u32 {
+/// request, the hop variable a relay-triggered pipeline carries back in its
+/// pipeline event, or one more than the event whose trigger started the
+/// pipeline (`upstream`, for CIs that carry no variables back), whichever is
+/// highest.
+pub fn hop(guard: &LoopGuard, origin: &Origin<'_>, event: &Event, upstream: Option<&Upstream>) -> u32 {
     let from_pipeline = event
         .pipeline
         .as_ref()
         .and_then(|p| p.variables.get(&guard.hop_variable))
         .and_then(|v| v.trim().parse::<u32>().ok())
         .unwrap_or(0);
-    origin.request_hop.max(from_pipeline)
+    let from_upstream = upstream.map_or(0, |u| u.hop.saturating_add(1));
+    origin.request_hop.max(from_pipeline).max(from_upstream)
 }
 
 /// Why this event must not be routed at all, if it must not.

@@ -48,6 +48,19 @@ impl PipelineState {
     pub fn parse(text: &str) -> Option<PipelineState> {
         PipelineState::ALL.into_iter().find(|s| s.as_str() == text)
     }
+
+    /// The state a CI's pipeline event reports, in relay's words: GitLab's
+    /// pipeline statuses and CircleCI's workflow statuses.
+    pub fn of_ci_status(status: &str) -> PipelineState {
+        match status {
+            "success" => PipelineState::Success,
+            "failed" => PipelineState::Failed,
+            "canceled" | "canceling" | "skipped" => PipelineState::Canceled,
+            "error" | "unauthorized" => PipelineState::Error,
+            "running" => PipelineState::Running,
+            _ => PipelineState::Created,
+        }
+    }
 }
 
 impl fmt::Display for PipelineState {
@@ -111,6 +124,10 @@ mod tests {
             assert_eq!(PipelineState::parse(state.as_str()), Some(state));
         }
         assert_eq!(PipelineState::parse("pending"), None);
+        assert_eq!(PipelineState::of_ci_status("success"), PipelineState::Success);
+        assert_eq!(PipelineState::of_ci_status("unauthorized"), PipelineState::Error);
+        assert_eq!(PipelineState::of_ci_status("skipped"), PipelineState::Canceled);
+        assert_eq!(PipelineState::of_ci_status("pending"), PipelineState::Created);
     }
 
     #[test]

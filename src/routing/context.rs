@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use minijinja::value::{Enumerator, Object, ObjectRepr, Serde, Value};
 
-use crate::event::Event;
+use crate::event::{Event, Upstream};
 use crate::ingress::Webhook;
 
 /// The template and `when` context for one event of a webhook.
@@ -18,7 +18,7 @@ use crate::ingress::Webhook;
 /// `payload` is exposed lazily: the raw JSON is parsed only if a template
 /// or expression actually reads it.
 /// `hop` is how many relay hops led here (see `guard::hop`).
-pub fn context(event: &Event, webhook: &Webhook, hop: u32) -> Value {
+pub fn context(event: &Event, webhook: &Webhook, hop: u32, upstream: Option<&Upstream>) -> Value {
     let mut map: BTreeMap<&'static str, Value> = BTreeMap::new();
     map.insert("source", Value::from(webhook.source()));
     map.insert("provider", Value::from(webhook.provider().as_str()));
@@ -51,6 +51,16 @@ pub fn context(event: &Event, webhook: &Webhook, hop: u32) -> Value {
     map.insert("workflow", Value::from(pipeline.workflow));
     map.insert("pipeline_source", Value::from(pipeline.source));
     map.insert("variables", Value::from(pipeline.variables));
+    // Empty strings, not none, for an event relay did not start.
+    let field = |f: fn(&Upstream) -> &str| Value::from(upstream.map_or("", f));
+    let upstream_map: BTreeMap<&str, Value> = BTreeMap::from([
+        ("event_id", field(|u| &u.event_id)),
+        ("route", field(|u| &u.route)),
+        ("target", field(|u| &u.target)),
+        ("repo", field(|u| &u.repo)),
+        ("sha", field(|u| &u.sha)),
+    ]);
+    map.insert("upstream", Value::from(upstream_map));
     Value::from(map)
 }
 

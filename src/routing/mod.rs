@@ -20,7 +20,7 @@ use uuid::Uuid;
 pub use context::context;
 pub use route::{Declared, Route, Verdict};
 
-use crate::event::Event;
+use crate::event::{Event, Upstream};
 use crate::guard::{self, Dropped, JobLimits, LoopGuard};
 use crate::ingress::{Source, Webhook};
 use crate::payload::PayloadUrls;
@@ -67,6 +67,10 @@ pub struct Plan {
     pub dropped: Vec<EventDrop>,
     /// Every route's verdict for every event, for `relay explain`.
     pub trace: Vec<(usize, String, Verdict)>,
+    /// The most relay hops that led to any of the webhook's events (at
+    /// least the request's own): stored with the event, so a pipeline it
+    /// triggers is known to be one hop further (`Queue::correlate`).
+    pub hop: u32,
 }
 
 impl Plan {
@@ -95,15 +99,21 @@ impl Plan {
 }
 
 /// Evaluates every route for every event and renders the requests to queue.
-/// `now` dates what rendering needs dated (payload URLs' expiry).
+/// `upstreams[i]`, when present, is what started the pipeline `events[i]`
+/// reports (see `Queue::correlate`). `now` dates what rendering needs dated
+/// (payload URLs' expiry).
 pub fn plan(
     router: &Router<'_>,
     source: &Source,
     webhook: &Webhook,
     events: &[Event],
+    upstreams: &[Option<Upstream>],
     now: SystemTime,
 ) -> Plan {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        hop: webhook.hop(),
+        ..Plan::default()
+    };
     let origin = guard::Origin {
         source: &source.name,
         ignore_pushers: &source.ignore_pushers,
@@ -111,7 +121,9 @@ pub fn plan(
         request_hop: webhook.hop(),
     };
     for (index, event) in events.iter().enumerate() {
-        let hop = guard::hop(router.loop_guard, &origin, event);
+        let upstream = upstreams.get(index).and_then(Option::as_ref);
+        let hop = guard::hop(router.loop_guard, &origin, event, upstream);
+        plan.hop = plan.hop.max(hop);
         if let Some(dropped) = guard::screen(router.loop_guard, &origin, event, hop) {
             plan.dropped.push(EventDrop {
                 event_index: index,
@@ -119,7 +131,7 @@ pub fn plan(
             });
             continue;
         }
-        let ctx = context(event, webhook, hop);
+        let ctx = context(event, webhook, hop, upstream);
         // Two routes sending one event to the same target would trigger it
         // twice with the same request; the first route wins.
         let mut targeted: BTreeSet<&str> = BTreeSet::new();

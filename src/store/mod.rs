@@ -52,6 +52,7 @@ pub struct NewEvent {
     pub body: Bytes,
     /// The JSON document when it differs from the body (form posts).
     pub payload: Option<Bytes>,
+    /// The relay hops that led to it (`routing::Plan::hop`).
     pub hop: u32,
     pub received_at: SystemTime,
     /// The normalized events, as JSON, for people reading the store.

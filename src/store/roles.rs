@@ -15,6 +15,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::event::Upstream;
+use crate::pipeline::PipelineState;
+
 use super::{
     ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent, QueueStats,
     Requeued, StoreError,
@@ -73,6 +76,17 @@ pub trait Queue: Send + Sync + fmt::Debug {
 
     /// The body and content type of an event, as received (payload URLs).
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
+
+    /// A pipeline event names the pipeline `pipeline_id`: when a job of this
+    /// store started it, records the pipeline's `state` on that job (as of
+    /// `now`) and answers what started it; `None` for a pipeline relay did
+    /// not start. Asking twice with the same state changes nothing more.
+    async fn correlate(
+        &self,
+        pipeline_id: &str,
+        state: PipelineState,
+        now: SystemTime,
+    ) -> Result<Option<Upstream>, StoreError>;
 }
 
 /// What a person reads (jobs, their attempts, events, the queue's counts)

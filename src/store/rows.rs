@@ -16,6 +16,7 @@ use super::{
     AttemptView, ClaimedJob, EventView, JobDetail, JobState, JobView, PipelineView, QueueStats, Requeued,
     StoreError,
 };
+use crate::event::Upstream;
 use crate::guard::Dropped;
 use crate::pipeline::PipelineState;
 use crate::request::PreparedRequest;
@@ -129,6 +130,22 @@ pub(super) fn event_view(row: &impl Columns) -> Result<EventView, StoreError> {
         done: row.count(8)?,
         dead: row.count(9)?,
         dropped: Vec::new(),
+    })
+}
+
+/// What started a pipeline, from the columns `event_id, route, target,
+/// hop, summary` of the job that triggered it and its event.
+pub(super) fn upstream(row: &impl Columns) -> Result<Upstream, StoreError> {
+    let summary: serde_json::Value = serde_json::from_str(&row.text(4)?).unwrap_or_default();
+    let first = &summary["events"][0];
+    let text = |field: &str| first[field].as_str().unwrap_or_default().to_owned();
+    Ok(Upstream {
+        event_id: row.id(0)?,
+        route: row.text(1)?,
+        target: row.text(2)?,
+        hop: row.number(3)?,
+        repo: text("repo"),
+        sha: text("sha"),
     })
 }
 

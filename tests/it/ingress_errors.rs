@@ -490,6 +490,15 @@ impl Queue for FullDisk {
     async fn event_body(&self, _: Uuid) -> Result<Option<(String, bytes::Bytes)>, StoreError> {
         Err(full())
     }
+
+    async fn correlate(
+        &self,
+        _: &str,
+        _: relay::pipeline::PipelineState,
+        _: SystemTime,
+    ) -> Result<Option<relay::event::Upstream>, StoreError> {
+        Err(full())
+    }
 }
 
 #[async_trait]

@@ -8,6 +8,7 @@
 mod advice;
 mod circleci_source;
 mod cli;
+mod correlation;
 mod crash;
 mod delivery;
 mod faulty_targets;

@@ -51,6 +51,8 @@ use super::{
     Queue, QueueStats, Requeued, StoreError,
 };
 use crate::config::PostgresSettings;
+use crate::event::Upstream;
+use crate::pipeline::PipelineState;
 
 /// Every bound the caller can hand in ends up here or below: intervals this
 /// far out are "never" for a queue, and PostgreSQL's interval arithmetic
@@ -263,6 +265,15 @@ impl Queue for PostgresStore {
 
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
         views::event_body(self, id).await
+    }
+
+    async fn correlate(
+        &self,
+        pipeline_id: &str,
+        state: PipelineState,
+        _now: SystemTime,
+    ) -> Result<Option<Upstream>, StoreError> {
+        queue::correlate(self, pipeline_id, state).await
     }
 }
 

@@ -18,7 +18,9 @@ use uuid::Uuid;
 
 use super::connect::{OPERATION_TIMEOUT, within};
 use super::{PostgresStore, col, micros, offset, unavailable};
+use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
+use crate::pipeline::PipelineState;
 use crate::store::rows;
 use crate::store::{
     ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
@@ -471,4 +473,37 @@ fn target_lock(target: &str) -> i32 {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
     i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Records a pipeline's state on the job that started it, and answers what
+/// started it (see `Queue::correlate`). One statement; the state changes at
+/// most once for the same answer.
+pub(super) async fn correlate(
+    store: &PostgresStore,
+    pipeline_id: &str,
+    state: PipelineState,
+) -> Result<Option<Upstream>, StoreError> {
+    within("correlate", OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "WITH job AS (
+                     SELECT id FROM jobs WHERE pipeline_id = $1 ORDER BY created_at LIMIT 1
+                 ), moved AS (
+                     UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now()
+                     WHERE id IN (SELECT id FROM job) AND pipeline_state IS DISTINCT FROM $2
+                 )
+                 SELECT j.event_id, j.route, j.target, e.hop::int4, e.summary
+                 FROM jobs j JOIN events e ON e.id = j.event_id
+                 WHERE j.id IN (SELECT id FROM job)",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let row = client
+            .query_opt(&stmt, &[&pipeline_id, &state.as_str()])
+            .await
+            .map_err(|e| unavailable(&e))?;
+        row.as_ref().map(rows::upstream).transpose()
+    })
+    .await
 }

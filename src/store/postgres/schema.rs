@@ -99,6 +99,7 @@ ALTER TABLE jobs
     ADD COLUMN pipeline_url text,
     ADD COLUMN pipeline_state text,
     ADD COLUMN pipeline_updated_at timestamptz;
+CREATE INDEX jobs_pipeline ON jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

@@ -52,6 +52,8 @@ use super::{
     ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
     Queue, QueueStats, Requeued, StoreError,
 };
+use crate::event::Upstream;
+use crate::pipeline::PipelineState;
 
 /// The SQLite store. Cheap to share: it is a channel to the writer task.
 #[derive(Debug)]
@@ -272,6 +274,19 @@ impl Queue for SqliteStore {
         stored
             .map(|(content_type, body, codec)| Ok((content_type, codec::Codec::of(codec)?.unpack(body)?)))
             .transpose()
+    }
+
+    async fn correlate(
+        &self,
+        pipeline_id: &str,
+        state: PipelineState,
+        now: SystemTime,
+    ) -> Result<Option<Upstream>, StoreError> {
+        let pipeline_id = pipeline_id.to_owned();
+        self.run(Durability::Committed, move |conn| {
+            queue::correlate(conn, &pipeline_id, state, now)
+        })
+        .await
     }
 }
 

@@ -15,8 +15,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::codec::{Codec, Packed};
-use super::{from_millis, parse_uuid, to_millis, unavailable};
+use super::{collect, from_millis, parse_uuid, to_millis, unavailable};
+use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
+use crate::pipeline::PipelineState;
 use crate::store::rows;
 use crate::store::{
     ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
@@ -342,4 +344,31 @@ pub(super) fn ping(conn: &Connection, now: SystemTime) -> Result<(), StoreError>
     )
     .map(|_| ())
     .map_err(|e| unavailable(&e))
+}
+
+/// Records a pipeline's state on the job that started it, and answers what
+/// started it (see `Queue::correlate`).
+pub(super) fn correlate(
+    conn: &Connection,
+    pipeline_id: &str,
+    state: PipelineState,
+    now: SystemTime,
+) -> Result<Option<Upstream>, StoreError> {
+    conn.prepare_cached(
+        "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3
+             WHERE id = (SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1)
+               AND pipeline_state IS NOT ?2",
+    )
+    .and_then(|mut stmt| stmt.execute(params![pipeline_id, state.as_str(), to_millis(now)]))
+    .map(drop)
+    .map_err(|e| unavailable(&e))?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT j.event_id, j.route, j.target, e.hop, e.summary
+             FROM jobs j JOIN events e ON e.id = j.event_id
+             WHERE j.pipeline_id = ?1 ORDER BY j.created_at LIMIT 1",
+        )
+        .map_err(|e| unavailable(&e))?;
+    let found = collect(&mut stmt, params![pipeline_id], |row| rows::upstream(row))?;
+    Ok(found.into_iter().next())
 }

@@ -148,13 +148,15 @@ CREATE INDEX jobs_leased ON jobs (target, lease_until) WHERE state = 'in_flight'
 ";
 
 /// The pipeline a job's trigger started, as its CI's answer named it
-/// (`crate::pipeline::Pipeline`); all null until an answer names one.
+/// (`crate::pipeline::Pipeline`); all null until an answer names one. The
+/// index finds the job a pipeline event reports on.
 const V6: &str = "
 ALTER TABLE jobs ADD COLUMN pipeline_id TEXT;
 ALTER TABLE jobs ADD COLUMN pipeline_number INTEGER;
 ALTER TABLE jobs ADD COLUMN pipeline_url TEXT;
 ALTER TABLE jobs ADD COLUMN pipeline_state TEXT;
 ALTER TABLE jobs ADD COLUMN pipeline_updated_at INTEGER;
+CREATE INDEX jobs_pipeline ON jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
 ";
 
 fn lock_path(db: &Path) -> PathBuf {
@@ -333,7 +335,10 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(indexes, 4, "jobs_event, jobs_created, jobs_queued, jobs_leased");
+        assert_eq!(
+            indexes, 5,
+            "jobs_event, jobs_created, jobs_queued, jobs_leased, and V6's jobs_pipeline"
+        );
         // The event still owns its jobs, and they their attempts.
         conn.execute("DELETE FROM events WHERE id = 'e1'", []).unwrap();
         let left: i64 = conn
