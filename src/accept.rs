@@ -225,14 +225,21 @@ async fn correlate(
             None => None,
             Some(pipeline) => {
                 let state = PipelineState::of_ci_status(&pipeline.status);
-                tokio::time::timeout(SENDERS_DEADLINE, app.store.correlate(&pipeline.id, state, now))
-                    .await
-                    .map_err(|_| {
-                        StoreError::Unavailable(format!(
-                            "the store did not answer within {}s",
-                            SENDERS_DEADLINE.as_secs()
-                        ))
-                    })??
+                let found =
+                    tokio::time::timeout(SENDERS_DEADLINE, app.store.correlate(&pipeline.id, state, now))
+                        .await
+                        .map_err(|_| {
+                            StoreError::Unavailable(format!(
+                                "the store did not answer within {}s",
+                                SENDERS_DEADLINE.as_secs()
+                            ))
+                        })??;
+                if let Some(upstream) = found.as_ref().filter(|u| u.state_changed && state.is_final()) {
+                    let took = now.duration_since(upstream.triggered_at).unwrap_or_default();
+                    app.metrics
+                        .pipeline_finished(&upstream.target, state.as_str(), took);
+                }
+                found
             }
         };
         upstreams.push(upstream);

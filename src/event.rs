@@ -161,6 +161,11 @@ pub struct Upstream {
     /// push of several).
     pub repo: String,
     pub sha: String,
+    /// When the trigger's job was created.
+    pub triggered_at: std::time::SystemTime,
+    /// Whether this report changed the pipeline's recorded state (a
+    /// repeated report does not).
+    pub state_changed: bool,
 }
 
 /// One normalized event. Absent strings are empty, so templates never print "none".

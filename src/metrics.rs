@@ -58,6 +58,17 @@ struct ResultLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PipelineLabels {
+    target: String,
+    state: String,
+}
+
+/// 10 s to about 45 h, doubling: how long CI pipelines take.
+fn pipeline_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(10.0, 2.0, 15))
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     target: String,
     outcome: String,
@@ -77,6 +88,8 @@ pub struct Metrics {
     oldest_due_age: Gauge<f64, AtomicU64>,
     send_latency: HistogramFamily<TargetLabel>,
     commit_latency: Histogram,
+    pipelines_finished: Family<PipelineLabels, Counter>,
+    pipeline_duration: HistogramFamily<TargetLabel>,
 }
 
 impl Default for Metrics {
@@ -143,6 +156,20 @@ impl Metrics {
             Unit::Seconds,
             commit_latency.clone(),
         );
+        let pipelines_finished = Family::<PipelineLabels, Counter>::default();
+        registry.register(
+            "pipelines_finished",
+            "Pipelines relay triggered that reached a final state, by target and state",
+            pipelines_finished.clone(),
+        );
+        let pipeline_duration: HistogramFamily<TargetLabel> =
+            Family::new_with_constructor(pipeline_histogram);
+        registry.register_with_unit(
+            "pipeline_duration",
+            "From a trigger's job to its pipeline's final state, by target",
+            Unit::Seconds,
+            pipeline_duration.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -161,7 +188,25 @@ impl Metrics {
             oldest_due_age,
             send_latency,
             commit_latency,
+            pipelines_finished,
+            pipeline_duration,
         }
+    }
+
+    /// A pipeline a trigger of `target` started ended in `state`, `took`
+    /// after the trigger's job was created.
+    pub fn pipeline_finished(&self, target: &str, state: &str, took: Duration) {
+        self.pipelines_finished
+            .get_or_create(&PipelineLabels {
+                target: target.to_owned(),
+                state: state.to_owned(),
+            })
+            .inc();
+        self.pipeline_duration
+            .get_or_create(&TargetLabel {
+                target: target.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn event(&self, source: &str, kind: &str) {

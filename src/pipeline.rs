@@ -49,6 +49,14 @@ impl PipelineState {
         PipelineState::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// Whether the pipeline has ended.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            PipelineState::Success | PipelineState::Failed | PipelineState::Canceled | PipelineState::Error
+        )
+    }
+
     /// The state a CI's pipeline event reports, in relay's words: GitLab's
     /// pipeline statuses and CircleCI's workflow statuses.
     pub fn of_ci_status(status: &str) -> PipelineState {

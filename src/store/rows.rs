@@ -134,8 +134,9 @@ pub(super) fn event_view(row: &impl Columns) -> Result<EventView, StoreError> {
 }
 
 /// What started a pipeline, from the columns `event_id, route, target,
-/// hop, summary` of the job that triggered it and its event.
-pub(super) fn upstream(row: &impl Columns) -> Result<Upstream, StoreError> {
+/// hop, summary, created_at` of the job that triggered it and its event, and
+/// whether the report changed the job's pipeline state.
+pub(super) fn upstream(row: &impl Columns, state_changed: bool) -> Result<Upstream, StoreError> {
     let summary: serde_json::Value = serde_json::from_str(&row.text(4)?).unwrap_or_default();
     let first = &summary["events"][0];
     let text = |field: &str| first[field].as_str().unwrap_or_default().to_owned();
@@ -146,6 +147,8 @@ pub(super) fn upstream(row: &impl Columns) -> Result<Upstream, StoreError> {
         hop: row.number(3)?,
         repo: text("repo"),
         sha: text("sha"),
+        triggered_at: row.time(5)?,
+        state_changed,
     })
 }
 

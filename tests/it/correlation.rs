@@ -164,5 +164,36 @@ async fn a_chain_through_cis_that_carry_no_variables_stops_at_max_hops(backend: 
     );
     assert_eq!(gitlab.requests().len(), 2);
     assert_eq!(circle.requests().len(), 1);
+
+    // Each pipeline relay started and saw end is counted once, by target.
+    assert_eq!(
+        relay
+            .metric(r#"relay_pipelines_finished_total{target="deploy",state="success"}"#)
+            .await,
+        2.0
+    );
+    assert_eq!(
+        relay
+            .metric(r#"relay_pipelines_finished_total{target="verify",state="success"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        relay
+            .metric(r#"relay_pipeline_duration_seconds_count{target="deploy"}"#)
+            .await,
+        2.0
+    );
+    // The first completion was of a pipeline relay did not start: not
+    // counted. The same report again (GitLab resends on a retry) changes
+    // nothing more.
+    let again = post_gitlab(&relay, gitlab_completed(102).unwrap(), "d-gl-102-again").await;
+    assert_eq!(again["dropped"][0]["rule"], "hop_limit", "{again}");
+    assert_eq!(
+        relay
+            .metric(r#"relay_pipelines_finished_total{target="deploy",state="success"}"#)
+            .await,
+        2.0
+    );
     relay.stop().await;
 }

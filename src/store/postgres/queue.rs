@@ -492,8 +492,10 @@ pub(super) async fn correlate(
                  ), moved AS (
                      UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now()
                      WHERE id IN (SELECT id FROM job) AND pipeline_state IS DISTINCT FROM $2
+                     RETURNING id
                  )
-                 SELECT j.event_id, j.route, j.target, e.hop::int4, e.summary
+                 SELECT j.event_id, j.route, j.target, e.hop::int4, e.summary, j.created_at,
+                        EXISTS (SELECT 1 FROM moved)
                  FROM jobs j JOIN events e ON e.id = j.event_id
                  WHERE j.id IN (SELECT id FROM job)",
             )
@@ -503,7 +505,9 @@ pub(super) async fn correlate(
             .query_opt(&stmt, &[&pipeline_id, &state.as_str()])
             .await
             .map_err(|e| unavailable(&e))?;
-        row.as_ref().map(rows::upstream).transpose()
+        row.as_ref()
+            .map(|row| rows::upstream(row, col(row, 6)?))
+            .transpose()
     })
     .await
 }

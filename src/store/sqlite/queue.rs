@@ -354,21 +354,23 @@ pub(super) fn correlate(
     state: PipelineState,
     now: SystemTime,
 ) -> Result<Option<Upstream>, StoreError> {
-    conn.prepare_cached(
-        "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3
+    let changed = conn
+        .prepare_cached(
+            "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3
              WHERE id = (SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1)
                AND pipeline_state IS NOT ?2",
-    )
-    .and_then(|mut stmt| stmt.execute(params![pipeline_id, state.as_str(), to_millis(now)]))
-    .map(drop)
-    .map_err(|e| unavailable(&e))?;
+        )
+        .and_then(|mut stmt| stmt.execute(params![pipeline_id, state.as_str(), to_millis(now)]))
+        .map_err(|e| unavailable(&e))?;
     let mut stmt = conn
         .prepare_cached(
-            "SELECT j.event_id, j.route, j.target, e.hop, e.summary
+            "SELECT j.event_id, j.route, j.target, e.hop, e.summary, j.created_at
              FROM jobs j JOIN events e ON e.id = j.event_id
              WHERE j.pipeline_id = ?1 ORDER BY j.created_at LIMIT 1",
         )
         .map_err(|e| unavailable(&e))?;
-    let found = collect(&mut stmt, params![pipeline_id], |row| rows::upstream(row))?;
+    let found = collect(&mut stmt, params![pipeline_id], |row| {
+        rows::upstream(row, changed > 0)
+    })?;
     Ok(found.into_iter().next())
 }
