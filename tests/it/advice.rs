@@ -2,9 +2,7 @@
 //! the target said, for the refusals whose meaning the CI APIs do not spell
 //! out (PROTOCOLS.md B1–B4). Each case uses the answer the API gives.
 
-use serde_json::json;
-
-use crate::support::{Backend, MockServer, Relay, Reply, sign};
+use crate::support::{Backend, MockServer, Relay, Reply, post_github_push};
 
 crate::on_both_backends! {
     cases: [refusals_whose_meaning_is_known_say_what_to_do],
@@ -103,20 +101,7 @@ to = [{}]
         names.join(", ")
     );
     let relay = Relay::start_on(&backend, &text).await;
-    let body = json!({
-        "ref": "refs/heads/main",
-        "before": "1111111111111111111111111111111111111111",
-        "after": SHA,
-        "repository": { "full_name": "acme/api", "html_url": "https://github.com/acme/api" },
-        "pusher": { "name": "ada" },
-        "head_commit": { "id": SHA, "message": "work", "added": [], "modified": [], "removed": [] },
-        "commits": []
-    })
-    .to_string()
-    .into_bytes();
-    let headers = sign::github(GH_SECRET, "push", "d-advice", &body);
-    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
-    assert_eq!(status, 202, "{answer}");
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-advice").await;
 
     relay.wait_jobs("state=dead", CASES.len()).await;
     for (case, mock) in CASES.iter().zip(&mocks) {

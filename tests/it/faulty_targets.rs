@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::support::{Relay, sign};
+use crate::support::{Relay, post_github_push};
 
 const GH_SECRET: &str = "gh-source-secret-5e0c1a";
 const SHA: &str = "4e1243bd22c66e76c2ba9eddc1f91394e57f9f83";
@@ -45,23 +45,6 @@ throttle_floor = "100ms"
 {delivery}
 "#
     )
-}
-
-async fn push(relay: &Relay) {
-    let body = json!({
-        "ref": "refs/heads/main",
-        "before": "1111111111111111111111111111111111111111",
-        "after": SHA,
-        "repository": { "full_name": "acme/api", "html_url": "https://github.com/acme/api" },
-        "pusher": { "name": "ada" },
-        "head_commit": { "id": SHA, "message": "work", "added": [], "modified": [], "removed": [] },
-        "commits": []
-    })
-    .to_string()
-    .into_bytes();
-    let headers = sign::github(GH_SECRET, "push", "d-faulty", &body);
-    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
-    assert_eq!(status, 202, "{answer}");
 }
 
 /// A server that reads one request, answers with `head`, then writes
@@ -122,7 +105,7 @@ async fn a_gigabyte_answer_is_read_only_as_far_as_the_record_needs() {
     )
     .await;
     let relay = Relay::start(&config(&url, "")).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
     let job = settled_job(&relay, "done").await;
     let excerpt = job["history"][0]["excerpt"].as_str().unwrap();
     assert!(excerpt.starts_with("201: xxxx"), "{excerpt}");
@@ -149,7 +132,7 @@ async fn an_endless_chunked_answer_is_cut_off() {
     )
     .await;
     let relay = Relay::start(&config(&url, "attempts = 1")).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
     let job = settled_job(&relay, "dead").await;
     let excerpt = job["history"][0]["excerpt"].as_str().unwrap();
     assert!(excerpt.starts_with("503: yyyy"), "{excerpt}");
@@ -179,7 +162,7 @@ async fn a_target_that_accepts_and_never_answers_times_out_as_maybe_delivered() 
         }
     });
     let relay = Relay::start(&config(&url, "timeout = \"1s\"\nmaybe_delivered_retries = 0")).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
     let job = settled_job(&relay, "dead").await;
     let attempt = &job["history"][0];
     assert_eq!(attempt["outcome"], "maybe_delivered", "{job}");
@@ -193,7 +176,7 @@ async fn a_target_that_accepts_and_never_answers_times_out_as_maybe_delivered() 
 async fn a_self_signed_certificate_is_a_retry_that_names_the_certificate() {
     let addr = crate::proxy::untrusted_tls_server().await;
     let relay = Relay::start(&config(&format!("https://{addr}"), "attempts = 2")).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
     let job = settled_job(&relay, "dead").await;
     let history = job["history"].as_array().unwrap();
     assert_eq!(history.len(), 2, "{job}");

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Backend, MockServer, Recorded, Relay, Reply, fixture, sign};
+use crate::support::{Backend, MockServer, Recorded, Relay, Reply, fixture, post_github_push};
 
 crate::on_both_backends! {
     cases: [
@@ -59,24 +59,6 @@ definition_id = "{DEFINITION}"
 {extra}
 "#
     )
-}
-
-async fn push(relay: &Relay, git_ref: &str, delivery: &str) {
-    let body = json!({
-        "ref": git_ref,
-        "before": "1111111111111111111111111111111111111111",
-        "after": SHA,
-        "created": false, "deleted": false, "forced": false,
-        "repository": { "full_name": "acme/api", "html_url": "https://github.com/acme/api" },
-        "pusher": { "name": "ada" },
-        "head_commit": { "id": SHA, "message": "work", "added": [], "modified": [], "removed": [] },
-        "commits": []
-    })
-    .to_string()
-    .into_bytes();
-    let headers = sign::github(GH_SECRET, "push", delivery, &body);
-    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
-    assert_eq!(status, 202, "{answer}");
 }
 
 /// The request's envelope: path, method, headers, and a body that CircleCI's
@@ -155,7 +137,7 @@ async fn a_branch_push_runs_the_definition_with_config_and_checkout_from_the_bra
 hop_parameter = "relay_hop""#,
     );
     let relay = Relay::start_on(&backend, &config(&["app"], &target)).await;
-    push(&relay, "refs/heads/main", "d-run-branch").await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-run-branch").await;
 
     let requests = mock.wait_for(1).await;
     assert_eq!(requests.len(), 1);
@@ -177,7 +159,7 @@ async fn a_tag_push_checks_out_the_tag_and_reads_config_from_the_configured_bran
     let mock = MockServer::start(Reply::new(201, CREATED)).await;
     let target = app_target("app", &mock.url(), r#"config = { branch = "main" }"#);
     let relay = Relay::start_on(&backend, &config(&["app"], &target)).await;
-    push(&relay, "refs/tags/v1.4.0", "d-run-tag").await;
+    post_github_push(&relay, GH_SECRET, "refs/tags/v1.4.0", SHA, "d-run-tag").await;
 
     let requests = mock.wait_for(1).await;
     let body = assert_pipeline_run(&requests[0]);
@@ -213,7 +195,7 @@ async fn the_answers_the_api_declares_for_failure_make_the_job_dead_at_once(back
     }
     let names: Vec<&str> = answers.iter().map(|(name, ..)| *name).collect();
     let relay = Relay::start_on(&backend, &config(&names, &targets)).await;
-    push(&relay, "refs/heads/main", "d-run-fail").await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-run-fail").await;
 
     relay.wait_jobs("state=dead", answers.len()).await;
     for ((name, status, message), mock) in answers.iter().zip(&mocks) {

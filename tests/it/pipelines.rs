@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Backend, MockServer, Relay, Reply, sign};
+use crate::support::{Backend, MockServer, Relay, Reply, post_github_push};
 
 crate::on_both_backends! {
     cases: [
@@ -38,23 +38,6 @@ to = [{}]
         names.join(", "),
         tables.join("\n")
     )
-}
-
-async fn push(relay: &Relay) {
-    let body = json!({
-        "ref": "refs/heads/main",
-        "before": "1111111111111111111111111111111111111111",
-        "after": SHA,
-        "repository": { "full_name": "acme/api", "html_url": "https://github.com/acme/api" },
-        "pusher": { "name": "ada" },
-        "head_commit": { "id": SHA, "message": "work", "added": [], "modified": [], "removed": [] },
-        "commits": []
-    })
-    .to_string()
-    .into_bytes();
-    let headers = sign::github(GH_SECRET, "push", "d-pipelines", &body);
-    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
-    assert_eq!(status, 202, "{answer}");
 }
 
 /// The job's pipeline without its time, and whether the time is RFC 3339.
@@ -128,7 +111,7 @@ async fn every_kind_reads_the_pipeline_its_answer_names(backend: Backend) {
         ),
     ];
     let relay = Relay::start_on(&backend, &config(&targets)).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-pipelines").await;
     relay.wait_done(targets.len()).await;
 
     let expected = [
@@ -176,7 +159,7 @@ async fn an_answer_without_an_id_leaves_the_job_done_without_a_pipeline_and_says
         mock.url()
     );
     let relay = Relay::start_on(&backend, &config(&[("circle", target)])).await;
-    push(&relay).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-pipelines").await;
     relay.wait_done(1).await;
 
     let job = relay.job_for("circle").await;

@@ -136,6 +136,34 @@ pub mod sign {
     }
 }
 
+/// A GitHub `push` of `sha` to `git_ref` in `acme/api`, signed with
+/// `secret`, posted to the `/hooks/github` source; asserts the 202 and
+/// returns relay's answer.
+pub async fn post_github_push(
+    relay: &Relay,
+    secret: &str,
+    git_ref: &str,
+    sha: &str,
+    delivery: &str,
+) -> serde_json::Value {
+    let body = serde_json::json!({
+        "ref": git_ref,
+        "before": "1111111111111111111111111111111111111111",
+        "after": sha,
+        "created": false, "deleted": false, "forced": false,
+        "repository": { "full_name": "acme/api", "html_url": "https://github.com/acme/api" },
+        "pusher": { "name": "ada" },
+        "head_commit": { "id": sha, "message": "work", "added": [], "modified": [], "removed": [] },
+        "commits": []
+    })
+    .to_string()
+    .into_bytes();
+    let headers = sign::github(secret, "push", delivery, &body);
+    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
+    assert_eq!(status, 202, "{answer}");
+    answer
+}
+
 /// One request a mock server received.
 #[derive(Debug, Clone)]
 pub struct Recorded {
