@@ -38,15 +38,13 @@ pub struct Settings {
 
 impl Settings {
     pub fn compile(key: &str, raw: &RawSource, c: &mut Compiler) -> Option<Settings> {
-        let Some(spec) = &raw.secret else {
-            c.problem(
-                format!("{key}.secret"),
-                "is required: CircleCI signs each delivery with the webhook's signing secret, and relay checks it",
-            );
-            return None;
-        };
         Some(Settings {
-            secret: c.secret(&format!("{key}.secret"), spec)?,
+            secret: super::required_secret(
+                key,
+                raw,
+                c,
+                "CircleCI signs each delivery with the webhook's signing secret",
+            )?,
         })
     }
 

@@ -25,15 +25,13 @@ pub struct Settings {
 
 impl Settings {
     pub fn compile(key: &str, raw: &RawSource, c: &mut Compiler) -> Option<Settings> {
-        let Some(spec) = &raw.secret else {
-            c.problem(
-                format!("{key}.secret"),
-                "is required: Gitea and Forgejo sign each delivery with the webhook's secret, and relay checks it",
-            );
-            return None;
-        };
         Some(Settings {
-            secret: c.secret(&format!("{key}.secret"), spec)?,
+            secret: super::required_secret(
+                key,
+                raw,
+                c,
+                "Gitea and Forgejo sign each delivery with the webhook's secret",
+            )?,
         })
     }
 

@@ -30,15 +30,13 @@ pub struct Settings {
 
 impl Settings {
     pub fn compile(key: &str, raw: &RawSource, c: &mut Compiler) -> Option<Settings> {
-        let Some(spec) = &raw.secret else {
-            c.problem(
-                format!("{key}.secret"),
-                "is required: GitHub signs each delivery with the webhook's secret, and relay checks it",
-            );
-            return None;
-        };
         Some(Settings {
-            secret: c.secret(&format!("{key}.secret"), spec)?,
+            secret: super::required_secret(
+                key,
+                raw,
+                c,
+                "GitHub signs each delivery with the webhook's secret",
+            )?,
             allow_sha1: raw.allow_sha1.unwrap_or(false),
         })
     }

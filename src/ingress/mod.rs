@@ -31,6 +31,7 @@ use ipnet::IpNet;
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawSource;
 use crate::event::{Event, Files, Provider};
+use crate::secret::Secret;
 
 /// How much a request may send, and for how long (`server.max_body`,
 /// `server.request_timeout`).
@@ -272,6 +273,17 @@ impl Source {
             Err(IngressError::Forbidden { client })
         }
     }
+}
+
+/// A provider's `secret`, which it must have: `signs` says who signs with
+/// it and how, in the words of the problem a missing one is.
+fn required_secret(key: &str, raw: &RawSource, c: &mut Compiler, signs: &str) -> Option<Secret> {
+    let key = format!("{key}.secret");
+    let Some(spec) = &raw.secret else {
+        c.problem(key, format!("is required: {signs}, and relay checks it"));
+        return None;
+    };
+    c.secret(&key, spec)
 }
 
 fn owned(pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
