@@ -94,27 +94,23 @@ async fn post(relay: &Relay, headers: &[(String, String)], body: Vec<u8>) -> (u1
     relay.post("/hooks/circleci", headers, body).await
 }
 
+/// Posts `body` as CircleCI would, signed with the current secret.
+async fn post_signed(relay: &Relay, event: &str, body: Vec<u8>) -> (u16, Value) {
+    let headers = sign::circleci("new-secret", event, &body);
+    post(relay, &headers, body).await
+}
+
 #[tokio::test]
 async fn a_successful_workflow_triggers_the_pipeline_route_with_its_context() {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     let relay = Relay::start(&config(&circle, PIPELINE_ROUTE)).await;
 
     let failed = workflow_completed("e-1", "failed");
-    let (status, answer) = post(
-        &relay,
-        &sign::circleci("new-secret", "workflow-completed", &failed),
-        failed,
-    )
-    .await;
+    let (status, answer) = post_signed(&relay, "workflow-completed", failed).await;
     assert_eq!((status, answer["jobs"].clone()), (202, json!(0)), "{answer}");
 
     let body = workflow_completed("e-2", "success");
-    let (status, answer) = post(
-        &relay,
-        &sign::circleci("new-secret", "workflow-completed", &body),
-        body,
-    )
-    .await;
+    let (status, answer) = post_signed(&relay, "workflow-completed", body).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["jobs"], 1);
     assert_eq!(answer["routes"], json!(["after-ci"]));
@@ -135,12 +131,7 @@ async fn without_a_pipeline_route_a_workflow_is_dropped_as_a_ci_outcome() {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     let relay = Relay::start(&config(&circle, PUSH_ROUTE)).await;
     let body = workflow_completed("e-1", "success");
-    let (status, answer) = post(
-        &relay,
-        &sign::circleci("new-secret", "workflow-completed", &body),
-        body,
-    )
-    .await;
+    let (status, answer) = post_signed(&relay, "workflow-completed", body).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["jobs"], 0);
     assert_eq!(answer["dropped"][0]["rule"], "ci_outcome", "{answer}");
@@ -157,12 +148,7 @@ async fn job_completed_is_recorded_and_acknowledged_but_not_routed() {
     let circle = MockServer::start(Reply::new(201, CREATED)).await;
     let relay = Relay::start(&config(&circle, &format!("{PIPELINE_ROUTE}{PUSH_ROUTE}"))).await;
     let body = job_completed("job-1");
-    let (status, answer) = post(
-        &relay,
-        &sign::circleci("new-secret", "job-completed", &body),
-        body,
-    )
-    .await;
+    let (status, answer) = post_signed(&relay, "job-completed", body).await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["jobs"], 0);
     assert_eq!(answer["dropped"], json!([]), "{answer}");
