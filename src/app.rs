@@ -1,9 +1,9 @@
 //! The running relay's shared state: the config in force, the store, the
 //! clock, the metrics, the send slots, and the signals between tasks.
 //!
-//! The accept path, dispatch, the admin API and payload URLs each take what
-//! they need from here; nothing in it decides anything. Built once by
-//! `daemon::run`; a reload swaps the config and nothing else.
+//! The accept path, dispatch, the follower, the admin API and payload URLs
+//! each take what they need from here; nothing in it decides anything.
+//! Built once by `daemon::run`; a reload swaps the config and nothing else.
 
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -26,6 +26,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     /// Wakes the dispatcher: new jobs were committed or a send finished.
     wake: Notify,
+    /// Wakes the follower: a pipeline is to be followed, or a poll finished.
+    wake_follower: Notify,
     /// Every time decision (due times, leases, retention) reads this clock.
     clock: Clock,
     pub metrics: Metrics,
@@ -46,6 +48,7 @@ impl App {
             config: RwLock::new(config),
             store,
             wake: Notify::new(),
+            wake_follower: Notify::new(),
             clock: Clock::new(),
             metrics: Metrics::new(),
             sends: Sends::new()?,
@@ -77,5 +80,13 @@ impl App {
 
     pub async fn dispatch_wakeup(&self) {
         self.wake.notified().await;
+    }
+
+    pub fn wake_follower(&self) {
+        self.wake_follower.notify_one();
+    }
+
+    pub async fn follower_wakeup(&self) {
+        self.wake_follower.notified().await;
     }
 }

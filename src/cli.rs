@@ -376,6 +376,16 @@ pub fn format_job(job: &serde_json::Value) -> String {
                 .as_str()
                 .map_or_else(String::new, |url| format!("\n{:<11} {url}", "")),
         );
+        let follow = &pipeline["follow"];
+        if follow.is_object() {
+            let polls = follow["polls"].as_u64().unwrap_or(0);
+            let standing = match (follow["next_poll_at"].as_str(), follow["stopped"].as_str()) {
+                (Some(next), _) => format!("next poll at {next}"),
+                (None, Some(why)) => format!("stopped: {why}"),
+                (None, None) => "done".to_owned(),
+            };
+            let _ = writeln!(out, "{:<11} {polls} poll(s), {standing}", "following");
+        }
     }
     let history = job["history"].as_array().cloned().unwrap_or_default();
     if !history.is_empty() {
@@ -421,6 +431,18 @@ mod tests {
                 "pipeline    5034460f-c7c4-4c43-9457-de07e2029e7b #42 created (as of 2026-12-04T09:00:00.000Z)\n            https://app.circleci.com/pipelines/github/acme/api/42\n"
             ),
             "{text}"
+        );
+        let followed = serde_json::json!({
+            "id": "j3", "history": [],
+            "pipeline": {
+                "id": "101", "number": 7, "url": null, "state": "running", "updated_at": "t2",
+                "follow": { "polls": 3, "next_poll_at": "2026-12-04T09:01:20.000Z", "stopped": null }
+            }
+        });
+        assert!(
+            format_job(&followed).contains("following   3 poll(s), next poll at 2026-12-04T09:01:20.000Z\n"),
+            "{}",
+            format_job(&followed)
         );
         let without = serde_json::json!({ "id": "j2", "pipeline": null, "history": [] });
         assert!(!format_job(&without).contains("pipeline"));

@@ -15,6 +15,7 @@
 //!   [`request`]: that request as stored, without credentials.
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
 //! - `dispatch`: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
+//! - `follower`: polls the CIs of following targets for their pipelines' states.
 //! - [`payload`]: signed, expiring URLs from which CI jobs fetch a webhook body.
 //! - `admin`: health, readiness, metrics (`metrics`) and the jobs API.
 //! - [`config`]: `relay.toml`, validated and compiled; [`secret`]: secrets; [`signature`]: keyed hashes.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub(crate) mod dispatch;
 pub mod event;
+pub(crate) mod follower;
 pub mod guard;
 pub mod ingress;
 pub(crate) mod loops;

@@ -90,6 +90,7 @@ pub struct Metrics {
     commit_latency: Histogram,
     pipelines_finished: Family<PipelineLabels, Counter>,
     pipeline_duration: HistogramFamily<TargetLabel>,
+    polls: Family<AttemptLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -170,6 +171,12 @@ impl Metrics {
             Unit::Seconds,
             pipeline_duration.clone(),
         );
+        let polls = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "pipeline_polls",
+            "Polls of followed pipelines, by target and outcome: state (the CI said), retry (no answer to go by), refused",
+            polls.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -190,7 +197,18 @@ impl Metrics {
             commit_latency,
             pipelines_finished,
             pipeline_duration,
+            polls,
         }
+    }
+
+    /// A poll of a pipeline a trigger of `target` started, by what it said.
+    pub fn poll(&self, target: &str, outcome: &str) {
+        self.polls
+            .get_or_create(&AttemptLabels {
+                target: target.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// A pipeline a trigger of `target` started ended in `state`, `took`

@@ -398,6 +398,36 @@ pub struct RawTarget {
     pub definition_id: Option<String>,
     /// With `definition_id`: the ref CircleCI reads its config from.
     pub config: Option<RawRef>,
+    /// Poll the CI for the pipeline's state (`circleci`, `gitlab`).
+    pub follow: Option<RawFollow>,
+}
+
+/// A target's `follow`: `true`, or a table with a token of its own (GitLab
+/// needs one: a trigger token cannot read pipelines) and the polling's pace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "true, false, or a table like { token = { env = \"GITLAB_API_TOKEN\" }, first = \"10s\", max = \"5m\", deadline = \"24h\" }"
+)]
+pub enum RawFollow {
+    Switch(bool),
+    Table(RawFollowTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFollowTable {
+    pub token: Option<SecretSpec>,
+    /// The wait before the first poll; each next wait doubles, up to `max`.
+    #[serde(default, with = "humantime_serde")]
+    pub first: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max: Option<Duration>,
+    /// How long after the trigger polling gives up.
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    /// Polls of this target in flight at once.
+    pub concurrency: Option<usize>,
 }
 
 impl RawTarget {
@@ -427,6 +457,7 @@ impl RawTarget {
         note(self.sign.is_some(), "sign");
         note(self.definition_id.is_some(), "definition_id");
         note(self.config.is_some(), "config");
+        note(self.follow.is_some(), "follow");
         keys
     }
 }

@@ -24,7 +24,7 @@ use crate::app::App;
 use crate::clock::stopwatch;
 use crate::config::Config;
 use crate::sends::{Sends, capacity};
-use crate::store::{AttemptRecord, ClaimedJob, Completion, Lease, NextState};
+use crate::store::{AttemptRecord, ClaimedJob, Completion, FollowFrom, Lease, NextState};
 use crate::targets::{AttemptResult, Outcome};
 pub use retry::RetryPolicy;
 
@@ -200,6 +200,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
         if result.outcome != Outcome::DryRun {
             app.metrics.send_took(&job.target, duration);
         }
+        let follow = follow_from(&config, &job.target, &result);
         let completion = Completion {
             job_id: job.id,
             claim: job.claim,
@@ -213,9 +214,13 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             pipeline: result.pipeline,
             next,
             at: ended,
+            follow,
         };
         let retry_scheduled = matches!(completion.next, NextState::Retry { .. });
         record(&app, completion).await;
+        if follow.is_some() {
+            app.wake_follower();
+        }
         retry_scheduled
     }
     .instrument(span)
@@ -226,6 +231,17 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     if retry_scheduled || app.sends.starved() {
         app.wake_dispatch();
     }
+}
+
+/// Whether to follow the pipeline an attempt started by polling: its
+/// target follows, and the answer named a pipeline that has not ended.
+fn follow_from(config: &Config, target: &str, result: &AttemptResult) -> Option<FollowFrom> {
+    let follow = config.targets.get(target)?.follow.as_ref()?;
+    let pipeline = result.pipeline.as_ref()?;
+    (result.outcome == Outcome::Delivered && !pipeline.state.is_final()).then_some(FollowFrom {
+        first_in: follow.first,
+        deadline: follow.deadline,
+    })
 }
 
 /// One attempt of the job, under the config in force now.

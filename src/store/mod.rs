@@ -1,8 +1,8 @@
 //! The durable queue: events as received, the jobs they produced, and every
-//! attempt to send them, behind three role traits (`roles.rs`: the queue,
-//! what a person inspects, maintenance) and two backends, each a folder of
-//! its own (`sqlite/`, `postgres/`: schema, writer or connections, queue
-//! SQL, read views). What a stored row means is written once (`rows.rs`).
+//! attempt to send them, behind four role traits (`roles.rs`: the queue,
+//! what a person inspects, maintenance, polls of followed pipelines) and
+//! two backends, each a folder of its own (`sqlite/`, `postgres/`: schema,
+//! writer or connections, queue SQL, polls, read views). What a stored row means is written once (`rows.rs`).
 //!
 //! The only module that touches the database. The accept path commits an
 //! event and its jobs in one transaction before answering (jobs with a send
@@ -25,7 +25,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub use postgres::PostgresStore;
-pub use roles::{Inspect, Maintain, Queue, Store};
+pub use roles::{Inspect, Maintain, Polls, Queue, Store};
 #[cfg(feature = "bench")]
 pub use sqlite::MAX_BATCH;
 pub use sqlite::SqliteStore;
@@ -226,6 +226,52 @@ pub struct Completion {
     pub next: NextState,
     /// When the attempt ended, by the dispatcher's clock.
     pub at: SystemTime,
+    /// Set when the pipeline is to be followed by polling: the attempt named
+    /// one that has not ended, and its target follows.
+    pub follow: Option<FollowFrom>,
+}
+
+/// How following a pipeline by polling begins: the first poll is due
+/// `first_in` after the completion is written, and polling stops `deadline`
+/// after it at the latest. Lengths, not times, so each backend dates them
+/// on its own clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowFrom {
+    pub first_in: Duration,
+    pub deadline: Duration,
+}
+
+/// A followed pipeline whose poll is due, leased to the poller that took it
+/// (its next poll is put off by the lease, so no other poller takes it).
+#[derive(Debug, Clone)]
+pub struct DuePoll {
+    pub job_id: Uuid,
+    pub event_id: Uuid,
+    pub route: String,
+    pub target: String,
+    pub pipeline_id: String,
+    /// The trigger's URL as it was sent (no credential): where a GitLab
+    /// trigger named its project.
+    pub request_url: String,
+    /// Polls made so far: the backoff grows with them.
+    pub polls: u32,
+    /// Time left before the deadline; zero once it has passed.
+    pub remaining: Duration,
+    /// When the job was created, for the time from trigger to final state.
+    pub triggered_at: SystemTime,
+}
+
+/// What one poll learned, to be written on its job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollRecord {
+    pub job_id: Uuid,
+    /// The pipeline's state, when the CI said it.
+    pub state: Option<PipelineState>,
+    /// When to poll again, from the moment of writing; `None` stops polling.
+    pub next_in: Option<Duration>,
+    /// Why polling stopped, for a person (`None` when the pipeline ended or
+    /// polling goes on).
+    pub note: Option<String>,
 }
 
 /// The store cannot do what was asked right now. Ingress answers 503, so
@@ -325,6 +371,21 @@ pub struct PipelineView {
     pub state: PipelineState,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: SystemTime,
+    /// Polling for its state (`follow` on the target); `null` when the
+    /// pipeline was never followed.
+    pub follow: Option<FollowView>,
+}
+
+/// How following a pipeline by polling stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FollowView {
+    pub polls: u32,
+    /// When the next poll is due; `null` once polling has stopped.
+    #[serde(serialize_with = "maybe_rfc3339")]
+    pub next_poll_at: Option<SystemTime>,
+    /// Why polling stopped before the pipeline ended (refused, or the
+    /// deadline passed); `null` otherwise.
+    pub stopped: Option<String>,
 }
 
 /// One recorded attempt.
@@ -390,6 +451,13 @@ pub enum Requeued {
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+}
+
+fn maybe_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Opens the store the config names, bringing its schema up to date.

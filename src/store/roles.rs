@@ -1,7 +1,8 @@
 //! The store's contract, split by who uses it: [`Queue`] for the accept
 //! path and the dispatcher, [`Inspect`] for what a person reads (the admin
 //! API, the CLI, metrics) and the retries a person asks for, [`Maintain`]
-//! for retention. [`Store`] is all three, so an `Arc<dyn Store>` serves
+//! for retention, [`Polls`] for following pipelines by polling. [`Store`]
+//! is all four, so an `Arc<dyn Store>` serves
 //! every caller; a caller brings into scope the role whose methods it calls.
 //!
 //! What this module must never do: hold a backend's code. A trait here
@@ -19,8 +20,8 @@ use crate::event::Upstream;
 use crate::pipeline::PipelineState;
 
 use super::{
-    ClaimedJob, Completion, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent, QueueStats,
-    Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent,
+    PollRecord, QueueStats, Requeued, StoreError,
 };
 
 /// The queue itself: what the accept path and the dispatcher need to take
@@ -133,8 +134,34 @@ pub trait Maintain: Send + Sync + fmt::Debug {
     async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
 }
 
+/// Following pipelines by polling their CI: which polls are due, and what
+/// each learned. The polls live in the store, on the jobs that started the
+/// pipelines, so a restart (or another relay on a shared store) takes them
+/// up where they were.
+#[async_trait]
+pub trait Polls: Send + Sync + fmt::Debug {
+    /// Leases up to `limit` followed pipelines of `target` whose poll is due
+    /// at `now`: their next poll is put off by `lease`, so a poller that dies
+    /// mid-poll leaves them due again once it runs out.
+    async fn due_polls(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<DuePoll>, StoreError>;
+
+    /// Writes what a poll learned on its job, if the pipeline is still
+    /// followed (a CI's own webhook may have ended it meanwhile: then
+    /// nothing is written). `Ok(true)`: the pipeline's state changed.
+    async fn record_poll(&self, poll: PollRecord, now: SystemTime) -> Result<bool, StoreError>;
+
+    /// The next moment a poll becomes due, on the caller's clock.
+    async fn next_poll(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError>;
+}
+
 /// Every role at once: what [`super::open`] hands the daemon, which gives
 /// each part of relay the store it needs.
-pub trait Store: Queue + Inspect + Maintain {}
+pub trait Store: Queue + Inspect + Maintain + Polls {}
 
-impl<T: Queue + Inspect + Maintain + ?Sized> Store for T {}
+impl<T: Queue + Inspect + Maintain + Polls + ?Sized> Store for T {}

@@ -13,8 +13,8 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use super::{
-    AttemptView, ClaimedJob, EventView, JobDetail, JobState, JobView, PipelineView, QueueStats, Requeued,
-    StoreError,
+    AttemptView, ClaimedJob, DuePoll, EventView, FollowView, JobDetail, JobState, JobView, PipelineView,
+    QueueStats, Requeued, StoreError,
 };
 use crate::event::Upstream;
 use crate::guard::Dropped;
@@ -49,10 +49,11 @@ pub(super) trait Columns {
 
 /// The job columns both backends select, in the order [`job_view`] reads them.
 pub(super) const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, \
-     due_at, request IS NOT NULL, pipeline_id, pipeline_number, pipeline_url, pipeline_state, pipeline_updated_at";
+     due_at, request IS NOT NULL, pipeline_id, pipeline_number, pipeline_url, pipeline_state, pipeline_updated_at, \
+     follow_until IS NOT NULL, follow_polls, follow_due, follow_note";
 
 /// How many columns [`JOB_COLUMNS`] lists: what a query selects after them starts here.
-pub(super) const JOB_COLUMN_COUNT: usize = 16;
+pub(super) const JOB_COLUMN_COUNT: usize = 20;
 
 /// A job from [`JOB_COLUMNS`].
 pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
@@ -73,8 +74,9 @@ pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
 }
 
 /// A job's pipeline from the columns `pipeline_id, pipeline_number,
-/// pipeline_url, pipeline_state, pipeline_updated_at`, from `first` on;
-/// none until an answer named one.
+/// pipeline_url, pipeline_state, pipeline_updated_at, follow_until IS NOT
+/// NULL, follow_polls, follow_due, follow_note`, from `first` on; none until
+/// an answer named one.
 fn pipeline_view(row: &impl Columns, first: usize) -> Result<Option<PipelineView>, StoreError> {
     let Some(id) = row.maybe_text(first)? else {
         return Ok(None);
@@ -89,7 +91,45 @@ fn pipeline_view(row: &impl Columns, first: usize) -> Result<Option<PipelineView
             .and_then(PipelineState::parse)
             .unwrap_or(PipelineState::Created),
         updated_at: row.maybe_time(first + 4)?.unwrap_or(std::time::UNIX_EPOCH),
+        follow: if row.flag(first + 5)? {
+            Some(FollowView {
+                polls: row.number(first + 6)?,
+                next_poll_at: row.maybe_time(first + 7)?,
+                stopped: row.maybe_text(first + 8)?,
+            })
+        } else {
+            None
+        },
     }))
+}
+
+/// The columns both backends select for a due poll, after the remaining
+/// time to the deadline (in milliseconds), which each computes on its own
+/// clock: see [`due_poll`].
+pub(super) const POLL_COLUMNS: &str =
+    "id, event_id, route, target, pipeline_id, request, follow_polls, created_at";
+
+/// A due poll from the remaining milliseconds, then [`POLL_COLUMNS`].
+pub(super) fn due_poll(row: &impl Columns) -> Result<DuePoll, StoreError> {
+    let job_id = row.uuid(1)?;
+    let request: PreparedRequest = row
+        .maybe_text(6)?
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("job {job_id}: {e}")))?
+        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} is followed without a request")))?;
+    Ok(DuePoll {
+        job_id,
+        event_id: row.uuid(2)?,
+        route: row.text(3)?,
+        target: row.text(4)?,
+        pipeline_id: row.maybe_text(5)?.unwrap_or_default(),
+        request_url: request.url,
+        polls: row.number(7)?,
+        remaining: std::time::Duration::from_millis(row.millis(0)?),
+        triggered_at: row.time(8)?,
+    })
 }
 
 /// A job with its stored request (JSON; unreadable JSON shows as none) and

@@ -13,6 +13,10 @@
 //! time, so the job is dead with the reason instead of failing remotely.
 //! `hop_parameter` carries the hop count; `payload_parameter` a signed URL
 //! to the webhook's body, since no parameter can hold a whole payload.
+//!
+//! With `follow`, the pipeline is polled through `GET /api/v2/pipeline/{id}/
+//! workflow` (PROTOCOLS.md F), with the trigger's token unless `follow` has
+//! one of its own.
 
 use serde_json::{Map, Value, json};
 
@@ -35,7 +39,11 @@ pub const KEYS: &[&str] = &[
     "payload_parameter",
     "definition_id",
     "config",
+    "follow",
 ];
+
+/// The header API v2 takes its token in, for triggers and polls alike.
+pub(super) const TOKEN_HEADER: &str = "Circle-Token";
 
 const MAX_PARAMETERS: usize = 100;
 const MAX_KEY_CHARS: usize = 128;
@@ -236,7 +244,7 @@ impl CircleCi {
             ],
             body: RequestBody::Text(Value::Object(body).to_string()),
             auth: Auth::Header {
-                name: "Circle-Token".into(),
+                name: TOKEN_HEADER.into(),
             },
         })
     }
@@ -357,6 +365,119 @@ pub(super) fn pipeline(request: &PreparedRequest, body: &[u8]) -> Result<Pipelin
     Pipeline::new(created.id, created.number, url, state)
 }
 
+impl CircleCi {
+    /// A page of the pipeline's workflows (PROTOCOLS.md F); the id must be
+    /// the UUID CircleCI gave.
+    pub(super) fn workflows_url(
+        &self,
+        pipeline_id: &str,
+        page_token: Option<&str>,
+    ) -> Result<String, String> {
+        let id = pipeline_uuid(pipeline_id)?;
+        Ok(match page_token {
+            Some(token) => format!(
+                "{}/api/v2/pipeline/{id}/workflow?page-token={}",
+                self.base_url,
+                super::encode_component(token)
+            ),
+            None => format!("{}/api/v2/pipeline/{id}/workflow", self.base_url),
+        })
+    }
+
+    /// The pipeline itself, which says `errored` when its config could not run.
+    pub(super) fn pipeline_url(&self, pipeline_id: &str) -> Result<String, String> {
+        Ok(format!(
+            "{}/api/v2/pipeline/{}",
+            self.base_url,
+            pipeline_uuid(pipeline_id)?
+        ))
+    }
+}
+
+fn pipeline_uuid(pipeline_id: &str) -> Result<uuid::Uuid, String> {
+    uuid::Uuid::parse_str(pipeline_id).map_err(|_| format!("{pipeline_id:?} is not a CircleCI pipeline id"))
+}
+
+/// One page of workflows: those on it, and the next page's token.
+pub(super) fn read_workflow_page(body: &[u8]) -> Result<(Vec<Workflow>, Option<String>), String> {
+    let page: WorkflowPage =
+        serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's workflow list".to_owned())?;
+    Ok((page.items, page.next_page_token.filter(|t| !t.is_empty())))
+}
+
+/// The state of a pipeline without workflows, from `GET /pipeline/{id}`:
+/// `errored` is its end (its config could not run); anything else is not
+/// started yet.
+pub(super) fn read_pipeline_state(body: &[u8]) -> Result<PipelineState, String> {
+    #[derive(serde::Deserialize)]
+    struct Created {
+        state: Option<String>,
+    }
+    let created: Created =
+        serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's pipeline JSON".to_owned())?;
+    Ok(match created.state.as_deref() {
+        Some("errored") => PipelineState::Error,
+        _ => PipelineState::Created,
+    })
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct WorkflowPage {
+    #[serde(default)]
+    items: Vec<Workflow>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(super) struct Workflow {
+    name: String,
+    status: String,
+    #[serde(default)]
+    created_at: String,
+}
+
+/// A pipeline's state from its workflows; `None` when it has none yet. A
+/// workflow rerun appears as a second one of the same name: only the latest
+/// of each name counts, as on CircleCI's own page. The pipeline has ended
+/// when every workflow has; then a failure outweighs an error, an error a
+/// cancellation, and a cancellation a success.
+pub(super) fn workflows_state(workflows: &[Workflow]) -> Option<PipelineState> {
+    let mut latest: std::collections::BTreeMap<&str, &Workflow> = std::collections::BTreeMap::new();
+    for workflow in workflows {
+        let newer = latest
+            .get(workflow.name.as_str())
+            .is_none_or(|seen| workflow.created_at > seen.created_at);
+        if newer {
+            latest.insert(&workflow.name, workflow);
+        }
+    }
+    if latest.is_empty() {
+        return None;
+    }
+    let statuses: Vec<&str> = latest.values().map(|w| w.status.as_str()).collect();
+    const FINAL: [&str; 6] = [
+        "success",
+        "failed",
+        "error",
+        "canceled",
+        "unauthorized",
+        "not_run",
+    ];
+    if statuses.iter().any(|s| !FINAL.contains(s)) {
+        return Some(PipelineState::Running);
+    }
+    let any = |wanted: &[&str]| statuses.iter().any(|s| wanted.contains(s));
+    Some(if any(&["failed"]) {
+        PipelineState::Failed
+    } else if any(&["error", "unauthorized"]) {
+        PipelineState::Error
+    } else if any(&["success"]) && !any(&["canceled"]) {
+        PipelineState::Success
+    } else {
+        PipelineState::Canceled
+    })
+}
+
 /// What a refusal from API v2 means (PROTOCOLS.md B1, B2): the legacy
 /// endpoint refuses GitHub App and GitLab projects whatever it says, and a
 /// 401 or 404 is most often a project token, which v2 does not take.
@@ -453,5 +574,69 @@ dry_run = true
             problems("definition_id = \"2338d0ae-5541-4bbf-88a2-55e9f7281f80\"\nconfig = { sha = \"abc\" }");
         assert_eq!(unknown.len(), 1, "{unknown:?}");
         assert!(unknown[0].0.starts_with("targets.app.config"), "{unknown:?}");
+    }
+
+    #[test]
+    fn a_pipeline_has_ended_when_the_latest_run_of_each_workflow_has() {
+        use super::{Workflow, workflows_state};
+        use crate::pipeline::PipelineState::*;
+        let w = |name: &str, status: &str, at: &str| Workflow {
+            name: name.into(),
+            status: status.into(),
+            created_at: at.into(),
+        };
+        let t0 = "2026-12-04T09:00:00Z";
+        let t1 = "2026-12-04T09:05:00Z";
+        assert_eq!(workflows_state(&[]), None);
+        assert_eq!(
+            workflows_state(&[w("b", "success", t0), w("d", "running", t0)]),
+            Some(Running)
+        );
+        assert_eq!(workflows_state(&[w("b", "on_hold", t0)]), Some(Running));
+        assert_eq!(workflows_state(&[w("b", "failing", t0)]), Some(Running));
+        assert_eq!(
+            workflows_state(&[w("b", "success", t0), w("d", "failed", t0)]),
+            Some(Failed)
+        );
+        assert_eq!(
+            workflows_state(&[w("b", "failed", t0), w("b", "success", t1)]),
+            Some(Success)
+        );
+        assert_eq!(
+            workflows_state(&[w("b", "success", t1), w("b", "failed", t0)]),
+            Some(Success)
+        );
+        assert_eq!(workflows_state(&[w("b", "unauthorized", t0)]), Some(Error));
+        assert_eq!(
+            workflows_state(&[w("b", "error", t0), w("d", "canceled", t0)]),
+            Some(Error)
+        );
+        assert_eq!(
+            workflows_state(&[w("b", "success", t0), w("d", "canceled", t0)]),
+            Some(Canceled)
+        );
+        assert_eq!(
+            workflows_state(&[w("b", "success", t0), w("d", "not_run", t0)]),
+            Some(Success)
+        );
+        assert_eq!(workflows_state(&[w("b", "not_run", t0)]), Some(Canceled));
+    }
+
+    #[test]
+    fn poll_urls_take_only_a_uuid_and_encode_the_page_token() {
+        let config = target("follow = true").unwrap();
+        let super::super::Kind::CircleCi(t) = &config.targets["app"].kind else {
+            panic!("not circleci");
+        };
+        let id = "5034460f-c7c4-4c43-9457-de07e2029e7b";
+        assert_eq!(
+            t.workflows_url(id, Some("a/b&c")).unwrap(),
+            format!("https://circleci.com/api/v2/pipeline/{id}/workflow?page-token=a%2Fb%26c")
+        );
+        assert_eq!(
+            t.pipeline_url(id).unwrap(),
+            format!("https://circleci.com/api/v2/pipeline/{id}")
+        );
+        assert!(t.workflows_url("../../admin", None).is_err());
     }
 }

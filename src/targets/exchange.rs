@@ -158,8 +158,9 @@ impl Target {
     }
 }
 
-/// The start of the response body; the rest is not needed for the record.
-async fn read_limited(mut response: reqwest::Response) -> Bytes {
+/// The start of the response body; the rest is not needed for the record
+/// (nor for a poll: a CI's pipeline JSON is far smaller).
+pub(super) async fn read_limited(mut response: reqwest::Response) -> Bytes {
     let mut buffer = BytesMut::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         buffer.extend_from_slice(&chunk);

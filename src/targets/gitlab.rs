@@ -8,6 +8,10 @@
 //!
 //! GitLab refuses variables that are not strings, so they are strings here.
 //! Every trigger carries `loop_guard.hop_variable` (`RELAY_HOP`) = hops + 1.
+//!
+//! With `follow = { token }`, the pipeline is polled through `GET
+//! …/projects/{id}/pipelines/{pipeline}` with that token as `PRIVATE-TOKEN`
+//! (PROTOCOLS.md F): a trigger token cannot read pipelines.
 
 use serde_json::{Map, Value, json};
 
@@ -27,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "variables",
     "inputs",
     "forward_payload",
+    "follow",
 ];
 
 #[derive(Debug)]
@@ -212,6 +217,40 @@ pub(super) fn pipeline(body: &[u8]) -> Result<Pipeline, String> {
     )
 }
 
+impl Gitlab {
+    /// The poll of pipeline `pipeline_id`, in the project the trigger at
+    /// `request_url` named (both trigger URLs name it right after
+    /// `/projects/`, already encoded as one segment).
+    pub(super) fn poll_url(&self, request_url: &str, pipeline_id: &str) -> Result<String, String> {
+        if pipeline_id.is_empty() || !pipeline_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{pipeline_id:?} is not a GitLab pipeline id"));
+        }
+        let prefix = format!("{}/api/v4/projects/", self.base_url);
+        let project = request_url
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.split('/').next())
+            .filter(|project| !project.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "the trigger was not sent under this target's base_url ({}); the config changed since",
+                    self.base_url
+                )
+            })?;
+        Ok(format!("{prefix}{project}/pipelines/{pipeline_id}"))
+    }
+}
+
+/// A polled pipeline's state: `{id, status, …}` (PROTOCOLS.md F).
+pub(super) fn read_poll(body: &[u8]) -> Result<PipelineState, String> {
+    #[derive(serde::Deserialize)]
+    struct Polled {
+        status: String,
+    }
+    serde_json::from_slice::<Polled>(body)
+        .map(|polled| PipelineState::of_ci_status(&polled.status))
+        .map_err(|_| "the answer is not GitLab's pipeline JSON".to_owned())
+}
+
 /// What a refusal from the trigger API means (PROTOCOLS.md B4).
 pub(super) fn advice(status: u16, body: &[u8]) -> Option<&'static str> {
     match status {
@@ -233,5 +272,60 @@ pub(super) fn advice(status: u16, body: &[u8]) -> Option<&'static str> {
         ),
         401 => Some("the trigger token is invalid or has expired"),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::pipeline::PipelineState;
+
+    #[test]
+    fn a_poll_names_the_project_the_trigger_named() {
+        let config = Config::from_toml(
+            r#"
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "s"
+
+[[routes]]
+name = "r"
+to = ["deploy"]
+
+[targets.deploy]
+kind = "gitlab"
+base_url = "https://gitlab.example.com/"
+project = "{{ repo }}"
+token = "glptt-x"
+follow = { token = "glpat-y" }
+"#,
+        )
+        .unwrap();
+        let super::super::Kind::Gitlab(t) = &config.targets["deploy"].kind else {
+            panic!("not gitlab");
+        };
+        let triggered = "https://gitlab.example.com/api/v4/projects/acme%2Fdeploy/trigger/pipeline";
+        assert_eq!(
+            t.poll_url(triggered, "4242").unwrap(),
+            "https://gitlab.example.com/api/v4/projects/acme%2Fdeploy/pipelines/4242"
+        );
+        let forwarded = "https://gitlab.example.com/api/v4/projects/77/ref/main/trigger/pipeline?variables%5BRELAY_HOP%5D=1";
+        assert_eq!(
+            t.poll_url(forwarded, "9").unwrap(),
+            "https://gitlab.example.com/api/v4/projects/77/pipelines/9"
+        );
+        assert!(t.poll_url(triggered, "42/../../x").is_err());
+        let moved = t.poll_url("https://old.example.com/api/v4/projects/1/trigger/pipeline", "4");
+        assert!(moved.unwrap_err().contains("the config changed since"));
+        assert_eq!(
+            super::read_poll(br#"{"id":1,"status":"manual"}"#),
+            Ok(PipelineState::Created)
+        );
+        assert_eq!(
+            super::read_poll(br#"{"status":"canceled"}"#),
+            Ok(PipelineState::Canceled)
+        );
+        assert!(super::read_poll(b"<html>").is_err());
     }
 }

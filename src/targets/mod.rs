@@ -6,21 +6,24 @@
 //! and `outcome` holds the status classes every kind shares.
 //!
 //! `proxy` says how a target's requests reach it; `sends` keeps a client
-//! for each distinct setting.
+//! for each distinct setting. `follow` polls a CI for a pipeline's state.
 //!
 //! A prepared request holds everything but the credential; it is what the
-//! store keeps, so no token ever reaches the database. Only `exchange` does
-//! I/O; nothing here touches the store or decides about retries.
+//! store keeps, so no token ever reaches the database. Only `exchange` and
+//! `follow` do I/O; nothing here touches the store or decides about retries
+//! or when to poll.
 
 mod circleci;
 mod circleci_v1;
 mod exchange;
+mod follow;
 mod gitlab;
 mod http;
 pub mod outcome;
 pub mod proxy;
 
 pub use exchange::AttemptResult;
+pub use follow::{Follow, PollAnswer};
 pub use outcome::Outcome;
 pub use proxy::{Outbound, ProxySetting};
 
@@ -56,6 +59,8 @@ pub struct Target {
     pub burst: Option<BurstSetting>,
     /// How requests reach the target: the environment's proxy, direct, or a named proxy.
     pub proxy: ProxySetting,
+    /// Poll the CI for the state of each pipeline a trigger starts.
+    pub follow: Option<Follow>,
     pub kind: Kind,
 }
 
@@ -96,6 +101,13 @@ impl Target {
             }
         };
         let proxy = ProxySetting::compile(&key, raw.proxy.as_ref(), c);
+        let reader = match raw.kind {
+            TargetKindName::Gitlab => follow::Reader::OwnToken {
+                hint: "a token with the read_api scope, like { env = \"GITLAB_API_TOKEN\" } (a trigger token cannot read pipelines)",
+            },
+            _ => follow::Reader::TriggerToken,
+        };
+        let follow = Follow::compile(&format!("{key}.follow"), raw.follow.as_ref(), reader, c);
         if c.problem_count() > before {
             return None;
         }
@@ -104,6 +116,7 @@ impl Target {
             dry_run,
             concurrency: raw.concurrency,
             proxy,
+            follow,
             burst: raw.burst.map(|b| c.burst(&format!("{key}.burst"), b)),
             kind: kind?,
         })
@@ -177,7 +190,11 @@ impl Target {
     /// was sent).
     pub fn scrub(&self, text: String) -> String {
         let mut text = text;
-        for secret in [self.credential(), self.proxy.password()].into_iter().flatten() {
+        let follow_token = self.follow.as_ref().and_then(Follow::token);
+        for secret in [self.credential(), follow_token, self.proxy.password()]
+            .into_iter()
+            .flatten()
+        {
             let value = String::from_utf8_lossy(secret.expose()).into_owned();
             // A value this short would shred ordinary words and hide nothing
             // (the config warns about it).
@@ -197,12 +214,21 @@ impl Target {
             Kind::Http(t) => t.describe(),
         };
         let dry = if self.dry_run { " (dry run)" } else { "" };
+        let follow = match &self.follow {
+            Some(f) => format!(
+                ", follows each pipeline by polling (first after {}, at most every {}, for {})",
+                humantime::format_duration(f.first),
+                humantime::format_duration(f.max),
+                humantime::format_duration(f.deadline)
+            ),
+            None => String::new(),
+        };
         let proxy = self
             .proxy
             .describe()
             .map(|p| format!(", {p}"))
             .unwrap_or_default();
-        format!("{} {endpoint}{dry}{proxy}", self.kind_name())
+        format!("{} {endpoint}{dry}{follow}{proxy}", self.kind_name())
     }
 
     /// The request as it goes on the wire: credentials added now, from this

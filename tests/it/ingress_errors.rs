@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use relay::store::{
-    ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
-    Queue, Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
+    NewEvent, PollRecord, Polls, Queue, Requeued, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -532,6 +532,25 @@ impl Inspect for FullDisk {
 #[async_trait]
 impl Maintain for FullDisk {
     async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
+        Err(full())
+    }
+}
+
+#[async_trait]
+impl Polls for FullDisk {
+    async fn due_polls(
+        &self,
+        _: &str,
+        _: usize,
+        _: Duration,
+        _: SystemTime,
+    ) -> Result<Vec<DuePoll>, StoreError> {
+        Err(full())
+    }
+    async fn record_poll(&self, _: PollRecord, _: SystemTime) -> Result<bool, StoreError> {
+        Err(full())
+    }
+    async fn next_poll(&self, _: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         Err(full())
     }
 }

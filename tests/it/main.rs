@@ -13,6 +13,7 @@ mod crash;
 mod delivery;
 mod faulty_targets;
 mod fixtures;
+mod follow;
 mod ingress_errors;
 mod loop_guard;
 mod packaging;

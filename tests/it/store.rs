@@ -261,6 +261,7 @@ fn completion(id: Uuid, claim: Uuid, status: u16, next: NextState) -> Completion
         pipeline: None,
         next,
         at,
+        follow: None,
     }
 }
 

@@ -25,6 +25,7 @@
 
 mod connect;
 mod listen;
+mod polls;
 mod queue;
 mod schema;
 mod views;
@@ -47,8 +48,8 @@ use self::listen::{keep_listening, listen_on};
 pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
-    ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
-    Queue, QueueStats, Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
+    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, StoreError,
 };
 use crate::config::PostgresSettings;
 use crate::event::Upstream;
@@ -307,6 +308,27 @@ impl Inspect for PostgresStore {
         now: SystemTime,
     ) -> Result<u64, StoreError> {
         views::requeue_dead(self, target, since, until, now).await
+    }
+}
+
+#[async_trait]
+impl Polls for PostgresStore {
+    async fn due_polls(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        _now: SystemTime,
+    ) -> Result<Vec<DuePoll>, StoreError> {
+        polls::due_polls(self, target, limit, lease).await
+    }
+
+    async fn record_poll(&self, poll: PollRecord, _now: SystemTime) -> Result<bool, StoreError> {
+        polls::record_poll(self, poll).await
+    }
+
+    async fn next_poll(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
+        polls::next_poll(self, now).await
     }
 }
 

@@ -253,7 +253,13 @@ pub(super) async fn complete(
                      pipeline_number = CASE WHEN $12::text IS NULL THEN pipeline_number ELSE $13::int8 END,
                      pipeline_url = CASE WHEN $12::text IS NULL THEN pipeline_url ELSE $14::text END,
                      pipeline_state = CASE WHEN $12::text IS NULL THEN pipeline_state ELSE $15::text END,
-                     pipeline_updated_at = CASE WHEN $12::text IS NULL THEN pipeline_updated_at ELSE now() END
+                     pipeline_updated_at = CASE WHEN $12::text IS NULL THEN pipeline_updated_at ELSE now() END,
+                     follow_due = CASE WHEN $16::int8 IS NULL THEN follow_due
+                         ELSE now() + $16::int8 * interval '1 microsecond' END,
+                     follow_until = CASE WHEN $16::int8 IS NULL THEN follow_until
+                         ELSE now() + $17::int8 * interval '1 microsecond' END,
+                     follow_polls = CASE WHEN $16::int8 IS NULL THEN follow_polls ELSE 0 END,
+                     follow_note = CASE WHEN $16::int8 IS NULL THEN follow_note ELSE NULL END
                  WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
                  RETURNING id
              )
@@ -273,7 +279,9 @@ pub(super) async fn complete(
             .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         let pipeline_url = pipeline.and_then(|p| p.url.as_deref());
         let pipeline_state = pipeline.map(|p| p.state.as_str());
-        let params: [&(dyn ToSql + Sync); 15] = [
+        let follow_first = c.follow.map(|f| micros(f.first_in));
+        let follow_deadline = c.follow.map(|f| micros(f.deadline));
+        let params: [&(dyn ToSql + Sync); 17] = [
             &state_name,
             &maybe,
             &due_in,
@@ -289,6 +297,8 @@ pub(super) async fn complete(
             &pipeline_number,
             &pipeline_url,
             &pipeline_state,
+            &follow_first,
+            &follow_deadline,
         ];
         if state != JobState::Queued {
             // One statement is its own transaction: no BEGIN and COMMIT
@@ -477,7 +487,7 @@ fn target_lock(target: &str) -> i32 {
 
 /// Records a pipeline's state on the job that started it, and answers what
 /// started it (see `Queue::correlate`). One statement; the state changes at
-/// most once for the same answer.
+/// most once for the same answer, and a final one ends polling for it.
 pub(super) async fn correlate(
     store: &PostgresStore,
     pipeline_id: &str,
@@ -490,7 +500,8 @@ pub(super) async fn correlate(
                 "WITH job AS (
                      SELECT id FROM jobs WHERE pipeline_id = $1 ORDER BY created_at LIMIT 1
                  ), moved AS (
-                     UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now()
+                     UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now(),
+                         follow_due = CASE WHEN $3 THEN NULL ELSE follow_due END
                      WHERE id IN (SELECT id FROM job) AND pipeline_state IS DISTINCT FROM $2
                      RETURNING id
                  )
@@ -502,7 +513,7 @@ pub(super) async fn correlate(
             .await
             .map_err(|e| unavailable(&e))?;
         let row = client
-            .query_opt(&stmt, &[&pipeline_id, &state.as_str()])
+            .query_opt(&stmt, &[&pipeline_id, &state.as_str(), &state.is_final()])
             .await
             .map_err(|e| unavailable(&e))?;
         row.as_ref()

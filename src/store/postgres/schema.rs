@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -100,6 +100,16 @@ ALTER TABLE jobs
     ADD COLUMN pipeline_state text,
     ADD COLUMN pipeline_updated_at timestamptz;
 CREATE INDEX jobs_pipeline ON jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+";
+
+/// Following a pipeline by polling its CI (SQLite's V7).
+const V3: &str = "
+ALTER TABLE jobs
+    ADD COLUMN follow_due timestamptz,
+    ADD COLUMN follow_until timestamptz,
+    ADD COLUMN follow_polls integer NOT NULL DEFAULT 0,
+    ADD COLUMN follow_note text;
+CREATE INDEX jobs_follow ON jobs (target, follow_due) WHERE follow_due IS NOT NULL;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

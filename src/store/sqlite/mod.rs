@@ -24,6 +24,7 @@
 //! second relay use the same file, or decide by a clock of its own.
 
 mod codec;
+mod polls;
 mod queue;
 mod schema;
 mod views;
@@ -49,8 +50,8 @@ use writer::{Durability, Writer};
 
 use super::rows::Columns;
 use super::{
-    ClaimedJob, Completion, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain, NewEvent,
-    Queue, QueueStats, Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
+    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, StoreError,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -333,6 +334,35 @@ impl Inspect for SqliteStore {
             )
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Polls for SqliteStore {
+    async fn due_polls(
+        &self,
+        target: &str,
+        limit: usize,
+        lease: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<DuePoll>, StoreError> {
+        let target = target.to_owned();
+        self.run(Durability::Committed, move |conn| {
+            polls::due_polls(conn, &target, limit, lease, now)
+        })
+        .await
+    }
+
+    async fn record_poll(&self, poll: PollRecord, now: SystemTime) -> Result<bool, StoreError> {
+        self.run(Durability::Committed, move |conn| {
+            polls::record_poll(conn, &poll, now)
+        })
+        .await
+    }
+
+    async fn next_poll(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
+        // Stored times were the caller's clock already.
+        self.run(Durability::Committed, polls::next_poll).await
     }
 }
 

@@ -264,11 +264,16 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
                  pipeline_number = CASE WHEN ?8 IS NULL THEN pipeline_number ELSE ?9 END,
                  pipeline_url = CASE WHEN ?8 IS NULL THEN pipeline_url ELSE ?10 END,
                  pipeline_state = CASE WHEN ?8 IS NULL THEN pipeline_state ELSE ?11 END,
-                 pipeline_updated_at = CASE WHEN ?8 IS NULL THEN pipeline_updated_at ELSE ?5 END
+                 pipeline_updated_at = CASE WHEN ?8 IS NULL THEN pipeline_updated_at ELSE ?5 END,
+                 follow_due = CASE WHEN ?12 IS NULL THEN follow_due ELSE ?5 + ?12 END,
+                 follow_until = CASE WHEN ?12 IS NULL THEN follow_until ELSE ?5 + ?13 END,
+                 follow_polls = CASE WHEN ?12 IS NULL THEN follow_polls ELSE 0 END,
+                 follow_note = CASE WHEN ?12 IS NULL THEN follow_note ELSE NULL END
              WHERE id = ?6 AND claim_id = ?7 AND state = 'in_flight'",
         )
         .and_then(|mut stmt| {
             let pipeline = c.pipeline.as_ref();
+            let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
             stmt.execute(params![
                 state.as_str(),
                 maybe,
@@ -283,6 +288,8 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
                     .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
                 pipeline.and_then(|p| p.url.as_deref()),
                 pipeline.map(|p| p.state.as_str()),
+                c.follow.map(|f| ms(f.first_in)),
+                c.follow.map(|f| ms(f.deadline)),
             ])
         })
         .map_err(|e| unavailable(&e))?;
@@ -356,11 +363,20 @@ pub(super) fn correlate(
 ) -> Result<Option<Upstream>, StoreError> {
     let changed = conn
         .prepare_cached(
-            "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3
+            "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3,
+                 follow_due = CASE WHEN ?4 THEN NULL ELSE follow_due END
              WHERE id = (SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1)
                AND pipeline_state IS NOT ?2",
         )
-        .and_then(|mut stmt| stmt.execute(params![pipeline_id, state.as_str(), to_millis(now)]))
+        .and_then(|mut stmt| {
+            // A CI's own word that the pipeline ended ends polling for it.
+            stmt.execute(params![
+                pipeline_id,
+                state.as_str(),
+                to_millis(now),
+                state.is_final()
+            ])
+        })
         .map_err(|e| unavailable(&e))?;
     let mut stmt = conn
         .prepare_cached(

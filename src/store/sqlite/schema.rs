@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -157,6 +157,20 @@ ALTER TABLE jobs ADD COLUMN pipeline_url TEXT;
 ALTER TABLE jobs ADD COLUMN pipeline_state TEXT;
 ALTER TABLE jobs ADD COLUMN pipeline_updated_at INTEGER;
 CREATE INDEX jobs_pipeline ON jobs (pipeline_id) WHERE pipeline_id IS NOT NULL;
+";
+
+/// Following a pipeline by polling its CI: `follow_until` is set once a
+/// trigger of a following target names a pipeline that has not ended (null:
+/// never followed), `follow_due` is when the next poll is due (null: not
+/// polling, because it ended, gave up or was refused; `follow_note` says
+/// which), `follow_polls` how many polls so far. The index finds the due
+/// polls of each target.
+const V7: &str = "
+ALTER TABLE jobs ADD COLUMN follow_due INTEGER;
+ALTER TABLE jobs ADD COLUMN follow_until INTEGER;
+ALTER TABLE jobs ADD COLUMN follow_polls INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN follow_note TEXT;
+CREATE INDEX jobs_follow ON jobs (target, follow_due) WHERE follow_due IS NOT NULL;
 ";
 
 fn lock_path(db: &Path) -> PathBuf {
@@ -336,8 +350,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            indexes, 5,
-            "jobs_event, jobs_created, jobs_queued, jobs_leased, and V6's jobs_pipeline"
+            indexes, 6,
+            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline and V7's jobs_follow"
         );
         // The event still owns its jobs, and they their attempts.
         conn.execute("DELETE FROM events WHERE id = 'e1'", []).unwrap();
