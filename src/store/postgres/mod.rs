@@ -146,6 +146,26 @@ fn col<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> 
     row.try_get(index).map_err(|e| StoreError::Corrupt(describe(&e)))
 }
 
+/// The moment `sql` selects beside the database's `now()`, on the caller's
+/// clock, whose reading is `now`: when the caller is to wake up. A moment
+/// already past reads as `now`.
+async fn next_moment(
+    store: &PostgresStore,
+    operation: &'static str,
+    sql: &'static str,
+    now: SystemTime,
+) -> Result<Option<SystemTime>, StoreError> {
+    connect::within(operation, connect::OPERATION_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(|e| unavailable(&e))?;
+        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+        let next: Option<SystemTime> = col(&row, 0)?;
+        let db_now: SystemTime = col(&row, 1)?;
+        Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
+    })
+    .await
+}
+
 /// `t - base` in microseconds, signed and bounded: the form in which a
 /// caller's time reaches the database (`now() + offset`).
 fn offset(t: SystemTime, base: SystemTime) -> i64 {

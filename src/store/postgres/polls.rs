@@ -9,7 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::connect::{OPERATION_TIMEOUT, within};
-use super::{PostgresStore, col, micros, unavailable};
+use super::{PostgresStore, col, micros, next_moment, unavailable};
 use crate::store::rows::{self, POLL_COLUMNS};
 use crate::store::{DuePoll, PollRecord, StoreError};
 
@@ -89,17 +89,11 @@ pub(super) async fn next_poll(
     store: &PostgresStore,
     now: SystemTime,
 ) -> Result<Option<SystemTime>, StoreError> {
-    within("next_poll", OPERATION_TIMEOUT, async {
-        let client = store.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT (SELECT min(follow_due) FROM jobs WHERE follow_due IS NOT NULL), now()")
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
-        let next: Option<SystemTime> = col(&row, 0)?;
-        let db_now: SystemTime = col(&row, 1)?;
-        // Past-due reads as "now": the caller sleeps on the difference.
-        Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
-    })
+    next_moment(
+        store,
+        "next_poll",
+        "SELECT (SELECT min(follow_due) FROM jobs WHERE follow_due IS NOT NULL), now()",
+        now,
+    )
     .await
 }

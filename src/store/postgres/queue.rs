@@ -17,7 +17,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::connect::{OPERATION_TIMEOUT, within};
-use super::{PostgresStore, col, micros, offset, unavailable};
+use super::{PostgresStore, col, micros, next_moment, offset, unavailable};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
 use crate::pipeline::PipelineState;
@@ -355,22 +355,14 @@ pub(super) async fn next_wakeup(
     store: &PostgresStore,
     now: SystemTime,
 ) -> Result<Option<SystemTime>, StoreError> {
-    within("next_wakeup", OPERATION_TIMEOUT, async {
-        let client = store.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
-                              (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
-                        now()",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
-        let next: Option<SystemTime> = col(&row, 0)?;
-        let db_now: SystemTime = col(&row, 1)?;
-        // Past-due reads as "now": the caller sleeps on the difference.
-        Ok(next.map(|t| now + t.duration_since(db_now).unwrap_or(Duration::ZERO)))
-    })
+    next_moment(
+        store,
+        "next_wakeup",
+        "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
+                      (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
+                now()",
+        now,
+    )
     .await
 }
 
