@@ -44,6 +44,8 @@ to = [{}]
 fn pipeline_of(job: &Value) -> Value {
     let mut pipeline = job["pipeline"].clone();
     if let Some(fields) = pipeline.as_object_mut() {
+        // Not followed here (tests/it/follow.rs is about following).
+        assert_eq!(fields.remove("follow"), Some(Value::Null));
         let updated = fields.remove("updated_at").expect("updated_at");
         let updated = updated.as_str().expect("updated_at is a string");
         assert!(
