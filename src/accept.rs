@@ -234,6 +234,10 @@ async fn correlate(
                                 SENDERS_DEADLINE.as_secs()
                             ))
                         })??;
+                if found.as_ref().is_some_and(|u| u.state_changed) {
+                    // A reported pipeline's change has queued its report.
+                    app.wake_dispatch();
+                }
                 if let Some(upstream) = found.as_ref().filter(|u| u.state_changed && state.is_final()) {
                     let took = now.duration_since(upstream.triggered_at).unwrap_or_default();
                     app.metrics
@@ -275,13 +279,20 @@ fn record(
         jobs: plan
             .jobs
             .iter()
-            .map(|job| NewJob {
-                id: job.id,
-                route: job.route.clone(),
-                target: job.target.clone(),
-                request: job.request.clone(),
-                limits: job.limits.clone(),
-                lease: reservation.lease(&job.id),
+            .map(|job| {
+                let event = events.get(job.event_index);
+                NewJob {
+                    id: job.id,
+                    route: job.route.clone(),
+                    target: job.target.clone(),
+                    request: job.request.clone(),
+                    limits: job.limits.clone(),
+                    lease: reservation.lease(&job.id),
+                    repo: event.map(|e| e.repo.clone()).unwrap_or_default(),
+                    sha: event.map(|e| e.sha.clone()).unwrap_or_default(),
+                    shadow: job.shadow,
+                    report: job.report.clone(),
+                }
             })
             .collect(),
         drops: plan.dropped.iter().map(|d| d.dropped.clone()).collect(),
@@ -329,6 +340,16 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[H
             target = drop.target.as_deref().unwrap_or(""),
             reason = %drop.reason,
             "loop guard dropped"
+        );
+    }
+    for unreported in &plan.unreported {
+        warn!(
+            event_id = %webhook.id(),
+            source = %webhook.source(),
+            route = %unreported.route,
+            target = %unreported.target,
+            reason = %unreported.reason,
+            "the trigger goes out, but its pipeline cannot be reported on the commit"
         );
     }
     for job in &plan.jobs {

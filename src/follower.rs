@@ -93,7 +93,7 @@ async fn poll_once(app: Arc<App>, poll: DuePoll, permit: OwnedSemaphorePermit, s
     );
     async {
         let config = app.config();
-        let answer = match config.targets.get(&poll.target) {
+        let answer = match config.target(&poll.target) {
             None => PollAnswer::Refused(format!("target {} is no longer in the config", poll.target)),
             Some(target) => match app.sends.outbound(&target.proxy) {
                 Ok(outbound) => {
@@ -108,7 +108,7 @@ async fn poll_once(app: Arc<App>, poll: DuePoll, permit: OwnedSemaphorePermit, s
                 ))),
             },
         };
-        let follow = config.targets.get(&poll.target).and_then(|t| t.follow.as_ref());
+        let follow = config.target(&poll.target).and_then(|t| t.follow.as_ref());
         let record = decide(follow, &poll, &answer);
         app.metrics.poll(&poll.target, outcome_label(&answer));
         log_poll(&answer, &record);
@@ -116,6 +116,8 @@ async fn poll_once(app: Arc<App>, poll: DuePoll, permit: OwnedSemaphorePermit, s
             Ok(changed) => {
                 if let (true, Some(state)) = (changed, record.state) {
                     info!(pipeline_state = %state, "the pipeline's state changed");
+                    // A reported pipeline's change has queued its report.
+                    app.wake_dispatch();
                     if state.is_final() {
                         let took = app.now().duration_since(poll.triggered_at).unwrap_or_default();
                         app.metrics.pipeline_finished(&poll.target, state.as_str(), took);

@@ -11,6 +11,7 @@
 //!   `loops`: the static trigger graph and its cycles, for `relay check`.
 //! - [`routing`]: routes compiled once, evaluated per event into jobs; the template context.
 //! - [`template`]: the one template and expression engine.
+//! - [`report`]: what relay says on a commit about the pipeline it started.
 //! - [`targets`]: per CI kind, the request a job sends and the exchange that sends it;
 //!   [`request`]: that request as stored, without credentials.
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
@@ -38,6 +39,7 @@ pub(crate) mod loops;
 pub(crate) mod metrics;
 pub mod payload;
 pub mod pipeline;
+pub mod report;
 pub mod request;
 pub mod routing;
 pub mod secret;

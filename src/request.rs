@@ -42,6 +42,10 @@ pub enum Auth {
     Header {
         name: String,
     },
+    /// `Authorization: <scheme> <token>` (`Bearer`, Gitea's `token`).
+    Scheme {
+        scheme: String,
+    },
     /// `?token=<token>` (GitLab's webhook-style trigger).
     Query {
         name: String,
@@ -97,6 +101,9 @@ impl PreparedRequest {
         match &self.auth {
             Auth::None => {}
             Auth::Header { name } => headers.push((name.clone(), REDACTED.to_owned())),
+            Auth::Scheme { scheme } => {
+                headers.push(("Authorization".to_owned(), format!("{scheme} {REDACTED}")))
+            }
             Auth::Query { .. } => {}
             Auth::JsonField { name } => {
                 if let Ok(mut doc) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&body)

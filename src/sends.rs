@@ -112,8 +112,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Sends in flight at once for a target.
 pub fn capacity(config: &Config, target: &str) -> usize {
     config
-        .targets
-        .get(target)
+        .target(target)
         .and_then(|t| t.concurrency)
         .unwrap_or(config.delivery.concurrency)
 }

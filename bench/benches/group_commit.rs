@@ -98,6 +98,10 @@ fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
                 burst: None,
             },
             lease,
+            repo: "acme/api".to_owned(),
+            sha: "2222222222222222222222222222222222222222".to_owned(),
+            shadow: false,
+            report: None,
         }],
         drops: Vec::new(),
     }
@@ -173,6 +177,7 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
                     pipeline: None,
                     next: NextState::Done,
                     at: now,
+                    follow: None,
                 };
                 let recorded = store.complete(completion, now).await.expect("completion commits");
                 assert!(recorded);

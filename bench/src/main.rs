@@ -871,6 +871,10 @@ async fn fill_backlog(db: &Path, circle: std::net::SocketAddr) -> Result<(), Str
                     }),
                     limits: JobLimits::default(),
                     lease: None,
+                    repo: "acme/api".to_owned(),
+                    sha: "2222222222222222222222222222222222222222".to_owned(),
+                    shadow: false,
+                    report: None,
                 }],
                 drops: Vec::new(),
             };

@@ -48,6 +48,9 @@ pub struct Config {
     pub sources: Vec<Source>,
     pub routes: Vec<Route>,
     pub targets: BTreeMap<String, Target>,
+    /// The targets that post commit statuses, one per source with an `api`,
+    /// by name (`status:<source>`); never named in a route's `to`.
+    pub reporters: BTreeMap<String, Target>,
     /// Every template and `when` of the routes and targets, compiled.
     pub templates: Templates,
     /// Things that work but deserve a look (literal secrets); logged at start.
@@ -143,6 +146,7 @@ impl Config {
         Router {
             routes: &self.routes,
             targets: &self.targets,
+            reporters: &self.reporters,
             templates: &self.templates,
             loop_guard: &self.loop_guard,
             payload_urls: self.server.payload.as_ref(),
@@ -219,10 +223,21 @@ impl Config {
         let declared = Declared {
             sources: raw_sources.iter().map(|(name, _)| name.clone()).collect(),
             targets: raw_targets.iter().map(|(name, _)| name.clone()).collect(),
+            reporting: raw_sources
+                .iter()
+                .filter(|(_, raw)| raw.api.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
         };
         let mut sources = Vec::new();
+        let mut reporters = BTreeMap::new();
         let mut paths = HashSet::new();
-        for (name, raw) in raw_sources {
+        for (name, mut raw) in raw_sources {
+            if let Some(api) = raw.api.take()
+                && let Some(reporter) = Target::status(&name, raw.provider, &api, &mut c)
+            {
+                reporters.insert(reporter.name.clone(), reporter);
+            }
             if !paths.insert(raw.path.clone()) {
                 c.problem(
                     format!("sources.{name}.path"),
@@ -235,6 +250,12 @@ impl Config {
         }
         let mut targets = BTreeMap::new();
         for (name, raw) in raw_targets {
+            if name.starts_with(crate::report::STATUS_TARGET_PREFIX) {
+                c.problem(
+                    format!("targets.{name}"),
+                    "names starting with \"status:\" are relay's own: they post commit statuses",
+                );
+            }
             if let Some(target) = Target::compile(&name, raw, &mut c) {
                 targets.insert(name, target);
             }
@@ -283,6 +304,7 @@ impl Config {
             sources,
             routes,
             targets,
+            reporters,
             templates: c.templates,
             warnings: c.warnings,
         })
@@ -295,6 +317,16 @@ impl Config {
 
     pub fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// A target jobs can name: a configured one, or a source's status poster.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.get(name).or_else(|| self.reporters.get(name))
+    }
+
+    /// Every target jobs can name, configured ones first.
+    pub fn job_targets(&self) -> impl Iterator<Item = (&String, &Target)> {
+        self.targets.iter().chain(self.reporters.iter())
     }
 }
 

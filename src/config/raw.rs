@@ -261,6 +261,16 @@ pub struct RawSource {
     pub fields: Option<BTreeMap<String, String>>,
     /// `generic` only: what its deliveries are (default `push`).
     pub kind: Option<GenericKind>,
+    /// The Git host's API, for commit statuses (`report` on a route).
+    pub api: Option<RawApi>,
+}
+
+/// A source's `api = { token, url }`: the host's REST API and a token for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub token: SecretSpec,
+    pub url: Option<String>,
 }
 
 impl RawSource {
@@ -332,6 +342,17 @@ pub struct RawRoute {
     pub paths: Option<Vec<String>>,
     pub when: Option<String>,
     pub to: Vec<String>,
+    /// Post each target's pipeline state on the pushed commit.
+    pub report: Option<RawReport>,
+}
+
+/// A route's `report`: `true` (context `relay/<target>`), or the context as
+/// a template of `target` and `route`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "true, false, or a context like \"ci/{{ target }}\"")]
+pub enum RawReport {
+    Switch(bool),
+    Context(String),
 }
 
 /// The target kinds relay can trigger.
@@ -400,6 +421,9 @@ pub struct RawTarget {
     pub config: Option<RawRef>,
     /// Poll the CI for the pipeline's state (`circleci`, `gitlab`).
     pub follow: Option<RawFollow>,
+    /// Triggered and followed for real, never reported on its route's
+    /// commit; compared with the route's other targets instead.
+    pub shadow: Option<bool>,
 }
 
 /// A target's `follow`: `true`, or a table with a token of its own (GitLab

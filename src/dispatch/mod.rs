@@ -24,7 +24,7 @@ use crate::app::App;
 use crate::clock::stopwatch;
 use crate::config::Config;
 use crate::sends::{Sends, capacity};
-use crate::store::{AttemptRecord, ClaimedJob, Completion, FollowFrom, Lease, NextState};
+use crate::store::{AttemptRecord, ClaimedJob, Completion, FollowFrom, Lease, NextState, Work};
 use crate::targets::{AttemptResult, Outcome};
 pub use retry::RetryPolicy;
 
@@ -99,7 +99,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         let lease = config.delivery.lease;
         let mut maybe_more = false;
         let mut starved = false;
-        for name in config.targets.keys() {
+        for (name, _) in config.job_targets() {
             // Slots first, then claims: ingress takes slots too, and a job
             // claimed without one would sit out its lease.
             let semaphore = app.sends.semaphore(name, capacity(&config, name));
@@ -182,7 +182,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
         let config = app.config();
         let started_at = app.now();
         let clock = stopwatch();
-        let result = tokio::select! {
+        let (result, url) = tokio::select! {
             result = attempt(&config, &app.sends, &job, app.now()) => result,
             never = keep_leased(&app, &job, config.delivery.lease) => match never {},
         };
@@ -195,7 +195,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             rand::random::<f64>(),
             ended,
         );
-        log_result(&result, &next, duration, ended, &job.request.redacted_url());
+        log_result(&result, &next, duration, ended, &url);
         app.metrics.attempt(&job.target, result.outcome);
         if result.outcome != Outcome::DryRun {
             app.metrics.send_took(&job.target, duration);
@@ -217,9 +217,14 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             follow,
         };
         let retry_scheduled = matches!(completion.next, NextState::Retry { .. });
+        // A reported trigger that is done or dead has queued its report.
+        let reported = job.reported && !retry_scheduled;
         record(&app, completion).await;
         if follow.is_some() {
             app.wake_follower();
+        }
+        if reported {
+            app.wake_dispatch();
         }
         retry_scheduled
     }
@@ -236,7 +241,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
 /// Whether to follow the pipeline an attempt started by polling: its
 /// target follows, and the answer named a pipeline that has not ended.
 fn follow_from(config: &Config, target: &str, result: &AttemptResult) -> Option<FollowFrom> {
-    let follow = config.targets.get(target)?.follow.as_ref()?;
+    let follow = config.target(target)?.follow.as_ref()?;
     let pipeline = result.pipeline.as_ref()?;
     (result.outcome == Outcome::Delivered && !pipeline.state.is_final()).then_some(FollowFrom {
         first_in: follow.first,
@@ -244,35 +249,58 @@ fn follow_from(config: &Config, target: &str, result: &AttemptResult) -> Option<
     })
 }
 
-/// One attempt of the job, under the config in force now.
-async fn attempt(config: &Config, sends: &Sends, job: &ClaimedJob, now: SystemTime) -> AttemptResult {
-    let Some(target) = config.targets.get(&job.target) else {
-        return AttemptResult::dead_request(format!(
+/// One attempt of the job, under the config in force now, and the URL it
+/// went to (for the log).
+async fn attempt(
+    config: &Config,
+    sends: &Sends,
+    job: &ClaimedJob,
+    now: SystemTime,
+) -> (AttemptResult, String) {
+    let Some(target) = config.target(&job.target) else {
+        let message = format!(
             "target {} is no longer in the config; retry the job by hand once it is back",
             job.target
-        ));
+        );
+        return (AttemptResult::dead_request(message), String::new());
     };
+    // A report is rendered now, from what it reports; a trigger was
+    // rendered when its webhook came.
+    let rendered;
+    let request = match &job.work {
+        Work::Trigger(request) => request,
+        Work::Report(report) => match target.render_status(report) {
+            Ok(request) => {
+                rendered = request;
+                &rendered
+            }
+            Err(e) => return (AttemptResult::dead_request(e.to_string()), String::new()),
+        },
+    };
+    let url = request.redacted_url();
     let outbound = match sends.outbound(&target.proxy) {
         Ok(outbound) => outbound,
         Err(e) => {
-            return AttemptResult::without_answer(
+            let result = AttemptResult::without_answer(
                 Outcome::RetryConnect,
                 target.scrub(format!(
                     "cannot build the HTTP client for this target's proxy: {}",
                     crate::targets::outcome::transport_detail(&e)
                 )),
             );
+            return (result, url);
         }
     };
-    target
+    let result = target
         .send(
             &outbound,
-            &job.request,
+            request,
             job.payload.as_ref(),
             config.delivery.timeout,
             now,
         )
-        .await
+        .await;
+    (result, url)
 }
 
 /// Renews the job's lease every third of `lease` for as long as its send

@@ -24,6 +24,7 @@ use crate::event::{Event, Upstream};
 use crate::guard::{self, Dropped, JobLimits, LoopGuard};
 use crate::ingress::{Source, Webhook};
 use crate::payload::PayloadUrls;
+use crate::report::{ReportSpec, status_target};
 use crate::request::PreparedRequest;
 use crate::targets::{RenderInput, Target};
 use crate::template::Templates;
@@ -34,6 +35,9 @@ use crate::template::Templates;
 pub struct Router<'a> {
     pub routes: &'a [Route],
     pub targets: &'a BTreeMap<String, Target>,
+    /// The status posters, by name (`status:<source>`): a route reports
+    /// through its source's.
+    pub reporters: &'a BTreeMap<String, Target>,
     pub templates: &'a Templates,
     pub loop_guard: &'a LoopGuard,
     pub payload_urls: Option<&'a PayloadUrls>,
@@ -51,6 +55,19 @@ pub struct PlannedJob {
     /// is then dead at once, with that reason).
     pub request: Result<PreparedRequest, String>,
     pub limits: JobLimits,
+    /// Set for a route with `report` and a target that is not a shadow:
+    /// where its pipeline's states are posted.
+    pub report: Option<ReportSpec>,
+    /// The target is a shadow: compared, never reported.
+    pub shadow: bool,
+}
+
+/// A trigger whose pipeline a route would report, but cannot: why.
+#[derive(Debug)]
+pub struct Unreported {
+    pub route: String,
+    pub target: String,
+    pub reason: String,
 }
 
 /// An event a guard rule kept from routing.
@@ -71,6 +88,9 @@ pub struct Plan {
     /// least the request's own): stored with the event, so a pipeline it
     /// triggers is known to be one hop further (`Queue::correlate`).
     pub hop: u32,
+    /// Reports a route asked for that cannot be posted (a repository or sha
+    /// that is not a Git host's).
+    pub unreported: Vec<Unreported>,
 }
 
 impl Plan {
@@ -160,7 +180,20 @@ pub fn plan(
                     now,
                 };
                 let request = target.render(&input).map_err(|e| e.to_string());
+                let report = match report_spec(router, route, target, &source.name, event, now) {
+                    Ok(report) => report,
+                    Err(reason) => {
+                        plan.unreported.push(Unreported {
+                            route: route.name.clone(),
+                            target: target_name.clone(),
+                            reason,
+                        });
+                        None
+                    }
+                };
                 plan.jobs.push(PlannedJob {
+                    report,
+                    shadow: target.shadow,
                     id: Uuid::now_v7(),
                     event_index: index,
                     route: route.name.clone(),
@@ -172,6 +205,34 @@ pub fn plan(
         }
     }
     plan
+}
+
+/// Where `target`'s pipeline is reported, for a route with `report` and a
+/// target that is not a shadow, through the source's status poster.
+fn report_spec(
+    router: &Router<'_>,
+    route: &Route,
+    target: &Target,
+    source: &str,
+    event: &Event,
+    now: SystemTime,
+) -> Result<Option<ReportSpec>, String> {
+    let Some(context) = route.report.as_ref() else {
+        return Ok(None);
+    };
+    if target.shadow || !router.reporters.contains_key(&status_target(source)) {
+        return Ok(None);
+    }
+    ReportSpec::new(
+        source,
+        &event.repo,
+        &event.sha,
+        context.render(&route.name, &target.name),
+        &target.name,
+        target.pipeline_label(),
+        now,
+    )
+    .map(|spec| Some(spec.with_link(&event.repo_url)))
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use minijinja::value::Value;
 
 use crate::config::compiler::Compiler;
-use crate::config::raw::RawRoute;
+use crate::config::raw::{RawReport, RawRoute};
 use crate::event::{Event, EventKind};
+use crate::report::{DEFAULT_CONTEXT, ReportContext};
 use crate::template::{Condition, Templates};
 
 /// The sources and targets the config declares, whether or not they
@@ -20,6 +21,8 @@ use crate::template::{Condition, Templates};
 pub struct Declared {
     pub sources: Vec<String>,
     pub targets: Vec<String>,
+    /// The sources with an `api`, which can post commit statuses.
+    pub reporting: Vec<String>,
 }
 
 /// A `[[routes]]` entry, compiled.
@@ -35,6 +38,9 @@ pub struct Route {
     paths: Option<Patterns>,
     when: Option<Condition>,
     pub to: Vec<String>,
+    /// Post each non-shadow target's pipeline state on the pushed commit,
+    /// under this context.
+    pub report: Option<ReportContext>,
 }
 
 /// Globs with `!` exclusions: a value matches when some include matches (or
@@ -112,6 +118,38 @@ fn glob(pattern: &str) -> Result<Glob, globset::Error> {
     GlobBuilder::new(pattern).literal_separator(true).build()
 }
 
+/// `report`: the context template, and sources that can post statuses.
+fn compile_report(key: &str, raw: &RawRoute, declared: &Declared, c: &mut Compiler) -> Option<ReportContext> {
+    let source = match raw.report.as_ref()? {
+        RawReport::Switch(false) => return None,
+        RawReport::Switch(true) => DEFAULT_CONTEXT,
+        RawReport::Context(text) => text.as_str(),
+    };
+    let key = format!("{key}.report");
+    let Some(from) = &raw.from else {
+        c.problem(
+            &key,
+            "needs from = [...]: statuses are posted through each source's api, so name the sources",
+        );
+        return None;
+    };
+    for name in from {
+        if declared.sources.contains(name) && !declared.reporting.contains(name) {
+            c.problem(
+                &key,
+                format!("sources.{name} has no api = {{ token = … }} to post commit statuses with"),
+            );
+        }
+    }
+    match ReportContext::new(source) {
+        Ok(context) => Some(context),
+        Err(why) => {
+            c.problem(key, why);
+            None
+        }
+    }
+}
+
 impl Route {
     pub fn compile(index: usize, raw: RawRoute, declared: &Declared, c: &mut Compiler) -> Option<Route> {
         let key = format!("routes[{index}]");
@@ -178,10 +216,12 @@ impl Route {
                         None
                     }
                 });
+        let report = compile_report(&key, &raw, declared, c);
         if c.problem_count() > before {
             return None;
         }
         Some(Route {
+            report,
             name: raw.name,
             from: raw.from,
             repos,

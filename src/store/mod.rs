@@ -38,6 +38,7 @@ pub const POSTGRES_SCHEMA_VERSION: u32 = postgres::SCHEMA_VERSION;
 use crate::config::{StoreLocation, StoreSettings};
 use crate::guard::{Dropped, JobLimits, Trigger};
 use crate::pipeline::{Pipeline, PipelineState};
+use crate::report::{ReportSpec, StatusReport};
 use crate::request::PreparedRequest;
 
 /// One accepted webhook and everything routing made of it.
@@ -76,6 +77,15 @@ pub struct NewJob {
     /// than queued, so no claim is needed. A crash leaves it to be claimed
     /// again like any leased job.
     pub lease: Option<Lease>,
+    /// The repository and commit the event is about (shadow runs compare by
+    /// them; a person filters by them).
+    pub repo: String,
+    pub sha: String,
+    /// The target is a shadow of its route's others.
+    pub shadow: bool,
+    /// Where this trigger's pipeline states are reported: each change, and
+    /// a dead trigger, queue a report job (see `report`).
+    pub report: Option<ReportSpec>,
 }
 
 impl NewJob {
@@ -129,7 +139,8 @@ impl NewJob {
             payload: request
                 .needs_payload()
                 .then(|| event.payload.clone().unwrap_or_else(|| event.body.clone())),
-            request: request.clone(),
+            work: Work::Trigger(request.clone()),
+            reported: self.report.is_some(),
         })
     }
 }
@@ -185,9 +196,21 @@ pub struct ClaimedJob {
     pub maybe_attempts: u32,
     /// The fencing token: completion succeeds only while this still holds.
     pub claim: Uuid,
-    pub request: PreparedRequest,
+    pub work: Work,
     /// The webhook's JSON document, when the request forwards it.
     pub payload: Option<Bytes>,
+    /// The trigger's pipeline is reported on its commit: completing it
+    /// queues a report job.
+    pub reported: bool,
+}
+
+/// What a claimed job sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// A trigger: the request as it was rendered when the webhook came.
+    Trigger(PreparedRequest),
+    /// A commit status: rendered when it is sent, from what it reports.
+    Report(StatusReport),
 }
 
 /// The outcome of one attempt, as recorded.
@@ -359,6 +382,14 @@ pub struct JobView {
     pub retryable: bool,
     /// The pipeline the trigger started; `null` until an answer names one.
     pub pipeline: Option<PipelineView>,
+    /// The repository and commit the event is about (empty when it names none).
+    pub repo: String,
+    pub sha: String,
+    /// The target is a shadow: compared with its route's others, never reported.
+    pub shadow: bool,
+    /// For a report job (target `status:<source>`): the trigger job whose
+    /// pipeline it reports on.
+    pub report_of: Option<String>,
 }
 
 /// A job's pipeline, as the API shows it.

@@ -14,11 +14,12 @@ use uuid::Uuid;
 
 use super::{
     AttemptView, ClaimedJob, DuePoll, EventView, FollowView, JobDetail, JobState, JobView, PipelineView,
-    QueueStats, Requeued, StoreError,
+    QueueStats, Requeued, StoreError, Work,
 };
 use crate::event::Upstream;
 use crate::guard::Dropped;
 use crate::pipeline::PipelineState;
+use crate::report::{ReportSpec, StatusReport};
 use crate::request::PreparedRequest;
 
 /// One result row, read column by column by kind. Each backend converts
@@ -28,6 +29,8 @@ pub(super) trait Columns {
     fn uuid(&self, index: usize) -> Result<Uuid, StoreError>;
     /// An id column, as text.
     fn id(&self, index: usize) -> Result<String, StoreError>;
+    /// A nullable id column, as text.
+    fn maybe_id(&self, index: usize) -> Result<Option<String>, StoreError>;
     fn text(&self, index: usize) -> Result<String, StoreError>;
     fn maybe_text(&self, index: usize) -> Result<Option<String>, StoreError>;
     /// A stored integer column (`attempts`, an attempt's `number`).
@@ -49,11 +52,11 @@ pub(super) trait Columns {
 
 /// The job columns both backends select, in the order [`job_view`] reads them.
 pub(super) const JOB_COLUMNS: &str = "id, event_id, route, target, state, attempts, last_error, created_at, updated_at, \
-     due_at, request IS NOT NULL, pipeline_id, pipeline_number, pipeline_url, pipeline_state, pipeline_updated_at, \
-     follow_until IS NOT NULL, follow_polls, follow_due, follow_note";
+     due_at, (request IS NOT NULL OR report_of IS NOT NULL), pipeline_id, pipeline_number, pipeline_url, pipeline_state, pipeline_updated_at, \
+     follow_until IS NOT NULL, follow_polls, follow_due, follow_note, repo, sha, shadow, report_of";
 
 /// How many columns [`JOB_COLUMNS`] lists: what a query selects after them starts here.
-pub(super) const JOB_COLUMN_COUNT: usize = 20;
+pub(super) const JOB_COLUMN_COUNT: usize = 24;
 
 /// A job from [`JOB_COLUMNS`].
 pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
@@ -70,6 +73,10 @@ pub(super) fn job_view(row: &impl Columns) -> Result<JobView, StoreError> {
         due_at: row.time(9)?,
         retryable: row.flag(10)?,
         pipeline: pipeline_view(row, 11)?,
+        repo: row.maybe_text(20)?.unwrap_or_default(),
+        sha: row.maybe_text(21)?.unwrap_or_default(),
+        shadow: row.flag(22)?,
+        report_of: row.maybe_id(23)?,
     })
 }
 
@@ -101,6 +108,11 @@ fn pipeline_view(row: &impl Columns, first: usize) -> Result<Option<PipelineView
             None
         },
     }))
+}
+
+/// A trigger's report spec as the `report` column keeps it.
+pub(super) fn report_json(spec: Option<&ReportSpec>) -> Option<String> {
+    spec.and_then(|s| serde_json::to_string(s).ok())
 }
 
 /// The columns both backends select for a due poll, after the remaining
@@ -207,14 +219,25 @@ pub(super) fn dropped(row: &impl Columns, first: usize) -> Result<Dropped, Store
 /// backend's to add.
 pub(super) fn claimed_job(row: &impl Columns, claim: Uuid) -> Result<ClaimedJob, StoreError> {
     let id = row.uuid(0)?;
-    let request: PreparedRequest = row
-        .maybe_text(6)?
-        .as_deref()
-        .map(serde_json::from_str)
-        .transpose()
-        .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
-        .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
+    let report = row.maybe_text(8)?;
+    let work = if row.flag(9)? {
+        let snapshot = report.ok_or_else(|| StoreError::Corrupt(format!("report job {id} says nothing")))?;
+        Work::Report(
+            status_report(&snapshot, row.time(10)?)
+                .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?,
+        )
+    } else {
+        let request: PreparedRequest = row
+            .maybe_text(6)?
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
+            .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
+        Work::Trigger(request)
+    };
     Ok(ClaimedJob {
+        reported: row.flag(11)?,
         id,
         event_id: row.uuid(1)?,
         route: row.text(2)?,
@@ -222,8 +245,36 @@ pub(super) fn claimed_job(row: &impl Columns, claim: Uuid) -> Result<ClaimedJob,
         attempts: row.number(4)?,
         maybe_attempts: row.number(5)?,
         claim,
-        request,
+        work,
         payload: None,
+    })
+}
+
+/// The columns a claim returns, in the order [`claimed_job`] reads them.
+pub(super) const CLAIM_COLUMNS: &str = "id, event_id, route, target, attempts, maybe_attempts, request, \
+     needs_payload, report, report_of IS NOT NULL, created_at, report IS NOT NULL AND report_of IS NULL";
+
+/// A report job's snapshot (its `report` column), as the store writes it
+/// when it queues one: the trigger's spec and its pipeline as it stood.
+#[derive(serde::Deserialize)]
+struct Snapshot {
+    spec: ReportSpec,
+    state: Option<String>,
+    number: Option<i64>,
+    url: Option<String>,
+    error: Option<String>,
+}
+
+/// A report job's snapshot, queued at `at`, as the report it sends.
+fn status_report(snapshot: &str, at: SystemTime) -> Result<StatusReport, serde_json::Error> {
+    let s: Snapshot = serde_json::from_str(snapshot)?;
+    Ok(StatusReport {
+        spec: s.spec,
+        state: s.state.as_deref().and_then(PipelineState::parse),
+        number: s.number.and_then(|n| u64::try_from(n).ok()),
+        url: s.url,
+        trigger_error: s.error,
+        at,
     })
 }
 

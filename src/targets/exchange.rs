@@ -142,6 +142,7 @@ impl Target {
             Kind::CircleCi(_) => circleci::advice(request, status),
             Kind::CircleCiV1(_) => circleci_v1::advice(status, body),
             Kind::Gitlab(_) => gitlab::advice(status, body),
+            Kind::Status(api) => api.advice(status, body),
             Kind::Http(_) => None,
         }
     }
@@ -153,7 +154,7 @@ impl Target {
             Kind::CircleCi(_) => Some(circleci::pipeline(request, body)),
             Kind::CircleCiV1(_) => Some(circleci_v1::pipeline(body)),
             Kind::Gitlab(_) => Some(gitlab::pipeline(body)),
-            Kind::Http(_) => None,
+            Kind::Http(_) | Kind::Status(_) => None,
         }
     }
 }

@@ -162,7 +162,7 @@ impl Target {
                 }
                 Err(why) => PollAnswer::Refused(why),
             },
-            Kind::CircleCiV1(_) | Kind::Http(_) => {
+            Kind::CircleCiV1(_) | Kind::Http(_) | Kind::Status(_) => {
                 PollAnswer::Refused(format!("a {} target cannot be followed", self.kind_name()))
             }
         };

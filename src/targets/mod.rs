@@ -21,6 +21,7 @@ mod gitlab;
 mod http;
 pub mod outcome;
 pub mod proxy;
+mod status;
 
 pub use exchange::AttemptResult;
 pub use follow::{Follow, PollAnswer};
@@ -35,7 +36,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::config::compiler::Compiler;
 
-use crate::config::raw::{ParamValue, RawTarget, TargetKindName};
+use crate::config::raw::{ParamValue, RawApi, RawTarget, TargetKindName};
 
 use crate::guard::BurstSetting;
 
@@ -61,6 +62,9 @@ pub struct Target {
     pub proxy: ProxySetting,
     /// Poll the CI for the state of each pipeline a trigger starts.
     pub follow: Option<Follow>,
+    /// Triggered and followed for real, never reported as a status of its
+    /// route's commit; compared with the route's other targets instead.
+    pub shadow: bool,
     pub kind: Kind,
 }
 
@@ -70,6 +74,9 @@ pub enum Kind {
     CircleCiV1(circleci_v1::CircleCiV1),
     Gitlab(gitlab::Gitlab),
     Http(http::HttpTarget),
+    /// A source's commit status API: posts the reports of routes with
+    /// `report` (never named in a route's `to`).
+    Status(status::StatusApi),
 }
 
 impl Target {
@@ -117,8 +124,30 @@ impl Target {
             concurrency: raw.concurrency,
             proxy,
             follow,
+            shadow: raw.shadow.unwrap_or(false),
             burst: raw.burst.map(|b| c.burst(&format!("{key}.burst"), b)),
             kind: kind?,
+        })
+    }
+
+    /// The target that posts source `source`'s commit statuses through its
+    /// `api` (`sources.NAME.api`), named [`crate::report::status_target`].
+    pub fn status(
+        source: &str,
+        provider: crate::event::Provider,
+        raw: &RawApi,
+        c: &mut Compiler,
+    ) -> Option<Target> {
+        let api = status::StatusApi::compile(&format!("sources.{source}.api"), provider, raw, c)?;
+        Some(Target {
+            name: crate::report::status_target(source),
+            dry_run: false,
+            concurrency: None,
+            burst: None,
+            proxy: ProxySetting::Environment,
+            follow: None,
+            shadow: false,
+            kind: Kind::Status(api),
         })
     }
 
@@ -128,6 +157,32 @@ impl Target {
             Kind::CircleCiV1(_) => "circleci_v1",
             Kind::Gitlab(_) => "gitlab",
             Kind::Http(_) => "http",
+            Kind::Status(_) => "status",
+        }
+    }
+
+    /// What a trigger of this target starts, for a status's description;
+    /// empty for a plain delivery.
+    pub fn pipeline_label(&self) -> &'static str {
+        match &self.kind {
+            Kind::CircleCi(_) => "CircleCI pipeline",
+            Kind::CircleCiV1(_) => "CircleCI build",
+            Kind::Gitlab(_) => "GitLab pipeline",
+            Kind::Http(_) | Kind::Status(_) => "",
+        }
+    }
+
+    /// The request that posts `report` (a `status:` target's job).
+    pub fn render_status(
+        &self,
+        report: &crate::report::StatusReport,
+    ) -> Result<PreparedRequest, RenderFailure> {
+        match &self.kind {
+            Kind::Status(api) => api.render(report),
+            _ => Err(RenderFailure::Missing(format!(
+                "target {} posts no commit statuses",
+                self.name
+            ))),
         }
     }
 
@@ -138,6 +193,9 @@ impl Target {
             Kind::CircleCiV1(t) => t.render(input),
             Kind::Gitlab(t) => t.render(input),
             Kind::Http(t) => t.render(input),
+            Kind::Status(_) => Err(RenderFailure::Missing(
+                "a commit status API is not a trigger target".into(),
+            )),
         }
     }
 
@@ -158,7 +216,7 @@ impl Target {
             Kind::CircleCi(t) => (t.project_source(), true),
             Kind::CircleCiV1(t) => (t.project_source(), true),
             Kind::Gitlab(t) => (t.project_source(), false),
-            Kind::Http(_) => return None,
+            Kind::Http(_) | Kind::Status(_) => return None,
         };
         if project.contains("{{") || project.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -181,6 +239,7 @@ impl Target {
             Kind::CircleCiV1(t) => t.token.as_ref(),
             Kind::Gitlab(t) => t.token.as_ref(),
             Kind::Http(t) => t.secret(),
+            Kind::Status(t) => t.token.as_ref(),
         }
     }
 
@@ -212,8 +271,10 @@ impl Target {
             Kind::CircleCiV1(t) => t.describe(),
             Kind::Gitlab(t) => t.describe(),
             Kind::Http(t) => t.describe(),
+            Kind::Status(t) => t.describe(),
         };
         let dry = if self.dry_run { " (dry run)" } else { "" };
+        let shadow = if self.shadow { " (shadow)" } else { "" };
         let follow = match &self.follow {
             Some(f) => format!(
                 ", follows each pipeline by polling (first after {}, at most every {}, for {})",
@@ -228,7 +289,7 @@ impl Target {
             .describe()
             .map(|p| format!(", {p}"))
             .unwrap_or_default();
-        format!("{} {endpoint}{dry}{follow}{proxy}", self.kind_name())
+        format!("{} {endpoint}{dry}{shadow}{follow}{proxy}", self.kind_name())
     }
 
     /// The request as it goes on the wire: credentials added now, from this
@@ -250,6 +311,9 @@ impl Target {
             match &prepared.auth {
                 Auth::None => {}
                 Auth::Header { name } => headers.push((name.clone(), value())),
+                Auth::Scheme { scheme } => {
+                    headers.push(("Authorization".to_owned(), format!("{scheme} {}", value())))
+                }
                 Auth::Query { name } => {
                     let separator = if url.contains('?') { '&' } else { '?' };
                     let encoded = utf8_percent_encode(&value(), COMPONENT).to_string();

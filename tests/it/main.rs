@@ -22,6 +22,7 @@ mod pipelines;
 mod production;
 mod providers;
 mod proxy;
+mod reporting;
 mod routing;
 mod secrets;
 mod shared_store;

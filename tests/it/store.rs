@@ -22,7 +22,7 @@ use relay::guard::{Dropped, JobLimits};
 use relay::request::{Auth, PreparedRequest, RequestBody};
 use relay::store::{
     AttemptRecord, Completion, HeldBack, Ingested, JobFilter, JobState, Lease, NewEvent, NewJob, NextState,
-    Requeued, Store, StoreError,
+    Requeued, Store, StoreError, Work,
 };
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -188,6 +188,10 @@ fn job(target: &str, request: Result<PreparedRequest, String>) -> NewJob {
         request,
         limits: JobLimits::default(),
         lease: None,
+        repo: "acme/api".to_owned(),
+        sha: "9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c".to_owned(),
+        shadow: false,
+        report: None,
     }
 }
 
@@ -331,11 +335,11 @@ async fn ingest_then_claim(f: Fixture) {
         assert_eq!((job.attempts, job.maybe_attempts), (0, 0));
         if job.id == text_job {
             assert_eq!(job.event_id, first_id);
-            assert_eq!(job.request, text_request(1));
+            assert_eq!(job.work, Work::Trigger(text_request(1)));
             assert_eq!(job.payload, None, "a composed body needs no payload");
         } else if job.id == form_job {
             assert_eq!(job.event_id, first_id);
-            assert_eq!(job.request, payload_request());
+            assert_eq!(job.work, Work::Trigger(payload_request()));
             assert_eq!(
                 job.payload,
                 Some(forms.clone()),
@@ -1450,7 +1454,10 @@ async fn concurrent_migrations(f: Fixture) {
     let fresh = settings(&url);
     let status = relay::store::schema_status(&fresh).await.unwrap();
     assert_eq!(status.version, 0, "an empty database");
-    assert_eq!(status.latest, 3, "PostgreSQL's schema is three migrations (V1 to V3)");
+    assert_eq!(
+        status.latest, 4,
+        "PostgreSQL's schema is four migrations (V1 to V4)"
+    );
 
     let (one, two, three) = tokio::join!(
         relay::store::open(&fresh),

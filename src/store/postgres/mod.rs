@@ -201,6 +201,10 @@ impl Columns for Row {
         Ok(col::<Uuid>(self, index)?.to_string())
     }
 
+    fn maybe_id(&self, index: usize) -> Result<Option<String>, StoreError> {
+        Ok(col::<Option<Uuid>>(self, index)?.map(|id| id.to_string()))
+    }
+
     fn text(&self, index: usize) -> Result<String, StoreError> {
         col(self, index)
     }

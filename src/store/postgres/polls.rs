@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::connect::{OPERATION_TIMEOUT, within};
 use super::{PostgresStore, col, micros, next_moment, unavailable};
+use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::rows::{self, POLL_COLUMNS};
 use crate::store::{DuePoll, PollRecord, StoreError};
 
@@ -57,7 +58,7 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
                      SELECT id, pipeline_state FROM jobs
                      WHERE id = $1 AND follow_due IS NOT NULL
                      FOR UPDATE
-                 )
+                 ), moved AS (
                  UPDATE jobs j SET
                      pipeline_state = COALESCE($2::text, j.pipeline_state),
                      pipeline_updated_at = CASE WHEN $2::text IS NOT NULL
@@ -68,14 +69,40 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
                          ELSE now() + $3::int8 * interval '1 microsecond' END,
                      follow_note = $4::text
                  FROM old WHERE j.id = old.id
-                 RETURNING $2::text IS NOT NULL AND old.pipeline_state IS DISTINCT FROM $2::text",
+                 RETURNING $2::text IS NOT NULL AND old.pipeline_state IS DISTINCT FROM $2::text AS changed,
+                     j.id, j.event_id, j.route, j.repo, j.sha, j.report, j.report_of, j.pipeline_state,
+                     j.pipeline_number, j.pipeline_url
+                 ), reported AS (
+                     INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
+                                       updated_at, repo, sha, report_of, report)
+                     SELECT $5, event_id, route, $6 || (report::jsonb ->> 'source'), 'queued', false, now(),
+                            now(), now(), repo, sha, id,
+                            jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
+                                'number', pipeline_number, 'url', pipeline_url, 'error', NULL)::text
+                     FROM moved WHERE changed AND report IS NOT NULL AND report_of IS NULL
+                 ), superseded AS (
+                     UPDATE jobs SET state = 'done', updated_at = now(), last_error = $7
+                     WHERE report_of IN (SELECT id FROM moved WHERE changed) AND state = 'queued'
+                 )
+                 SELECT changed FROM moved",
             )
             .await
             .map_err(|e| unavailable(&e))?;
         let state = poll.state.map(|s| s.as_str());
         let next_in = poll.next_in.map(micros);
         let row = client
-            .query_opt(&stmt, &[&poll.job_id, &state, &next_in, &poll.note])
+            .query_opt(
+                &stmt,
+                &[
+                    &poll.job_id,
+                    &state,
+                    &next_in,
+                    &poll.note,
+                    &uuid::Uuid::now_v7(),
+                    &STATUS_TARGET_PREFIX,
+                    &SUPERSEDED,
+                ],
+            )
             .await
             .map_err(|e| unavailable(&e))?;
         row.map(|row| col::<bool>(&row, 0))

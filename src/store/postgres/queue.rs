@@ -21,6 +21,7 @@ use super::{PostgresStore, col, micros, next_moment, offset, unavailable};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
 use crate::pipeline::PipelineState;
+use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::rows;
 use crate::store::{
     ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
@@ -102,9 +103,9 @@ pub(super) async fn ingest(store: &PostgresStore, event: NewEvent) -> Result<Ing
         let insert_job = tx
             .prepare_cached(
                 "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
-                                   claim_id, lease_until, created_at, updated_at)
+                                   claim_id, lease_until, created_at, updated_at, repo, sha, shadow, report)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8,
-                         $9, now() + $10::int8 * interval '1 microsecond', now(), now())",
+                         $9, now() + $10::int8 * interval '1 microsecond', now(), now(), $11, $12, $13, $14)",
             )
             .await
             .map_err(|e| unavailable(&e))?;
@@ -140,6 +141,10 @@ pub(super) async fn ingest(store: &PostgresStore, event: NewEvent) -> Result<Ing
                     &error,
                     &job.lease.map(|l| l.claim),
                     &job.lease.map(|l| offset(l.until, event.received_at)),
+                    &job.repo,
+                    &job.sha,
+                    &job.shadow,
+                    &rows::report_json(job.report.as_ref()),
                 ],
             )
             .await
@@ -184,10 +189,13 @@ pub(super) async fn claim(
                      UPDATE jobs SET state = 'in_flight', claim_id = $3,
                          lease_until = now() + $4::int8 * interval '1 microsecond', updated_at = now()
                      WHERE id IN (SELECT id FROM expired UNION ALL SELECT id FROM due)
-                     RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload
+                     RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload,
+                         report, report_of, created_at
                  )
                  SELECT c.id, c.event_id, c.route, c.target, c.attempts, c.maybe_attempts, c.request,
-                        CASE WHEN c.needs_payload THEN COALESCE(e.payload, e.body) END
+                        CASE WHEN c.needs_payload THEN COALESCE(e.payload, e.body) END,
+                        c.report, c.report_of IS NOT NULL, c.created_at,
+                        c.report IS NOT NULL AND c.report_of IS NULL
                  FROM claimed c JOIN events e ON e.id = c.event_id",
             )
             .await
@@ -261,7 +269,20 @@ pub(super) async fn complete(
                      follow_polls = CASE WHEN $16::int8 IS NULL THEN follow_polls ELSE 0 END,
                      follow_note = CASE WHEN $16::int8 IS NULL THEN follow_note ELSE NULL END
                  WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
-                 RETURNING id
+                 RETURNING id, event_id, route, repo, sha, report, report_of, pipeline_state,
+                     pipeline_number, pipeline_url
+             ), reported AS (
+                 INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
+                                   updated_at, repo, sha, report_of, report)
+                 SELECT $18, event_id, route, $19 || (report::jsonb ->> 'source'), 'queued', false, now(),
+                        now(), now(), repo, sha, id,
+                        jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
+                            'number', pipeline_number, 'url', pipeline_url, 'error', $4::text)::text
+                 FROM moved
+                 WHERE $1 IN ('done', 'dead') AND report IS NOT NULL AND report_of IS NULL
+             ), superseded AS (
+                 UPDATE jobs SET state = 'done', updated_at = now(), last_error = $20
+                 WHERE report_of IN (SELECT id FROM moved) AND state = 'queued' AND $1 IN ('done', 'dead')
              )
              INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
              SELECT moved.id,
@@ -281,7 +302,8 @@ pub(super) async fn complete(
         let pipeline_state = pipeline.map(|p| p.state.as_str());
         let follow_first = c.follow.map(|f| micros(f.first_in));
         let follow_deadline = c.follow.map(|f| micros(f.deadline));
-        let params: [&(dyn ToSql + Sync); 17] = [
+        let report_id = Uuid::now_v7();
+        let params: [&(dyn ToSql + Sync); 20] = [
             &state_name,
             &maybe,
             &due_in,
@@ -299,6 +321,9 @@ pub(super) async fn complete(
             &pipeline_state,
             &follow_first,
             &follow_deadline,
+            &report_id,
+            &STATUS_TARGET_PREFIX,
+            &SUPERSEDED,
         ];
         if state != JobState::Queued {
             // One statement is its own transaction: no BEGIN and COMMIT
@@ -495,7 +520,19 @@ pub(super) async fn correlate(
                      UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now(),
                          follow_due = CASE WHEN $3 THEN NULL ELSE follow_due END
                      WHERE id IN (SELECT id FROM job) AND pipeline_state IS DISTINCT FROM $2
-                     RETURNING id
+                     RETURNING id, event_id, route, repo, sha, report, report_of, pipeline_state,
+                         pipeline_number, pipeline_url
+                 ), reported AS (
+                     INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
+                                       updated_at, repo, sha, report_of, report)
+                     SELECT $4, event_id, route, $5 || (report::jsonb ->> 'source'), 'queued', false, now(),
+                            now(), now(), repo, sha, id,
+                            jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
+                                'number', pipeline_number, 'url', pipeline_url, 'error', NULL)::text
+                     FROM moved WHERE report IS NOT NULL AND report_of IS NULL
+                 ), superseded AS (
+                     UPDATE jobs SET state = 'done', updated_at = now(), last_error = $6
+                     WHERE report_of IN (SELECT id FROM moved) AND state = 'queued'
                  )
                  SELECT j.event_id, j.route, j.target, e.hop::int4, e.summary, j.created_at,
                         EXISTS (SELECT 1 FROM moved)
@@ -505,7 +542,17 @@ pub(super) async fn correlate(
             .await
             .map_err(|e| unavailable(&e))?;
         let row = client
-            .query_opt(&stmt, &[&pipeline_id, &state.as_str(), &state.is_final()])
+            .query_opt(
+                &stmt,
+                &[
+                    &pipeline_id,
+                    &state.as_str(),
+                    &state.is_final(),
+                    &Uuid::now_v7(),
+                    &STATUS_TARGET_PREFIX,
+                    &SUPERSEDED,
+                ],
+            )
             .await
             .map_err(|e| unavailable(&e))?;
         row.as_ref()

@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -110,6 +110,17 @@ ALTER TABLE jobs
     ADD COLUMN follow_polls integer NOT NULL DEFAULT 0,
     ADD COLUMN follow_note text;
 CREATE INDEX jobs_follow ON jobs (target, follow_due) WHERE follow_due IS NOT NULL;
+";
+
+/// Reporting back and shadow runs (SQLite's V8).
+const V4: &str = "
+ALTER TABLE jobs
+    ADD COLUMN repo text,
+    ADD COLUMN sha text,
+    ADD COLUMN shadow boolean NOT NULL DEFAULT false,
+    ADD COLUMN report text,
+    ADD COLUMN report_of uuid;
+CREATE INDEX jobs_shadow ON jobs (route, created_at) WHERE shadow;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

@@ -154,7 +154,7 @@ pub(super) async fn requeue(
         }
         let found = tx
             .query_opt(
-                "SELECT state, request IS NOT NULL FROM jobs WHERE id = $1",
+                "SELECT state, (request IS NOT NULL OR report_of IS NOT NULL) FROM jobs WHERE id = $1",
                 &[&id],
             )
             .await
@@ -287,7 +287,7 @@ pub(super) async fn requeue_where(
     let sql = format!(
         "UPDATE jobs SET state = 'queued', attempts = 0, maybe_attempts = 0, due_at = now(), updated_at = now(),
              last_error = NULL
-         WHERE state = 'dead' AND request IS NOT NULL AND {condition}"
+         WHERE state = 'dead' AND (request IS NOT NULL OR report_of IS NOT NULL) AND {condition}"
     );
     let stmt = tx.prepare_cached(&sql).await.map_err(|e| unavailable(&e))?;
     tx.execute(&stmt, params).await.map_err(|e| unavailable(&e))

@@ -26,6 +26,7 @@
 mod codec;
 mod polls;
 mod queue;
+mod reports;
 mod schema;
 mod views;
 mod writer;
@@ -163,6 +164,10 @@ impl Columns for Row<'_> {
 
     fn id(&self, index: usize) -> Result<String, StoreError> {
         self.text(index)
+    }
+
+    fn maybe_id(&self, index: usize) -> Result<Option<String>, StoreError> {
+        self.maybe_text(index)
     }
 
     fn text(&self, index: usize) -> Result<String, StoreError> {

@@ -84,6 +84,9 @@ pub(super) fn record_poll(conn: &Connection, poll: &PollRecord, now: SystemTime)
         ])
     })
     .map_err(|e| unavailable(&e))?;
+    if changed {
+        super::reports::queue_report(conn, &poll.job_id.to_string(), None, now)?;
+    }
     Ok(changed)
 }
 

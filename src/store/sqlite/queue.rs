@@ -15,11 +15,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::codec::{Codec, Packed};
+use super::reports;
 use super::{collect, from_millis, parse_uuid, to_millis, unavailable};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
 use crate::pipeline::PipelineState;
-use crate::store::rows;
+use crate::store::rows::{self, CLAIM_COLUMNS};
 use crate::store::{
     ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
 };
@@ -74,8 +75,8 @@ pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Re
     let mut insert_job = conn
         .prepare_cached(
             "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
-                               claim_id, lease_until, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?8, ?8)",
+                               claim_id, lease_until, created_at, updated_at, repo, sha, shadow, report)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?8, ?8, ?12, ?13, ?14, ?15)",
         )
         .map_err(|e| unavailable(&e))?;
     let mut held_back = Vec::new();
@@ -108,6 +109,10 @@ pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Re
                 error,
                 job.lease.map(|l| l.claim.to_string()),
                 job.lease.map(|l| to_millis(l.until)),
+                job.repo,
+                job.sha,
+                job.shadow,
+                rows::report_json(job.report.as_ref()),
             ])
             .map_err(|e| unavailable(&e))?;
         leased.extend(job.leased(event));
@@ -188,25 +193,28 @@ pub(super) fn claim(
     // Expired leases first (a worker died holding them), then due jobs, each
     // walking its own partial index in order and stopping at the limit.
     let mut claimed = Vec::new();
-    for sql in [
+    let expired = format!(
         "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
          WHERE rowid IN (
              SELECT rowid FROM jobs
              WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
              ORDER BY lease_until LIMIT ?5)
-         RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload",
+         RETURNING {CLAIM_COLUMNS}"
+    );
+    let due = format!(
         "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
          WHERE rowid IN (
              SELECT rowid FROM jobs
              WHERE target = ?4 AND state = 'queued' AND due_at <= ?3
              ORDER BY due_at LIMIT ?5)
-         RETURNING id, event_id, route, target, attempts, maybe_attempts, request, needs_payload",
-    ] {
+         RETURNING {CLAIM_COLUMNS}"
+    );
+    for sql in [expired, due] {
         let wanted = limit.saturating_sub(claimed.len());
         if wanted == 0 {
             break;
         }
-        let mut stmt = conn.prepare_cached(sql).map_err(|e| unavailable(&e))?;
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
         let mut returned = stmt
             .query(params![
                 claim.to_string(),
@@ -296,6 +304,11 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
     if updated == 0 {
         return Ok(false);
     }
+    match &c.next {
+        NextState::Done => reports::queue_report(conn, &c.job_id.to_string(), None, now)?,
+        NextState::Dead { reason } => reports::queue_report(conn, &c.job_id.to_string(), Some(reason), now)?,
+        NextState::Retry { .. } => {}
+    }
     // Numbered across manual retries, which reset the job's own counter.
     conn.prepare_cached(
         "INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
@@ -361,32 +374,34 @@ pub(super) fn correlate(
     state: PipelineState,
     now: SystemTime,
 ) -> Result<Option<Upstream>, StoreError> {
+    let job: Option<String> = conn
+        .prepare_cached("SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1")
+        .and_then(|mut stmt| stmt.query_row(params![pipeline_id], |row| row.get(0)).optional())
+        .map_err(|e| unavailable(&e))?;
+    let Some(job) = job else {
+        return Ok(None);
+    };
     let changed = conn
         .prepare_cached(
             "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3,
                  follow_due = CASE WHEN ?4 THEN NULL ELSE follow_due END
-             WHERE id = (SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1)
-               AND pipeline_state IS NOT ?2",
+             WHERE id = ?1 AND pipeline_state IS NOT ?2",
         )
         .and_then(|mut stmt| {
             // A CI's own word that the pipeline ended ends polling for it.
-            stmt.execute(params![
-                pipeline_id,
-                state.as_str(),
-                to_millis(now),
-                state.is_final()
-            ])
+            stmt.execute(params![job, state.as_str(), to_millis(now), state.is_final()])
         })
         .map_err(|e| unavailable(&e))?;
+    if changed > 0 {
+        reports::queue_report(conn, &job, None, to_millis(now))?;
+    }
     let mut stmt = conn
         .prepare_cached(
             "SELECT j.event_id, j.route, j.target, e.hop, e.summary, j.created_at
              FROM jobs j JOIN events e ON e.id = j.event_id
-             WHERE j.pipeline_id = ?1 ORDER BY j.created_at LIMIT 1",
+             WHERE j.id = ?1",
         )
         .map_err(|e| unavailable(&e))?;
-    let found = collect(&mut stmt, params![pipeline_id], |row| {
-        rows::upstream(row, changed > 0)
-    })?;
+    let found = collect(&mut stmt, params![job], |row| rows::upstream(row, changed > 0))?;
     Ok(found.into_iter().next())
 }

@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -171,6 +171,21 @@ ALTER TABLE jobs ADD COLUMN follow_until INTEGER;
 ALTER TABLE jobs ADD COLUMN follow_polls INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN follow_note TEXT;
 CREATE INDEX jobs_follow ON jobs (target, follow_due) WHERE follow_due IS NOT NULL;
+";
+
+/// Reporting back and shadow runs. A trigger job keeps the repository and
+/// commit it is about, whether its target is a shadow, and, for a route
+/// with `report`, where its states are reported (`report`: a
+/// `report::ReportSpec` as JSON). A report job is one whose `report_of`
+/// names the trigger job it reports on; its `report` holds what it says
+/// (the spec, and the pipeline as it stood). The index finds shadow runs.
+const V8: &str = "
+ALTER TABLE jobs ADD COLUMN repo TEXT;
+ALTER TABLE jobs ADD COLUMN sha TEXT;
+ALTER TABLE jobs ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN report TEXT;
+ALTER TABLE jobs ADD COLUMN report_of TEXT;
+CREATE INDEX jobs_shadow ON jobs (route, created_at) WHERE shadow = 1;
 ";
 
 fn lock_path(db: &Path) -> PathBuf {
@@ -350,8 +365,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            indexes, 6,
-            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline and V7's jobs_follow"
+            indexes, 7,
+            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline, V7's jobs_follow, V8's jobs_shadow"
         );
         // The event still owns its jobs, and they their attempts.
         conn.execute("DELETE FROM events WHERE id = 'e1'", []).unwrap();

@@ -90,7 +90,7 @@ pub(super) fn events(conn: &Connection, limit: usize) -> Result<Vec<EventView>, 
 pub(super) fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
     let found: Option<(String, bool)> = conn
         .query_row(
-            "SELECT state, request IS NOT NULL FROM jobs WHERE id = ?1",
+            "SELECT state, (request IS NOT NULL OR report_of IS NOT NULL) FROM jobs WHERE id = ?1",
             params![id.to_string()],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -116,7 +116,7 @@ pub(super) fn requeue_where(
     let sql = format!(
         "UPDATE jobs SET state = 'queued', attempts = 0, maybe_attempts = 0, due_at = ?1, updated_at = ?1,
              last_error = NULL
-         WHERE state = 'dead' AND request IS NOT NULL AND {condition}"
+         WHERE state = 'dead' AND (request IS NOT NULL OR report_of IS NOT NULL) AND {condition}"
     );
     conn.execute(&sql, params)
         .map(|n| n as u64)

@@ -1,0 +1,334 @@
+//! Reporting back (PROTOCOLS.md D): a route with `report` posts each
+//! target's pipeline state on the pushed commit through the source's `api`:
+//! pending once the trigger is accepted, then each state the pipeline goes
+//! through, and `error` with the target's message when the trigger dies.
+//! Mock GitHub, GitLab, Bitbucket and Gitea status APIs check every field of
+//! every report; a mock CircleCI plays the pipeline, followed by polling.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{Backend, MockServer, Recorded, Relay, Reply, fixture, sign};
+
+crate::on_both_backends! {
+    cases: [
+        github_sees_a_pipeline_s_whole_life,
+        gitlab_sees_a_pipeline_s_whole_life,
+        bitbucket_sees_a_pipeline_s_whole_life,
+        gitea_sees_a_pipeline_s_whole_life,
+        a_dead_trigger_is_an_error_status_with_the_target_s_message,
+        a_status_the_host_refuses_is_a_dead_report_naming_the_scope,
+    ],
+}
+
+const API_TOKEN: &str = "host-status-token-6d5c4b3a2f1e";
+const SECRET: &str = "hook-secret-0123456789abcdef";
+const CCI_TOKEN: &str = "cci-personal-token-5f0e1d2c3b4a";
+const PIPELINE: &str = "5034460f-c7c4-4c43-9457-de07e2029e7b";
+const PIPELINE_PAGE: &str = "https://app.circleci.com/pipelines/github/acme/api/7";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Host {
+    Github,
+    Gitlab,
+    Bitbucket,
+    Gitea,
+}
+
+impl Host {
+    fn source(self, api: &str) -> String {
+        let (provider, auth) = match self {
+            Host::Github => ("github", format!("secret = \"{SECRET}\"")),
+            Host::Gitlab => ("gitlab", format!("token = \"{SECRET}\"")),
+            Host::Bitbucket => ("bitbucket", format!("secret = \"{SECRET}\"")),
+            Host::Gitea => ("gitea", format!("secret = \"{SECRET}\"")),
+        };
+        // post_github_push posts to /hooks/github.
+        let hook = if self == Host::Github {
+            "/hooks/github"
+        } else {
+            "/hooks/host"
+        };
+        format!(
+            r#"
+[sources.host]
+provider = "{provider}"
+path = "{hook}"
+{auth}
+api = {{ token = "{API_TOKEN}", url = "{api}" }}
+"#
+        )
+    }
+
+    /// Posts a real push of this host (a fixture), signed.
+    async fn push(self, relay: &Relay) -> bool {
+        let delivery = uuid::Uuid::new_v4().to_string();
+        let (body, headers) = match self {
+            Host::Github => {
+                crate::support::post_github_push(
+                    relay,
+                    SECRET,
+                    "refs/heads/main",
+                    "9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c",
+                    &delivery,
+                )
+                .await;
+                return true;
+            }
+            Host::Gitlab => {
+                let Some(body) = fixture("gitlab/push-hook-docs.json") else {
+                    return false;
+                };
+                let headers = sign::gitlab(SECRET, "Push Hook", &delivery);
+                (body, headers)
+            }
+            Host::Bitbucket => {
+                let Some(body) = fixture("bitbucket/repo-push-branch-commits.json") else {
+                    return false;
+                };
+                let headers = sign::bitbucket(SECRET, "repo:push", &delivery, &body);
+                (body, headers)
+            }
+            Host::Gitea => {
+                let Some(body) = fixture("gitea/push-docs.json") else {
+                    return false;
+                };
+                let headers = sign::gitea(SECRET, "push", &delivery, &body);
+                (body, headers)
+            }
+        };
+        let (status, answer) = relay.post("/hooks/host", &headers, body).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["jobs"], 1, "{answer}");
+        true
+    }
+
+    /// The status request's path for `repo` at `sha`.
+    fn path(self, repo: &str, sha: &str) -> String {
+        match self {
+            Host::Github => format!("/repos/{repo}/statuses/{sha}"),
+            Host::Gitlab => format!("/api/v4/projects/{}/statuses/{sha}", repo.replace('/', "%2F")),
+            Host::Bitbucket => format!("/2.0/repositories/{repo}/commit/{sha}/statuses/build"),
+            Host::Gitea => format!("/api/v1/repos/{repo}/statuses/{sha}"),
+        }
+    }
+
+    /// Asserts the headers every status request of this host carries.
+    fn assert_headers(self, request: &Recorded) {
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        assert!(request.header("user-agent").unwrap().starts_with("relay/"));
+        let bearer = format!("Bearer {API_TOKEN}");
+        match self {
+            Host::Github => {
+                assert_eq!(request.header("authorization"), Some(bearer.as_str()));
+                assert_eq!(request.header("accept"), Some("application/vnd.github+json"));
+                assert_eq!(request.header("x-github-api-version"), Some("2022-11-28"));
+            }
+            Host::Gitlab => {
+                assert_eq!(request.header("private-token"), Some(API_TOKEN));
+                assert_eq!(request.header("authorization"), None);
+            }
+            Host::Bitbucket => assert_eq!(request.header("authorization"), Some(bearer.as_str())),
+            Host::Gitea => {
+                let token = format!("token {API_TOKEN}");
+                assert_eq!(request.header("authorization"), Some(token.as_str()));
+            }
+        }
+    }
+
+    /// The body of a status in `state` (this host's word) saying `description`.
+    fn body(self, state: &str, description: &str, link: Option<&str>) -> Value {
+        let mut body = match self {
+            Host::Github | Host::Gitea => {
+                json!({"state": state, "context": "relay/app", "description": description})
+            }
+            Host::Gitlab => json!({"state": state, "name": "relay/app", "description": description}),
+            Host::Bitbucket => {
+                json!({"key": "relay/app", "state": state, "name": "relay/app", "description": description})
+            }
+        };
+        if let Some(link) = link {
+            let field = if self == Host::Bitbucket {
+                "url"
+            } else {
+                "target_url"
+            };
+            body[field] = json!(link);
+        }
+        body
+    }
+
+    /// This host's words for pending, running and passed.
+    fn states(self) -> [&'static str; 3] {
+        match self {
+            Host::Github | Host::Gitea => ["pending", "pending", "success"],
+            Host::Gitlab => ["pending", "running", "success"],
+            Host::Bitbucket => ["INPROGRESS", "INPROGRESS", "SUCCESSFUL"],
+        }
+    }
+}
+
+fn config(host: Host, api: &str, circle: &str) -> String {
+    format!(
+        r#"{source}
+[[routes]]
+name = "builds"
+from = ["host"]
+to = ["app"]
+report = true
+
+[targets.app]
+kind = "circleci"
+base_url = "{circle}"
+project = "gh/acme/api"
+token = "{CCI_TOKEN}"
+follow = {{ first = "100ms", max = "100ms" }}
+
+[loop_guard]
+dedupe_window = "0s"
+"#,
+        source = host.source(api)
+    )
+}
+
+fn created() -> Reply {
+    Reply::new(
+        201,
+        &json!({"id": PIPELINE, "state": "created", "number": 7, "created_at": "2026-12-04T09:00:00Z"})
+            .to_string(),
+    )
+}
+
+fn workflows(status: &str) -> Reply {
+    Reply::new(
+        200,
+        &json!({"items": [{
+            "id": "c1c1c1c1-0000-4000-8000-000000000001", "name": "build", "status": status,
+            "created_at": "2026-12-04T09:00:01Z", "stopped_at": null, "pipeline_id": PIPELINE,
+            "pipeline_number": 7, "project_slug": "gh/acme/api",
+            "started_by": "9f7d6a1b-0000-4000-8000-000000000001"
+        }], "next_page_token": null})
+        .to_string(),
+    )
+}
+
+/// The trigger job (not a report), once relay has it.
+async fn trigger(relay: &Relay) -> Value {
+    relay.wait_jobs("target=app", 1).await.remove(0)
+}
+
+async fn whole_life(host: Host, backend: Backend) {
+    let api = MockServer::start(Reply::new(201, "{}")).await;
+    let circle = MockServer::start(workflows("success")).await;
+    circle.script([created(), workflows("running")]);
+    let relay = Relay::start_on(&backend, &config(host, &api.url(), &circle.url())).await;
+    if !host.push(&relay).await {
+        return;
+    }
+    let statuses = api.wait_for(3).await;
+    let job = trigger(&relay).await;
+    let (repo, sha) = (job["repo"].as_str().unwrap(), job["sha"].as_str().unwrap());
+    assert_eq!(sha.len(), 40, "{job}");
+    let [pending, running, passed] = host.states();
+    let link = Some(PIPELINE_PAGE);
+    let expected = [
+        host.body(pending, "CircleCI pipeline #7 is queued", link),
+        host.body(running, "CircleCI pipeline #7 is running", link),
+    ];
+    for (request, want) in statuses.iter().zip(&expected) {
+        host.assert_headers(request);
+        assert_eq!(request.path(), host.path(repo, sha));
+        assert_eq!(request.json(), *want);
+    }
+    let last = statuses[2].json();
+    host.assert_headers(&statuses[2]);
+    assert_eq!(statuses[2].path(), host.path(repo, sha));
+    let description = last["description"].as_str().unwrap().to_owned();
+    assert!(
+        description.starts_with("CircleCI pipeline #7 passed in ") && description.ends_with(" s"),
+        "{description}"
+    );
+    assert_eq!(last, host.body(passed, &description, link));
+    // Nothing more once the pipeline ended, and the report jobs are done.
+    let reports = relay.wait_jobs("target=status:host&state=done", 3).await;
+    for report in &reports {
+        assert_eq!(report["report_of"], job["id"], "{report}");
+        assert_eq!(report["repo"], repo);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.requests().len(), 3);
+    let stored = relay.store_bytes().await;
+    let token = API_TOKEN.as_bytes();
+    assert!(
+        !stored.windows(token.len()).any(|w| w == token),
+        "the api token is in the store"
+    );
+    assert!(!relay.metrics().await.contains(API_TOKEN));
+    relay.stop().await;
+}
+
+async fn github_sees_a_pipeline_s_whole_life(backend: Backend) {
+    whole_life(Host::Github, backend).await;
+}
+
+async fn gitlab_sees_a_pipeline_s_whole_life(backend: Backend) {
+    whole_life(Host::Gitlab, backend).await;
+}
+
+async fn bitbucket_sees_a_pipeline_s_whole_life(backend: Backend) {
+    whole_life(Host::Bitbucket, backend).await;
+}
+
+async fn gitea_sees_a_pipeline_s_whole_life(backend: Backend) {
+    whole_life(Host::Gitea, backend).await;
+}
+
+async fn a_dead_trigger_is_an_error_status_with_the_target_s_message(backend: Backend) {
+    let api = MockServer::start(Reply::new(201, "{}")).await;
+    let circle = MockServer::start(Reply::new(404, r#"{"message":"Project not found"}"#)).await;
+    let relay = Relay::start_on(&backend, &config(Host::Github, &api.url(), &circle.url())).await;
+    Host::Github.push(&relay).await;
+    let statuses = api.wait_for(1).await;
+    let status = &statuses[0];
+    Host::Github.assert_headers(status);
+    assert_eq!(
+        status.path(),
+        "/repos/acme/api/statuses/9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c"
+    );
+    let body = status.json();
+    assert_eq!(body["state"], "error");
+    assert_eq!(body["context"], "relay/app");
+    assert_eq!(body.get("target_url"), None, "no pipeline, no link");
+    let description = body["description"].as_str().unwrap();
+    assert!(
+        description.starts_with(
+            "relay could not trigger app: 404: Project not found; API v2 needs a personal API token"
+        ),
+        "{description}"
+    );
+    assert_eq!(description.chars().count(), 140, "{description}");
+    relay.stop().await;
+}
+
+async fn a_status_the_host_refuses_is_a_dead_report_naming_the_scope(backend: Backend) {
+    let api = MockServer::start(Reply::new(
+        403,
+        r#"{"message":"Resource not accessible by personal access token"}"#,
+    ))
+    .await;
+    // The pipeline stays queued (no workflow yet): one report only.
+    let circle = MockServer::start(Reply::new(200, r#"{"items":[],"next_page_token":null}"#)).await;
+    circle.script([created()]);
+    let relay = Relay::start_on(&backend, &config(Host::Github, &api.url(), &circle.url())).await;
+    Host::Github.push(&relay).await;
+    let dead = relay.wait_jobs("target=status:host&state=dead", 1).await;
+    assert_eq!(
+        dead[0]["last_error"],
+        "403: Resource not accessible by personal access token; the api token needs \"Commit statuses: write\" on this repository (classic tokens: repo:status), or the repository is wrong"
+    );
+    // The trigger itself is unharmed: a report never delays or fails it.
+    assert_eq!(trigger(&relay).await["state"], "done");
+    relay.stop().await;
+}
