@@ -25,6 +25,7 @@ use crate::guard::Dropped;
 use crate::ingress::{IngressError, Parsed, RequestLimits, Webhook};
 use crate::pipeline::PipelineState;
 use crate::routing::{self, Plan};
+use crate::shadow;
 use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError};
 use crate::web::{Body, json_response};
 
@@ -242,6 +243,16 @@ async fn correlate(
                     let took = now.duration_since(upstream.triggered_at).unwrap_or_default();
                     app.metrics
                         .pipeline_finished(&upstream.target, state.as_str(), took);
+                    if app.config().route_has_shadow(&upstream.route) {
+                        shadow::count_if_final(
+                            app.store.as_ref(),
+                            &app.metrics,
+                            &upstream.route,
+                            &upstream.repo,
+                            &upstream.sha,
+                        )
+                        .await;
+                    }
                 }
                 found
             }

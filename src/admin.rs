@@ -12,8 +12,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::shadow;
 use crate::signature;
-use crate::store::{JobFilter, JobState, Requeued, StoreError};
+use crate::store::{JobFilter, JobState, Requeued, ShadowFilter, StoreError};
 use crate::web::{Body, json_response};
 
 /// The most jobs or events one listing returns.
@@ -173,6 +174,34 @@ async fn api(
         (&Method::GET, ["events"]) => {
             let events = app.store.events(limit(query)?).await?;
             Ok(json_response(StatusCode::OK, &json!({ "events": events })))
+        }
+        (&Method::GET, ["shadow"]) => {
+            let now = app.now();
+            let since = match param(query, "since") {
+                None => now
+                    .checked_sub(Duration::from_secs(7 * 24 * 3600))
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                Some(text) => parse_time(text, now).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "since {text:?} is neither an RFC 3339 time nor a duration like 2h"
+                    ))
+                })?,
+            };
+            let jobs = app
+                .store
+                .shadow_jobs(ShadowFilter {
+                    route: param(query, "route").map(str::to_owned),
+                    commit: None,
+                    since,
+                    limit: MAX_LIMIT * 10,
+                })
+                .await?;
+            let runs = shadow::runs(&jobs);
+            let summary = shadow::summary(&runs);
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "summary": summary, "runs": runs.into_iter().take(limit(query)?).collect::<Vec<_>>() }),
+            ))
         }
         (&Method::GET, ["jobs"]) => {
             let state = match param(query, "state") {

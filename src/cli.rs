@@ -28,7 +28,7 @@ pub fn check_report(config: &Config, schema: &Result<SchemaStatus, StoreError>) 
         let _ = writeln!(out, "  {:<20} {}", route.name, route.describe());
     }
     let _ = writeln!(out, "\ntargets:");
-    for (name, target) in &config.targets {
+    for (name, target) in config.job_targets() {
         let _ = writeln!(out, "  {:<20} {}", name, target.describe());
     }
     let (graph, cycles) = crate::loops::report(config);
@@ -325,6 +325,72 @@ pub fn format_jobs(answer: &serde_json::Value) -> String {
             job["updated_at"].as_str().unwrap_or(""),
             error.replace('\n', " "),
         );
+    }
+    out
+}
+
+/// `relay shadow`: per route, the count of each verdict; then the latest
+/// runs where the shadow disagreed, with both sides' pages.
+pub fn format_shadow(answer: &serde_json::Value) -> String {
+    let runs = answer["runs"].as_array().cloned().unwrap_or_default();
+    if runs.is_empty() {
+        return "no shadow runs\n".to_owned();
+    }
+    let mut counts: std::collections::BTreeMap<String, [u64; 4]> = Default::default();
+    const VERDICTS: [&str; 4] = ["agree", "shadow_failed", "shadow_passed", "pending"];
+    for run in &runs {
+        let route = run["route"].as_str().unwrap_or("").to_owned();
+        if let Some(i) = VERDICTS.iter().position(|v| run["verdict"] == *v) {
+            counts.entry(route).or_default()[i] += 1;
+        }
+    }
+    let mut out = format!(
+        "{:<24}  {:>6}  {:>13}  {:>13}  {:>7}\n",
+        "ROUTE", "AGREE", "SHADOW_FAILED", "SHADOW_PASSED", "PENDING"
+    );
+    for (route, [agree, failed, passed, pending]) in &counts {
+        let _ = writeln!(
+            out,
+            "{route:<24}  {agree:>6}  {failed:>13}  {passed:>13}  {pending:>7}"
+        );
+    }
+    let side = |sides: &serde_json::Value| -> Vec<String> {
+        sides
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let url = s["url"].as_str().map(|u| format!(" {u}")).unwrap_or_default();
+                format!(
+                    "{} {}{url}",
+                    s["target"].as_str().unwrap_or(""),
+                    s["state"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let disagreements: Vec<&serde_json::Value> = runs
+        .iter()
+        .filter(|r| r["verdict"] == "shadow_failed" || r["verdict"] == "shadow_passed")
+        .take(10)
+        .collect();
+    if !disagreements.is_empty() {
+        out.push_str("\nlatest disagreements:\n");
+    }
+    for run in disagreements {
+        let sha: String = run["sha"].as_str().unwrap_or("").chars().take(12).collect();
+        let _ = writeln!(
+            out,
+            "  {} {} {sha}: {}",
+            run["route"].as_str().unwrap_or(""),
+            run["repo"].as_str().unwrap_or(""),
+            run["verdict"].as_str().unwrap_or("")
+        );
+        for (label, sides) in [("primary", &run["primary"]), ("shadow", &run["shadow"])] {
+            for line in side(sides) {
+                let _ = writeln!(out, "    {label:<8} {line}");
+            }
+        }
     }
     out
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::app::App;
+use crate::shadow;
 use crate::store::{DuePoll, PollRecord};
 use crate::targets::{Follow, PollAnswer};
 
@@ -121,6 +122,16 @@ async fn poll_once(app: Arc<App>, poll: DuePoll, permit: OwnedSemaphorePermit, s
                     if state.is_final() {
                         let took = app.now().duration_since(poll.triggered_at).unwrap_or_default();
                         app.metrics.pipeline_finished(&poll.target, state.as_str(), took);
+                        if config.route_has_shadow(&poll.route) {
+                            shadow::count_if_final(
+                                app.store.as_ref(),
+                                &app.metrics,
+                                &poll.route,
+                                &poll.repo,
+                                &poll.sha,
+                            )
+                            .await;
+                        }
                     }
                 }
             }
@@ -218,6 +229,8 @@ mod tests {
             target: "t".into(),
             pipeline_id: "1".into(),
             request_url: String::new(),
+            repo: String::new(),
+            sha: String::new(),
             polls,
             remaining: Duration::from_secs(remaining),
             triggered_at: UNIX_EPOCH,

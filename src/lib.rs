@@ -16,6 +16,7 @@
 //!   [`request`]: that request as stored, without credentials.
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
 //! - `dispatch`: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
+//! - `shadow`: shadow runs grouped and judged, for the API and metrics.
 //! - `follower`: polls the CIs of following targets for their pipelines' states.
 //! - [`payload`]: signed, expiring URLs from which CI jobs fetch a webhook body.
 //! - `admin`: health, readiness, metrics (`metrics`) and the jobs API.
@@ -45,6 +46,7 @@ pub mod routing;
 pub mod secret;
 pub mod sends;
 pub mod server;
+pub(crate) mod shadow;
 pub mod signature;
 pub mod store;
 pub mod targets;

@@ -86,6 +86,24 @@ enum Command {
         #[command(subcommand)]
         action: JobsAction,
     },
+    /// Shadow runs through a running relay's admin API: per route, how many
+    /// agreed, and the latest disagreements with both pipelines' pages.
+    Shadow {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The admin API's base URL; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Only this route's runs.
+        #[arg(long)]
+        route: Option<String>,
+        /// Runs since this time (RFC 3339) or this long ago (24h, 7d).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sign a payload with the source's secret and post it to relay (test-fire).
     Send {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
@@ -321,6 +339,19 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
             };
             jobs(&config, admin, json, action).await
         }
+        Command::Shadow {
+            config,
+            admin,
+            route,
+            since,
+            json,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            shadow(&config, admin, route, &since, json).await
+        }
         Command::Send {
             config,
             source,
@@ -349,6 +380,49 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
         }
         // Answered in `main`, before the runtime starts.
         Command::Completions { .. } | Command::Man { .. } => ExitCode::SUCCESS,
+    }
+}
+
+async fn shadow(
+    config: &Config,
+    admin: Option<String>,
+    route: Option<String>,
+    since: &str,
+    json: bool,
+) -> ExitCode {
+    let base = match relay::cli::admin_url(config, admin) {
+        Ok(base) => base,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let mut path = format!("/api/shadow?since={}", encode(since));
+    if let Some(route) = route {
+        path.push_str(&format!("&route={}", encode(&route)));
+    }
+    match relay::cli::admin_call(config, &base, reqwest::Method::GET, &path).await {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", relay::cli::format_shadow(&body));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let message = body["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| body.to_string());
+            eprintln!("relay: the admin API answered {status}: {message}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("relay: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -91,6 +91,13 @@ pub struct Metrics {
     pipelines_finished: Family<PipelineLabels, Counter>,
     pipeline_duration: HistogramFamily<TargetLabel>,
     polls: Family<AttemptLabels, Counter>,
+    shadow_verdicts: Family<VerdictLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    route: String,
+    verdict: String,
 }
 
 impl Default for Metrics {
@@ -177,6 +184,12 @@ impl Metrics {
             "Polls of followed pipelines, by target and outcome: state (the CI said), retry (no answer to go by), refused",
             polls.clone(),
         );
+        let shadow_verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "shadow_verdicts",
+            "Shadow runs whose every target ended, by route and verdict: agree, shadow_failed, shadow_passed",
+            shadow_verdicts.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -198,7 +211,18 @@ impl Metrics {
             pipelines_finished,
             pipeline_duration,
             polls,
+            shadow_verdicts,
         }
+    }
+
+    /// A shadow run of `route` came to `verdict`.
+    pub fn shadow_verdict(&self, route: &str, verdict: &str) {
+        self.shadow_verdicts
+            .get_or_create(&VerdictLabels {
+                route: route.to_owned(),
+                verdict: verdict.to_owned(),
+            })
+            .inc();
     }
 
     /// A poll of a pipeline a trigger of `target` started, by what it said.

@@ -319,6 +319,14 @@ impl Config {
         self.sources.iter().find(|s| s.name == name)
     }
 
+    /// Whether `route` sends to a shadow target: its runs are compared.
+    pub fn route_has_shadow(&self, route: &str) -> bool {
+        self.routes
+            .iter()
+            .find(|r| r.name == route)
+            .is_some_and(|r| r.to.iter().any(|t| self.targets.get(t).is_some_and(|t| t.shadow)))
+    }
+
     /// A target jobs can name: a configured one, or a source's status poster.
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.get(name).or_else(|| self.reporters.get(name))

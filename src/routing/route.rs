@@ -349,7 +349,12 @@ impl Route {
         if let Some(when) = &self.when {
             parts.push(format!("when {:?}", when.source()));
         }
-        format!("{} → {}", parts.join("; "), self.to.join(", "))
+        let report = if self.report.is_some() {
+            " (reported on the commit)"
+        } else {
+            ""
+        };
+        format!("{} → {}{report}", parts.join("; "), self.to.join(", "))
     }
 }
 

@@ -276,6 +276,9 @@ pub struct DuePoll {
     /// The trigger's URL as it was sent (no credential): where a GitLab
     /// trigger named its project.
     pub request_url: String,
+    /// The repository and commit of the event that started it.
+    pub repo: String,
+    pub sha: String,
     /// Polls made so far: the backoff grows with them.
     pub polls: u32,
     /// Time left before the deadline; zero once it has passed.
@@ -358,6 +361,18 @@ pub struct JobFilter {
     pub state: Option<JobState>,
     pub target: Option<String>,
     pub event: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// Which jobs of shadow runs to read: those of routes with a shadow target,
+/// on commits a shadow target was triggered for.
+#[derive(Debug, Clone)]
+pub struct ShadowFilter {
+    pub route: Option<String>,
+    /// One commit only: `(repo, sha)`.
+    pub commit: Option<(String, String)>,
+    /// Jobs created at or after this.
+    pub since: SystemTime,
     pub limit: usize,
 }
 

@@ -21,7 +21,7 @@ use crate::pipeline::PipelineState;
 
 use super::{
     ClaimedJob, Completion, DuePoll, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent,
-    PollRecord, QueueStats, Requeued, StoreError,
+    PollRecord, QueueStats, Requeued, ShadowFilter, StoreError,
 };
 
 /// The queue itself: what the accept path and the dispatcher need to take
@@ -101,6 +101,9 @@ pub trait Inspect: Send + Sync + fmt::Debug {
 
     /// One job, its stored request (JSON, no credentials) and every attempt.
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError>;
+
+    /// The trigger jobs of shadow runs (see [`ShadowFilter`]), newest first.
+    async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError>;
 
     /// Accepted webhooks, newest first.
     async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError>;

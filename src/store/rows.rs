@@ -141,6 +141,8 @@ pub(super) fn due_poll(row: &impl Columns) -> Result<DuePoll, StoreError> {
         polls: row.number(7)?,
         remaining: std::time::Duration::from_millis(row.millis(0)?),
         triggered_at: row.time(8)?,
+        repo: row.maybe_text(9)?.unwrap_or_default(),
+        sha: row.maybe_text(10)?.unwrap_or_default(),
     })
 }
 

@@ -509,6 +509,9 @@ impl Inspect for FullDisk {
     async fn job(&self, _: Uuid) -> Result<Option<JobDetail>, StoreError> {
         Err(full())
     }
+    async fn shadow_jobs(&self, _: relay::store::ShadowFilter) -> Result<Vec<JobView>, StoreError> {
+        Err(full())
+    }
     async fn events(&self, _: usize) -> Result<Vec<EventView>, StoreError> {
         Err(full())
     }

@@ -25,6 +25,7 @@ mod proxy;
 mod reporting;
 mod routing;
 mod secrets;
+mod shadow;
 mod shared_store;
 mod store;
 mod support;

@@ -332,3 +332,95 @@ async fn a_status_the_host_refuses_is_a_dead_report_naming_the_scope(backend: Ba
     assert_eq!(trigger(&relay).await["state"], "done");
     relay.stop().await;
 }
+
+/// The status relay posts comes back from GitHub as a `status` webhook: a
+/// CI outcome, dropped by the loop guard (no route takes pipeline events
+/// here), so reporting can never start a loop.
+#[tokio::test]
+async fn a_status_coming_back_from_github_is_a_ci_outcome_drop() {
+    let api = MockServer::start(Reply::new(201, "{}")).await;
+    let circle = MockServer::start(Reply::new(201, "{}")).await;
+    let relay = Relay::start(&config(Host::Github, &api.url(), &circle.url())).await;
+    let body = json!({
+        "id": 6805126730_u64, "sha": "9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c", "name": "acme/api",
+        "context": "relay/app", "state": "success", "description": "CircleCI pipeline #7 passed in 4 min 12 s",
+        "target_url": PIPELINE_PAGE, "branches": [],
+        "repository": {"full_name": "acme/api", "html_url": "https://github.com/acme/api"},
+        "sender": {"login": "relay-bot"}
+    })
+    .to_string()
+    .into_bytes();
+    let headers = sign::github(SECRET, "status", "status-delivery-1", &body);
+    let (status, answer) = relay.post("/hooks/github", &headers, body).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["jobs"], 0, "{answer}");
+    assert_eq!(answer["dropped"][0]["rule"], "ci_outcome", "{answer}");
+    assert!(circle.requests().is_empty());
+    assert!(api.requests().is_empty());
+    relay.stop().await;
+}
+
+/// Reporting's config is checked at its keys.
+#[test]
+fn reporting_config_is_checked_at_its_keys() {
+    let problems = |text: &str| match relay::config::Config::from_toml(text) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    let base = |sources: &str, route: &str| {
+        format!(
+            r#"{sources}
+[[routes]]
+name = "r"
+to = ["t"]
+{route}
+
+[targets.t]
+kind = "circleci"
+project = "gh/acme/api"
+token = "t"
+"#
+        )
+    };
+    let github = "[sources.gh]\nprovider = \"github\"\npath = \"/hooks/github\"\nsecret = \"s\"\n";
+    let no_from = problems(&base(github, "report = true"));
+    assert!(
+        no_from.contains("routes[0].report: needs from = [...]"),
+        "{no_from}"
+    );
+    let no_api = problems(&base(github, "from = [\"gh\"]\nreport = true"));
+    assert!(
+        no_api
+            .contains("routes[0].report: sources.gh has no api = { token = … } to post commit statuses with"),
+        "{no_api}"
+    );
+    let bad_context = problems(&base(
+        &format!("{github}api = {{ token = \"x\" }}\n"),
+        "from = [\"gh\"]\nreport = \"ci/{{ branch }}\"",
+    ));
+    assert!(
+        bad_context.contains("routes[0].report: may name only target and route, not branch"),
+        "{bad_context}"
+    );
+    let gitea = "[sources.gt]\nprovider = \"gitea\"\npath = \"/hooks/gitea\"\nsecret = \"s\"\napi = { token = \"x\" }\n";
+    let gitea_url = problems(&base(gitea, ""));
+    assert!(
+        gitea_url.contains("sources.gt.api.url: is required for gitea"),
+        "{gitea_url}"
+    );
+    let cci = "[sources.c]\nprovider = \"circleci\"\npath = \"/hooks/c\"\nsecret = \"s\"\napi = { token = \"x\" }\n";
+    let cci_api = problems(&base(cci, ""));
+    assert!(
+        cci_api.contains("sources.c.api: provider \"circleci\" has no commit status API"),
+        "{cci_api}"
+    );
+    let ok = relay::config::Config::from_toml(&base(
+        &format!("{github}api = {{ token = \"x\", url = \"https://ghe.example.com/api/v3/\" }}\n"),
+        "from = [\"gh\"]\nreport = \"ci/{{ route }}/{{ target }}\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.reporters["status:gh"].describe(),
+        "status POST https://ghe.example.com/api/v3/repos/{repo}/statuses/{sha}"
+    );
+}

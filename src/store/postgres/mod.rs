@@ -49,7 +49,7 @@ pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
     ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
-    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, StoreError,
+    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter, StoreError,
 };
 use crate::config::PostgresSettings;
 use crate::event::Upstream;
@@ -310,6 +310,10 @@ impl Inspect for PostgresStore {
 
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
         views::job(self, id).await
+    }
+
+    async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError> {
+        views::shadow_jobs(self, filter).await
     }
 
     async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {

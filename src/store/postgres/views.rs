@@ -17,7 +17,9 @@ use super::connect::{ADMIN_TIMEOUT, OPERATION_TIMEOUT, within};
 use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
-use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
+use crate::store::{
+    EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, ShadowFilter, StoreError,
+};
 
 pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
     within("jobs", ADMIN_TIMEOUT, async {
@@ -40,6 +42,45 @@ pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec
                     &filter.state.map(JobState::as_str),
                     &filter.target,
                     &filter.event,
+                    &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(rows::job_view)
+            .collect()
+    })
+    .await
+}
+
+pub(super) async fn shadow_jobs(
+    store: &PostgresStore,
+    filter: ShadowFilter,
+) -> Result<Vec<JobView>, StoreError> {
+    within("shadow_jobs", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs j
+                 WHERE report_of IS NULL AND created_at >= $1 AND ($2::text IS NULL OR route = $2)
+                   AND ($3::text IS NULL OR (repo = $3 AND sha = $4))
+                   AND EXISTS (SELECT 1 FROM jobs s WHERE s.shadow AND s.route = j.route
+                                   AND s.repo = j.repo AND s.sha = j.sha AND s.created_at >= $1)
+                 ORDER BY created_at DESC, id DESC
+                 LIMIT $5"
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let (repo, sha) = filter.commit.clone().unzip();
+        client
+            .query(
+                &stmt,
+                &[
+                    &filter.since,
+                    &filter.route,
+                    &repo,
+                    &sha,
                     &i64::try_from(filter.limit).unwrap_or(i64::MAX),
                 ],
             )

@@ -52,7 +52,7 @@ use writer::{Durability, Writer};
 use super::rows::Columns;
 use super::{
     ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
-    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, StoreError,
+    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter, StoreError,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -306,6 +306,13 @@ impl Inspect for SqliteStore {
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
         self.run(Durability::Committed, move |conn| views::job(conn, id))
             .await
+    }
+
+    async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError> {
+        self.run(Durability::Committed, move |conn| {
+            views::shadow_jobs(conn, &filter)
+        })
+        .await
     }
 
     async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {

@@ -14,7 +14,9 @@ use uuid::Uuid;
 
 use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
-use crate::store::{EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, StoreError};
+use crate::store::{
+    EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, ShadowFilter, StoreError,
+};
 
 pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
     let sql = format!(
@@ -30,6 +32,31 @@ pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>
             filter.state.map(JobState::as_str),
             filter.target,
             filter.event.map(|e| e.to_string()),
+            i64::try_from(filter.limit).unwrap_or(i64::MAX)
+        ],
+        |row| rows::job_view(row),
+    )
+}
+
+pub(super) fn shadow_jobs(conn: &Connection, filter: &ShadowFilter) -> Result<Vec<JobView>, StoreError> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs j
+         WHERE report_of IS NULL AND created_at >= ?1 AND (?2 IS NULL OR route = ?2)
+           AND (?3 IS NULL OR (repo = ?3 AND sha = ?4))
+           AND EXISTS (SELECT 1 FROM jobs s WHERE s.shadow = 1 AND s.route = j.route
+                           AND s.repo = j.repo AND s.sha = j.sha AND s.created_at >= ?1)
+         ORDER BY created_at DESC, id DESC
+         LIMIT ?5"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
+    let (repo, sha) = filter.commit.clone().unzip();
+    collect(
+        &mut stmt,
+        params![
+            to_millis(filter.since),
+            filter.route,
+            repo,
+            sha,
             i64::try_from(filter.limit).unwrap_or(i64::MAX)
         ],
         |row| rows::job_view(row),
