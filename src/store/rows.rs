@@ -119,7 +119,7 @@ pub(super) fn report_json(spec: Option<&ReportSpec>) -> Option<String> {
 /// time to the deadline (in milliseconds), which each computes on its own
 /// clock: see [`due_poll`].
 pub(super) const POLL_COLUMNS: &str =
-    "id, event_id, route, target, pipeline_id, request, follow_polls, created_at";
+    "id, event_id, route, target, pipeline_id, request, follow_polls, created_at, repo, sha";
 
 /// A due poll from the remaining milliseconds, then [`POLL_COLUMNS`].
 pub(super) fn due_poll(row: &impl Columns) -> Result<DuePoll, StoreError> {
