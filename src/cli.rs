@@ -11,8 +11,7 @@ use uuid::Uuid;
 
 use crate::clock::wall_time;
 use crate::config::Config;
-use crate::ingress::{IngressError, Parsed};
-use crate::routing::{self, Verdict};
+use crate::ingress::IngressError;
 use crate::store::{SchemaStatus, StoreError};
 
 /// `relay check`: the config, as relay understood it.
@@ -128,93 +127,12 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         error,
     };
     let webhook = source.receive(&headers, payload, now).map_err(refused)?;
-    let events = match source
+    let parsed = source
         .parse(&webhook, config.files())
-        .map_err(|e| refused(e.into()))?
-    {
-        Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
-        Parsed::Events(events) => events,
-    };
+        .map_err(|e| refused(e.into()))?;
     // No store here: an event is explained as if relay had started no
     // pipeline it reports on.
-    let plan = routing::plan(&config.router(), source, &webhook, &events, &[], now);
-    let mut out = String::new();
-    for (index, event) in events.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "event {} of {}: {} {} {} {}",
-            index + 1,
-            events.len(),
-            event.kind,
-            if event.repo.is_empty() {
-                "(no repo)"
-            } else {
-                &event.repo
-            },
-            if event.git_ref.is_empty() {
-                "(no ref)"
-            } else {
-                &event.git_ref
-            },
-            if event.sha.is_empty() {
-                "(no sha)"
-            } else {
-                &event.sha
-            },
-        );
-        for dropped in plan.dropped.iter().filter(|d| d.event_index == index) {
-            let _ = writeln!(
-                out,
-                "  not routed ({}): {}",
-                dropped.dropped.rule, dropped.dropped.reason
-            );
-        }
-        for (_, route, verdict) in plan.trace.iter().filter(|(i, _, _)| *i == index) {
-            match verdict {
-                Verdict::Match => {
-                    let _ = writeln!(out, "  route {route}: matched");
-                    for job in plan
-                        .jobs
-                        .iter()
-                        .filter(|j| j.event_index == index && &j.route == route)
-                    {
-                        let target = config.targets.get(&job.target);
-                        let dry = target.is_some_and(|t| t.dry_run);
-                        // A proxy the config names; the environment's is left out,
-                        // as it is the shell's here, not the service's.
-                        let proxy = target
-                            .filter(|t| !matches!(t.proxy, crate::targets::ProxySetting::Environment))
-                            .and_then(|t| t.proxy.describe())
-                            .map(|p| format!(" ({p})"))
-                            .unwrap_or_default();
-                        let _ = writeln!(
-                            out,
-                            "    → target {}{}{proxy}",
-                            job.target,
-                            if dry { " (dry run: logged, not sent)" } else { "" }
-                        );
-                        match &job.request {
-                            Ok(request) => {
-                                for line in request.redacted(Some(webhook.payload())).lines() {
-                                    let _ = writeln!(out, "      {line}");
-                                }
-                            }
-                            Err(reason) => {
-                                let _ = writeln!(out, "      dead at once: {reason}");
-                            }
-                        }
-                    }
-                }
-                Verdict::Miss { predicate, reason } => {
-                    let _ = writeln!(out, "  route {route}: no — {predicate}: {reason}");
-                }
-            }
-        }
-    }
-    if config.routes.is_empty() {
-        out.push_str("no routes are configured\n");
-    }
-    Ok(out)
+    Ok(crate::explain::explain(config, source, &webhook, &parsed, now).text())
 }
 
 /// `relay send`: signs the payload as the source's sender would and posts it.

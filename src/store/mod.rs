@@ -429,6 +429,76 @@ pub struct EventView {
     pub dropped: Vec<Dropped>,
 }
 
+/// Which events to list, newest first: every filter given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub source: Option<String>,
+    /// One of the webhook's events is in this repository (`owner/name`).
+    pub repo: Option<String>,
+    /// One of the webhook's events is of this kind (`push`, `tag`, …).
+    pub kind: Option<String>,
+    /// At least one of the event's jobs is in this state.
+    pub state: Option<JobState>,
+    /// Received at or after this time.
+    pub since: Option<SystemTime>,
+    /// Received before this time.
+    pub until: Option<SystemTime>,
+    /// The page after this event: the last one of the page before.
+    pub before: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// An event with what the store kept of its request: enough to explain it
+/// again, or to route it again (`Source::restore`).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub view: EventView,
+    pub content_type: String,
+    /// The relay hops that led to it, as routing counted them.
+    pub hop: u32,
+    /// The body exactly as received.
+    pub body: Bytes,
+    /// The JSON document when it differs from the body (form posts).
+    pub payload: Option<Bytes>,
+}
+
+/// What happened lately, per configured source and target, for the status
+/// page. "Lately" is the window the caller names.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Activity {
+    pub sources: Vec<SourceActivity>,
+    pub targets: Vec<TargetActivity>,
+}
+
+/// One source's deliveries.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceActivity {
+    pub source: String,
+    /// The newest stored delivery, however old.
+    #[serde(serialize_with = "maybe_rfc3339")]
+    pub last_received: Option<SystemTime>,
+    /// Deliveries in the window.
+    pub recent: u64,
+}
+
+/// One target's queue and how its recent jobs went.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetActivity {
+    pub target: String,
+    /// Waiting to be sent, now.
+    pub queued: u64,
+    pub in_flight: u64,
+    /// Jobs created in the window that ended done, or dead.
+    pub done: u64,
+    pub dead: u64,
+    /// The newest error of a job created in the window.
+    pub last_error: Option<String>,
+    #[serde(serialize_with = "maybe_rfc3339")]
+    pub last_error_at: Option<SystemTime>,
+    /// The mean duration of the window's attempts, in milliseconds.
+    pub mean_send_ms: Option<u64>,
+}
+
 /// How the queue stands, for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueStats {

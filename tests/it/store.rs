@@ -1450,7 +1450,10 @@ async fn concurrent_migrations(f: Fixture) {
     let fresh = settings(&url);
     let status = relay::store::schema_status(&fresh).await.unwrap();
     assert_eq!(status.version, 0, "an empty database");
-    assert_eq!(status.latest, 3, "PostgreSQL's schema is three migrations (V1 to V3)");
+    assert_eq!(
+        status.latest, 3,
+        "PostgreSQL's schema is three migrations (V1 to V3)"
+    );
 
     let (one, two, three) = tokio::join!(
         relay::store::open(&fresh),
