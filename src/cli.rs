@@ -94,6 +94,8 @@ pub enum CliError {
     Refused { status: u16, error: IngressError },
     #[error("{0}")]
     Usage(String),
+    #[error("the admin API answered {status}: {message}")]
+    Api { status: u16, message: String },
     #[error("cannot reach {what} at {url}: {detail}")]
     Unreachable {
         what: &'static str,
@@ -213,6 +215,171 @@ pub async fn admin_call(
     let text = response.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     Ok((status, body))
+}
+
+/// One call to the admin API at `--admin` (else `admin.listen`): its JSON
+/// answer when it is a 2xx, else the API's message.
+pub async fn admin_request(
+    config: &Config,
+    admin: Option<String>,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value, CliError> {
+    let base = admin_url(config, admin)?;
+    let (status, body) = admin_call(config, &base, method, path).await?;
+    if (200..300).contains(&status) {
+        return Ok(body);
+    }
+    let message = body["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    Err(CliError::Api { status, message })
+}
+
+/// A path segment or query value, percent-encoded.
+pub fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A query string of the options given (`None`s left out).
+pub fn query_of(pairs: &[(&str, Option<&str>)]) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        if let Some(value) = value {
+            out.append_pair(name, value);
+        }
+    }
+    out.finish()
+}
+
+/// The first of an event summary's events (`kind`, `repo`, `ref`, `sha`),
+/// and how many more there are.
+fn first_event(event: &serde_json::Value) -> (&serde_json::Value, usize) {
+    let events = event["summary"]["events"].as_array();
+    let more = events.map_or(0, |e| e.len().saturating_sub(1));
+    (
+        events.and_then(|e| e.first()).unwrap_or(&serde_json::Value::Null),
+        more,
+    )
+}
+
+/// `relay events list`: one line per stored delivery, and the command for
+/// the next page when there is one.
+pub fn format_events(answer: &serde_json::Value) -> String {
+    let events = answer["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return "no events\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<36}  {:<24}  {:<12}  {:<8}  {:<24}  {:<24}  {:<10}  {}\n",
+        "EVENT", "RECEIVED", "SOURCE", "KIND", "REPO", "REF", "SHA", "JOBS"
+    );
+    for event in &events {
+        let (first, more) = first_event(event);
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+        let sha: String = text(&first["sha"]).chars().take(10).collect();
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<24}  {:<12}  {:<8}  {:<24}  {:<24}  {:<10}  {} ({} done, {} dead){}",
+            text(&event["id"]),
+            text(&event["received_at"]),
+            text(&event["source"]),
+            text(&first["kind"]),
+            text(&first["repo"]),
+            text(&first["ref"]),
+            sha,
+            event["jobs"],
+            event["done"],
+            event["dead"],
+            if more > 0 {
+                format!(" +{more} more event(s)")
+            } else {
+                String::new()
+            },
+        );
+    }
+    if let Some(next) = answer["next"].as_str() {
+        let _ = writeln!(out, "more: relay events list --before {next}");
+    }
+    out
+}
+
+/// `relay events show`: what relay kept of the request, its jobs, the body.
+pub fn format_event(event: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    for key in [
+        "id",
+        "source",
+        "received_at",
+        "hook",
+        "delivery",
+        "content_type",
+        "hop",
+    ] {
+        let _ = writeln!(out, "{key:<13} {}", text(&event[key]));
+    }
+    for e in event["summary"]["events"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<13} {} {} {} {}",
+            "event",
+            text(&e["kind"]),
+            text(&e["repo"]),
+            text(&e["ref"]),
+            text(&e["sha"])
+        );
+    }
+    for d in event["dropped"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<13} {}: {}",
+            "dropped",
+            text(&d["rule"]),
+            text(&d["reason"])
+        );
+    }
+    let jobs = event["jobs_detail"].as_array().cloned().unwrap_or_default();
+    if !jobs.is_empty() {
+        out.push_str("\njobs:\n");
+        out.push_str(&format_jobs(&serde_json::json!({ "jobs": jobs })));
+    }
+    let _ = write!(out, "\nbody:\n{}\n", event["body"].as_str().unwrap_or(""));
+    out
+}
+
+/// `relay events replay`: the new event and what routing made of it.
+pub fn format_replay(answer: &serde_json::Value) -> String {
+    let routes: Vec<&str> = answer["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+        .collect();
+    let mut out = format!(
+        "replayed as event {}: {} job(s){}\n",
+        answer["event"].as_str().unwrap_or(""),
+        answer["jobs"],
+        if routes.is_empty() {
+            String::new()
+        } else {
+            format!(" (routes {})", routes.join(", "))
+        }
+    );
+    for d in answer["dropped"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  dropped ({}): {}",
+            d["rule"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("")
+        );
+    }
+    out
 }
 
 /// `relay jobs list`: one line per job.

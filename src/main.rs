@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use relay::cli::{encode, query_of};
 use relay::config::Config;
 use relay::daemon::Control;
 use relay::server::{Inherited, Listeners};
@@ -60,18 +61,24 @@ enum Command {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
         config: PathBuf,
     },
-    /// Show which routes a payload matches and the exact requests (secrets redacted).
+    /// Show which routes a payload matches and the exact requests (secrets redacted):
+    /// `-s SOURCE -e EVENT FILE`, or `--event ID` for a stored delivery (via the admin API).
     Explain {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
         config: PathBuf,
-        /// The source's name, as in [sources.NAME].
-        #[arg(short, long)]
-        source: String,
-        /// The sender's event name: push, Push Hook, repo:push, …
+        /// The source's name, as in [sources.NAME] (with FILE).
+        #[arg(short, long, requires = "file")]
+        source: Option<String>,
+        /// The sender's event name (push, Push Hook, repo:push, …) with FILE;
+        /// without FILE, the id of a delivery relay stored.
         #[arg(short, long)]
         event: String,
         /// A file holding the JSON payload.
-        file: PathBuf,
+        #[arg(requires = "source")]
+        file: Option<PathBuf>,
+        /// The admin API's base URL, for a stored delivery; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// See and retry jobs through a running relay's admin API.
     Jobs {
@@ -85,6 +92,19 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: JobsAction,
+    },
+    /// See, explain and replay stored deliveries through a running relay's admin API.
+    Events {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The admin API's base URL; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: EventsAction,
     },
     /// Sign a payload with the source's secret and post it to relay (test-fire).
     Send {
@@ -140,6 +160,38 @@ enum JobsAction {
         #[arg(long, requires = "target")]
         until: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsAction {
+    /// List stored deliveries, newest first.
+    List {
+        #[arg(long)]
+        source: Option<String>,
+        /// owner/name (GitLab: group/sub/name).
+        #[arg(long)]
+        repo: Option<String>,
+        /// push, tag, branch_delete, tag_delete, pipeline, other.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Deliveries with a job in this state: queued, in_flight, done or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// An RFC 3339 time, or a duration meaning that long ago (2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// The page after this event id (the last one listed before).
+        #[arg(long)]
+        before: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One delivery: what relay kept of the request, its body and its jobs.
+    Show { id: String },
+    /// Route a stored delivery again under the config in force (loop guard applied, hop kept).
+    Replay { id: String },
 }
 
 /// The command line as clap sees it, with the version lines: `-V` prints
@@ -290,10 +342,29 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
         },
         Command::Explain {
             config,
-            source,
+            event,
+            admin,
+            source: None,
+            ..
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let path = format!("/api/events/{}/explain", encode(&event));
+            admin_command(&config, admin, false, reqwest::Method::GET, &path, |body| {
+                body["text"].as_str().unwrap_or_default().to_owned()
+            })
+            .await
+        }
+        Command::Explain {
+            config,
+            source: Some(source),
             event,
             file,
+            ..
         } => {
+            let file = file.unwrap_or_default();
             let (config, payload) = match (load(&config), read_payload(&file)) {
                 (Ok(c), Ok(p)) => (c, p),
                 (Err(code), _) | (_, Err(code)) => return code,
@@ -320,6 +391,18 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
                 Err(code) => return code,
             };
             jobs(&config, admin, json, action).await
+        }
+        Command::Events {
+            config,
+            admin,
+            json,
+            action,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            events(&config, admin, json, action).await
         }
         Command::Send {
             config,
@@ -353,23 +436,14 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
 }
 
 async fn jobs(config: &Config, admin: Option<String>, json: bool, action: JobsAction) -> ExitCode {
-    let base = match relay::cli::admin_url(config, admin) {
-        Ok(base) => base,
-        Err(e) => {
-            eprintln!("relay: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let (method, path) = match &action {
         JobsAction::List { state, target, limit } => {
-            let mut query = format!("limit={limit}");
-            if let Some(s) = state {
-                query.push_str(&format!("&state={}", encode(s)));
-            }
-            if let Some(t) = target {
-                query.push_str(&format!("&target={}", encode(t)));
-            }
+            let limit = limit.to_string();
+            let query = query_of(&[
+                ("limit", Some(&limit)),
+                ("state", state.as_deref()),
+                ("target", target.as_deref()),
+            ]);
             (reqwest::Method::GET, format!("/api/jobs?{query}"))
         }
         JobsAction::Show { id } => (reqwest::Method::GET, format!("/api/jobs/{}", encode(id))),
@@ -379,52 +453,85 @@ async fn jobs(config: &Config, admin: Option<String>, json: bool, action: JobsAc
         JobsAction::Retry {
             target, since, until, ..
         } => {
-            let mut query = format!(
-                "target={}&since={}",
-                encode(target.as_deref().unwrap_or_default()),
-                encode(since.as_deref().unwrap_or_default())
-            );
-            if let Some(u) = until {
-                query.push_str(&format!("&until={}", encode(u)));
-            }
+            let query = query_of(&[
+                ("target", Some(target.as_deref().unwrap_or_default())),
+                ("since", Some(since.as_deref().unwrap_or_default())),
+                ("until", until.as_deref()),
+            ]);
             (reqwest::Method::POST, format!("/api/jobs/retry?{query}"))
         }
     };
-    match relay::cli::admin_call(config, &base, method, &path).await {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if json {
-                println!("{body}");
-            } else {
-                match action {
-                    JobsAction::List { .. } => print!("{}", relay::cli::format_jobs(&body)),
-                    JobsAction::Show { .. } => print!("{}", relay::cli::format_job(&body)),
-                    JobsAction::Retry { id: Some(_), .. } => {
-                        println!("queued {}", body["job"].as_str().unwrap_or(""))
-                    }
-                    JobsAction::Retry { .. } => {
-                        println!(
-                            "queued {} dead job(s) of {}",
-                            body["requeued"],
-                            body["target"].as_str().unwrap_or("")
-                        )
-                    }
-                }
-            }
-            ExitCode::SUCCESS
+    admin_command(config, admin, json, method, &path, |body| match &action {
+        JobsAction::List { .. } => relay::cli::format_jobs(body),
+        JobsAction::Show { .. } => relay::cli::format_job(body),
+        JobsAction::Retry { id: Some(_), .. } => format!("queued {}\n", body["job"].as_str().unwrap_or("")),
+        JobsAction::Retry { .. } => format!(
+            "queued {} dead job(s) of {}\n",
+            body["requeued"],
+            body["target"].as_str().unwrap_or("")
+        ),
+    })
+    .await
+}
+
+async fn events(config: &Config, admin: Option<String>, json: bool, action: EventsAction) -> ExitCode {
+    let (method, path) = match &action {
+        EventsAction::List {
+            source,
+            repo,
+            kind,
+            state,
+            since,
+            until,
+            before,
+            limit,
+        } => {
+            let limit = limit.to_string();
+            let query = query_of(&[
+                ("source", source.as_deref()),
+                ("repo", repo.as_deref()),
+                ("kind", kind.as_deref()),
+                ("state", state.as_deref()),
+                ("since", since.as_deref()),
+                ("until", until.as_deref()),
+                ("before", before.as_deref()),
+                ("limit", Some(&limit)),
+            ]);
+            (reqwest::Method::GET, format!("/api/events?{query}"))
         }
-        Ok((status, body)) => {
-            let message = body["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| body.to_string());
-            eprintln!("relay: the admin API answered {status}: {message}");
-            ExitCode::FAILURE
-        }
+        EventsAction::Show { id } => (reqwest::Method::GET, format!("/api/events/{}", encode(id))),
+        EventsAction::Replay { id } => (
+            reqwest::Method::POST,
+            format!("/api/events/{}/replay", encode(id)),
+        ),
+    };
+    admin_command(config, admin, json, method, &path, |body| match &action {
+        EventsAction::List { .. } => relay::cli::format_events(body),
+        EventsAction::Show { .. } => relay::cli::format_event(body),
+        EventsAction::Replay { .. } => relay::cli::format_replay(body),
+    })
+    .await
+}
+
+/// One call to a running relay's admin API; prints its JSON (`json`) or
+/// what `render` makes of it.
+async fn admin_command(
+    config: &Config,
+    admin: Option<String>,
+    json: bool,
+    method: reqwest::Method,
+    path: &str,
+    render: impl FnOnce(&serde_json::Value) -> String,
+) -> ExitCode {
+    match relay::cli::admin_request(config, admin, method, path).await {
+        Ok(body) if json => println!("{body}"),
+        Ok(body) => print!("{}", render(&body)),
         Err(e) => {
             eprintln!("relay: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
     }
+    ExitCode::SUCCESS
 }
 
 async fn serve(path: PathBuf, inherited: Option<Inherited>) -> ExitCode {

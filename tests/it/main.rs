@@ -17,6 +17,7 @@ mod follow;
 mod ingress_errors;
 mod loop_guard;
 mod packaging;
+mod pages;
 mod pipeline_run;
 mod pipelines;
 mod production;
