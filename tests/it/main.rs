@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod advice;
+mod browser;
 mod circleci_source;
 mod cli;
 mod correlation;
