@@ -114,7 +114,8 @@ impl Driver {
     }
 
     async fn open(&self, url: &str) {
-        self.call(reqwest::Method::POST, "/url", json!({ "url": url })).await;
+        self.call(reqwest::Method::POST, "/url", json!({ "url": url }))
+            .await;
     }
 
     async fn script(&self, script: &str) -> Value {
@@ -150,7 +151,10 @@ impl Driver {
             if value == expected {
                 return;
             }
-            assert!(Instant::now() < deadline, "{script} stayed {value}, not {expected}");
+            assert!(
+                Instant::now() < deadline,
+                "{script} stayed {value}, not {expected}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -220,7 +224,10 @@ fn browser_available() -> bool {
     if missing.is_empty() {
         return true;
     }
-    let why = format!("{} not installed (apt-get install chromium chromium-driver)", missing.join(", "));
+    let why = format!(
+        "{} not installed (apt-get install chromium chromium-driver)",
+        missing.join(", ")
+    );
     assert!(
         std::env::var("RELAY_BROWSER_TEST").as_deref() != Ok("required"),
         "RELAY_BROWSER_TEST=required, but {why}"
@@ -314,7 +321,11 @@ token = "circle-token"
     let target = driver
         .script("return Array.from(document.querySelectorAll('main table')[1].querySelectorAll('td')).slice(0, 4).map(td => td.textContent.trim())")
         .await;
-    assert_eq!(target, json!(["circleci-api", "0", "0", "50%"]), "one done, one dead");
+    assert_eq!(
+        target,
+        json!(["circleci-api", "0", "0", "50%"]),
+        "one done, one dead"
+    );
     let shot = driver.screenshot().await;
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
     std::fs::create_dir_all(&out).unwrap();
@@ -334,7 +345,10 @@ token = "circle-token"
     let text = driver.script("return document.body.innerText").await;
     let text = text.as_str().unwrap();
     assert!(text.contains("<img src=x onerror="), "{text}");
-    assert!(text.contains("</script><script>window.__pwned='script'"), "{text}");
+    assert!(
+        text.contains("</script><script>window.__pwned='script'"),
+        "{text}"
+    );
     assert!(text.contains("\"><svg onload="), "{text}");
 
     // The followed job links its pipeline; the dead one shows its error.
@@ -346,12 +360,17 @@ token = "circle-token"
         .await;
     assert_eq!(
         link,
-        json!(["https://app.circleci.com/pipelines/github/acme/api/42", "7a1e7b52-93a4-4bb5-9d0c-3f1f8a0e2b11 #42"])
+        json!([
+            "https://app.circleci.com/pipelines/github/acme/api/42",
+            "7a1e7b52-93a4-4bb5-9d0c-3f1f8a0e2b11 #42"
+        ])
     );
     driver
         .open(&format!("{base}/events/{}", dead["event"].as_str().unwrap()))
         .await;
-    let error = driver.script("return document.querySelector('.job .error').textContent").await;
+    let error = driver
+        .script("return document.querySelector('.job .error').textContent")
+        .await;
     assert!(error.as_str().unwrap().contains("Unknown parameter"), "{error}");
 
     // The dead job: retry by its button (the token is asked for once and
