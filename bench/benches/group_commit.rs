@@ -173,6 +173,7 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
                     pipeline: None,
                     next: NextState::Done,
                     at: now,
+                    follow: None,
                 };
                 let recorded = store.complete(completion, now).await.expect("completion commits");
                 assert!(recorded);
