@@ -24,8 +24,8 @@ const WINDOW: Duration = Duration::from_secs(3600);
 const OVERVIEW_EVENTS: usize = 15;
 /// Events a page of `/events` lists, unless `?limit=` says otherwise.
 const EVENTS_PAGE: usize = 50;
-/// Dead jobs `/dead` lists.
-const DEAD_PAGE: usize = 500;
+/// Dead jobs `/dead` lists (the most recent; about 100 KB of page).
+const DEAD_PAGE: usize = 200;
 /// The most of a body an event's page shows (the API has it whole).
 const BODY_SHOWN: usize = 256 * 1024;
 
