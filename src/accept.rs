@@ -21,12 +21,13 @@ use crate::clock::{stopwatch, wall_time};
 use crate::config::Config;
 use crate::dispatch::{self, Reservation};
 use crate::event::{Event, EventKind, Upstream};
+use crate::explain::{self, ExplainError};
 use crate::guard::Dropped;
-use crate::ingress::{IngressError, Parsed, RequestLimits, Webhook};
+use crate::ingress::{IngressError, Parsed, RequestLimits, Source, Webhook};
 use crate::pipeline::PipelineState;
 use crate::routing::{self, Plan};
 use crate::shadow;
-use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError};
+use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError, StoredEvent};
 use crate::web::{Body, json_response};
 
 /// The longest a sender waits for the store to commit its webhook before it
@@ -124,6 +125,51 @@ async fn accept(
         }
         Parsed::Events(events) => events,
     };
+    commit(app, config, source, webhook, events).await
+}
+
+/// Routes a stored delivery again under the config in force, as a new
+/// event: the same plan, loop guard and commit as a webhook that just
+/// arrived, with the hops that led to the original kept. The sender's
+/// delivery id is left out, so the store takes it for a new delivery, not
+/// a redelivery; the loop guard's dedupe still holds back a trigger it has
+/// seen within its window.
+pub async fn replay(app: &Arc<App>, stored: &StoredEvent) -> http::Response<Body> {
+    let config = app.config();
+    let (source, webhook, parsed) = match explain::restore(&config, stored, false) {
+        Ok(restored) => restored,
+        Err(e) => {
+            let (status, code) = match e {
+                ExplainError::SourceGone { .. } => (StatusCode::CONFLICT, "source_gone"),
+                ExplainError::Unreadable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unreadable"),
+            };
+            return json_response(status, &json!({ "error": code, "message": e.to_string() }));
+        }
+    };
+    let Parsed::Events(events) = parsed else {
+        return json_response(StatusCode::OK, &json!({ "pong": true }));
+    };
+    info!(
+        event_id = %webhook.id(),
+        replay_of = %stored.view.id,
+        source = %source.name,
+        "stored delivery replayed"
+    );
+    match commit(app, &config, source, webhook, events).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// Plans a verified webhook's events, commits them with their jobs, hands
+/// the leased jobs over, and says what was decided.
+async fn commit(
+    app: &Arc<App>,
+    config: &Arc<Config>,
+    source: &Source,
+    webhook: Webhook,
+    events: Vec<Event>,
+) -> Result<http::Response<Body>, Refusal> {
     let now = app.now();
     let upstreams = correlate(app, &events, now).await?;
     let plan = routing::plan(&config.router(), source, &webhook, &events, &upstreams, now);

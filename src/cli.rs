@@ -11,8 +11,7 @@ use uuid::Uuid;
 
 use crate::clock::wall_time;
 use crate::config::Config;
-use crate::ingress::{IngressError, Parsed};
-use crate::routing::{self, Verdict};
+use crate::ingress::IngressError;
 use crate::store::{SchemaStatus, StoreError};
 
 /// `relay check`: the config, as relay understood it.
@@ -95,6 +94,8 @@ pub enum CliError {
     Refused { status: u16, error: IngressError },
     #[error("{0}")]
     Usage(String),
+    #[error("the admin API answered {status}: {message}")]
+    Api { status: u16, message: String },
     #[error("cannot reach {what} at {url}: {detail}")]
     Unreachable {
         what: &'static str,
@@ -128,93 +129,12 @@ pub fn explain(config: &Config, source_name: &str, hook: &str, payload: Bytes) -
         error,
     };
     let webhook = source.receive(&headers, payload, now).map_err(refused)?;
-    let events = match source
+    let parsed = source
         .parse(&webhook, config.files())
-        .map_err(|e| refused(e.into()))?
-    {
-        Parsed::Ping => return Ok("ping: relay answers 200 {\"pong\":true} and stores nothing\n".to_owned()),
-        Parsed::Events(events) => events,
-    };
+        .map_err(|e| refused(e.into()))?;
     // No store here: an event is explained as if relay had started no
     // pipeline it reports on.
-    let plan = routing::plan(&config.router(), source, &webhook, &events, &[], now);
-    let mut out = String::new();
-    for (index, event) in events.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "event {} of {}: {} {} {} {}",
-            index + 1,
-            events.len(),
-            event.kind,
-            if event.repo.is_empty() {
-                "(no repo)"
-            } else {
-                &event.repo
-            },
-            if event.git_ref.is_empty() {
-                "(no ref)"
-            } else {
-                &event.git_ref
-            },
-            if event.sha.is_empty() {
-                "(no sha)"
-            } else {
-                &event.sha
-            },
-        );
-        for dropped in plan.dropped.iter().filter(|d| d.event_index == index) {
-            let _ = writeln!(
-                out,
-                "  not routed ({}): {}",
-                dropped.dropped.rule, dropped.dropped.reason
-            );
-        }
-        for (_, route, verdict) in plan.trace.iter().filter(|(i, _, _)| *i == index) {
-            match verdict {
-                Verdict::Match => {
-                    let _ = writeln!(out, "  route {route}: matched");
-                    for job in plan
-                        .jobs
-                        .iter()
-                        .filter(|j| j.event_index == index && &j.route == route)
-                    {
-                        let target = config.targets.get(&job.target);
-                        let dry = target.is_some_and(|t| t.dry_run);
-                        // A proxy the config names; the environment's is left out,
-                        // as it is the shell's here, not the service's.
-                        let proxy = target
-                            .filter(|t| !matches!(t.proxy, crate::targets::ProxySetting::Environment))
-                            .and_then(|t| t.proxy.describe())
-                            .map(|p| format!(" ({p})"))
-                            .unwrap_or_default();
-                        let _ = writeln!(
-                            out,
-                            "    → target {}{}{proxy}",
-                            job.target,
-                            if dry { " (dry run: logged, not sent)" } else { "" }
-                        );
-                        match &job.request {
-                            Ok(request) => {
-                                for line in request.redacted(Some(webhook.payload())).lines() {
-                                    let _ = writeln!(out, "      {line}");
-                                }
-                            }
-                            Err(reason) => {
-                                let _ = writeln!(out, "      dead at once: {reason}");
-                            }
-                        }
-                    }
-                }
-                Verdict::Miss { predicate, reason } => {
-                    let _ = writeln!(out, "  route {route}: no — {predicate}: {reason}");
-                }
-            }
-        }
-    }
-    if config.routes.is_empty() {
-        out.push_str("no routes are configured\n");
-    }
-    Ok(out)
+    Ok(crate::explain::explain(config, source, &webhook, &parsed, now).text())
 }
 
 /// `relay send`: signs the payload as the source's sender would and posts it.
@@ -295,6 +215,171 @@ pub async fn admin_call(
     let text = response.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     Ok((status, body))
+}
+
+/// One call to the admin API at `--admin` (else `admin.listen`): its JSON
+/// answer when it is a 2xx, else the API's message.
+pub async fn admin_request(
+    config: &Config,
+    admin: Option<String>,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value, CliError> {
+    let base = admin_url(config, admin)?;
+    let (status, body) = admin_call(config, &base, method, path).await?;
+    if (200..300).contains(&status) {
+        return Ok(body);
+    }
+    let message = body["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    Err(CliError::Api { status, message })
+}
+
+/// A path segment or query value, percent-encoded.
+pub fn encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A query string of the options given (`None`s left out).
+pub fn query_of(pairs: &[(&str, Option<&str>)]) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in pairs {
+        if let Some(value) = value {
+            out.append_pair(name, value);
+        }
+    }
+    out.finish()
+}
+
+/// The first of an event summary's events (`kind`, `repo`, `ref`, `sha`),
+/// and how many more there are.
+fn first_event(event: &serde_json::Value) -> (&serde_json::Value, usize) {
+    let events = event["summary"]["events"].as_array();
+    let more = events.map_or(0, |e| e.len().saturating_sub(1));
+    (
+        events.and_then(|e| e.first()).unwrap_or(&serde_json::Value::Null),
+        more,
+    )
+}
+
+/// `relay events list`: one line per stored delivery, and the command for
+/// the next page when there is one.
+pub fn format_events(answer: &serde_json::Value) -> String {
+    let events = answer["events"].as_array().cloned().unwrap_or_default();
+    if events.is_empty() {
+        return "no events\n".to_owned();
+    }
+    let mut out = format!(
+        "{:<36}  {:<24}  {:<12}  {:<8}  {:<24}  {:<24}  {:<10}  {}\n",
+        "EVENT", "RECEIVED", "SOURCE", "KIND", "REPO", "REF", "SHA", "JOBS"
+    );
+    for event in &events {
+        let (first, more) = first_event(event);
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+        let sha: String = text(&first["sha"]).chars().take(10).collect();
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<24}  {:<12}  {:<8}  {:<24}  {:<24}  {:<10}  {} ({} done, {} dead){}",
+            text(&event["id"]),
+            text(&event["received_at"]),
+            text(&event["source"]),
+            text(&first["kind"]),
+            text(&first["repo"]),
+            text(&first["ref"]),
+            sha,
+            event["jobs"],
+            event["done"],
+            event["dead"],
+            if more > 0 {
+                format!(" +{more} more event(s)")
+            } else {
+                String::new()
+            },
+        );
+    }
+    if let Some(next) = answer["next"].as_str() {
+        let _ = writeln!(out, "more: relay events list --before {next}");
+    }
+    out
+}
+
+/// `relay events show`: what relay kept of the request, its jobs, the body.
+pub fn format_event(event: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    for key in [
+        "id",
+        "source",
+        "received_at",
+        "hook",
+        "delivery",
+        "content_type",
+        "hop",
+    ] {
+        let _ = writeln!(out, "{key:<13} {}", text(&event[key]));
+    }
+    for e in event["summary"]["events"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<13} {} {} {} {}",
+            "event",
+            text(&e["kind"]),
+            text(&e["repo"]),
+            text(&e["ref"]),
+            text(&e["sha"])
+        );
+    }
+    for d in event["dropped"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<13} {}: {}",
+            "dropped",
+            text(&d["rule"]),
+            text(&d["reason"])
+        );
+    }
+    let jobs = event["jobs_detail"].as_array().cloned().unwrap_or_default();
+    if !jobs.is_empty() {
+        out.push_str("\njobs:\n");
+        out.push_str(&format_jobs(&serde_json::json!({ "jobs": jobs })));
+    }
+    let _ = write!(out, "\nbody:\n{}\n", event["body"].as_str().unwrap_or(""));
+    out
+}
+
+/// `relay events replay`: the new event and what routing made of it.
+pub fn format_replay(answer: &serde_json::Value) -> String {
+    let routes: Vec<&str> = answer["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_str())
+        .collect();
+    let mut out = format!(
+        "replayed as event {}: {} job(s){}\n",
+        answer["event"].as_str().unwrap_or(""),
+        answer["jobs"],
+        if routes.is_empty() {
+            String::new()
+        } else {
+            format!(" (routes {})", routes.join(", "))
+        }
+    );
+    for d in answer["dropped"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  dropped ({}): {}",
+            d["rule"].as_str().unwrap_or(""),
+            d["reason"].as_str().unwrap_or("")
+        );
+    }
+    out
 }
 
 /// `relay jobs list`: one line per job.

@@ -14,12 +14,14 @@
 //! - [`report`]: what relay says on a commit about the pipeline it started.
 //! - [`targets`]: per CI kind, the request a job sends and the exchange that sends it;
 //!   [`request`]: that request as stored, without credentials.
+//! - [`explain`]: what the config in force makes of one webhook, for a person.
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
 //! - `dispatch`: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
 //! - `shadow`: shadow runs grouped and judged, for the API and metrics.
 //! - `follower`: polls the CIs of following targets for their pipelines' states.
 //! - [`payload`]: signed, expiring URLs from which CI jobs fetch a webhook body.
-//! - `admin`: health, readiness, metrics (`metrics`) and the jobs API.
+//! - `admin`: health, readiness, metrics (`metrics`), the jobs and events API; `pages`: the status
+//!   pages a person reads in a browser; `query`: what a listing's query string asks for.
 //! - [`config`]: `relay.toml`, validated and compiled; [`secret`]: secrets; [`signature`]: keyed hashes.
 //! - `app`: the running relay's shared state; [`daemon`]: `run`, which ties it together;
 //!   `clock`: the one clock; `web`: response bodies; [`cli`]: what the commands print.
@@ -33,13 +35,16 @@ pub mod config;
 pub mod daemon;
 pub(crate) mod dispatch;
 pub mod event;
+pub mod explain;
 pub(crate) mod follower;
 pub mod guard;
 pub mod ingress;
 pub(crate) mod loops;
 pub(crate) mod metrics;
+pub(crate) mod pages;
 pub mod payload;
 pub mod pipeline;
+pub(crate) mod query;
 pub mod report;
 pub mod request;
 pub mod routing;

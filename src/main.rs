@@ -12,10 +12,15 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use relay::cli::encode;
 use relay::config::Config;
 use relay::daemon::Control;
 use relay::server::{Inherited, Listeners};
 use tracing::{error, info};
+
+mod remote;
+
+use remote::{EventsAction, JobsAction, admin_command, events, jobs, shadow};
 
 // glibc's malloc showed up as an eighth of relay's CPU under load (arena
 // locking, consolidation); mimalloc's thread-local pages cost a fraction.
@@ -60,18 +65,24 @@ enum Command {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
         config: PathBuf,
     },
-    /// Show which routes a payload matches and the exact requests (secrets redacted).
+    /// Show which routes a payload matches and the exact requests (secrets redacted):
+    /// `-s SOURCE -e EVENT FILE`, or `--event ID` for a stored delivery (via the admin API).
     Explain {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
         config: PathBuf,
-        /// The source's name, as in [sources.NAME].
-        #[arg(short, long)]
-        source: String,
-        /// The sender's event name: push, Push Hook, repo:push, …
+        /// The source's name, as in [sources.NAME] (with FILE).
+        #[arg(short, long, requires = "file")]
+        source: Option<String>,
+        /// The sender's event name (push, Push Hook, repo:push, …) with FILE;
+        /// without FILE, the id of a delivery relay stored.
         #[arg(short, long)]
         event: String,
         /// A file holding the JSON payload.
-        file: PathBuf,
+        #[arg(requires = "source")]
+        file: Option<PathBuf>,
+        /// The admin API's base URL, for a stored delivery; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// See and retry jobs through a running relay's admin API.
     Jobs {
@@ -104,6 +115,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// See, explain and replay stored deliveries through a running relay's admin API.
+    Events {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The admin API's base URL; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Sign a payload with the source's secret and post it to relay (test-fire).
     Send {
         #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
@@ -128,35 +152,6 @@ enum Command {
         /// Write relay.1 and a relay-COMMAND.1 page per subcommand here.
         #[arg(long)]
         dir: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum JobsAction {
-    /// List jobs, most recently changed first.
-    List {
-        /// queued, in_flight, done or dead.
-        #[arg(long)]
-        state: Option<String>,
-        #[arg(long)]
-        target: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-    },
-    /// One job, its request and every attempt.
-    Show { id: String },
-    /// Queue a dead job again, or every dead job of a target that died in a time range.
-    Retry {
-        /// The job to retry.
-        #[arg(conflicts_with_all = ["target", "since"], required_unless_present = "target")]
-        id: Option<String>,
-        #[arg(long, requires = "since")]
-        target: Option<String>,
-        /// An RFC 3339 time, or a duration meaning that long ago (2h, 1d).
-        #[arg(long, requires = "target")]
-        since: Option<String>,
-        #[arg(long, requires = "target")]
-        until: Option<String>,
     },
 }
 
@@ -308,10 +303,29 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
         },
         Command::Explain {
             config,
-            source,
+            event,
+            admin,
+            source: None,
+            ..
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let path = format!("/api/events/{}/explain", encode(&event));
+            admin_command(&config, admin, false, reqwest::Method::GET, &path, |body| {
+                body["text"].as_str().unwrap_or_default().to_owned()
+            })
+            .await
+        }
+        Command::Explain {
+            config,
+            source: Some(source),
             event,
             file,
+            ..
         } => {
+            let file = file.unwrap_or_default();
             let (config, payload) = match (load(&config), read_payload(&file)) {
                 (Ok(c), Ok(p)) => (c, p),
                 (Err(code), _) | (_, Err(code)) => return code,
@@ -352,6 +366,18 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
             };
             shadow(&config, admin, route, &since, json).await
         }
+        Command::Events {
+            config,
+            admin,
+            json,
+            action,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            events(&config, admin, json, action).await
+        }
         Command::Send {
             config,
             source,
@@ -380,124 +406,6 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
         }
         // Answered in `main`, before the runtime starts.
         Command::Completions { .. } | Command::Man { .. } => ExitCode::SUCCESS,
-    }
-}
-
-async fn shadow(
-    config: &Config,
-    admin: Option<String>,
-    route: Option<String>,
-    since: &str,
-    json: bool,
-) -> ExitCode {
-    let base = match relay::cli::admin_url(config, admin) {
-        Ok(base) => base,
-        Err(e) => {
-            eprintln!("relay: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let mut path = format!("/api/shadow?since={}", encode(since));
-    if let Some(route) = route {
-        path.push_str(&format!("&route={}", encode(&route)));
-    }
-    match relay::cli::admin_call(config, &base, reqwest::Method::GET, &path).await {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if json {
-                println!("{body}");
-            } else {
-                print!("{}", relay::cli::format_shadow(&body));
-            }
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            let message = body["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| body.to_string());
-            eprintln!("relay: the admin API answered {status}: {message}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("relay: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn jobs(config: &Config, admin: Option<String>, json: bool, action: JobsAction) -> ExitCode {
-    let base = match relay::cli::admin_url(config, admin) {
-        Ok(base) => base,
-        Err(e) => {
-            eprintln!("relay: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let (method, path) = match &action {
-        JobsAction::List { state, target, limit } => {
-            let mut query = format!("limit={limit}");
-            if let Some(s) = state {
-                query.push_str(&format!("&state={}", encode(s)));
-            }
-            if let Some(t) = target {
-                query.push_str(&format!("&target={}", encode(t)));
-            }
-            (reqwest::Method::GET, format!("/api/jobs?{query}"))
-        }
-        JobsAction::Show { id } => (reqwest::Method::GET, format!("/api/jobs/{}", encode(id))),
-        JobsAction::Retry { id: Some(id), .. } => {
-            (reqwest::Method::POST, format!("/api/jobs/{}/retry", encode(id)))
-        }
-        JobsAction::Retry {
-            target, since, until, ..
-        } => {
-            let mut query = format!(
-                "target={}&since={}",
-                encode(target.as_deref().unwrap_or_default()),
-                encode(since.as_deref().unwrap_or_default())
-            );
-            if let Some(u) = until {
-                query.push_str(&format!("&until={}", encode(u)));
-            }
-            (reqwest::Method::POST, format!("/api/jobs/retry?{query}"))
-        }
-    };
-    match relay::cli::admin_call(config, &base, method, &path).await {
-        Ok((status, body)) if (200..300).contains(&status) => {
-            if json {
-                println!("{body}");
-            } else {
-                match action {
-                    JobsAction::List { .. } => print!("{}", relay::cli::format_jobs(&body)),
-                    JobsAction::Show { .. } => print!("{}", relay::cli::format_job(&body)),
-                    JobsAction::Retry { id: Some(_), .. } => {
-                        println!("queued {}", body["job"].as_str().unwrap_or(""))
-                    }
-                    JobsAction::Retry { .. } => {
-                        println!(
-                            "queued {} dead job(s) of {}",
-                            body["requeued"],
-                            body["target"].as_str().unwrap_or("")
-                        )
-                    }
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Ok((status, body)) => {
-            let message = body["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| body.to_string());
-            eprintln!("relay: the admin API answered {status}: {message}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("relay: {e}");
-            ExitCode::FAILURE
-        }
     }
 }
 

@@ -17,7 +17,7 @@ mod webhook;
 
 pub use error::{IngressError, PayloadError, SignatureError};
 use webhook::Verified;
-pub use webhook::Webhook;
+pub use webhook::{Kept, Webhook};
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -223,6 +223,22 @@ impl Source {
     /// signed with this source's current secret: for `relay send` and
     /// `relay explain`, which then go through [`Source::receive`] like any
     /// request.
+    /// A webhook of this source that relay verified when it arrived and
+    /// stored, built again under a new id: its signature is not checked
+    /// twice (the headers that carried it are not kept).
+    pub fn restore(&self, kept: Kept) -> Webhook {
+        Webhook::verified(Verified {
+            source: self.name.clone(),
+            provider: self.provider,
+            hook: kept.hook,
+            delivery: kept.delivery,
+            content_type: kept.content_type,
+            payload: kept.payload.unwrap_or_else(|| kept.body.clone()),
+            body: kept.body,
+            hop: kept.hop,
+        })
+    }
+
     pub fn sender_headers(&self, hook: &str, body: &[u8], delivery: &str, now: SystemTime) -> HeaderMap {
         let pairs: Vec<(String, String)> = match &self.settings {
             Settings::Github(s) => owned(github::sign(s, hook, body, delivery)),

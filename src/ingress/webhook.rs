@@ -41,8 +41,26 @@ pub(super) struct Verified {
     pub hop: u32,
 }
 
+/// What the store kept of a webhook relay verified when it arrived: enough
+/// to build it again ([`super::Source::restore`]), to explain it under the
+/// config in force or to route it again (a replay).
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub hook: String,
+    /// The sender's delivery id; a replay leaves it out, so the store does
+    /// not take it for the sender's redelivery.
+    pub delivery: Option<String>,
+    pub content_type: String,
+    pub body: Bytes,
+    /// The JSON document when it differs from the body (form posts).
+    pub payload: Option<Bytes>,
+    /// The hops that led to it: a replay keeps them.
+    pub hop: u32,
+}
+
 impl Webhook {
-    /// The one way to build a webhook: from what a verifier checked.
+    /// The one way to build a webhook: from what a verifier checked (now,
+    /// or when it arrived and was stored).
     pub(super) fn verified(parts: Verified) -> Webhook {
         Webhook {
             id: Uuid::now_v7(),

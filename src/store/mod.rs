@@ -10,6 +10,7 @@
 //! with a lease and a claim id, and completes them only where that claim id
 //! still holds. No credential is ever written: jobs hold prepared requests.
 
+mod follow;
 mod postgres;
 mod roles;
 mod rows;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub use follow::{DuePoll, FollowFrom, PollRecord};
 pub use postgres::PostgresStore;
 pub use roles::{Inspect, Maintain, Polls, Queue, Store};
 #[cfg(feature = "bench")]
@@ -254,52 +256,6 @@ pub struct Completion {
     pub follow: Option<FollowFrom>,
 }
 
-/// How following a pipeline by polling begins: the first poll is due
-/// `first_in` after the completion is written, and polling stops `deadline`
-/// after it at the latest. Lengths, not times, so each backend dates them
-/// on its own clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FollowFrom {
-    pub first_in: Duration,
-    pub deadline: Duration,
-}
-
-/// A followed pipeline whose poll is due, leased to the poller that took it
-/// (its next poll is put off by the lease, so no other poller takes it).
-#[derive(Debug, Clone)]
-pub struct DuePoll {
-    pub job_id: Uuid,
-    pub event_id: Uuid,
-    pub route: String,
-    pub target: String,
-    pub pipeline_id: String,
-    /// The trigger's URL as it was sent (no credential): where a GitLab
-    /// trigger named its project.
-    pub request_url: String,
-    /// The repository and commit of the event that started it.
-    pub repo: String,
-    pub sha: String,
-    /// Polls made so far: the backoff grows with them.
-    pub polls: u32,
-    /// Time left before the deadline; zero once it has passed.
-    pub remaining: Duration,
-    /// When the job was created, for the time from trigger to final state.
-    pub triggered_at: SystemTime,
-}
-
-/// What one poll learned, to be written on its job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PollRecord {
-    pub job_id: Uuid,
-    /// The pipeline's state, when the CI said it.
-    pub state: Option<PipelineState>,
-    /// When to poll again, from the moment of writing; `None` stops polling.
-    pub next_in: Option<Duration>,
-    /// Why polling stopped, for a person (`None` when the pipeline ended or
-    /// polling goes on).
-    pub note: Option<String>,
-}
-
 /// The store cannot do what was asked right now. Ingress answers 503, so
 /// the sender retries; dispatch tries again later.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -473,6 +429,76 @@ pub struct EventView {
     pub dead: u32,
     /// What the loop guard held back, with the rule and the reason.
     pub dropped: Vec<Dropped>,
+}
+
+/// Which events to list, newest first: every filter given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub source: Option<String>,
+    /// One of the webhook's events is in this repository (`owner/name`).
+    pub repo: Option<String>,
+    /// One of the webhook's events is of this kind (`push`, `tag`, …).
+    pub kind: Option<String>,
+    /// At least one of the event's jobs is in this state.
+    pub state: Option<JobState>,
+    /// Received at or after this time.
+    pub since: Option<SystemTime>,
+    /// Received before this time.
+    pub until: Option<SystemTime>,
+    /// The page after this event: the last one of the page before.
+    pub before: Option<Uuid>,
+    pub limit: usize,
+}
+
+/// An event with what the store kept of its request: enough to explain it
+/// again, or to route it again (`Source::restore`).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub view: EventView,
+    pub content_type: String,
+    /// The relay hops that led to it, as routing counted them.
+    pub hop: u32,
+    /// The body exactly as received.
+    pub body: Bytes,
+    /// The JSON document when it differs from the body (form posts).
+    pub payload: Option<Bytes>,
+}
+
+/// What happened lately, per configured source and target, for the status
+/// page. "Lately" is the window the caller names.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Activity {
+    pub sources: Vec<SourceActivity>,
+    pub targets: Vec<TargetActivity>,
+}
+
+/// One source's deliveries.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceActivity {
+    pub source: String,
+    /// The newest stored delivery, however old.
+    #[serde(serialize_with = "maybe_rfc3339")]
+    pub last_received: Option<SystemTime>,
+    /// Deliveries in the window.
+    pub recent: u64,
+}
+
+/// One target's queue and how its recent jobs went.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetActivity {
+    pub target: String,
+    /// Waiting to be sent, now.
+    pub queued: u64,
+    pub in_flight: u64,
+    /// Jobs created in the window that ended done, or dead.
+    pub done: u64,
+    pub dead: u64,
+    /// The newest error of a job created in the window.
+    pub last_error: Option<String>,
+    #[serde(serialize_with = "maybe_rfc3339")]
+    pub last_error_at: Option<SystemTime>,
+    /// The mean duration of the window's attempts, in milliseconds.
+    pub mean_send_ms: Option<u64>,
 }
 
 /// How the queue stands, for metrics.

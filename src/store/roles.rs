@@ -20,8 +20,8 @@ use crate::event::Upstream;
 use crate::pipeline::PipelineState;
 
 use super::{
-    ClaimedJob, Completion, DuePoll, EventView, Ingested, JobDetail, JobFilter, JobView, NewEvent,
-    PollRecord, QueueStats, Requeued, ShadowFilter, StoreError,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, JobDetail, JobFilter,
+    JobView, NewEvent, PollRecord, QueueStats, Requeued, ShadowFilter, StoreError, StoredEvent,
 };
 
 /// The queue itself: what the accept path and the dispatcher need to take
@@ -105,8 +105,46 @@ pub trait Inspect: Send + Sync + fmt::Debug {
     /// The trigger jobs of shadow runs (see [`ShadowFilter`]), newest first.
     async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError>;
 
-    /// Accepted webhooks, newest first.
-    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError>;
+    /// Accepted webhooks, newest first, one page of those `filter` takes.
+    /// `now` is the caller's clock, on which `filter`'s times are read.
+    async fn events(&self, filter: EventFilter, now: SystemTime) -> Result<Vec<EventView>, StoreError>;
+
+    /// One accepted webhook with its body, as received.
+    async fn event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// An event's jobs, each with its request and every attempt, in the
+    /// order they were planned.
+    async fn event_jobs(&self, event: Uuid) -> Result<Vec<JobDetail>, StoreError> {
+        let mut views = self
+            .jobs(JobFilter {
+                event: Some(event),
+                limit: usize::MAX,
+                ..JobFilter::default()
+            })
+            .await?;
+        // Job ids are time-ordered (v7): planned order.
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut details = Vec::with_capacity(views.len());
+        for view in views {
+            if let Some(id) = Uuid::parse_str(&view.id).ok()
+                && let Some(detail) = self.job(id).await?
+            {
+                details.push(detail);
+            }
+        }
+        Ok(details)
+    }
+
+    /// The named sources' and targets' activity since `since` (on the
+    /// caller's clock, whose reading is `now`). Each answer reads indexes
+    /// only, however much history the store holds.
+    async fn activity(
+        &self,
+        sources: Vec<String>,
+        targets: Vec<String>,
+        since: SystemTime,
+        now: SystemTime,
+    ) -> Result<Activity, StoreError>;
 
     /// Jobs by state and the oldest job due at `now`.
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError>;

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use relay::store::{
-    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
-    NewEvent, PollRecord, Polls, Queue, Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail, JobFilter,
+    JobView, Maintain, NewEvent, PollRecord, Polls, Queue, Requeued, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -512,7 +512,19 @@ impl Inspect for FullDisk {
     async fn shadow_jobs(&self, _: relay::store::ShadowFilter) -> Result<Vec<JobView>, StoreError> {
         Err(full())
     }
-    async fn events(&self, _: usize) -> Result<Vec<EventView>, StoreError> {
+    async fn events(&self, _: EventFilter, _: SystemTime) -> Result<Vec<EventView>, StoreError> {
+        Err(full())
+    }
+    async fn event(&self, _: Uuid) -> Result<Option<relay::store::StoredEvent>, StoreError> {
+        Err(full())
+    }
+    async fn activity(
+        &self,
+        _: Vec<String>,
+        _: Vec<String>,
+        _: SystemTime,
+        _: SystemTime,
+    ) -> Result<relay::store::Activity, StoreError> {
         Err(full())
     }
     async fn requeue(&self, _: Uuid, _: SystemTime) -> Result<Requeued, StoreError> {

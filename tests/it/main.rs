@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod advice;
+mod browser;
 mod circleci_source;
 mod cli;
 mod correlation;
@@ -17,6 +18,7 @@ mod follow;
 mod ingress_errors;
 mod loop_guard;
 mod packaging;
+mod pages;
 mod pipeline_run;
 mod pipelines;
 mod production;

@@ -183,6 +183,19 @@ async fn a_shadow_is_compared_in_all_four_combinations_and_never_reported(backen
         statuses.iter().all(|s| s.json()["context"] == "relay/primary"),
         "{statuses:#?}"
     );
+    // The overview page shows the week's summary.
+    let overview = crate::support::test_client()
+        .get(format!("http://{}/", relay.admin.unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        overview.contains("<tr><td>2</td><td>1</td><td>1</td><td>0</td></tr>"),
+        "{overview}"
+    );
     let text = relay::cli::format_shadow(&shadow);
     assert!(text.starts_with("ROUTE "), "{text}");
     assert!(

@@ -378,7 +378,11 @@ async fn duplicate_delivery(f: Fixture) {
         "no job from the duplicate"
     );
     assert_eq!(
-        store.events(10).await.unwrap().len(),
+        store
+            .events(newest_events(10), std::time::SystemTime::now())
+            .await
+            .unwrap()
+            .len(),
         1,
         "no event from the duplicate"
     );
@@ -393,7 +397,14 @@ async fn duplicate_delivery(f: Fixture) {
         anonymous.delivery = None;
         accept(store, anonymous).await;
     }
-    assert_eq!(store.events(10).await.unwrap().len(), 4);
+    assert_eq!(
+        store
+            .events(newest_events(10), std::time::SystemTime::now())
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
     assert_eq!(store.jobs(all_jobs()).await.unwrap().len(), 4);
 }
 
@@ -877,7 +888,10 @@ async fn dedupe_window(f: Fixture) {
         store.job(second_id).await.unwrap().is_none(),
         "a held-back job is not stored"
     );
-    let view = store.events(10).await.unwrap();
+    let view = store
+        .events(newest_events(10), std::time::SystemTime::now())
+        .await
+        .unwrap();
     let stored = view.iter().find(|v| v.id == event_id.to_string()).unwrap();
     assert_eq!(stored.dropped, vec![expected]);
     assert_eq!(stored.jobs, 1, "the other target's job went through");
@@ -1146,7 +1160,7 @@ async fn purge_deletes_finished_old_events(f: Fixture) {
     assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 1);
     assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 0);
     let left: HashSet<String> = store
-        .events(10)
+        .events(newest_events(10), std::time::SystemTime::now())
         .await
         .unwrap()
         .into_iter()
@@ -1289,7 +1303,10 @@ async fn events_view_with_drops(f: Fixture) {
     let claim_of_a = claimed.iter().find(|j| j.id == a).unwrap().claim;
     assert!(complete(store, a, claim_of_a, 201, NextState::Done).await);
 
-    let view = store.events(2).await.unwrap();
+    let view = store
+        .events(newest_events(2), std::time::SystemTime::now())
+        .await
+        .unwrap();
     assert_eq!(view.len(), 2, "the limit holds");
     let newest = &view[0];
     assert_eq!(newest.id, newer_id.to_string(), "newest first");
@@ -1308,7 +1325,10 @@ async fn events_view_with_drops(f: Fixture) {
     );
     assert_eq!(newest.dropped, vec![skip, hops, held[0].dropped.clone()]);
 
-    let all = store.events(10).await.unwrap();
+    let all = store
+        .events(newest_events(10), std::time::SystemTime::now())
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
     let oldest = &all[2];
     assert_eq!(oldest.id, older_id.to_string());
@@ -1678,5 +1698,13 @@ async fn schemas_match_between_backends(f: Fixture) {
             schema.get(*table).is_some_and(|c| c.contains_key(*column)),
             "{backend} no longer has {table}.{column}: drop it from ONE_BACKEND_ONLY"
         );
+    }
+}
+
+/// The newest `limit` events, unfiltered.
+fn newest_events(limit: usize) -> relay::store::EventFilter {
+    relay::store::EventFilter {
+        limit,
+        ..Default::default()
     }
 }

@@ -48,8 +48,9 @@ use self::listen::{keep_listening, listen_on};
 pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
-    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
-    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter, StoreError,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
+    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter,
+    StoreError, StoredEvent,
 };
 use crate::config::PostgresSettings;
 use crate::event::Upstream;
@@ -316,8 +317,22 @@ impl Inspect for PostgresStore {
         views::shadow_jobs(self, filter).await
     }
 
-    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
-        views::events(self, limit).await
+    async fn events(&self, filter: EventFilter, now: SystemTime) -> Result<Vec<EventView>, StoreError> {
+        views::events(self, filter, now).await
+    }
+
+    async fn event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        views::event(self, id).await
+    }
+
+    async fn activity(
+        &self,
+        sources: Vec<String>,
+        targets: Vec<String>,
+        since: SystemTime,
+        now: SystemTime,
+    ) -> Result<Activity, StoreError> {
+        views::activity(self, sources, targets, since, now).await
     }
 
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {

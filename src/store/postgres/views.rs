@@ -18,7 +18,8 @@ use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, ShadowFilter, StoreError,
+    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
+    ShadowFilter, SourceActivity, StoreError, StoredEvent, TargetActivity,
 };
 
 pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
@@ -128,26 +129,63 @@ pub(super) async fn job(store: &PostgresStore, id: Uuid) -> Result<Option<JobDet
     .await
 }
 
-pub(super) async fn events(store: &PostgresStore, limit: usize) -> Result<Vec<EventView>, StoreError> {
+/// The event columns [`rows::event_view`] reads, with its job counts, for
+/// the events `e` a query names.
+const EVENT_COLUMNS: &str = "e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+     c.jobs, c.pending, c.done, c.dead";
+
+/// Each event `e`'s job counts, as `c`.
+const EVENT_COUNTS: &str = "CROSS JOIN LATERAL (
+     SELECT count(*) AS jobs,
+            count(*) FILTER (WHERE state IN ('queued', 'in_flight')) AS pending,
+            count(*) FILTER (WHERE state = 'done') AS done,
+            count(*) FILTER (WHERE state = 'dead') AS dead
+     FROM jobs WHERE event_id = e.id) c";
+
+/// One page of events, newest first: `events_received` walked from the
+/// newest (or the cursor), the filters checked on the way, `limit` rows.
+pub(super) async fn events(
+    store: &PostgresStore,
+    filter: EventFilter,
+    now: SystemTime,
+) -> Result<Vec<EventView>, StoreError> {
     within("events", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
-                        c.jobs, c.pending, c.done, c.dead
-                 FROM (SELECT * FROM events ORDER BY received_at DESC, id DESC LIMIT $1) e
-                 CROSS JOIN LATERAL (
-                     SELECT count(*) AS jobs,
-                            count(*) FILTER (WHERE state IN ('queued', 'in_flight')) AS pending,
-                            count(*) FILTER (WHERE state = 'done') AS done,
-                            count(*) FILTER (WHERE state = 'dead') AS dead
-                     FROM jobs WHERE event_id = e.id) c
-                 ORDER BY e.received_at DESC, e.id DESC",
-            )
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS}
+                 FROM (SELECT ev.id, ev.source, ev.delivery, ev.hook, ev.received_at, ev.summary FROM events ev
+                       WHERE ($1::text IS NULL OR ev.source = $1)
+                         AND ($2::text IS NULL
+                              OR ev.summary::jsonb -> 'events' @> jsonb_build_array(jsonb_build_object('repo', $2::text)))
+                         AND ($3::text IS NULL
+                              OR ev.summary::jsonb -> 'events' @> jsonb_build_array(jsonb_build_object('kind', $3::text)))
+                         AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM jobs s WHERE s.event_id = ev.id AND s.state = $4))
+                         AND ($5::int8 IS NULL OR ev.received_at >= now() + $5::int8 * interval '1 microsecond')
+                         AND ($6::int8 IS NULL OR ev.received_at < now() + $6::int8 * interval '1 microsecond')
+                         AND ($7::uuid IS NULL
+                              OR (ev.received_at, ev.id) < (SELECT c.received_at, c.id FROM events c WHERE c.id = $7))
+                       ORDER BY ev.received_at DESC, ev.id DESC
+                       LIMIT $8) e
+                 {EVENT_COUNTS}
+                 ORDER BY e.received_at DESC, e.id DESC"
+            ))
             .await
             .map_err(|e| unavailable(&e))?;
         let rows = client
-            .query(&stmt, &[&i64::try_from(limit).unwrap_or(i64::MAX)])
+            .query(
+                &stmt,
+                &[
+                    &filter.source,
+                    &filter.repo,
+                    &filter.kind,
+                    &filter.state.map(JobState::as_str),
+                    &filter.since.map(|t| offset(t, now)),
+                    &filter.until.map(|t| offset(t, now)),
+                    &filter.before,
+                    &i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                ],
+            )
             .await
             .map_err(|e| unavailable(&e))?;
         let mut ids = Vec::with_capacity(rows.len());
@@ -173,6 +211,121 @@ pub(super) async fn events(store: &PostgresStore, limit: usize) -> Result<Vec<Ev
             }
         }
         Ok(events)
+    })
+    .await
+}
+
+pub(super) async fn event(store: &PostgresStore, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+    within("event", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS}, e.content_type, e.hop, e.body, e.payload
+                 FROM events e {EVENT_COUNTS} WHERE e.id = $1"
+            ))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&id])
+            .await
+            .map_err(|e| unavailable(&e))?
+        else {
+            return Ok(None);
+        };
+        let mut view = rows::event_view(&row)?;
+        let stmt = client
+            .prepare_cached("SELECT route, target, rule, reason FROM drops WHERE event_id = $1 ORDER BY id")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        for drop in client.query(&stmt, &[&id]).await.map_err(|e| unavailable(&e))? {
+            view.dropped.push(rows::dropped(&drop, 0)?);
+        }
+        Ok(Some(StoredEvent {
+            view,
+            content_type: col(&row, 10)?,
+            hop: u32::try_from(col::<i64>(&row, 11)?).unwrap_or(0),
+            body: Bytes::from(col::<Vec<u8>>(&row, 12)?),
+            payload: col::<Option<Vec<u8>>>(&row, 13)?.map(Bytes::from),
+        }))
+    })
+    .await
+}
+
+/// As SQLite's: one source's or one target's range of an index per query.
+pub(super) async fn activity(
+    store: &PostgresStore,
+    sources: Vec<String>,
+    targets: Vec<String>,
+    since: SystemTime,
+    now: SystemTime,
+) -> Result<Activity, StoreError> {
+    within("activity", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let since = offset(since, now);
+        let source_stmt = client
+            .prepare_cached(
+                "SELECT (SELECT received_at FROM events WHERE source = $1 ORDER BY received_at DESC LIMIT 1),
+                        (SELECT count(*) FROM events
+                         WHERE source = $1 AND received_at >= now() + $2::int8 * interval '1 microsecond'),
+                        now()",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut activity = Activity::default();
+        for source in sources {
+            let row = client
+                .query_one(&source_stmt, &[&source, &since])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let last: Option<SystemTime> = col(&row, 0)?;
+            let db_now: SystemTime = col(&row, 2)?;
+            activity.sources.push(SourceActivity {
+                source,
+                last_received: last.map(|t| on_caller_clock(t, db_now, now)),
+                recent: u64::try_from(col::<i64>(&row, 1)?).unwrap_or(0),
+            });
+        }
+        let target_stmt = client
+            .prepare_cached(
+                "WITH recent AS (
+                     SELECT id, state, last_error, updated_at, created_at FROM jobs
+                     WHERE target = $1 AND created_at >= now() + $2::int8 * interval '1 microsecond')
+                 SELECT (SELECT count(*) FROM jobs WHERE target = $1 AND state = 'queued'),
+                        (SELECT count(*) FROM jobs WHERE target = $1 AND state = 'in_flight'),
+                        (SELECT count(*) FROM recent WHERE state = 'done'),
+                        (SELECT count(*) FROM recent WHERE state = 'dead'),
+                        e.last_error, e.updated_at,
+                        (SELECT avg(a.duration_ms)::float8 FROM recent r JOIN attempts a ON a.job_id = r.id),
+                        now()
+                 FROM (SELECT 1) one
+                 LEFT JOIN LATERAL (SELECT last_error, updated_at FROM recent WHERE last_error IS NOT NULL
+                                    ORDER BY created_at DESC LIMIT 1) e ON true",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        for target in targets {
+            let row = client
+                .query_one(&target_stmt, &[&target, &since])
+                .await
+                .map_err(|e| unavailable(&e))?;
+            let n = |i: usize| -> Result<u64, StoreError> {
+                Ok(u64::try_from(col::<i64>(&row, i)?).unwrap_or(0))
+            };
+            let error_at: Option<SystemTime> = col(&row, 5)?;
+            let mean: Option<f64> = col(&row, 6)?;
+            let db_now: SystemTime = col(&row, 7)?;
+            activity.targets.push(TargetActivity {
+                queued: n(0)?,
+                in_flight: n(1)?,
+                done: n(2)?,
+                dead: n(3)?,
+                last_error: col(&row, 4)?,
+                last_error_at: error_at.map(|t| on_caller_clock(t, db_now, now)),
+                mean_send_ms: mean.map(|m| m.round() as u64),
+                target,
+            });
+        }
+        Ok(activity)
     })
     .await
 }

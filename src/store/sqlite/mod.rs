@@ -51,8 +51,9 @@ use writer::{Durability, Writer};
 
 use super::rows::Columns;
 use super::{
-    ClaimedJob, Completion, DuePoll, EventView, Ingested, Inspect, JobDetail, JobFilter, JobView, Maintain,
-    NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter, StoreError,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
+    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter,
+    StoreError, StoredEvent,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -315,9 +316,41 @@ impl Inspect for SqliteStore {
         .await
     }
 
-    async fn events(&self, limit: usize) -> Result<Vec<EventView>, StoreError> {
-        self.run(Durability::Committed, move |conn| views::events(conn, limit))
+    async fn events(&self, filter: EventFilter, _now: SystemTime) -> Result<Vec<EventView>, StoreError> {
+        // Stored times were the caller's clock already.
+        self.run(Durability::Committed, move |conn| views::events(conn, &filter))
             .await
+    }
+
+    async fn event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+        let stored = self
+            .run(Durability::Committed, move |conn| views::event(conn, id))
+            .await?;
+        // Decompressed here, off the writer.
+        let Some((view, content_type, hop, body, payload, codec)) = stored else {
+            return Ok(None);
+        };
+        let codec = codec::Codec::of(codec)?;
+        Ok(Some(StoredEvent {
+            view,
+            content_type,
+            hop,
+            body: codec.unpack(body)?,
+            payload: payload.map(|p| codec.unpack(p)).transpose()?,
+        }))
+    }
+
+    async fn activity(
+        &self,
+        sources: Vec<String>,
+        targets: Vec<String>,
+        since: SystemTime,
+        _now: SystemTime,
+    ) -> Result<Activity, StoreError> {
+        self.run(Durability::Committed, move |conn| {
+            views::activity(conn, &sources, &targets, since)
+        })
+        .await
     }
 
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {

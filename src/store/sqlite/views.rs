@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued, ShadowFilter, StoreError,
+    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
+    ShadowFilter, SourceActivity, StoreError, TargetActivity,
 };
 
 pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
@@ -86,32 +87,174 @@ pub(super) fn job(conn: &Connection, id: Uuid) -> Result<Option<JobDetail>, Stor
     Ok(Some(rows::job_detail(view, request, history)))
 }
 
-pub(super) fn events(conn: &Connection, limit: usize) -> Result<Vec<EventView>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
-                    COUNT(j.id),
-                    COALESCE(SUM(j.state IN ('queued', 'in_flight')), 0),
-                    COALESCE(SUM(j.state = 'done'), 0),
-                    COALESCE(SUM(j.state = 'dead'), 0)
-             FROM events e LEFT JOIN jobs j ON j.event_id = e.id
-             GROUP BY e.id
-             ORDER BY e.received_at DESC, e.id DESC
-             LIMIT ?1",
-        )
-        .map_err(|e| unavailable(&e))?;
+/// The event columns [`rows::event_view`] reads, with its job counts, for
+/// the events `e` a query names.
+const EVENT_COLUMNS: &str = "e.id, e.source, e.delivery, e.hook, e.received_at, e.summary,
+     (SELECT COUNT(*) FROM jobs j WHERE j.event_id = e.id),
+     (SELECT COUNT(*) FROM jobs j WHERE j.event_id = e.id AND (j.state = 'queued' OR j.state = 'in_flight')),
+     (SELECT COUNT(*) FROM jobs j WHERE j.event_id = e.id AND j.state = 'done'),
+     (SELECT COUNT(*) FROM jobs j WHERE j.event_id = e.id AND j.state = 'dead')";
+
+/// One page of events, newest first. The page walks `events_received`
+/// from the newest (or from the cursor) and stops at `limit`: the
+/// filters are checked row by row on the way, so a page costs its rows,
+/// not the table (a filter that matches little walks further).
+pub(super) fn events(conn: &Connection, filter: &EventFilter) -> Result<Vec<EventView>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM events e
+         WHERE (?1 IS NULL OR e.source = ?1)
+           AND (?2 IS NULL OR EXISTS (SELECT 1 FROM json_each(e.summary, '$.events') WHERE json_extract(value, '$.repo') = ?2))
+           AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(e.summary, '$.events') WHERE json_extract(value, '$.kind') = ?3))
+           AND (?4 IS NULL OR EXISTS (SELECT 1 FROM jobs s WHERE s.event_id = e.id AND s.state = ?4))
+           AND (?5 IS NULL OR e.received_at >= ?5)
+           AND (?6 IS NULL OR e.received_at < ?6)
+           AND (?7 IS NULL OR (e.received_at, e.id) < (SELECT c.received_at, c.id FROM events c WHERE c.id = ?7))
+         ORDER BY e.received_at DESC, e.id DESC
+         LIMIT ?8"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
     let mut events = collect(
         &mut stmt,
-        params![i64::try_from(limit).unwrap_or(i64::MAX)],
+        params![
+            filter.source,
+            filter.repo,
+            filter.kind,
+            filter.state.map(JobState::as_str),
+            filter.since.map(to_millis),
+            filter.until.map(to_millis),
+            filter.before.map(|id| id.to_string()),
+            i64::try_from(filter.limit).unwrap_or(i64::MAX)
+        ],
         |row| rows::event_view(row),
     )?;
-    let mut drops_of = conn
-        .prepare_cached("SELECT route, target, rule, reason FROM drops WHERE event_id = ?1")
-        .map_err(|e| unavailable(&e))?;
     for event in &mut events {
-        event.dropped = collect(&mut drops_of, params![event.id], |row| rows::dropped(row, 0))?;
+        event.dropped = drops(conn, &event.id)?;
     }
     Ok(events)
+}
+
+fn drops(conn: &Connection, event_id: &str) -> Result<Vec<crate::guard::Dropped>, StoreError> {
+    let mut drops_of = conn
+        .prepare_cached("SELECT route, target, rule, reason FROM drops WHERE event_id = ?1 ORDER BY rowid")
+        .map_err(|e| unavailable(&e))?;
+    collect(&mut drops_of, params![event_id], |row| rows::dropped(row, 0))
+}
+
+/// An event, its request as stored (packed: see `codec`), and its drops.
+pub(super) type Stored = (EventView, String, u32, Vec<u8>, Option<Vec<u8>>, i64);
+
+pub(super) fn event(conn: &Connection, id: Uuid) -> Result<Option<Stored>, StoreError> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS}, e.content_type, e.hop, e.body, e.payload, e.codec FROM events e WHERE e.id = ?1"
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
+    let found = collect(&mut stmt, params![id.to_string()], |row| {
+        let get = |e: rusqlite::Error| unavailable(&e);
+        Ok((
+            rows::event_view(row)?,
+            row.get::<_, String>(10).map_err(get)?,
+            row.get::<_, u32>(11).map_err(get)?,
+            row.get::<_, Vec<u8>>(12).map_err(get)?,
+            row.get::<_, Option<Vec<u8>>>(13).map_err(get)?,
+            row.get::<_, i64>(14).map_err(get)?,
+        ))
+    })?;
+    let Some(mut stored) = found.into_iter().next() else {
+        return Ok(None);
+    };
+    stored.0.dropped = drops(conn, &stored.0.id)?;
+    Ok(Some(stored))
+}
+
+/// Each source's newest delivery and its deliveries since `since`; each
+/// target's queue, and its jobs created since `since`: how they ended,
+/// the newest error, the mean attempt. Every query is one source's or one
+/// target's, so it reads a range of an index (`events_received`,
+/// `jobs_queued`, `jobs_leased`, `jobs_created`).
+pub(super) fn activity(
+    conn: &Connection,
+    sources: &[String],
+    targets: &[String],
+    since: SystemTime,
+) -> Result<Activity, StoreError> {
+    let since = to_millis(since);
+    let mut activity = Activity::default();
+    for source in sources {
+        let last: Option<i64> = conn
+            .prepare_cached(
+                "SELECT received_at FROM events WHERE source = ?1 ORDER BY received_at DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![source], |row| row.get(0)).optional())
+            .map_err(|e| unavailable(&e))?;
+        let recent = count(
+            conn,
+            "SELECT COUNT(*) FROM events WHERE received_at >= ?2 AND source = ?1",
+            params![source, since],
+        )?;
+        activity.sources.push(SourceActivity {
+            source: source.clone(),
+            last_received: last.map(super::from_millis),
+            recent,
+        });
+    }
+    for target in targets {
+        let queued = count(
+            conn,
+            "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND state = 'queued'",
+            params![target],
+        )?;
+        let in_flight = count(
+            conn,
+            "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND state = 'in_flight'",
+            params![target],
+        )?;
+        let done = count(
+            conn,
+            "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND created_at >= ?2 AND state = 'done'",
+            params![target, since],
+        )?;
+        let dead = count(
+            conn,
+            "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND created_at >= ?2 AND state = 'dead'",
+            params![target, since],
+        )?;
+        let error: Option<(String, i64)> = conn
+            .prepare_cached(
+                "SELECT last_error, updated_at FROM jobs
+                 WHERE target = ?1 AND created_at >= ?2 AND last_error IS NOT NULL
+                 ORDER BY created_at DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![target, since], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .map_err(|e| unavailable(&e))?;
+        let mean: Option<f64> = conn
+            .prepare_cached(
+                "SELECT AVG(a.duration_ms) FROM jobs j JOIN attempts a ON a.job_id = j.id
+                 WHERE j.target = ?1 AND j.created_at >= ?2",
+            )
+            .and_then(|mut stmt| stmt.query_row(params![target, since], |row| row.get(0)))
+            .map_err(|e| unavailable(&e))?;
+        activity.targets.push(TargetActivity {
+            target: target.clone(),
+            queued,
+            in_flight,
+            done,
+            dead,
+            last_error_at: error.as_ref().map(|(_, at)| super::from_millis(*at)),
+            last_error: error.map(|(e, _)| e),
+            mean_send_ms: mean.map(|m| m.round() as u64),
+        });
+    }
+    Ok(activity)
+}
+
+fn count(conn: &Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Result<u64, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, |row| row.get::<_, i64>(0)))
+        .map(|n| u64::try_from(n).unwrap_or(0))
+        .map_err(|e| unavailable(&e))
 }
 
 pub(super) fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
