@@ -286,22 +286,27 @@ async fn gitea_sees_a_pipeline_s_whole_life(backend: Backend) {
 }
 
 async fn a_dead_trigger_is_an_error_status_with_the_target_s_message(backend: Backend) {
+    for host in [Host::Github, Host::Gitlab, Host::Bitbucket, Host::Gitea] {
+        dead_trigger(host, &backend).await;
+    }
+}
+
+async fn dead_trigger(host: Host, backend: &Backend) {
     let api = MockServer::start(Reply::new(201, "{}")).await;
     let circle = MockServer::start(Reply::new(404, r#"{"message":"Project not found"}"#)).await;
-    let relay = Relay::start_on(&backend, &config(Host::Github, &api.url(), &circle.url())).await;
-    Host::Github.push(&relay).await;
+    let relay = Relay::start_on(backend, &config(host, &api.url(), &circle.url())).await;
+    if !host.push(&relay).await {
+        return;
+    }
     let statuses = api.wait_for(1).await;
+    let job = trigger(&relay).await;
+    assert_eq!(job["state"], "dead", "{job}");
+    let (repo, sha) = (job["repo"].as_str().unwrap(), job["sha"].as_str().unwrap());
     let status = &statuses[0];
-    Host::Github.assert_headers(status);
-    assert_eq!(
-        status.path(),
-        "/repos/acme/api/statuses/9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c"
-    );
+    host.assert_headers(status);
+    assert_eq!(status.path(), host.path(repo, sha));
     let body = status.json();
-    assert_eq!(body["state"], "error");
-    assert_eq!(body["context"], "relay/app");
-    assert_eq!(body.get("target_url"), None, "no pipeline, no link");
-    let description = body["description"].as_str().unwrap();
+    let description = body["description"].as_str().unwrap().to_owned();
     assert!(
         description.starts_with(
             "relay could not trigger app: 404: Project not found; API v2 needs a personal API token"
@@ -309,7 +314,23 @@ async fn a_dead_trigger_is_an_error_status_with_the_target_s_message(backend: Ba
         "{description}"
     );
     assert_eq!(description.chars().count(), 140, "{description}");
+    let error = match host {
+        Host::Github | Host::Gitea => "error",
+        Host::Gitlab => "failed",
+        Host::Bitbucket => "FAILED",
+    };
+    // No pipeline, so no pipeline page: Bitbucket, which requires a link,
+    // gets the repository's page from the push.
+    let link = (host == Host::Bitbucket).then(|| job_link(&body));
+    assert_eq!(body, host.body(error, &description, link.as_deref()));
+    if let Some(link) = link {
+        assert!(link.starts_with("https://bitbucket.org/"), "{link}");
+    }
     relay.stop().await;
+}
+
+fn job_link(body: &Value) -> String {
+    body["url"].as_str().unwrap_or("").to_owned()
 }
 
 async fn a_status_the_host_refuses_is_a_dead_report_naming_the_scope(backend: Backend) {
