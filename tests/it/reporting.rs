@@ -17,7 +17,10 @@ crate::on_both_backends! {
         gitlab_sees_a_pipeline_s_whole_life,
         bitbucket_sees_a_pipeline_s_whole_life,
         gitea_sees_a_pipeline_s_whole_life,
-        a_dead_trigger_is_an_error_status_with_the_target_s_message,
+        a_dead_trigger_is_an_error_status_on_github,
+        a_dead_trigger_is_an_error_status_on_gitlab,
+        a_dead_trigger_is_an_error_status_on_bitbucket,
+        a_dead_trigger_is_an_error_status_on_gitea,
         a_status_the_host_refuses_is_a_dead_report_naming_the_scope,
     ],
 }
@@ -285,12 +288,23 @@ async fn gitea_sees_a_pipeline_s_whole_life(backend: Backend) {
     whole_life(Host::Gitea, backend).await;
 }
 
-async fn a_dead_trigger_is_an_error_status_with_the_target_s_message(backend: Backend) {
-    for host in [Host::Github, Host::Gitlab, Host::Bitbucket, Host::Gitea] {
-        dead_trigger(host, &backend).await;
-    }
+async fn a_dead_trigger_is_an_error_status_on_github(backend: Backend) {
+    dead_trigger(Host::Github, &backend).await;
 }
 
+async fn a_dead_trigger_is_an_error_status_on_gitlab(backend: Backend) {
+    dead_trigger(Host::Gitlab, &backend).await;
+}
+
+async fn a_dead_trigger_is_an_error_status_on_bitbucket(backend: Backend) {
+    dead_trigger(Host::Bitbucket, &backend).await;
+}
+
+async fn a_dead_trigger_is_an_error_status_on_gitea(backend: Backend) {
+    dead_trigger(Host::Gitea, &backend).await;
+}
+
+/// A trigger the target refuses: an error status with the target's message.
 async fn dead_trigger(host: Host, backend: &Backend) {
     let api = MockServer::start(Reply::new(201, "{}")).await;
     let circle = MockServer::start(Reply::new(404, r#"{"message":"Project not found"}"#)).await;
