@@ -414,6 +414,31 @@ pub fn format_jobs(answer: &serde_json::Value) -> String {
     out
 }
 
+/// `relay catch-up`: each delivery relay asked GitHub to send again.
+pub fn format_catch_up(answer: &serde_json::Value) -> String {
+    let asked = answer["asked"].as_array().cloned().unwrap_or_default();
+    let source = answer["source"].as_str().unwrap_or("");
+    if asked.is_empty() {
+        return format!("{source}: nothing to ask for: every failed delivery is in relay, or none failed\n");
+    }
+    let mut out = format!("{source}: asked GitHub to redeliver {}:\n", asked.len());
+    for a in &asked {
+        let outcome = match a["error"].as_str() {
+            Some(e) => format!("refused: {e}"),
+            None => "asked".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {:<12} {}  (answered {})  {outcome}",
+            a["guid"].as_str().unwrap_or(""),
+            a["event"].as_str().unwrap_or(""),
+            a["delivered_at"].as_str().unwrap_or(""),
+            a["status_code"]
+        );
+    }
+    out
+}
+
 /// `relay shadow`: per route, the count of each verdict; then the latest
 /// runs where the shadow disagreed, with both sides' pages.
 pub fn format_shadow(answer: &serde_json::Value) -> String {

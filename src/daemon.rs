@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::server::{self, Listeners, Role, Service};
 use crate::store::{self, Store, StoreError};
 use crate::web::Body;
-use crate::{accept, admin, dispatch, follower, payload};
+use crate::{accept, admin, catchup, dispatch, follower, payload};
 
 /// What each listener serves: webhooks and payload URLs on the ingress
 /// listener, the admin API on the admin one.
@@ -103,6 +103,7 @@ pub async fn run_with_store(
     let shutdown = control.shutdown.clone();
     let dispatcher = tokio::spawn(dispatch::run(app.clone(), shutdown.clone()));
     let follower = tokio::spawn(follower::run(app.clone(), shutdown.clone()));
+    let catch_up = tokio::spawn(catchup::run(app.clone(), shutdown.clone()));
     let retention = tokio::spawn(purge_finished(app.clone(), shutdown.clone()));
     let reloads = tokio::spawn(reload_on_request(app.clone(), control.clone()));
     let watchdog = tokio::spawn(watchdog());
@@ -124,7 +125,7 @@ pub async fn run_with_store(
     }
     // Awaited, not just aborted: they hold the store, and its lock must be
     // free when this returns (a restart in the same process reopens it).
-    for task in [follower, retention, reloads, watchdog, announce] {
+    for task in [follower, catch_up, retention, reloads, watchdog, announce] {
         task.abort();
         let _ = task.await;
     }

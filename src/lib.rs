@@ -18,6 +18,7 @@
 //! - [`store`]: the durable queue; an event and its jobs commit before the answer.
 //! - `dispatch`: workers that claim, send, classify, retry and dead-letter; [`sends`]: slots and client.
 //! - `shadow`: shadow runs grouped and judged, for the API and metrics.
+//! - `catchup`: asks GitHub to redeliver what failed while relay was away.
 //! - `follower`: polls the CIs of following targets for their pipelines' states.
 //! - [`payload`]: signed, expiring URLs from which CI jobs fetch a webhook body.
 //! - `admin`: health, readiness, metrics (`metrics`), the jobs and events API; `pages`: the status
@@ -29,6 +30,7 @@
 pub(crate) mod accept;
 pub(crate) mod admin;
 pub(crate) mod app;
+pub(crate) mod catchup;
 pub mod cli;
 pub(crate) mod clock;
 pub mod config;

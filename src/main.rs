@@ -20,7 +20,7 @@ use tracing::{error, info};
 
 mod remote;
 
-use remote::{EventsAction, JobsAction, admin_command, events, jobs, shadow};
+use remote::{EventsAction, JobsAction, admin_command, catch_up, events, jobs, shadow};
 
 // glibc's malloc showed up as an eighth of relay's CPU under load (arena
 // locking, consolidation); mimalloc's thread-local pages cost a fraction.
@@ -96,6 +96,25 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: JobsAction,
+    },
+    /// Ask GitHub, through a running relay, to redeliver each failed delivery
+    /// of a source's hook that relay never received; print what was asked.
+    #[command(name = "catch-up")]
+    CatchUp {
+        #[arg(short, long, default_value = "relay.toml", env = "RELAY_CONFIG")]
+        config: PathBuf,
+        /// The admin API's base URL; default: http://{admin.listen}.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The GitHub source, as in [sources.NAME], with catch_up set.
+        #[arg(short, long)]
+        source: String,
+        /// Deliveries since this time (RFC 3339) or this long ago (2h); default: the 3 days GitHub keeps.
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the API's JSON instead of a list.
+        #[arg(long)]
+        json: bool,
     },
     /// Shadow runs through a running relay's admin API: per route, how many
     /// agreed, and the latest disagreements with both pipelines' pages.
@@ -352,6 +371,19 @@ async fn run(command: Command, inherited: Option<Inherited>) -> ExitCode {
                 Err(code) => return code,
             };
             jobs(&config, admin, json, action).await
+        }
+        Command::CatchUp {
+            config,
+            admin,
+            source,
+            since,
+            json,
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            catch_up(&config, admin, &source, since.as_deref(), json).await
         }
         Command::Shadow {
             config,

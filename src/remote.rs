@@ -1,5 +1,5 @@
 //! The commands that talk to a running relay through its admin API: `relay
-//! jobs`, `relay events` and `relay shadow`. Each builds its request from
+//! jobs`, `relay events`, `relay shadow` and `relay catch-up`. Each builds its request from
 //! the arguments and prints the answer as a table (or, with `--json`, as
 //! is); the library's `cli` module formats and calls.
 
@@ -68,6 +68,26 @@ pub(crate) enum EventsAction {
     Show { id: String },
     /// Route a stored delivery again under the config in force (loop guard applied, hop kept).
     Replay { id: String },
+}
+
+pub(crate) async fn catch_up(
+    config: &Config,
+    admin: Option<String>,
+    source: &str,
+    since: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let query = query_of(&[("source", Some(source)), ("since", since)]);
+    let path = format!("/api/catch-up?{query}");
+    admin_command(
+        config,
+        admin,
+        json,
+        reqwest::Method::POST,
+        &path,
+        relay::cli::format_catch_up,
+    )
+    .await
 }
 
 pub(crate) async fn shadow(

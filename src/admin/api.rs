@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::error;
 use crate::accept;
 use crate::app::App;
+use crate::catchup;
 use crate::explain;
 use crate::query::{self, param};
 use crate::shadow;
@@ -123,6 +124,29 @@ pub(super) async fn answer(
         (&Method::POST, ["events", id, "replay"]) => {
             let stored = stored_event(app, id).await?;
             Ok(accept::replay(app, &stored).await)
+        }
+        (&Method::POST, ["catch-up"]) => {
+            let source = param(query, "source")
+                .ok_or_else(|| ApiError::bad_request("catching up needs ?source=NAME".to_owned()))?;
+            let now = app.now();
+            let since = query::time_param(query, "since", now)
+                .map_err(ApiError::bad_request)?
+                .unwrap_or_else(|| now.checked_sub(catchup::KEPT).unwrap_or(SystemTime::UNIX_EPOCH));
+            match catchup::once(app, source, since).await {
+                Ok(asked) => Ok(json_response(
+                    StatusCode::OK,
+                    &json!({ "source": source, "asked": asked }),
+                )),
+                Err(catchup::CatchUpError::NotConfigured(name)) => Err(ApiError::not_found(
+                    catchup::CatchUpError::NotConfigured(name).to_string(),
+                )),
+                Err(catchup::CatchUpError::Store(e)) => Err(e.into()),
+                Err(e @ catchup::CatchUpError::List(_)) => Err(ApiError {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: "github_unavailable",
+                    message: e.to_string(),
+                }),
+            }
         }
         (&Method::GET, ["shadow"]) => {
             let now = app.now();

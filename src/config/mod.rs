@@ -31,6 +31,7 @@ use crate::ingress::Source;
 use crate::payload::PayloadUrls;
 use crate::routing::{Declared, Route, Router};
 use crate::targets::Target;
+use crate::targets::hooks::CatchUp;
 use crate::template::Templates;
 use compiler::{Compiler, Problem};
 
@@ -51,6 +52,8 @@ pub struct Config {
     /// The targets that post commit statuses, one per source with an `api`,
     /// by name (`status:<source>`); never named in a route's `to`.
     pub reporters: BTreeMap<String, Target>,
+    /// The GitHub sources whose failed deliveries relay asks for again.
+    pub catch_ups: Vec<CatchUp>,
     /// Every template and `when` of the routes and targets, compiled.
     pub templates: Templates,
     /// Things that work but deserve a look (literal secrets); logged at start.
@@ -231,8 +234,19 @@ impl Config {
         };
         let mut sources = Vec::new();
         let mut reporters = BTreeMap::new();
+        let mut catch_ups = Vec::new();
         let mut paths = HashSet::new();
         for (name, mut raw) in raw_sources {
+            if let Some(catch_up) = raw.catch_up.take() {
+                let key = format!("sources.{name}.catch_up");
+                if raw.provider != crate::event::Provider::Github {
+                    c.problem(&key, "only GitHub lists and redelivers a hook's deliveries");
+                } else if let Some(catch_up) =
+                    CatchUp::compile(&key, &name, &catch_up, raw.api.is_some(), &mut c)
+                {
+                    catch_ups.push(catch_up);
+                }
+            }
             if let Some(api) = raw.api.take()
                 && let Some(reporter) = Target::status(&name, raw.provider, &api, &mut c)
             {
@@ -305,6 +319,7 @@ impl Config {
             routes,
             targets,
             reporters,
+            catch_ups,
             templates: c.templates,
             warnings: c.warnings,
         })

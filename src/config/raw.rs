@@ -261,8 +261,21 @@ pub struct RawSource {
     pub fields: Option<BTreeMap<String, String>>,
     /// `generic` only: what its deliveries are (default `push`).
     pub kind: Option<GenericKind>,
-    /// The Git host's API, for commit statuses (`report` on a route).
+    /// The Git host's API, for commit statuses (`report` on a route) and
+    /// catching up on deliveries.
     pub api: Option<RawApi>,
+    /// GitHub: redeliver what failed while relay was away.
+    pub catch_up: Option<RawCatchUp>,
+}
+
+/// A GitHub source's `catch_up = { hook, every }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCatchUp {
+    /// `repos/OWNER/REPO/hooks/ID` or `orgs/ORG/hooks/ID`.
+    pub hook: String,
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
 }
 
 /// A source's `api = { token, url }`: the host's REST API and a token for it.

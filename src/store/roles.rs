@@ -102,6 +102,11 @@ pub trait Inspect: Send + Sync + fmt::Debug {
     /// One job, its stored request (JSON, no credentials) and every attempt.
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError>;
 
+    /// Which of `deliveries` (the sender's delivery ids) source `source`
+    /// holds an event for: catching up asks again only for the others.
+    async fn held_deliveries(&self, source: &str, deliveries: Vec<String>)
+    -> Result<Vec<String>, StoreError>;
+
     /// The trigger jobs of shadow runs (see [`ShadowFilter`]), newest first.
     async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError>;
 

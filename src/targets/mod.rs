@@ -18,6 +18,7 @@ mod circleci_v1;
 mod exchange;
 mod follow;
 mod gitlab;
+pub mod hooks;
 mod http;
 pub mod outcome;
 pub mod proxy;

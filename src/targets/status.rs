@@ -71,6 +71,11 @@ impl StatusApi {
         Some(StatusApi { provider, url, token })
     }
 
+    /// The API's base URL, without a trailing slash.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub fn describe(&self) -> String {
         let path = match self.provider {
             Provider::Gitlab => "/api/v4/projects/{repo}/statuses/{sha}",

@@ -509,6 +509,9 @@ impl Inspect for FullDisk {
     async fn job(&self, _: Uuid) -> Result<Option<JobDetail>, StoreError> {
         Err(full())
     }
+    async fn held_deliveries(&self, _: &str, _: Vec<String>) -> Result<Vec<String>, StoreError> {
+        Err(full())
+    }
     async fn shadow_jobs(&self, _: relay::store::ShadowFilter) -> Result<Vec<JobView>, StoreError> {
         Err(full())
     }

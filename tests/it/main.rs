@@ -7,6 +7,7 @@
 
 mod advice;
 mod browser;
+mod catch_up;
 mod circleci_source;
 mod cli;
 mod correlation;

@@ -495,6 +495,23 @@ impl Relay {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {text}"))
     }
 
+    /// `POST {path}` on the admin API: the status and the JSON answer.
+    pub async fn api_post(&self, path: &str) -> (u16, serde_json::Value) {
+        let admin = self
+            .admin
+            .unwrap_or_else(|| panic!("this relay has no admin listener for {path}"));
+        let mut request = self.client.post(format!("http://{admin}{path}"));
+        if let Some(token) = &self.api_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let json =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path} is not JSON ({e}): {text}"));
+        (status, json)
+    }
+
     /// `GET /api/jobs?{query}` (up to 1000), most recently changed first.
     pub async fn jobs(&self, query: &str) -> Vec<serde_json::Value> {
         let answer = self.api(&format!("/api/jobs?limit=1000&{query}")).await;

@@ -313,6 +313,14 @@ impl Inspect for PostgresStore {
         views::job(self, id).await
     }
 
+    async fn held_deliveries(
+        &self,
+        source: &str,
+        deliveries: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        views::held_deliveries(self, source, deliveries).await
+    }
+
     async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError> {
         views::shadow_jobs(self, filter).await
     }

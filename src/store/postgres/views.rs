@@ -55,6 +55,28 @@ pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec
     .await
 }
 
+pub(super) async fn held_deliveries(
+    store: &PostgresStore,
+    source: &str,
+    deliveries: Vec<String>,
+) -> Result<Vec<String>, StoreError> {
+    within("held_deliveries", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT delivery FROM events WHERE source = $1 AND delivery = ANY($2)")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        client
+            .query(&stmt, &[&source, &deliveries])
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(|row| col::<String>(row, 0))
+            .collect()
+    })
+    .await
+}
+
 pub(super) async fn shadow_jobs(
     store: &PostgresStore,
     filter: ShadowFilter,

@@ -309,6 +309,18 @@ impl Inspect for SqliteStore {
             .await
     }
 
+    async fn held_deliveries(
+        &self,
+        source: &str,
+        deliveries: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let source = source.to_owned();
+        self.run(Durability::Committed, move |conn| {
+            views::held_deliveries(conn, &source, &deliveries)
+        })
+        .await
+    }
+
     async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError> {
         self.run(Durability::Committed, move |conn| {
             views::shadow_jobs(conn, &filter)

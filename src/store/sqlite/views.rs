@@ -39,6 +39,28 @@ pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>
     )
 }
 
+pub(super) fn held_deliveries(
+    conn: &Connection,
+    source: &str,
+    deliveries: &[String],
+) -> Result<Vec<String>, StoreError> {
+    // One indexed lookup each (UNIQUE (source, delivery)); a page of
+    // deliveries is at most a hundred.
+    let mut stmt = conn
+        .prepare_cached("SELECT 1 FROM events WHERE source = ?1 AND delivery = ?2")
+        .map_err(|e| unavailable(&e))?;
+    let mut held = Vec::new();
+    for delivery in deliveries {
+        if stmt
+            .exists(params![source, delivery])
+            .map_err(|e| unavailable(&e))?
+        {
+            held.push(delivery.clone());
+        }
+    }
+    Ok(held)
+}
+
 pub(super) fn shadow_jobs(conn: &Connection, filter: &ShadowFilter) -> Result<Vec<JobView>, StoreError> {
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs j
