@@ -22,6 +22,20 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     git_commit();
     postgres_tests();
+    root_tests();
+}
+
+/// The cfg `relay_root_tests`: the build runs as root, so the tests that
+/// mount a tmpfs (a full disk) can run; elsewhere they are compiled as
+/// ignored, never passed without running.
+fn root_tests() {
+    println!("cargo::rustc-check-cfg=cfg(relay_root_tests)");
+    let uid = Command::new("id").arg("-u").output().ok();
+    let root =
+        uid.is_some_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0");
+    if root {
+        println!("cargo::rustc-cfg=relay_root_tests");
+    }
 }
 
 /// Runs git in the package's directory; its trimmed stdout when it succeeds.

@@ -16,6 +16,7 @@ mod delivery;
 mod faulty_targets;
 mod fixtures;
 mod follow;
+mod full_disk;
 mod ingress_errors;
 mod loop_guard;
 mod packaging;
