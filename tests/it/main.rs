@@ -32,5 +32,6 @@ mod secrets;
 mod shadow;
 mod shared_store;
 mod store;
+mod store_faults;
 mod support;
 mod targets;

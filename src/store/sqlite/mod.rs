@@ -66,6 +66,10 @@ pub struct SqliteStore {
     /// second relay from dispatching the same jobs.
     _lock: File,
     path: PathBuf,
+    /// The database file's device and inode when it was opened: a file
+    /// removed or replaced under a running relay would take what it
+    /// acknowledges with it, so that is refused (see `still_in_place`).
+    file: (u64, u64),
 }
 
 impl SqliteStore {
@@ -90,6 +94,7 @@ impl SqliteStore {
         };
         let lock = schema::lock(path).map_err(open_error)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
+        let file = file_identity(path).map_err(|e| open_error(e.to_string()))?;
         schema::prepare(&mut conn).map_err(open_error)?;
         // The lock proves no other process holds these jobs: whatever was in
         // flight belonged to a run that is gone.
@@ -106,7 +111,20 @@ impl SqliteStore {
             writer: Writer::spawn(&runtime, conn, max_batch),
             _lock: lock,
             path: path.to_owned(),
+            file,
         })
+    }
+
+    /// Whether the database file at the path is still the one relay opened.
+    /// One `stat`, before anything is acknowledged.
+    fn still_in_place(&self) -> Result<(), StoreError> {
+        match file_identity(&self.path) {
+            Ok(file) if file == self.file => Ok(()),
+            _ => Err(StoreError::Unavailable(format!(
+                "the store file {} was removed or replaced while relay runs; nothing more is acknowledged until it is back, or relay is restarted on a new one",
+                self.path.display()
+            ))),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -121,6 +139,12 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         self.writer.run(durability, work).await
     }
+}
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 fn unavailable(e: &rusqlite::Error) -> StoreError {
@@ -217,6 +241,7 @@ impl Columns for Row<'_> {
 #[async_trait]
 impl Queue for SqliteStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        self.still_in_place()?;
         // Compressed here, on the caller's task: the writer is one thread
         // for every caller.
         let packed = codec::pack(&event);
@@ -269,6 +294,7 @@ impl Queue for SqliteStore {
     }
 
     async fn ping(&self, now: SystemTime) -> Result<(), StoreError> {
+        self.still_in_place()?;
         self.run(Durability::Synced, move |conn| queue::ping(conn, now))
             .await
     }
