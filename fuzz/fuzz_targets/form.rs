@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_fuzz::{deliver, signed_headers, source};
+use relay_fuzz::{Depth, deliver, signed_headers, source};
 
 fuzz_target!(|data: &[u8]| {
     let Some((selector, body)) = data.split_first() else {
@@ -22,5 +22,5 @@ fuzz_target!(|data: &[u8]| {
         (body.to_vec(), true)
     };
     let headers = signed_headers(source, "push", &signed_bytes, true);
-    deliver(source, &headers, body, signed);
+    deliver(source, &headers, body, signed, Depth::Parse);
 });

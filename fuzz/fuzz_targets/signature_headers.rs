@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_fuzz::{add_header, deliver, signed_headers, source};
+use relay_fuzz::{Depth, add_header, deliver, signed_headers, source};
 
 /// (source, hook, the headers the fuzzed values replace, in order).
 const CASES: &[(&str, &str, &[&str])] = &[
@@ -54,5 +54,5 @@ fuzz_target!(|data: &[u8]| {
         headers.remove(*header);
         add_header(&mut headers, header, value);
     }
-    deliver(source, &headers, body, false);
+    deliver(source, &headers, body, false, Depth::Parse);
 });

@@ -5,7 +5,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use relay_fuzz::{add_header, deliver, signed_headers, source};
+use relay_fuzz::{Depth, add_header, deliver, signed_headers, source};
 use serde_json::json;
 
 #[derive(Arbitrary, Debug)]
@@ -66,5 +66,5 @@ fuzz_target!(|f: Fields| {
     let source = source(name);
     let mut headers = signed_headers(source, hook, body.as_bytes(), false);
     add_header(&mut headers, "x-relay-hop", f.hop.as_bytes());
-    deliver(source, &headers, body.as_bytes(), true);
+    deliver(source, &headers, body.as_bytes(), true, Depth::Render);
 });
