@@ -1,8 +1,9 @@
 //! The secrets sweep: every kind of secret `relay.toml` can hold (each
 //! provider's webhook secret or token, a rotation's older value, GitLab's
 //! signing token, every target kind's token, an http target's signing
-//! secret, a proxy password, the admin token, the payload-URL key, and on
-//! PostgreSQL the store's password), each a distinctive string, is absent
+//! secret, a proxy password, the admin token, the payload-URL key, a
+//! source's API token for commit statuses, a followed target's polling
+//! token, and on PostgreSQL the store's password), each a distinctive string, is absent
 //! from everything relay shows or keeps after real traffic: text and JSON
 //! logs, every error body (401, 400, 403, 404, 405, 503), every admin API
 //! answer and `/metrics`, `relay check` and `relay explain`, and the store
@@ -44,6 +45,10 @@ const HTTP_SIGN_SECRET: &str = "sweep-http-sign-Q92z";
 const PROXY_PASSWORD: &str = "sweep-proxy-pw-Q93z";
 const ADMIN_TOKEN: &str = "sweep-admin-token-Q94z";
 const PAYLOAD_KEY: &str = "sweep-payload-key-Q95z";
+/// The GitHub API token commit statuses are posted with (`sources.gh.api`).
+const API_TOKEN: &str = "sweep-api-token-Q96z";
+/// The GitLab API token a followed pipeline is polled with (`follow.token`).
+const FOLLOW_TOKEN: &str = "sweep-follow-token-Q97z";
 
 /// Every configured secret, and the encoded forms relay itself makes of
 /// some (a proxy's Basic credentials, the whsec_ token as configured).
@@ -65,6 +70,8 @@ fn secrets(store_password: Option<&str>) -> Vec<String> {
         PROXY_PASSWORD,
         ADMIN_TOKEN,
         PAYLOAD_KEY,
+        API_TOKEN,
+        FOLLOW_TOKEN,
     ]
     .map(str::to_owned)
     .to_vec();
@@ -95,6 +102,10 @@ struct Upstreams {
     gitlab: MockServer,
     mirror: MockServer,
     proxy: MockServer,
+    /// GitHub's API, which refuses the statuses, echoing the token.
+    api: MockServer,
+    /// A GitLab whose pipeline relay follows by polling.
+    followed: MockServer,
 }
 
 impl Upstreams {
@@ -112,6 +123,16 @@ impl Upstreams {
             mirror: MockServer::start(Reply::new(200, "ok")).await,
             // A forward proxy that refuses the credentials it is sent.
             proxy: MockServer::start(Reply::new(407, "proxy authentication required")).await,
+            api: MockServer::start(Reply::new(
+                401,
+                &format!(r#"{{"message":"Bad credentials: {API_TOKEN}"}}"#),
+            ))
+            .await,
+            followed: MockServer::start(Reply::new(
+                201,
+                r#"{"id":7,"iid":1,"status":"running","web_url":"https://gitlab.test/acme/deploy/-/pipelines/7"}"#,
+            ))
+            .await,
         }
     }
 }
@@ -145,6 +166,7 @@ timeout = "2s"
 provider = "github"
 path = "/hooks/github"
 secret = [{{ file = "{gh_file}" }}, "{GH_OLD_SECRET}"]
+api = {{ token = {{ env = "SWEEP_API_TOKEN" }}, url = "{api}" }}
 
 [sources.gl]
 provider = "gitlab"
@@ -178,6 +200,13 @@ name = "everything"
 events = ["push", "tag"]
 to = ["circle", "legacy", "deploy", "deploy-payload", "mirror", "proxied", "unreachable"]
 
+[[routes]]
+name = "reported"
+from = ["gh"]
+events = ["push"]
+to = ["followed"]
+report = true
+
 [targets.circle]
 kind = "circleci"
 base_url = "{circle}"
@@ -205,6 +234,14 @@ project = "acme/deploy"
 token = {{ file = "{trigger_file}" }}
 forward_payload = true
 
+[targets.followed]
+kind = "gitlab"
+base_url = "{followed}"
+project = "acme/deploy"
+ref = "main"
+token = {{ file = "{trigger_file}" }}
+follow = {{ token = {{ env = "SWEEP_FOLLOW_TOKEN" }}, first = "100ms", max = "200ms" }}
+
 [targets.mirror]
 kind = "http"
 url = "{mirror}/hook"
@@ -228,6 +265,8 @@ sign = {{ secret = {{ env = "SWEEP_HTTP_SIGN" }} }}
         gitlab = up.gitlab.url(),
         mirror = up.mirror.url(),
         proxy = up.proxy.url(),
+        api = up.api.url(),
+        followed = up.followed.url(),
     )
 }
 
@@ -243,6 +282,8 @@ fn environment(store_password: Option<&str>) -> Vec<(&'static str, String)> {
         ("SWEEP_CIRCLE_TOKEN", CIRCLE_TOKEN.to_owned()),
         ("SWEEP_HTTP_SIGN", HTTP_SIGN_SECRET.to_owned()),
         ("SWEEP_PROXY_PASSWORD", PROXY_PASSWORD.to_owned()),
+        ("SWEEP_API_TOKEN", API_TOKEN.to_owned()),
+        ("SWEEP_FOLLOW_TOKEN", FOLLOW_TOKEN.to_owned()),
     ];
     if let Some(pw) = store_password {
         env.push(("SWEEP_STORE_PASSWORD", pw.to_owned()));
@@ -722,6 +763,16 @@ async fn sweep(backend: Backend) {
     assert_eq!(up.circle.requests()[0].header("circle-token"), Some(CIRCLE_TOKEN));
     assert!(!up.legacy.requests().is_empty() && !up.proxy.requests().is_empty());
     assert!(!up.gitlab.requests().is_empty() && !up.mirror.requests().is_empty());
+    assert_eq!(
+        up.api.requests()[0].header("authorization"),
+        Some(format!("Bearer {API_TOKEN}").as_str()),
+        "the commit status went out with the API token"
+    );
+    let polled = up.followed.requests();
+    assert!(
+        polled.iter().any(|r| r.method == "GET"),
+        "the followed pipeline was polled: {polled:?}"
+    );
 
     // The store, read directly: every byte of the SQLite file and its WAL or
     // of every PostgreSQL table, and on SQLite each body unpacked.
