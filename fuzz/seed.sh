@@ -4,12 +4,15 @@
 # configs and a few hand-written pipeline bodies, in each target's input
 # shape: the provider targets take a flags byte (bit 0: form post; the rest
 # picks the event header) and then the body; signature_headers a selector
-# byte, header lines, then the body. Usage: fuzz/seed.sh [FIXTURES_DIR]
+# byte, header lines, then the body.
+# Usage: fuzz/seed.sh [FIXTURES_DIR [CORPUS_DIR]] (default ../shared/fixtures
+# and fuzz/corpus; relative paths are from the repository's root).
 set -euo pipefail
-cd "$(dirname "$0")"
-fixtures=${1:-../../shared/fixtures}
+cd "$(dirname "$0")/.."
+fixtures=$(realpath "${1:-../shared/fixtures}")
+corpus=$(realpath -m "${2:-fuzz/corpus}")
 [ -d "$fixtures" ] || { echo "no fixtures at $fixtures" >&2; exit 1; }
-corpus=corpus
+cd fuzz
 mkdir -p "$corpus"
 
 # seed TARGET NAME FLAGS_BYTE FILE: FLAGS_BYTE (as \xNN) then the file.
