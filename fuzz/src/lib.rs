@@ -1,8 +1,9 @@
 //! The harness every fuzz target shares: one config with a source per
 //! provider and a target of each kind whose templates read every event field,
 //! and `deliver`, which takes a request the way the accept path does
-//! (`Source::receive`, `Source::parse`, `routing::plan`, the redacted
-//! request) through relay's public API only.
+//! (`Source::receive`, `Source::parse`, then for the template target
+//! `routing::plan` and the redacted request) through relay's public API only.
+//! Nothing here touches a store or a socket; its own clock is fixed ([`now`]).
 //!
 //! Beyond "never panics", it checks what must hold for any input: no
 //! configured secret appears in an error message or a rendered request, and
@@ -223,8 +224,8 @@ pub enum Delivered {
 /// How far [`deliver`] takes a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
-    /// Verify and parse: the provider targets, which then run ten times
-    /// faster (rendering is the template target's).
+    /// Verify and parse: the provider, signature and form targets, whose
+    /// executions go to the parsers (rendering is the template target's).
     Parse,
     /// On through `routing::plan` and the redacted request.
     Render,
