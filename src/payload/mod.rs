@@ -97,6 +97,24 @@ pub fn verify(
     Uuid::parse_str(event).map_err(|_| UrlError::NotFound)
 }
 
+/// Checks a payload URL as it arrives (`/payloads/{event}?exp=…&sig=…`):
+/// the event from the path, `exp` and `sig` from the query (a missing one
+/// is empty, so the signature fails), then [`verify`].
+pub fn verify_uri(settings: &PayloadUrls, uri: &http::Uri, now: SystemTime) -> Result<Uuid, UrlError> {
+    let event = uri.path().trim_start_matches(PATH_PREFIX);
+    let query: Vec<(String, String)> = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    verify(settings, event, param("exp"), param("sig"), now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +159,28 @@ mod tests {
             verify(&settings(), &event, &exp, "00", now),
             Err(UrlError::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_url_is_checked_as_it_arrives() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let id = Uuid::now_v7();
+        let url = signed_url(&settings(), id, now);
+        let target = url.strip_prefix("https://relay.example.com").unwrap();
+        let uri: http::Uri = target.parse().unwrap();
+        assert_eq!(verify_uri(&settings(), &uri, now), Ok(id));
+        // The query's order does not matter; a missing part is a bad signature.
+        let (path, query) = target.split_once('?').unwrap();
+        let (exp, sig) = query.split_once('&').unwrap();
+        let swapped: http::Uri = format!("{path}?{sig}&{exp}").parse().unwrap();
+        assert_eq!(verify_uri(&settings(), &swapped, now), Ok(id));
+        for cut in [path.to_owned(), format!("{path}?{exp}"), format!("{path}?{sig}")] {
+            let uri: http::Uri = cut.parse().unwrap();
+            assert_eq!(
+                verify_uri(&settings(), &uri, now),
+                Err(UrlError::BadSignature),
+                "{cut}"
+            );
+        }
     }
 }

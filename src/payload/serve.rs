@@ -5,7 +5,7 @@
 use http::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
 
-use super::{PATH_PREFIX, UrlError, verify};
+use super::{PATH_PREFIX, UrlError, verify_uri};
 use crate::app::App;
 use crate::web::{Body, json_response};
 
@@ -30,18 +30,7 @@ pub async fn handle<B>(app: &App, request: &Request<B>) -> Response<Body> {
         );
     };
     let event = request.uri().path().trim_start_matches(PATH_PREFIX);
-    let query: Vec<(String, String)> = request
-        .uri()
-        .query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
-    let param = |name: &str| {
-        query
-            .iter()
-            .find(|(k, _)| k == name)
-            .map_or("", |(_, v)| v.as_str())
-    };
-    let id = match verify(settings, event, param("exp"), param("sig"), app.now()) {
+    let id = match verify_uri(settings, request.uri(), app.now()) {
         Ok(id) => id,
         Err(UrlError::NotFound) => {
             return refuse(StatusCode::NOT_FOUND, "not_found", format!("no event {event}"));

@@ -29,6 +29,7 @@ mod proxy;
 mod reporting;
 mod routing;
 mod secrets;
+mod secrets_sweep;
 mod shadow;
 mod shared_store;
 mod store;

@@ -760,6 +760,8 @@ impl Daemon {
                     if let Some(addr) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
                         let _ = tx.send((message, addr));
                     }
+                } else if let Some(addr) = text_log_addr(&line) {
+                    let _ = tx.send((line.clone(), addr));
                 }
                 let mut all = sink.lock().unwrap();
                 all.push_str(&line);
@@ -796,6 +798,17 @@ impl Daemon {
             admin,
             logs,
         }
+    }
+
+    /// As [`Daemon::start`], with `relay serve --log-format text`: the
+    /// human-readable log, which [`Daemon::logs`] then holds.
+    pub fn start_text(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+        let mut command = std::process::Command::new(relay_binary());
+        command.args(["serve", "--log-format", "text", "-c"]).arg(config);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Daemon::spawn(command)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -849,6 +862,26 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The `addr=` of a text-format log line (colour codes removed).
+fn text_log_addr(line: &str) -> Option<SocketAddr> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An SGR sequence: ESC [ … m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let rest = &plain[plain.find("addr=")? + "addr=".len()..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 impl Drop for Daemon {
