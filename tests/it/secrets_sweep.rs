@@ -575,6 +575,11 @@ async fn sweep_admin(daemon: &Daemon, secrets: &[String]) -> usize {
         ("GET", "/api/nothing".into()),
         ("POST", "/api/jobs/retry?target=unreachable".into()),
         ("POST", "/api/jobs/retry?target=deploy&since=1h".into()),
+        ("GET", "/api/shadow".into()),
+        ("POST", "/api/catch-up?source=github".into()),
+        ("GET", "/".into()),
+        ("GET", "/events".into()),
+        ("GET", "/dead".into()),
         ("GET", "/nothing".into()),
     ];
     for id in &jobs {
@@ -582,10 +587,11 @@ async fn sweep_admin(daemon: &Daemon, secrets: &[String]) -> usize {
         calls.push(("POST", format!("/api/jobs/{id}/retry")));
     }
     for event in events["events"].as_array().unwrap() {
-        calls.push((
-            "GET",
-            format!("/api/jobs?event={}", event["id"].as_str().unwrap()),
-        ));
+        let id = event["id"].as_str().unwrap();
+        calls.push(("GET", format!("/api/jobs?event={id}")));
+        calls.push(("GET", format!("/api/events/{id}")));
+        calls.push(("GET", format!("/api/events/{id}/explain")));
+        calls.push(("GET", format!("/events/{id}")));
     }
     let mut unauthorized = 0;
     for (method, path) in &calls {
