@@ -791,7 +791,14 @@ async fn sweep(backend: Backend) {
     assert_clean(&secrets, "the store", &String::from_utf8_lossy(&bytes));
     if let StoreLocation::Sqlite(db) = &location {
         let bodies = stored_bodies(db, None);
-        assert_eq!(bodies.len(), 12, "six accepted webhooks per run");
+        // Six accepted webhooks per run, and perhaps the one refused with a
+        // 503 in the second: its commit goes on after the senders' deadline
+        // (accept.rs), and lands once the held lock is released.
+        assert!(
+            (12..=13).contains(&bodies.len()),
+            "six accepted webhooks per run: {} bodies",
+            bodies.len()
+        );
         for stored in bodies {
             for plain in std::iter::once(stored.body).chain(stored.payload) {
                 assert_clean(
