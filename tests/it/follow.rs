@@ -393,9 +393,10 @@ async fn following_gives_up_at_the_deadline(backend: Backend) {
         "the pipeline had not ended 1s after its trigger; relay stopped polling it"
     );
     assert_eq!(job["pipeline"]["state"], "running");
-    // 100 ms, then 200 ms waits: the deadline allows four or five polls.
+    // 100 ms, then 200 ms waits: the deadline allows at most five polls
+    // (fewer on a loaded machine, never more).
     let polls = follow["polls"].as_u64().unwrap();
-    assert!((3..=6).contains(&polls), "{polls} polls");
+    assert!((1..=5).contains(&polls), "{polls} polls");
     assert_eq!(polls_of(&circle.requests()).len() as u64, polls);
     relay.stop().await;
 }
