@@ -33,6 +33,24 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Ending the session closes Chromium: killing chromedriver alone
+        // would leave the browser running, orphaned. A plain blocking
+        // request, since a drop cannot await.
+        if !self.session.is_empty()
+            && let Some(addr) = self.base.strip_prefix("http://")
+            && let Ok(mut stream) = std::net::TcpStream::connect(addr)
+        {
+            use std::io::{Read, Write};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
