@@ -8,7 +8,7 @@
 //! nothing here writes, sends or reads a clock.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -153,6 +153,32 @@ pub fn summary(runs: &[Run]) -> Summary {
         } += 1;
     }
     summary
+}
+
+/// How far back the shadow runs go when no `since` is given.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The most jobs one look at shadow runs reads.
+const MAX_JOBS: usize = 10_000;
+
+/// The shadow runs of `route` (all routes: `None`) since `since` (default:
+/// [`DEFAULT_WINDOW`] before `now`), newest first.
+pub async fn recent(
+    store: &dyn Store,
+    route: Option<String>,
+    since: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<Vec<Run>, StoreError> {
+    let since = since.unwrap_or_else(|| now.checked_sub(DEFAULT_WINDOW).unwrap_or(SystemTime::UNIX_EPOCH));
+    let jobs = store
+        .shadow_jobs(ShadowFilter {
+            route,
+            commit: None,
+            since,
+            limit: MAX_JOBS,
+        })
+        .await?;
+    Ok(runs(&jobs))
 }
 
 /// The verdict of the run of `route` on `repo` at `sha`, once every target

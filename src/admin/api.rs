@@ -19,7 +19,7 @@ use crate::catchup;
 use crate::explain;
 use crate::query::{self, param};
 use crate::shadow;
-use crate::store::{JobFilter, Requeued, ShadowFilter, StoreError, StoredEvent};
+use crate::store::{JobFilter, Requeued, StoreError, StoredEvent};
 use crate::web::{Body, json_response};
 
 fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
@@ -150,22 +150,9 @@ pub(super) async fn answer(
         }
         (&Method::GET, ["shadow"]) => {
             let now = app.now();
-            let week_ago = now
-                .checked_sub(Duration::from_secs(7 * 24 * 3600))
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            let since = query::time_param(query, "since", now)
-                .map_err(ApiError::bad_request)?
-                .unwrap_or(week_ago);
-            let jobs = app
-                .store
-                .shadow_jobs(ShadowFilter {
-                    route: param(query, "route").map(str::to_owned),
-                    commit: None,
-                    since,
-                    limit: 10_000,
-                })
-                .await?;
-            let runs = shadow::runs(&jobs);
+            let since = query::time_param(query, "since", now).map_err(ApiError::bad_request)?;
+            let route = param(query, "route").map(str::to_owned);
+            let runs = shadow::recent(app.store.as_ref(), route, since, now).await?;
             let summary = shadow::summary(&runs);
             let limit = query::limit(query, 100).map_err(ApiError::bad_request)?;
             let runs: Vec<_> = runs.into_iter().take(limit).collect();

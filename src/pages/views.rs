@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::explain;
 use crate::query::{self, Query, param};
 use crate::shadow;
-use crate::store::{EventFilter, JobFilter, JobState, ShadowFilter, StoreError};
+use crate::store::{EventFilter, JobFilter, JobState, StoreError};
 
 /// The overview's "lately": sources' rates and targets' success.
 const WINDOW: Duration = Duration::from_secs(3600);
@@ -91,19 +91,8 @@ pub(super) async fn overview(app: &App) -> Result<String, PageError> {
         .await?;
     // The last week of shadow runs, when any route compares one.
     let shadow = if config.routes.iter().any(|r| config.route_has_shadow(&r.name)) {
-        let week_ago = now
-            .checked_sub(std::time::Duration::from_secs(7 * 24 * 3600))
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let jobs = app
-            .store
-            .shadow_jobs(ShadowFilter {
-                route: None,
-                commit: None,
-                since: week_ago,
-                limit: 10_000,
-            })
-            .await?;
-        Some(shadow::summary(&shadow::runs(&jobs)))
+        let runs = shadow::recent(app.store.as_ref(), None, None, now).await?;
+        Some(shadow::summary(&runs))
     } else {
         None
     };

@@ -23,6 +23,44 @@
 //! reads, the manual retries, retention). This file opens the store, says
 //! how a column reads and how times translate, and wires the role traits.
 
+/// The two CTEs that queue a report of each trigger in `moved` (which must
+/// return `id, event_id, route, repo, sha, report, report_of,
+/// pipeline_state, pipeline_number, pipeline_url`, as they stand after the
+/// change) where `$when` holds, and mark its still-waiting older reports
+/// superseded: SQLite's `reports::queue_report`, inside one statement. The
+/// arguments name the statement's parameters: the new report's id, the
+/// status target prefix, the trigger's error, the superseded note.
+macro_rules! report_ctes {
+    (id: $id:literal, prefix: $prefix:literal, error: $error:literal, superseded: $note:literal, when: $when:literal) => {
+        concat!(
+            "), reported AS (
+                 INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
+                                   updated_at, repo, sha, report_of, report)
+                 SELECT ",
+            $id,
+            ", event_id, route, ",
+            $prefix,
+            " || (report::jsonb ->> 'source'), 'queued', false,
+                        now(), now(), now(), repo, sha, id,
+                        jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
+                            'number', pipeline_number, 'url', pipeline_url, 'error', ",
+            $error,
+            ")::text
+                 FROM moved WHERE (",
+            $when,
+            ") AND report IS NOT NULL AND report_of IS NULL
+             ), superseded AS (
+                 UPDATE jobs SET state = 'done', updated_at = now(), last_error = ",
+            $note,
+            "
+                 WHERE report_of IN (SELECT id FROM moved WHERE ",
+            $when,
+            ") AND state = 'queued'
+             )"
+        )
+    };
+}
+
 mod connect;
 mod listen;
 mod polls;

@@ -53,7 +53,7 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
         // pipeline no longer followed (its CI's webhook ended it meanwhile)
         // matches no row, so this older answer writes nothing.
         let stmt = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "WITH old AS (
                      SELECT id, pipeline_state FROM jobs
                      WHERE id = $1 AND follow_due IS NOT NULL
@@ -72,20 +72,11 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
                  RETURNING $2::text IS NOT NULL AND old.pipeline_state IS DISTINCT FROM $2::text AS changed,
                      j.id, j.event_id, j.route, j.repo, j.sha, j.report, j.report_of, j.pipeline_state,
                      j.pipeline_number, j.pipeline_url
-                 ), reported AS (
-                     INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
-                                       updated_at, repo, sha, report_of, report)
-                     SELECT $5, event_id, route, $6 || (report::jsonb ->> 'source'), 'queued', false, now(),
-                            now(), now(), repo, sha, id,
-                            jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
-                                'number', pipeline_number, 'url', pipeline_url, 'error', NULL)::text
-                     FROM moved WHERE changed AND report IS NOT NULL AND report_of IS NULL
-                 ), superseded AS (
-                     UPDATE jobs SET state = 'done', updated_at = now(), last_error = $7
-                     WHERE report_of IN (SELECT id FROM moved WHERE changed) AND state = 'queued'
-                 )
-                 SELECT changed FROM moved",
-            )
+                 ",
+                report_ctes!(id: "$5", prefix: "$6", error: "NULL", superseded: "$7", when: "changed"),
+                "
+                 SELECT changed FROM moved"
+            ))
             .await
             .map_err(|e| unavailable(&e))?;
         let state = poll.state.map(|s| s.as_str());

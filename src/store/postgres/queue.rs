@@ -253,7 +253,8 @@ pub(super) async fn complete(
         // worker's completion matches no row and so records nothing.
         // Attempts are numbered across manual retries, which reset the job's
         // own counter.
-        const COMPLETE: &str = "WITH moved AS (
+        const COMPLETE: &str = concat!(
+            "WITH moved AS (
                  UPDATE jobs SET state = $1, attempts = attempts + 1, maybe_attempts = maybe_attempts + $2,
                      due_at = now() + $3::int8 * interval '1 microsecond', claim_id = NULL,
                      lease_until = NULL, last_error = $4, updated_at = now(),
@@ -271,24 +272,16 @@ pub(super) async fn complete(
                  WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
                  RETURNING id, event_id, route, repo, sha, report, report_of, pipeline_state,
                      pipeline_number, pipeline_url
-             ), reported AS (
-                 INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
-                                   updated_at, repo, sha, report_of, report)
-                 SELECT $18, event_id, route, $19 || (report::jsonb ->> 'source'), 'queued', false, now(),
-                        now(), now(), repo, sha, id,
-                        jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
-                            'number', pipeline_number, 'url', pipeline_url, 'error', $4::text)::text
-                 FROM moved
-                 WHERE $1 IN ('done', 'dead') AND report IS NOT NULL AND report_of IS NULL
-             ), superseded AS (
-                 UPDATE jobs SET state = 'done', updated_at = now(), last_error = $20
-                 WHERE report_of IN (SELECT id FROM moved) AND state = 'queued' AND $1 IN ('done', 'dead')
-             )
+             ",
+            report_ctes!(id: "$18", prefix: "$19", error: "$4::text", superseded: "$20",
+                         when: "$1 IN ('done', 'dead')"),
+            "
              INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
              SELECT moved.id,
                     (SELECT COALESCE(max(number), 0) + 1 FROM attempts WHERE job_id = moved.id),
                     now() + $7::int8 * interval '1 microsecond', $8, $9, $10, $11
-             FROM moved";
+             FROM moved"
+        );
         let state_name = state.as_str();
         let started = offset(c.attempt.started_at, written_at);
         let duration_ms = micros(c.attempt.duration) / 1000;
@@ -513,7 +506,7 @@ pub(super) async fn correlate(
     within("correlate", OPERATION_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "WITH job AS (
                      SELECT id FROM jobs WHERE pipeline_id = $1 ORDER BY created_at LIMIT 1
                  ), moved AS (
@@ -522,23 +515,14 @@ pub(super) async fn correlate(
                      WHERE id IN (SELECT id FROM job) AND pipeline_state IS DISTINCT FROM $2
                      RETURNING id, event_id, route, repo, sha, report, report_of, pipeline_state,
                          pipeline_number, pipeline_url
-                 ), reported AS (
-                     INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
-                                       updated_at, repo, sha, report_of, report)
-                     SELECT $4, event_id, route, $5 || (report::jsonb ->> 'source'), 'queued', false, now(),
-                            now(), now(), repo, sha, id,
-                            jsonb_build_object('spec', report::jsonb, 'state', pipeline_state,
-                                'number', pipeline_number, 'url', pipeline_url, 'error', NULL)::text
-                     FROM moved WHERE report IS NOT NULL AND report_of IS NULL
-                 ), superseded AS (
-                     UPDATE jobs SET state = 'done', updated_at = now(), last_error = $6
-                     WHERE report_of IN (SELECT id FROM moved) AND state = 'queued'
-                 )
+                 ",
+                report_ctes!(id: "$4", prefix: "$5", error: "NULL", superseded: "$6", when: "true"),
+                "
                  SELECT j.event_id, j.route, j.target, e.hop::int4, e.summary, j.created_at,
                         EXISTS (SELECT 1 FROM moved)
                  FROM jobs j JOIN events e ON e.id = j.event_id
-                 WHERE j.id IN (SELECT id FROM job)",
-            )
+                 WHERE j.id IN (SELECT id FROM job)"
+            ))
             .await
             .map_err(|e| unavailable(&e))?;
         let row = client

@@ -9,6 +9,7 @@
 //! rule's order or wording (the guard does; this only counts and takes
 //! keys).
 
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -182,6 +183,29 @@ fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), St
     .map_err(|e| unavailable(&e))
 }
 
+/// Claims of expired leases and of due jobs, made once: the claim runs
+/// for every batch the dispatcher takes.
+static CLAIM_EXPIRED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM jobs
+             WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
+             ORDER BY lease_until LIMIT ?5)
+         RETURNING {CLAIM_COLUMNS}"
+    )
+});
+static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM jobs
+             WHERE target = ?4 AND state = 'queued' AND due_at <= ?3
+             ORDER BY due_at LIMIT ?5)
+         RETURNING {CLAIM_COLUMNS}"
+    )
+});
+
 pub(super) fn claim(
     conn: &Connection,
     target: &str,
@@ -193,28 +217,12 @@ pub(super) fn claim(
     // Expired leases first (a worker died holding them), then due jobs, each
     // walking its own partial index in order and stopping at the limit.
     let mut claimed = Vec::new();
-    let expired = format!(
-        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
-         WHERE rowid IN (
-             SELECT rowid FROM jobs
-             WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
-             ORDER BY lease_until LIMIT ?5)
-         RETURNING {CLAIM_COLUMNS}"
-    );
-    let due = format!(
-        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
-         WHERE rowid IN (
-             SELECT rowid FROM jobs
-             WHERE target = ?4 AND state = 'queued' AND due_at <= ?3
-             ORDER BY due_at LIMIT ?5)
-         RETURNING {CLAIM_COLUMNS}"
-    );
-    for sql in [expired, due] {
+    for sql in [&*CLAIM_EXPIRED, &*CLAIM_DUE] {
         let wanted = limit.saturating_sub(claimed.len());
         if wanted == 0 {
             break;
         }
-        let mut stmt = conn.prepare_cached(&sql).map_err(|e| unavailable(&e))?;
+        let mut stmt = conn.prepare_cached(sql).map_err(|e| unavailable(&e))?;
         let mut returned = stmt
             .query(params![
                 claim.to_string(),
