@@ -22,6 +22,7 @@ crate::on_both_backends! {
         a_dead_trigger_is_an_error_status_on_bitbucket,
         a_dead_trigger_is_an_error_status_on_gitea,
         a_status_the_host_refuses_is_a_dead_report_naming_the_scope,
+        a_waiting_report_is_superseded_by_a_newer_one,
     ],
 }
 
@@ -483,4 +484,38 @@ token = "t"
         ok.reporters["status:gh"].describe(),
         "status POST https://ghe.example.com/api/v3/repos/{repo}/statuses/{sha}"
     );
+}
+
+/// A report still waiting when a newer one of the same pipeline is queued
+/// is superseded: it is never sent, so an older state cannot land after a
+/// newer one. One send slot, and a host slow to take the first status, keep
+/// "running" waiting until "passed" overtakes it.
+async fn a_waiting_report_is_superseded_by_a_newer_one(backend: Backend) {
+    let api = MockServer::start(Reply::new(201, "{}")).await;
+    api.script([Reply::new(201, "{}").after(Duration::from_millis(1500))]);
+    let circle = MockServer::start(workflows("success")).await;
+    circle.script([created(), workflows("running")]);
+    let text = config(Host::Github, &api.url(), &circle.url())
+        .replace("[loop_guard]", "[delivery]\nconcurrency = 1\n\n[loop_guard]");
+    let relay = Relay::start_on(&backend, &text).await;
+    Host::Github.push(&relay).await;
+    let reports = relay.wait_jobs("target=status:host&state=done", 3).await;
+    let superseded: Vec<&Value> = reports
+        .iter()
+        .filter(|r| r["last_error"] == relay::report::SUPERSEDED)
+        .collect();
+    assert_eq!(superseded.len(), 1, "{reports:#?}");
+    assert_eq!(superseded[0]["attempts"], 0, "never sent");
+    let states: Vec<String> = api
+        .requests()
+        .iter()
+        .map(|r| r.json()["description"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert_eq!(states[0], "CircleCI pipeline #7 is queued");
+    assert!(
+        states[1].starts_with("CircleCI pipeline #7 passed in "),
+        "{states:?}"
+    );
+    relay.stop().await;
 }
