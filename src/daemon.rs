@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::server::{self, Listeners, Role, Service};
+use crate::server::{self, Listeners, Role, Service, TurnedAway};
 use crate::store::{self, Store, StoreError};
 use crate::web::Body;
 use crate::{accept, admin, catchup, dispatch, follower, payload};
@@ -34,6 +34,10 @@ struct Handlers {
 impl Service for Handlers {
     fn config(&self) -> Arc<Config> {
         self.app.config()
+    }
+
+    fn turned_away(&self, role: Role, why: TurnedAway) {
+        self.app.metrics.turned_away(role.as_str(), why.as_str());
     }
 
     async fn handle(

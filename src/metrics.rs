@@ -92,6 +92,13 @@ pub struct Metrics {
     pipeline_duration: HistogramFamily<TargetLabel>,
     polls: Family<AttemptLabels, Counter>,
     shadow_verdicts: Family<VerdictLabels, Counter>,
+    connections_closed: Family<ListenerReason, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerReason {
+    listener: String,
+    reason: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,6 +197,12 @@ impl Metrics {
             "Shadow runs whose every target ended, by route and verdict: agree, shadow_failed, shadow_passed",
             shadow_verdicts.clone(),
         );
+        let connections_closed = Family::<ListenerReason, Counter>::default();
+        registry.register(
+            "connections_turned_away",
+            "Connections closed at the door, by listener and reason: per_ip (its address held server.max_connections_per_ip), shed (the least-sent at server.max_connections, to make room)",
+            connections_closed.clone(),
+        );
         // Every rule appears from the start, at 0, so a rate() has a baseline.
         for rule in guard::RULES {
             let _ = dropped.get_or_create(&RuleLabel {
@@ -212,7 +225,18 @@ impl Metrics {
             pipeline_duration,
             polls,
             shadow_verdicts,
+            connections_closed,
         }
+    }
+
+    /// A connection on `listener` was closed at the door, for `reason`.
+    pub fn turned_away(&self, listener: &str, reason: &str) {
+        self.connections_closed
+            .get_or_create(&ListenerReason {
+                listener: listener.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// A shadow run of `route` came to `verdict`.

@@ -8,15 +8,17 @@
 
 pub mod compiler;
 pub mod raw;
+mod server;
 mod storage;
 mod tls;
 
+pub use server::{Server, Tls};
 pub use storage::{PostgresSettings, StoreLocation, StoreSettings};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
@@ -28,7 +30,6 @@ use crate::secret::Secret;
 use crate::event::Files;
 use crate::guard::LoopGuard;
 use crate::ingress::Source;
-use crate::payload::PayloadUrls;
 use crate::routing::{Declared, Route, Router};
 use crate::targets::Target;
 use crate::targets::hooks::CatchUp;
@@ -58,36 +59,6 @@ pub struct Config {
     pub templates: Templates,
     /// Things that work but deserve a look (literal secrets); logged at start.
     pub warnings: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Server {
-    pub listen: Vec<SocketAddr>,
-    pub max_body: u64,
-    pub public_url: Option<String>,
-    /// Set when payload URLs can be made: a public URL and a signing key.
-    pub payload: Option<PayloadUrls>,
-    pub request_timeout: Duration,
-    pub shutdown_timeout: Duration,
-    pub max_connections: usize,
-    /// Read when the config is built, so a reload serves a renewed certificate.
-    pub tls: Option<Tls>,
-}
-
-#[derive(Clone)]
-pub struct Tls {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl fmt::Debug for Tls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tls")
-            .field("cert", &self.cert)
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -209,7 +180,7 @@ impl Config {
             return Err(fail(c.problems));
         }
 
-        let server = compile_server(server, &mut c);
+        let mut server = server::compile(server, &mut c);
         let admin = admin.map(|a| Admin {
             listen: a.listen,
             token: a.token.and_then(|t| c.secret("admin.token", &t)),
@@ -262,6 +233,11 @@ impl Config {
                 sources.push(source);
             }
         }
+        server.unlimited_peers = sources
+            .iter()
+            .flat_map(|s| s.trusted_proxies())
+            .copied()
+            .collect();
         let mut targets = BTreeMap::new();
         for (name, raw) in raw_targets {
             if name.starts_with(crate::report::STATUS_TARGET_PREFIX) {
@@ -455,60 +431,6 @@ fn dotted_key(path: &[String]) -> String {
         }
     }
     key
-}
-
-fn compile_server(raw: raw::RawServer, c: &mut Compiler) -> Server {
-    let listen = raw.listen.into_vec();
-    if listen.is_empty() {
-        c.problem(
-            "server.listen",
-            "needs at least one address, like \"127.0.0.1:8080\"",
-        );
-    }
-    if raw.max_body.as_u64() == 0 {
-        c.problem("server.max_body", "must be more than 0 bytes");
-    }
-    if let Some(url) = &raw.public_url
-        && !(url.starts_with("https://") || url.starts_with("http://"))
-    {
-        c.problem("server.public_url", "must start with https:// or http://");
-    }
-    if raw.request_timeout.is_zero() {
-        c.problem("server.request_timeout", "must be longer than 0s");
-    }
-    if raw.max_connections == 0 {
-        c.problem("server.max_connections", "must be at least 1");
-    }
-    let public_url = raw.public_url.map(|u| u.trim_end_matches('/').to_owned());
-    let key = raw.payload_key.and_then(|k| c.secret("server.payload_key", &k));
-    let payload = match (&public_url, key) {
-        (Some(url), Some(key)) => Some(PayloadUrls {
-            public_url: url.clone(),
-            key,
-            ttl: raw.payload_ttl,
-        }),
-        _ => None,
-    };
-    Server {
-        listen,
-        max_body: raw.max_body.as_u64(),
-        public_url,
-        payload,
-        request_timeout: raw.request_timeout,
-        shutdown_timeout: raw.shutdown_timeout,
-        max_connections: raw.max_connections,
-        tls: raw.tls.and_then(|t| match tls::load_tls(&t.cert, &t.key) {
-            Ok(acceptor) => Some(Tls {
-                cert: t.cert,
-                key: t.key,
-                acceptor,
-            }),
-            Err((which, message)) => {
-                c.problem(format!("server.tls.{which}"), message);
-                None
-            }
-        }),
-    }
 }
 
 /// The shortest `delivery.lease`: renewals every third of it must still

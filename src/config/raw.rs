@@ -62,8 +62,16 @@ pub struct RawServer {
     /// How long a payload URL stays valid; at most `store.retention`.
     #[serde(with = "humantime_serde")]
     pub payload_ttl: Duration,
-    /// Connections served at once per listener; beyond it, accepting waits.
+    /// Connections served at once per listener; at the cap, the one that
+    /// has sent the least makes room (see `server::door`).
     pub max_connections: usize,
+    /// Connections one peer address may hold open on a listener; a source's
+    /// `trusted_proxies` are exempt (every client arrives through them).
+    pub max_connections_per_ip: usize,
+    /// How long a request's headers, and a TLS handshake, may take to
+    /// arrive; unset, the shorter of 3s and `request_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
     /// How long in-flight requests and sends may take to finish on SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -79,6 +87,8 @@ impl Default for RawServer {
             payload_key: None,
             payload_ttl: Duration::from_secs(24 * 3600),
             max_connections: 1024,
+            max_connections_per_ip: 128,
+            header_timeout: None,
             request_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(20),
             tls: None,

@@ -138,6 +138,11 @@ impl Source {
         })
     }
 
+    /// The proxies whose `X-Forwarded-For` this source believes.
+    pub fn trusted_proxies(&self) -> &[IpNet] {
+        self.access.as_ref().map_or(&[], |a| &a.trusted_proxies)
+    }
+
     /// A one-line description for `relay check`, naming secrets by origin only.
     pub fn describe(&self) -> String {
         let auth = match &self.settings {

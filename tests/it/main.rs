@@ -13,6 +13,7 @@ mod cli;
 mod correlation;
 mod crash;
 mod delivery;
+mod door;
 mod faulty_targets;
 mod fixtures;
 mod follow;

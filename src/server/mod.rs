@@ -1,7 +1,9 @@
 //! Listeners and HTTP serving: the accept loops for the ingress and admin
 //! listeners, per-connection limits, and graceful shutdown.
 //!
-//! The accept loop only accepts; each connection is served in its own task.
+//! The accept loop only accepts and asks the [`door`] whether the connection
+//! may stay; each connection is served in its own task, its headers (and TLS
+//! handshake) within `server.header_timeout`.
 //! On shutdown the listeners close first (new connections are refused), then
 //! open requests get `server.shutdown_timeout` to finish. Nothing here knows
 //! about webhooks: every request goes to the [`Service`] the caller hands in,
@@ -19,12 +21,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::web::Body;
+use door::{Counted, Door, Refused};
+
+pub mod door;
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,10 +39,40 @@ pub enum Role {
     Admin,
 }
 
+/// Why a connection was closed before it was served to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedAway {
+    /// Its address held `server.max_connections_per_ip` already.
+    PerIp,
+    /// It had sent the least when a new one needed room.
+    Shed,
+}
+
+impl TurnedAway {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TurnedAway::PerIp => "per_ip",
+            TurnedAway::Shed => "shed",
+        }
+    }
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingress => "ingress",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// What the server hands every request to.
 pub trait Service: Send + Sync + 'static {
     /// The config in force; each new connection reads its limits and TLS from it.
     fn config(&self) -> Arc<Config>;
+
+    /// A connection on the `role` listener was closed at the door.
+    fn turned_away(&self, role: Role, why: TurnedAway);
 
     /// Answers one request that came in on the `role` listener from `peer`.
     fn handle(
@@ -188,16 +222,9 @@ async fn accept_loop<S: Service>(
     graceful: Arc<GracefulShutdown>,
     shutdown: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(service.config().server.max_connections));
+    let door = Door::new();
+    let mut warned = Warned::default();
     loop {
-        // At the cap, stop accepting: the kernel's backlog holds the rest.
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -210,7 +237,46 @@ async fn accept_loop<S: Service>(
             },
             () = shutdown.cancelled() => break,
         };
+        let config = service.config();
+        let limits = door::Limits {
+            total: config.server.max_connections,
+            per_ip: match role {
+                Role::Ingress => config.server.max_connections_per_ip,
+                // The admin listener is for operators and scrapers.
+                Role::Admin => usize::MAX,
+            },
+            unlimited: config.server.unlimited_peers.clone(),
+        };
+        // At the cap this waits (at most door::GRACE) or sheds; the kernel's
+        // backlog holds whoever arrives meanwhile.
+        let entered = tokio::select! {
+            entered = door.enter(peer.ip(), &limits) => entered,
+            () = shutdown.cancelled() => break,
+        };
+        let pass = match entered {
+            Ok((pass, shed)) => {
+                if let Some(shed) = shed {
+                    service.turned_away(role, TurnedAway::Shed);
+                    debug!(
+                        peer = %shed.ip, bytes = shed.received, open_ms = shed.open_for.as_millis() as u64,
+                        "at server.max_connections: closed the connection that had sent the least to make room"
+                    );
+                }
+                pass
+            }
+            Err(Refused::PerIp { held }) => {
+                service.turned_away(role, TurnedAway::PerIp);
+                if warned.due() {
+                    warn!(
+                        %peer, held, suppressed = warned.take_suppressed(),
+                        "refusing connections from an address at server.max_connections_per_ip; if it is a reverse proxy, list it in the source's trusted_proxies"
+                    );
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let stream = Counted::new(stream, pass.received.clone());
         // Each connection has its own watcher, so shutdown waits for exactly
         // the connections open when it begins.
         let (service, watcher) = (service.clone(), graceful.watcher());
@@ -222,17 +288,54 @@ async fn accept_loop<S: Service>(
                 Role::Ingress => config.server.tls.as_ref().map(|t| t.acceptor.clone()),
                 Role::Admin => None,
             };
-            let timeout = config.server.request_timeout;
-            match tls {
-                None => serve_connection(stream, peer, role, service, watcher).await,
-                Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, role, service, watcher).await,
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake did not finish within server.request_timeout"),
-                },
+            let deadline = config.server.header_timeout;
+            let served = async {
+                match tls {
+                    None => serve_connection(stream, peer, role, service, watcher).await,
+                    Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(tls_stream, peer, role, service, watcher).await
+                        }
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake did not finish within server.header_timeout"),
+                    },
+                }
+            };
+            tokio::select! {
+                () = served => {}
+                () = pass.shed.cancelled() => {}
             }
-            drop(permit);
+            drop(pass);
         });
+    }
+}
+
+/// A warning about refused connections at most every [`Warned::EVERY`]: an
+/// address that keeps reconnecting must not flood the log.
+#[derive(Debug, Default)]
+struct Warned {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl Warned {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn due(&mut self) -> bool {
+        let now = crate::clock::stopwatch();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Self::EVERY)
+        {
+            self.suppressed += 1;
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
     }
 }
 
@@ -247,7 +350,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.server.request_timeout)
+        .header_read_timeout(config.server.header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     builder
