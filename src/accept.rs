@@ -112,9 +112,12 @@ async fn accept(
     let limits = RequestLimits {
         max_body: config.server.max_body,
         timeout: config.server.request_timeout,
+        budget: &app.body_budget,
     };
     // A signature's timestamp is the sender's wall clock: compare it with ours.
-    let webhook = source.read(&parts, body, peer.ip(), limits, wall_time()).await?;
+    // The body's room is held until the commit: parsing and storing it are
+    // where its memory goes.
+    let (webhook, _room) = source.read(&parts, body, peer.ip(), limits, wall_time()).await?;
     let events = match source
         .parse(&webhook, config.files())
         .map_err(IngressError::from)?

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::ingress::BodyBudget;
 use crate::metrics::Metrics;
 use crate::sends::Sends;
 use crate::store::Store;
@@ -36,6 +37,8 @@ pub struct App {
     pub sends: Sends,
     /// Cancelled when shutdown begins: nothing new is handed to a send then.
     pub shutdown: CancellationToken,
+    /// `server.body_memory`: sized at start, so a reload does not change it.
+    pub body_budget: BodyBudget,
 }
 
 impl App {
@@ -45,13 +48,14 @@ impl App {
         shutdown: CancellationToken,
     ) -> Result<App, reqwest::Error> {
         Ok(App {
-            config: RwLock::new(config),
             store,
             wake: Notify::new(),
             wake_follower: Notify::new(),
             clock: Clock::new(),
             metrics: Metrics::new(),
             sends: Sends::new()?,
+            body_budget: BodyBudget::new(config.server.body_memory),
+            config: RwLock::new(config),
             shutdown,
         })
     }

@@ -54,6 +54,9 @@ impl<T> OneOrMany<T> {
 pub struct RawServer {
     pub listen: OneOrMany<SocketAddr>,
     pub max_body: ByteSize,
+    /// Bytes of big request bodies held in memory at once, across all
+    /// connections; see `ingress::budget`.
+    pub body_memory: ByteSize,
     pub public_url: Option<String>,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -83,6 +86,7 @@ impl Default for RawServer {
         RawServer {
             listen: OneOrMany::One(SocketAddr::from(([127, 0, 0, 1], 8080))),
             max_body: ByteSize::mib(25),
+            body_memory: ByteSize::mib(128),
             public_url: None,
             payload_key: None,
             payload_ttl: Duration::from_secs(24 * 3600),

@@ -18,6 +18,7 @@ use crate::payload::PayloadUrls;
 pub struct Server {
     pub listen: Vec<SocketAddr>,
     pub max_body: u64,
+    pub body_memory: u64,
     pub public_url: Option<String>,
     /// Set when payload URLs can be made: a public URL and a signing key.
     pub payload: Option<PayloadUrls>,
@@ -71,6 +72,15 @@ pub(super) fn compile(raw: raw::RawServer, c: &mut Compiler) -> Server {
     {
         c.problem("server.public_url", "must start with https:// or http://");
     }
+    if raw.body_memory.as_u64() < raw.max_body.as_u64() {
+        c.problem(
+            "server.body_memory",
+            format!(
+                "is smaller than server.max_body ({}): a body of the largest size allowed must fit",
+                raw.max_body
+            ),
+        );
+    }
     if raw.request_timeout.is_zero() {
         c.problem("server.request_timeout", "must be longer than 0s");
     }
@@ -111,6 +121,7 @@ pub(super) fn compile(raw: raw::RawServer, c: &mut Compiler) -> Server {
     Server {
         listen,
         max_body: raw.max_body.as_u64(),
+        body_memory: raw.body_memory.as_u64(),
         public_url,
         payload,
         request_timeout: raw.request_timeout,

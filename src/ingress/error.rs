@@ -97,6 +97,10 @@ pub enum IngressError {
     Timeout,
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    #[error(
+        "relay holds as many request bodies as server.body_memory allows and this one could not wait longer; it was not recorded, so retry later"
+    )]
+    Busy,
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
@@ -113,6 +117,7 @@ impl IngressError {
             IngressError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngressError::Timeout => StatusCode::REQUEST_TIMEOUT,
             IngressError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            IngressError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::Signature(_) => StatusCode::UNAUTHORIZED,
             IngressError::Payload(_) => StatusCode::BAD_REQUEST,
         }
@@ -128,6 +133,7 @@ impl IngressError {
             IngressError::UnsupportedMediaType { .. } => "unsupported_media_type",
             IngressError::Timeout => "timeout",
             IngressError::BodyRead(_) => "body_unreadable",
+            IngressError::Busy => "busy",
             IngressError::Signature(e) => e.code(),
             IngressError::Payload(PayloadError::MissingHeader { .. }) => "missing_header",
             IngressError::Payload(PayloadError::NotJson(_)) => "not_json",
@@ -142,9 +148,30 @@ impl IngressError {
             &json!({ "error": self.code(), "message": self.to_string() }),
         );
         let headers = response.headers_mut();
-        if let IngressError::MethodNotAllowed { .. } = self {
-            headers.insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        match self {
+            IngressError::MethodNotAllowed { .. } => {
+                headers.insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+            }
+            IngressError::Busy => {
+                headers.insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+            }
+            _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_body_budget_is_a_503_the_sender_retries() {
+        let response = IngressError::Busy.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"5"[..])
+        );
     }
 }

@@ -235,6 +235,11 @@ fn door_limits_are_checked_at_their_keys() {
             "at least 1",
         ),
         (
+            "body_memory = \"10MiB\"",
+            "server.body_memory",
+            "smaller than server.max_body",
+        ),
+        (
             "header_timeout = \"0s\"",
             "server.header_timeout",
             "longer than 0s",
@@ -265,4 +270,61 @@ fn door_limits_are_checked_at_their_keys() {
         ),
         (Duration::from_secs(3), 128)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_bodies_wait_for_memory_and_small_webhooks_do_not() {
+    let relay = start(
+        "max_body = \"1MiB\"\nbody_memory = \"1MiB\"\nrequest_timeout = \"2s\"",
+        "",
+    )
+    .await;
+    let big = |n: u32| {
+        let body = json!({
+            "ref": "refs/heads/main", "before": "1111111111111111111111111111111111111111",
+            "after": format!("{n:040x}"), "repository": { "full_name": "acme/api" },
+            "pusher": { "name": "ada" }, "head_commit": { "message": "x".repeat(900_000) }, "commits": []
+        })
+        .to_string();
+        let mut head = format!(
+            "POST /hooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (name, value) in sign::github(SECRET, "push", &format!("big-{n}"), body.as_bytes()) {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        (head, body)
+    };
+    // The first big body holds the whole budget while it is still arriving.
+    let (head, body) = big(1);
+    let mut first = connect_from("127.0.0.9", relay.addr).await;
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&body.as_bytes()[..1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (head, body) = big(2);
+    let mut second = connect_from("127.0.0.10", relay.addr).await;
+    second.write_all(head.as_bytes()).await.unwrap();
+    second.write_all(body.as_bytes()).await.unwrap();
+    assert_eq!(
+        webhook_from("127.0.0.11", &relay, 3).await,
+        Some(202),
+        "an ordinary webhook does not queue behind big bodies"
+    );
+    // The second waits for the first's room: it is answered only once the
+    // first has given up (its body never came; 408 at request_timeout).
+    let first_done = tokio::spawn(async move {
+        let mut answer = String::new();
+        first.read_to_string(&mut answer).await.unwrap();
+        (answer, Instant::now())
+    });
+    let mut answer = String::new();
+    second.read_to_string(&mut answer).await.unwrap();
+    let second_at = Instant::now();
+    let (first_answer, first_at) = first_done.await.unwrap();
+    assert!(first_answer.starts_with("HTTP/1.1 408"), "{first_answer}");
+    assert!(answer.starts_with("HTTP/1.1 202"), "room is given back: {answer}");
+    assert!(second_at >= first_at, "the second waited for the first's room");
+    relay.stop().await;
 }
