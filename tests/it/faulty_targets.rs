@@ -1,6 +1,7 @@
 //! Targets that misbehave on the wire: an answer of a gigabyte, an answer
-//! that never ends, a connection accepted and never answered, and a TLS
-//! certificate relay cannot trust. relay reads a bounded start of any
+//! that never ends, a connection accepted and never answered, a name that
+//! does not resolve, and TLS certificates relay cannot trust (self-signed,
+//! or from a trusted CA but expired). relay reads a bounded start of any
 //! answer, gives up on silence at `delivery.timeout` (a `maybe_delivered`
 //! attempt: the request went out), and says which certificate problem kept
 //! it from connecting. Each server here is written byte by byte on 127.0.0.1
@@ -14,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::support::{Relay, post_github_push};
+use crate::support::{Daemon, Relay, post_github_push};
 
 const GH_SECRET: &str = "gh-source-secret-5e0c1a";
 const SHA: &str = "4e1243bd22c66e76c2ba9eddc1f91394e57f9f83";
@@ -187,6 +188,145 @@ async fn a_self_signed_certificate_is_a_retry_that_names_the_certificate() {
         assert!(
             excerpt.contains("invalid peer certificate: UnknownIssuer"),
             "the message says which certificate problem: {excerpt}"
+        );
+    }
+    relay.stop().await;
+}
+
+/// A TLS server on 127.0.0.1 whose certificate was signed by a CA of our
+/// own (written to `ca_pem`) and expired in 2020.
+async fn expired_tls_server(ca_pem: &std::path::Path) -> std::net::SocketAddr {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(ca_pem, ca_cert.pem()).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    leaf.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf_cert.der().clone(), ca_cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(stream).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The dead job of the only target, read through a daemon's admin API.
+async fn dead_job_of(daemon: &Daemon) -> Value {
+    let admin = daemon.admin.expect("an admin listener");
+    let client = crate::support::test_client();
+    for _ in 0..300 {
+        let list: Value = serde_json::from_str(
+            &client
+                .get(format!("http://{admin}/api/jobs?state=dead"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        if let Some(id) = list["jobs"][0]["id"].as_str() {
+            let text = client
+                .get(format!("http://{admin}/api/jobs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            return serde_json::from_str(&text).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no dead job; relay's log:\n{}", daemon.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_a_retry_that_says_it_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let addr = expired_tls_server(&ca).await;
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n{}",
+        dir.path().join("relay.db").display(),
+        config(&format!("https://{addr}"), "attempts = 2")
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, text).unwrap();
+    // The CA is trusted the way an operator trusts an internal one: the
+    // system store's SSL_CERT_FILE. Only the expiry is then wrong.
+    let daemon = Daemon::start(&path, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
+    let (status, _) = daemon_post_push(&daemon).await;
+    assert_eq!(status, 202);
+    let job = dead_job_of(&daemon).await;
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{job}");
+    for attempt in history {
+        assert_eq!(attempt["outcome"], "retry_connect", "{job}");
+        let excerpt = attempt["excerpt"].as_str().unwrap();
+        assert!(excerpt.starts_with("connection failed: "), "{excerpt}");
+        assert!(
+            excerpt.contains("invalid peer certificate") && excerpt.to_lowercase().contains("expired"),
+            "the message says the certificate expired: {excerpt}"
+        );
+    }
+    let _ = daemon.terminate();
+}
+
+/// Posts a signed push to a daemon's GitHub source.
+async fn daemon_post_push(daemon: &Daemon) -> (u16, String) {
+    let body = serde_json::json!({
+        "ref": "refs/heads/main", "before": "1111111111111111111111111111111111111111",
+        "after": SHA, "repository": { "full_name": "acme/api" },
+        "pusher": { "name": "ada" }, "head_commit": { "message": "m" }, "commits": []
+    })
+    .to_string();
+    let mut request = crate::support::test_client()
+        .post(daemon.url("/hooks/github"))
+        .body(body.clone());
+    for (k, v) in crate::support::sign::github(GH_SECRET, "push", "d-expired", body.as_bytes()) {
+        request = request.header(k, v);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_is_a_retry_that_says_so() {
+    // A 64-character label is not a valid DNS name: the resolver refuses it
+    // on this machine, before any query leaves it (tests talk to loopback
+    // only), and relay sees what an unknown name gives it.
+    let host = format!("{}.invalid", "a".repeat(64));
+    let relay = Relay::start(&config(&format!("http://{host}"), "attempts = 2")).await;
+    post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
+    let job = settled_job(&relay, "dead").await;
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{job}");
+    for attempt in history {
+        assert_eq!(attempt["outcome"], "retry_connect", "{job}");
+        let excerpt = attempt["excerpt"].as_str().unwrap();
+        assert!(
+            excerpt.starts_with("connection failed: ") && excerpt.contains("dns error"),
+            "the message says the name did not resolve: {excerpt}"
         );
     }
     relay.stop().await;
