@@ -229,7 +229,7 @@ url = "{url}/mirror"
 async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts(backend: Backend) {
     let rest = r#"
 [loop_guard]
-dedupe_window = "2s"
+dedupe_window = "5s"
 
 [sources.gh]
 provider = "github"
@@ -288,7 +288,7 @@ dry_run = true
     let second = relay_in(&backend, dir, rest).await;
     assert_eq!(post_github(&second, push(&sha), &[]).await["jobs"], 0);
     // ...until it passes.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(5100)).await;
     assert_eq!(post_github(&second, push(&sha), &[]).await["jobs"], 2);
     second.stop().await;
 }

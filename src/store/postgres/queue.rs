@@ -24,7 +24,7 @@ use crate::pipeline::PipelineState;
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::rows;
 use crate::store::{
-    ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
+    ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NextState, StoreError,
 };
 
 /// The first key of the per-target burst locks ("rly" in ASCII); the second
@@ -34,130 +34,226 @@ const TARGET_LOCK_CLASS: i32 = 0x72_6c79;
 pub(super) async fn ingest(store: &PostgresStore, event: NewEvent) -> Result<Ingested, StoreError> {
     // No deadline of its own: the accept path bounds the wait for every
     // store alike (`accept::SENDERS_DEADLINE`), and lets the commit run on.
-    async {
-        let mut client = store.client().await?;
-        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-        let insert_event = tx
-            .prepare_cached(
-                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
-                 VALUES ($1, $2, $3, $4, now(), $5, $6, $7, $8, $9)
-                 ON CONFLICT (source, delivery) DO NOTHING
-                 RETURNING id",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let inserted = tx
-            .query_opt(
-                &insert_event,
-                &[
-                    &event.id,
-                    &event.source,
-                    &event.delivery,
-                    &event.hook,
-                    &event.content_type,
-                    &&event.body[..],
-                    &event.payload.as_deref(),
-                    &i64::from(event.hop),
-                    &event.summary,
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        if inserted.is_none() {
-            // Another relay may have committed this delivery a moment ago:
-            // the unique key decided, and its event id is the answer.
-            let original = tx
-                .query_one(
-                    "SELECT id FROM events WHERE source = $1 AND delivery = $2",
-                    &[&event.source, &event.delivery],
-                )
-                .await
-                .map_err(|e| unavailable(&e))?;
-            return Ok(Ingested::Duplicate(col(&original, 0)?));
-        }
-        for drop in &event.drops {
-            insert_drop(&tx, event.id, drop).await?;
-        }
-        // The burst count is only right if no other relay is adding jobs for
-        // the target meanwhile: a per-target lock, held to the commit. All
-        // are taken up front, in key order (unnest keeps the array's), so
-        // two ingests for the same targets queue rather than deadlock.
-        // Dedupe needs no lock of its own: its row decides.
-        let mut locks: Vec<i32> = event
-            .jobs
-            .iter()
-            .filter(|job| job.limits.burst.is_some())
-            .map(|job| target_lock(&job.target))
-            .collect();
-        locks.sort_unstable();
-        locks.dedup();
-        if !locks.is_empty() {
-            let lock = tx
-                .prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
-                .await
-                .map_err(|e| unavailable(&e))?;
-            tx.execute(&lock, &[&TARGET_LOCK_CLASS, &locks])
-                .await
-                .map_err(|e| unavailable(&e))?;
-        }
-        let insert_job = tx
-            .prepare_cached(
-                "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
-                                   claim_id, lease_until, created_at, updated_at, repo, sha, shadow, report)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8,
-                         $9, now() + $10::int8 * interval '1 microsecond', now(), now(), $11, $12, $13, $14)",
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let mut held_back = Vec::new();
-        let mut leased = Vec::new();
-        let mut queued = false;
+    let columns = IngestColumns::of(&event)?;
+    let client = store.client().await?;
+    // One statement, one round trip: `relay_ingest` (schema V5) does what a
+    // transaction of a statement per row did, in the same order.
+    let stmt = client
+        .prepare_cached(
+            "SELECT original, held, held_by FROM relay_ingest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                 $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31,
+                 $32, $33, $34, $35, $36)",
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let c = &columns;
+    let params: [&(dyn ToSql + Sync); 36] = [
+        &event.id,
+        &event.source,
+        &event.delivery,
+        &event.hook,
+        &event.content_type,
+        &&event.body[..],
+        &event.payload.as_deref(),
+        &i64::from(event.hop),
+        &event.summary,
+        &c.drop_route,
+        &c.drop_target,
+        &c.drop_rule,
+        &c.drop_reason,
+        &TARGET_LOCK_CLASS,
+        &c.locks,
+        &c.id,
+        &c.route,
+        &c.target,
+        &c.state,
+        &c.request,
+        &c.needs_payload,
+        &c.error,
+        &c.claim,
+        &c.lease,
+        &c.repo,
+        &c.sha,
+        &c.shadow,
+        &c.report,
+        &c.burst_limit,
+        &c.burst_per,
+        &c.burst_rule,
+        &c.burst_reason,
+        &c.dedupe_key,
+        &c.dedupe_window,
+        &c.dedupe_rule,
+        &c.dedupe_reason,
+    ];
+    let row = client
+        .query_one(&stmt, &params)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    if let Some(original) = col::<Option<Uuid>>(&row, 0)? {
+        return Ok(Ingested::Duplicate(original));
+    }
+    let held: Vec<Uuid> = col(&row, 1)?;
+    let held_by: Vec<String> = col(&row, 2)?;
+    let mut held_back = Vec::new();
+    let mut leased = Vec::new();
+    for (job, drops) in event.jobs.iter().zip(columns.drops) {
+        let Some(at) = held.iter().position(|id| *id == job.id) else {
+            leased.extend(job.leased(&event));
+            continue;
+        };
+        let rule = held_by.get(at).map(String::as_str);
+        let dropped = drops
+            .into_iter()
+            .find(|d| Some(d.rule.as_str()) == rule)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("job {} held back by an unknown rule {rule:?}", job.id))
+            })?;
+        held_back.push(HeldBack {
+            job_id: job.id,
+            dropped,
+        });
+    }
+    Ok(Ingested::Accepted { held_back, leased })
+}
+
+/// One webhook's rows as the columns `relay_ingest` takes: the event's
+/// drops, then each job's row with, for each loop-guard check it is
+/// subject to, the drop it becomes if the check holds it back (worded by
+/// the guard; a burst that holds counted exactly its limit, as the count
+/// stops there).
+struct IngestColumns {
+    drop_route: Vec<Option<String>>,
+    drop_target: Vec<Option<String>>,
+    drop_rule: Vec<String>,
+    drop_reason: Vec<String>,
+    locks: Vec<i32>,
+    id: Vec<Uuid>,
+    route: Vec<String>,
+    target: Vec<String>,
+    state: Vec<&'static str>,
+    request: Vec<Option<String>>,
+    needs_payload: Vec<bool>,
+    error: Vec<Option<String>>,
+    claim: Vec<Option<Uuid>>,
+    lease: Vec<Option<i64>>,
+    repo: Vec<String>,
+    sha: Vec<String>,
+    shadow: Vec<bool>,
+    report: Vec<Option<String>>,
+    burst_limit: Vec<Option<i64>>,
+    burst_per: Vec<Option<i64>>,
+    burst_rule: Vec<Option<String>>,
+    burst_reason: Vec<Option<String>>,
+    dedupe_key: Vec<Option<String>>,
+    dedupe_window: Vec<Option<i64>>,
+    dedupe_rule: Vec<Option<String>>,
+    dedupe_reason: Vec<Option<String>>,
+    /// Per job, the drops it would become, in the order they are checked.
+    drops: Vec<Vec<Dropped>>,
+}
+
+impl IngestColumns {
+    fn of(event: &NewEvent) -> Result<IngestColumns, StoreError> {
+        let n = event.jobs.len();
+        let mut c = IngestColumns {
+            drop_route: event.drops.iter().map(|d| d.route.clone()).collect(),
+            drop_target: event.drops.iter().map(|d| d.target.clone()).collect(),
+            drop_rule: event.drops.iter().map(|d| d.rule.clone()).collect(),
+            drop_reason: event.drops.iter().map(|d| d.reason.clone()).collect(),
+            locks: Vec::new(),
+            id: Vec::with_capacity(n),
+            route: Vec::with_capacity(n),
+            target: Vec::with_capacity(n),
+            state: Vec::with_capacity(n),
+            request: Vec::with_capacity(n),
+            needs_payload: Vec::with_capacity(n),
+            error: Vec::with_capacity(n),
+            claim: Vec::with_capacity(n),
+            lease: Vec::with_capacity(n),
+            repo: Vec::with_capacity(n),
+            sha: Vec::with_capacity(n),
+            shadow: Vec::with_capacity(n),
+            report: Vec::with_capacity(n),
+            burst_limit: Vec::with_capacity(n),
+            burst_per: Vec::with_capacity(n),
+            burst_rule: Vec::with_capacity(n),
+            burst_reason: Vec::with_capacity(n),
+            dedupe_key: Vec::with_capacity(n),
+            dedupe_window: Vec::with_capacity(n),
+            dedupe_rule: Vec::with_capacity(n),
+            dedupe_reason: Vec::with_capacity(n),
+            drops: Vec::with_capacity(n),
+        };
         for job in &event.jobs {
-            if let Some(drop) = hold_back(&tx, job).await? {
-                insert_drop(&tx, event.id, &drop).await?;
-                held_back.push(HeldBack {
-                    job_id: job.id,
-                    dropped: drop,
-                });
-                continue;
-            }
             let JobRow {
                 state,
                 request,
                 needs_payload,
                 error,
             } = job.row()?;
-            queued |= state == JobState::Queued;
-            tx.execute(
-                &insert_job,
-                &[
-                    &job.id,
-                    &event.id,
-                    &job.route,
-                    &job.target,
-                    &state.as_str(),
-                    &request,
-                    &needs_payload,
-                    &error,
-                    &job.lease.map(|l| l.claim),
-                    &job.lease.map(|l| offset(l.until, event.received_at)),
-                    &job.repo,
-                    &job.sha,
-                    &job.shadow,
-                    &rows::report_json(job.report.as_ref()),
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-            leased.extend(job.leased(&event));
+            c.id.push(job.id);
+            c.route.push(job.route.clone());
+            c.target.push(job.target.clone());
+            c.state.push(state.as_str());
+            c.request.push(request);
+            c.needs_payload.push(needs_payload);
+            c.error.push(error.map(str::to_owned));
+            c.claim.push(job.lease.map(|l| l.claim));
+            c.lease
+                .push(job.lease.map(|l| offset(l.until, event.received_at)));
+            c.repo.push(job.repo.clone());
+            c.sha.push(job.sha.clone());
+            c.shadow.push(job.shadow);
+            c.report.push(rows::report_json(job.report.as_ref()));
+            let trigger = job.trigger();
+            let (mut burst, mut dedupe) = (None, None);
+            let mut drops = Vec::new();
+            for check in job.limits.checks() {
+                match check {
+                    Check::Burst { limit, per } => {
+                        if let Some(d) = trigger.burst(i64::from(limit), limit, per) {
+                            burst = Some((i64::from(limit), micros(per), d.clone()));
+                            drops.push(d);
+                        }
+                    }
+                    Check::Dedupe { key, window } => {
+                        if let Some(d) = trigger.dedupe(false, window) {
+                            dedupe = Some((key.to_owned(), micros(window), d.clone()));
+                            drops.push(d);
+                        }
+                    }
+                }
+            }
+            if burst.is_some() {
+                c.locks.push(target_lock(&job.target));
+            }
+            let (limit, per, rule, reason) = match burst {
+                Some((limit, per, d)) => (Some(limit), Some(per), Some(d.rule), Some(d.reason)),
+                None => (None, None, None, None),
+            };
+            c.burst_limit.push(limit);
+            c.burst_per.push(per);
+            c.burst_rule.push(rule);
+            c.burst_reason.push(reason);
+            let (key, window, rule, reason) = match dedupe {
+                Some((key, window, d)) => (Some(key), Some(window), Some(d.rule), Some(d.reason)),
+                None => (None, None, None, None),
+            };
+            c.dedupe_key.push(key);
+            c.dedupe_window.push(window);
+            c.dedupe_rule.push(rule);
+            c.dedupe_reason.push(reason);
+            c.drops.push(drops);
         }
-        if queued {
-            notify(&tx).await?;
-        }
-        tx.commit().await.map_err(|e| unavailable(&e))?;
-        Ok(Ingested::Accepted { held_back, leased })
+        // The burst count is only right if no other relay is adding jobs for
+        // the target meanwhile: a per-target lock, held to the commit. All
+        // are taken up front, in key order, so two ingests for the same
+        // targets queue rather than deadlock. Dedupe needs no lock of its
+        // own: its row decides.
+        c.locks.sort_unstable();
+        c.locks.dedup();
+        Ok(c)
     }
-    .await
 }
 
 pub(super) async fn claim(
@@ -409,75 +505,6 @@ pub(super) async fn ping(store: &PostgresStore, _now: SystemTime) -> Result<(), 
 /// to the database's `now()`; `Some` when one holds the job back.
 /// The caller holds the target's advisory lock when a burst limit is set,
 /// so the count cannot race another relay's ingest for the same target.
-async fn hold_back(
-    tx: &deadpool_postgres::Transaction<'_>,
-    job: &NewJob,
-) -> Result<Option<Dropped>, StoreError> {
-    let trigger = job.trigger();
-    for check in job.limits.checks() {
-        let held = match check {
-            Check::Burst { limit, per } => {
-                let stmt = tx
-                    .prepare_cached(
-                        "SELECT count(*) FROM (
-                             SELECT 1 FROM jobs
-                             WHERE target = $1 AND created_at > now() - $2::int8 * interval '1 microsecond'
-                             LIMIT $3) recent",
-                    )
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                let row = tx
-                    .query_one(&stmt, &[&job.target, &micros(per), &i64::from(limit)])
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                trigger.burst(col(&row, 0)?, limit, per)
-            }
-            Check::Dedupe { key, window } => {
-                // The row lock of ON CONFLICT makes a second relay wait for
-                // the first's verdict.
-                let stmt = tx
-                    .prepare_cached(
-                        "INSERT INTO dedupe (target, key, expires_at)
-                         VALUES ($1, $2, now() + $3::int8 * interval '1 microsecond')
-                         ON CONFLICT (target, key) DO UPDATE SET expires_at = EXCLUDED.expires_at
-                         WHERE dedupe.expires_at <= now()",
-                    )
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                let taken = tx
-                    .execute(&stmt, &[&job.target, &key, &micros(window)])
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                trigger.dedupe(taken > 0, window)
-            }
-        };
-        if held.is_some() {
-            return Ok(held);
-        }
-    }
-    Ok(None)
-}
-
-async fn insert_drop(
-    tx: &deadpool_postgres::Transaction<'_>,
-    event: Uuid,
-    drop: &Dropped,
-) -> Result<(), StoreError> {
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO drops (event_id, route, target, rule, reason) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    tx.execute(
-        &stmt,
-        &[&event, &drop.route, &drop.target, &drop.rule, &drop.reason],
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| unavailable(&e))
-}
-
 /// Wakes every relay's dispatcher when this transaction commits (and not if
 /// it rolls back).
 pub(super) async fn notify(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {

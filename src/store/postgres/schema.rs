@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -122,6 +122,94 @@ ALTER TABLE jobs
     ADD COLUMN report_of uuid;
 CREATE INDEX jobs_shadow ON jobs (route, created_at) WHERE shadow;
 ";
+
+/// The whole ingest of one webhook as one function, so that committing it
+/// is one statement and one round trip (`queue::ingest`): the event (or,
+/// for a delivery already stored, the original's id), the drops the guard
+/// decided, the per-target burst locks, each job's burst count and dedupe
+/// key in the guard's order (a job held back becomes a drop, with the
+/// wording the caller passed), the jobs, and `NOTIFY` when one is queued.
+/// It runs in the statement's own transaction; `now()` is its start, as it
+/// was for the transaction it replaces.
+const V5: &str = r#"
+CREATE FUNCTION relay_ingest(
+    e_id uuid, e_source text, e_delivery text, e_hook text, e_content_type text,
+    e_body bytea, e_payload bytea, e_hop bigint, e_summary text,
+    d_route text[], d_target text[], d_rule text[], d_reason text[],
+    lock_class int4, burst_locks int4[],
+    j_id uuid[], j_route text[], j_target text[], j_state text[], j_request text[],
+    j_needs_payload boolean[], j_error text[], j_claim uuid[], j_lease bigint[],
+    j_repo text[], j_sha text[], j_shadow boolean[], j_report text[],
+    j_burst_limit bigint[], j_burst_per bigint[], j_burst_rule text[], j_burst_reason text[],
+    j_dedupe_key text[], j_dedupe_window bigint[], j_dedupe_rule text[], j_dedupe_reason text[]
+) RETURNS TABLE (original uuid, held uuid[], held_by text[]) LANGUAGE plpgsql AS $fn$
+DECLARE
+    i int;
+    recent bigint;
+    taken bigint;
+    queued boolean := false;
+BEGIN
+    held := '{}';
+    held_by := '{}';
+    INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
+    VALUES (e_id, e_source, e_delivery, e_hook, now(), e_content_type, e_body, e_payload, e_hop, e_summary)
+    ON CONFLICT (source, delivery) DO NOTHING;
+    IF NOT FOUND THEN
+        -- Another relay may have committed this delivery a moment ago: the
+        -- unique key decided, and its event id is the answer.
+        SELECT id INTO original FROM events WHERE source = e_source AND delivery = e_delivery;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    INSERT INTO drops (event_id, route, target, rule, reason)
+        SELECT e_id, d.r, d.t, d.ru, d.re
+        FROM unnest(d_route, d_target, d_rule, d_reason) WITH ORDINALITY AS d(r, t, ru, re, n)
+        ORDER BY d.n;
+    PERFORM pg_advisory_xact_lock(lock_class, k) FROM unnest(burst_locks) AS k;
+    FOR i IN 1 .. coalesce(cardinality(j_id), 0) LOOP
+        IF j_burst_limit[i] IS NOT NULL THEN
+            SELECT count(*) INTO recent FROM (
+                SELECT 1 FROM jobs
+                WHERE target = j_target[i] AND created_at > now() - j_burst_per[i] * interval '1 microsecond'
+                LIMIT j_burst_limit[i]) r;
+            IF recent >= j_burst_limit[i] THEN
+                INSERT INTO drops (event_id, route, target, rule, reason)
+                VALUES (e_id, j_route[i], j_target[i], j_burst_rule[i], j_burst_reason[i]);
+                held := held || j_id[i];
+                held_by := held_by || j_burst_rule[i];
+                CONTINUE;
+            END IF;
+        END IF;
+        IF j_dedupe_key[i] IS NOT NULL THEN
+            -- The row lock of ON CONFLICT makes a second relay wait for the
+            -- first's verdict.
+            INSERT INTO dedupe (target, key, expires_at)
+            VALUES (j_target[i], j_dedupe_key[i], now() + j_dedupe_window[i] * interval '1 microsecond')
+            ON CONFLICT (target, key) DO UPDATE SET expires_at = EXCLUDED.expires_at
+            WHERE dedupe.expires_at <= now();
+            GET DIAGNOSTICS taken = ROW_COUNT;
+            IF taken = 0 THEN
+                INSERT INTO drops (event_id, route, target, rule, reason)
+                VALUES (e_id, j_route[i], j_target[i], j_dedupe_rule[i], j_dedupe_reason[i]);
+                held := held || j_id[i];
+                held_by := held_by || j_dedupe_rule[i];
+                CONTINUE;
+            END IF;
+        END IF;
+        INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
+                          claim_id, lease_until, created_at, updated_at, repo, sha, shadow, report)
+        VALUES (j_id[i], e_id, j_route[i], j_target[i], j_state[i], j_request[i], j_needs_payload[i], now(),
+                j_error[i], j_claim[i], now() + j_lease[i] * interval '1 microsecond', now(), now(),
+                j_repo[i], j_sha[i], j_shadow[i], j_report[i]);
+        queued := queued OR j_state[i] = 'queued';
+    END LOOP;
+    IF queued THEN
+        PERFORM pg_notify('relay_jobs', '');
+    END IF;
+    RETURN NEXT;
+END
+$fn$;
+"#;
 
 /// The advisory lock that serialises migrations between relays starting at
 /// once ("relay" in ASCII). Single-key locks live apart from the two-key
