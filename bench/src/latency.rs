@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backlog::fill_backlog;
+use crate::backlog::{JobTarget, fill};
 use crate::process::free_port;
-use crate::relay::{Workspace, start_relay};
+use crate::relay::{Setup, Workspace, start_relay};
 use crate::servers::MockCircle;
 use crate::subjects::median;
 use crate::{BACKLOG, E2E_RATE, Options};
@@ -38,7 +38,18 @@ pub async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, S
         let circle = mock.clone().start(true).await.map_err(|e| e.to_string())?;
         let port = free_port()?;
         let store = format!("sqlite://{}", ws.path(&format!("e2e-{run}.db")).display());
-        let relay = start_relay(ws, &format!("e2e-{run}"), port, &store, circle, true).await?;
+        let relay = start_relay(
+            ws,
+            &format!("e2e-{run}"),
+            port,
+            &store,
+            circle,
+            &Setup {
+                record: true,
+                ..Setup::default()
+            },
+        )
+        .await?;
         let client = relay::sends::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
         let total = E2E_RATE as u64 * seconds;
         let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
@@ -119,10 +130,28 @@ pub async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, Str
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
         let db = ws.path(&format!("backlog-{run}.db"));
-        fill_backlog(&db, circle).await?;
+        let target = JobTarget {
+            name: "circleci",
+            addr: circle,
+        };
+        let filled = fill(&db, BACKLOG, target, &run.to_string(), Duration::from_secs(600)).await?;
+        if filled.cut_short {
+            return Err(format!(
+                "delivery: only {} of {BACKLOG} jobs queued in 600 s",
+                filled.jobs
+            ));
+        }
         let port = free_port()?;
         let store = format!("sqlite://{}", db.display());
-        let relay = start_relay(ws, &format!("backlog-{run}"), port, &store, circle, false).await?;
+        let relay = start_relay(
+            ws,
+            &format!("backlog-{run}"),
+            port,
+            &store,
+            circle,
+            &Setup::default(),
+        )
+        .await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < BACKLOG {

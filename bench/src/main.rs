@@ -2,7 +2,8 @@
 //! in one run on loopback, and the figures the benchmark issue asks for.
 //!
 //!     bench/run.sh [--duration 5] [--runs 3] [--out bench-results.json]
-//!         [--only SUBJECT] [--connections 1,32] [--postgres URL] [--relay PATH]
+//!         [--only PART,…] [--connections 1,32] [--postgres URL] [--relay PATH]
+//!         [--plot DIR [--plot-against EARLIER.json]]
 //!
 //! (`bench/run.sh` builds relay and this harness with `cargo build --release
 //! -p relay -p relay-bench`, then runs `target/release/relay-bench`.)
@@ -10,19 +11,25 @@
 //! Every subject serves on CPU 0; wrk and this harness (with its mock
 //! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
 //! push, with a delivery id of its own per request, at 1 and 32 connections;
-//! figures are medians of `--runs` runs, with the spread. Bounded: every run
-//! has a fixed duration or a fixed count. Talks only to 127.0.0.1.
+//! figures are medians of `--runs` runs, with the spread. The curves
+//! (`routes`, `payload`, `queue_depth`) load relay alone at 32 connections
+//! while one thing grows. Bounded: every run has a fixed duration or a fixed
+//! count, every fill a time budget. Talks only to 127.0.0.1.
 
 // A benchmark measures real time on purpose.
 #![allow(clippy::disallowed_methods)]
 
 mod backlog;
+mod curves;
+mod depth;
 mod latency;
 mod load;
+mod plot;
 mod process;
 mod push;
 mod relay;
 mod report;
+mod routes;
 mod servers;
 mod subjects;
 
@@ -73,6 +80,12 @@ baseline: medians of --runs, with the spread), relay's end-to-end latency at
 100 webhooks/s and its delivery rate from a 20,000-job backlog, and writes the
 same as JSON to compare across commits.
 
+The curves load relay alone at 32 connections while one thing grows: routes
+(1, 10, 100, 1,000 of every kind, three taking the push), the signed push's
+size (1 KB, 7 KB, 100 KB, 1 MB), and jobs already queued for a CI that does
+not answer (0, 100,000, 1,000,000; ingest, and claim latency). --plot DIR
+draws them as SVG (routes.svg, payload.svg, queue_depth.svg).
+
 Measures the relay binary beside this one (target/release/relay) unless
 --relay names another. Installs wrk and webhook with apt-get when they are
 missing (needs root). Talks only to 127.0.0.1.";
@@ -90,7 +103,7 @@ enum Internal {
 }
 
 /// The subjects and parts `--only` may name.
-const ONLY: [&str; 9] = [
+const ONLY: [&str; 13] = [
     "hyper-ceiling",
     "hyper-verify",
     "webhook-noexec",
@@ -100,7 +113,22 @@ const ONLY: [&str; 9] = [
     "load",
     "e2e",
     "delivery",
+    "routes",
+    "payload",
+    "queue_depth",
+    "curves",
 ];
+
+/// What `--only` asked for takes `part`: everything when it names nothing;
+/// `load` is every subject's load, `curves` the three curves.
+fn wanted(only: &[String], part: &str) -> bool {
+    let group = match part {
+        "routes" | "payload" | "queue_depth" => "curves",
+        "e2e" | "delivery" => "",
+        _ => "load",
+    };
+    only.is_empty() || only.iter().any(|o| o == part || o == group)
+}
 
 #[derive(Debug, Clone, Args)]
 struct Options {
@@ -115,21 +143,22 @@ struct Options {
     /// Where to write the results as JSON
     #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     out: PathBuf,
-    /// Measure one part only (default: all of them)
+    /// Measure these parts only, comma-separated (default: all of them)
     ///
     /// A subject's load: hyper-ceiling, hyper-verify, webhook-noexec,
     /// webhook-exec, relay, relay-postgres; every subject's load: load;
     /// relay's end-to-end latency: e2e; relay's delivery from a backlog:
-    /// delivery.
+    /// delivery; a curve: routes, payload, queue_depth; all three: curves.
     #[arg(
         long,
         value_name = "PART",
+        value_delimiter = ',',
         value_parser = clap::builder::PossibleValuesParser::new(ONLY),
         hide_possible_values = true,
         requires_if("relay-postgres", "postgres"),
         verbatim_doc_comment
     )]
-    only: Option<String>,
+    only: Vec<String>,
     /// wrk's connection counts, comma-separated
     #[arg(long, value_name = "COUNTS", value_delimiter = ',', default_value = "1,32", value_parser = connection_count)]
     connections: Vec<u32>,
@@ -145,6 +174,18 @@ struct Options {
     /// in the same conditions.
     #[arg(long, value_name = "PATH", verbatim_doc_comment)]
     relay: Option<PathBuf>,
+    /// Draw the curves measured as SVG into this directory
+    ///
+    /// routes.svg, payload.svg and queue_depth.svg, for the curves this run
+    /// measured.
+    #[arg(long, value_name = "DIR", verbatim_doc_comment)]
+    plot: Option<PathBuf>,
+    /// Draw an earlier run's curves beside this run's (its --out JSON)
+    ///
+    /// Labelled with each run's relay version, e.g. the previous main
+    /// measured with --relay.
+    #[arg(long, value_name = "FILE", requires = "plot", verbatim_doc_comment)]
+    plot_against: Option<PathBuf>,
 }
 
 fn seconds(value: &str) -> Result<Duration, String> {
@@ -237,9 +278,10 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         .start(false)
         .await
         .map_err(|e| e.to_string())?;
+    let only = &options.only;
     let mut subjects = Vec::new();
     for (name, what) in SUBJECTS {
-        if options.only.as_deref().is_some_and(|o| o != name && o != "load") {
+        if !wanted(only, name) {
             continue;
         }
         if name == "relay-postgres" && ws.postgres.is_none() {
@@ -248,28 +290,49 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         eprintln!("measuring {name} …");
         subjects.push(measure(name, what, &ws, circle, &options).await?);
     }
-    let wanted = |part: &str| options.only.as_deref().is_none_or(|o| o == part);
-    let end_to_end = if wanted("e2e") {
+    let end_to_end = if wanted(only, "e2e") {
         eprintln!("measuring relay end to end at {E2E_RATE} req/s …");
         Some(latency::end_to_end(&ws, &options).await?)
     } else {
         None
     };
-    let delivery = if wanted("delivery") {
+    let delivery = if wanted(only, "delivery") {
         eprintln!("measuring relay delivery from a backlog of {BACKLOG} …");
         Some(latency::delivery(&ws, &options).await?)
+    } else {
+        None
+    };
+    let routes = if wanted(only, "routes") {
+        eprintln!("measuring relay against routes …");
+        Some(curves::routes(&ws, &options).await?)
+    } else {
+        None
+    };
+    let payload = if wanted(only, "payload") {
+        eprintln!("measuring relay against the push's size …");
+        Some(curves::payload(&ws, &options).await?)
+    } else {
+        None
+    };
+    let queue_depth = if wanted(only, "queue_depth") {
+        eprintln!("measuring relay against jobs queued …");
+        Some(depth::queue_depth(&ws, &options).await?)
     } else {
         None
     };
     let report = Report {
         when: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         machine,
+        relay: relay_version(&ws.relay_binary),
         duration_secs: options.duration.as_secs(),
         runs: options.runs,
         payload_bytes: ws.body.len(),
         subjects,
         end_to_end,
         delivery,
+        routes,
+        payload,
+        queue_depth,
     };
     print!("{}", table(&report));
     std::fs::write(
@@ -278,7 +341,41 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot write {}: {e}", options.out.display()))?;
     eprintln!("wrote {}", options.out.display());
+    if let Some(dir) = &options.plot {
+        let this = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        let earlier = match &options.plot_against {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("--plot-against {}: {e}", file.display()))?,
+            ),
+            None => None,
+        };
+        for written in plot::draw(&this, earlier.as_ref(), dir)? {
+            eprintln!("wrote {}", written.display());
+        }
+    }
     Ok(())
+}
+
+/// The measured relay's `--version` line (its commit), to label its figures.
+fn relay_version(binary: &std::path::Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|text| {
+            // "relay 0.1.0", then "commit: 0f85e34…" on a line of its own.
+            let mut lines = text.lines();
+            let name = lines.next().unwrap_or("relay").to_owned();
+            match lines.find_map(|l| l.strip_prefix("commit:")) {
+                Some(commit) => format!("{name} (commit {})", commit.trim()),
+                None => name,
+            }
+        })
+        .unwrap_or_else(|| binary.display().to_string())
 }
 
 #[cfg(test)]
@@ -299,8 +396,9 @@ mod tests {
         assert_eq!(options.runs, 3);
         assert_eq!(options.out, PathBuf::from("bench-results.json"));
         assert_eq!(options.connections, vec![1, 32]);
+        assert!(options.only.is_empty());
         assert_eq!(
-            (options.only, options.postgres, options.relay),
+            (options.postgres, options.relay, options.plot),
             (None, None, None)
         );
     }
@@ -329,7 +427,7 @@ mod tests {
         assert_eq!(options.duration, Duration::from_secs(10));
         assert_eq!(options.runs, 2);
         assert_eq!(options.out, PathBuf::from("bench.json"));
-        assert_eq!(options.only.as_deref(), Some("relay"));
+        assert_eq!(options.only, vec!["relay".to_owned()]);
         assert_eq!(options.connections, vec![1, 8, 32]);
         assert_eq!(options.relay, Some(PathBuf::from("/tmp/relay-old")));
         assert!(cli.internal.is_none());
@@ -346,10 +444,32 @@ mod tests {
             &["--only", "nginx"],
             &["--verbose"],
             &["--only", "relay-postgres"],
+            &["--only", "routes,relay-postgres"],
+            &["--only", "routes,nginx"],
+            &["--plot-against", "earlier.json"],
         ] {
             let argv = std::iter::once("relay-bench").chain(args.iter().copied());
             assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn only_takes_parts_and_groups() {
+        let options =
+            Cli::try_parse_from(["relay-bench", "--only", "routes,payload", "--plot", "docs/bench"])
+                .unwrap()
+                .options;
+        assert_eq!(options.only, vec!["routes".to_owned(), "payload".to_owned()]);
+        assert_eq!(options.plot, Some(PathBuf::from("docs/bench")));
+        let only = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(wanted(&only(&[]), "queue_depth"));
+        assert!(wanted(&only(&["curves"]), "queue_depth"));
+        assert!(!wanted(&only(&["curves"]), "relay"));
+        assert!(!wanted(&only(&["curves"]), "e2e"));
+        assert!(wanted(&only(&["load"]), "webhook-exec"));
+        assert!(!wanted(&only(&["load"]), "routes"));
+        assert!(wanted(&only(&["relay", "routes"]), "relay"));
+        assert!(!wanted(&only(&["relay", "routes"]), "hyper-verify"));
     }
 
     #[test]

@@ -10,11 +10,16 @@ use bytes::Bytes;
 use crate::SECRET;
 use crate::process::{Running, Scratch, start_pinned};
 
+/// What every measurement of one harness run shares.
 pub struct Workspace {
+    /// Configs, logs, databases and bodies; removed at the end.
     pub dir: Scratch,
+    /// The load table's 7 KB push and its signature (`body.json` in `dir`).
     pub body: Bytes,
     pub signature: String,
+    /// The relay measured: the one beside the harness, or `--relay`.
     pub relay_binary: PathBuf,
+    /// `--postgres`: a server where a fresh database is made per run.
     pub postgres: Option<String>,
 }
 
@@ -24,15 +29,42 @@ impl Workspace {
     }
 }
 
-pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, record: bool) -> String {
+/// What a measurement changes in relay's config. The default is the load
+/// table's relay: one GitHub source, one route taking every push, one
+/// CircleCI target at the mock.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// The delivery id goes into a pipeline parameter, so the mock can time
+    /// each trigger (end to end).
+    pub record: bool,
+    /// `[[routes]]` (and any sources and targets they name beyond the
+    /// default ones) instead of the one route.
+    pub routes: Option<String>,
+    /// Appended as it is: more sources and targets.
+    pub extra: String,
+    /// `delivery.timeout`, when relay's default will not do (a paused
+    /// target's send must outlast the measurement).
+    pub delivery_timeout: Option<&'static str>,
+}
+
+pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, setup: &Setup) -> String {
     // The load repeats one commit: the dedupe window and burst breaker would
     // hold back all but the first triggers, so they are off, and every
     // request commits an event and a job.
-    let parameters = if record {
+    let parameters = if setup.record {
         "parameters = { delivery = \"{{ delivery }}\" }"
     } else {
         ""
     };
+    let routes = setup
+        .routes
+        .as_deref()
+        .unwrap_or("[[routes]]\nname = \"builds\"\nto = [\"circleci\"]\n");
+    let timeout = setup
+        .delivery_timeout
+        .map(|t| format!("timeout = \"{t}\""))
+        .unwrap_or_default();
+    let extra = &setup.extra;
     format!(
         r#"
 [server]
@@ -47,15 +79,14 @@ burst = false
 
 [delivery]
 concurrency = 32
+{timeout}
 
 [sources.github]
 provider = "github"
 path = "/hooks/github"
 secret = "{SECRET}"
 
-[[routes]]
-name = "builds"
-to = ["circleci"]
+{routes}
 
 [targets.circleci]
 kind = "circleci"
@@ -63,6 +94,8 @@ base_url = "http://{circle}"
 project = "gh/acme/api"
 token = "bench-circle-token"
 {parameters}
+
+{extra}
 "#
     )
 }
@@ -95,10 +128,10 @@ pub async fn start_relay(
     port: u16,
     store: &str,
     circle: std::net::SocketAddr,
-    record: bool,
+    setup: &Setup,
 ) -> Result<Running, String> {
     let config = ws.path(&format!("{label}.toml"));
-    std::fs::write(&config, relay_config(port, store, circle, record)).map_err(|e| e.to_string())?;
+    std::fs::write(&config, relay_config(port, store, circle, setup)).map_err(|e| e.to_string())?;
     let args = vec![
         "serve".into(),
         "--log-format".into(),

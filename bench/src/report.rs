@@ -3,6 +3,10 @@
 
 use serde::Serialize;
 
+use std::fmt::Write as _;
+
+use crate::curves::{Curve, PayloadPoint, RoutesPoint};
+use crate::depth::DepthPoint;
 use crate::latency::{Delivery, EndToEnd};
 use crate::subjects::{SubjectResult, Summary};
 
@@ -10,12 +14,17 @@ use crate::subjects::{SubjectResult, Summary};
 pub struct Report {
     pub when: String,
     pub machine: String,
+    /// The measured relay's `--version` line.
+    pub relay: String,
     pub duration_secs: u64,
     pub runs: usize,
     pub payload_bytes: usize,
     pub subjects: Vec<SubjectResult>,
     pub end_to_end: Option<EndToEnd>,
     pub delivery: Option<Delivery>,
+    pub routes: Option<Curve<RoutesPoint>>,
+    pub payload: Option<Curve<PayloadPoint>>,
+    pub queue_depth: Option<Vec<DepthPoint>>,
 }
 
 pub fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a Summary> {
@@ -29,21 +38,23 @@ pub fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a 
 }
 
 pub fn table(report: &Report) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
+        "\n{} · {} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
         report.machine,
+        report.relay,
         report.payload_bytes / 1024,
         report.duration_secs,
         report.runs
     );
-    let _ = writeln!(
-        out,
-        "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | disk KB/req | RSS idle → after (MiB) | non-2xx |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !report.subjects.is_empty() {
+        let _ = writeln!(
+            out,
+            "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | disk KB/req | RSS idle → after (MiB) | non-2xx |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
     for s in &report.subjects {
         for c in &s.by_connections {
             let _ = writeln!(
@@ -111,5 +122,92 @@ pub fn table(report: &Report) -> String {
             d.backlog, d.triggers_per_sec, spread.0, spread.1
         );
     }
+    curves(report, &mut out);
     out
+}
+
+/// The curves' tables, each with its ratios to its first point.
+fn curves(report: &Report, out: &mut String) {
+    let ratio = |a: f64, b: f64| a / b.max(1e-9);
+    if let Some(curve) = &report.routes {
+        let _ = writeln!(
+            out,
+            "\nrelay against routes, c{} ({}):\n\n| routes | taking the push | req/s | spread | p99 ms | CPU µs/webhook | req/s vs 1 route | CPU vs 1 route |\n|---:|---:|---:|---:|---:|---:|---:|---:|",
+            curve.connections, report.relay
+        );
+        let first = curve.points.first().map(|p| &p.load);
+        for p in &curve.points {
+            let (rps, cpu) = first.map_or((1.0, 1.0), |f| {
+                (
+                    ratio(p.load.requests_per_sec, f.requests_per_sec),
+                    ratio(p.load.cpu_us_per_request, f.cpu_us_per_request),
+                )
+            });
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {rps:.2}× | {cpu:.2}× |",
+                p.routes,
+                p.matching,
+                p.load.requests_per_sec,
+                p.load.requests_per_sec_min,
+                p.load.requests_per_sec_max,
+                p.load.p99_ms,
+                p.load.cpu_us_per_request
+            );
+        }
+    }
+    if let Some(curve) = &report.payload {
+        let _ = writeln!(
+            out,
+            "\nrelay against the push's size, c{}:\n\n| push KB | req/s | spread | p99 ms | CPU µs/webhook | disk KB/webhook | RSS after MiB | req/s vs 1 KB | CPU vs 1 KB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            curve.connections
+        );
+        let first = curve.points.first().map(|p| &p.load);
+        for p in &curve.points {
+            let (rps, cpu) = first.map_or((1.0, 1.0), |f| {
+                (
+                    ratio(p.load.requests_per_sec, f.requests_per_sec),
+                    ratio(p.load.cpu_us_per_request, f.cpu_us_per_request),
+                )
+            });
+            let _ = writeln!(
+                out,
+                "| {:.1} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {rps:.2}× | {cpu:.2}× |",
+                p.bytes as f64 / 1024.0,
+                p.load.requests_per_sec,
+                p.load.requests_per_sec_min,
+                p.load.requests_per_sec_max,
+                p.load.p99_ms,
+                p.load.cpu_us_per_request,
+                p.load.disk_bytes_per_request / 1024.0,
+                p.rss_after_mib
+            );
+        }
+    }
+    if let Some(points) = &report.queue_depth {
+        let _ = writeln!(
+            out,
+            "\nrelay against jobs queued (for a CI holding its one trigger), ingest at c32; claim: answer → next trigger through relay (cycle), and the store's claim alone:\n\n| queued | fill s | store MiB | ingest req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | cycle p50 / p99 ms | store claim p50 / p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in points {
+            let _ = writeln!(
+                out,
+                "| {}{} | {:.0} | {:.0} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {:.1} | {:.2} / {:.2} | {:.3} / {:.3} |",
+                p.queued,
+                if p.fill_cut_short { " (fill cut short)" } else { "" },
+                p.fill_secs,
+                p.store_mib,
+                p.ingest.requests_per_sec,
+                p.ingest.requests_per_sec_min,
+                p.ingest.requests_per_sec_max,
+                p.ingest.p99_ms,
+                p.ingest.cpu_us_per_request,
+                p.rss_after_mib,
+                p.claims.cycle_p50_ms,
+                p.claims.cycle_p99_ms,
+                p.claims.store_claim_p50_ms,
+                p.claims.store_claim_p99_ms
+            );
+        }
+    }
 }

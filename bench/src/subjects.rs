@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::load::{self, WrkResult};
 use crate::process::{Running, free_port, start_pinned};
-use crate::relay::{Workspace, fresh_postgres_database, start_relay};
+use crate::relay::{Setup, Workspace, fresh_postgres_database, start_relay};
 use crate::{Options, SECRET};
 
 /// The subjects, in the order of the table.
@@ -103,7 +103,15 @@ pub async fn start_subject(
             } else {
                 format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
             };
-            start_relay(ws, &format!("{name}-{run}"), port, &store, circle, false).await
+            start_relay(
+                ws,
+                &format!("{name}-{run}"),
+                port,
+                &store,
+                circle,
+                &Setup::default(),
+            )
+            .await
         }
     }
 }
@@ -206,31 +214,16 @@ pub async fn measure(
                 &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()),
             )
             .map_err(|e| e.to_string())?;
-            let before = load::cpu_time(subject.pid()).unwrap_or_default();
-            let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
-            let wrk = tokio::task::spawn_blocking({
-                let (url, script, duration, c) = (
-                    url(name, subject.port),
-                    script.clone(),
-                    options.duration,
+            figures.push(
+                load_run(
+                    &subject,
+                    &url(name, subject.port),
+                    &script,
                     *connections,
-                );
-                move || load::wrk(&url, c, duration, &script)
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-            let cpu = load::cpu_time(subject.pid())
-                .unwrap_or_default()
-                .saturating_sub(before);
-            let written = load::disk_writes(subject.pid())
-                .unwrap_or_default()
-                .saturating_sub(written_before);
-            let requests = wrk.requests.max(1) as f64;
-            figures.push(RunFigures {
-                cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
-                disk_bytes_per_request: written as f64 / requests,
-                wrk,
-            });
+                    options.duration,
+                )
+                .await?,
+            );
         }
         after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
         exec_failures += std::fs::read_to_string(&subject.log)
@@ -248,5 +241,36 @@ pub async fn measure(
             .map(|(c, runs)| summarize(c, runs))
             .collect(),
         exec_failures: (name == "webhook-exec").then_some(exec_failures),
+    })
+}
+
+/// One wrk run against a running subject: wrk's figures, and the subject's
+/// CPU time and disk writes over the run, per request served.
+pub async fn load_run(
+    subject: &Running,
+    url: &str,
+    script: &Path,
+    connections: u32,
+    duration: Duration,
+) -> Result<RunFigures, String> {
+    let before = load::cpu_time(subject.pid()).unwrap_or_default();
+    let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
+    let wrk = tokio::task::spawn_blocking({
+        let (url, script) = (url.to_owned(), script.to_owned());
+        move || load::wrk(&url, connections, duration, &script)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let cpu = load::cpu_time(subject.pid())
+        .unwrap_or_default()
+        .saturating_sub(before);
+    let written = load::disk_writes(subject.pid())
+        .unwrap_or_default()
+        .saturating_sub(written_before);
+    let requests = wrk.requests.max(1) as f64;
+    Ok(RunFigures {
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
+        disk_bytes_per_request: written as f64 / requests,
+        wrk,
     })
 }
