@@ -172,7 +172,11 @@ async fn commit(
 ) -> Result<http::Response<Body>, Refusal> {
     let now = app.now();
     let upstreams = correlate(app, &events, now).await?;
-    let plan = routing::plan(&config.router(), source, &webhook, &events, &upstreams, now);
+    let router = config.router();
+    let plan = match app.route_index(config) {
+        Some(index) => routing::plan_indexed(&router, &index, source, &webhook, &events, &upstreams, now),
+        None => routing::plan(&router, source, &webhook, &events, &upstreams, now),
+    };
     let sendable = plan
         .jobs
         .iter()

@@ -3,7 +3,8 @@
 //!
 //! The accept path, dispatch, the follower, the admin API and payload URLs
 //! each take what they need from here; nothing in it decides anything.
-//! Built once by `daemon::run`; a reload swaps the config and nothing else.
+//! Built once by `daemon::run`; a reload swaps the config (with its routes
+//! indexed) and nothing else.
 
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::routing::RouteIndex;
 use crate::sends::Sends;
 use crate::store::Store;
 
@@ -21,8 +23,9 @@ use crate::store::Store;
 #[derive(Debug)]
 pub struct App {
     /// The current config; a reload swaps in a new one, and each request or
-    /// send keeps the one it started with.
-    config: RwLock<Arc<Config>>,
+    /// send keeps the one it started with. Beside it, its routes indexed
+    /// (built once per config, never per request), swapped with it.
+    config: RwLock<(Arc<Config>, Arc<RouteIndex>)>,
     pub store: Arc<dyn Store>,
     /// Wakes the dispatcher: new jobs were committed or a send finished.
     wake: Notify,
@@ -45,7 +48,7 @@ impl App {
         shutdown: CancellationToken,
     ) -> Result<App, reqwest::Error> {
         Ok(App {
-            config: RwLock::new(config),
+            config: RwLock::new(in_force(config)),
             store,
             wake: Notify::new(),
             wake_follower: Notify::new(),
@@ -62,15 +65,28 @@ impl App {
 
     pub fn config(&self) -> Arc<Config> {
         match self.config.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(guard) => guard.0.clone(),
+            Err(poisoned) => poisoned.into_inner().0.clone(),
         }
     }
 
+    /// The routes of `config` indexed, while it is the config in force. A
+    /// request that began before a reload gets `None` (and asks every route
+    /// of its own config): an index is only ever used with its own routes.
+    pub fn route_index(&self, config: &Arc<Config>) -> Option<Arc<RouteIndex>> {
+        let guard = match self.config.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // `config` is held, so its allocation cannot be another config's.
+        Arc::ptr_eq(&guard.0, config).then(|| guard.1.clone())
+    }
+
     pub fn replace_config(&self, config: Arc<Config>) {
+        let new = in_force(config);
         match self.config.write() {
-            Ok(mut guard) => *guard = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
+            Ok(mut guard) => *guard = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
         }
     }
 
@@ -89,4 +105,10 @@ impl App {
     pub async fn follower_wakeup(&self) {
         self.wake_follower.notified().await;
     }
+}
+
+/// A config and its routes indexed, to be in force together.
+fn in_force(config: Arc<Config>) -> (Arc<Config>, Arc<RouteIndex>) {
+    let index = Arc::new(RouteIndex::new(&config.routes));
+    (config, index)
 }
