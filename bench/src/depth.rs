@@ -29,8 +29,14 @@ pub const DEPTHS: [usize; 3] = [0, 100_000, 1_000_000];
 const FILL_BUDGET: Duration = Duration::from_secs(420);
 
 /// Triggers the paused CI answers, one after another, to time relay's
-/// claim cycle; queued first when the backlog has fewer.
+/// claim cycle; queued first (with the one held when it starts) when the
+/// backlog has fewer.
 const PROBE: usize = 300;
+
+/// The longest the claim cycles are timed for: past it, the cycles timed
+/// so far are the figure (a slow cycle at a great depth is the finding,
+/// not a reason to wait out `PROBE` of them).
+const PROBE_BUDGET: Duration = Duration::from_secs(60);
 
 /// Claims timed in-process against the store file.
 const STORE_CLAIMS: usize = 50;
@@ -64,6 +70,8 @@ pub struct Claims {
     pub cycle_p50_ms: f64,
     pub cycle_p99_ms: f64,
     pub cycles: usize,
+    /// Why the cycle could not be timed (the figures above are then 0).
+    pub cycle_error: Option<String>,
     /// The store's claim alone: `Queue::claim` of one job of the paused
     /// target, timed in this harness against the same file before relay
     /// starts. This is the harness's own build of relay's store, not
@@ -112,6 +120,11 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
         }
         let at_ingest = queued;
         let store_claims = store_claims(&db).await?;
+        eprintln!(
+            "  {queued} queued in {:.0} s; the store claims one in {:.3} ms (median)",
+            filled.secs,
+            quantile(&store_claims, 0.5)
+        );
         let store_mib = std::fs::metadata(&db)
             .map(|m| m.len() as f64 / 1_048_576.0)
             .unwrap_or(0.0);
@@ -129,14 +142,14 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
             runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration).await?);
         }
         let rss_after_mib = rss_mib(relay.pid()).unwrap_or(0.0);
-        if queued < PROBE {
+        if queued <= PROBE {
             // Too few jobs to time the claim cycle: queue the probe's, with
             // relay stopped (it holds the file).
             paused.refuse(true);
             drop(relay);
             let probe = fill(
                 &db,
-                PROBE - queued,
+                PROBE + 1 - queued,
                 target,
                 &format!("{depth}-probe"),
                 FILL_BUDGET,
@@ -146,7 +159,11 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
             paused.refuse(false);
             relay = start_relay(ws, &format!("{label}-probe"), port, &store, circle, &setup).await?;
         }
-        let (cycle_p50_ms, cycle_p99_ms, cycles) = claim_cycles(&paused, &relay).await?;
+        let cycle = claim_cycles(&paused, &relay).await;
+        if let Err(e) = &cycle {
+            eprintln!("  {e}\n  relay's log ends:\n{}", tail(&relay.log, 8));
+        }
+        let (cycle_p50_ms, cycle_p99_ms, cycles) = cycle.as_ref().map_or((0.0, 0.0, 0), |c| *c);
         // Each cycle's answered trigger is done; the one held at the end
         // fails (503) and stays queued for a retry.
         queued = queued.saturating_sub(cycles);
@@ -161,6 +178,7 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
             ingest: summarize(CONNECTIONS, runs),
             rss_after_mib,
             claims: Claims {
+                cycle_error: cycle.err(),
                 cycle_p50_ms,
                 cycle_p99_ms,
                 cycles,
@@ -212,8 +230,8 @@ async fn store_claims(db: &std::path::Path) -> Result<Vec<f64>, String> {
     Ok(took)
 }
 
-/// Answers the paused CI's triggers one after another, `PROBE` of them,
-/// and times each gap from an answer to the next trigger's arrival: its
+/// Answers the paused CI's triggers one after another, `PROBE` of them (or
+/// as many as `PROBE_BUDGET` allows), and times each gap from an answer to the next trigger's arrival: its
 /// median and 99th percentile in ms, and the count timed.
 async fn claim_cycles(paused: &MockPaused, relay: &Running) -> Result<(f64, f64, usize), String> {
     use std::sync::atomic::Ordering;
@@ -231,15 +249,16 @@ async fn claim_cycles(paused: &MockPaused, relay: &Running) -> Result<(f64, f64,
     // Arrivals noted before the probe are not waited for.
     let _ = tokio::time::timeout(Duration::from_millis(1), paused.arrival.notified()).await;
     let mut gaps = Vec::with_capacity(PROBE);
-    for _ in 0..PROBE {
+    let started = Instant::now();
+    while gaps.len() < PROBE && started.elapsed() < PROBE_BUDGET {
         let answered = Instant::now();
         paused.release.add_permits(1);
-        if tokio::time::timeout(Duration::from_secs(10), paused.arrival.notified())
+        if tokio::time::timeout(Duration::from_secs(30), paused.arrival.notified())
             .await
             .is_err()
         {
             return Err(format!(
-                "queue depth: no trigger 10 s after an answer ({} cycles timed; see {})",
+                "queue depth: no trigger 30 s after an answer ({} cycles timed; see {})",
                 gaps.len(),
                 relay.log.display()
             ));
@@ -255,6 +274,13 @@ async fn claim_cycles(paused: &MockPaused, relay: &Running) -> Result<(f64, f64,
     }
     gaps.sort_by(f64::total_cmp);
     Ok((median(gaps.clone()), quantile(&gaps, 0.99), gaps.len()))
+}
+
+/// The last `n` lines of a log.
+fn tail(log: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The `q` quantile of sorted values (nearest rank).
