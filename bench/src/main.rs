@@ -302,21 +302,27 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     } else {
         None
     };
+    // A curve that fails is said, and the others are still measured.
+    let mut errors = Vec::new();
     let routes = if wanted(only, "routes") {
         eprintln!("measuring relay against routes …");
-        Some(curves::routes(&ws, &options).await?)
+        section("routes", curves::routes(&ws, &options).await, &mut errors)
     } else {
         None
     };
     let payload = if wanted(only, "payload") {
         eprintln!("measuring relay against the push's size …");
-        Some(curves::payload(&ws, &options).await?)
+        section("payload", curves::payload(&ws, &options).await, &mut errors)
     } else {
         None
     };
     let queue_depth = if wanted(only, "queue_depth") {
         eprintln!("measuring relay against jobs queued …");
-        Some(depth::queue_depth(&ws, &options).await?)
+        section(
+            "queue_depth",
+            depth::queue_depth(&ws, &options).await,
+            &mut errors,
+        )
     } else {
         None
     };
@@ -333,6 +339,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         routes,
         payload,
         queue_depth,
+        errors,
     };
     print!("{}", table(&report));
     std::fs::write(
@@ -357,6 +364,18 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A curve's figures, or its error noted (and said) instead.
+fn section<T>(name: &str, measured: Result<T, String>, errors: &mut Vec<String>) -> Option<T> {
+    match measured {
+        Ok(figures) => Some(figures),
+        Err(e) => {
+            eprintln!("relay-bench: {name}: {e}");
+            errors.push(format!("{name}: {e}"));
+            None
+        }
+    }
 }
 
 /// The measured relay's `--version` line (its commit), to label its figures.

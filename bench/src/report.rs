@@ -25,6 +25,8 @@ pub struct Report {
     pub routes: Option<Curve<RoutesPoint>>,
     pub payload: Option<Curve<PayloadPoint>>,
     pub queue_depth: Option<Vec<DepthPoint>>,
+    /// Curves that could not be measured, and why.
+    pub errors: Vec<String>,
 }
 
 pub fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a Summary> {
@@ -123,6 +125,9 @@ pub fn table(report: &Report) -> String {
         );
     }
     curves(report, &mut out);
+    for error in &report.errors {
+        let _ = writeln!(out, "\nnot measured: {error}");
+    }
     out
 }
 
@@ -192,7 +197,7 @@ fn curves(report: &Report, out: &mut String) {
         for p in points {
             let _ = writeln!(
                 out,
-                "| {}{} | {:.0} | {:.0} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {:.1} | {:.2} / {:.2} | {:.3} / {:.3} |",
+                "| {}{} | {:.0} | {:.0} | {:.0} | {:.0}–{:.0} | {} | {} | {:.1} | {:.2} / {:.2} | {:.3} / {:.3} |",
                 p.queued,
                 if p.fill_cut_short { " (fill cut short)" } else { "" },
                 p.fill_secs,
@@ -200,8 +205,18 @@ fn curves(report: &Report, out: &mut String) {
                 p.ingest.requests_per_sec,
                 p.ingest.requests_per_sec_min,
                 p.ingest.requests_per_sec_max,
-                p.ingest.p99_ms,
-                p.ingest.cpu_us_per_request,
+                // No request completed in a run: its latency is past the
+                // run's length, and its CPU per request undefined.
+                if p.ingest.runs.iter().any(|r| r.wrk.requests == 0) {
+                    format!("> {} s", report.duration_secs)
+                } else {
+                    format!("{:.2}", p.ingest.p99_ms)
+                },
+                if p.ingest.cpu_us_per_request.is_finite() {
+                    format!("{:.0}", p.ingest.cpu_us_per_request)
+                } else {
+                    "–".to_owned()
+                },
                 p.rss_after_mib,
                 p.claims.cycle_p50_ms,
                 p.claims.cycle_p99_ms,

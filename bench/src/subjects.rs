@@ -267,7 +267,12 @@ pub async fn load_run(
     let written = load::disk_writes(subject.pid())
         .unwrap_or_default()
         .saturating_sub(written_before);
-    let requests = wrk.requests.max(1) as f64;
+    // No request completed: nothing to divide by (NaN is written as null).
+    let requests = if wrk.requests == 0 {
+        f64::NAN
+    } else {
+        wrk.requests as f64
+    };
     Ok(RunFigures {
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
         disk_bytes_per_request: written as f64 / requests,
