@@ -100,6 +100,18 @@ enum Internal {
         which: Baseline,
         port: u16,
     },
+    /// Draws the curves of a run's JSON (its --out) as SVG, measuring
+    /// nothing: to redraw, or to put two runs side by side later.
+    Plot {
+        /// The run's JSON
+        json: PathBuf,
+        /// Where the SVG files go
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// An earlier run's JSON, drawn beside it
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+    },
 }
 
 /// The subjects and parts `--only` may name.
@@ -211,6 +223,19 @@ fn connection_count(value: &str) -> Result<u32, String> {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(Internal::Plot { json, to, against }) = &cli.internal {
+        let drawn = read_json(json)
+            .and_then(|this| Ok((this, against.as_deref().map(read_json).transpose()?)))
+            .and_then(|(this, earlier)| plot::draw(&this, earlier.as_ref(), to));
+        match drawn {
+            Ok(written) => written.iter().for_each(|w| eprintln!("wrote {}", w.display())),
+            Err(e) => {
+                eprintln!("relay-bench plot: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Some(Internal::ServeBaseline { which, port }) = cli.internal {
         // The harness re-runs itself as the hyper baselines.
         let served = tokio::runtime::Runtime::new().and_then(|runtime| {
@@ -350,20 +375,20 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     eprintln!("wrote {}", options.out.display());
     if let Some(dir) = &options.plot {
         let this = serde_json::to_value(&report).map_err(|e| e.to_string())?;
-        let earlier = match &options.plot_against {
-            Some(file) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| e.to_string())
-                    .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
-                    .map_err(|e| format!("--plot-against {}: {e}", file.display()))?,
-            ),
-            None => None,
-        };
+        let earlier = options.plot_against.as_deref().map(read_json).transpose()?;
         for written in plot::draw(&this, earlier.as_ref(), dir)? {
             eprintln!("wrote {}", written.display());
         }
     }
     Ok(())
+}
+
+/// A run's JSON, as the plots read it.
+fn read_json(file: &std::path::Path) -> Result<serde_json::Value, String> {
+    std::fs::read_to_string(file)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", file.display()))
 }
 
 /// A curve's figures, or its error noted (and said) instead.
@@ -489,6 +514,24 @@ mod tests {
         assert!(!wanted(&only(&["load"]), "routes"));
         assert!(wanted(&only(&["relay", "routes"]), "relay"));
         assert!(!wanted(&only(&["relay", "routes"]), "hyper-verify"));
+    }
+
+    #[test]
+    fn plots_a_run_without_measuring() {
+        let cli = Cli::try_parse_from([
+            "relay-bench",
+            "plot",
+            "after.json",
+            "--to",
+            "docs/bench",
+            "--against",
+            "before.json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.internal,
+            Some(Internal::Plot { against: Some(_), .. })
+        ));
     }
 
     #[test]

@@ -181,7 +181,10 @@ pub fn draw(this: &Value, earlier: Option<&Value>, dir: &Path) -> Result<Vec<Pat
 fn with_which(point: &Value, which: usize) -> Value {
     let q = if which == 0 { "p50" } else { "p99" };
     let mut p = point.clone();
-    p["cycle"] = point["claims"][format!("cycle_{q}_ms")].clone();
+    // A cycle that could not be timed has no point (its figures are 0).
+    if point["claims"]["cycles"].as_u64() != Some(0) {
+        p["cycle"] = point["claims"][format!("cycle_{q}_ms")].clone();
+    }
     p["store"] = point["claims"][format!("store_claim_{q}_ms")].clone();
     p
 }
