@@ -38,6 +38,10 @@ const PROBE: usize = 300;
 /// not a reason to wait out `PROBE` of them).
 const PROBE_BUDGET: Duration = Duration::from_secs(60);
 
+/// The longest the claim cycles wait for relay to finish the ingest load's
+/// tail (requests wrk left in flight, their commits and sends).
+const SETTLE_BUDGET: Duration = Duration::from_secs(30);
+
 /// Claims timed in-process against the store file.
 const STORE_CLAIMS: usize = 50;
 
@@ -62,14 +66,18 @@ pub struct DepthPoint {
 /// Claim latency at one depth, two ways.
 #[derive(Debug, Clone, Serialize)]
 pub struct Claims {
-    /// Through the relay measured: the paused CI answers the trigger it
-    /// holds, and the next one arrives. Each gap is one cycle of relay's
+    /// Through the relay measured, once it is quiet after the ingest load:
+    /// the paused CI answers the trigger it holds, and the next one arrives. Each gap is one cycle of relay's
     /// dispatcher at `concurrency = 1`: the answer read, the attempt
     /// committed, the dispatcher woken, the next job claimed (a committed
     /// lease) and sent. Milliseconds, over `cycles` cycles.
     pub cycle_p50_ms: f64,
     pub cycle_p99_ms: f64,
     pub cycles: usize,
+    /// Seconds relay took to go quiet after the ingest load, before the
+    /// cycles were timed (at most `SETTLE_BUDGET`: past it, they were
+    /// timed with relay still busy).
+    pub settled_secs: f64,
     /// Why the cycle could not be timed (the figures above are then 0).
     pub cycle_error: Option<String>,
     /// The store's claim alone: `Queue::claim` of one job of the paused
@@ -159,6 +167,7 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
             paused.refuse(false);
             relay = start_relay(ws, &format!("{label}-probe"), port, &store, circle, &setup).await?;
         }
+        let settled_secs = settle(&relay).await;
         let cycle = claim_cycles(&paused, &relay).await;
         if let Err(e) = &cycle {
             eprintln!("  {e}\n  relay's log ends:\n{}", tail(&relay.log, 8));
@@ -179,6 +188,7 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
             rss_after_mib,
             claims: Claims {
                 cycle_error: cycle.err(),
+                settled_secs,
                 cycle_p50_ms,
                 cycle_p99_ms,
                 cycles,
@@ -274,6 +284,24 @@ async fn claim_cycles(paused: &MockPaused, relay: &Running) -> Result<(f64, f64,
     }
     gaps.sort_by(f64::total_cmp);
     Ok((median(gaps.clone()), quantile(&gaps, 0.99), gaps.len()))
+}
+
+/// Waits until relay spends under a tenth of a CPU over half a second (the
+/// ingest load's tail done), at most `SETTLE_BUDGET`; the seconds waited.
+async fn settle(relay: &Running) -> f64 {
+    let started = Instant::now();
+    let window = Duration::from_millis(500);
+    while started.elapsed() < SETTLE_BUDGET {
+        let before = load::cpu_time(relay.pid()).unwrap_or_default();
+        tokio::time::sleep(window).await;
+        let used = load::cpu_time(relay.pid())
+            .unwrap_or_default()
+            .saturating_sub(before);
+        if used < window / 10 {
+            break;
+        }
+    }
+    started.elapsed().as_secs_f64()
 }
 
 /// The last `n` lines of a log.

@@ -125,6 +125,11 @@ pub fn table(report: &Report) -> String {
         );
     }
     curves(report, &mut out);
+    for p in report.queue_depth.iter().flatten() {
+        if let Some(e) = &p.claims.cycle_error {
+            let _ = writeln!(out, "\nclaim cycle at {} queued not timed: {e}", p.queued);
+        }
+    }
     for error in &report.errors {
         let _ = writeln!(out, "\nnot measured: {error}");
     }
@@ -192,7 +197,7 @@ fn curves(report: &Report, out: &mut String) {
     if let Some(points) = &report.queue_depth {
         let _ = writeln!(
             out,
-            "\nrelay against jobs queued (for a CI holding its one trigger), ingest at c32; claim: answer → next trigger through relay (cycle), and the store's claim alone:\n\n| queued | fill s | store MiB | ingest req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | cycle p50 / p99 ms | store claim p50 / p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "\nrelay against jobs queued (for a CI holding its one trigger), ingest at c32; claim: answer → next trigger through relay once it is quiet (cycle), and the store's claim alone:\n\n| queued | fill s | store MiB | ingest req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | cycle p50 / p99 ms | store claim p50 / p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for p in points {
             let _ = writeln!(
