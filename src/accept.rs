@@ -175,7 +175,15 @@ async fn commit(
 ) -> Result<http::Response<Body>, Refusal> {
     let now = app.now();
     let upstreams = correlate(app, &events, now).await?;
-    let plan = routing::plan(&config.router(), source, &webhook, &events, &upstreams, now);
+    let plan = routing::plan_indexed(
+        &config.router(),
+        &config.route_index,
+        source,
+        &webhook,
+        &events,
+        &upstreams,
+        now,
+    );
     let sendable = plan
         .jobs
         .iter()

@@ -64,6 +64,9 @@ pub fn wrk(url: &str, connections: u32, duration: Duration, script: &Path) -> Re
 
 fn parse_wrk(text: &str) -> Option<WrkResult> {
     let mut result = WrkResult::default();
+    // A run may complete no request at all (a subject too slow to answer
+    // within it): that is a figure, 0 req/s, as long as wrk said so.
+    let mut counted = false;
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("50%") {
             result.p50_ms = latency_ms(rest.trim())?;
@@ -73,6 +76,7 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
             result.requests_per_sec = rest.trim().parse().ok()?;
         } else if line.contains(" requests in ") {
             result.requests = line.split_whitespace().next()?.parse().ok()?;
+            counted = true;
         } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             result.non_2xx = rest.trim().parse().ok()?;
         } else if let Some(rest) = line.strip_prefix("Socket errors:") {
@@ -82,7 +86,7 @@ fn parse_wrk(text: &str) -> Option<WrkResult> {
                 .sum();
         }
     }
-    (result.requests > 0).then_some(result)
+    counted.then_some(result)
 }
 
 fn latency_ms(text: &str) -> Option<f64> {
@@ -144,6 +148,16 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_completed_nothing_is_zero() {
+        let text = "  0 requests in 5.01s, 0.00B read
+Requests/sec:      0.00
+";
+        let r = parse_wrk(text).unwrap();
+        assert_eq!((r.requests, r.requests_per_sec), (0, 0.0));
+        assert!(parse_wrk("wrk: cannot connect").is_none());
+    }
 
     #[test]
     fn reads_wrk_output() {

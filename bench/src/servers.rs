@@ -141,3 +141,83 @@ impl MockCircle {
         Ok(addr)
     }
 }
+
+/// A CI that is down without refusing: each trigger is held, unanswered,
+/// until the harness releases one, and when each arrived is noted. Relay's
+/// jobs for it stay queued while it holds its one send slot.
+#[derive(Debug, Clone)]
+pub struct MockPaused {
+    /// A permit answers one held trigger 201.
+    pub release: Arc<tokio::sync::Semaphore>,
+    /// While it has permits, every trigger is answered 503 at once, held
+    /// ones too (so relay can stop without waiting out a send).
+    refuse: Arc<tokio::sync::Semaphore>,
+    pub arrivals: Arc<Mutex<Vec<Instant>>>,
+    /// Triggers arrived and not answered yet.
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Told of every arrival (a permit is kept when nobody waits).
+    pub arrival: Arc<tokio::sync::Notify>,
+}
+
+impl MockPaused {
+    pub fn new() -> MockPaused {
+        MockPaused {
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+            refuse: Arc::new(tokio::sync::Semaphore::new(0)),
+            arrivals: Arc::default(),
+            held: Arc::default(),
+            arrival: Arc::default(),
+        }
+    }
+
+    /// Answers every trigger 503 from now on (`true`), or holds them again.
+    pub fn refuse(&self, refuse: bool) {
+        if refuse {
+            self.refuse.add_permits(tokio::sync::Semaphore::MAX_PERMITS >> 4);
+        } else {
+            self.refuse.forget_permits(usize::MAX);
+        }
+    }
+
+    pub async fn start(self) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let mock = self.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let mock = mock.clone();
+                        async move {
+                            let _ = request.into_body().collect().await;
+                            let at = Instant::now();
+                            if let Ok(mut arrivals) = mock.arrivals.lock() {
+                                arrivals.push(at);
+                            }
+                            mock.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            mock.arrival.notify_one();
+                            let released = tokio::select! {
+                                permit = mock.release.acquire() => permit.map(|p| p.forget()).is_ok(),
+                                _ = mock.refuse.acquire() => false,
+                            };
+                            mock.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            if released {
+                                Ok::<_, Infallible>(respond(
+                                    201,
+                                    r#"{"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created","number":1,"created_at":"2026-11-22T10:00:00Z"}"#,
+                                ))
+                            } else {
+                                Ok(respond(503, "paused"))
+                            }
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(addr)
+    }
+}

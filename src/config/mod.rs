@@ -30,7 +30,7 @@ use crate::secret::Secret;
 use crate::event::Files;
 use crate::guard::LoopGuard;
 use crate::ingress::Source;
-use crate::routing::{Declared, Route, Router};
+use crate::routing::{Declared, Route, RouteIndex, Router};
 use crate::targets::Target;
 use crate::targets::hooks::CatchUp;
 use crate::template::Templates;
@@ -49,6 +49,9 @@ pub struct Config {
     pub loop_guard: LoopGuard,
     pub sources: Vec<Source>,
     pub routes: Vec<Route>,
+    /// `routes` indexed by source, event kind and literal repository, built
+    /// once here so that a webhook asks only the routes that can take it.
+    pub route_index: RouteIndex,
     pub targets: BTreeMap<String, Target>,
     /// The targets that post commit statuses, one per source with an `api`,
     /// by name (`status:<source>`); never named in a route's `to`.
@@ -292,6 +295,7 @@ impl Config {
             delivery,
             loop_guard,
             sources,
+            route_index: RouteIndex::new(&routes),
             routes,
             targets,
             reporters,

@@ -1,6 +1,7 @@
 //! Routing: the routes compiled once from `[[routes]]`, evaluated for each
 //! event of a verified webhook into the jobs to queue, each with its
-//! target's request rendered.
+//! target's request rendered. The accept path asks only the routes the
+//! config's `RouteIndex` names for the event; `relay explain` asks them all.
 //!
 //! Evaluation is pure: it reads the event and the compiled config and
 //! renders each target's request, but never stores, sends or logs. Every
@@ -9,6 +10,7 @@
 //! stateless rules screen each event first.
 
 mod context;
+mod index;
 mod route;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,6 +20,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 pub use context::context;
+pub use index::RouteIndex;
 pub use route::{Declared, Route, Verdict};
 
 use crate::event::{Event, Upstream};
@@ -118,7 +121,8 @@ impl Plan {
     }
 }
 
-/// Evaluates every route for every event and renders the requests to queue.
+/// Evaluates every route for every event and renders the requests to queue;
+/// `trace` holds every route's verdict on every event (`relay explain`).
 /// `upstreams[i]`, when present, is what started the pipeline `events[i]`
 /// reports (see `Queue::correlate`). `now` dates what rendering needs dated
 /// (payload URLs' expiry).
@@ -130,14 +134,49 @@ pub fn plan(
     upstreams: &[Option<Upstream>],
     now: SystemTime,
 ) -> Plan {
+    plan_with(router, None, source, webhook, events, upstreams, now)
+}
+
+/// [`plan`], asking only the routes `index` says may take each event (the
+/// accept path's: its cost follows the routes that name the event's source,
+/// kind and repository, not every route). Jobs, drops, hops and unreported
+/// reports are exactly `plan`'s, in the same order; `trace` holds the
+/// verdicts of the routes asked. `index` is built from `router.routes`; one
+/// built from another list is not trusted, and every route is asked.
+pub fn plan_indexed(
+    router: &Router<'_>,
+    index: &RouteIndex,
+    source: &Source,
+    webhook: &Webhook,
+    events: &[Event],
+    upstreams: &[Option<Upstream>],
+    now: SystemTime,
+) -> Plan {
+    let index = (index.len() == router.routes.len()).then_some(index);
+    plan_with(router, index, source, webhook, events, upstreams, now)
+}
+
+fn plan_with(
+    router: &Router<'_>,
+    by_index: Option<&RouteIndex>,
+    source: &Source,
+    webhook: &Webhook,
+    events: &[Event],
+    upstreams: &[Option<Upstream>],
+    now: SystemTime,
+) -> Plan {
     let mut plan = Plan {
         hop: webhook.hop(),
         ..Plan::default()
     };
+    let pipelines_routed = match by_index {
+        Some(routes) => routes.pipelines_routed(&source.name),
+        None => router.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
+    };
     let origin = guard::Origin {
         source: &source.name,
         ignore_pushers: &source.ignore_pushers,
-        pipelines_routed: router.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
+        pipelines_routed,
         request_hop: webhook.hop(),
     };
     for (index, event) in events.iter().enumerate() {
@@ -155,7 +194,11 @@ pub fn plan(
         // Two routes sending one event to the same target would trigger it
         // twice with the same request; the first route wins.
         let mut targeted: BTreeSet<&str> = BTreeSet::new();
-        for route in router.routes {
+        let asked: Vec<usize> = match by_index {
+            Some(routes) => routes.candidates(&source.name, event.kind, &event.repo),
+            None => (0..router.routes.len()).collect(),
+        };
+        for route in asked.iter().filter_map(|&at| router.routes.get(at)) {
             let verdict = route.evaluate(router.templates, &source.name, event, &ctx);
             let matched = verdict == Verdict::Match;
             plan.trace.push((index, route.name.clone(), verdict));

@@ -104,6 +104,13 @@ impl Patterns {
     fn matches(&self, value: &str) -> bool {
         (!self.has_include || self.include.is_match(value)) && !self.exclude.is_match(value)
     }
+
+    /// The values these patterns take when they are all literal (no glob
+    /// character, no exclusion): then they match exactly those strings.
+    fn literals(&self) -> Option<Vec<String>> {
+        let literal = |p: &String| !p.is_empty() && !p.contains(['*', '?', '[', ']', '{', '}', '\\', '!']);
+        (self.has_include && self.written.iter().all(literal)).then(|| self.written.clone())
+    }
 }
 
 impl fmt::Display for Patterns {
@@ -305,6 +312,23 @@ impl Route {
             )),
             _ => None,
         }
+    }
+
+    /// The sources named in `from`; `None` is every source.
+    pub(super) fn sources(&self) -> Option<&[String]> {
+        self.from.as_deref()
+    }
+
+    /// The event kinds the route takes.
+    pub(super) fn event_kinds(&self) -> &[EventKind] {
+        &self.events
+    }
+
+    /// The repositories `repos` names, when it names only literal ones (it
+    /// then matches exactly those); `None` for a glob, an exclusion, or no
+    /// `repos` at all.
+    pub(super) fn literal_repos(&self) -> Option<Vec<String>> {
+        self.repos.as_ref().and_then(Patterns::literals)
     }
 
     /// Whether this route decides on the files a push changed.

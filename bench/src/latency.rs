@@ -1,0 +1,178 @@
+//! relay's latencies through the whole path: webhook → trigger at a fixed
+//! rate (end to end), and the rate at which a backlog drains (delivery).
+//! Bounded: a fixed count of requests, a deadline on every wait.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::backlog::{JobTarget, fill};
+use crate::process::free_port;
+use crate::relay::{Setup, Workspace, start_relay};
+use crate::servers::MockCircle;
+use crate::subjects::median;
+use crate::{BACKLOG, E2E_RATE, Options};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndToEnd {
+    pub rate_per_sec: u32,
+    pub seconds: u64,
+    /// 202 received → trigger received. Zero when the trigger arrived
+    /// first: relay sends right after the commit, as the 202 goes out.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Webhook sent → trigger received: the commit included.
+    pub from_send_p50_ms: f64,
+    pub from_send_p99_ms: f64,
+    /// Per run: (p50, p99, from-send p50, from-send p99).
+    pub runs: Vec<(f64, f64, f64, f64)>,
+}
+
+/// 202 received → trigger received by the mock, at a fixed request rate.
+pub async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, String> {
+    let mut runs = Vec::new();
+    let seconds = options.duration.as_secs().max(2);
+    for run in 0..options.runs {
+        let mock = MockCircle::default();
+        let circle = mock.clone().start(true).await.map_err(|e| e.to_string())?;
+        let port = free_port()?;
+        let store = format!("sqlite://{}", ws.path(&format!("e2e-{run}.db")).display());
+        let relay = start_relay(
+            ws,
+            &format!("e2e-{run}"),
+            port,
+            &store,
+            circle,
+            &Setup {
+                record: true,
+                ..Setup::default()
+            },
+        )
+        .await?;
+        let client = relay::sends::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let total = E2E_RATE as u64 * seconds;
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / E2E_RATE);
+        let mut sent = Vec::new();
+        for n in 0..total {
+            tick.tick().await;
+            let delivery = format!("e2e-{run}-{n}");
+            let request = client
+                .post(format!("http://127.0.0.1:{port}/hooks/github"))
+                .header("Content-Type", "application/json")
+                .header("X-GitHub-Event", "push")
+                .header("X-GitHub-Delivery", &delivery)
+                .header("X-Hub-Signature-256", &ws.signature)
+                .body(ws.body.clone());
+            sent.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let response = request.send().await.ok()?;
+                (response.status().as_u16() == 202).then(|| (delivery, started, Instant::now()))
+            }));
+        }
+        let mut answered = Vec::new();
+        for task in sent {
+            if let Ok(Some(pair)) = task.await {
+                answered.push(pair);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mock.count.load(Ordering::Relaxed) < answered.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let arrivals = mock.arrivals.lock().map_err(|_| "mock poisoned")?.clone();
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+        let (mut after_ack, mut after_send): (Vec<f64>, Vec<f64>) = answered
+            .iter()
+            .filter_map(|(d, started, acked)| arrivals.get(d).map(|at| (ms(*acked, *at), ms(*started, *at))))
+            .unzip();
+        if after_ack.len() < answered.len() {
+            return Err(format!(
+                "end to end: only {} of {} triggers arrived",
+                after_ack.len(),
+                answered.len()
+            ));
+        }
+        after_ack.sort_by(f64::total_cmp);
+        after_send.sort_by(f64::total_cmp);
+        let at = |sorted: &[f64], q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
+        runs.push((
+            at(&after_ack, 0.5),
+            at(&after_ack, 0.99),
+            at(&after_send, 0.5),
+            at(&after_send, 0.99),
+        ));
+        drop(relay);
+    }
+    Ok(EndToEnd {
+        rate_per_sec: E2E_RATE,
+        seconds,
+        p50_ms: median(runs.iter().map(|r| r.0).collect()),
+        p99_ms: median(runs.iter().map(|r| r.1).collect()),
+        from_send_p50_ms: median(runs.iter().map(|r| r.2).collect()),
+        from_send_p99_ms: median(runs.iter().map(|r| r.3).collect()),
+        runs,
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub backlog: usize,
+    pub triggers_per_sec: f64,
+    pub runs: Vec<f64>,
+}
+
+/// A backlog of queued jobs, then relay started on it: triggers per second
+/// reaching the mock, first to last.
+pub async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String> {
+    let mut runs = Vec::new();
+    for run in 0..options.runs {
+        let mock = MockCircle::default();
+        let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
+        let db = ws.path(&format!("backlog-{run}.db"));
+        let target = JobTarget {
+            name: "circleci",
+            addr: circle,
+        };
+        let filled = fill(&db, BACKLOG, target, &run.to_string(), Duration::from_secs(600)).await?;
+        if filled.cut_short {
+            return Err(format!(
+                "delivery: only {} of {BACKLOG} jobs queued in 600 s",
+                filled.jobs
+            ));
+        }
+        let port = free_port()?;
+        let store = format!("sqlite://{}", db.display());
+        let relay = start_relay(
+            ws,
+            &format!("backlog-{run}"),
+            port,
+            &store,
+            circle,
+            &Setup::default(),
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut first = None;
+        while mock.count.load(Ordering::Relaxed) < BACKLOG {
+            if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
+                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "delivery: {} of {BACKLOG} after 120s",
+                    mock.count.load(Ordering::Relaxed)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (started, at_start) = first.unwrap_or((Instant::now(), 0));
+        runs.push((BACKLOG - at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3));
+        drop(relay);
+    }
+    Ok(Delivery {
+        backlog: BACKLOG,
+        triggers_per_sec: median(runs.clone()),
+        runs,
+    })
+}

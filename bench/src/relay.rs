@@ -1,0 +1,144 @@
+//! relay as the harness runs it: the workspace every measurement shares
+//! (scratch directory, the load's body, the relay binary), relay's config
+//! for a measurement, and relay started on it. Only loopback addresses go
+//! into a config.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+
+use crate::SECRET;
+use crate::process::{Running, Scratch, start_pinned};
+
+/// What every measurement of one harness run shares.
+pub struct Workspace {
+    /// Configs, logs, databases and bodies; removed at the end.
+    pub dir: Scratch,
+    /// The load table's 7 KB push and its signature (`body.json` in `dir`).
+    pub body: Bytes,
+    pub signature: String,
+    /// The relay measured: the one beside the harness, or `--relay`.
+    pub relay_binary: PathBuf,
+    /// `--postgres`: a server where a fresh database is made per run.
+    pub postgres: Option<String>,
+}
+
+impl Workspace {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+}
+
+/// What a measurement changes in relay's config. The default is the load
+/// table's relay: one GitHub source, one route taking every push, one
+/// CircleCI target at the mock.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// The delivery id goes into a pipeline parameter, so the mock can time
+    /// each trigger (end to end).
+    pub record: bool,
+    /// `[[routes]]` (and any sources and targets they name beyond the
+    /// default ones) instead of the one route.
+    pub routes: Option<String>,
+    /// Appended as it is: more sources and targets.
+    pub extra: String,
+    /// `delivery.timeout`, when relay's default will not do (a paused
+    /// target's send must outlast the measurement).
+    pub delivery_timeout: Option<&'static str>,
+}
+
+pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, setup: &Setup) -> String {
+    // The load repeats one commit: the dedupe window and burst breaker would
+    // hold back all but the first triggers, so they are off, and every
+    // request commits an event and a job.
+    let parameters = if setup.record {
+        "parameters = { delivery = \"{{ delivery }}\" }"
+    } else {
+        ""
+    };
+    let routes = setup
+        .routes
+        .as_deref()
+        .unwrap_or("[[routes]]\nname = \"builds\"\nto = [\"circleci\"]\n");
+    let timeout = setup
+        .delivery_timeout
+        .map(|t| format!("timeout = \"{t}\""))
+        .unwrap_or_default();
+    let extra = &setup.extra;
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[store]
+url = "{store}"
+
+[loop_guard]
+dedupe_window = "0s"
+burst = false
+
+[delivery]
+concurrency = 32
+{timeout}
+
+[sources.github]
+provider = "github"
+path = "/hooks/github"
+secret = "{SECRET}"
+
+{routes}
+
+[targets.circleci]
+kind = "circleci"
+base_url = "http://{circle}"
+project = "gh/acme/api"
+token = "bench-circle-token"
+{parameters}
+
+{extra}
+"#
+    )
+}
+
+/// A new, empty database on `server` for one run, as a URL. (Left in
+/// place afterwards: a relay may still hold connections to it.)
+pub async fn fresh_postgres_database(server: &str) -> Result<String, String> {
+    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("--postgres: cannot connect: {e}"))?;
+    tokio::spawn(connection);
+    let name = format!("relay_bench_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .map_err(|e| format!("--postgres: cannot create a database (the role needs CREATEDB): {e}"))?;
+    let (base, _) = server
+        .split('?')
+        .next()
+        .and_then(|s| s.rsplit_once('/'))
+        .ok_or("--postgres takes a URL ending in /DATABASE")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// relay on `store` at `port`, pinned like every subject; `label` names its
+/// config and log in the scratch directory.
+pub async fn start_relay(
+    ws: &Workspace,
+    label: &str,
+    port: u16,
+    store: &str,
+    circle: std::net::SocketAddr,
+    setup: &Setup,
+) -> Result<Running, String> {
+    let config = ws.path(&format!("{label}.toml"));
+    std::fs::write(&config, relay_config(port, store, circle, setup)).map_err(|e| e.to_string())?;
+    let args = vec![
+        "serve".into(),
+        "--log-format".into(),
+        "json".into(),
+        "-c".into(),
+        config.display().to_string(),
+    ];
+    let log = ws.path(&format!("{label}.log"));
+    start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
+}

@@ -1,0 +1,233 @@
+//! The results of one run: the JSON written to compare across commits and
+//! the tables printed. Never measures; only says what was measured.
+
+use serde::Serialize;
+
+use std::fmt::Write as _;
+
+use crate::curves::{Curve, PayloadPoint, RoutesPoint};
+use crate::depth::DepthPoint;
+use crate::latency::{Delivery, EndToEnd};
+use crate::subjects::{SubjectResult, Summary};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub when: String,
+    pub machine: String,
+    /// The measured relay's `--version` line.
+    pub relay: String,
+    pub duration_secs: u64,
+    pub runs: usize,
+    pub payload_bytes: usize,
+    pub subjects: Vec<SubjectResult>,
+    pub end_to_end: Option<EndToEnd>,
+    pub delivery: Option<Delivery>,
+    pub routes: Option<Curve<RoutesPoint>>,
+    pub payload: Option<Curve<PayloadPoint>>,
+    pub queue_depth: Option<Vec<DepthPoint>>,
+    /// Curves that could not be measured, and why.
+    pub errors: Vec<String>,
+}
+
+pub fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a Summary> {
+    report
+        .subjects
+        .iter()
+        .find(|s| s.name == name)?
+        .by_connections
+        .iter()
+        .find(|c| c.connections == connections)
+}
+
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{} · {} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
+        report.machine,
+        report.relay,
+        report.payload_bytes / 1024,
+        report.duration_secs,
+        report.runs
+    );
+    if !report.subjects.is_empty() {
+        let _ = writeln!(
+            out,
+            "| subject | conns | req/s | spread | p50 ms | p99 ms | CPU µs/req | disk KB/req | RSS idle → after (MiB) | non-2xx |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
+    for s in &report.subjects {
+        for c in &s.by_connections {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} → {:.1} | {} |",
+                s.name,
+                c.connections,
+                c.requests_per_sec,
+                c.requests_per_sec_min,
+                c.requests_per_sec_max,
+                c.p50_ms,
+                c.p99_ms,
+                c.cpu_us_per_request,
+                c.disk_bytes_per_request / 1024.0,
+                s.rss_idle_mib,
+                s.rss_after_mib,
+                c.non_2xx + c.socket_errors
+            );
+        }
+    }
+    if let Some(failures) = report.subjects.iter().find_map(|s| s.exec_failures) {
+        let _ = writeln!(
+            out,
+            "\nwebhook-exec: {failures} commands failed with \"too many open files\""
+        );
+    }
+    if let Some(relay) = find(report, "relay", 32) {
+        let _ = writeln!(
+            out,
+            "\nrelay at 32 connections, as a ratio of each baseline's req/s:"
+        );
+        for base in ["hyper-ceiling", "hyper-verify", "webhook-noexec", "webhook-exec"] {
+            if let Some(b) = find(report, base, 32) {
+                let _ = writeln!(
+                    out,
+                    "  vs {base}: {:.2}×",
+                    relay.requests_per_sec / b.requests_per_sec.max(1e-9)
+                );
+            }
+        }
+    }
+    if let (Some(pg), Some(sqlite)) = (find(report, "relay-postgres", 32), find(report, "relay", 32)) {
+        let _ = writeln!(
+            out,
+            "  relay-postgres vs relay (SQLite): {:.2}×",
+            pg.requests_per_sec / sqlite.requests_per_sec.max(1e-9)
+        );
+    }
+    if let Some(e) = &report.end_to_end {
+        let _ = writeln!(
+            out,
+            "relay end to end at {} req/s: 202 received → mock CircleCI has the trigger p50 {:.2} ms, p99 {:.2} ms \
+             (0 when the trigger arrives first); webhook sent → trigger p50 {:.2} ms, p99 {:.2} ms",
+            e.rate_per_sec, e.p50_ms, e.p99_ms, e.from_send_p50_ms, e.from_send_p99_ms
+        );
+    }
+    if let Some(d) = &report.delivery {
+        let spread = (
+            d.runs.iter().copied().fold(f64::INFINITY, f64::min),
+            d.runs.iter().copied().fold(0.0, f64::max),
+        );
+        let _ = writeln!(
+            out,
+            "relay delivery from a backlog of {}: {:.0} triggers/s (spread {:.0}–{:.0})",
+            d.backlog, d.triggers_per_sec, spread.0, spread.1
+        );
+    }
+    curves(report, &mut out);
+    for p in report.queue_depth.iter().flatten() {
+        if let Some(e) = &p.claims.cycle_error {
+            let _ = writeln!(out, "\nclaim cycle at {} queued not timed: {e}", p.queued);
+        }
+    }
+    for error in &report.errors {
+        let _ = writeln!(out, "\nnot measured: {error}");
+    }
+    out
+}
+
+/// The curves' tables, each with its ratios to its first point.
+fn curves(report: &Report, out: &mut String) {
+    let ratio = |a: f64, b: f64| a / b.max(1e-9);
+    if let Some(curve) = &report.routes {
+        let _ = writeln!(
+            out,
+            "\nrelay against routes, c{} ({}):\n\n| routes | taking the push | req/s | spread | p99 ms | CPU µs/webhook | req/s vs 1 route | CPU vs 1 route |\n|---:|---:|---:|---:|---:|---:|---:|---:|",
+            curve.connections, report.relay
+        );
+        let first = curve.points.first().map(|p| &p.load);
+        for p in &curve.points {
+            let (rps, cpu) = first.map_or((1.0, 1.0), |f| {
+                (
+                    ratio(p.load.requests_per_sec, f.requests_per_sec),
+                    ratio(p.load.cpu_us_per_request, f.cpu_us_per_request),
+                )
+            });
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {rps:.2}× | {cpu:.2}× |",
+                p.routes,
+                p.matching,
+                p.load.requests_per_sec,
+                p.load.requests_per_sec_min,
+                p.load.requests_per_sec_max,
+                p.load.p99_ms,
+                p.load.cpu_us_per_request
+            );
+        }
+    }
+    if let Some(curve) = &report.payload {
+        let _ = writeln!(
+            out,
+            "\nrelay against the push's size, c{}:\n\n| push KB | req/s | spread | p99 ms | CPU µs/webhook | disk KB/webhook | RSS after MiB | req/s vs 1 KB | CPU vs 1 KB |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            curve.connections
+        );
+        let first = curve.points.first().map(|p| &p.load);
+        for p in &curve.points {
+            let (rps, cpu) = first.map_or((1.0, 1.0), |f| {
+                (
+                    ratio(p.load.requests_per_sec, f.requests_per_sec),
+                    ratio(p.load.cpu_us_per_request, f.cpu_us_per_request),
+                )
+            });
+            let _ = writeln!(
+                out,
+                "| {:.1} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {rps:.2}× | {cpu:.2}× |",
+                p.bytes as f64 / 1024.0,
+                p.load.requests_per_sec,
+                p.load.requests_per_sec_min,
+                p.load.requests_per_sec_max,
+                p.load.p99_ms,
+                p.load.cpu_us_per_request,
+                p.load.disk_bytes_per_request / 1024.0,
+                p.rss_after_mib
+            );
+        }
+    }
+    if let Some(points) = &report.queue_depth {
+        let _ = writeln!(
+            out,
+            "\nrelay against jobs queued (for a CI holding its one trigger), ingest at c32; claim: answer → next trigger through relay once it is quiet (cycle), and the store's claim alone:\n\n| queued | fill s | store MiB | ingest req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | cycle p50 / p99 ms | store claim p50 / p99 ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for p in points {
+            let _ = writeln!(
+                out,
+                "| {}{} | {:.0} | {:.0} | {:.0} | {:.0}–{:.0} | {} | {} | {:.1} | {:.2} / {:.2} | {:.3} / {:.3} |",
+                p.queued,
+                if p.fill_cut_short { " (fill cut short)" } else { "" },
+                p.fill_secs,
+                p.store_mib,
+                p.ingest.requests_per_sec,
+                p.ingest.requests_per_sec_min,
+                p.ingest.requests_per_sec_max,
+                // No request completed in a run: its latency is past the
+                // run's length, and its CPU per request undefined.
+                if p.ingest.runs.iter().any(|r| r.wrk.requests == 0) {
+                    format!("> {} s", report.duration_secs)
+                } else {
+                    format!("{:.2}", p.ingest.p99_ms)
+                },
+                if p.ingest.cpu_us_per_request.is_finite() {
+                    format!("{:.0}", p.ingest.cpu_us_per_request)
+                } else {
+                    "–".to_owned()
+                },
+                p.rss_after_mib,
+                p.claims.cycle_p50_ms,
+                p.claims.cycle_p99_ms,
+                p.claims.store_claim_p50_ms,
+                p.claims.store_claim_p99_ms
+            );
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The subjects of the load table (the hyper baselines, adnanh/webhook,
+//! relay on SQLite or PostgreSQL), each started fresh per run and loaded by
+//! wrk at each connection count, and the figures of those runs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::load::{self, WrkResult};
+use crate::process::{Running, free_port, start_pinned};
+use crate::relay::{Setup, Workspace, fresh_postgres_database, start_relay};
+use crate::{Options, SECRET};
+
+/// The subjects, in the order of the table.
+pub const SUBJECTS: [(&str, &str); 6] = [
+    (
+        "hyper-ceiling",
+        "a minimal hyper 1 server: 200 without reading the body",
+    ),
+    (
+        "hyper-verify",
+        "hyper reading the body, checking X-Hub-Signature-256, parsing the JSON (typed)",
+    ),
+    (
+        "webhook-noexec",
+        "adnanh/webhook, payload-hmac-sha256 on X-Hub-Signature-256 and a match on ref; execute-command \"\" (answers 200 once the rule matches; the exec then fails at the PATH lookup, no process started)",
+    ),
+    (
+        "webhook-exec",
+        "the same, running /bin/true and waiting for it (include-command-output-in-response)",
+    ),
+    (
+        "relay",
+        "relay: one GitHub source, one route, a circleci target at the mock; SQLite, synchronous=FULL",
+    ),
+    (
+        "relay-postgres",
+        "the same on the PostgreSQL store (--postgres URL; a fresh database per run)",
+    ),
+];
+
+pub fn webhook_hooks(path: &Path, exec: bool) -> Result<(), String> {
+    let hooks = serde_json::json!([{
+        "id": "bench",
+        "execute-command": if exec { "/bin/true" } else { "" },
+        "include-command-output-in-response": exec,
+        "trigger-rule": { "and": [
+            { "match": { "type": "payload-hmac-sha256", "secret": SECRET,
+                         "parameter": { "source": "header", "name": "X-Hub-Signature-256" } } },
+            { "match": { "type": "value", "value": "refs/heads/main",
+                         "parameter": { "source": "payload", "name": "ref" } } }
+        ] }
+    }]);
+    std::fs::write(path, hooks.to_string()).map_err(|e| e.to_string())
+}
+
+pub async fn start_subject(
+    name: &str,
+    ws: &Workspace,
+    circle: std::net::SocketAddr,
+    run: usize,
+) -> Result<Running, String> {
+    let port = free_port()?;
+    let log = ws.path(&format!("{name}-{run}.log"));
+    match name {
+        "hyper-ceiling" | "hyper-verify" => {
+            let which = if name == "hyper-ceiling" {
+                "ceiling"
+            } else {
+                "verify"
+            };
+            let me = std::env::current_exe().map_err(|e| e.to_string())?;
+            start_pinned(
+                &me,
+                &["serve-baseline".into(), which.into(), port.to_string()],
+                port,
+                log,
+                &[],
+            )
+            .await
+        }
+        "webhook-noexec" | "webhook-exec" => {
+            let hooks = ws.path(&format!("{name}.json"));
+            webhook_hooks(&hooks, name == "webhook-exec")?;
+            let args = vec![
+                "-hooks".into(),
+                hooks.display().to_string(),
+                "-ip".into(),
+                "127.0.0.1".into(),
+                "-port".into(),
+                port.to_string(),
+            ];
+            start_pinned(Path::new("webhook"), &args, port, log, &[]).await
+        }
+        _ => {
+            let store = if name == "relay-postgres" {
+                let server = ws
+                    .postgres
+                    .as_deref()
+                    .ok_or("relay-postgres needs --postgres URL")?;
+                fresh_postgres_database(server).await?
+            } else {
+                format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
+            };
+            start_relay(
+                ws,
+                &format!("{name}-{run}"),
+                port,
+                &store,
+                circle,
+                &Setup::default(),
+            )
+            .await
+        }
+    }
+}
+
+pub fn url(name: &str, port: u16) -> String {
+    match name {
+        "webhook-noexec" | "webhook-exec" => format!("http://127.0.0.1:{port}/hooks/bench"),
+        _ => format!("http://127.0.0.1:{port}/hooks/github"),
+    }
+}
+
+/// One load run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    pub wrk: WrkResult,
+    pub cpu_us_per_request: f64,
+    /// Bytes the subject had the kernel write to storage, per request.
+    pub disk_bytes_per_request: f64,
+}
+
+/// Median and spread of the runs at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub connections: u32,
+    pub requests_per_sec: f64,
+    pub requests_per_sec_min: f64,
+    pub requests_per_sec_max: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub cpu_us_per_request: f64,
+    pub disk_bytes_per_request: f64,
+    pub non_2xx: u64,
+    pub socket_errors: u64,
+    pub runs: Vec<RunFigures>,
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+pub fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
+    let pick = |f: &dyn Fn(&RunFigures) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let rps = pick(&|r| r.wrk.requests_per_sec);
+    Summary {
+        connections,
+        requests_per_sec: median(rps.clone()),
+        requests_per_sec_min: rps.iter().copied().fold(f64::INFINITY, f64::min),
+        requests_per_sec_max: rps.iter().copied().fold(0.0, f64::max),
+        p50_ms: median(pick(&|r| r.wrk.p50_ms)),
+        p99_ms: median(pick(&|r| r.wrk.p99_ms)),
+        cpu_us_per_request: median(pick(&|r| r.cpu_us_per_request)),
+        disk_bytes_per_request: median(pick(&|r| r.disk_bytes_per_request)),
+        non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
+        socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
+        runs,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubjectResult {
+    pub name: String,
+    pub what: String,
+    pub rss_idle_mib: f64,
+    pub rss_after_mib: f64,
+    pub by_connections: Vec<Summary>,
+    /// webhook-exec: commands that failed with "too many open files".
+    pub exec_failures: Option<u64>,
+}
+
+pub async fn measure(
+    name: &str,
+    what: &str,
+    ws: &Workspace,
+    circle: std::net::SocketAddr,
+    options: &Options,
+) -> Result<SubjectResult, String> {
+    let mut per_connections: Vec<(u32, Vec<RunFigures>)> =
+        options.connections.iter().map(|c| (*c, Vec::new())).collect();
+    let (mut idle, mut after) = (Vec::new(), Vec::new());
+    let mut exec_failures = 0;
+    for run in 0..options.runs {
+        // A fresh process (and, for relay, a fresh database) per run.
+        let subject = start_subject(name, ws, circle, run).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        idle.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        for (connections, figures) in &mut per_connections {
+            let script = ws.path("post.lua");
+            load::write_script(
+                &script,
+                &ws.path("body.json"),
+                &ws.signature,
+                &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()),
+            )
+            .map_err(|e| e.to_string())?;
+            figures.push(
+                load_run(
+                    &subject,
+                    &url(name, subject.port),
+                    &script,
+                    *connections,
+                    options.duration,
+                )
+                .await?,
+            );
+        }
+        after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        exec_failures += std::fs::read_to_string(&subject.log)
+            .map(|log| log.matches("too many open files").count() as u64)
+            .unwrap_or(0);
+        drop(subject);
+    }
+    Ok(SubjectResult {
+        name: name.to_owned(),
+        what: what.to_owned(),
+        rss_idle_mib: median(idle),
+        rss_after_mib: median(after),
+        by_connections: per_connections
+            .into_iter()
+            .map(|(c, runs)| summarize(c, runs))
+            .collect(),
+        exec_failures: (name == "webhook-exec").then_some(exec_failures),
+    })
+}
+
+/// One wrk run against a running subject: wrk's figures, and the subject's
+/// CPU time and disk writes over the run, per request served.
+pub async fn load_run(
+    subject: &Running,
+    url: &str,
+    script: &Path,
+    connections: u32,
+    duration: Duration,
+) -> Result<RunFigures, String> {
+    let before = load::cpu_time(subject.pid()).unwrap_or_default();
+    let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
+    let wrk = tokio::task::spawn_blocking({
+        let (url, script) = (url.to_owned(), script.to_owned());
+        move || load::wrk(&url, connections, duration, &script)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let cpu = load::cpu_time(subject.pid())
+        .unwrap_or_default()
+        .saturating_sub(before);
+    let written = load::disk_writes(subject.pid())
+        .unwrap_or_default()
+        .saturating_sub(written_before);
+    // No request completed: nothing to divide by (NaN is written as null).
+    let requests = if wrk.requests == 0 {
+        f64::NAN
+    } else {
+        wrk.requests as f64
+    };
+    Ok(RunFigures {
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
+        disk_bytes_per_request: written as f64 / requests,
+        wrk,
+    })
+}
