@@ -1475,8 +1475,8 @@ async fn concurrent_migrations(f: Fixture) {
     let status = relay::store::schema_status(&fresh).await.unwrap();
     assert_eq!(status.version, 0, "an empty database");
     assert_eq!(
-        status.latest, 5,
-        "PostgreSQL's schema is five migrations (V1 to V5)"
+        status.latest, 6,
+        "PostgreSQL's schema is six migrations (V1 to V6)"
     );
 
     let (one, two, three) = tokio::join!(

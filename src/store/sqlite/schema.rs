@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -186,6 +186,16 @@ ALTER TABLE jobs ADD COLUMN shadow INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN report TEXT;
 ALTER TABLE jobs ADD COLUMN report_of TEXT;
 CREATE INDEX jobs_shadow ON jobs (route, created_at) WHERE shadow = 1;
+";
+
+/// The dispatcher's next wake-up is the earliest due job or lease of any
+/// target. The per-target indexes put `target` first, so that minimum read
+/// every queued job: 0.1 s at a million, on every finished send, which is
+/// what made ingest fall to 65 webhooks/s with 100,000 jobs queued. These
+/// two answer it from their first entry (PostgreSQL's V6).
+const V9: &str = "
+CREATE INDEX jobs_due ON jobs (due_at) WHERE state = 'queued';
+CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'in_flight';
 ";
 
 fn lock_path(db: &Path) -> PathBuf {
@@ -365,8 +375,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            indexes, 7,
-            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline, V7's jobs_follow, V8's jobs_shadow"
+            indexes, 9,
+            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline, V7's jobs_follow, V8's jobs_shadow, V9's jobs_due and jobs_lease"
         );
         // The event still owns its jobs, and they their attempts.
         conn.execute("DELETE FROM events WHERE id = 'e1'", []).unwrap();
