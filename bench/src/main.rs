@@ -1,9 +1,11 @@
 //! relay-bench: relay against adnanh/webhook and bare hyper, side by side,
 //! in one run on loopback, and the figures the benchmark issue asks for.
 //!
-//!     bench/run.sh [--duration 5] [--runs 3] [--out bench-results.json]
-//!         [--only PART,…] [--connections 1,32] [--postgres URL] [--relay PATH]
-//!         [--plot DIR [--plot-against EARLIER.json]]
+//! ```text
+//! bench/run.sh [--duration 5] [--runs 3] [--out bench-results.json]
+//!     [--only PART,…] [--connections 1,32] [--postgres URL] [--relay PATH]
+//!     [--plot DIR [--plot-against EARLIER.json]]
+//! ```
 //!
 //! (`bench/run.sh` builds relay and this harness with `cargo build --release
 //! -p relay -p relay-bench`, then runs `target/release/relay-bench`.)
