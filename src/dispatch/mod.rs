@@ -31,6 +31,11 @@ pub use retry::RetryPolicy;
 /// The longest the dispatcher sleeps without looking at the store; wake-ups
 /// from ingress and finished sends usually come much sooner.
 const MAX_IDLE: Duration = Duration::from_secs(5);
+/// A job due less than this long ago that was not claimed is taken for a
+/// clock edge between relay and the store, and looked for again after
+/// [`JUST_DUE_RETRY`].
+const JUST_DUE: Duration = Duration::from_secs(1);
+const JUST_DUE_RETRY: Duration = Duration::from_millis(20);
 
 /// The most jobs one claim takes (the slots cap it lower, usually).
 const MAX_CLAIM: usize = 256;
@@ -133,8 +138,14 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         let wait = match app.store.next_wakeup(app.now()).await {
             Ok(Some(at)) => match at.duration_since(app.now()) {
                 Ok(wait) => wait.min(MAX_IDLE),
-                // Due already but not claimed: its target is at capacity, and
-                // a finishing send will wake us.
+                // Due a moment ago but not claimed: the wait ended a hair
+                // before the store's own clock said due (PostgreSQL decides
+                // with its `now()`), so look again at once rather than
+                // idling MAX_IDLE past the schedule (unless a target is at
+                // capacity: then a finishing send wakes us).
+                Err(late) if !starved && late.duration() < JUST_DUE => JUST_DUE_RETRY,
+                // Due long ago but not claimed: its target is at capacity
+                // (a finishing send will wake us) or gone from the config.
                 Err(_) => MAX_IDLE,
             },
             Ok(None) => MAX_IDLE,
