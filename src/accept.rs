@@ -175,15 +175,7 @@ async fn commit(
 ) -> Result<http::Response<Body>, Refusal> {
     let now = app.now();
     let upstreams = correlate(app, &events, now).await?;
-    let plan = routing::plan_indexed(
-        &config.router(),
-        &config.route_index,
-        source,
-        &webhook,
-        &events,
-        &upstreams,
-        now,
-    );
+    let plan = routing::plan_indexed(&config.router(), source, &webhook, &events, &upstreams, now);
     let sendable = plan
         .jobs
         .iter()

@@ -127,6 +127,7 @@ impl Config {
             templates: &self.templates,
             loop_guard: &self.loop_guard,
             payload_urls: self.server.payload.as_ref(),
+            index: &self.route_index,
         }
     }
 

@@ -96,6 +96,26 @@ fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     app.sends.tracker.spawn(deliver(app.clone(), job, permit));
 }
 
+/// How long the dispatcher sleeps when it has claimed all it could: until
+/// the next job is due (`next`, from the store), at most [`MAX_IDLE`].
+/// `starved` says some target is at capacity, so a finishing send wakes it.
+fn idle_wait(next: Option<SystemTime>, now: SystemTime, starved: bool) -> Duration {
+    let Some(at) = next else {
+        return MAX_IDLE;
+    };
+    match at.duration_since(now) {
+        Ok(wait) => wait.min(MAX_IDLE),
+        // Due a moment ago but not claimed: the wait ended a hair before the
+        // store's own clock said due (PostgreSQL decides with its `now()`),
+        // so look again at once rather than idling MAX_IDLE past the
+        // schedule.
+        Err(late) if !starved && late.duration() < JUST_DUE => JUST_DUE_RETRY,
+        // Due long ago but not claimed, or a target at capacity: a finishing
+        // send wakes us (or the job's target is gone from the config).
+        Err(_) => MAX_IDLE,
+    }
+}
+
 /// Claims due jobs (retries, a backlog, what a crash left) until `shutdown`,
 /// then lets every send in flight finish within `server.shutdown_timeout`.
 pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
@@ -136,19 +156,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             continue;
         }
         let wait = match app.store.next_wakeup(app.now()).await {
-            Ok(Some(at)) => match at.duration_since(app.now()) {
-                Ok(wait) => wait.min(MAX_IDLE),
-                // Due a moment ago but not claimed: the wait ended a hair
-                // before the store's own clock said due (PostgreSQL decides
-                // with its `now()`), so look again at once rather than
-                // idling MAX_IDLE past the schedule (unless a target is at
-                // capacity: then a finishing send wakes us).
-                Err(late) if !starved && late.duration() < JUST_DUE => JUST_DUE_RETRY,
-                // Due long ago but not claimed: its target is at capacity
-                // (a finishing send will wake us) or gone from the config.
-                Err(_) => MAX_IDLE,
-            },
-            Ok(None) => MAX_IDLE,
+            Ok(next) => idle_wait(next, app.now(), starved),
             Err(e) => {
                 warn!(error = %e, "cannot read the queue; will try again");
                 Duration::from_secs(1)
@@ -412,5 +420,25 @@ async fn record(app: &App, completion: Completion) {
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_wait_follows_the_next_due_job_and_never_idles_past_one_just_due() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ms = Duration::from_millis;
+        assert_eq!(idle_wait(None, now, false), MAX_IDLE);
+        assert_eq!(idle_wait(Some(now + ms(1_500)), now, false), ms(1_500));
+        assert_eq!(idle_wait(Some(now + ms(60_000)), now, false), MAX_IDLE);
+        // The store said not yet a moment ago: look again, soon.
+        assert_eq!(idle_wait(Some(now - ms(3)), now, false), JUST_DUE_RETRY);
+        // A target at capacity: its finishing send is the wake-up.
+        assert_eq!(idle_wait(Some(now - ms(3)), now, true), MAX_IDLE);
+        // Long overdue and unclaimed (its target is gone): no busy loop.
+        assert_eq!(idle_wait(Some(now - ms(30_000)), now, false), MAX_IDLE);
     }
 }

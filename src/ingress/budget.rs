@@ -70,8 +70,9 @@ impl BodyBudget {
         }
     }
 
-    /// Bytes reserved right now (for tests and the metrics).
-    pub fn reserved(&self) -> u64 {
+    /// Bytes reserved right now.
+    #[cfg(test)]
+    fn reserved(&self) -> u64 {
         u64::from(self.total_units - self.units.available_permits() as u32) * UNIT
     }
 }

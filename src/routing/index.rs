@@ -53,8 +53,6 @@ pub struct RouteIndex {
     by_source: HashMap<String, HashMap<EventKind, Bucket>>,
     /// Routes without `from` (every source), by kind.
     every_source: HashMap<EventKind, Bucket>,
-    /// How many routes it was built from.
-    routes: usize,
     /// Sources some route takes pipeline events from.
     pipelines_from: Vec<String>,
     /// A route without `from` takes pipeline events: from every source.
@@ -63,10 +61,7 @@ pub struct RouteIndex {
 
 impl RouteIndex {
     pub fn new(routes: &[Route]) -> RouteIndex {
-        let mut index = RouteIndex {
-            routes: routes.len(),
-            ..RouteIndex::default()
-        };
+        let mut index = RouteIndex::default();
         for (position, route) in routes.iter().enumerate() {
             let literal = route.literal_repos();
             let literal = literal.as_deref();
@@ -99,15 +94,6 @@ impl RouteIndex {
             }
         }
         index
-    }
-
-    /// How many routes it was built from.
-    pub fn len(&self) -> usize {
-        self.routes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes == 0
     }
 
     /// The positions, in config order, of the routes that may take an event
@@ -344,19 +330,18 @@ token = "t"
         for round in 0..150 {
             let n = 1 + (cases.next() % 60) as usize;
             let config = config(&mut cases, n);
-            let index = super::RouteIndex::new(&config.routes);
             let github = config.source("gh").unwrap();
             let webhook = webhook(github);
             for source in ["gh", "gl"] {
                 let source = config.source(source).unwrap();
                 assert_eq!(
-                    index.pipelines_routed(&source.name),
+                    config.route_index.pipelines_routed(&source.name),
                     config.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
                     "round {round}"
                 );
                 let events: Vec<Event> = (0..1 + cases.next() % 3).map(|_| event(&mut cases)).collect();
                 let every = plan(&config.router(), source, &webhook, &events, &[], now);
-                let indexed = plan_indexed(&config.router(), &index, source, &webhook, &events, &[], now);
+                let indexed = plan_indexed(&config.router(), source, &webhook, &events, &[], now);
                 assert_eq!(decided(&indexed), decided(&every), "round {round}, {events:?}");
                 matched += every.jobs.len();
                 // The routes asked are a subsequence of every route, with
@@ -381,21 +366,6 @@ token = "t"
         }
         // The cases must exercise matches, not only refusals.
         assert!(matched > 100, "{matched}");
-    }
-
-    #[test]
-    fn an_index_of_other_routes_is_not_trusted() {
-        let mut cases = Cases(7);
-        let config = config(&mut cases, 12);
-        let other = super::RouteIndex::new(&config.routes[..3]);
-        let source = config.source("gh").unwrap();
-        let webhook = webhook(source);
-        let events = vec![event(&mut cases), event(&mut cases)];
-        let now = fixed_now();
-        let every = plan(&config.router(), source, &webhook, &events, &[], now);
-        let indexed = plan_indexed(&config.router(), &other, source, &webhook, &events, &[], now);
-        assert_eq!(decided(&indexed), decided(&every));
-        assert_eq!(indexed.trace, every.trace);
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Router<'a> {
     pub templates: &'a Templates,
     pub loop_guard: &'a LoopGuard,
     pub payload_urls: Option<&'a PayloadUrls>,
+    /// `routes` indexed, built with them (`Config::route_index`).
+    pub index: &'a RouteIndex,
 }
 
 /// One job to queue: a route's target, with its request rendered.
@@ -137,23 +139,28 @@ pub fn plan(
     plan_with(router, None, source, webhook, events, upstreams, now)
 }
 
-/// [`plan`], asking only the routes `index` says may take each event (the
-/// accept path's: its cost follows the routes that name the event's source,
-/// kind and repository, not every route). Jobs, drops, hops and unreported
-/// reports are exactly `plan`'s, in the same order; `trace` holds the
-/// verdicts of the routes asked. `index` is built from `router.routes`; one
-/// built from another list is not trusted, and every route is asked.
+/// [`plan`], asking only the routes `router.index` says may take each
+/// event (the accept path's: its cost follows the routes that name the
+/// event's source, kind and repository, not every route). Jobs, drops, hops
+/// and unreported reports are exactly `plan`'s, in the same order; `trace`
+/// holds the verdicts of the routes asked.
 pub fn plan_indexed(
     router: &Router<'_>,
-    index: &RouteIndex,
     source: &Source,
     webhook: &Webhook,
     events: &[Event],
     upstreams: &[Option<Upstream>],
     now: SystemTime,
 ) -> Plan {
-    let index = (index.len() == router.routes.len()).then_some(index);
-    plan_with(router, index, source, webhook, events, upstreams, now)
+    plan_with(
+        router,
+        Some(router.index),
+        source,
+        webhook,
+        events,
+        upstreams,
+        now,
+    )
 }
 
 fn plan_with(

@@ -129,7 +129,8 @@ impl Door {
     }
 
     /// Connections open and not being shed.
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         let state = self.lock();
         state.open.len() - state.leaving
     }

@@ -372,3 +372,22 @@ where
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Header fields one request may send.
 const MAX_HEADERS: usize = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_warned_of_once_every_ten_seconds_with_the_count_left_out() {
+        let mut warned = Warned::default();
+        assert!(warned.due());
+        assert_eq!(warned.take_suppressed(), 0);
+        for _ in 0..5 {
+            assert!(!warned.due());
+        }
+        tokio::time::advance(Warned::EVERY).await;
+        assert!(warned.due());
+        assert_eq!(warned.take_suppressed(), 5, "the five left out are counted");
+        assert!(!warned.due());
+    }
+}

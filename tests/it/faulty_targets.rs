@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::support::{Daemon, Relay, post_github_push};
+use crate::support::{Daemon, Relay, api_get, post_github_push, post_to, sign};
 
 const GH_SECRET: &str = "gh-source-secret-5e0c1a";
 const SHA: &str = "4e1243bd22c66e76c2ba9eddc1f91394e57f9f83";
@@ -178,13 +178,7 @@ async fn a_self_signed_certificate_is_a_retry_that_names_the_certificate() {
     let addr = crate::proxy::untrusted_tls_server().await;
     let relay = Relay::start(&config(&format!("https://{addr}"), "attempts = 2")).await;
     post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
-    let job = settled_job(&relay, "dead").await;
-    let history = job["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2, "{job}");
-    for attempt in history {
-        assert_eq!(attempt["outcome"], "retry_connect", "{job}");
-        let excerpt = attempt["excerpt"].as_str().unwrap();
-        assert!(excerpt.starts_with("connection failed: "), "{excerpt}");
+    for excerpt in connect_retries(&settled_job(&relay, "dead").await) {
         assert!(
             excerpt.contains("invalid peer certificate: UnknownIssuer"),
             "the message says which certificate problem: {excerpt}"
@@ -214,50 +208,36 @@ async fn expired_tls_server(ca_pem: &std::path::Path) -> std::net::SocketAddr {
         .with_no_client_auth()
         .with_single_cert(vec![leaf_cert.der().clone(), ca_cert.der().clone()], key)
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let _ = acceptor.accept(stream).await;
-            });
-        }
-    });
-    addr
+    crate::proxy::tls_server(config).await
 }
 
 /// The dead job of the only target, read through a daemon's admin API.
 async fn dead_job_of(daemon: &Daemon) -> Value {
     let admin = daemon.admin.expect("an admin listener");
-    let client = crate::support::test_client();
     for _ in 0..300 {
-        let list: Value = serde_json::from_str(
-            &client
-                .get(format!("http://{admin}/api/jobs?state=dead"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-        )
-        .unwrap();
-        if let Some(id) = list["jobs"][0]["id"].as_str() {
-            let text = client
-                .get(format!("http://{admin}/api/jobs/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            return serde_json::from_str(&text).unwrap();
+        let dead = api_get(admin, "/api/jobs?state=dead").await;
+        if let Some(id) = dead["jobs"][0]["id"].as_str() {
+            return api_get(admin, &format!("/api/jobs/{id}")).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("no dead job; relay's log:\n{}", daemon.logs());
+}
+
+/// The excerpts of a dead job's two attempts, each a `retry_connect` whose
+/// message starts as a connect failure's does.
+fn connect_retries(job: &Value) -> Vec<String> {
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{job}");
+    history
+        .iter()
+        .map(|attempt| {
+            assert_eq!(attempt["outcome"], "retry_connect", "{job}");
+            let excerpt = attempt["excerpt"].as_str().unwrap();
+            assert!(excerpt.starts_with("connection failed: "), "{excerpt}");
+            excerpt.to_owned()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,39 +255,22 @@ async fn an_expired_certificate_is_a_retry_that_says_it_expired() {
     // The CA is trusted the way an operator trusts an internal one: the
     // system store's SSL_CERT_FILE. Only the expiry is then wrong.
     let daemon = Daemon::start(&path, &[("SSL_CERT_FILE", ca.to_str().unwrap())]);
-    let (status, _) = daemon_post_push(&daemon).await;
-    assert_eq!(status, 202);
-    let job = dead_job_of(&daemon).await;
-    let history = job["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2, "{job}");
-    for attempt in history {
-        assert_eq!(attempt["outcome"], "retry_connect", "{job}");
-        let excerpt = attempt["excerpt"].as_str().unwrap();
-        assert!(excerpt.starts_with("connection failed: "), "{excerpt}");
-        assert!(
-            excerpt.contains("invalid peer certificate") && excerpt.to_lowercase().contains("expired"),
-            "the message says the certificate expired: {excerpt}"
-        );
-    }
-    let _ = daemon.terminate();
-}
-
-/// Posts a signed push to a daemon's GitHub source.
-async fn daemon_post_push(daemon: &Daemon) -> (u16, String) {
     let body = serde_json::json!({
         "ref": "refs/heads/main", "before": "1111111111111111111111111111111111111111",
         "after": SHA, "repository": { "full_name": "acme/api" },
         "pusher": { "name": "ada" }, "head_commit": { "message": "m" }, "commits": []
     })
     .to_string();
-    let mut request = crate::support::test_client()
-        .post(daemon.url("/hooks/github"))
-        .body(body.clone());
-    for (k, v) in crate::support::sign::github(GH_SECRET, "push", "d-expired", body.as_bytes()) {
-        request = request.header(k, v);
+    let headers = sign::github(GH_SECRET, "push", "d-expired", body.as_bytes());
+    let (status, answer) = post_to(&daemon.url("/hooks/github"), &headers, body).await;
+    assert_eq!(status, 202, "{answer}");
+    for excerpt in connect_retries(&dead_job_of(&daemon).await) {
+        assert!(
+            excerpt.contains("invalid peer certificate") && excerpt.to_lowercase().contains("expired"),
+            "the message says the certificate expired: {excerpt}"
+        );
     }
-    let response = request.send().await.unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
+    let _ = daemon.terminate();
 }
 
 #[tokio::test]
@@ -318,14 +281,9 @@ async fn a_name_that_does_not_resolve_is_a_retry_that_says_so() {
     let host = format!("{}.invalid", "a".repeat(64));
     let relay = Relay::start(&config(&format!("http://{host}"), "attempts = 2")).await;
     post_github_push(&relay, GH_SECRET, "refs/heads/main", SHA, "d-faulty").await;
-    let job = settled_job(&relay, "dead").await;
-    let history = job["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2, "{job}");
-    for attempt in history {
-        assert_eq!(attempt["outcome"], "retry_connect", "{job}");
-        let excerpt = attempt["excerpt"].as_str().unwrap();
+    for excerpt in connect_retries(&settled_job(&relay, "dead").await) {
         assert!(
-            excerpt.starts_with("connection failed: ") && excerpt.contains("dns error"),
+            excerpt.contains("dns error"),
             "the message says the name did not resolve: {excerpt}"
         );
     }

@@ -158,6 +158,12 @@ pub(crate) async fn untrusted_tls_server() -> SocketAddr {
         .with_no_client_auth()
         .with_single_cert(vec![certified.cert.der().clone()], key)
         .unwrap();
+    tls_server(config).await
+}
+
+/// A server on 127.0.0.1 that completes TLS handshakes with `config` and
+/// then says nothing: enough for a client's certificate check to speak.
+pub(crate) async fn tls_server(config: rustls::ServerConfig) -> SocketAddr {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
