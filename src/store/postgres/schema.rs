@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -216,6 +216,13 @@ $fn$;
 const V6: &str = "
 CREATE INDEX jobs_due ON jobs (due_at) WHERE state = 'queued';
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'in_flight';
+";
+
+/// A finished trigger (or its CI's completion) marks the trigger's
+/// still-waiting reports superseded; without this index that read every
+/// queued job (SQLite's V10).
+const V7: &str = "
+CREATE INDEX jobs_report_of ON jobs (report_of) WHERE report_of IS NOT NULL;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

@@ -26,6 +26,8 @@
 mod codec;
 mod polls;
 mod queue;
+#[cfg(test)]
+mod queue_cost;
 mod reports;
 mod schema;
 mod views;

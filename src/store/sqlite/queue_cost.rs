@@ -1,0 +1,250 @@
+//! The delivery path's statements must cost the same however many jobs
+//! other targets have queued: an outage leaves a million waiting, and a
+//! statement that walks them runs for every webhook and every send.
+//!
+//! Cost is counted in SQLite's virtual-machine instructions (its progress
+//! handler, called after every one), which do not depend on the machine or
+//! its load. A statement that finds its rows through an index costs the
+//! same at any depth; one that scans the queue costs in proportion to it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{Connection, params};
+use uuid::Uuid;
+
+use super::{codec, queue, schema};
+use crate::clock::wall_time;
+use crate::guard::JobLimits;
+use crate::pipeline::{Pipeline, PipelineState};
+use crate::report::ReportSpec;
+use crate::request::{Auth, PreparedRequest, RequestBody};
+use crate::store::{AttemptRecord, Completion, Ingested, NewEvent, NewJob, NextState};
+
+/// Jobs another target has queued, in flight and finished for the deep
+/// measurement: enough that a scan of them dwarfs one cycle's own work.
+const QUEUED_ELSEWHERE: u64 = 20_000;
+
+/// The instructions the progress handler has counted on a connection.
+struct Counter {
+    conn: Connection,
+    steps: Arc<AtomicU64>,
+}
+
+impl Counter {
+    fn new() -> Counter {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::prepare(&mut conn).unwrap();
+        let steps = Arc::new(AtomicU64::new(0));
+        let counted = steps.clone();
+        conn.progress_handler(
+            1,
+            Some(move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                false
+            }),
+        )
+        .unwrap();
+        Counter { conn, steps }
+    }
+
+    /// The instructions `work` ran.
+    fn count(&self, work: impl FnOnce(&Connection)) -> u64 {
+        let before = self.steps.load(Ordering::Relaxed);
+        work(&self.conn);
+        self.steps.load(Ordering::Relaxed) - before
+    }
+}
+
+fn job(target: &str, limits: JobLimits, report: Option<ReportSpec>) -> NewJob {
+    NewJob {
+        id: Uuid::now_v7(),
+        route: "builds".to_owned(),
+        target: target.to_owned(),
+        request: Ok(PreparedRequest {
+            url: "https://ci.example/api/v2/project/gh/acme/api/pipeline".to_owned(),
+            headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+            body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
+            auth: Auth::Header {
+                name: "Circle-Token".to_owned(),
+            },
+        }),
+        limits,
+        lease: None,
+        repo: "acme/api".to_owned(),
+        sha: "9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c".to_owned(),
+        shadow: false,
+        report,
+    }
+}
+
+fn event(jobs: Vec<NewJob>) -> NewEvent {
+    NewEvent {
+        id: Uuid::now_v7(),
+        source: "github".to_owned(),
+        delivery: Some(Uuid::new_v4().to_string()),
+        hook: "push".to_owned(),
+        content_type: "application/json".to_owned(),
+        body: Bytes::from_static(br#"{"ref":"refs/heads/main"}"#),
+        payload: None,
+        hop: 0,
+        received_at: wall_time(),
+        summary: r#"{"events":[{"kind":"push"}]}"#.to_owned(),
+        jobs,
+        drops: Vec::new(),
+    }
+}
+
+fn completion(job: Uuid, claim: Uuid, next: NextState, pipeline: Option<Pipeline>) -> Completion {
+    let at = wall_time();
+    Completion {
+        job_id: job,
+        claim,
+        attempt: AttemptRecord {
+            started_at: at,
+            duration: Duration::from_millis(3),
+            status: Some(201),
+            outcome: "ok",
+            excerpt: "201".to_owned(),
+        },
+        pipeline,
+        next,
+        at,
+        follow: None,
+    }
+}
+
+/// One webhook's life for the `live` target, statement by statement as the
+/// daemon runs them: the ingest with the loop guard's checks, the claim, a
+/// failed attempt and its retry, the next wake-up, a renewal, the trigger's
+/// success (queuing its report, superseding the one still waiting), the
+/// CI's completion webhook, and the report's own claim.
+fn one_webhook(conn: &Connection) {
+    let now = wall_time();
+    let limits = JobLimits {
+        dedupe: Some((Uuid::new_v4().to_string(), Duration::from_secs(60))),
+        burst: Some((1_000_000, Duration::from_secs(60))),
+    };
+    let spec = ReportSpec::new(
+        "github",
+        "acme/api",
+        "9b2c1d0e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c",
+        "relay/live".to_owned(),
+        "live",
+        "CircleCI pipeline",
+        now,
+    )
+    .unwrap();
+    let event = event(vec![job("live", limits, Some(spec))]);
+    let packed = codec::pack(&event);
+    let Ingested::Accepted { held_back, .. } = queue::ingest(conn, &event, &packed).unwrap() else {
+        panic!("a new delivery is accepted");
+    };
+    assert!(held_back.is_empty());
+    let lease = Duration::from_secs(60);
+    let claimed = queue::claim(conn, "live", 8, lease, now).unwrap();
+    assert_eq!(claimed.len(), 1, "the one live job is claimed");
+    let first = &claimed[0];
+    let retry = NextState::Retry {
+        due_at: now,
+        maybe_delivered: false,
+    };
+    assert!(queue::complete(conn, &completion(first.id, first.claim, retry, None)).unwrap());
+    queue::next_wakeup(conn).unwrap();
+    let claimed = queue::claim(conn, "live", 8, lease, now).unwrap();
+    assert_eq!(claimed.len(), 1, "the retry is claimed");
+    let again = &claimed[0];
+    assert!(queue::renew(conn, again.id, again.claim, now + lease).unwrap());
+    let pipeline = Pipeline {
+        id: Uuid::new_v4().to_string(),
+        number: Some(7),
+        url: None,
+        state: PipelineState::Running,
+    };
+    let done = completion(again.id, again.claim, NextState::Done, Some(pipeline.clone()));
+    assert!(queue::complete(conn, &done).unwrap());
+    assert!(
+        queue::correlate(conn, &pipeline.id, PipelineState::Success, now)
+            .unwrap()
+            .is_some()
+    );
+    let reports = queue::claim(conn, "status:github", 8, lease, now).unwrap();
+    assert_eq!(reports.len(), 1, "the newest report, the older one superseded");
+    queue::next_wakeup(conn).unwrap();
+}
+
+/// Queues `count` jobs for `paused`, with their events, as an outage
+/// leaves them: most due, some leased, some finished with a report each.
+fn queue_elsewhere(conn: &Connection, count: u64) {
+    conn.execute_batch("BEGIN").unwrap();
+    let now = super::to_millis(wall_time());
+    let mut event = conn
+        .prepare(
+            "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary, codec)
+             VALUES (?1, 'github', ?1, 'push', ?2, 'application/json', x'7b7d', 0, '{}', 0)",
+        )
+        .unwrap();
+    let mut job = conn
+        .prepare(
+            "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, lease_until,
+                               created_at, updated_at, repo, sha, report, report_of)
+             VALUES (?1, ?2, 'builds', ?3, ?4, '{}', 0, ?5, ?6, ?5, ?5, 'acme/api', 'x', NULL, ?7)",
+        )
+        .unwrap();
+    for n in 0..count {
+        let event_id = Uuid::now_v7().to_string();
+        let at = now - 60_000 + i64::try_from(n).unwrap();
+        event.execute(params![event_id, at]).unwrap();
+        let trigger = Uuid::now_v7().to_string();
+        let (state, lease) = match n % 10 {
+            0 => ("in_flight", Some(now + 60_000)),
+            1 => ("done", None),
+            _ => ("queued", None),
+        };
+        job.execute(params![
+            trigger,
+            event_id,
+            "paused",
+            state,
+            at,
+            lease,
+            None::<String>
+        ])
+        .unwrap();
+        if state == "done" {
+            // A report still waiting on a Git host that is down too.
+            job.execute(params![
+                Uuid::now_v7().to_string(),
+                event_id,
+                "status:github",
+                "queued",
+                now + 3_600_000,
+                None::<i64>,
+                trigger
+            ])
+            .unwrap();
+        }
+    }
+    drop((event, job));
+    conn.execute_batch("COMMIT").unwrap();
+}
+
+#[test]
+fn a_webhook_costs_the_same_with_a_deep_queue_elsewhere() {
+    let counter = Counter::new();
+    // The first cycle prepares and caches every statement.
+    counter.count(one_webhook);
+    let shallow = counter.count(one_webhook);
+    counter.count(|conn| queue_elsewhere(conn, QUEUED_ELSEWHERE));
+    let deep = counter.count(one_webhook);
+    // A B-tree a level deeper costs a few instructions more; a statement
+    // that walks the other target's jobs costs thousands.
+    assert!(
+        deep <= shallow + shallow / 4,
+        "one webhook took {shallow} SQLite instructions with an empty queue and {deep} with \
+         {QUEUED_ELSEWHERE} jobs queued for another target: a statement on the delivery path \
+         scans the queue instead of seeking through an index"
+    );
+}
