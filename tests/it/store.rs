@@ -1585,6 +1585,12 @@ const ONE_BACKEND_ONLY: &[(&str, &str, &str)] = &[
     ("postgres", "drops", "id"),
     // PostgreSQL's schema version; SQLite's is `PRAGMA user_version`.
     ("postgres", "relay_schema", "version"),
+    // SQLite keeps the job counts /metrics reads (a full count is seconds
+    // on the writer's one connection); PostgreSQL counts on a pool
+    // connection, and a counter row every ingest updates would queue its
+    // concurrent commits behind one lock.
+    ("sqlite", "job_counts", "state"),
+    ("sqlite", "job_counts", "n"),
 ];
 
 /// After migrations, SQLite and PostgreSQL have the same tables with the

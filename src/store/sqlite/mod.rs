@@ -10,12 +10,15 @@
 //! on disk within `MAX_UNSYNCED` (see [`Durability`]); event bodies are stored
 //! LZ4-compressed where that pays. A lock file keeps a second relay off the
 //! same database. Times come from the caller: the store decides nothing by a
-//! clock of its own (the writer's clock only times its own syncs).
+//! clock of its own (the writer's clock only times its own syncs). What a
+//! person reads (the admin API, the pages, `/metrics`) runs on read-only
+//! connections beside the writer, so a long read never holds a commit.
 //!
 //! The folder, by concern: `schema` (migrations, connection settings, the
 //! lock file), `writer` (the group commit and its durability), `codec`
 //! (body packing), `queue` (the delivery path's SQL), `views` (what a
-//! person reads, the manual retries, retention). This file opens the store,
+//! person reads, the manual retries, retention), `reader` (the read-only
+//! connections). This file opens the store,
 //! says how a column reads (ids as text, times as milliseconds) and wires
 //! the role traits to the rest.
 //!
@@ -28,6 +31,7 @@ mod polls;
 mod queue;
 #[cfg(test)]
 mod queue_cost;
+mod reader;
 mod reports;
 mod schema;
 mod views;
@@ -44,6 +48,7 @@ use rusqlite::{Connection, Params, Row, Statement};
 use tracing::info;
 use uuid::Uuid;
 
+use reader::Readers;
 pub(crate) use schema::{SCHEMA_VERSION, schema_status};
 #[cfg(feature = "bench")]
 pub use writer::MAX_BATCH;
@@ -64,6 +69,8 @@ use crate::pipeline::PipelineState;
 #[derive(Debug)]
 pub struct SqliteStore {
     writer: Writer,
+    /// What a person reads runs here, beside the writer.
+    readers: Readers,
     /// Held open for the store's life: the OS lock on it is what keeps a
     /// second relay from dispatching the same jobs.
     _lock: File,
@@ -111,6 +118,7 @@ impl SqliteStore {
             .map_err(|_| open_error("the store must be opened inside a tokio runtime".to_owned()))?;
         Ok(SqliteStore {
             writer: Writer::spawn(&runtime, conn, max_batch),
+            readers: Readers::new(path),
             _lock: lock,
             path: path.to_owned(),
             file,
@@ -140,6 +148,15 @@ impl SqliteStore {
         work: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.writer.run(durability, work).await
+    }
+
+    /// Runs `work`, which only reads, on a read-only connection beside the
+    /// writer (see [`Readers`]).
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.readers.read(work).await
     }
 }
 
@@ -302,9 +319,7 @@ impl Queue for SqliteStore {
     }
 
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError> {
-        let stored = self
-            .run(Durability::Committed, move |conn| views::event_body(conn, id))
-            .await?;
+        let stored = self.read(move |conn| views::event_body(conn, id)).await?;
         // Decompressed here, off the writer.
         stored
             .map(|(content_type, body, codec)| Ok((content_type, codec::Codec::of(codec)?.unpack(body)?)))
@@ -328,13 +343,11 @@ impl Queue for SqliteStore {
 #[async_trait]
 impl Inspect for SqliteStore {
     async fn jobs(&self, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
-        self.run(Durability::Committed, move |conn| views::jobs(conn, &filter))
-            .await
+        self.read(move |conn| views::jobs(conn, &filter)).await
     }
 
     async fn job(&self, id: Uuid) -> Result<Option<JobDetail>, StoreError> {
-        self.run(Durability::Committed, move |conn| views::job(conn, id))
-            .await
+        self.read(move |conn| views::job(conn, id)).await
     }
 
     async fn held_deliveries(
@@ -343,29 +356,21 @@ impl Inspect for SqliteStore {
         deliveries: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
         let source = source.to_owned();
-        self.run(Durability::Committed, move |conn| {
-            views::held_deliveries(conn, &source, &deliveries)
-        })
-        .await
+        self.read(move |conn| views::held_deliveries(conn, &source, &deliveries))
+            .await
     }
 
     async fn shadow_jobs(&self, filter: ShadowFilter) -> Result<Vec<JobView>, StoreError> {
-        self.run(Durability::Committed, move |conn| {
-            views::shadow_jobs(conn, &filter)
-        })
-        .await
+        self.read(move |conn| views::shadow_jobs(conn, &filter)).await
     }
 
     async fn events(&self, filter: EventFilter, _now: SystemTime) -> Result<Vec<EventView>, StoreError> {
         // Stored times were the caller's clock already.
-        self.run(Durability::Committed, move |conn| views::events(conn, &filter))
-            .await
+        self.read(move |conn| views::events(conn, &filter)).await
     }
 
     async fn event(&self, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
-        let stored = self
-            .run(Durability::Committed, move |conn| views::event(conn, id))
-            .await?;
+        let stored = self.read(move |conn| views::event(conn, id)).await?;
         // Decompressed here, off the writer.
         let Some((view, content_type, hop, body, payload, codec)) = stored else {
             return Ok(None);
@@ -387,15 +392,12 @@ impl Inspect for SqliteStore {
         since: SystemTime,
         _now: SystemTime,
     ) -> Result<Activity, StoreError> {
-        self.run(Durability::Committed, move |conn| {
-            views::activity(conn, &sources, &targets, since)
-        })
-        .await
+        self.read(move |conn| views::activity(conn, &sources, &targets, since))
+            .await
     }
 
     async fn queue_stats(&self, now: SystemTime) -> Result<QueueStats, StoreError> {
-        self.run(Durability::Committed, move |conn| views::queue_stats(conn, now))
-            .await
+        self.read(move |conn| views::queue_stats(conn, now)).await
     }
 
     async fn requeue(&self, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {

@@ -1,6 +1,8 @@
-//! The delivery path's statements must cost the same however many jobs
-//! other targets have queued: an outage leaves a million waiting, and a
-//! statement that walks them runs for every webhook and every send.
+//! What the store's statements cost as it grows. The delivery path's must
+//! cost the same however many jobs other targets have queued: an outage
+//! leaves a million waiting, and a statement that walks them runs for every
+//! webhook and every send. The job counts `/metrics` reads are kept by
+//! triggers rather than counted, and must agree with the rows.
 //!
 //! Cost is counted in SQLite's virtual-machine instructions (its progress
 //! handler, called after every one), which do not depend on the machine or
@@ -58,7 +60,7 @@ impl Counter {
     }
 }
 
-fn job(target: &str, limits: JobLimits, report: Option<ReportSpec>) -> NewJob {
+pub(super) fn job(target: &str, limits: JobLimits, report: Option<ReportSpec>) -> NewJob {
     NewJob {
         id: Uuid::now_v7(),
         route: "builds".to_owned(),
@@ -80,7 +82,7 @@ fn job(target: &str, limits: JobLimits, report: Option<ReportSpec>) -> NewJob {
     }
 }
 
-fn event(jobs: Vec<NewJob>) -> NewEvent {
+pub(super) fn event(jobs: Vec<NewJob>) -> NewEvent {
     NewEvent {
         id: Uuid::now_v7(),
         source: "github".to_owned(),
@@ -122,7 +124,7 @@ fn completion(job: Uuid, claim: Uuid, next: NextState, pipeline: Option<Pipeline
 /// success (queuing its report, superseding the one still waiting), the
 /// CI's completion webhook, and the report's own claim.
 fn one_webhook(conn: &Connection) {
-    let now = wall_time();
+    let planned = wall_time();
     let limits = JobLimits {
         dedupe: Some((Uuid::new_v4().to_string(), Duration::from_secs(60))),
         burst: Some((1_000_000, Duration::from_secs(60))),
@@ -134,10 +136,12 @@ fn one_webhook(conn: &Connection) {
         "relay/live".to_owned(),
         "live",
         "CircleCI pipeline",
-        now,
+        planned,
     )
     .unwrap();
     let event = event(vec![job("live", limits, Some(spec))]);
+    // Due when received: the claims below must not come before it.
+    let now = event.received_at;
     let packed = codec::pack(&event);
     let Ingested::Accepted { held_back, .. } = queue::ingest(conn, &event, &packed).unwrap() else {
         panic!("a new delivery is accepted");
@@ -247,4 +251,69 @@ fn a_webhook_costs_the_same_with_a_deep_queue_elsewhere() {
          {QUEUED_ELSEWHERE} jobs queued for another target: a statement on the delivery path \
          scans the queue instead of seeking through an index"
     );
+}
+
+/// Jobs per state.
+type Counts = Vec<(String, i64)>;
+
+/// Every state's count as `job_counts` keeps it, and as the rows say.
+fn counts(conn: &Connection) -> (Counts, Counts) {
+    let read = |sql: &str| -> Counts {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    (
+        read("SELECT state, n FROM job_counts ORDER BY state"),
+        read(
+            "SELECT c.state, (SELECT COUNT(*) FROM jobs j WHERE j.state = c.state)
+             FROM job_counts c ORDER BY c.state",
+        ),
+    )
+}
+
+/// `/metrics` reads the counts the triggers keep, not the rows: they must
+/// agree after every kind of change a job goes through.
+#[test]
+fn the_kept_job_counts_match_the_rows() {
+    let counter = Counter::new();
+    let conn = &counter.conn;
+    one_webhook(conn);
+    queue_elsewhere(conn, 40);
+    let now = wall_time();
+    let finish = |target: &str, next: NextState| {
+        let event = event(vec![job(target, JobLimits::default(), None)]);
+        queue::ingest(conn, &event, &codec::pack(&event)).unwrap();
+        let claimed = queue::claim(conn, target, 1, Duration::from_secs(60), event.received_at).unwrap();
+        assert!(queue::complete(conn, &completion(claimed[0].id, claimed[0].claim, next, None)).unwrap());
+        claimed[0].id
+    };
+    // A trigger that is done, and one that dies (then is retried by hand).
+    finish("plain", NextState::Done);
+    let doomed = finish(
+        "doomed",
+        NextState::Dead {
+            reason: "gave up".to_owned(),
+        },
+    );
+    let (kept, rows) = counts(conn);
+    assert_eq!(kept, rows, "after ingest, claims, completions and reports");
+    assert!(matches!(
+        super::views::requeue(conn, doomed, now).unwrap(),
+        crate::store::Requeued::Requeued
+    ));
+    // A restart puts what was in flight back in the queue.
+    assert!(queue::recover(conn).unwrap() > 0);
+    let (kept, rows) = counts(conn);
+    assert_eq!(kept, rows, "after a manual retry and a restart's recovery");
+    // Retention deletes finished events, and their jobs with them.
+    let done = |counts: &[(String, i64)]| counts.iter().find(|(state, _)| state == "done").map(|c| c.1);
+    let done_before = done(&kept);
+    assert!(super::views::purge(conn, now + Duration::from_secs(3600), now, 1_000).unwrap() > 0);
+    let (kept, rows) = counts(conn);
+    assert_eq!(kept, rows, "after a purge");
+    assert!(done(&kept) < done_before, "the purge deleted done jobs: {kept:?}");
 }

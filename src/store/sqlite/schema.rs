@@ -197,13 +197,34 @@ CREATE INDEX jobs_due ON jobs (due_at) WHERE state = 'queued';
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'in_flight';
 ";
 
+/// Two costs that grew with the store.
+///
 /// A finished trigger marks its still-waiting reports superseded. Without
 /// an index on `report_of`, SQLite looked for them through every queued
 /// job: 0.14 s of CPU for each finished send with a million queued, which
 /// is what made ingest fall to 72 webhooks/s at 100,000 queued and 7 at a
 /// million (PostgreSQL's V7).
+///
+/// `/metrics` counts jobs per state on every scrape: a read of the whole
+/// table, seconds with 14 days of history. `job_counts` keeps the counts,
+/// moved by triggers in the same transaction as the rows (a rolled-back
+/// savepoint takes its counts with it; a purge's cascade fires them too).
+/// A migration that rebuilds `jobs` must create the triggers again.
 const V10: &str = "
 CREATE INDEX jobs_report_of ON jobs (report_of) WHERE report_of IS NOT NULL;
+CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO job_counts (state, n) VALUES ('queued', 0), ('in_flight', 0), ('done', 0), ('dead', 0);
+UPDATE job_counts SET n = (SELECT COUNT(*) FROM jobs WHERE jobs.state = job_counts.state);
+CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_counted_update AFTER UPDATE OF state ON jobs WHEN OLD.state <> NEW.state BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+    UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+END;
+CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state;
+END;
 ";
 
 fn lock_path(db: &Path) -> PathBuf {
@@ -375,16 +396,31 @@ mod tests {
                 .is_err(),
             "the state check still holds"
         );
-        let indexes: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL",
-                [],
-                |r| r.get(0),
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL
+                 ORDER BY name",
             )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(
-            indexes, 9,
-            "jobs_event, jobs_created, jobs_queued, jobs_leased, V6's jobs_pipeline, V7's jobs_follow, V8's jobs_shadow, V9's jobs_due and jobs_lease"
+            indexes,
+            [
+                "jobs_created",
+                "jobs_due",
+                "jobs_event",
+                "jobs_follow",
+                "jobs_lease",
+                "jobs_leased",
+                "jobs_pipeline",
+                "jobs_queued",
+                "jobs_report_of",
+                "jobs_shadow",
+            ],
+            "the rebuild's four, and every later migration's"
         );
         // The event still owns its jobs, and they their attempts.
         conn.execute("DELETE FROM events WHERE id = 'e1'", []).unwrap();

@@ -338,7 +338,7 @@ pub(super) fn purge(
 
 pub(super) fn queue_stats(conn: &Connection, now: SystemTime) -> Result<QueueStats, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        .prepare_cached("SELECT state, n FROM job_counts")
         .map_err(|e| unavailable(&e))?;
     let counts = collect(&mut stmt, [], |row| {
         Ok((

@@ -242,16 +242,27 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
-/// Puts committed pages on disk: a checkpoint syncs the WAL first, in any
-/// `synchronous` mode. False if it could not.
+/// Puts committed pages on disk: the write-ahead log is synced, then
+/// checkpointed. False if it could not be synced.
+///
+/// The checkpoint alone is not enough: it syncs the log only when it has
+/// frames to copy, and a reader's snapshot can leave it none (see
+/// `reader`), which would leave the newest commits in the OS's cache.
 fn sync(conn: &mut Connection) -> bool {
-    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "store: cannot sync the write-ahead log; will try again");
-            false
-        }
+    let synced = conn
+        .path()
+        .map(|db| format!("{db}-wal"))
+        .ok_or_else(|| std::io::Error::other("the database has no file"))
+        .and_then(|wal| std::fs::File::open(wal)?.sync_data());
+    if let Err(e) = synced {
+        warn!(error = %e, "store: cannot sync the write-ahead log; will try again");
+        return false;
     }
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        // The log is on disk; the copy into the database waits for the next.
+        warn!(error = %e, "store: cannot checkpoint the write-ahead log; will try again");
+    }
+    true
 }
 
 /// Runs a batch in one transaction and answers every caller; returns how
