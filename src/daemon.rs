@@ -216,19 +216,29 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Deletes finished events (and their jobs and attempts) older than
-/// `store.retention`, a bounded batch at a time so ingest never waits long.
+/// `store.retention`, a bounded batch at a time so ingest never waits long:
+/// on SQLite a batch holds the writer, and every webhook waiting on it,
+/// while it runs.
 async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
-    const BATCH: usize = 500;
+    const BATCH: usize = 200;
     loop {
         let retention = app.config().store.retention;
         let before = app.now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
         let mut purged = 0;
         loop {
+            let started = crate::clock::stopwatch();
             match app.store.purge(before, app.now(), BATCH).await {
                 Ok(n) => {
                     purged += n;
                     if n < BATCH as u64 {
                         break;
+                    }
+                    // Half the store's time at most: a webhook arriving
+                    // meanwhile waits for one batch, never for a run of them.
+                    let took = started.elapsed().min(Duration::from_secs(1));
+                    tokio::select! {
+                        () = tokio::time::sleep(took) => {}
+                        () = shutdown.cancelled() => return,
                     }
                 }
                 Err(e) => {

@@ -14,7 +14,7 @@
 //! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
 //! push, with a delivery id of its own per request, at 1 and 32 connections;
 //! figures are medians of `--runs` runs, with the spread. The curves
-//! (`routes`, `payload`, `queue_depth`) load relay alone at 32 connections
+//! (`routes`, `payload`, `queue_depth`, `store_size`) load relay alone at 32 connections
 //! while one thing grows. Bounded: every run has a fixed duration or a fixed
 //! count, every fill a time budget. Talks only to 127.0.0.1.
 
@@ -24,6 +24,7 @@
 mod backlog;
 mod curves;
 mod depth;
+mod history;
 mod latency;
 mod load;
 mod plot;
@@ -85,7 +86,9 @@ same as JSON to compare across commits.
 The curves load relay alone at 32 connections while one thing grows: routes
 (1, 10, 100, 1,000 of every kind, three taking the push), the signed push's
 size (1 KB, 7 KB, 100 KB, 1 MB), and jobs already queued for a CI that does
-not answer (0, 100,000, 1,000,000; ingest, and claim latency). --plot DIR
+not answer (0, 100,000, 1,000,000; ingest, and claim latency), and the
+store's size (empty, and --history finished events: ingest, and how long
+the retention purge holds webhooks). --plot DIR
 draws them as SVG (routes.svg, payload.svg, queue_depth.svg).
 
 Measures the relay binary beside this one (target/release/relay) unless
@@ -117,7 +120,7 @@ enum Internal {
 }
 
 /// The subjects and parts `--only` may name.
-const ONLY: [&str; 13] = [
+const ONLY: [&str; 14] = [
     "hyper-ceiling",
     "hyper-verify",
     "webhook-noexec",
@@ -130,6 +133,7 @@ const ONLY: [&str; 13] = [
     "routes",
     "payload",
     "queue_depth",
+    "store_size",
     "curves",
 ];
 
@@ -137,7 +141,7 @@ const ONLY: [&str; 13] = [
 /// `load` is every subject's load, `curves` the three curves.
 fn wanted(only: &[String], part: &str) -> bool {
     let group = match part {
-        "routes" | "payload" | "queue_depth" => "curves",
+        "routes" | "payload" | "queue_depth" | "store_size" => "curves",
         "e2e" | "delivery" => "",
         _ => "load",
     };
@@ -162,7 +166,8 @@ struct Options {
     /// A subject's load: hyper-ceiling, hyper-verify, webhook-noexec,
     /// webhook-exec, relay, relay-postgres; every subject's load: load;
     /// relay's end-to-end latency: e2e; relay's delivery from a backlog:
-    /// delivery; a curve: routes, payload, queue_depth; all three: curves.
+    /// delivery; a curve: routes, payload, queue_depth, store_size; all
+    /// four: curves.
     #[arg(
         long,
         value_name = "PART",
@@ -188,6 +193,12 @@ struct Options {
     /// in the same conditions.
     #[arg(long, value_name = "PATH", verbatim_doc_comment)]
     relay: Option<PathBuf>,
+    /// Finished events in the store for store_size's second point
+    ///
+    /// Ten million is 14 days at 8 webhooks/s, several GB on disk: the file
+    /// is removed once measured.
+    #[arg(long, value_name = "EVENTS", default_value_t = history::HISTORY, verbatim_doc_comment)]
+    history: usize,
     /// Draw the curves measured as SVG into this directory
     ///
     /// routes.svg, payload.svg and queue_depth.svg, for the curves this run
@@ -353,6 +364,16 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     } else {
         None
     };
+    let store_size = if wanted(only, "store_size") {
+        eprintln!("measuring relay against the store's size …");
+        section(
+            "store_size",
+            history::store_size(&ws, &options, options.history).await,
+            &mut errors,
+        )
+    } else {
+        None
+    };
     let report = Report {
         when: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         machine,
@@ -366,6 +387,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         routes,
         payload,
         queue_depth,
+        store_size,
         errors,
     };
     print!("{}", table(&report));

@@ -45,6 +45,8 @@ pub struct Setup {
     /// `delivery.timeout`, when relay's default will not do (a paused
     /// target's send must outlast the measurement).
     pub delivery_timeout: Option<&'static str>,
+    /// `store.retention`, when relay's default will not do.
+    pub retention: Option<String>,
 }
 
 pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, setup: &Setup) -> String {
@@ -65,6 +67,11 @@ pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, setup:
         .map(|t| format!("timeout = \"{t}\""))
         .unwrap_or_default();
     let extra = &setup.extra;
+    let retention = setup
+        .retention
+        .as_deref()
+        .map(|r| format!("retention = \"{r}\""))
+        .unwrap_or_default();
     format!(
         r#"
 [server]
@@ -72,6 +79,7 @@ listen = ["127.0.0.1:{port}"]
 
 [store]
 url = "{store}"
+{retention}
 
 [loop_guard]
 dedupe_window = "0s"

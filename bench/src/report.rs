@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 
 use crate::curves::{Curve, PayloadPoint, RoutesPoint};
 use crate::depth::DepthPoint;
+use crate::history::StoreSize;
 use crate::latency::{Delivery, EndToEnd};
 use crate::subjects::{SubjectResult, Summary};
 
@@ -25,6 +26,7 @@ pub struct Report {
     pub routes: Option<Curve<RoutesPoint>>,
     pub payload: Option<Curve<PayloadPoint>>,
     pub queue_depth: Option<Vec<DepthPoint>>,
+    pub store_size: Option<StoreSize>,
     /// Curves that could not be measured, and why.
     pub errors: Vec<String>,
 }
@@ -130,6 +132,9 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "\nclaim cycle at {} queued not timed: {e}", p.queued);
         }
     }
+    if let Some(size) = &report.store_size {
+        store_size(size, &mut out);
+    }
     for error in &report.errors {
         let _ = writeln!(out, "\nnot measured: {error}");
     }
@@ -230,4 +235,44 @@ fn curves(report: &Report, out: &mut String) {
             );
         }
     }
+}
+
+/// The store-size table: ingest on an empty store and on the history, and
+/// the probe's answers (idle on the empty store, during the purge on the
+/// full one).
+fn store_size(size: &StoreSize, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\nrelay against the store's size, ingest at c{}; the probe: {} webhooks/s, each answer timed (empty: nothing to purge; full: while the purge deleted {} events in {:.1} s):\n\n| finished events | store MiB | req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | probe p50 / p99 / max ms | probe accepted |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        size.empty.ingest.connections,
+        crate::history::PROBE_RATE,
+        size.purged,
+        size.purge_secs
+    );
+    for p in [&size.empty, &size.full] {
+        let _ = writeln!(
+            out,
+            "| {}{} | {:.0} | {:.0} | {:.0}–{:.0} | {:.2} | {:.0} | {:.1} | {:.1} / {:.1} / {:.1} | {}/{} |",
+            p.events,
+            if p.fill_cut_short { " (fill cut short)" } else { "" },
+            p.store_mib,
+            p.ingest.requests_per_sec,
+            p.ingest.requests_per_sec_min,
+            p.ingest.requests_per_sec_max,
+            p.ingest.p99_ms,
+            p.ingest.cpu_us_per_request,
+            p.rss_after_mib,
+            p.probe.p50_ms,
+            p.probe.p99_ms,
+            p.probe.max_ms,
+            p.probe.accepted,
+            p.probe.sent
+        );
+    }
+    let ratio = size.full.ingest.p99_ms / size.empty.ingest.p99_ms.max(1e-9);
+    let _ = writeln!(
+        out,
+        "\np99 at c{}: {ratio:.2}× the empty store's",
+        size.empty.ingest.connections
+    );
 }
