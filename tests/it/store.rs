@@ -144,6 +144,7 @@ cases! {
         queue_stats_counts_every_state,
         event_body,
         events_view_with_drops,
+        webhooks_committed_together_are_answered_one_by_one,
     ],
     postgres_only: [
         queue_decisions_follow_the_databases_clock_not_the_callers,
@@ -363,6 +364,172 @@ async fn ingest_then_claim(f: Fixture) {
     let views = store.jobs(all_jobs()).await.unwrap();
     assert_eq!(views.len(), 3);
     assert!(views.iter().all(|v| v.state == JobState::InFlight && v.retryable));
+}
+
+/// Holds every commit until released: a transaction beside relay's that
+/// takes the lock an ingest's first write needs (SQLite's write lock,
+/// PostgreSQL's on the events table).
+enum Hold {
+    Sqlite(rusqlite::Connection),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Hold {
+    async fn take(f: &Fixture) -> Hold {
+        match &f.settings.location {
+            relay::config::StoreLocation::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                Hold::Sqlite(conn)
+            }
+            relay::config::StoreLocation::Postgres(pg) => {
+                let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute("BEGIN; LOCK TABLE events IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap();
+                Hold::Postgres(client)
+            }
+        }
+    }
+
+    /// Waits until `n` ingests wait on the hold (on SQLite, a moment: the
+    /// writer's one connection is what waits).
+    async fn until_waiting(&self, n: i64) {
+        match self {
+            Hold::Sqlite(_) => tokio::time::sleep(WINDOW).await,
+            Hold::Postgres(client) => {
+                let started = std::time::Instant::now();
+                loop {
+                    // A transaction sees one snapshot of the activity unless
+                    // told to read it again.
+                    client
+                        .execute("SELECT pg_stat_clear_snapshot()", &[])
+                        .await
+                        .unwrap();
+                    let waiting: i64 = client
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity
+                             WHERE wait_event_type = 'Lock' AND query LIKE '%relay_ingest%'",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if waiting >= n {
+                        return;
+                    }
+                    assert!(
+                        started.elapsed() < PATIENCE,
+                        "{waiting} ingests wait on the lock, not {n}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Hold::Sqlite(conn) => conn.execute_batch("COMMIT").unwrap(),
+            Hold::Postgres(client) => client.batch_execute("COMMIT").await.unwrap(),
+        }
+    }
+}
+
+/// Webhooks that arrive while the store is busy are committed together
+/// (SQLite's writer and PostgreSQL's group commit batch them); each still
+/// gets its own answer: a duplicate within the batch is known as one, and
+/// a webhook whose rows cannot be written refuses no other.
+async fn webhooks_committed_together_are_answered_one_by_one(f: Fixture) {
+    let store = &f.store;
+    let earlier = queued("ci");
+    let taken_id = earlier.id;
+    accept(store, event("earlier", vec![earlier])).await;
+
+    let hold = Hold::take(&f).await;
+    let spawn = |event: NewEvent| {
+        let store = store.clone();
+        tokio::spawn(async move { store.ingest(event).await })
+    };
+    // These take what commits at once (SQLite's writer; PostgreSQL's two
+    // batches in flight), one after the other, and wait on the hold ...
+    let mut first = Vec::new();
+    for (n, delivery) in ["held-a", "held-b"].into_iter().enumerate() {
+        first.push(spawn(event(delivery, vec![queued("ci")])));
+        hold.until_waiting(n as i64 + 1).await;
+    }
+    // ... so these wait in the queue, and are committed together after.
+    let batch_events: Vec<NewEvent> = (2..=6)
+        .map(|n| event(&format!("batch-{n}"), vec![queued("ci")]))
+        .collect();
+    let batch_ids: Vec<Uuid> = batch_events.iter().map(|e| e.id).collect();
+    let batch: Vec<_> = batch_events.into_iter().map(spawn).collect();
+    // batch-1 twice: whichever the batch takes first is the original.
+    let (once, twice) = (
+        event("batch-1", vec![queued("ci")]),
+        event("batch-1", vec![queued("ci")]),
+    );
+    let pair = [once.id, twice.id];
+    let pair_answers = [spawn(once), spawn(twice)];
+    // Its job's id is taken: its rows cannot be written.
+    let mut broken = event("broken", vec![queued("ci")]);
+    broken.jobs[0].id = taken_id;
+    let broken_id = broken.id;
+    let broken = spawn(broken);
+    tokio::time::sleep(WINDOW).await;
+    hold.release().await;
+
+    for held in first {
+        assert!(matches!(held.await.unwrap(), Ok(Ingested::Accepted { .. })));
+    }
+    for answer in batch {
+        let answer = answer.await.unwrap();
+        assert!(
+            matches!(answer, Ok(Ingested::Accepted { .. })),
+            "a webhook beside a broken one: {answer:?}"
+        );
+    }
+    let mut answers = Vec::new();
+    for answer in pair_answers {
+        answers.push(answer.await.unwrap().unwrap());
+    }
+    let stored: Vec<Uuid> = answers
+        .iter()
+        .zip(pair)
+        .filter(|(answer, _)| matches!(answer, Ingested::Accepted { .. }))
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(stored.len(), 1, "batch-1 twice: one stored: {answers:?}");
+    assert!(
+        answers.contains(&Ingested::Duplicate(stored[0])),
+        "batch-1 twice: the other is its duplicate: {answers:?}"
+    );
+    let refused = broken.await.unwrap();
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "the webhook whose rows cannot be written: {refused:?}"
+    );
+    let events: HashSet<String> = store
+        .events(newest_events(50), SystemTime::now())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(events.len(), 1 + 2 + 5 + 1, "{events:?}");
+    assert!(
+        batch_ids
+            .iter()
+            .chain(&stored)
+            .all(|id| events.contains(&id.to_string()))
+    );
+    assert!(
+        !events.contains(&broken_id.to_string()),
+        "nothing of the refused webhook is stored"
+    );
+    assert_eq!(store.jobs(all_jobs()).await.unwrap().len(), 1 + 2 + 5 + 1);
 }
 
 async fn duplicate_delivery(f: Fixture) {

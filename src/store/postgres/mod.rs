@@ -19,7 +19,8 @@
 //!
 //! The folder, by concern: `connect` (connection settings, TLS, pool
 //! errors, deadlines), `listen` (the LISTEN connection), `schema`
-//! (migrations), `queue` (the delivery path's SQL), `views` (what a person
+//! (migrations), `ingest` (webhooks committed, together under load),
+//! `queue` (the rest of the delivery path's SQL), `views` (what a person
 //! reads, the manual retries, retention). This file opens the store, says
 //! how a column reads and how times translate, and wires the role traits.
 
@@ -62,6 +63,7 @@ macro_rules! report_ctes {
 }
 
 mod connect;
+mod ingest;
 mod listen;
 mod polls;
 mod queue;
@@ -82,6 +84,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use self::connect::{POOL_TIMEOUT, connection_config, describe, pool_error, tls_connector};
+use self::ingest::GroupCommit;
 use self::listen::{keep_listening, listen_on};
 pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
@@ -103,6 +106,8 @@ const MAX_OFFSET_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 /// connection listening for work other relays queued.
 pub struct PostgresStore {
     pool: Pool,
+    /// Webhooks committed together (see `ingest`).
+    group_commit: GroupCommit,
     shown: String,
     wake: Arc<Notify>,
     /// Stops the listener task when the store goes away.
@@ -161,6 +166,7 @@ impl PostgresStore {
             }
         });
         Ok(PostgresStore {
+            group_commit: GroupCommit::spawn(pool.clone()),
             pool,
             shown: settings.shown.clone(),
             wake,
@@ -288,7 +294,7 @@ impl Columns for Row {
 #[async_trait]
 impl Queue for PostgresStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        queue::ingest(self, event).await
+        self.group_commit.ingest(event).await
     }
 
     async fn claim(

@@ -18,8 +18,7 @@
 //! lock file), `writer` (the group commit and its durability), `codec`
 //! (body packing), `queue` (the delivery path's SQL), `views` (what a
 //! person reads, the manual retries, retention), `reader` (the read-only
-//! connections), `checkpoint` (the log copied into the database beside the
-//! writer). This file opens the store,
+//! connections). This file opens the store,
 //! says how a column reads (ids as text, times as milliseconds) and wires
 //! the role traits to the rest.
 //!
@@ -27,7 +26,6 @@
 //! committed (and, for what a sender or a person is told, synced), let a
 //! second relay use the same file, or decide by a clock of its own.
 
-mod checkpoint;
 mod codec;
 mod polls;
 mod queue;
@@ -50,7 +48,6 @@ use rusqlite::{Connection, Params, Row, Statement};
 use tracing::info;
 use uuid::Uuid;
 
-use checkpoint::Checkpointer;
 use reader::Readers;
 pub(crate) use schema::{SCHEMA_VERSION, schema_status};
 #[cfg(feature = "bench")]
@@ -108,11 +105,6 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
         let file = file_identity(path).map_err(|e| open_error(e.to_string()))?;
         schema::prepare(&mut conn).map_err(open_error)?;
-        // The log is copied into the database beside the writer, never in
-        // a commit of its own (see `checkpoint`).
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(|e| open_error(e.to_string()))?;
-        let checkpointer = Checkpointer::spawn(path).map_err(open_error)?;
         // The lock proves no other process holds these jobs: whatever was in
         // flight belonged to a run that is gone.
         let recovered = queue::recover(&conn).map_err(|e| open_error(e.to_string()))?;
@@ -125,7 +117,7 @@ impl SqliteStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| open_error("the store must be opened inside a tokio runtime".to_owned()))?;
         Ok(SqliteStore {
-            writer: Writer::spawn(&runtime, conn, max_batch, checkpointer),
+            writer: Writer::spawn(&runtime, conn, max_batch),
             readers: Readers::new(path),
             _lock: lock,
             path: path.to_owned(),

@@ -16,7 +16,6 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use super::checkpoint::Checkpointer;
 use super::unavailable;
 use crate::store::StoreError;
 
@@ -35,14 +34,9 @@ impl Writer {
     /// Starts the writer task on `runtime`, with at most `max_batch`
     /// operations per transaction. It ends, closing the database, when the
     /// last handle is gone.
-    pub(super) fn spawn(
-        runtime: &tokio::runtime::Handle,
-        conn: Connection,
-        max_batch: usize,
-        checkpointer: Checkpointer,
-    ) -> Writer {
+    pub(super) fn spawn(runtime: &tokio::runtime::Handle, conn: Connection, max_batch: usize) -> Writer {
         let (operations, receiver) = mpsc::channel(4 * MAX_BATCH);
-        runtime.spawn(writer(conn, receiver, max_batch.max(1), checkpointer));
+        runtime.spawn(writer(conn, receiver, max_batch.max(1)));
         Writer { operations }
     }
 
@@ -148,12 +142,7 @@ const MAX_UNSYNCED: Duration = Duration::from_millis(200);
 /// Gathers what is waiting into a batch and runs it on the blocking pool;
 /// operations that arrive meanwhile form the next batch. Ends, closing the
 /// database, when every handle to the store is gone.
-async fn writer(
-    mut conn: Connection,
-    mut operations: mpsc::Receiver<Operation>,
-    max_batch: usize,
-    checkpointer: Checkpointer,
-) {
+async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
     // Since when committed pages may be only in the OS's cache.
     let mut unsynced_since: Option<std::time::Instant> = None;
     loop {
@@ -212,9 +201,6 @@ async fn writer(
                     }
                     None => {}
                 }
-                if committed.is_some() {
-                    checkpointer.committed();
-                }
                 conn
             }
             None => return,
@@ -256,24 +242,27 @@ async fn on_blocking_pool<T: Send + 'static>(
     }
 }
 
-/// Puts committed pages on disk: an fsync of the write-ahead log, where a
-/// recovery finds them. False if it could not.
+/// Puts committed pages on disk: the write-ahead log is synced, then
+/// checkpointed. False if it could not be synced.
 ///
-/// (A checkpoint syncs the log only when it has frames to copy, and a
-/// reader's snapshot can leave it none; copying them is `checkpoint`'s.)
+/// The checkpoint alone is not enough: it syncs the log only when it has
+/// frames to copy, and a reader's snapshot can leave it none (see
+/// `reader`), which would leave the newest commits in the OS's cache.
 fn sync(conn: &mut Connection) -> bool {
     let synced = conn
         .path()
         .map(|db| format!("{db}-wal"))
         .ok_or_else(|| std::io::Error::other("the database has no file"))
         .and_then(|wal| std::fs::File::open(wal)?.sync_data());
-    match synced {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, "store: cannot sync the write-ahead log; will try again");
-            false
-        }
+    if let Err(e) = synced {
+        warn!(error = %e, "store: cannot sync the write-ahead log; will try again");
+        return false;
     }
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        // The log is on disk; the copy into the database waits for the next.
+        warn!(error = %e, "store: cannot checkpoint the write-ahead log; will try again");
+    }
+    true
 }
 
 /// Runs a batch in one transaction and answers every caller; returns how
