@@ -1662,6 +1662,33 @@ async fn concurrent_migrations(f: Fixture) {
         after,
         "the fixture's own database is at the latest version too"
     );
+
+    // Bodies are compressed with LZ4 where the server has it (V8).
+    let relay::config::StoreLocation::Postgres(pg) = &fresh.location else {
+        unreachable!("a postgres fixture");
+    };
+    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let expected = if row.get::<_, bool>(0) { "l" } else { "\0" };
+    let compression: Vec<String> = client
+        .query(
+            "SELECT attcompression::text FROM pg_attribute
+             WHERE attrelid = 'events'::regclass AND attname IN ('body', 'payload')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(compression, [expected, expected], "the body columns' compression");
 }
 
 /// A password in the test server's URL, if it has one.

