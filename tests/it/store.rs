@@ -1676,7 +1676,7 @@ async fn concurrent_migrations(f: Fixture) {
         )
         .await
         .unwrap();
-    let expected = if row.get::<_, bool>(0) { "l" } else { "\0" };
+    let expected = if row.get::<_, bool>(0) { "l" } else { "" };
     let compression: Vec<String> = client
         .query(
             "SELECT attcompression::text FROM pg_attribute
