@@ -1,20 +1,23 @@
-//! A queue filled directly through relay's own store, as ingest would fill
-//! it, without HTTP: the delivery and queue-depth measurements start from
-//! it. Never runs while a relay holds the same file.
+//! A queue filled straight into a SQLite file, without HTTP: the delivery
+//! and queue-depth measurements start from it. The measured relay makes
+//! the file's schema ([`make_schema`]); the rows go in as plain SQL on
+//! columns every schema since reporting back (V8) has, with the request as
+//! relay stores it (`PreparedRequest` as JSON), so a build of another
+//! commit (`--relay`) can be measured on it. Never runs while a relay holds
+//! the same file.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use relay::guard::JobLimits;
 use relay::request::{Auth, PreparedRequest, RequestBody};
-use relay::store::{NewEvent, NewJob, Queue, SqliteStore};
+use rusqlite::{Connection, params};
 
-/// Events committed at once: the store's writer groups them into one
-/// transaction and one fsync, as it does concurrent webhooks.
-const CHUNK: usize = 500;
+use crate::process::free_port;
+use crate::relay::{Setup, Workspace, start_relay};
+
+/// Events committed per transaction.
+const CHUNK: usize = 10_000;
 
 /// What a fill did.
 #[derive(Debug, Clone, Copy)]
@@ -34,10 +37,24 @@ pub struct JobTarget<'a> {
     pub addr: SocketAddr,
 }
 
-/// Queues `count` jobs for `target` in the SQLite store at `db`, one event
-/// each, through relay's own store as ingest would; stops at a whole chunk
-/// once `budget` has passed. `tag` keeps delivery ids apart between fills of
-/// one file.
+/// Has the measured relay create (or migrate) the store at `db`: started on
+/// it with `setup`, then stopped.
+pub async fn make_schema(ws: &Workspace, db: &Path, circle: SocketAddr, setup: &Setup) -> Result<(), String> {
+    let port = free_port()?;
+    let store = format!("sqlite://{}", db.display());
+    let label = format!(
+        "schema-{}",
+        db.file_stem().and_then(|s| s.to_str()).unwrap_or("db")
+    );
+    let relay = start_relay(ws, &label, port, &store, circle, setup).await?;
+    drop(relay);
+    Ok(())
+}
+
+/// Queues `count` jobs for `target` in the SQLite store at `db` (its schema
+/// made by [`make_schema`]), one event each; stops at a whole chunk once
+/// `budget` has passed. `tag` keeps delivery ids apart between fills of one
+/// file.
 pub async fn fill(
     db: &Path,
     count: usize,
@@ -45,68 +62,85 @@ pub async fn fill(
     tag: &str,
     budget: Duration,
 ) -> Result<Filled, String> {
-    let store = Arc::new(SqliteStore::open(db).map_err(|e| e.to_string())?);
-    let body = Bytes::from_static(br#"{"ref":"refs/heads/main"}"#);
+    let request = serde_json::to_string(&PreparedRequest {
+        url: format!("http://{}/api/v2/project/gh/acme/api/pipeline", target.addr),
+        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+        body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
+        auth: Auth::Header {
+            name: "Circle-Token".to_owned(),
+        },
+    })
+    .map_err(|e| e.to_string())?;
+    let (db, name, tag) = (db.to_owned(), target.name.to_owned(), tag.to_owned());
+    tokio::task::spawn_blocking(move || {
+        fill_rows(&db, count, &name, &request, &tag, budget)
+            .map_err(|e| format!("filling {}: {e}", db.display()))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn fill_rows(
+    db: &Path,
+    count: usize,
+    target: &str,
+    request: &str,
+    tag: &str,
+    budget: Duration,
+) -> rusqlite::Result<Filled> {
+    let conn = Connection::open(db)?;
+    // A queue for measuring: nothing here needs to survive a crash.
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
     let started = Instant::now();
     let mut queued = 0;
-    let mut pending = Vec::with_capacity(CHUNK);
-    while queued < count {
-        if started.elapsed() > budget {
-            break;
-        }
+    while queued < count && started.elapsed() <= budget {
         let this = CHUNK.min(count - queued);
-        for n in queued..queued + this {
-            let store = store.clone();
-            let event = event(body.clone(), target, format!("backlog-{tag}-{n}"));
-            pending.push(tokio::spawn(async move { store.ingest(event).await }));
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut event = tx.prepare_cached(
+                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop,
+                                     summary, codec)
+                 VALUES (?1, 'github', ?2, 'push', ?3, 'application/json', CAST(?4 AS BLOB), NULL, 0, '{}', 0)",
+            )?;
+            let mut job = tx.prepare_cached(
+                "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, created_at,
+                                   updated_at, repo, sha)
+                 VALUES (?1, ?2, 'builds', ?3, 'queued', ?4, 0, ?5, ?5, ?5, 'acme/api',
+                         '2222222222222222222222222222222222222222')",
+            )?;
+            for n in queued..queued + this {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let event_id = uuid::Uuid::now_v7().to_string();
+                event.execute(params![
+                    event_id,
+                    format!("backlog-{tag}-{n}"),
+                    now,
+                    r#"{"ref":"refs/heads/main"}"#
+                ])?;
+                job.execute(params![
+                    uuid::Uuid::now_v7().to_string(),
+                    event_id,
+                    target,
+                    request,
+                    now
+                ])?;
+            }
         }
-        for task in pending.drain(..) {
-            task.await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-        }
+        tx.commit()?;
         queued += this;
+    }
+    // On disk before relay starts: relay's first fsyncs must not wait for
+    // the kernel to write the fill back.
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+    drop(conn);
+    if let Ok(file) = std::fs::File::open(db) {
+        let _ = file.sync_all();
     }
     Ok(Filled {
         jobs: queued,
         secs: started.elapsed().as_secs_f64(),
         cut_short: queued < count,
     })
-}
-
-/// One push event with its one job, as relay's accept path commits it.
-fn event(body: Bytes, target: JobTarget<'_>, delivery: String) -> NewEvent {
-    let addr = target.addr;
-    NewEvent {
-        id: uuid::Uuid::now_v7(),
-        source: "github".to_owned(),
-        delivery: Some(delivery),
-        hook: "push".to_owned(),
-        content_type: "application/json".to_owned(),
-        body,
-        payload: None,
-        hop: 0,
-        received_at: SystemTime::now(),
-        summary: "{}".to_owned(),
-        jobs: vec![NewJob {
-            id: uuid::Uuid::now_v7(),
-            route: "builds".to_owned(),
-            target: target.name.to_owned(),
-            request: Ok(PreparedRequest {
-                url: format!("http://{addr}/api/v2/project/gh/acme/api/pipeline"),
-                headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
-                body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
-                auth: Auth::Header {
-                    name: "Circle-Token".to_owned(),
-                },
-            }),
-            limits: JobLimits::default(),
-            lease: None,
-            repo: "acme/api".to_owned(),
-            sha: "2222222222222222222222222222222222222222".to_owned(),
-            shadow: false,
-            report: None,
-        }],
-        drops: Vec::new(),
-    }
 }

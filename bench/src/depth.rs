@@ -1,8 +1,8 @@
 //! The queue-depth curve: relay's ingest at 32 connections and its claim
 //! latency with 0, 100,000 and 1,000,000 jobs already queued.
 //!
-//! The backlog is queued straight into one SQLite file through relay's own
-//! store (`backlog::fill`), in steps (0, then up to 100k, then up to 1M),
+//! The backlog is queued straight into one SQLite file, whose schema the
+//! measured relay made (`backlog::fill`), in steps (0, then up to 100k, then up to 1M),
 //! for a target (`paused`) whose CI holds every trigger unanswered: relay
 //! may send it one at a time (`concurrency = 1`) and that one waits, so the
 //! backlog stays queued while ingest is measured. Each fill step has a time
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::Options;
-use crate::backlog::{JobTarget, fill};
+use crate::backlog::{JobTarget, fill, make_schema};
 use crate::curves::CONNECTIONS;
 use crate::load::{self, rss_mib};
 use crate::process::{Running, free_port};
@@ -83,7 +83,9 @@ pub struct Claims {
     /// The store's claim alone: `Queue::claim` of one job of the paused
     /// target, timed in this harness against the same file before relay
     /// starts. This is the harness's own build of relay's store, not
-    /// `--relay`'s. Milliseconds, over `store_claims` claims.
+    /// `--relay`'s: when the two builds' schemas differ it is not timed (0
+    /// claims), as opening the file would migrate it under `--relay`.
+    /// Milliseconds, over `store_claims` claims.
     pub store_claim_p50_ms: f64,
     pub store_claim_p99_ms: f64,
     pub store_claims: usize,
@@ -104,6 +106,7 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
     let db = ws.path("depth.db");
     let store = format!("sqlite://{}", db.display());
     let setup = setup(paused_addr);
+    make_schema(ws, &db, circle, &setup).await?;
     let mut queued = 0;
     let mut points = Vec::new();
     for depth in DEPTHS {
@@ -225,7 +228,13 @@ concurrency = 1
 /// milliseconds, sorted. The claimed jobs stay leased for a minute, then
 /// are claimable again.
 async fn store_claims(db: &std::path::Path) -> Result<Vec<f64>, String> {
-    use relay::store::{Queue, SqliteStore};
+    use relay::store::{Queue, SQLITE_SCHEMA_VERSION, SqliteStore};
+    let version: i64 = rusqlite::Connection::open(db)
+        .and_then(|conn| conn.pragma_query_value(None, "user_version", |row| row.get(0)))
+        .map_err(|e| e.to_string())?;
+    if version != i64::from(SQLITE_SCHEMA_VERSION) {
+        return Ok(Vec::new());
+    }
     let store = SqliteStore::open(db).map_err(|e| e.to_string())?;
     let mut took = Vec::with_capacity(STORE_CLAIMS);
     for _ in 0..STORE_CLAIMS {

@@ -362,7 +362,7 @@ fn copy_chunk(
         &format!(
             "{NUMBERS}
              INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary, codec)
-             SELECT printf('00000000-0000-7000-8000-%012x', ?1 + i), t.source, 'history-' || (?1 + i), t.hook,
+             SELECT printf('00000000-0000-7000-8000-%012x', ?1 + i), t.source, printf('history-%012d', ?1 + i), t.hook,
                     ?3 + i * ?4, t.content_type, CAST(?5 AS BLOB), NULL, 0, t.summary, 0
              FROM n, (SELECT * FROM events WHERE id = ?6) t"
         ),

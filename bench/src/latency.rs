@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backlog::{JobTarget, fill};
+use crate::backlog::{JobTarget, fill, make_schema};
 use crate::process::free_port;
 use crate::relay::{Setup, Workspace, start_relay};
 use crate::servers::MockCircle;
@@ -118,60 +118,91 @@ pub async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, S
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
     pub backlog: usize,
+    /// The targets the backlog is spread over, evenly.
+    pub targets: usize,
     pub triggers_per_sec: f64,
     pub runs: Vec<f64>,
 }
 
-/// A backlog of queued jobs, then relay started on it: triggers per second
-/// reaching the mock, first to last.
-pub async fn delivery(ws: &Workspace, options: &Options) -> Result<Delivery, String> {
+/// A backlog of queued jobs spread evenly over `targets` (all at one mock
+/// CI), then relay started on it: triggers per second reaching the mock,
+/// first to last.
+pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Result<Delivery, String> {
     let mut runs = Vec::new();
     for run in 0..options.runs {
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
-        let db = ws.path(&format!("backlog-{run}.db"));
-        let target = JobTarget {
-            name: "circleci",
-            addr: circle,
+        let db = ws.path(&format!("backlog-{targets}-{run}.db"));
+        let names: Vec<String> = if targets == 1 {
+            vec!["circleci".to_owned()]
+        } else {
+            (0..targets).map(|n| format!("t{n}")).collect()
         };
-        let filled = fill(&db, BACKLOG, target, &run.to_string(), Duration::from_secs(600)).await?;
-        if filled.cut_short {
-            return Err(format!(
-                "delivery: only {} of {BACKLOG} jobs queued in 600 s",
-                filled.jobs
-            ));
+        let setup = Setup {
+            extra: names
+                .iter()
+                .filter(|name| *name != "circleci")
+                .map(|name| {
+                    format!(
+                        "[targets.{name}]\nkind = \"circleci\"\nbase_url = \"http://{circle}\"\n\
+                         project = \"gh/acme/api\"\ntoken = \"bench-circle-token\"\n\n"
+                    )
+                })
+                .collect(),
+            ..Setup::default()
+        };
+        make_schema(ws, &db, circle, &setup).await?;
+        let each = BACKLOG / targets;
+        for name in &names {
+            let target = JobTarget { name, addr: circle };
+            let filled = fill(
+                &db,
+                each,
+                target,
+                &format!("{run}-{name}"),
+                Duration::from_secs(600),
+            )
+            .await?;
+            if filled.cut_short {
+                return Err(format!(
+                    "delivery: only {} of {each} jobs queued for {name} in 600 s",
+                    filled.jobs
+                ));
+            }
         }
+        let backlog = each * targets;
         let port = free_port()?;
         let store = format!("sqlite://{}", db.display());
         let relay = start_relay(
             ws,
-            &format!("backlog-{run}"),
+            &format!("backlog-{targets}-{run}"),
             port,
             &store,
             circle,
-            &Setup::default(),
+            &setup,
         )
         .await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first = None;
-        while mock.count.load(Ordering::Relaxed) < BACKLOG {
+        while mock.count.load(Ordering::Relaxed) < backlog {
             if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
                 first = Some((Instant::now(), mock.count.load(Ordering::Relaxed)));
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "delivery: {} of {BACKLOG} after 120s",
+                    "delivery: {} of {backlog} after 120s",
                     mock.count.load(Ordering::Relaxed)
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let (started, at_start) = first.unwrap_or((Instant::now(), 0));
-        runs.push((BACKLOG - at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3));
+        runs.push((backlog - at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3));
         drop(relay);
     }
     Ok(Delivery {
-        backlog: BACKLOG,
+        backlog: BACKLOG / targets * targets,
+        targets,
         triggers_per_sec: median(runs.clone()),
         runs,
     })

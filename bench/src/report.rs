@@ -23,6 +23,8 @@ pub struct Report {
     pub subjects: Vec<SubjectResult>,
     pub end_to_end: Option<EndToEnd>,
     pub delivery: Option<Delivery>,
+    /// The same backlog spread over many targets.
+    pub delivery_wide: Option<Delivery>,
     pub routes: Option<Curve<RoutesPoint>>,
     pub payload: Option<Curve<PayloadPoint>>,
     pub queue_depth: Option<Vec<DepthPoint>>,
@@ -115,15 +117,15 @@ pub fn table(report: &Report) -> String {
             e.rate_per_sec, e.p50_ms, e.p99_ms, e.from_send_p50_ms, e.from_send_p99_ms
         );
     }
-    if let Some(d) = &report.delivery {
+    for d in report.delivery.iter().chain(&report.delivery_wide) {
         let spread = (
             d.runs.iter().copied().fold(f64::INFINITY, f64::min),
             d.runs.iter().copied().fold(0.0, f64::max),
         );
         let _ = writeln!(
             out,
-            "relay delivery from a backlog of {}: {:.0} triggers/s (spread {:.0}–{:.0})",
-            d.backlog, d.triggers_per_sec, spread.0, spread.1
+            "relay delivery from a backlog of {} for {} target(s): {:.0} triggers/s (spread {:.0}–{:.0})",
+            d.backlog, d.targets, d.triggers_per_sec, spread.0, spread.1
         );
     }
     curves(report, &mut out);
