@@ -84,7 +84,6 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use uuid::Uuid;
 
 use self::connect::{POOL_TIMEOUT, connection_config, describe, pool_error, tls_connector};
-use self::ingest::GroupCommit;
 use self::listen::{keep_listening, listen_on};
 pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
@@ -107,7 +106,7 @@ const MAX_OFFSET_MICROS: i64 = 100 * 366 * 24 * 3600 * 1_000_000;
 pub struct PostgresStore {
     pool: Pool,
     /// Webhooks committed together (see `ingest`).
-    group_commit: GroupCommit,
+    group_commit: ingest::GroupCommit,
     shown: String,
     wake: Arc<Notify>,
     /// Stops the listener task when the store goes away.
@@ -166,7 +165,7 @@ impl PostgresStore {
             }
         });
         Ok(PostgresStore {
-            group_commit: GroupCommit::spawn(pool.clone()),
+            group_commit: ingest::GroupCommit::spawn(pool.clone()),
             pool,
             shown: settings.shown.clone(),
             wake,
