@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::app::App;
 use crate::config::Config;
 use crate::server::{self, Listeners, Role, Service, TurnedAway};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Maintain, Store, StoreError};
 use crate::web::Body;
 use crate::{accept, admin, catchup, dispatch, follower, payload};
 
@@ -215,38 +215,54 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     notes
 }
 
+/// Events deleted per batch of the retention purge.
+const PURGE_BATCH: usize = 200;
+
+/// One pass of the retention purge: batches until one comes back short, or
+/// the store fails (said, and left for the next pass). After each batch it
+/// waits as long as the batch took, so the purge has half the store's time
+/// at most: a webhook arriving meanwhile waits for one batch, never for a
+/// run of them. How many events it deleted; `None` at shutdown.
+async fn purge_pass(
+    store: &dyn Maintain,
+    before: SystemTime,
+    now: impl Fn() -> SystemTime,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    let mut purged = 0;
+    loop {
+        let started = crate::clock::stopwatch();
+        match store.purge(before, now(), PURGE_BATCH).await {
+            Ok(n) => {
+                purged += n;
+                if n < PURGE_BATCH as u64 {
+                    return Some(purged);
+                }
+                let took = started.elapsed().min(Duration::from_secs(1));
+                tokio::select! {
+                    () = tokio::time::sleep(took) => {}
+                    () = shutdown.cancelled() => return None,
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot purge finished events; will try again");
+                return Some(purged);
+            }
+        }
+    }
+}
+
 /// Deletes finished events (and their jobs and attempts) older than
 /// `store.retention`, a bounded batch at a time so ingest never waits long:
 /// on SQLite a batch holds the writer, and every webhook waiting on it,
 /// while it runs.
 async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
-    const BATCH: usize = 200;
     loop {
         let retention = app.config().store.retention;
         let before = app.now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut purged = 0;
-        loop {
-            let started = crate::clock::stopwatch();
-            match app.store.purge(before, app.now(), BATCH).await {
-                Ok(n) => {
-                    purged += n;
-                    if n < BATCH as u64 {
-                        break;
-                    }
-                    // Half the store's time at most: a webhook arriving
-                    // meanwhile waits for one batch, never for a run of them.
-                    let took = started.elapsed().min(Duration::from_secs(1));
-                    tokio::select! {
-                        () = tokio::time::sleep(took) => {}
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot purge finished events; will try again");
-                    break;
-                }
-            }
-        }
+        let Some(purged) = purge_pass(&*app.store, before, || app.now(), &shutdown).await else {
+            return;
+        };
         if purged > 0 {
             info!(events = purged, retention = %humantime::format_duration(retention), "finished events purged");
         }
@@ -255,5 +271,68 @@ async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A store whose every purge takes 40 ms and deletes a full batch, three
+    /// times; it notes when each began and what it was asked.
+    #[derive(Debug, Default)]
+    struct SlowPurge {
+        calls: Mutex<Vec<(tokio::time::Instant, usize)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Maintain for SlowPurge {
+        async fn purge(&self, _: SystemTime, _: SystemTime, limit: usize) -> Result<u64, StoreError> {
+            let call = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push((crate::clock::stopwatch(), limit));
+                calls.len()
+            };
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            Ok(if call <= 3 { limit as u64 } else { 0 })
+        }
+    }
+
+    /// The purge leaves the store to webhooks between its batches, for as
+    /// long as each batch took.
+    #[tokio::test(start_paused = true)]
+    async fn the_purge_pauses_as_long_as_each_batch_took() {
+        let store = SlowPurge::default();
+        let purged = purge_pass(
+            &store,
+            SystemTime::UNIX_EPOCH,
+            crate::clock::wall_time,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(purged, Some(3 * PURGE_BATCH as u64));
+        let calls = store.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 4, "three full batches, then a short one");
+        assert!(calls.iter().all(|(_, limit)| *limit == PURGE_BATCH));
+        for pair in calls.windows(2) {
+            assert_eq!(
+                pair[1].0 - pair[0].0,
+                Duration::from_millis(80),
+                "a 40 ms batch, then 40 ms left to webhooks"
+            );
+        }
+    }
+
+    /// Shutdown ends a pass between batches.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_purge_between_batches() {
+        let store = SlowPurge::default();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let purged = purge_pass(&store, SystemTime::UNIX_EPOCH, crate::clock::wall_time, &shutdown).await;
+        assert_eq!(purged, None);
+        assert_eq!(store.calls.lock().unwrap().len(), 1);
     }
 }
