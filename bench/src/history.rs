@@ -219,13 +219,7 @@ async fn probe(
     let mut sent = Vec::new();
     while !done(sent.len()) && started.elapsed() < budget {
         tick.tick().await;
-        let request = client
-            .post(format!("http://127.0.0.1:{port}/hooks/github"))
-            .header("Content-Type", "application/json")
-            .header("X-GitHub-Event", "push")
-            .header("X-GitHub-Delivery", format!("probe-{tag}-{}", sent.len()))
-            .header("X-Hub-Signature-256", &ws.signature)
-            .body(ws.body.clone());
+        let request = ws.push(&client, port, &format!("probe-{tag}-{}", sent.len()));
         sent.push(tokio::spawn(async move {
             let at = Instant::now();
             let accepted = matches!(request.send().await, Ok(r) if r.status().as_u16() == 202);
@@ -334,14 +328,7 @@ fn fill(db: &Path, inside: usize, expired: usize, budget: Duration) -> Result<us
             next += this;
         }
     }
-    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-        .map_err(fail)?;
-    // On disk before relay starts: otherwise relay's first fsyncs wait for
-    // the kernel to write back the fill's gigabytes (measured: 0.44 s of
-    // every webhook's time as relay started).
-    std::fs::File::open(db)
-        .and_then(|file| file.sync_all())
-        .map_err(|e| format!("store size: syncing {}: {e}", db.display()))?;
+    crate::backlog::on_disk(conn, db).map_err(|e| format!("store size: syncing {}: {e}", db.display()))?;
     Ok(next)
 }
 

@@ -57,13 +57,7 @@ pub async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, S
         for n in 0..total {
             tick.tick().await;
             let delivery = format!("e2e-{run}-{n}");
-            let request = client
-                .post(format!("http://127.0.0.1:{port}/hooks/github"))
-                .header("Content-Type", "application/json")
-                .header("X-GitHub-Event", "push")
-                .header("X-GitHub-Delivery", &delivery)
-                .header("X-Hub-Signature-256", &ws.signature)
-                .body(ws.body.clone());
+            let request = ws.push(&client, port, &delivery);
             sent.push(tokio::spawn(async move {
                 let started = Instant::now();
                 let response = request.send().await.ok()?;

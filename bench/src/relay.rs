@@ -27,6 +27,17 @@ impl Workspace {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.0.join(name)
     }
+
+    /// The load's signed push to relay on `port`, as delivery `delivery`.
+    pub fn push(&self, client: &reqwest::Client, port: u16, delivery: &str) -> reqwest::RequestBuilder {
+        client
+            .post(format!("http://127.0.0.1:{port}/hooks/github"))
+            .header("Content-Type", "application/json")
+            .header("X-GitHub-Event", "push")
+            .header("X-GitHub-Delivery", delivery)
+            .header("X-Hub-Signature-256", &self.signature)
+            .body(self.body.clone())
+    }
 }
 
 /// What a measurement changes in relay's config. The default is the load

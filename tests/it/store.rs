@@ -27,7 +27,7 @@ use relay::store::{
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::support::{PATIENCE, postgres_database};
+use crate::support::{PATIENCE, postgres_client, postgres_database};
 
 /// The short window the timing cases wait out.
 const WINDOW: Duration = Duration::from_millis(300);
@@ -382,9 +382,8 @@ impl Hold {
                 conn.execute_batch("BEGIN IMMEDIATE").unwrap();
                 Hold::Sqlite(conn)
             }
-            relay::config::StoreLocation::Postgres(pg) => {
-                let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-                tokio::spawn(connection);
+            location @ relay::config::StoreLocation::Postgres(_) => {
+                let client = postgres_client(location).await.unwrap();
                 client
                     .batch_execute("BEGIN; LOCK TABLE events IN EXCLUSIVE MODE")
                     .await
@@ -1664,11 +1663,9 @@ async fn concurrent_migrations(f: Fixture) {
     );
 
     // Bodies are compressed with LZ4 where the server has it (V8).
-    let relay::config::StoreLocation::Postgres(pg) = &fresh.location else {
-        unreachable!("a postgres fixture");
-    };
-    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = postgres_client(&fresh.location)
+        .await
+        .expect("a postgres fixture");
     let row = client
         .query_one(
             "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",

@@ -1325,7 +1325,7 @@ pub fn stored_bodies(db: &std::path::Path, event_id: Option<&str>) -> Vec<Stored
 }
 
 /// Connects to the PostgreSQL store at `location`, as the test's own client.
-async fn postgres_client(location: &StoreLocation) -> Option<tokio_postgres::Client> {
+pub async fn postgres_client(location: &StoreLocation) -> Option<tokio_postgres::Client> {
     let StoreLocation::Postgres(pg) = location else {
         return None;
     };
