@@ -206,6 +206,13 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             never = keep_leased(&app, &job, config.delivery.lease) => match never {},
         };
         let duration = clock.elapsed();
+        // The send is over, so is its claim on the target's concurrency:
+        // the slot goes to the next send (or to a webhook's job leased as
+        // it commits) while this attempt is recorded.
+        drop(permit);
+        if app.sends.starved() {
+            app.wake_dispatch();
+        }
         let ended = app.now();
         let next = RetryPolicy::new(&config.delivery).decide(
             job.attempts,
@@ -234,6 +241,7 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             next,
             at: ended,
             follow,
+            reported: job.reported,
         };
         let retry_scheduled = matches!(completion.next, NextState::Retry { .. });
         // A reported trigger that is done or dead has queued its report.
@@ -249,10 +257,9 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     }
     .instrument(span)
     .await;
-    drop(permit);
     // The dispatcher sleeps until the earliest due job it knew of; a new
-    // retry may be due sooner, and a starved target now has a free slot.
-    if retry_scheduled || app.sends.starved() {
+    // retry may be due sooner.
+    if retry_scheduled {
         app.wake_dispatch();
     }
 }

@@ -254,6 +254,10 @@ pub struct Completion {
     /// Set when the pipeline is to be followed by polling: the attempt named
     /// one that has not ended, and its target follows.
     pub follow: Option<FollowFrom>,
+    /// The job is a trigger whose route reports it (its claim said so):
+    /// only then can completing it queue a report or supersede one, so only
+    /// then does the store look. A wrong `false` would lose the report.
+    pub reported: bool,
 }
 
 /// The store cannot do what was asked right now. Ingress answers 503, so

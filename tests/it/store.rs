@@ -145,6 +145,7 @@ cases! {
         event_body,
         events_view_with_drops,
         webhooks_committed_together_are_answered_one_by_one,
+        the_loop_guard_sees_earlier_webhooks_of_its_batch,
     ],
     postgres_only: [
         queue_decisions_follow_the_databases_clock_not_the_callers,
@@ -267,6 +268,7 @@ fn completion(id: Uuid, claim: Uuid, status: u16, next: NextState) -> Completion
         next,
         at,
         follow: None,
+        reported: false,
     }
 }
 
@@ -529,6 +531,86 @@ async fn webhooks_committed_together_are_answered_one_by_one(f: Fixture) {
         "nothing of the refused webhook is stored"
     );
     assert_eq!(store.jobs(all_jobs()).await.unwrap().len(), 1 + 2 + 5 + 1);
+}
+
+/// Webhooks committed together are judged by the loop guard one after the
+/// other, as if each were committed alone: a burst counts the jobs taken
+/// earlier in the batch, a dedupe key taken earlier in the batch holds the
+/// later job back, and a delivery twice in the batch is stored once.
+async fn the_loop_guard_sees_earlier_webhooks_of_its_batch(f: Fixture) {
+    let store = &f.store;
+    let hold = Hold::take(&f).await;
+    let spawn = |event: NewEvent| {
+        let store = store.clone();
+        tokio::spawn(async move { store.ingest(event).await })
+    };
+    let mut first = Vec::new();
+    for (n, delivery) in ["ahead-a", "ahead-b"].into_iter().enumerate() {
+        first.push(spawn(event(delivery, vec![queued("elsewhere")])));
+        hold.until_waiting(n as i64 + 1).await;
+    }
+    let burst = JobLimits {
+        dedupe: None,
+        burst: Some((3, Duration::from_secs(3600))),
+    };
+    let key = "acme/api\nrefs/heads/main\n4444444444444444444444444444444444444444".to_owned();
+    let dedupe = JobLimits {
+        dedupe: Some((key, Duration::from_secs(3600))),
+        burst: None,
+    };
+    let mut answers = Vec::new();
+    for n in 0..4 {
+        answers.push(spawn(event(
+            &format!("burst-{n}"),
+            vec![with_limits(queued("ci"), burst.clone())],
+        )));
+    }
+    for n in 0..2 {
+        answers.push(spawn(event(
+            &format!("same-{n}"),
+            vec![with_limits(queued("dd"), dedupe.clone())],
+        )));
+    }
+    let twice = [
+        event("twice", vec![queued("tw")]),
+        event("twice", vec![queued("tw")]),
+    ];
+    let twice_ids = [twice[0].id, twice[1].id];
+    answers.extend(twice.into_iter().map(spawn));
+    tokio::time::sleep(WINDOW).await;
+    hold.release().await;
+
+    for ahead in first {
+        assert!(matches!(ahead.await.unwrap(), Ok(Ingested::Accepted { .. })));
+    }
+    let mut held_by = Vec::new();
+    let mut duplicates = Vec::new();
+    for answer in answers {
+        match answer.await.unwrap().unwrap() {
+            Ingested::Accepted { held_back, .. } => {
+                held_by.extend(held_back.into_iter().map(|h| (h.dropped.target, h.dropped.rule)));
+            }
+            Ingested::Duplicate(original) => duplicates.push(original),
+        }
+    }
+    held_by.sort();
+    assert_eq!(
+        held_by,
+        vec![
+            (Some("ci".to_owned()), guard::RULE_BURST.to_owned()),
+            (Some("dd".to_owned()), guard::RULE_DEDUPE.to_owned()),
+        ],
+        "the fourth burst and the second dedupe key are held back"
+    );
+    assert_eq!(duplicates.len(), 1, "a delivery twice is stored once");
+    assert!(twice_ids.contains(&duplicates[0]));
+    let jobs = store.jobs(all_jobs()).await.unwrap();
+    let count = |target: &str| jobs.iter().filter(|j| j.target == target).count();
+    assert_eq!(
+        (count("elsewhere"), count("ci"), count("dd"), count("tw")),
+        (2, 3, 1, 1),
+        "jobs: the two ahead, three of the bursts, one of the dedupe pair, the delivery stored once"
+    );
 }
 
 async fn duplicate_delivery(f: Fixture) {

@@ -1,10 +1,9 @@
-//! Committing webhooks on PostgreSQL. Each webhook's rows go as the
-//! columns `relay_ingest` (schema V5) takes: one statement does the whole
-//! ingest, the loop guard's store-side checks included. Webhooks that
-//! arrive together share a transaction (group commit): their statements go
-//! down one connection at once (pipelined) and one commit ends them, so
-//! they share its WAL flush and the round trips between relay and the
-//! server, as SQLite's writer batches them into one fsync.
+//! Committing webhooks on PostgreSQL. Webhooks that arrive together are
+//! committed together (group commit), as SQLite's writer batches them into
+//! one fsync: their rows go as the columns `relay_ingest_many` (schema V9)
+//! takes, one statement for the whole batch, the loop guard's store-side
+//! checks included. One statement is one transaction, one round trip and
+//! one WAL flush, and its INSERTs are multi-row.
 //!
 //! What this module must never do: answer a caller before its batch's
 //! commit is known, let one webhook's failure refuse another's (a batch
@@ -14,10 +13,10 @@
 use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool};
-use futures_util::future::join_all;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
+use tracing::debug;
 use uuid::Uuid;
 
 use super::connect::pool_error;
@@ -37,9 +36,9 @@ const BATCHES_IN_FLIGHT: usize = 2;
 const TARGET_LOCK_CLASS: i32 = 0x72_6c79;
 
 const INGEST: &str =
-    "SELECT original, held, held_by FROM relay_ingest($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+    "SELECT original, held, held_by FROM relay_ingest_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
      $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31,
-     $32, $33, $34, $35, $36)";
+     $32, $33, $34, $35, $36, $37, $38)";
 
 /// The queue of webhooks waiting to be committed, as callers see it.
 #[derive(Debug)]
@@ -107,8 +106,8 @@ async fn gather(pool: Pool, mut queue: mpsc::Receiver<Waiting>) {
 }
 
 /// Commits a batch and answers each webhook in it.
-async fn commit(pool: &Pool, mut batch: Vec<Waiting>) {
-    let mut client = match pool.get().await {
+async fn commit(pool: &Pool, batch: Vec<Waiting>) {
+    let client = match pool.get().await {
         Ok(client) => client,
         Err(e) => {
             let error = StoreError::Unavailable(pool_error(&e));
@@ -118,161 +117,216 @@ async fn commit(pool: &Pool, mut batch: Vec<Waiting>) {
             return;
         }
     };
-    if batch.len() > 1 {
-        match together(&mut client, &batch).await {
-            Ok(rows) => {
-                for (waiting, row) in batch.into_iter().zip(rows) {
-                    let answer = ingested(&waiting.event, waiting.columns, &row);
-                    let _ = waiting.answer.send(answer);
-                }
-                return;
+    match run(&client, &batch).await {
+        Ok(rows) => {
+            for (waiting, row) in batch.into_iter().zip(rows) {
+                let answer = ingested(&waiting.event, waiting.columns, &row);
+                let _ = waiting.answer.send(answer);
             }
-            Err(Failed::Commit(error)) => {
-                // Committed or not, nobody can say: the senders retry, and
-                // a retry with a delivery id is taken for the duplicate it is.
-                for waiting in batch {
-                    let _ = waiting.answer.send(Err(error.clone()));
-                }
-                return;
-            }
-            // Rolled back: each again on its own, below.
-            Err(Failed::Statement) => {}
         }
-    }
-    for waiting in batch.drain(..) {
-        let answer = alone(&client, &waiting.event, waiting.columns).await;
-        let _ = waiting.answer.send(answer);
+        Err(Failed::Statement(error)) if batch.len() > 1 => {
+            // Rolled back: each again on its own, so that one webhook's
+            // failure refuses only that webhook.
+            debug!(webhooks = batch.len(), %error, "a batch's ingest failed; committing its webhooks one by one");
+            for waiting in batch {
+                let answer = match run(&client, std::slice::from_ref(&waiting)).await {
+                    Ok(rows) => rows
+                        .first()
+                        .ok_or_else(|| StoreError::Corrupt("relay_ingest_many answered no row".to_owned()))
+                        .and_then(|row| ingested(&waiting.event, waiting.columns, row)),
+                    Err(Failed::Statement(error) | Failed::Unknown(error)) => Err(error),
+                };
+                let _ = waiting.answer.send(answer);
+            }
+        }
+        Err(Failed::Statement(error) | Failed::Unknown(error)) => {
+            // Unknown: committed or not, nobody can say. The senders retry,
+            // and a retry with a delivery id is taken for the duplicate it is.
+            for waiting in batch {
+                let _ = waiting.answer.send(Err(error.clone()));
+            }
+        }
     }
 }
 
 /// How a batch failed.
 enum Failed {
-    /// A statement failed: the transaction rolled back, nothing was written.
-    Statement,
-    /// The commit failed: what was written is unknown.
-    Commit(StoreError),
+    /// The server refused the statement: its transaction rolled back,
+    /// nothing was written.
+    Statement(StoreError),
+    /// The connection failed on the way: what was written is unknown.
+    Unknown(StoreError),
 }
 
-/// The batch's statements pipelined in one transaction: every burst lock
-/// of the batch first, in key order, then each webhook's ingest.
-async fn together(client: &mut deadpool_postgres::Object, batch: &[Waiting]) -> Result<Vec<Row>, Failed> {
-    let tx = client.transaction().await.map_err(|_| Failed::Statement)?;
-    let (ingest, lock) = match tokio::try_join!(
-        tx.prepare_cached(INGEST),
-        tx.prepare_cached("SELECT pg_advisory_xact_lock($1, k) FROM unnest($2::int4[]) AS k")
-    ) {
-        Ok(statements) => statements,
-        Err(_) => return Err(Failed::Statement),
-    };
-    let mut locks: Vec<i32> = batch
-        .iter()
-        .flat_map(|w| w.columns.locks.iter().copied())
-        .collect();
-    locks.sort_unstable();
-    locks.dedup();
-    let converted: Vec<Converted> = batch.iter().map(|w| Converted::of(&w.event)).collect();
-    let params: Vec<[&(dyn ToSql + Sync); 36]> = batch
-        .iter()
-        .zip(&converted)
-        .map(|(w, v)| params(&w.event, v, &w.columns))
-        .collect();
-    let locked = async {
-        if locks.is_empty() {
-            Ok(0)
+/// The batch's ingest as one statement (and so one transaction), one row
+/// per webhook in the batch's order.
+async fn run(client: &deadpool_postgres::Object, batch: &[Waiting]) -> Result<Vec<Row>, Failed> {
+    let failed = |e: tokio_postgres::Error| {
+        if e.as_db_error().is_some() {
+            Failed::Statement(unavailable(&e))
         } else {
-            tx.execute(&lock, &[&TARGET_LOCK_CLASS, &locks]).await
+            Failed::Unknown(unavailable(&e))
         }
     };
-    let ingested = join_all(params.iter().map(|p| tx.query_one(&ingest, p)));
-    let (locked, ingested) = tokio::join!(locked, ingested);
-    let rows: Result<Vec<Row>, _> = locked.and_then(|_| ingested.into_iter().collect());
-    let Ok(rows) = rows else {
-        let _ = tx.rollback().await;
-        return Err(Failed::Statement);
-    };
-    tx.commit().await.map_err(|e| Failed::Commit(unavailable(&e)))?;
+    let stmt = client.prepare_cached(INGEST).await.map_err(failed)?;
+    let columns = BatchColumns::of(batch);
+    let rows = client.query(&stmt, &columns.params()).await.map_err(failed)?;
+    if rows.len() != batch.len() {
+        // Committed, yet the answer cannot be matched to the webhooks.
+        return Err(Failed::Unknown(StoreError::Corrupt(format!(
+            "relay_ingest_many answered {} rows for {} webhooks",
+            rows.len(),
+            batch.len()
+        ))));
+    }
     Ok(rows)
 }
 
-/// One webhook in a statement (and so a transaction) of its own.
-async fn alone(
-    client: &deadpool_postgres::Object,
-    event: &NewEvent,
-    columns: IngestColumns,
-) -> Result<Ingested, StoreError> {
-    let stmt = client.prepare_cached(INGEST).await.map_err(|e| unavailable(&e))?;
-    let converted = Converted::of(event);
-    let row = client
-        .query_one(&stmt, &params(event, &converted, &columns))
-        .await
-        .map_err(|e| unavailable(&e))?;
-    ingested(event, columns, &row)
+/// A batch's webhooks as the columns `relay_ingest_many` takes: each
+/// webhook's rows one after another, every drop and job with the (1-based)
+/// place of its event, and the burst locks of the whole batch in key order
+/// (taken first, so two batches queue rather than deadlock).
+#[derive(Default)]
+struct BatchColumns<'a> {
+    id: Vec<Uuid>,
+    source: Vec<&'a str>,
+    delivery: Vec<Option<&'a str>>,
+    hook: Vec<&'a str>,
+    content_type: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
+    payload: Vec<Option<&'a [u8]>>,
+    hop: Vec<i64>,
+    summary: Vec<&'a str>,
+    drop_event: Vec<i32>,
+    drop_route: Vec<Option<&'a str>>,
+    drop_target: Vec<Option<&'a str>>,
+    drop_rule: Vec<&'a str>,
+    drop_reason: Vec<&'a str>,
+    locks: Vec<i32>,
+    job_event: Vec<i32>,
+    job_id: Vec<Uuid>,
+    route: Vec<&'a str>,
+    target: Vec<&'a str>,
+    state: Vec<&'static str>,
+    request: Vec<Option<&'a str>>,
+    needs_payload: Vec<bool>,
+    error: Vec<Option<&'a str>>,
+    claim: Vec<Option<Uuid>>,
+    lease: Vec<Option<i64>>,
+    repo: Vec<&'a str>,
+    sha: Vec<&'a str>,
+    shadow: Vec<bool>,
+    report: Vec<Option<&'a str>>,
+    burst_limit: Vec<Option<i64>>,
+    burst_per: Vec<Option<i64>>,
+    burst_rule: Vec<Option<&'a str>>,
+    burst_reason: Vec<Option<&'a str>>,
+    dedupe_key: Vec<Option<&'a str>>,
+    dedupe_window: Vec<Option<i64>>,
+    dedupe_rule: Vec<Option<&'a str>>,
+    dedupe_reason: Vec<Option<&'a str>>,
 }
 
-/// The event's parameters that are not its fields as they stand.
-struct Converted<'a> {
-    body: &'a [u8],
-    payload: Option<&'a [u8]>,
-    hop: i64,
-}
-
-impl<'a> Converted<'a> {
-    fn of(event: &'a NewEvent) -> Converted<'a> {
-        Converted {
-            body: &event.body[..],
-            payload: event.payload.as_deref(),
-            hop: i64::from(event.hop),
+impl<'a> BatchColumns<'a> {
+    fn of(batch: &'a [Waiting]) -> BatchColumns<'a> {
+        let mut b = BatchColumns::default();
+        for (
+            place,
+            Waiting {
+                event, columns: c, ..
+            },
+        ) in (1_i32..).zip(batch)
+        {
+            b.id.push(event.id);
+            b.source.push(&event.source);
+            b.delivery.push(event.delivery.as_deref());
+            b.hook.push(&event.hook);
+            b.content_type.push(&event.content_type);
+            b.body.push(&event.body);
+            b.payload.push(event.payload.as_deref());
+            b.hop.push(i64::from(event.hop));
+            b.summary.push(&event.summary);
+            b.drop_event.extend(c.drop_rule.iter().map(|_| place));
+            b.drop_route.extend(c.drop_route.iter().map(Option::as_deref));
+            b.drop_target.extend(c.drop_target.iter().map(Option::as_deref));
+            b.drop_rule.extend(c.drop_rule.iter().map(String::as_str));
+            b.drop_reason.extend(c.drop_reason.iter().map(String::as_str));
+            b.locks.extend(&c.locks);
+            b.job_event.extend(c.id.iter().map(|_| place));
+            b.job_id.extend(&c.id);
+            b.route.extend(c.route.iter().map(String::as_str));
+            b.target.extend(c.target.iter().map(String::as_str));
+            b.state.extend(&c.state);
+            b.request.extend(c.request.iter().map(Option::as_deref));
+            b.needs_payload.extend(&c.needs_payload);
+            b.error.extend(c.error.iter().map(Option::as_deref));
+            b.claim.extend(&c.claim);
+            b.lease.extend(&c.lease);
+            b.repo.extend(c.repo.iter().map(String::as_str));
+            b.sha.extend(c.sha.iter().map(String::as_str));
+            b.shadow.extend(&c.shadow);
+            b.report.extend(c.report.iter().map(Option::as_deref));
+            b.burst_limit.extend(&c.burst_limit);
+            b.burst_per.extend(&c.burst_per);
+            b.burst_rule.extend(c.burst_rule.iter().map(Option::as_deref));
+            b.burst_reason.extend(c.burst_reason.iter().map(Option::as_deref));
+            b.dedupe_key.extend(c.dedupe_key.iter().map(Option::as_deref));
+            b.dedupe_window.extend(&c.dedupe_window);
+            b.dedupe_rule.extend(c.dedupe_rule.iter().map(Option::as_deref));
+            b.dedupe_reason
+                .extend(c.dedupe_reason.iter().map(Option::as_deref));
         }
+        b.locks.sort_unstable();
+        b.locks.dedup();
+        b
+    }
+
+    /// `relay_ingest_many`'s parameters, in its order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 38] {
+        [
+            &self.id,
+            &self.source,
+            &self.delivery,
+            &self.hook,
+            &self.content_type,
+            &self.body,
+            &self.payload,
+            &self.hop,
+            &self.summary,
+            &self.drop_event,
+            &self.drop_route,
+            &self.drop_target,
+            &self.drop_rule,
+            &self.drop_reason,
+            &TARGET_LOCK_CLASS,
+            &self.locks,
+            &self.job_event,
+            &self.job_id,
+            &self.route,
+            &self.target,
+            &self.state,
+            &self.request,
+            &self.needs_payload,
+            &self.error,
+            &self.claim,
+            &self.lease,
+            &self.repo,
+            &self.sha,
+            &self.shadow,
+            &self.report,
+            &self.burst_limit,
+            &self.burst_per,
+            &self.burst_rule,
+            &self.burst_reason,
+            &self.dedupe_key,
+            &self.dedupe_window,
+            &self.dedupe_rule,
+            &self.dedupe_reason,
+        ]
     }
 }
 
-/// `relay_ingest`'s parameters for one webhook.
-fn params<'a>(
-    event: &'a NewEvent,
-    v: &'a Converted<'a>,
-    c: &'a IngestColumns,
-) -> [&'a (dyn ToSql + Sync); 36] {
-    [
-        &event.id,
-        &event.source,
-        &event.delivery,
-        &event.hook,
-        &event.content_type,
-        &v.body,
-        &v.payload,
-        &v.hop,
-        &event.summary,
-        &c.drop_route,
-        &c.drop_target,
-        &c.drop_rule,
-        &c.drop_reason,
-        &TARGET_LOCK_CLASS,
-        &c.locks,
-        &c.id,
-        &c.route,
-        &c.target,
-        &c.state,
-        &c.request,
-        &c.needs_payload,
-        &c.error,
-        &c.claim,
-        &c.lease,
-        &c.repo,
-        &c.sha,
-        &c.shadow,
-        &c.report,
-        &c.burst_limit,
-        &c.burst_per,
-        &c.burst_rule,
-        &c.burst_reason,
-        &c.dedupe_key,
-        &c.dedupe_window,
-        &c.dedupe_rule,
-        &c.dedupe_reason,
-    ]
-}
-
-/// What `relay_ingest`'s row says became of the webhook.
+/// What the webhook's row of `relay_ingest_many` says became of it.
 fn ingested(event: &NewEvent, columns: IngestColumns, row: &Row) -> Result<Ingested, StoreError> {
     if let Some(original) = col::<Option<Uuid>>(row, 0)? {
         return Ok(Ingested::Duplicate(original));
@@ -301,7 +355,7 @@ fn ingested(event: &NewEvent, columns: IngestColumns, row: &Row) -> Result<Inges
     Ok(Ingested::Accepted { held_back, leased })
 }
 
-/// One webhook's rows as the columns `relay_ingest` takes: the event's
+/// One webhook's rows as `relay_ingest_many` takes them: the event's
 /// drops, then each job's row with, for each loop-guard check it is
 /// subject to, the drop it becomes if the check holds it back (worded by
 /// the guard; a burst that holds counted exactly its limit, as the count

@@ -185,6 +185,33 @@ fn unavailable(e: &tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(describe(e))
 }
 
+/// Runs `request` (a statement's future, made but not yet polled) in a
+/// transaction that commits without waiting for its WAL flush
+/// (`synchronous_commit = off`): SQLite's `Durability::Committed` here, and
+/// for the same records, those whose loss only repeats a send (a claim, a
+/// renewal, an attempt's outcome, a poll). relay's own crash takes none of
+/// them back; a crash of the database server may take back its last
+/// fraction of a second (three `wal_writer_delay`s at most), and the next
+/// flushed commit makes them durable with it. BEGIN, the request and COMMIT
+/// go down the connection together (tokio-postgres sends a request when it
+/// is first polled, and `join!` polls in order): one round trip, as the
+/// request alone was. A failed request leaves the transaction aborted, and
+/// the COMMIT then rolls it back.
+async fn unsynced<T>(
+    client: &Object,
+    request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
+    let (began, answer, committed) = tokio::join!(
+        client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        request,
+        client.batch_execute("COMMIT"),
+    );
+    began.map_err(|e| unavailable(&e))?;
+    let answer = answer.map_err(|e| unavailable(&e))?;
+    committed.map_err(|e| unavailable(&e))?;
+    Ok(answer)
+}
+
 /// A column read that reports a type surprise instead of panicking.
 fn col<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> {
     row.try_get(index).map_err(|e| StoreError::Corrupt(describe(&e)))

@@ -9,7 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::connect::{OPERATION_TIMEOUT, within};
-use super::{PostgresStore, col, micros, next_moment, unavailable};
+use super::{PostgresStore, col, micros, next_moment, unavailable, unsynced};
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::rows::{self, POLL_COLUMNS};
 use crate::store::{DuePoll, PollRecord, StoreError};
@@ -34,13 +34,8 @@ pub(super) async fn due_polls(
              RETURNING GREATEST(0, (EXTRACT(EPOCH FROM follow_until - now()) * 1000)::int8), {POLL_COLUMNS}"
         );
         let stmt = client.prepare_cached(&sql).await.map_err(|e| unavailable(&e))?;
-        let rows = client
-            .query(
-                &stmt,
-                &[&target, &i64::try_from(limit).unwrap_or(i64::MAX), &micros(lease)],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let (limit, lease) = (i64::try_from(limit).unwrap_or(i64::MAX), micros(lease));
+        let rows = unsynced(&client, client.query(&stmt, &[&target, &limit, &lease])).await?;
         rows.iter().map(rows::due_poll).collect()
     })
     .await
@@ -81,21 +76,23 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
             .map_err(|e| unavailable(&e))?;
         let state = poll.state.map(|s| s.as_str());
         let next_in = poll.next_in.map(micros);
-        let row = client
-            .query_opt(
+        let report_id = uuid::Uuid::now_v7();
+        let row = unsynced(
+            &client,
+            client.query_opt(
                 &stmt,
                 &[
                     &poll.job_id,
                     &state,
                     &next_in,
                     &poll.note,
-                    &uuid::Uuid::now_v7(),
+                    &report_id,
                     &STATUS_TARGET_PREFIX,
                     &SUPERSEDED,
                 ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
+            ),
+        )
+        .await?;
         row.map(|row| col::<bool>(&row, 0))
             .transpose()
             .map(|changed| changed.unwrap_or(false))

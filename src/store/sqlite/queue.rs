@@ -313,6 +313,7 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
         return Ok(false);
     }
     match &c.next {
+        _ if !c.reported => {}
         NextState::Done => reports::queue_report(conn, &c.job_id.to_string(), None, now)?,
         NextState::Dead { reason } => reports::queue_report(conn, &c.job_id.to_string(), Some(reason), now)?,
         NextState::Retry { .. } => {}

@@ -23,7 +23,7 @@ use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
 use crate::report::ReportSpec;
 use crate::request::{Auth, PreparedRequest, RequestBody};
-use crate::store::{AttemptRecord, Completion, Ingested, NewEvent, NewJob, NextState};
+use crate::store::{AttemptRecord, ClaimedJob, Completion, Ingested, NewEvent, NewJob, NextState};
 
 /// Jobs another target has queued, in flight and finished for the deep
 /// measurement: enough that a scan of them dwarfs one cycle's own work.
@@ -99,11 +99,11 @@ pub(super) fn event(jobs: Vec<NewJob>) -> NewEvent {
     }
 }
 
-fn completion(job: Uuid, claim: Uuid, next: NextState, pipeline: Option<Pipeline>) -> Completion {
+fn completion(job: &ClaimedJob, next: NextState, pipeline: Option<Pipeline>) -> Completion {
     let at = wall_time();
     Completion {
-        job_id: job,
-        claim,
+        job_id: job.id,
+        claim: job.claim,
         attempt: AttemptRecord {
             started_at: at,
             duration: Duration::from_millis(3),
@@ -115,6 +115,7 @@ fn completion(job: Uuid, claim: Uuid, next: NextState, pipeline: Option<Pipeline
         next,
         at,
         follow: None,
+        reported: job.reported,
     }
 }
 
@@ -155,7 +156,7 @@ fn one_webhook(conn: &Connection) {
         due_at: now,
         maybe_delivered: false,
     };
-    assert!(queue::complete(conn, &completion(first.id, first.claim, retry, None)).unwrap());
+    assert!(queue::complete(conn, &completion(first, retry, None)).unwrap());
     queue::next_wakeup(conn).unwrap();
     let claimed = queue::claim(conn, "live", 8, lease, now).unwrap();
     assert_eq!(claimed.len(), 1, "the retry is claimed");
@@ -167,7 +168,7 @@ fn one_webhook(conn: &Connection) {
         url: None,
         state: PipelineState::Running,
     };
-    let done = completion(again.id, again.claim, NextState::Done, Some(pipeline.clone()));
+    let done = completion(again, NextState::Done, Some(pipeline.clone()));
     assert!(queue::complete(conn, &done).unwrap());
     assert!(
         queue::correlate(conn, &pipeline.id, PipelineState::Success, now)
@@ -288,7 +289,7 @@ fn the_kept_job_counts_match_the_rows() {
         let event = event(vec![job(target, JobLimits::default(), None)]);
         queue::ingest(conn, &event, &codec::pack(&event)).unwrap();
         let claimed = queue::claim(conn, target, 1, Duration::from_secs(60), event.received_at).unwrap();
-        assert!(queue::complete(conn, &completion(claimed[0].id, claimed[0].claim, next, None)).unwrap());
+        assert!(queue::complete(conn, &completion(&claimed[0], next, None)).unwrap());
         claimed[0].id
     };
     // A trigger that is done, and one that dies (then is retried by hand).
