@@ -146,6 +146,7 @@ cases! {
         events_view_with_drops,
         webhooks_committed_together_are_answered_one_by_one,
         the_loop_guard_sees_earlier_webhooks_of_its_batch,
+        completions_recorded_together_are_answered_one_by_one,
     ],
     postgres_only: [
         queue_decisions_follow_the_databases_clock_not_the_callers,
@@ -370,7 +371,8 @@ async fn ingest_then_claim(f: Fixture) {
 
 /// Holds every commit until released: a transaction beside relay's that
 /// takes the lock an ingest's first write needs (SQLite's write lock,
-/// PostgreSQL's on the events table).
+/// PostgreSQL's on the events table) and the one a completion's attempt
+/// needs (PostgreSQL's on the attempts table).
 enum Hold {
     Sqlite(rusqlite::Connection),
     Postgres(tokio_postgres::Client),
@@ -387,7 +389,7 @@ impl Hold {
             location @ relay::config::StoreLocation::Postgres(_) => {
                 let client = postgres_client(location).await.unwrap();
                 client
-                    .batch_execute("BEGIN; LOCK TABLE events IN EXCLUSIVE MODE")
+                    .batch_execute("BEGIN; LOCK TABLE events, attempts IN EXCLUSIVE MODE")
                     .await
                     .unwrap();
                 Hold::Postgres(client)
@@ -395,9 +397,10 @@ impl Hold {
         }
     }
 
-    /// Waits until `n` ingests wait on the hold (on SQLite, a moment: the
-    /// writer's one connection is what waits).
-    async fn until_waiting(&self, n: i64) {
+    /// Waits until `n` statements containing `statement` (any, for "")
+    /// wait on the hold (on SQLite, a moment: the writer's one connection is
+    /// what waits).
+    async fn until_waiting(&self, statement: &str, n: i64) {
         match self {
             Hold::Sqlite(_) => tokio::time::sleep(WINDOW).await,
             Hold::Postgres(client) => {
@@ -412,8 +415,8 @@ impl Hold {
                     let waiting: i64 = client
                         .query_one(
                             "SELECT count(*) FROM pg_stat_activity
-                             WHERE wait_event_type = 'Lock' AND query LIKE '%relay_ingest%'",
-                            &[],
+                             WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+                            &[&statement],
                         )
                         .await
                         .unwrap()
@@ -423,7 +426,7 @@ impl Hold {
                     }
                     assert!(
                         started.elapsed() < PATIENCE,
-                        "{waiting} ingests wait on the lock, not {n}"
+                        "{waiting} statements with {statement:?} wait on the lock, not {n}"
                     );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -459,7 +462,7 @@ async fn webhooks_committed_together_are_answered_one_by_one(f: Fixture) {
     let mut first = Vec::new();
     for (n, delivery) in ["held-a", "held-b"].into_iter().enumerate() {
         first.push(spawn(event(delivery, vec![queued("ci")])));
-        hold.until_waiting(n as i64 + 1).await;
+        hold.until_waiting("relay_ingest", n as i64 + 1).await;
     }
     // ... so these wait in the queue, and are committed together after.
     let batch_events: Vec<NewEvent> = (2..=6)
@@ -547,7 +550,7 @@ async fn the_loop_guard_sees_earlier_webhooks_of_its_batch(f: Fixture) {
     let mut first = Vec::new();
     for (n, delivery) in ["ahead-a", "ahead-b"].into_iter().enumerate() {
         first.push(spawn(event(delivery, vec![queued("elsewhere")])));
-        hold.until_waiting(n as i64 + 1).await;
+        hold.until_waiting("relay_ingest", n as i64 + 1).await;
     }
     let burst = JobLimits {
         dedupe: None,
@@ -610,6 +613,74 @@ async fn the_loop_guard_sees_earlier_webhooks_of_its_batch(f: Fixture) {
         (count("elsewhere"), count("ci"), count("dd"), count("tw")),
         (2, 3, 1, 1),
         "jobs: the two ahead, three of the bursts, one of the dedupe pair, the delivery stored once"
+    );
+}
+
+/// Sends that finish while the store is busy are recorded together
+/// (SQLite's writer and PostgreSQL's group complete batch them); each still
+/// gets its own answer: a completion whose claim no longer holds records
+/// nothing, says so, and takes nothing from the others.
+async fn completions_recorded_together_are_answered_one_by_one(f: Fixture) {
+    let store = &f.store;
+    let jobs: Vec<NewJob> = (0..8).map(|_| queued("ci")).collect();
+    accept(store, event("finished-together", jobs)).await;
+    let claimed = claim(store, "ci", 8, LEASE).await;
+    assert_eq!(claimed.len(), 8);
+    let hold = Hold::take(&f).await;
+    let spawn = |c: Completion| {
+        let store = store.clone();
+        tokio::spawn(async move { store.complete(c, SystemTime::now()).await })
+    };
+    let mut answers = Vec::new();
+    for (n, job) in claimed[..2].iter().enumerate() {
+        answers.push(spawn(completion(job.id, job.claim, 201, NextState::Done)));
+        // Any statement: one the server is still preparing shows no text.
+        hold.until_waiting("", n as i64 + 1).await;
+    }
+    for job in &claimed[2..6] {
+        answers.push(spawn(completion(job.id, job.claim, 201, NextState::Done)));
+    }
+    let dead = &claimed[6];
+    answers.push(spawn(completion(
+        dead.id,
+        dead.claim,
+        404,
+        NextState::Dead {
+            reason: "404: project not found".to_owned(),
+        },
+    )));
+    let stale = &claimed[7];
+    let stale_answer = spawn(completion(stale.id, Uuid::now_v7(), 201, NextState::Done));
+    tokio::time::sleep(WINDOW).await;
+    hold.release().await;
+
+    for answer in answers {
+        assert!(
+            answer.await.unwrap().unwrap(),
+            "a completion whose claim holds is recorded"
+        );
+    }
+    assert!(
+        !stale_answer.await.unwrap().unwrap(),
+        "a completion whose claim no longer holds records nothing"
+    );
+    for job in &claimed[..6] {
+        let d = store.job(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            (d.job.state, d.job.attempts, d.history.len()),
+            (JobState::Done, 1, 1)
+        );
+        assert_eq!(d.history[0].status, Some(201));
+    }
+    let d = store.job(dead.id).await.unwrap().unwrap();
+    assert_eq!(
+        (d.job.state, d.job.last_error.as_deref(), d.history.len()),
+        (JobState::Dead, Some("404: project not found"), 1)
+    );
+    let d = store.job(stale.id).await.unwrap().unwrap();
+    assert_eq!(
+        (d.job.state, d.job.attempts, d.history.len()),
+        (JobState::InFlight, 0, 0)
     );
 }
 

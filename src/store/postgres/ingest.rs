@@ -10,15 +10,14 @@
 //! whose statement failed is run again, each webhook in a statement of its
 //! own), or take burst locks out of key order (two batches would deadlock).
 
-use std::sync::Arc;
-
 use deadpool_postgres::{GenericClient, Pool};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tracing::debug;
 use uuid::Uuid;
 
+use super::batch::Batches;
 use super::connect::pool_error;
 use super::{col, micros, offset, unavailable};
 use crate::guard::{Check, Dropped};
@@ -43,7 +42,7 @@ const INGEST: &str =
 /// The queue of webhooks waiting to be committed, as callers see it.
 #[derive(Debug)]
 pub(super) struct GroupCommit {
-    waiting: mpsc::Sender<Waiting>,
+    batches: Batches<Waiting>,
 }
 
 /// A webhook waiting for its batch, and where its answer goes.
@@ -57,9 +56,11 @@ impl GroupCommit {
     /// Starts gathering batches for connections from `pool`; ends when the
     /// last handle is gone.
     pub(super) fn spawn(pool: Pool) -> GroupCommit {
-        let (waiting, queue) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(gather(pool, queue));
-        GroupCommit { waiting }
+        GroupCommit {
+            batches: Batches::spawn(pool, MAX_BATCH, BATCHES_IN_FLIGHT, |pool, batch| async move {
+                commit(&pool, batch).await;
+            }),
+        }
     }
 
     /// Commits `event` in the next batch; answers once that batch's fate is
@@ -69,39 +70,14 @@ impl GroupCommit {
     pub(super) async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
         let columns = IngestColumns::of(&event)?;
         let (answer, answered) = oneshot::channel();
-        self.waiting
-            .send(Waiting {
+        self.batches
+            .enqueue(Waiting {
                 event,
                 columns,
                 answer,
             })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+            .await?;
         answered.await.map_err(|_| StoreError::Closed)?
-    }
-}
-
-/// Takes what is waiting as one batch once a batch slot is free: idle, a
-/// webhook is committed at once, alone; under load the webhooks that
-/// arrive while both batches run form the next.
-async fn gather(pool: Pool, mut queue: mpsc::Receiver<Waiting>) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            commit(&pool, batch).await;
-            drop(slot);
-        });
     }
 }
 

@@ -62,7 +62,9 @@ macro_rules! report_ctes {
     };
 }
 
+mod batch;
 mod connect;
+mod finish;
 mod ingest;
 mod listen;
 mod polls;
@@ -107,6 +109,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// Webhooks committed together (see `ingest`).
     group_commit: ingest::GroupCommit,
+    /// Finished sends recorded together (see `finish`).
+    group_complete: finish::GroupComplete,
     shown: String,
     wake: Arc<Notify>,
     /// Stops the listener task when the store goes away.
@@ -166,6 +170,7 @@ impl PostgresStore {
         });
         Ok(PostgresStore {
             group_commit: ingest::GroupCommit::spawn(pool.clone()),
+            group_complete: finish::GroupComplete::spawn(pool.clone()),
             pool,
             shown: settings.shown.clone(),
             wake,
@@ -334,7 +339,11 @@ impl Queue for PostgresStore {
     }
 
     async fn complete(&self, completion: Completion, now: SystemTime) -> Result<bool, StoreError> {
-        queue::complete(self, completion, now).await
+        if finish::GroupComplete::takes(&completion) {
+            self.group_complete.complete(completion, now).await
+        } else {
+            queue::complete(self, completion, now).await
+        }
     }
 
     async fn renew(

@@ -1,0 +1,274 @@
+//! Recording finished sends on PostgreSQL together (group commit, as
+//! `ingest` does for webhooks): the sends that finish while the batches in
+//! flight run are recorded by the next, one statement for all of them, so
+//! the server starts its executor (and relay makes its round trip) once a
+//! batch rather than once a send.
+//!
+//! Only the busiest kind is batched: a trigger done or dead whose route
+//! does not report it, which moves its own row and writes its attempt and
+//! nothing else. A retry (news for every relay's dispatcher) and a
+//! reported trigger (a report to queue, one to supersede) are recorded one
+//! by one (`queue::complete`).
+//!
+//! What this module must never do: answer a caller before its batch's
+//! commit is known, record a completion whose claim no longer holds, or let
+//! one completion's failure refuse another's (a batch the server refused
+//! is recorded again one by one).
+
+use std::time::SystemTime;
+
+use deadpool_postgres::Pool;
+use tokio::sync::oneshot;
+use tokio_postgres::types::ToSql;
+use tracing::debug;
+use uuid::Uuid;
+
+use super::batch::Batches;
+use super::connect::{OPERATION_TIMEOUT, pool_error, within};
+use super::{col, micros, offset, unavailable, unsynced};
+use crate::store::{Completion, JobState, NextState, StoreError};
+
+/// The most completions in one statement.
+const MAX_BATCH: usize = 64;
+
+/// Batches recording at once: while they run, the next gathers.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// The batch's completions as arrays, one element each; answers the ids of
+/// the jobs whose claim still held (and so were recorded).
+const COMPLETE_MANY: &str = "
+WITH c AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int8[],
+                         $7::int4[], $8::text[], $9::text[], $10::text[], $11::int8[], $12::text[],
+                         $13::text[], $14::int8[], $15::int8[])
+        AS c(id, claim, state, error, started, duration_ms, status, outcome, excerpt,
+             p_id, p_number, p_url, p_state, follow_first, follow_deadline)
+), moved AS (
+    UPDATE jobs SET state = c.state, attempts = jobs.attempts + 1, due_at = now(), claim_id = NULL,
+        lease_until = NULL, last_error = c.error, updated_at = now(),
+        pipeline_id = COALESCE(c.p_id, jobs.pipeline_id),
+        pipeline_number = CASE WHEN c.p_id IS NULL THEN jobs.pipeline_number ELSE c.p_number END,
+        pipeline_url = CASE WHEN c.p_id IS NULL THEN jobs.pipeline_url ELSE c.p_url END,
+        pipeline_state = CASE WHEN c.p_id IS NULL THEN jobs.pipeline_state ELSE c.p_state END,
+        pipeline_updated_at = CASE WHEN c.p_id IS NULL THEN jobs.pipeline_updated_at ELSE now() END,
+        follow_due = CASE WHEN c.follow_first IS NULL THEN jobs.follow_due
+            ELSE now() + c.follow_first * interval '1 microsecond' END,
+        follow_until = CASE WHEN c.follow_first IS NULL THEN jobs.follow_until
+            ELSE now() + c.follow_deadline * interval '1 microsecond' END,
+        follow_polls = CASE WHEN c.follow_first IS NULL THEN jobs.follow_polls ELSE 0 END,
+        follow_note = CASE WHEN c.follow_first IS NULL THEN jobs.follow_note ELSE NULL END
+    FROM c
+    WHERE jobs.id = c.id AND jobs.claim_id = c.claim AND jobs.state = 'in_flight'
+    RETURNING jobs.id, c.started, c.duration_ms, c.status, c.outcome, c.excerpt
+)
+INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
+SELECT m.id, (SELECT COALESCE(max(a.number), 0) + 1 FROM attempts a WHERE a.job_id = m.id),
+       now() + m.started * interval '1 microsecond', m.duration_ms, m.status, m.outcome, m.excerpt
+FROM moved m
+RETURNING job_id";
+
+/// The queue of finished sends waiting to be recorded, as callers see it.
+#[derive(Debug)]
+pub(super) struct GroupComplete {
+    batches: Batches<Finished>,
+}
+
+/// A finished send waiting for its batch, and where its answer goes.
+struct Finished {
+    row: CompletionRow,
+    answer: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+impl GroupComplete {
+    pub(super) fn spawn(pool: Pool) -> GroupComplete {
+        GroupComplete {
+            batches: Batches::spawn(pool, MAX_BATCH, BATCHES_IN_FLIGHT, |pool, batch| async move {
+                record(&pool, batch).await;
+            }),
+        }
+    }
+
+    /// Whether `c` is of the kind recorded here (see the module's note).
+    pub(super) fn takes(c: &Completion) -> bool {
+        !c.reported && !matches!(c.next, NextState::Retry { .. })
+    }
+
+    /// Records `c` (which [`GroupComplete::takes`]) in the next batch:
+    /// `true` if its claim still held. Gives up after the delivery path's
+    /// deadline, as a statement of its own would.
+    pub(super) async fn complete(&self, c: Completion, now: SystemTime) -> Result<bool, StoreError> {
+        within("complete", OPERATION_TIMEOUT, async {
+            let (answer, answered) = oneshot::channel();
+            self.batches
+                .enqueue(Finished {
+                    row: CompletionRow::of(&c, now),
+                    answer,
+                })
+                .await?;
+            answered.await.map_err(|_| StoreError::Closed)?
+        })
+        .await
+    }
+}
+
+/// Records a batch and answers each completion in it.
+async fn record(pool: &Pool, batch: Vec<Finished>) {
+    let client = match pool.get().await {
+        Ok(client) => client,
+        Err(e) => {
+            let error = StoreError::Unavailable(pool_error(&e));
+            for finished in batch {
+                let _ = finished.answer.send(Err(error.clone()));
+            }
+            return;
+        }
+    };
+    let rows: Vec<&CompletionRow> = batch.iter().map(|f| &f.row).collect();
+    match run(&client, &rows).await {
+        Ok(recorded) => {
+            for finished in batch {
+                let _ = finished.answer.send(Ok(recorded.contains(&finished.row.id)));
+            }
+        }
+        Err(error) if batch.len() > 1 => {
+            debug!(completions = batch.len(), %error, "a batch of completions failed; recording them one by one");
+            for finished in batch {
+                let answer = run(&client, &[&finished.row])
+                    .await
+                    .map(|recorded| recorded.contains(&finished.row.id));
+                let _ = finished.answer.send(answer);
+            }
+        }
+        Err(error) => {
+            for finished in batch {
+                let _ = finished.answer.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// The batch as one statement, committed without waiting for the WAL
+/// flush (see `unsynced`); the ids of the jobs it recorded.
+async fn run(client: &deadpool_postgres::Object, rows: &[&CompletionRow]) -> Result<Vec<Uuid>, StoreError> {
+    let stmt = client
+        .prepare_cached(COMPLETE_MANY)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let columns = Columns::of(rows);
+    let recorded = unsynced(client, client.query(&stmt, &columns.params())).await?;
+    recorded.iter().map(|row| col::<Uuid>(row, 0)).collect()
+}
+
+/// One completion as `COMPLETE_MANY`'s row: times as offsets from the
+/// moment of writing, as `queue::complete` has them.
+struct CompletionRow {
+    id: Uuid,
+    claim: Uuid,
+    state: &'static str,
+    error: Option<String>,
+    started: i64,
+    duration_ms: i64,
+    status: Option<i32>,
+    outcome: &'static str,
+    excerpt: String,
+    pipeline_id: Option<String>,
+    pipeline_number: Option<i64>,
+    pipeline_url: Option<String>,
+    pipeline_state: Option<&'static str>,
+    follow_first: Option<i64>,
+    follow_deadline: Option<i64>,
+}
+
+impl CompletionRow {
+    fn of(c: &Completion, now: SystemTime) -> CompletionRow {
+        let (state, error) = match &c.next {
+            NextState::Dead { reason } => (JobState::Dead, Some(reason.clone())),
+            // Retries are not batched (`GroupComplete::takes`).
+            NextState::Done | NextState::Retry { .. } => (JobState::Done, None),
+        };
+        let pipeline = c.pipeline.as_ref();
+        CompletionRow {
+            id: c.job_id,
+            claim: c.claim,
+            state: state.as_str(),
+            error,
+            started: offset(c.attempt.started_at, now),
+            duration_ms: micros(c.attempt.duration) / 1000,
+            status: c.attempt.status.map(i32::from),
+            outcome: c.attempt.outcome,
+            excerpt: c.attempt.excerpt.clone(),
+            pipeline_id: pipeline.map(|p| p.id.clone()),
+            pipeline_number: pipeline
+                .and_then(|p| p.number)
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+            pipeline_url: pipeline.and_then(|p| p.url.clone()),
+            pipeline_state: pipeline.map(|p| p.state.as_str()),
+            follow_first: c.follow.map(|f| micros(f.first_in)),
+            follow_deadline: c.follow.map(|f| micros(f.deadline)),
+        }
+    }
+}
+
+/// A batch's rows as `COMPLETE_MANY`'s arrays.
+#[derive(Default)]
+struct Columns<'a> {
+    id: Vec<Uuid>,
+    claim: Vec<Uuid>,
+    state: Vec<&'static str>,
+    error: Vec<Option<&'a str>>,
+    started: Vec<i64>,
+    duration_ms: Vec<i64>,
+    status: Vec<Option<i32>>,
+    outcome: Vec<&'static str>,
+    excerpt: Vec<&'a str>,
+    pipeline_id: Vec<Option<&'a str>>,
+    pipeline_number: Vec<Option<i64>>,
+    pipeline_url: Vec<Option<&'a str>>,
+    pipeline_state: Vec<Option<&'static str>>,
+    follow_first: Vec<Option<i64>>,
+    follow_deadline: Vec<Option<i64>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: &[&'a CompletionRow]) -> Columns<'a> {
+        let mut c = Columns::default();
+        for row in rows {
+            c.id.push(row.id);
+            c.claim.push(row.claim);
+            c.state.push(row.state);
+            c.error.push(row.error.as_deref());
+            c.started.push(row.started);
+            c.duration_ms.push(row.duration_ms);
+            c.status.push(row.status);
+            c.outcome.push(row.outcome);
+            c.excerpt.push(&row.excerpt);
+            c.pipeline_id.push(row.pipeline_id.as_deref());
+            c.pipeline_number.push(row.pipeline_number);
+            c.pipeline_url.push(row.pipeline_url.as_deref());
+            c.pipeline_state.push(row.pipeline_state);
+            c.follow_first.push(row.follow_first);
+            c.follow_deadline.push(row.follow_deadline);
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.id,
+            &self.claim,
+            &self.state,
+            &self.error,
+            &self.started,
+            &self.duration_ms,
+            &self.status,
+            &self.outcome,
+            &self.excerpt,
+            &self.pipeline_id,
+            &self.pipeline_number,
+            &self.pipeline_url,
+            &self.pipeline_state,
+            &self.follow_first,
+            &self.follow_deadline,
+        ]
+    }
+}
