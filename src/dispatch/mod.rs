@@ -206,13 +206,6 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
             never = keep_leased(&app, &job, config.delivery.lease) => match never {},
         };
         let duration = clock.elapsed();
-        // The send is over, so is its claim on the target's concurrency:
-        // the slot goes to the next send (or to a webhook's job leased as
-        // it commits) while this attempt is recorded.
-        drop(permit);
-        if app.sends.starved() {
-            app.wake_dispatch();
-        }
         let ended = app.now();
         let next = RetryPolicy::new(&config.delivery).decide(
             job.attempts,
@@ -257,9 +250,13 @@ async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     }
     .instrument(span)
     .await;
+    // Held until the attempt is recorded, not only for the HTTP exchange:
+    // freeing it earlier measured 12-16% fewer webhooks/s on SQLite at c32
+    // (more sends at once, competing with the writer for the same core).
+    drop(permit);
     // The dispatcher sleeps until the earliest due job it knew of; a new
-    // retry may be due sooner.
-    if retry_scheduled {
+    // retry may be due sooner, and a starved target now has a free slot.
+    if retry_scheduled || app.sends.starved() {
         app.wake_dispatch();
     }
 }

@@ -245,8 +245,8 @@ $$;
 /// batch (`ingest`) in one call instead of one per webhook, so the events
 /// go in as one multi-row INSERT and the jobs as another, and the executor
 /// is started once rather than four times a webhook. It does what
-/// `relay_ingest` (V5, kept for relays of the previous build sharing the
-/// database) does for each event, in the batch's order:
+/// `relay_ingest` (V5, dropped here: a relay of an older build refuses this
+/// schema, so nothing calls it) did for each event, in the batch's order:
 ///
 /// - The events, inserted in delivery order (two batches holding the same
 ///   deliveries wait on each other in the same order, not in a circle); a
@@ -404,6 +404,7 @@ BEGIN
     END LOOP;
 END
 $fn$;
+DROP FUNCTION relay_ingest;
 "#;
 
 /// The advisory lock that serialises migrations between relays starting at
