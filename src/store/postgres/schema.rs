@@ -283,6 +283,8 @@ DECLARE
     drops_in int := coalesce(cardinality(d_event), 0);
     recent bigint;
     taken bigint;
+    held_rule text;
+    held_reason text;
     take int[] := '{}';
     take_target text[] := '{}';
     queued boolean := false;
@@ -322,6 +324,7 @@ BEGIN
             d := d + 1;
         END LOOP;
         WHILE i <= jobs_in AND j_event[i] = e LOOP
+            held_rule := NULL;
             IF j_burst_limit[i] IS NOT NULL THEN
                 SELECT count(*) INTO recent FROM (
                     SELECT 1 FROM jobs
@@ -331,19 +334,11 @@ BEGIN
                     recent := recent + (SELECT count(*) FROM unnest(take_target) AS t WHERE t = j_target[i]);
                 END IF;
                 IF recent >= j_burst_limit[i] THEN
-                    x_event := x_event || e_id[e];
-                    x_route := x_route || j_route[i];
-                    x_target := x_target || j_target[i];
-                    x_rule := x_rule || j_burst_rule[i];
-                    x_reason := x_reason || j_burst_reason[i];
-                    h_event := h_event || e;
-                    h_id := h_id || j_id[i];
-                    h_rule := h_rule || j_burst_rule[i];
-                    i := i + 1;
-                    CONTINUE;
+                    held_rule := j_burst_rule[i];
+                    held_reason := j_burst_reason[i];
                 END IF;
             END IF;
-            IF j_dedupe_key[i] IS NOT NULL THEN
+            IF held_rule IS NULL AND j_dedupe_key[i] IS NOT NULL THEN
                 -- The row lock of ON CONFLICT makes a second relay wait for
                 -- the first's verdict.
                 INSERT INTO dedupe (target, key, expires_at)
@@ -352,21 +347,24 @@ BEGIN
                 WHERE dedupe.expires_at <= now();
                 GET DIAGNOSTICS taken = ROW_COUNT;
                 IF taken = 0 THEN
-                    x_event := x_event || e_id[e];
-                    x_route := x_route || j_route[i];
-                    x_target := x_target || j_target[i];
-                    x_rule := x_rule || j_dedupe_rule[i];
-                    x_reason := x_reason || j_dedupe_reason[i];
-                    h_event := h_event || e;
-                    h_id := h_id || j_id[i];
-                    h_rule := h_rule || j_dedupe_rule[i];
-                    i := i + 1;
-                    CONTINUE;
+                    held_rule := j_dedupe_rule[i];
+                    held_reason := j_dedupe_reason[i];
                 END IF;
             END IF;
-            take := take || i;
-            take_target := take_target || j_target[i];
-            queued := queued OR j_state[i] = 'queued';
+            IF held_rule IS NULL THEN
+                take := take || i;
+                take_target := take_target || j_target[i];
+                queued := queued OR j_state[i] = 'queued';
+            ELSE
+                x_event := x_event || e_id[e];
+                x_route := x_route || j_route[i];
+                x_target := x_target || j_target[i];
+                x_rule := x_rule || held_rule;
+                x_reason := x_reason || held_reason;
+                h_event := h_event || e;
+                h_id := h_id || j_id[i];
+                h_rule := h_rule || held_rule;
+            END IF;
             i := i + 1;
         END LOOP;
     END LOOP;
