@@ -193,8 +193,8 @@ fn unavailable(e: &tokio_postgres::Error) -> StoreError {
 /// Runs `request` (a statement's future, made but not yet polled) in a
 /// transaction that commits without waiting for its WAL flush
 /// (`synchronous_commit = off`): SQLite's `Durability::Committed` here, and
-/// for the same records, those whose loss only repeats a send (a claim, a
-/// renewal, an attempt's outcome, a poll). relay's own crash takes none of
+/// for the same records, those whose loss only repeats work (a claim, a
+/// renewal, an attempt's outcome, a poll, a purge). relay's own crash takes none of
 /// them back; a crash of the database server may take back its last
 /// fraction of a second (three `wal_writer_delay`s at most), and the next
 /// flushed commit makes them durable with it. BEGIN, the request and COMMIT

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::connect::{ADMIN_TIMEOUT, OPERATION_TIMEOUT, within};
 use super::queue::notify;
-use super::{PostgresStore, col, offset, on_caller_clock, unavailable};
+use super::{PostgresStore, col, offset, on_caller_clock, unavailable, unsynced};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
     Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
@@ -422,7 +422,9 @@ pub(super) async fn purge(
             .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
             .await
             .map_err(|e| unavailable(&e))?;
-        client.execute(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
+        // Like SQLite's purge, these commit without waiting for the flush:
+        // a purge a crash of the server takes back is simply done again.
+        unsynced(&client, client.execute(&stmt, &[])).await?;
         let stmt = client
             .prepare_cached(
                 "DELETE FROM events WHERE id IN (
@@ -434,13 +436,8 @@ pub(super) async fn purge(
             )
             .await
             .map_err(|e| unavailable(&e))?;
-        client
-            .execute(
-                &stmt,
-                &[&offset(before, now), &i64::try_from(limit).unwrap_or(i64::MAX)],
-            )
-            .await
-            .map_err(|e| unavailable(&e))
+        let (before, limit) = (offset(before, now), i64::try_from(limit).unwrap_or(i64::MAX));
+        unsynced(&client, client.execute(&stmt, &[&before, &limit])).await
     })
     .await
 }
