@@ -48,7 +48,7 @@ pub(super) struct GroupCommit {
 /// A webhook waiting for its batch, and where its answer goes.
 struct Waiting {
     event: NewEvent,
-    columns: IngestColumns,
+    prepared: Prepared,
     answer: oneshot::Sender<Result<Ingested, StoreError>>,
 }
 
@@ -68,12 +68,12 @@ impl GroupCommit {
     /// every store alike (`accept::SENDERS_DEADLINE`), and the commit runs
     /// on without a caller.
     pub(super) async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        let columns = IngestColumns::of(&event)?;
+        let prepared = Prepared::of(&event)?;
         let (answer, answered) = oneshot::channel();
         self.batches
             .enqueue(Waiting {
                 event,
-                columns,
+                prepared,
                 answer,
             })
             .await?;
@@ -96,7 +96,7 @@ async fn commit(pool: &Pool, batch: Vec<Waiting>) {
     match run(&client, &batch).await {
         Ok(rows) => {
             for (waiting, row) in batch.into_iter().zip(rows) {
-                let answer = ingested(&waiting.event, waiting.columns, &row);
+                let answer = ingested(&waiting.event, &waiting.prepared, &row);
                 let _ = waiting.answer.send(answer);
             }
         }
@@ -109,7 +109,7 @@ async fn commit(pool: &Pool, batch: Vec<Waiting>) {
                     Ok(rows) => rows
                         .first()
                         .ok_or_else(|| StoreError::Corrupt("relay_ingest_many answered no row".to_owned()))
-                        .and_then(|row| ingested(&waiting.event, waiting.columns, row)),
+                        .and_then(|row| ingested(&waiting.event, &waiting.prepared, row)),
                     Err(Failed::Statement(error) | Failed::Unknown(error)) => Err(error),
                 };
                 let _ = waiting.answer.send(answer);
@@ -206,13 +206,7 @@ struct BatchColumns<'a> {
 impl<'a> BatchColumns<'a> {
     fn of(batch: &'a [Waiting]) -> BatchColumns<'a> {
         let mut b = BatchColumns::default();
-        for (
-            place,
-            Waiting {
-                event, columns: c, ..
-            },
-        ) in (1_i32..).zip(batch)
-        {
+        for (place, Waiting { event, prepared, .. }) in (1_i32..).zip(batch) {
             b.id.push(event.id);
             b.source.push(&event.source);
             b.delivery.push(event.delivery.as_deref());
@@ -222,35 +216,40 @@ impl<'a> BatchColumns<'a> {
             b.payload.push(event.payload.as_deref());
             b.hop.push(i64::from(event.hop));
             b.summary.push(&event.summary);
-            b.drop_event.extend(c.drop_rule.iter().map(|_| place));
-            b.drop_route.extend(c.drop_route.iter().map(Option::as_deref));
-            b.drop_target.extend(c.drop_target.iter().map(Option::as_deref));
-            b.drop_rule.extend(c.drop_rule.iter().map(String::as_str));
-            b.drop_reason.extend(c.drop_reason.iter().map(String::as_str));
-            b.locks.extend(&c.locks);
-            b.job_event.extend(c.id.iter().map(|_| place));
-            b.job_id.extend(&c.id);
-            b.route.extend(c.route.iter().map(String::as_str));
-            b.target.extend(c.target.iter().map(String::as_str));
-            b.state.extend(&c.state);
-            b.request.extend(c.request.iter().map(Option::as_deref));
-            b.needs_payload.extend(&c.needs_payload);
-            b.error.extend(c.error.iter().map(Option::as_deref));
-            b.claim.extend(&c.claim);
-            b.lease.extend(&c.lease);
-            b.repo.extend(c.repo.iter().map(String::as_str));
-            b.sha.extend(c.sha.iter().map(String::as_str));
-            b.shadow.extend(&c.shadow);
-            b.report.extend(c.report.iter().map(Option::as_deref));
-            b.burst_limit.extend(&c.burst_limit);
-            b.burst_per.extend(&c.burst_per);
-            b.burst_rule.extend(c.burst_rule.iter().map(Option::as_deref));
-            b.burst_reason.extend(c.burst_reason.iter().map(Option::as_deref));
-            b.dedupe_key.extend(c.dedupe_key.iter().map(Option::as_deref));
-            b.dedupe_window.extend(&c.dedupe_window);
-            b.dedupe_rule.extend(c.dedupe_rule.iter().map(Option::as_deref));
-            b.dedupe_reason
-                .extend(c.dedupe_reason.iter().map(Option::as_deref));
+            for d in &event.drops {
+                b.drop_event.push(place);
+                b.drop_route.push(d.route.as_deref());
+                b.drop_target.push(d.target.as_deref());
+                b.drop_rule.push(&d.rule);
+                b.drop_reason.push(&d.reason);
+            }
+            b.locks.extend(&prepared.locks);
+            for (job, p) in event.jobs.iter().zip(&prepared.jobs) {
+                b.job_event.push(place);
+                b.job_id.push(job.id);
+                b.route.push(&job.route);
+                b.target.push(&job.target);
+                b.state.push(p.state);
+                b.request.push(p.request.as_deref());
+                b.needs_payload.push(p.needs_payload);
+                b.error.push(p.error.as_deref());
+                b.claim.push(job.lease.map(|l| l.claim));
+                b.lease.push(p.lease);
+                b.repo.push(&job.repo);
+                b.sha.push(&job.sha);
+                b.shadow.push(job.shadow);
+                b.report.push(p.report.as_deref());
+                let burst = p.burst.as_ref();
+                b.burst_limit.push(burst.map(|(limit, _)| *limit));
+                b.burst_per.push(burst.map(|(_, c)| c.micros));
+                b.burst_rule.push(burst.map(|(_, c)| c.held.rule.as_str()));
+                b.burst_reason.push(burst.map(|(_, c)| c.held.reason.as_str()));
+                let dedupe = p.dedupe.as_ref();
+                b.dedupe_key.push(dedupe.map(|(key, _)| key.as_str()));
+                b.dedupe_window.push(dedupe.map(|(_, c)| c.micros));
+                b.dedupe_rule.push(dedupe.map(|(_, c)| c.held.rule.as_str()));
+                b.dedupe_reason.push(dedupe.map(|(_, c)| c.held.reason.as_str()));
+            }
         }
         b.locks.sort_unstable();
         b.locks.dedup();
@@ -303,7 +302,7 @@ impl<'a> BatchColumns<'a> {
 }
 
 /// What the webhook's row of `relay_ingest_many` says became of it.
-fn ingested(event: &NewEvent, columns: IngestColumns, row: &Row) -> Result<Ingested, StoreError> {
+fn ingested(event: &NewEvent, prepared: &Prepared, row: &Row) -> Result<Ingested, StoreError> {
     if let Some(original) = col::<Option<Uuid>>(row, 0)? {
         return Ok(Ingested::Duplicate(original));
     }
@@ -311,15 +310,20 @@ fn ingested(event: &NewEvent, columns: IngestColumns, row: &Row) -> Result<Inges
     let held_by: Vec<String> = col(row, 2)?;
     let mut held_back = Vec::new();
     let mut leased = Vec::new();
-    for (job, drops) in event.jobs.iter().zip(columns.drops) {
+    for (job, p) in event.jobs.iter().zip(&prepared.jobs) {
         let Some(at) = held.iter().position(|id| *id == job.id) else {
             leased.extend(job.leased(event));
             continue;
         };
         let rule = held_by.get(at).map(String::as_str);
-        let dropped = drops
-            .into_iter()
+        let dropped = p
+            .burst
+            .iter()
+            .map(|(_, check)| check)
+            .chain(p.dedupe.iter().map(|(_, check)| check))
+            .map(|check| &check.held)
             .find(|d| Some(d.rule.as_str()) == rule)
+            .cloned()
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("job {} held back by an unknown rule {rule:?}", job.id))
             })?;
@@ -331,73 +335,43 @@ fn ingested(event: &NewEvent, columns: IngestColumns, row: &Row) -> Result<Inges
     Ok(Ingested::Accepted { held_back, leased })
 }
 
-/// One webhook's rows as `relay_ingest_many` takes them: the event's
-/// drops, then each job's row with, for each loop-guard check it is
-/// subject to, the drop it becomes if the check holds it back (worded by
-/// the guard; a burst that holds counted exactly its limit, as the count
-/// stops there).
-struct IngestColumns {
-    drop_route: Vec<Option<String>>,
-    drop_target: Vec<Option<String>>,
-    drop_rule: Vec<String>,
-    drop_reason: Vec<String>,
+/// What a webhook's rows need beyond the event's own fields, worked out on
+/// the caller's task before it waits for a batch (a job whose row cannot be
+/// made fails that webhook alone), and the burst locks it takes.
+struct Prepared {
+    jobs: Vec<PreparedJob>,
     locks: Vec<i32>,
-    id: Vec<Uuid>,
-    route: Vec<String>,
-    target: Vec<String>,
-    state: Vec<&'static str>,
-    request: Vec<Option<String>>,
-    needs_payload: Vec<bool>,
-    error: Vec<Option<String>>,
-    claim: Vec<Option<Uuid>>,
-    lease: Vec<Option<i64>>,
-    repo: Vec<String>,
-    sha: Vec<String>,
-    shadow: Vec<bool>,
-    report: Vec<Option<String>>,
-    burst_limit: Vec<Option<i64>>,
-    burst_per: Vec<Option<i64>>,
-    burst_rule: Vec<Option<String>>,
-    burst_reason: Vec<Option<String>>,
-    dedupe_key: Vec<Option<String>>,
-    dedupe_window: Vec<Option<i64>>,
-    dedupe_rule: Vec<Option<String>>,
-    dedupe_reason: Vec<Option<String>>,
-    /// Per job, the drops it would become, in the order they are checked.
-    drops: Vec<Vec<Dropped>>,
 }
 
-impl IngestColumns {
-    fn of(event: &NewEvent) -> Result<IngestColumns, StoreError> {
-        let n = event.jobs.len();
-        let mut c = IngestColumns {
-            drop_route: event.drops.iter().map(|d| d.route.clone()).collect(),
-            drop_target: event.drops.iter().map(|d| d.target.clone()).collect(),
-            drop_rule: event.drops.iter().map(|d| d.rule.clone()).collect(),
-            drop_reason: event.drops.iter().map(|d| d.reason.clone()).collect(),
+/// A job's row as stored, and the loop guard's store-side checks it is
+/// subject to.
+struct PreparedJob {
+    state: &'static str,
+    request: Option<String>,
+    needs_payload: bool,
+    error: Option<String>,
+    /// The lease's end as an offset from the webhook's arrival.
+    lease: Option<i64>,
+    report: Option<String>,
+    /// With the burst's limit.
+    burst: Option<(i64, GuardCheck)>,
+    /// With the dedupe key.
+    dedupe: Option<(String, GuardCheck)>,
+}
+
+/// One loop-guard check: its window in microseconds, and the drop the job
+/// becomes if the check holds it back, worded by the guard (a burst that
+/// holds counted exactly its limit, as the count stops there).
+struct GuardCheck {
+    micros: i64,
+    held: Dropped,
+}
+
+impl Prepared {
+    fn of(event: &NewEvent) -> Result<Prepared, StoreError> {
+        let mut prepared = Prepared {
+            jobs: Vec::with_capacity(event.jobs.len()),
             locks: Vec::new(),
-            id: Vec::with_capacity(n),
-            route: Vec::with_capacity(n),
-            target: Vec::with_capacity(n),
-            state: Vec::with_capacity(n),
-            request: Vec::with_capacity(n),
-            needs_payload: Vec::with_capacity(n),
-            error: Vec::with_capacity(n),
-            claim: Vec::with_capacity(n),
-            lease: Vec::with_capacity(n),
-            repo: Vec::with_capacity(n),
-            sha: Vec::with_capacity(n),
-            shadow: Vec::with_capacity(n),
-            report: Vec::with_capacity(n),
-            burst_limit: Vec::with_capacity(n),
-            burst_per: Vec::with_capacity(n),
-            burst_rule: Vec::with_capacity(n),
-            burst_reason: Vec::with_capacity(n),
-            dedupe_key: Vec::with_capacity(n),
-            dedupe_window: Vec::with_capacity(n),
-            dedupe_rule: Vec::with_capacity(n),
-            dedupe_reason: Vec::with_capacity(n),
-            drops: Vec::with_capacity(n),
         };
         for job in &event.jobs {
             let JobRow {
@@ -406,68 +380,50 @@ impl IngestColumns {
                 needs_payload,
                 error,
             } = job.row()?;
-            c.id.push(job.id);
-            c.route.push(job.route.clone());
-            c.target.push(job.target.clone());
-            c.state.push(state.as_str());
-            c.request.push(request);
-            c.needs_payload.push(needs_payload);
-            c.error.push(error.map(str::to_owned));
-            c.claim.push(job.lease.map(|l| l.claim));
-            c.lease
-                .push(job.lease.map(|l| offset(l.until, event.received_at)));
-            c.repo.push(job.repo.clone());
-            c.sha.push(job.sha.clone());
-            c.shadow.push(job.shadow);
-            c.report.push(rows::report_json(job.report.as_ref()));
             let trigger = job.trigger();
             let (mut burst, mut dedupe) = (None, None);
-            let mut drops = Vec::new();
             for check in job.limits.checks() {
                 match check {
                     Check::Burst { limit, per } => {
-                        if let Some(d) = trigger.burst(i64::from(limit), limit, per) {
-                            burst = Some((i64::from(limit), micros(per), d.clone()));
-                            drops.push(d);
-                        }
+                        burst = trigger.burst(i64::from(limit), limit, per).map(|held| {
+                            let check = GuardCheck {
+                                micros: micros(per),
+                                held,
+                            };
+                            (i64::from(limit), check)
+                        });
                     }
                     Check::Dedupe { key, window } => {
-                        if let Some(d) = trigger.dedupe(false, window) {
-                            dedupe = Some((key.to_owned(), micros(window), d.clone()));
-                            drops.push(d);
-                        }
+                        dedupe = trigger.dedupe(false, window).map(|held| {
+                            let check = GuardCheck {
+                                micros: micros(window),
+                                held,
+                            };
+                            (key.to_owned(), check)
+                        });
                     }
                 }
             }
             if burst.is_some() {
-                c.locks.push(target_lock(&job.target));
+                prepared.locks.push(target_lock(&job.target));
             }
-            let (limit, per, rule, reason) = match burst {
-                Some((limit, per, d)) => (Some(limit), Some(per), Some(d.rule), Some(d.reason)),
-                None => (None, None, None, None),
-            };
-            c.burst_limit.push(limit);
-            c.burst_per.push(per);
-            c.burst_rule.push(rule);
-            c.burst_reason.push(reason);
-            let (key, window, rule, reason) = match dedupe {
-                Some((key, window, d)) => (Some(key), Some(window), Some(d.rule), Some(d.reason)),
-                None => (None, None, None, None),
-            };
-            c.dedupe_key.push(key);
-            c.dedupe_window.push(window);
-            c.dedupe_rule.push(rule);
-            c.dedupe_reason.push(reason);
-            c.drops.push(drops);
+            prepared.jobs.push(PreparedJob {
+                state: state.as_str(),
+                request,
+                needs_payload,
+                error: error.map(str::to_owned),
+                lease: job.lease.map(|l| offset(l.until, event.received_at)),
+                report: rows::report_json(job.report.as_ref()),
+                burst,
+                dedupe,
+            });
         }
         // The burst count is only right if no other relay is adding jobs for
-        // the target meanwhile: a per-target lock, held to the commit. All
-        // are taken up front, in key order, so two ingests for the same
-        // targets queue rather than deadlock. Dedupe needs no lock of its
-        // own: its row decides.
-        c.locks.sort_unstable();
-        c.locks.dedup();
-        Ok(c)
+        // the target meanwhile: a per-target lock, held to the commit, taken
+        // for the whole batch up front and in key order (`BatchColumns`), so
+        // two batches for the same targets queue rather than deadlock.
+        // Dedupe needs no lock of its own: its row decides.
+        Ok(prepared)
     }
 }
 
