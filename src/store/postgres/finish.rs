@@ -12,8 +12,9 @@
 //!
 //! What this module must never do: answer a caller before its batch's
 //! commit is known, record a completion whose claim no longer holds, or let
-//! one completion's failure refuse another's (a batch the server refused
-//! is recorded again one by one).
+//! one completion's failure refuse another's (a batch that failed is
+//! recorded again one by one: safe even if it did commit, as a completion
+//! whose claim it ended then matches no row and answers `false`).
 
 use std::time::SystemTime;
 
@@ -73,9 +74,11 @@ pub(super) struct GroupComplete {
     batches: Batches<Finished>,
 }
 
-/// A finished send waiting for its batch, and where its answer goes.
+/// A finished send waiting for its batch, the moment its times count from
+/// (as `queue::complete` has them), and where its answer goes.
 struct Finished {
-    row: CompletionRow,
+    completion: Completion,
+    now: SystemTime,
     answer: oneshot::Sender<Result<bool, StoreError>>,
 }
 
@@ -101,7 +104,8 @@ impl GroupComplete {
             let (answer, answered) = oneshot::channel();
             self.batches
                 .enqueue(Finished {
-                    row: CompletionRow::of(&c, now),
+                    completion: c,
+                    now,
                     answer,
                 })
                 .await?;
@@ -123,19 +127,20 @@ async fn record(pool: &Pool, batch: Vec<Finished>) {
             return;
         }
     };
-    let rows: Vec<&CompletionRow> = batch.iter().map(|f| &f.row).collect();
-    match run(&client, &rows).await {
+    match run(&client, &batch).await {
         Ok(recorded) => {
             for finished in batch {
-                let _ = finished.answer.send(Ok(recorded.contains(&finished.row.id)));
+                let _ = finished
+                    .answer
+                    .send(Ok(recorded.contains(&finished.completion.job_id)));
             }
         }
         Err(error) if batch.len() > 1 => {
             debug!(completions = batch.len(), %error, "a batch of completions failed; recording them one by one");
             for finished in batch {
-                let answer = run(&client, &[&finished.row])
+                let answer = run(&client, std::slice::from_ref(&finished))
                     .await
-                    .map(|recorded| recorded.contains(&finished.row.id));
+                    .map(|recorded| recorded.contains(&finished.completion.job_id));
                 let _ = finished.answer.send(answer);
             }
         }
@@ -149,67 +154,17 @@ async fn record(pool: &Pool, batch: Vec<Finished>) {
 
 /// The batch as one statement, committed without waiting for the WAL
 /// flush (see `unsynced`); the ids of the jobs it recorded.
-async fn run(client: &deadpool_postgres::Object, rows: &[&CompletionRow]) -> Result<Vec<Uuid>, StoreError> {
+async fn run(client: &deadpool_postgres::Object, batch: &[Finished]) -> Result<Vec<Uuid>, StoreError> {
     let stmt = client
         .prepare_cached(COMPLETE_MANY)
         .await
         .map_err(|e| unavailable(&e))?;
-    let columns = Columns::of(rows);
+    let columns = Columns::of(batch);
     let recorded = unsynced(client, client.query(&stmt, &columns.params())).await?;
     recorded.iter().map(|row| col::<Uuid>(row, 0)).collect()
 }
 
-/// One completion as `COMPLETE_MANY`'s row: times as offsets from the
-/// moment of writing, as `queue::complete` has them.
-struct CompletionRow {
-    id: Uuid,
-    claim: Uuid,
-    state: &'static str,
-    error: Option<String>,
-    started: i64,
-    duration_ms: i64,
-    status: Option<i32>,
-    outcome: &'static str,
-    excerpt: String,
-    pipeline_id: Option<String>,
-    pipeline_number: Option<i64>,
-    pipeline_url: Option<String>,
-    pipeline_state: Option<&'static str>,
-    follow_first: Option<i64>,
-    follow_deadline: Option<i64>,
-}
-
-impl CompletionRow {
-    fn of(c: &Completion, now: SystemTime) -> CompletionRow {
-        let (state, error) = match &c.next {
-            NextState::Dead { reason } => (JobState::Dead, Some(reason.clone())),
-            // Retries are not batched (`GroupComplete::takes`).
-            NextState::Done | NextState::Retry { .. } => (JobState::Done, None),
-        };
-        let pipeline = c.pipeline.as_ref();
-        CompletionRow {
-            id: c.job_id,
-            claim: c.claim,
-            state: state.as_str(),
-            error,
-            started: offset(c.attempt.started_at, now),
-            duration_ms: micros(c.attempt.duration) / 1000,
-            status: c.attempt.status.map(i32::from),
-            outcome: c.attempt.outcome,
-            excerpt: c.attempt.excerpt.clone(),
-            pipeline_id: pipeline.map(|p| p.id.clone()),
-            pipeline_number: pipeline
-                .and_then(|p| p.number)
-                .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-            pipeline_url: pipeline.and_then(|p| p.url.clone()),
-            pipeline_state: pipeline.map(|p| p.state.as_str()),
-            follow_first: c.follow.map(|f| micros(f.first_in)),
-            follow_deadline: c.follow.map(|f| micros(f.deadline)),
-        }
-    }
-}
-
-/// A batch's rows as `COMPLETE_MANY`'s arrays.
+/// A batch's completions as `COMPLETE_MANY`'s arrays.
 #[derive(Default)]
 struct Columns<'a> {
     id: Vec<Uuid>,
@@ -230,26 +185,40 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn of(rows: &[&'a CompletionRow]) -> Columns<'a> {
-        let mut c = Columns::default();
-        for row in rows {
-            c.id.push(row.id);
-            c.claim.push(row.claim);
-            c.state.push(row.state);
-            c.error.push(row.error.as_deref());
-            c.started.push(row.started);
-            c.duration_ms.push(row.duration_ms);
-            c.status.push(row.status);
-            c.outcome.push(row.outcome);
-            c.excerpt.push(&row.excerpt);
-            c.pipeline_id.push(row.pipeline_id.as_deref());
-            c.pipeline_number.push(row.pipeline_number);
-            c.pipeline_url.push(row.pipeline_url.as_deref());
-            c.pipeline_state.push(row.pipeline_state);
-            c.follow_first.push(row.follow_first);
-            c.follow_deadline.push(row.follow_deadline);
+    /// Times as offsets from each completion's moment of writing.
+    fn of(batch: &'a [Finished]) -> Columns<'a> {
+        let mut columns = Columns::default();
+        for Finished {
+            completion: c, now, ..
+        } in batch
+        {
+            let (state, error) = match &c.next {
+                NextState::Dead { reason } => (JobState::Dead, Some(reason.as_str())),
+                // Retries are not batched (`GroupComplete::takes`).
+                NextState::Done | NextState::Retry { .. } => (JobState::Done, None),
+            };
+            let pipeline = c.pipeline.as_ref();
+            columns.id.push(c.job_id);
+            columns.claim.push(c.claim);
+            columns.state.push(state.as_str());
+            columns.error.push(error);
+            columns.started.push(offset(c.attempt.started_at, *now));
+            columns.duration_ms.push(micros(c.attempt.duration) / 1000);
+            columns.status.push(c.attempt.status.map(i32::from));
+            columns.outcome.push(c.attempt.outcome);
+            columns.excerpt.push(&c.attempt.excerpt);
+            columns.pipeline_id.push(pipeline.map(|p| p.id.as_str()));
+            columns.pipeline_number.push(
+                pipeline
+                    .and_then(|p| p.number)
+                    .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+            );
+            columns.pipeline_url.push(pipeline.and_then(|p| p.url.as_deref()));
+            columns.pipeline_state.push(pipeline.map(|p| p.state.as_str()));
+            columns.follow_first.push(c.follow.map(|f| micros(f.first_in)));
+            columns.follow_deadline.push(c.follow.map(|f| micros(f.deadline)));
         }
-        c
+        columns
     }
 
     fn params(&self) -> [&(dyn ToSql + Sync); 15] {
