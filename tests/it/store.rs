@@ -142,6 +142,7 @@ cases! {
         requeue_dead_by_target_and_time,
         purge_deletes_finished_old_events,
         queue_stats_counts_every_state,
+        kept_job_counts_follow_every_change,
         event_body,
         events_view_with_drops,
         webhooks_committed_together_are_answered_one_by_one,
@@ -1553,6 +1554,112 @@ async fn queue_stats_counts_every_state(f: Fixture) {
     assert_near(oldest, waiting_received, "the waiting job's due time");
 }
 
+/// The counts `queue_stats` answers, and the jobs counted one by one
+/// through the store's own listing, agree (`step` names the change).
+async fn assert_counts_match_the_jobs(store: &Arc<dyn Store>, step: &str) {
+    let kept = store.queue_stats(SystemTime::now()).await.unwrap().jobs;
+    let listed = store.jobs(all_jobs()).await.unwrap();
+    let counted: Vec<(JobState, u64)> = kept
+        .iter()
+        .map(|(state, _)| (*state, listed.iter().filter(|j| j.state == *state).count() as u64))
+        .collect();
+    assert_eq!(
+        kept, counted,
+        "after {step}: the kept counts, then the jobs counted"
+    );
+}
+
+/// Both backends keep the job counts as the jobs change (SQLite with row
+/// triggers, PostgreSQL with statement triggers whose deltas a read folds
+/// in): every kind of change moves them exactly, a purge's cascade
+/// included, and a change that moves no job between states moves nothing.
+async fn kept_job_counts_follow_every_change(f: Fixture) {
+    let store = &f.store;
+    assert_counts_match_the_jobs(store, "nothing").await;
+
+    let mut leased = queued("ci");
+    let leased_claim = Uuid::now_v7();
+    leased.lease = Some(Lease {
+        claim: leased_claim,
+        until: SystemTime::now() + LEASE,
+    });
+    let leased_id = leased.id;
+    let old = event(
+        "kc-1",
+        vec![
+            queued("ci"),
+            queued("ci"),
+            queued("ci"),
+            leased,
+            job("ci", Err("no branch".to_owned())),
+        ],
+    );
+    let old_id = old.id;
+    accept(store, old).await;
+    assert_counts_match_the_jobs(store, "one webhook's jobs, queued, leased and dead").await;
+
+    let claimed = claim(store, "ci", 3, LEASE).await;
+    assert_eq!(claimed.len(), 3);
+    assert_counts_match_the_jobs(store, "a claim").await;
+    let claim_id = claimed[0].claim;
+    assert!(
+        store
+            .renew(claimed[0].id, claim_id, LEASE, SystemTime::now())
+            .await
+            .unwrap()
+    );
+    assert_counts_match_the_jobs(store, "a renewal").await;
+
+    assert!(complete(store, claimed[0].id, claim_id, 201, NextState::Done).await);
+    let dead = NextState::Dead {
+        reason: "gone".to_owned(),
+    };
+    assert!(complete(store, claimed[1].id, claim_id, 404, dead.clone()).await);
+    let retry_due = SystemTime::now() + Duration::from_millis(200);
+    let retry = NextState::Retry {
+        due_at: retry_due,
+        maybe_delivered: false,
+    };
+    assert!(complete(store, claimed[2].id, claim_id, 503, retry).await);
+    assert_eq!(state_of(store, leased_id).await, JobState::InFlight);
+    assert_counts_match_the_jobs(store, "done, dead and a retry").await;
+    // A stale completion writes nothing, and moves nothing.
+    assert!(!complete(store, claimed[0].id, Uuid::now_v7(), 201, NextState::Done).await);
+    assert_counts_match_the_jobs(store, "a stale completion").await;
+
+    assert_eq!(
+        store.requeue(claimed[1].id, SystemTime::now()).await.unwrap(),
+        Requeued::Requeued
+    );
+    assert_counts_match_the_jobs(store, "a manual retry").await;
+
+    // The old event's jobs finish, then retention deletes them with it.
+    sleep_until(retry_due + Duration::from_millis(50)).await;
+    let again = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(again.len(), 2, "the manual retry and the retry now due");
+    for j in &again {
+        assert!(complete(store, j.id, j.claim, 201, NextState::Done).await);
+    }
+    assert!(complete(store, leased_id, leased_claim, 201, NextState::Done).await);
+    assert_counts_match_the_jobs(store, "every job of the old event finished").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    accept(store, event("kc-2", vec![queued("ci"), queued("later")])).await;
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 1);
+    assert!(store.job(leased_id).await.unwrap().is_none(), "{old_id} is gone");
+    assert_counts_match_the_jobs(store, "a purge").await;
+    assert_eq!(
+        store.queue_stats(SystemTime::now()).await.unwrap().jobs,
+        vec![
+            (JobState::Queued, 2),
+            (JobState::InFlight, 0),
+            (JobState::Done, 0),
+            (JobState::Dead, 0)
+        ]
+    );
+}
+
 async fn event_body(f: Fixture) {
     let store = &f.store;
     let mut e = event("body-1", Vec::new());
@@ -1929,12 +2036,20 @@ const ONE_BACKEND_ONLY: &[(&str, &str, &str)] = &[
     ("postgres", "drops", "id"),
     // PostgreSQL's schema version; SQLite's is `PRAGMA user_version`.
     ("postgres", "relay_schema", "version"),
-    // SQLite keeps the job counts /metrics reads (a full count is seconds
-    // on the writer's one connection); PostgreSQL counts on a pool
-    // connection, and a counter row every ingest updates would queue its
-    // concurrent commits behind one lock.
+    // Both keep the job counts /metrics reads. SQLite's row triggers update
+    // a row per state; PostgreSQL's statement triggers append deltas that a
+    // read folds into one row, so concurrent commits never queue behind a
+    // counter row's lock.
     ("sqlite", "job_counts", "state"),
     ("sqlite", "job_counts", "n"),
+    ("postgres", "job_counts", "queued"),
+    ("postgres", "job_counts", "in_flight"),
+    ("postgres", "job_counts", "done"),
+    ("postgres", "job_counts", "dead"),
+    ("postgres", "job_count_deltas", "queued"),
+    ("postgres", "job_count_deltas", "in_flight"),
+    ("postgres", "job_count_deltas", "done"),
+    ("postgres", "job_count_deltas", "dead"),
 ];
 
 /// After migrations, SQLite and PostgreSQL have the same tables with the

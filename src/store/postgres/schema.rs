@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -404,6 +404,72 @@ END
 $fn$;
 DROP FUNCTION relay_ingest;
 "#;
+
+/// The job counts `/metrics` and the status page read, kept as the jobs
+/// change instead of counted from every row on each read: with 14 days of
+/// history that count read millions of rows (0.4-0.7 s at two million
+/// jobs) on every scrape and page load (SQLite's V10).
+///
+/// Each statement that inserts, updates or deletes jobs appends what it
+/// moved between states, one row per statement, to `job_count_deltas`: a
+/// statement-level trigger over the statement's transition tables, which
+/// also hold what foreign keys cascade (a purge's deletes). Appending takes
+/// no lock another writer waits on; whoever reads the counts folds the
+/// deltas into the one row of `job_counts` (`views::queue_stats`), so no
+/// two folds lock rows in different orders. The triggers come before the
+/// first count: creating them waits for writers in progress and holds new
+/// ones off until this migration commits.
+const V10: &str = "
+CREATE TABLE job_counts (
+    queued bigint NOT NULL, in_flight bigint NOT NULL, done bigint NOT NULL, dead bigint NOT NULL
+);
+CREATE TABLE job_count_deltas (
+    queued bigint NOT NULL, in_flight bigint NOT NULL, done bigint NOT NULL, dead bigint NOT NULL
+);
+CREATE FUNCTION relay_count_inserted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_count_deltas
+    SELECT count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'in_flight'),
+           count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead')
+    FROM inserted HAVING count(*) > 0;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION relay_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_count_deltas
+    SELECT -count(*) FILTER (WHERE state = 'queued'), -count(*) FILTER (WHERE state = 'in_flight'),
+           -count(*) FILTER (WHERE state = 'done'), -count(*) FILTER (WHERE state = 'dead')
+    FROM deleted HAVING count(*) > 0;
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION relay_count_updated_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO job_count_deltas
+    SELECT * FROM (
+        SELECT COALESCE(sum(d) FILTER (WHERE state = 'queued'), 0),
+               COALESCE(sum(d) FILTER (WHERE state = 'in_flight'), 0),
+               COALESCE(sum(d) FILTER (WHERE state = 'done'), 0),
+               COALESCE(sum(d) FILTER (WHERE state = 'dead'), 0)
+        FROM (SELECT state, 1 AS d FROM updated UNION ALL SELECT state, -1 FROM replaced) AS moves
+    ) AS delta (queued, in_flight, done, dead)
+    WHERE (queued, in_flight, done, dead) <> (0, 0, 0, 0);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION relay_count_inserted_jobs();
+CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs
+    REFERENCING OLD TABLE AS deleted FOR EACH STATEMENT EXECUTE FUNCTION relay_count_deleted_jobs();
+CREATE TRIGGER jobs_counted_update AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS replaced NEW TABLE AS updated FOR EACH STATEMENT
+    EXECUTE FUNCTION relay_count_updated_jobs();
+INSERT INTO job_counts
+SELECT count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'in_flight'),
+       count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead')
+FROM jobs;
+";
 
 /// The advisory lock that serialises migrations between relays starting at
 /// once ("relay" in ASCII). Single-key locks live apart from the two-key

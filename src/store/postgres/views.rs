@@ -1,7 +1,8 @@
 //! What a person reads and asks for, in PostgreSQL's SQL: jobs, one job
-//! with its attempts, events with their drops, the queue's statistics and
-//! an event's body; the manual retries; and retention's purge. The rows'
-//! meaning is `store::rows`'; this only reads the columns.
+//! with its attempts, events with their drops, the queue's statistics (the
+//! kept job counts, their deltas folded in as they are read) and an event's
+//! body; the manual retries; and retention's purge. The rows' meaning is
+//! `store::rows`'; this only reads the columns.
 //!
 //! What this module must never do: decide with the host's clock (times are
 //! offsets from the database's `now()`), or queue a job twice when relays
@@ -437,21 +438,51 @@ pub(super) async fn purge(
             .await
             .map_err(|e| unavailable(&e))?;
         let (before, limit) = (offset(before, now), i64::try_from(limit).unwrap_or(i64::MAX));
-        unsynced(&client, client.execute(&stmt, &[&before, &limit])).await
+        let purged = unsynced(&client, client.execute(&stmt, &[&before, &limit])).await?;
+        // The counts' deltas are folded here as well as on each read, so
+        // they stay few where nothing reads the counts.
+        let stmt = client
+            .prepare_cached(FOLD_JOB_COUNTS)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        unsynced(&client, client.execute(&stmt, &[])).await?;
+        Ok(purged)
     })
     .await
 }
+
+/// Folds the job-count deltas the writers' triggers appended (schema V10)
+/// into the kept counts, and answers the counts. Concurrent folds queue on
+/// the one `job_counts` row; each answer includes every fold committed
+/// before it.
+const FOLD_JOB_COUNTS: &str = "WITH folded AS (DELETE FROM job_count_deltas RETURNING *),
+     moved AS (
+         SELECT COALESCE(sum(queued), 0) AS queued, COALESCE(sum(in_flight), 0) AS in_flight,
+                COALESCE(sum(done), 0) AS done, COALESCE(sum(dead), 0) AS dead
+         FROM folded)
+ UPDATE job_counts c
+ SET queued = c.queued + m.queued, in_flight = c.in_flight + m.in_flight,
+     done = c.done + m.done, dead = c.dead + m.dead
+ FROM moved m
+ RETURNING c.queued, c.in_flight, c.done, c.dead";
 
 pub(super) async fn queue_stats(store: &PostgresStore, now: SystemTime) -> Result<QueueStats, StoreError> {
     within("queue_stats", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")
+            .prepare_cached(FOLD_JOB_COUNTS)
             .await
             .map_err(|e| unavailable(&e))?;
-        let mut counts = Vec::new();
-        for row in client.query(&stmt, &[]).await.map_err(|e| unavailable(&e))? {
-            counts.push((col::<String>(&row, 0)?, col::<i64>(&row, 1)?));
+        let row = unsynced(&client, client.query_one(&stmt, &[])).await?;
+        let states = [
+            JobState::Queued,
+            JobState::InFlight,
+            JobState::Done,
+            JobState::Dead,
+        ];
+        let mut counts = Vec::with_capacity(states.len());
+        for (i, state) in states.into_iter().enumerate() {
+            counts.push((state.as_str().to_owned(), col::<i64>(&row, i)?));
         }
         let stmt = client
             .prepare_cached("SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND due_at <= now()")
