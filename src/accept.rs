@@ -205,6 +205,9 @@ async fn commit(
                 if queued {
                     app.wake_dispatch();
                 }
+            } else {
+                // Nothing leased: the reserved slots are freed.
+                dispatch::hand_over(&app, Vec::new(), reservation);
             }
             (ingested, webhook, plan)
         })

@@ -82,12 +82,20 @@ pub fn reserve<'a>(
 }
 
 /// Sends the jobs the store committed leased, each in the slot reserved for
-/// it; the slots of jobs the store held back are freed.
+/// it; the slots of the rest (held back, a duplicate delivery, a commit that
+/// failed: `leased` is then empty) are freed, and a dispatcher waiting for
+/// a free slot hears of it, as it does when a send ends.
 pub fn hand_over(app: &Arc<App>, leased: Vec<ClaimedJob>, mut reservation: Reservation) {
     for job in leased {
         if let Some((_, permit)) = reservation.slots.remove(&job.id) {
             start_send(app, job, permit);
         }
+    }
+    let freed = !reservation.slots.is_empty();
+    // Freed before the wake-up, so the dispatcher finds the slots free.
+    drop(reservation);
+    if freed && app.sends.starved() {
+        app.wake_dispatch();
     }
 }
 
@@ -124,6 +132,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         let lease = config.delivery.lease;
         let mut maybe_more = false;
         let mut starved = false;
+        let mut some_slot_free = false;
         for (name, _) in config.job_targets() {
             // Slots first, then claims: ingress takes slots too, and a job
             // claimed without one would sit out its lease.
@@ -139,6 +148,7 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
                 starved = true;
                 continue;
             }
+            some_slot_free = true;
             let asked = permits.len();
             match app.store.claim(name, asked, lease, app.now()).await {
                 Ok(jobs) => {
@@ -155,7 +165,17 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
         if maybe_more {
             continue;
         }
-        let wait = match app.store.next_wakeup(app.now()).await {
+        // Every target at capacity: nothing can be claimed before a send
+        // finishes, and each finishing send wakes this loop (`starved`), so
+        // when the next job is due does not matter yet. Under load that
+        // spares the store a query on most turns (on PostgreSQL, 8% of its
+        // statements' time at c32).
+        let next = if some_slot_free {
+            app.store.next_wakeup(app.now()).await
+        } else {
+            Ok(None)
+        };
+        let wait = match next {
             Ok(next) => idle_wait(next, app.now(), starved),
             Err(e) => {
                 warn!(error = %e, "cannot read the queue; will try again");
