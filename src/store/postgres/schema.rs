@@ -413,7 +413,9 @@ DROP FUNCTION relay_ingest;
 /// Each statement that inserts, updates or deletes jobs appends what it
 /// moved between states, one row per statement, to `job_count_deltas`: a
 /// statement-level trigger over the statement's transition tables, which
-/// also hold what foreign keys cascade (a purge's deletes). Appending takes
+/// also hold what foreign keys cascade (a purge's deletes). Inserted rows
+/// count in and deleted ones out (one function, the trigger's argument the
+/// sign); an update counts its new rows in and its old ones out. Appending takes
 /// no lock another writer waits on; whoever reads the counts folds the
 /// deltas into the one row of `job_counts` (`views::queue_stats`), so no
 /// two folds lock rows in different orders. The triggers come before the
@@ -426,21 +428,14 @@ CREATE TABLE job_counts (
 CREATE TABLE job_count_deltas (
     queued bigint NOT NULL, in_flight bigint NOT NULL, done bigint NOT NULL, dead bigint NOT NULL
 );
-CREATE FUNCTION relay_count_inserted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION relay_count_jobs_in_or_out() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    sign bigint := TG_ARGV[0]::bigint;
 BEGIN
     INSERT INTO job_count_deltas
-    SELECT count(*) FILTER (WHERE state = 'queued'), count(*) FILTER (WHERE state = 'in_flight'),
-           count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead')
-    FROM inserted HAVING count(*) > 0;
-    RETURN NULL;
-END
-$$;
-CREATE FUNCTION relay_count_deleted_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO job_count_deltas
-    SELECT -count(*) FILTER (WHERE state = 'queued'), -count(*) FILTER (WHERE state = 'in_flight'),
-           -count(*) FILTER (WHERE state = 'done'), -count(*) FILTER (WHERE state = 'dead')
-    FROM deleted HAVING count(*) > 0;
+    SELECT sign * count(*) FILTER (WHERE state = 'queued'), sign * count(*) FILTER (WHERE state = 'in_flight'),
+           sign * count(*) FILTER (WHERE state = 'done'), sign * count(*) FILTER (WHERE state = 'dead')
+    FROM changed HAVING count(*) > 0;
     RETURN NULL;
 END
 $$;
@@ -459,9 +454,9 @@ BEGIN
 END
 $$;
 CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs
-    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION relay_count_inserted_jobs();
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION relay_count_jobs_in_or_out('1');
 CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs
-    REFERENCING OLD TABLE AS deleted FOR EACH STATEMENT EXECUTE FUNCTION relay_count_deleted_jobs();
+    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION relay_count_jobs_in_or_out('-1');
 CREATE TRIGGER jobs_counted_update AFTER UPDATE ON jobs
     REFERENCING OLD TABLE AS replaced NEW TABLE AS updated FOR EACH STATEMENT
     EXECUTE FUNCTION relay_count_updated_jobs();
