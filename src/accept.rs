@@ -193,21 +193,24 @@ async fn commit(
             let started = stopwatch();
             let ingested = app.store.ingest(record).await;
             app.metrics.commit_took(started.elapsed());
-            if let Ok(Ingested::Accepted { held_back, leased }) = &ingested {
-                // Jobs that found no slot wait in the queue for the dispatcher.
-                let stored = plan
-                    .jobs
-                    .iter()
-                    .filter(|j| j.request.is_ok() && !held_back.iter().any(|h| h.job_id == j.id))
-                    .count();
-                let queued = stored > leased.len();
-                dispatch::hand_over(&app, leased.clone(), reservation);
-                if queued {
-                    app.wake_dispatch();
+            let (leased, queued) = match &ingested {
+                Ok(Ingested::Accepted { held_back, leased }) => {
+                    // Jobs that found no slot wait in the queue for the
+                    // dispatcher.
+                    let stored = plan
+                        .jobs
+                        .iter()
+                        .filter(|j| j.request.is_ok() && !held_back.iter().any(|h| h.job_id == j.id))
+                        .count();
+                    (leased.clone(), stored > leased.len())
                 }
-            } else {
-                // Nothing leased: the reserved slots are freed.
-                dispatch::hand_over(&app, Vec::new(), reservation);
+                // Nothing leased (a duplicate, a failed commit): every
+                // reserved slot is freed.
+                _ => (Vec::new(), false),
+            };
+            dispatch::hand_over(&app, leased, reservation);
+            if queued {
+                app.wake_dispatch();
             }
             (ingested, webhook, plan)
         })
