@@ -40,6 +40,7 @@ mod writer;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -75,10 +76,6 @@ pub struct SqliteStore {
     /// second relay from dispatching the same jobs.
     _lock: File,
     path: PathBuf,
-    /// The database file's device and inode when it was opened: a file
-    /// removed or replaced under a running relay would take what it
-    /// acknowledges with it, so that is refused (see `still_in_place`).
-    file: (u64, u64),
 }
 
 impl SqliteStore {
@@ -117,24 +114,11 @@ impl SqliteStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| open_error("the store must be opened inside a tokio runtime".to_owned()))?;
         Ok(SqliteStore {
-            writer: Writer::spawn(&runtime, conn, max_batch),
+            writer: Writer::spawn(&runtime, conn, max_batch, still_in_place(path.to_owned(), file)),
             readers: Readers::new(path),
             _lock: lock,
             path: path.to_owned(),
-            file,
         })
-    }
-
-    /// Whether the database file at the path is still the one relay opened.
-    /// One `stat`, before anything is acknowledged.
-    fn still_in_place(&self) -> Result<(), StoreError> {
-        match file_identity(&self.path) {
-            Ok(file) if file == self.file => Ok(()),
-            _ => Err(StoreError::Unavailable(format!(
-                "the store file {} was removed or replaced while relay runs; nothing more is acknowledged until it is back, or relay is restarted on a new one",
-                self.path.display()
-            ))),
-        }
     }
 
     pub fn path(&self) -> &Path {
@@ -158,6 +142,20 @@ impl SqliteStore {
     ) -> Result<T, StoreError> {
         self.readers.read(work).await
     }
+}
+
+/// Whether the database file at `path` is still the one relay opened (its
+/// device and inode were `opened`): a file removed or replaced under a
+/// running relay would take what it acknowledges with it. One `stat` per
+/// batch with synced work, in the writer (see [`writer::Precondition`]).
+fn still_in_place(path: PathBuf, opened: (u64, u64)) -> writer::Precondition {
+    Arc::new(move || match file_identity(&path) {
+        Ok(file) if file == opened => Ok(()),
+        _ => Err(StoreError::Unavailable(format!(
+            "the store file {} was removed or replaced while relay runs; nothing more is acknowledged until it is back, or relay is restarted on a new one",
+            path.display()
+        ))),
+    })
 }
 
 fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
@@ -260,7 +258,6 @@ impl Columns for Row<'_> {
 #[async_trait]
 impl Queue for SqliteStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        self.still_in_place()?;
         // Compressed here, on the caller's task: the writer is one thread
         // for every caller.
         let packed = codec::pack(&event);
@@ -313,7 +310,6 @@ impl Queue for SqliteStore {
     }
 
     async fn ping(&self, now: SystemTime) -> Result<(), StoreError> {
-        self.still_in_place()?;
         self.run(Durability::Synced, move |conn| queue::ping(conn, now))
             .await
     }

@@ -4,12 +4,14 @@
 //! operation fail, the batch runs again with each in its own savepoint, so
 //! one failure spoils nothing else. Each caller is answered after its own
 //! work is durable ([`Durability::Synced`]) or committed and on disk within
-//! [`MAX_UNSYNCED`] ([`Durability::Committed`]).
+//! [`MAX_UNSYNCED`] ([`Durability::Committed`]). Before a batch with work
+//! that waits for the disk, it asks the store's [`Precondition`] once.
 //!
 //! What this module must never do: know what an operation writes (it runs
 //! closures), answer a caller before its batch's fate is known, or leave
 //! committed work unsynced for longer than [`MAX_UNSYNCED`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -23,6 +25,12 @@ use crate::store::StoreError;
 /// bounds how long the first caller of a batch waits.
 pub const MAX_BATCH: usize = 512;
 
+/// What must hold before work a caller will be told is on disk is
+/// committed (the database file still being the one relay opened): asked
+/// once a batch, however many webhooks share its fsync, and an error
+/// refuses that work, and only that work, with it.
+pub(super) type Precondition = Arc<dyn Fn() -> Result<(), StoreError> + Send + Sync>;
+
 /// The writer's queue, as callers see it. Cheap to share: it is a channel
 /// to the writer task.
 #[derive(Debug)]
@@ -32,11 +40,17 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Starts the writer task on `runtime`, with at most `max_batch`
-    /// operations per transaction. It ends, closing the database, when the
-    /// last handle is gone.
-    pub(super) fn spawn(runtime: &tokio::runtime::Handle, conn: Connection, max_batch: usize) -> Writer {
+    /// operations per transaction, each batch with synced work checked by
+    /// `precondition` first. It ends, closing the database, when the last
+    /// handle is gone.
+    pub(super) fn spawn(
+        runtime: &tokio::runtime::Handle,
+        conn: Connection,
+        max_batch: usize,
+        precondition: Precondition,
+    ) -> Writer {
         let (operations, receiver) = mpsc::channel(4 * MAX_BATCH);
-        runtime.spawn(writer(conn, receiver, max_batch.max(1)));
+        runtime.spawn(writer(conn, receiver, max_batch.max(1), precondition));
         Writer { operations }
     }
 
@@ -142,7 +156,12 @@ const MAX_UNSYNCED: Duration = Duration::from_millis(200);
 /// Gathers what is waiting into a batch and runs it on the blocking pool;
 /// operations that arrive meanwhile form the next batch. Ends, closing the
 /// database, when every handle to the store is gone.
-async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>, max_batch: usize) {
+async fn writer(
+    mut conn: Connection,
+    mut operations: mpsc::Receiver<Operation>,
+    max_batch: usize,
+    precondition: Precondition,
+) {
     // Since when committed pages may be only in the OS's cache.
     let mut unsynced_since: Option<std::time::Instant> = None;
     loop {
@@ -184,9 +203,10 @@ async fn writer(mut conn: Connection, mut operations: mpsc::Receiver<Operation>,
             }
         }
         let overdue = unsynced_since.is_some_and(|since| since.elapsed() >= MAX_UNSYNCED);
+        let precondition = Arc::clone(&precondition);
         let ran = on_blocking_pool(conn, move |conn| {
             let synced_first = overdue && sync(conn);
-            (synced_first, run_batch(conn, batch))
+            (synced_first, run_batch(conn, batch, &precondition))
         })
         .await;
         conn = match ran {
@@ -267,7 +287,15 @@ fn sync(conn: &mut Connection) -> bool {
 
 /// Runs a batch in one transaction and answers every caller; returns how
 /// the batch was committed, or `None` if nothing was.
-fn run_batch(conn: &mut Connection, mut batch: Vec<Operation>) -> Option<Durability> {
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Operation>,
+    precondition: &Precondition,
+) -> Option<Durability> {
+    let mut batch = checked(batch, precondition);
+    if batch.is_empty() {
+        return None;
+    }
     let durability = if batch.iter().any(|op| op.durable()) {
         Durability::Synced
     } else {
@@ -290,6 +318,28 @@ fn run_batch(conn: &mut Connection, mut batch: Vec<Operation>) -> Option<Durabil
         return run_isolated(conn, batch, durability);
     }
     commit(conn, batch, durability)
+}
+
+/// The batch without its synced work when `precondition` fails; that work
+/// is refused with the failure.
+fn checked(batch: Vec<Operation>, precondition: &Precondition) -> Vec<Operation> {
+    if !batch.iter().any(|op| op.durable()) {
+        return batch;
+    }
+    let Err(refusal) = precondition() else {
+        return batch;
+    };
+    batch
+        .into_iter()
+        .filter_map(|op| {
+            if op.durable() {
+                op.answer(Some(refusal.clone()));
+                None
+            } else {
+                Some(op)
+            }
+        })
+        .collect()
 }
 
 /// The slow path: every operation in its own savepoint.
@@ -383,6 +433,112 @@ mod tests {
 
     use super::*;
     use crate::store::SqliteStore;
+
+    /// The precondition is asked once for a batch of synced work, however
+    /// many callers share it; while it fails, synced work is refused with
+    /// its error and leaves no trace, and the rest of the batch still runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn synced_work_waits_on_the_precondition_asked_once_a_batch() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (key TEXT PRIMARY KEY);")
+            .unwrap();
+        let holds = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(AtomicUsize::new(0));
+        let precondition: Precondition = {
+            let (holds, asked) = (holds.clone(), asked.clone());
+            Arc::new(move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                if holds.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(StoreError::Unavailable("the file is gone".to_owned()))
+                }
+            })
+        };
+        let writer = Arc::new(Writer::spawn(
+            &tokio::runtime::Handle::current(),
+            conn,
+            MAX_BATCH,
+            precondition,
+        ));
+        let write = |key: String| {
+            move |conn: &Connection| {
+                conn.execute("INSERT INTO t (key) VALUES (?1)", params![key])
+                    .map_err(|e| unavailable(&e))
+            }
+        };
+        // Holds the writer (unsynced, so not asked), so that what follows
+        // queues up into one batch.
+        let queue_behind_a_busy_writer = |durabilities: Vec<(String, Durability)>| {
+            let writer = writer.clone();
+            async move {
+                let busy = writer.run(Durability::Committed, |_| {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(0)
+                });
+                let calls: Vec<_> = durabilities
+                    .into_iter()
+                    .map(|(key, durability)| {
+                        let writer = writer.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            writer.run(durability, write(key)).await
+                        })
+                    })
+                    .collect();
+                busy.await.unwrap();
+                let mut answers = Vec::new();
+                for call in calls {
+                    answers.push(call.await.unwrap());
+                }
+                answers
+            }
+        };
+        let answers = queue_behind_a_busy_writer(vec![
+            ("synced-1".to_owned(), Durability::Synced),
+            ("committed".to_owned(), Durability::Committed),
+            ("synced-2".to_owned(), Durability::Synced),
+        ])
+        .await;
+        assert!(
+            matches!(&answers[0], Err(StoreError::Unavailable(m)) if m == "the file is gone"),
+            "{answers:?}"
+        );
+        assert!(matches!(answers[1], Ok(1)), "{answers:?}");
+        assert!(
+            matches!(&answers[2], Err(StoreError::Unavailable(_))),
+            "{answers:?}"
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "asked once for the batch");
+
+        holds.store(true, Ordering::SeqCst);
+        let answers = queue_behind_a_busy_writer(
+            (0..5)
+                .map(|n| (format!("later-{n}"), Durability::Synced))
+                .collect(),
+        )
+        .await;
+        assert!(answers.iter().all(|a| matches!(a, Ok(1))), "{answers:?}");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            2,
+            "five synced writes, one question"
+        );
+        let keys = writer
+            .run(Durability::Committed, |conn| {
+                let mut stmt = conn.prepare("SELECT key FROM t ORDER BY key").unwrap();
+                let keys = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+                Ok(keys.map(Result::unwrap).collect::<Vec<_>>())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            keys,
+            ["committed", "later-0", "later-1", "later-2", "later-3", "later-4"]
+        );
+    }
 
     /// Operations queued while the writer is busy share the next batch;
     /// one that fails leaves no trace and spoils none of the others.
