@@ -1503,15 +1503,7 @@ async fn purge_deletes_finished_old_events(f: Fixture) {
 async fn queue_stats_counts_every_state(f: Fixture) {
     let store = &f.store;
     let stats = store.queue_stats(SystemTime::now()).await.unwrap();
-    assert_eq!(
-        stats.jobs,
-        vec![
-            (JobState::Queued, 0),
-            (JobState::InFlight, 0),
-            (JobState::Done, 0),
-            (JobState::Dead, 0)
-        ]
-    );
+    assert_eq!(counts_by_state(&stats.jobs), [0, 0, 0, 0]);
     assert_eq!(stats.oldest_due, None);
 
     let before = SystemTime::now();
@@ -1540,18 +1532,26 @@ async fn queue_stats_counts_every_state(f: Fixture) {
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     let stats = store.queue_stats(SystemTime::now()).await.unwrap();
-    assert_eq!(
-        stats.jobs,
-        vec![
-            (JobState::Queued, 1),
-            (JobState::InFlight, 1),
-            (JobState::Done, 1),
-            (JobState::Dead, 2)
-        ]
-    );
+    assert_eq!(counts_by_state(&stats.jobs), [1, 1, 1, 2]);
     let oldest = stats.oldest_due.unwrap();
     assert!(oldest >= before, "{oldest:?} is before the test began");
     assert_near(oldest, waiting_received, "the waiting job's due time");
+}
+
+/// `queue_stats`' job counts as [queued, in flight, done, dead], after
+/// checking that the store answers every state, in that order.
+fn counts_by_state(jobs: &[(JobState, u64)]) -> [u64; 4] {
+    let states: Vec<JobState> = jobs.iter().map(|(state, _)| *state).collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Queued,
+            JobState::InFlight,
+            JobState::Done,
+            JobState::Dead
+        ]
+    );
+    [jobs[0].1, jobs[1].1, jobs[2].1, jobs[3].1]
 }
 
 /// The counts `queue_stats` answers, and the jobs counted one by one
@@ -1645,13 +1645,8 @@ async fn kept_job_counts_follow_every_change(f: Fixture) {
     assert!(store.job(leased_id).await.unwrap().is_none(), "{old_id} is gone");
     assert_counts_match_the_jobs(store, "a purge").await;
     assert_eq!(
-        store.queue_stats(SystemTime::now()).await.unwrap().jobs,
-        vec![
-            (JobState::Queued, 2),
-            (JobState::InFlight, 0),
-            (JobState::Done, 0),
-            (JobState::Dead, 0)
-        ]
+        counts_by_state(&store.queue_stats(SystemTime::now()).await.unwrap().jobs),
+        [2, 0, 0, 0]
     );
 }
 
@@ -1678,13 +1673,8 @@ async fn the_purge_folds_the_count_deltas(f: Fixture) {
     assert_eq!(store.purge(long_ago, SystemTime::now(), 100).await.unwrap(), 0);
     assert_eq!(deltas().await, 0);
     assert_eq!(
-        store.queue_stats(SystemTime::now()).await.unwrap().jobs,
-        vec![
-            (JobState::Queued, 1),
-            (JobState::InFlight, 0),
-            (JobState::Done, 1),
-            (JobState::Dead, 0)
-        ]
+        counts_by_state(&store.queue_stats(SystemTime::now()).await.unwrap().jobs),
+        [1, 0, 1, 0]
     );
 }
 
