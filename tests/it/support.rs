@@ -1131,8 +1131,12 @@ fn postgres_binaries() -> Option<PathBuf> {
 /// A watchdog child started first holds the read end of a pipe whose write
 /// end only this process holds: when the process ends, however it ends, the
 /// watchdog reads end of file, stops the server (`pg_ctl stop -m fast`) and
-/// removes the directory. No server outlives `cargo test`.
+/// removes the directory. No server outlives `cargo test`. The watchdog runs
+/// in a process group of its own, so that a runner ending the tests' group
+/// once `cargo test` returns does not cut its removal short; clusters left
+/// half-removed all the same (a killed watchdog) are swept by the next run.
 fn own_cluster() -> Result<String, String> {
+    use std::os::unix::process::CommandExt as _;
     let Some(bin) = postgres_binaries() else {
         return Err(format!(
             "{POSTGRES_ENV} is unset and PostgreSQL's server binaries (initdb, pg_ctl) are not installed under /usr/lib/postgresql/*/bin"
@@ -1143,6 +1147,7 @@ fn own_cluster() -> Result<String, String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false);
+    sweep_abandoned_clusters();
     // Not in a private temp directory: the server may run as `postgres`.
     let dir = std::env::temp_dir().join(format!(
         "relay-test-pg-{}-{}",
@@ -1185,6 +1190,7 @@ fn own_cluster() -> Result<String, String> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the cluster's watchdog: {e}"))?;
     static WATCHDOG: OnceLock<Mutex<std::process::Child>> = OnceLock::new();
@@ -1253,6 +1259,32 @@ fn own_cluster() -> Result<String, String> {
         .args(["-c", "CREATE DATABASE relay OWNER relay"]);
     run(psql, "psql").unwrap_or_else(|e| panic!("PostgreSQL is installed but {e}"));
     Ok(format!("postgres://relay:relay-test-pw@127.0.0.1:{port}/relay"))
+}
+
+/// Removes the clusters of earlier test processes that are gone, where their
+/// server is stopped (no `postmaster.pid`): what a watchdog killed in the
+/// middle of its `rm -rf` left behind. A directory whose process still runs,
+/// or whose server may, is left alone.
+fn sweep_abandoned_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("relay-test-pg-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if gone && !path.join("data").join("postmaster.pid").exists() {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// A store of its own on the database at `url`, for reading what a relay
