@@ -288,6 +288,23 @@ async fn sigterm_drains_in_flight_sends_exits_0_and_a_restart_sends_the_rest() {
     );
     let sent_before = slow.requests().len();
     assert!(sent_before < WEBHOOKS, "the test needs jobs left over");
+    // Every line reached stderr, the last ones written by the log's own
+    // thread as relay exited: one per webhook taken, one per send
+    // recorded, and the goodbye last.
+    let lines: Vec<&str> = logs.lines().filter(|l| l.starts_with('{')).collect();
+    let count = |message: &str| {
+        let needle = format!("\"message\":\"{message}\"");
+        lines.iter().filter(|l| l.contains(&needle)).count()
+    };
+    assert_eq!(count("webhook accepted"), WEBHOOKS, "log:\n{logs}");
+    assert_eq!(count("delivered"), sent_before, "log:\n{logs}");
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.contains("\"message\":\"relay stopped\"")),
+        "the last line: {:?}",
+        lines.last()
+    );
     let store =
         crate::support::open_store(&format!("sqlite://{}", dir.path().join("relay.db").display())).await;
     let states = crate::support::job_states(store.as_ref()).await;
