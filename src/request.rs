@@ -128,7 +128,7 @@ impl PreparedRequest {
 
 /// A request ready for the wire, credential included. Never stored or logged.
 pub struct WireRequest {
-    pub url: String,
+    pub url: url::Url,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
 }
@@ -150,6 +150,10 @@ pub enum AuthorizeError {
     Body,
     #[error("the webhook's body is no longer in the store")]
     PayloadMissing,
+    /// The parser's reason only: the URL itself is the target's, or a
+    /// template's rendering, and is in the job for whoever needs it.
+    #[error("the request's URL is not a valid URL: {reason}")]
+    Url { reason: String },
 }
 
 #[cfg(test)]

@@ -69,14 +69,15 @@ impl Target {
             Ok(wire) => wire,
             Err(e) => return AttemptResult::dead_request(e.to_string()),
         };
-        let mut sending = outbound.client.post(&wire.url).timeout(timeout).body(wire.body);
+        let mut sending = outbound.client.post(wire.url).timeout(timeout).body(wire.body);
         for (name, value) in &wire.headers {
             sending = sending.header(name.as_str(), value.as_str());
         }
         let mut result = match sending.send().await {
             Ok(response) => self.read_answer(request, response, now).await,
             Err(e) => {
-                let via = outbound.proxy_for(&wire.url);
+                // The proxy's own address only, never the URL (its token).
+                let via = e.url().and_then(|url| outbound.proxy_for(url.as_str()));
                 let (outcome, message) = outcome::of_transport_error(&e, timeout, via.as_deref());
                 AttemptResult::without_answer(outcome, message)
             }

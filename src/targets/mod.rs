@@ -23,6 +23,7 @@ mod http;
 pub mod outcome;
 pub mod proxy;
 mod status;
+mod urls;
 
 pub use exchange::AttemptResult;
 pub use follow::{Follow, PollAnswer};
@@ -67,6 +68,8 @@ pub struct Target {
     /// route's commit; compared with the route's other targets instead.
     pub shadow: bool,
     pub kind: Kind,
+    /// The URLs its jobs went to, parsed.
+    urls: urls::ParsedUrls,
 }
 
 #[derive(Debug)]
@@ -128,6 +131,7 @@ impl Target {
             shadow: raw.shadow.unwrap_or(false),
             burst: raw.burst.map(|b| c.burst(&format!("{key}.burst"), b)),
             kind: kind?,
+            urls: urls::ParsedUrls::default(),
         })
     }
 
@@ -149,6 +153,7 @@ impl Target {
             follow: None,
             shadow: false,
             kind: Kind::Status(api),
+            urls: urls::ParsedUrls::default(),
         })
     }
 
@@ -301,7 +306,9 @@ impl Target {
         payload: Option<&Bytes>,
     ) -> Result<WireRequest, AuthorizeError> {
         let body = prepared.body_bytes(payload)?;
-        let mut url = prepared.url.clone();
+        let mut url = self.urls.parse(&prepared.url).map_err(|e| AuthorizeError::Url {
+            reason: e.to_string(),
+        })?;
         let mut headers = prepared.headers.clone();
         let mut body = body;
         if prepared.auth != Auth::None {
@@ -316,9 +323,13 @@ impl Target {
                     headers.push(("Authorization".to_owned(), format!("{scheme} {}", value())))
                 }
                 Auth::Query { name } => {
-                    let separator = if url.contains('?') { '&' } else { '?' };
-                    let encoded = utf8_percent_encode(&value(), COMPONENT).to_string();
-                    url = format!("{url}{separator}{name}={encoded}");
+                    let token = value();
+                    let encoded = utf8_percent_encode(&token, COMPONENT);
+                    let query = match url.query() {
+                        Some(query) => format!("{query}&{name}={encoded}"),
+                        None => format!("{name}={encoded}"),
+                    };
+                    url.set_query(Some(&query));
                 }
                 Auth::JsonField { name } => {
                     let mut doc: serde_json::Map<String, serde_json::Value> =

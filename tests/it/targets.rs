@@ -40,6 +40,7 @@ crate::on_both_backends! {
         http_target_forwards_the_body_resigned_with_its_own_secret,
         dry_run_targets_of_every_kind_send_nothing_and_record_a_redacted_request,
         a_404_from_the_target_makes_the_job_dead_after_one_request,
+        a_url_that_does_not_parse_makes_the_job_dead_at_its_first_attempt,
         a_503_is_retried_with_backoff_and_the_201_that_follows_completes_the_job,
     ],
 }
@@ -1031,6 +1032,36 @@ async fn a_404_from_the_target_makes_the_job_dead_after_one_request(backend: Bac
     let last_error = last_error.expect("the target's message is kept");
     assert!(last_error.contains("Project does not exist."), "{last_error}");
     assert_store_holds_no_secret(&relay, &[CIRCLE_TOKEN, GH_SECRET]).await;
+    relay.stop().await;
+}
+
+/// A URL that renders but does not parse (a port past 65535) cannot reach
+/// anything: the job is dead at its first attempt with the parser's reason,
+/// not retried as if a request might have gone out.
+async fn a_url_that_does_not_parse_makes_the_job_dead_at_its_first_attempt(backend: Backend) {
+    let targets = r#"
+[targets.mirror]
+kind = "http"
+url = "http://127.0.0.1:99999/hook"
+sign = { secret = "mirror-sign-secret-a4c9e2" }
+"#;
+    let text = format!("{}{FAST_DELIVERY}", config(&["mirror"], targets, ""));
+    let relay = Relay::start_on(&backend, &text).await;
+    post_push(
+        &relay,
+        &github_push("refs/heads/main", SHA_A, "work"),
+        "d-bad-url",
+    )
+    .await;
+
+    relay.wait_jobs("state=dead", 1).await;
+    assert_nothing_pending(&relay).await;
+    assert_eq!(relay.attempts().await, vec![(1, None, "dead_request".to_owned())]);
+    let (_, last_error) = job(&relay, "mirror").await;
+    assert_eq!(
+        last_error.as_deref(),
+        Some("the request's URL is not a valid URL: invalid port number")
+    );
     relay.stop().await;
 }
 
