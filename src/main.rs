@@ -275,10 +275,16 @@ fn write_pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()>
     page(cmd).generate_to(dir).map(drop)
 }
 
+/// The log lines that may wait for the log's thread. Its queue is allocated
+/// whole (32 bytes a line): the default, 128,000, cost 3 MiB of RSS; this
+/// many are a second of the heaviest load's lines.
+const LOG_LINES_QUEUED: usize = 16_384;
+
 /// Logs to stderr through a writer thread of their own, which writes the
 /// lines queued while it wrote the last batch in one `write(2)`: one a line
 /// cost 4.6% of relay's CPU at 32 connections (two lines a webhook). No line
-/// is dropped: when 128k lines wait, logging blocks, as a full pipe did.
+/// is dropped: when [`LOG_LINES_QUEUED`] wait, logging blocks, as a full
+/// pipe did.
 /// The guard writes what is queued when `main` returns; a SIGKILL loses what
 /// was queued and not yet written, the last moment's lines.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
@@ -291,6 +297,7 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(LOG_LINES_QUEUED)
         .thread_name("relay-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
