@@ -159,26 +159,7 @@ mod tests {
             "[sources.gh]\nprovider = \"github\"\npath = \"/h\"\nsecret = \"s\"\n\n[[routes]]\nname = \"r\"\nto = [\"t\"]\n\n[targets.t]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\n",
         )
         .unwrap();
-        let body: &'static [u8] = br#"{"ref":"refs/heads/main","repository":{"full_name":"acme/api"}}"#;
-        let tag = crate::signature::sign(crate::signature::Algorithm::Sha256, b"s", &[body]);
-        let mut headers = http::HeaderMap::new();
-        for (name, value) in [
-            ("content-type", "application/json".to_owned()),
-            ("x-github-event", "push".to_owned()),
-            ("x-github-delivery", "d-1".to_owned()),
-            ("x-hub-signature-256", format!("sha256={}", hex::encode(tag))),
-        ] {
-            headers.insert(name, value.parse().unwrap());
-        }
-        let webhook = config
-            .source("gh")
-            .unwrap()
-            .receive(
-                &headers,
-                Bytes::from_static(body),
-                std::time::SystemTime::UNIX_EPOCH,
-            )
-            .unwrap();
+        let webhook = crate::routing::signed_test_push(config.source("gh").unwrap());
         let mut event = Event::default();
         event.set_ref("refs/heads/main");
         event.repo = "acme/api".into();

@@ -124,11 +124,8 @@ mod tests {
     use std::fmt::Write as _;
     use std::time::{Duration, SystemTime};
 
-    use http::HeaderMap;
-
     use crate::config::Config;
     use crate::event::{Event, EventKind};
-    use crate::ingress::{Source, Webhook};
     use crate::routing::{Plan, Verdict, plan, plan_indexed};
 
     /// A fixed-seed xorshift: the same cases on every run, no dependency.
@@ -282,23 +279,6 @@ token = "t"
         event
     }
 
-    fn webhook(source: &Source) -> Webhook {
-        let body = br#"{"ref":"refs/heads/main","repository":{"full_name":"acme/api"}}"#;
-        let tag = crate::signature::sign(crate::signature::Algorithm::Sha256, b"s", &[body]);
-        let mut headers = HeaderMap::new();
-        for (name, value) in [
-            ("content-type", "application/json".to_owned()),
-            ("x-github-event", "push".to_owned()),
-            ("x-github-delivery", "d-1".to_owned()),
-            ("x-hub-signature-256", format!("sha256={}", hex::encode(tag))),
-        ] {
-            headers.insert(name, value.parse().unwrap());
-        }
-        source
-            .receive(&headers, bytes::Bytes::from_static(body), fixed_now())
-            .unwrap()
-    }
-
     /// What two plans must agree on: everything but the jobs' fresh ids
     /// and the trace.
     fn decided(plan: &Plan) -> Vec<String> {
@@ -331,7 +311,7 @@ token = "t"
             let n = 1 + (cases.next() % 60) as usize;
             let config = config(&mut cases, n);
             let github = config.source("gh").unwrap();
-            let webhook = webhook(github);
+            let webhook = crate::routing::signed_test_push(github);
             for source in ["gh", "gl"] {
                 let source = config.source(source).unwrap();
                 assert_eq!(

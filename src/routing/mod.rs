@@ -285,6 +285,27 @@ fn report_spec(
     .map(|spec| Some(spec.with_link(&event.repo_url)))
 }
 
+/// A push to acme/api's `main`, signed with the secret `s` for `source`:
+/// the webhook the routing tests plan.
+#[cfg(test)]
+pub(crate) fn signed_test_push(source: &crate::ingress::Source) -> Webhook {
+    let body: &'static [u8] = br#"{"ref":"refs/heads/main","repository":{"full_name":"acme/api"}}"#;
+    let tag = crate::signature::sign(crate::signature::Algorithm::Sha256, b"s", &[body]);
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [
+        ("content-type", "application/json".to_owned()),
+        ("x-github-event", "push".to_owned()),
+        ("x-github-delivery", "d-1".to_owned()),
+        ("x-hub-signature-256", format!("sha256={}", hex::encode(tag))),
+    ] {
+        headers.insert(name, value.parse().unwrap());
+    }
+    let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+    source
+        .receive(&headers, bytes::Bytes::from_static(body), now)
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::Config;
