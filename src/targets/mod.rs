@@ -6,7 +6,8 @@
 //! and `outcome` holds the status classes every kind shares.
 //!
 //! `proxy` says how a target's requests reach it; `sends` keeps a client
-//! for each distinct setting. `follow` polls a CI for a pipeline's state.
+//! for each distinct setting. `urls` keeps the URLs a target's jobs go to
+//! parsed. `follow` polls a CI for a pipeline's state.
 //!
 //! A prepared request holds everything but the credential; it is what the
 //! store keeps, so no token ever reaches the database. Only `exchange` and
