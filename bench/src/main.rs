@@ -313,6 +313,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         signature,
         relay_binary,
         postgres: options.postgres.clone(),
+        databases: Default::default(),
     };
     std::fs::write(ws.path("body.json"), &ws.body).map_err(|e| e.to_string())?;
     let circle = MockCircle::default()
@@ -329,7 +330,10 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
             continue;
         }
         eprintln!("measuring {name} …");
-        subjects.push(measure(name, what, &ws, circle, &options).await?);
+        let measured = measure(name, what, &ws, circle, &options).await;
+        // A run that failed stopped its relay but left its database.
+        ws.drop_databases().await?;
+        subjects.push(measured?);
     }
     let end_to_end = if wanted(only, "e2e") {
         eprintln!("measuring relay end to end at {E2E_RATE} req/s …");

@@ -21,6 +21,8 @@ pub struct Workspace {
     pub relay_binary: PathBuf,
     /// `--postgres`: a server where a fresh database is made per run.
     pub postgres: Option<String>,
+    /// The databases made on it, dropped once their relay has stopped.
+    pub databases: std::sync::Mutex<Vec<String>>,
 }
 
 impl Workspace {
@@ -119,24 +121,65 @@ token = "bench-circle-token"
     )
 }
 
-/// A new, empty database on `server` for one run, as a URL. (Left in
-/// place afterwards: a relay may still hold connections to it.)
-pub async fn fresh_postgres_database(server: &str) -> Result<String, String> {
+impl Workspace {
+    /// A new, empty database on the `--postgres` server for one run, as a
+    /// URL; [`Workspace::drop_databases`] removes it.
+    pub async fn fresh_postgres_database(&self) -> Result<String, String> {
+        let server = self
+            .postgres
+            .as_deref()
+            .ok_or("relay-postgres needs --postgres URL")?;
+        let client = connect_postgres(server).await?;
+        let name = format!("relay_bench_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .map_err(|e| format!("--postgres: cannot create a database (the role needs CREATEDB): {e}"))?;
+        self.databases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(name.clone());
+        let (base, _) = server
+            .split('?')
+            .next()
+            .and_then(|s| s.rsplit_once('/'))
+            .ok_or("--postgres takes a URL ending in /DATABASE")?;
+        Ok(format!("{base}/{name}"))
+    }
+
+    /// Drops the databases made so far. Called once the relays using them
+    /// have stopped: each run's holds about 20 MB per second of load, and
+    /// left in place they filled the server's disk run after run.
+    pub async fn drop_databases(&self) -> Result<(), String> {
+        let names = std::mem::take(
+            &mut *self
+                .databases
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let Some(server) = self.postgres.as_deref() else {
+            return Ok(());
+        };
+        if names.is_empty() {
+            return Ok(());
+        }
+        let client = connect_postgres(server).await?;
+        for name in names {
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .map_err(|e| format!("--postgres: cannot drop the run's database {name}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+async fn connect_postgres(server: &str) -> Result<tokio_postgres::Client, String> {
     let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("--postgres: cannot connect: {e}"))?;
     tokio::spawn(connection);
-    let name = format!("relay_bench_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .map_err(|e| format!("--postgres: cannot create a database (the role needs CREATEDB): {e}"))?;
-    let (base, _) = server
-        .split('?')
-        .next()
-        .and_then(|s| s.rsplit_once('/'))
-        .ok_or("--postgres takes a URL ending in /DATABASE")?;
-    Ok(format!("{base}/{name}"))
+    Ok(client)
 }
 
 /// relay on `store` at `port`, pinned like every subject; `label` names its

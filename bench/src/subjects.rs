@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::load::{self, WrkResult};
 use crate::process::{Running, free_port, start_pinned};
-use crate::relay::{Setup, Workspace, fresh_postgres_database, start_relay};
+use crate::relay::{Setup, Workspace, start_relay};
 use crate::{Options, SECRET};
 
 /// The subjects, in the order of the table.
@@ -95,11 +95,7 @@ pub async fn start_subject(
         }
         _ => {
             let store = if name == "relay-postgres" {
-                let server = ws
-                    .postgres
-                    .as_deref()
-                    .ok_or("relay-postgres needs --postgres URL")?;
-                fresh_postgres_database(server).await?
+                ws.fresh_postgres_database().await?
             } else {
                 format!("sqlite://{}", ws.path(&format!("relay-{run}.db")).display())
             };
@@ -230,6 +226,7 @@ pub async fn measure(
             .map(|log| log.matches("too many open files").count() as u64)
             .unwrap_or(0);
         drop(subject);
+        ws.drop_databases().await?;
     }
     Ok(SubjectResult {
         name: name.to_owned(),
