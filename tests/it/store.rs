@@ -159,6 +159,7 @@ cases! {
         connect_errors_hide_the_password,
         schemas_match_between_backends,
         the_purge_folds_the_count_deltas,
+        a_claim_is_held_only_in_flight,
     ],
 }
 
@@ -1970,6 +1971,56 @@ fn password_of(settings: &StoreSettings) -> Option<String> {
     pg.connect
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
+/// The statements that end a lease find its job by id and claim alone
+/// (schema V11): the database refuses a claim on a job not in flight and
+/// an in-flight job without one, so no statement of relay's can make the
+/// two disagree. (A test of the schema itself, so it writes with SQL.)
+async fn a_claim_is_held_only_in_flight(f: Fixture) {
+    let store = &f.store;
+    let j = queued("ci");
+    let id = j.id;
+    accept(store, event("claimed-1", vec![j])).await;
+    let claimed = claim(store, "ci", 1, LEASE).await;
+    assert_eq!(ids(&claimed), HashSet::from([id]));
+
+    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
+        unreachable!("a postgres fixture");
+    };
+    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    for breaking in [
+        "UPDATE jobs SET claim_id = NULL WHERE id = $1",
+        "UPDATE jobs SET state = 'queued' WHERE id = $1",
+        "UPDATE jobs SET state = 'done' WHERE id = $1",
+    ] {
+        let error = client.execute(breaking, &[&id]).await.unwrap_err();
+        let db = error
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{breaking}: {error}"));
+        assert_eq!(db.constraint(), Some("jobs_claimed_in_flight"), "{breaking}");
+    }
+    let queued_with_a_claim = client
+        .execute(
+            "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, claim_id,
+                               created_at, updated_at)
+             SELECT gen_random_uuid(), event_id, route, target, 'queued', request, needs_payload, now(),
+                    gen_random_uuid(), now(), now()
+             FROM jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        queued_with_a_claim.as_db_error().and_then(|e| e.constraint()),
+        Some("jobs_claimed_in_flight")
+    );
+
+    assert!(complete(store, id, claimed[0].claim, 201, NextState::Done).await);
+    let detail = store.job(id).await.unwrap().unwrap();
+    assert_eq!(detail.job.state, JobState::Done);
+    assert_eq!(detail.history.len(), 1);
 }
 
 async fn newer_schema_is_refused(f: Fixture) {

@@ -206,8 +206,18 @@ async fn unsynced<T>(
     client: &Object,
     request: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, StoreError> {
+    begun_with(client, "BEGIN; SET LOCAL synchronous_commit = off", request).await
+}
+
+/// [`unsynced`], its transaction begun with `begin` (which says BEGIN and
+/// sets `synchronous_commit = off` itself, and may set more).
+async fn begun_with<T>(
+    client: &Object,
+    begin: &'static str,
+    request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, StoreError> {
     let (began, answer, committed) = tokio::join!(
-        client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+        client.batch_execute(begin),
         request,
         client.batch_execute("COMMIT"),
     );

@@ -46,13 +46,16 @@ pub(super) async fn record_poll(store: &PostgresStore, poll: PollRecord) -> Resu
         let client = store.client().await?;
         // One statement: the old state is read under the row's lock, and a
         // pipeline no longer followed (its CI's webhook ended it meanwhile)
-        // matches no row, so this older answer writes nothing.
+        // matches no row, so this older answer writes nothing. The job is
+        // found by its id alone and the follow checked after: with the
+        // check in the lookup, the planner read every followed job's entry
+        // in `jobs_follow` instead of one key.
         let stmt = client
             .prepare_cached(concat!(
-                "WITH old AS (
-                     SELECT id, pipeline_state FROM jobs
-                     WHERE id = $1 AND follow_due IS NOT NULL
-                     FOR UPDATE
+                "WITH locked AS (
+                     SELECT id, pipeline_state, follow_due FROM jobs WHERE id = $1 FOR UPDATE
+                 ), old AS (
+                     SELECT id, pipeline_state FROM locked WHERE follow_due IS NOT NULL
                  ), moved AS (
                  UPDATE jobs j SET
                      pipeline_state = COALESCE($2::text, j.pipeline_state),

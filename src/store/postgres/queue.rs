@@ -129,7 +129,7 @@ pub(super) async fn complete(
                                  ELSE now() + $17::int8 * interval '1 microsecond' END,
                              follow_polls = CASE WHEN $16::int8 IS NULL THEN follow_polls ELSE 0 END,
                              follow_note = CASE WHEN $16::int8 IS NULL THEN follow_note ELSE NULL END
-                         WHERE id = $5 AND claim_id = $6 AND state = 'in_flight'
+                         WHERE id = $5 AND claim_id = $6
                          RETURNING id, event_id, route, repo, sha, report, report_of, pipeline_state,
                              pipeline_number, pipeline_url
                      ",
@@ -228,7 +228,7 @@ pub(super) async fn renew(
         let stmt = client
             .prepare_cached(
                 "UPDATE jobs SET lease_until = now() + $3::int8 * interval '1 microsecond'
-                 WHERE id = $1 AND claim_id = $2 AND state = 'in_flight'",
+                 WHERE id = $1 AND claim_id = $2",
             )
             .await
             .map_err(|e| unavailable(&e))?;
