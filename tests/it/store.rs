@@ -72,6 +72,17 @@ impl Fixture {
     async fn another(&self) -> Arc<dyn Store> {
         relay::store::open(&self.settings).await.unwrap()
     }
+
+    /// A plain SQL connection to the fixture's PostgreSQL database, for the
+    /// tests of the schema itself and of connections relay holds.
+    async fn sql(&self) -> tokio_postgres::Client {
+        let relay::config::StoreLocation::Postgres(pg) = &self.settings.location else {
+            unreachable!("a postgres fixture");
+        };
+        let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
 }
 
 fn settings(url: &str) -> StoreSettings {
@@ -1879,11 +1890,7 @@ async fn work_arrived_wakes_another_relay(f: Fixture) {
 async fn listener_reconnects(f: Fixture) {
     let a = f.store.clone();
     let b = f.another().await;
-    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
-        unreachable!("a postgres fixture");
-    };
-    let (admin, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let admin = f.sql().await;
     // Both relays' LISTEN connections, as a database restart or a proxy
     // would end them.
     let killed: i64 = admin
@@ -1985,11 +1992,7 @@ async fn a_claim_is_held_only_in_flight(f: Fixture) {
     let claimed = claim(store, "ci", 1, LEASE).await;
     assert_eq!(ids(&claimed), HashSet::from([id]));
 
-    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
-        unreachable!("a postgres fixture");
-    };
-    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = f.sql().await;
     for breaking in [
         "UPDATE jobs SET claim_id = NULL WHERE id = $1",
         "UPDATE jobs SET state = 'queued' WHERE id = $1",
@@ -2027,8 +2030,7 @@ async fn newer_schema_is_refused(f: Fixture) {
     let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
         unreachable!("a postgres fixture");
     };
-    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = f.sql().await;
     client
         .batch_execute("UPDATE relay_schema SET version = version + 1")
         .await
@@ -2123,11 +2125,7 @@ const ONE_BACKEND_ONLY: &[(&str, &str, &str)] = &[
 /// forgotten in the other fails here. (A test of the schema itself, so it
 /// reads each backend's catalogue with SQL.)
 async fn schemas_match_between_backends(f: Fixture) {
-    let relay::config::StoreLocation::Postgres(pg) = &f.settings.location else {
-        unreachable!("a postgres fixture");
-    };
-    let (client, connection) = pg.connect.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = f.sql().await;
     let mut postgres = Schema::new();
     for row in client
         .query(
