@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backlog::{JobTarget, fill, make_schema};
+use crate::load::cpu_time;
 use crate::process::free_port;
 use crate::relay::{Setup, Workspace, start_relay};
 use crate::servers::MockCircle;
@@ -116,6 +117,10 @@ pub struct Delivery {
     pub targets: usize,
     pub triggers_per_sec: f64,
     pub runs: Vec<f64>,
+    /// relay's CPU time (user and system) per trigger, first to last: less
+    /// swayed than the rate by what else the machine runs.
+    pub cpu_us_per_trigger: f64,
+    pub cpu_runs: Vec<f64>,
 }
 
 /// A backlog of queued jobs spread evenly over `targets` (all at one mock
@@ -123,6 +128,7 @@ pub struct Delivery {
 /// first to last.
 pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Result<Delivery, String> {
     let mut runs = Vec::new();
+    let mut cpu_runs = Vec::new();
     for run in 0..options.runs {
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
@@ -180,7 +186,8 @@ pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Resu
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < backlog {
             if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
-                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed)));
+                let cpu = cpu_time(relay.pid()).unwrap_or_default();
+                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed), cpu));
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -190,8 +197,13 @@ pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Resu
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let (started, at_start) = first.unwrap_or((Instant::now(), 0));
-        runs.push((backlog - at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3));
+        let (started, at_start, cpu_at_start) = first.unwrap_or((Instant::now(), 0, Duration::ZERO));
+        let sent = (backlog - at_start) as f64;
+        runs.push(sent / started.elapsed().as_secs_f64().max(1e-3));
+        let cpu = cpu_time(relay.pid())
+            .unwrap_or_default()
+            .saturating_sub(cpu_at_start);
+        cpu_runs.push(cpu.as_secs_f64() * 1e6 / sent.max(1.0));
         drop(relay);
     }
     Ok(Delivery {
@@ -199,5 +211,7 @@ pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Resu
         targets,
         triggers_per_sec: median(runs.clone()),
         runs,
+        cpu_us_per_trigger: median(cpu_runs.clone()),
+        cpu_runs,
     })
 }

@@ -124,8 +124,9 @@ pub fn table(report: &Report) -> String {
         );
         let _ = writeln!(
             out,
-            "relay delivery from a backlog of {} for {} target(s): {:.0} triggers/s (spread {:.0}–{:.0})",
-            d.backlog, d.targets, d.triggers_per_sec, spread.0, spread.1
+            "relay delivery from a backlog of {} for {} target(s): {:.0} triggers/s (spread {:.0}–{:.0}), \
+             relay's CPU {:.1} µs per trigger",
+            d.backlog, d.targets, d.triggers_per_sec, spread.0, spread.1, d.cpu_us_per_trigger
         );
     }
     curves(report, &mut out);
