@@ -1,10 +1,10 @@
-//! A queue filled straight into a SQLite file, without HTTP: the delivery
-//! and queue-depth measurements start from it. The measured relay makes
-//! the file's schema ([`make_schema`]); the rows go in as plain SQL on
-//! columns every schema since reporting back (V8) has, with the request as
-//! relay stores it (`PreparedRequest` as JSON), so a build of another
-//! commit (`--relay`) can be measured on it. Never runs while a relay holds
-//! the same file.
+//! A queue filled straight into a SQLite file, or a PostgreSQL database,
+//! without HTTP: the delivery and queue-depth measurements start from it.
+//! The measured relay makes the store's schema ([`make_schema`]); the rows
+//! go in as plain SQL on columns every schema since reporting back (V8)
+//! has, with the request as relay stores it (`PreparedRequest` as JSON), so
+//! a build of another commit (`--relay`) can be measured on it. Never runs
+//! while a relay holds the same store.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,17 +37,78 @@ pub struct JobTarget<'a> {
     pub addr: SocketAddr,
 }
 
-/// Has the measured relay create (or migrate) the store at `db`: started on
-/// it with `setup`, then stopped.
+/// Has the measured relay create (or migrate) the SQLite store at `db`:
+/// started on it with `setup`, then stopped.
 pub async fn make_schema(ws: &Workspace, db: &Path, circle: SocketAddr, setup: &Setup) -> Result<(), String> {
-    let port = free_port()?;
-    let store = format!("sqlite://{}", db.display());
     let label = format!(
         "schema-{}",
         db.file_stem().and_then(|s| s.to_str()).unwrap_or("db")
     );
-    let relay = start_relay(ws, &label, port, &store, circle, setup).await?;
+    make_schema_at(ws, &format!("sqlite://{}", db.display()), &label, circle, setup).await
+}
+
+/// [`make_schema`] for the store at URL `store`, `label` naming its files.
+pub async fn make_schema_at(
+    ws: &Workspace,
+    store: &str,
+    label: &str,
+    circle: SocketAddr,
+    setup: &Setup,
+) -> Result<(), String> {
+    let port = free_port()?;
+    let relay = start_relay(ws, label, port, store, circle, setup).await?;
     drop(relay);
+    Ok(())
+}
+
+/// The request every backlog job stores: a CircleCI v2 trigger at `addr`.
+fn backlog_request(addr: SocketAddr) -> Result<String, String> {
+    serde_json::to_string(&PreparedRequest {
+        url: format!("http://{addr}/api/v2/project/gh/acme/api/pipeline"),
+        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
+        body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
+        auth: Auth::Header {
+            name: "Circle-Token".to_owned(),
+        },
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Queues `count` jobs for `target` in the PostgreSQL database at `url`
+/// (its schema made by [`make_schema_at`]), one event each, in one
+/// statement. `tag` keeps delivery ids apart between fills.
+pub async fn fill_postgres(url: &str, count: usize, target: JobTarget<'_>, tag: &str) -> Result<(), String> {
+    let request = backlog_request(target.addr)?;
+    let fail = |e: &dyn std::fmt::Display| format!("filling {}: {e}", target.name);
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| fail(&e))?;
+    tokio::spawn(connection);
+    let count = i64::try_from(count).map_err(|e| fail(&e))?;
+    client
+        .execute(
+            "WITH e AS (
+                 INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary)
+                 SELECT gen_random_uuid(), 'github', 'backlog-' || $1 || '-' || n, 'push', now(),
+                        'application/json', convert_to('{\"ref\":\"refs/heads/main\"}', 'UTF8'), 0, '{}'
+                 FROM generate_series(1, $2::int8) AS n
+                 RETURNING id
+             )
+             INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, created_at,
+                               updated_at, repo, sha)
+             SELECT gen_random_uuid(), e.id, 'builds', $3, 'queued', $4, false, now(), now(), now(), 'acme/api',
+                    '2222222222222222222222222222222222222222'
+             FROM e",
+            &[&tag, &count, &target.name, &request],
+        )
+        .await
+        .map_err(|e| fail(&e))?;
+    // Fresh statistics, as autovacuum would have them on a store that
+    // filled over time.
+    client
+        .batch_execute("ANALYZE events; ANALYZE jobs")
+        .await
+        .map_err(|e| fail(&e))?;
     Ok(())
 }
 
@@ -62,15 +123,7 @@ pub async fn fill(
     tag: &str,
     budget: Duration,
 ) -> Result<Filled, String> {
-    let request = serde_json::to_string(&PreparedRequest {
-        url: format!("http://{}/api/v2/project/gh/acme/api/pipeline", target.addr),
-        headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
-        body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
-        auth: Auth::Header {
-            name: "Circle-Token".to_owned(),
-        },
-    })
-    .map_err(|e| e.to_string())?;
+    let request = backlog_request(target.addr)?;
     let (db, name, tag) = (db.to_owned(), target.name.to_owned(), tag.to_owned());
     tokio::task::spawn_blocking(move || {
         let fail = |e: &dyn std::fmt::Display| format!("filling {}: {e}", db.display());

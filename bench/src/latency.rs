@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::backlog::{JobTarget, fill, make_schema};
+use crate::backlog::{JobTarget, fill, fill_postgres, make_schema, make_schema_at};
 use crate::load::cpu_time;
 use crate::process::free_port;
 use crate::relay::{Setup, Workspace, start_relay};
@@ -110,8 +110,17 @@ pub async fn end_to_end(ws: &Workspace, options: &Options) -> Result<EndToEnd, S
     })
 }
 
+/// Where a measured backlog is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BacklogStore {
+    Sqlite,
+    Postgres,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
+    pub store: BacklogStore,
     pub backlog: usize,
     /// The targets the backlog is spread over, evenly.
     pub targets: usize,
@@ -124,15 +133,19 @@ pub struct Delivery {
 }
 
 /// A backlog of queued jobs spread evenly over `targets` (all at one mock
-/// CI), then relay started on it: triggers per second reaching the mock,
-/// first to last.
-pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Result<Delivery, String> {
+/// CI) in `store`, then relay started on it: triggers per second reaching
+/// the mock, first to last.
+pub async fn delivery(
+    ws: &Workspace,
+    options: &Options,
+    targets: usize,
+    store: BacklogStore,
+) -> Result<Delivery, String> {
     let mut runs = Vec::new();
     let mut cpu_runs = Vec::new();
     for run in 0..options.runs {
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
-        let db = ws.path(&format!("backlog-{targets}-{run}.db"));
         let names: Vec<String> = if targets == 1 {
             vec!["circleci".to_owned()]
         } else {
@@ -151,37 +164,44 @@ pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Resu
                 .collect(),
             ..Setup::default()
         };
-        make_schema(ws, &db, circle, &setup).await?;
         let each = BACKLOG / targets;
-        for name in &names {
-            let target = JobTarget { name, addr: circle };
-            let filled = fill(
-                &db,
-                each,
-                target,
-                &format!("{run}-{name}"),
-                Duration::from_secs(600),
-            )
-            .await?;
-            if filled.cut_short {
-                return Err(format!(
-                    "delivery: only {} of {each} jobs queued for {name} in 600 s",
-                    filled.jobs
-                ));
+        let label = format!("backlog-{store:?}-{targets}-{run}");
+        let url = match store {
+            BacklogStore::Sqlite => {
+                let db = ws.path(&format!("backlog-{targets}-{run}.db"));
+                make_schema(ws, &db, circle, &setup).await?;
+                for name in &names {
+                    let target = JobTarget { name, addr: circle };
+                    let filled = fill(
+                        &db,
+                        each,
+                        target,
+                        &format!("{run}-{name}"),
+                        Duration::from_secs(600),
+                    )
+                    .await?;
+                    if filled.cut_short {
+                        return Err(format!(
+                            "delivery: only {} of {each} jobs queued for {name} in 600 s",
+                            filled.jobs
+                        ));
+                    }
+                }
+                format!("sqlite://{}", db.display())
             }
-        }
+            BacklogStore::Postgres => {
+                let url = ws.fresh_postgres_database().await?;
+                make_schema_at(ws, &url, &format!("schema-{label}"), circle, &setup).await?;
+                for name in &names {
+                    let target = JobTarget { name, addr: circle };
+                    fill_postgres(&url, each, target, &format!("{run}-{name}")).await?;
+                }
+                url
+            }
+        };
         let backlog = each * targets;
         let port = free_port()?;
-        let store = format!("sqlite://{}", db.display());
-        let relay = start_relay(
-            ws,
-            &format!("backlog-{targets}-{run}"),
-            port,
-            &store,
-            circle,
-            &setup,
-        )
-        .await?;
+        let relay = start_relay(ws, &label, port, &url, circle, &setup).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < backlog {
@@ -205,8 +225,12 @@ pub async fn delivery(ws: &Workspace, options: &Options, targets: usize) -> Resu
             .saturating_sub(cpu_at_start);
         cpu_runs.push(cpu.as_secs_f64() * 1e6 / sent.max(1.0));
         drop(relay);
+        if store == BacklogStore::Postgres {
+            ws.drop_databases().await?;
+        }
     }
     Ok(Delivery {
+        store,
         backlog: BACKLOG / targets * targets,
         targets,
         triggers_per_sec: median(runs.clone()),

@@ -41,6 +41,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
+use latency::BacklogStore;
 use process::{Scratch, ensure_tools, machine};
 use relay::Workspace;
 use report::{Report, table};
@@ -123,7 +124,7 @@ enum Internal {
 }
 
 /// The subjects and parts `--only` may name.
-const ONLY: [&str; 14] = [
+const ONLY: [&str; 15] = [
     "hyper-ceiling",
     "hyper-verify",
     "webhook-noexec",
@@ -133,6 +134,7 @@ const ONLY: [&str; 14] = [
     "load",
     "e2e",
     "delivery",
+    "delivery-postgres",
     "routes",
     "payload",
     "queue_depth",
@@ -145,7 +147,7 @@ const ONLY: [&str; 14] = [
 fn wanted(only: &[String], part: &str) -> bool {
     let group = match part {
         "routes" | "payload" | "queue_depth" | "store_size" => "curves",
-        "e2e" | "delivery" => "",
+        "e2e" | "delivery" | "delivery-postgres" => "",
         _ => "load",
     };
     only.is_empty() || only.iter().any(|o| o == part || o == group)
@@ -169,8 +171,8 @@ struct Options {
     /// A subject's load: hyper-ceiling, hyper-verify, webhook-noexec,
     /// webhook-exec, relay, relay-postgres; every subject's load: load;
     /// relay's end-to-end latency: e2e; relay's delivery from a backlog:
-    /// delivery; a curve: routes, payload, queue_depth, store_size; all
-    /// four: curves.
+    /// delivery (on SQLite), delivery-postgres; a curve: routes, payload,
+    /// queue_depth, store_size; all four: curves.
     #[arg(
         long,
         value_name = "PART",
@@ -178,13 +180,14 @@ struct Options {
         value_parser = clap::builder::PossibleValuesParser::new(ONLY),
         hide_possible_values = true,
         requires_if("relay-postgres", "postgres"),
+        requires_if("delivery-postgres", "postgres"),
         verbatim_doc_comment
     )]
     only: Vec<String>,
     /// wrk's connection counts, comma-separated
     #[arg(long, value_name = "COUNTS", value_delimiter = ',', default_value = "1,32", value_parser = connection_count)]
     connections: Vec<u32>,
-    /// Add relay on PostgreSQL (relay-postgres) as a subject
+    /// Add relay on PostgreSQL (relay-postgres, delivery-postgres)
     ///
     /// URL is a server where the harness may create a fresh database per run
     /// (the role needs CREATEDB), postgres://USER:PASSWORD@HOST/DATABASE.
@@ -343,12 +346,19 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     };
     let (delivery, delivery_wide) = if wanted(only, "delivery") {
         eprintln!("measuring relay delivery from a backlog of {BACKLOG} …");
-        let one = latency::delivery(&ws, &options, 1).await?;
+        let one = latency::delivery(&ws, &options, 1, BacklogStore::Sqlite).await?;
         eprintln!("measuring relay delivery from a backlog of {BACKLOG} over {WIDE_TARGETS} targets …");
-        let wide = latency::delivery(&ws, &options, WIDE_TARGETS).await?;
+        let wide = latency::delivery(&ws, &options, WIDE_TARGETS, BacklogStore::Sqlite).await?;
         (Some(one), Some(wide))
     } else {
         (None, None)
+    };
+    // Measured whenever there is a server to measure on, as relay-postgres.
+    let delivery_postgres = if wanted(only, "delivery-postgres") && ws.postgres.is_some() {
+        eprintln!("measuring relay delivery from a backlog of {BACKLOG} on PostgreSQL …");
+        Some(latency::delivery(&ws, &options, 1, BacklogStore::Postgres).await?)
+    } else {
+        None
     };
     // A curve that fails is said, and the others are still measured.
     let mut errors = Vec::new();
@@ -395,6 +405,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         end_to_end,
         delivery,
         delivery_wide,
+        delivery_postgres,
         routes,
         payload,
         queue_depth,
@@ -524,6 +535,7 @@ mod tests {
             &["--verbose"],
             &["--only", "relay-postgres"],
             &["--only", "routes,relay-postgres"],
+            &["--only", "delivery-postgres"],
             &["--only", "routes,nginx"],
             &["--plot-against", "earlier.json"],
         ] {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use crate::curves::{Curve, PayloadPoint, RoutesPoint};
 use crate::depth::DepthPoint;
 use crate::history::StoreSize;
-use crate::latency::{Delivery, EndToEnd};
+use crate::latency::{BacklogStore, Delivery, EndToEnd};
 use crate::subjects::{SubjectResult, Summary};
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +25,8 @@ pub struct Report {
     pub delivery: Option<Delivery>,
     /// The same backlog spread over many targets.
     pub delivery_wide: Option<Delivery>,
+    /// From a backlog on PostgreSQL, one target (with `--postgres`).
+    pub delivery_postgres: Option<Delivery>,
     pub routes: Option<Curve<RoutesPoint>>,
     pub payload: Option<Curve<PayloadPoint>>,
     pub queue_depth: Option<Vec<DepthPoint>>,
@@ -117,16 +119,31 @@ pub fn table(report: &Report) -> String {
             e.rate_per_sec, e.p50_ms, e.p99_ms, e.from_send_p50_ms, e.from_send_p99_ms
         );
     }
-    for d in report.delivery.iter().chain(&report.delivery_wide) {
+    for d in report
+        .delivery
+        .iter()
+        .chain(&report.delivery_wide)
+        .chain(&report.delivery_postgres)
+    {
         let spread = (
             d.runs.iter().copied().fold(f64::INFINITY, f64::min),
             d.runs.iter().copied().fold(0.0, f64::max),
         );
         let _ = writeln!(
             out,
-            "relay delivery from a backlog of {} for {} target(s): {:.0} triggers/s (spread {:.0}–{:.0}), \
+            "relay delivery from a backlog of {} for {} target(s){}: {:.0} triggers/s (spread {:.0}–{:.0}), \
              relay's CPU {:.1} µs per trigger",
-            d.backlog, d.targets, d.triggers_per_sec, spread.0, spread.1, d.cpu_us_per_trigger
+            d.backlog,
+            d.targets,
+            if d.store == BacklogStore::Postgres {
+                " on PostgreSQL"
+            } else {
+                ""
+            },
+            d.triggers_per_sec,
+            spread.0,
+            spread.1,
+            d.cpu_us_per_trigger
         );
     }
     curves(report, &mut out);
