@@ -171,6 +171,7 @@ cases! {
         schemas_match_between_backends,
         the_purge_folds_the_count_deltas,
         a_claim_is_held_only_in_flight,
+        a_claim_reads_only_its_own_targets_queue,
     ],
 }
 
@@ -2032,6 +2033,70 @@ async fn a_claim_is_held_only_in_flight(f: Fixture) {
     let detail = store.job(id).await.unwrap().unwrap();
     assert_eq!(detail.job.state, JobState::Done);
     assert_eq!(detail.history.len(), 1);
+}
+
+/// A claim's cost must not grow with other targets' queues: a target
+/// whose CI is down piles up jobs due long ago, and the healthy targets'
+/// claims must not read past them (schema V12). The plan is what can be
+/// checked without timing: the due jobs of one target, as a claim asks
+/// for them, come from the per-target index; the minimum over every
+/// target, as the next wake-up and the oldest due job ask for it, from
+/// the global one.
+async fn a_claim_reads_only_its_own_targets_queue(f: Fixture) {
+    let store = &f.store;
+    let client = f.sql().await;
+    let request = serde_json::to_string(&text_request(1)).unwrap();
+    client
+        .execute(
+            "WITH e AS (
+                 INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary)
+                 SELECT gen_random_uuid(), 'github', 'pile-' || n, 'push', now(), 'application/json',
+                        '\\x7b7d', 0, '{}'
+                 FROM generate_series(1, 22000) AS n
+                 RETURNING id, delivery
+             )
+             INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, created_at,
+                               updated_at)
+             SELECT gen_random_uuid(), e.id, 'builds', t.target, 'queued', $1, false, t.due, now(), now()
+             FROM e, LATERAL (
+                 SELECT CASE WHEN substr(e.delivery, 6)::int <= 20000 THEN 'down' ELSE 'ci' END AS target,
+                        CASE WHEN substr(e.delivery, 6)::int <= 20000 THEN now() - interval '1 hour'
+                             ELSE now() END AS due
+             ) t",
+            &[&request],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("ANALYZE jobs").await.unwrap();
+    let plan = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[])
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let claim_plan = plan(
+        "SELECT id FROM jobs WHERE target = 'ci' AND state = 'queued' AND due_at <= now()
+         ORDER BY due_at LIMIT 4 FOR UPDATE SKIP LOCKED",
+    )
+    .await;
+    assert!(
+        claim_plan.contains("jobs_queued") && !claim_plan.contains("jobs_due"),
+        "{claim_plan}"
+    );
+    let next_plan = plan("SELECT min(due_at) FROM jobs WHERE state = 'queued' AND claim_id IS NULL").await;
+    assert!(next_plan.contains("jobs_due"), "{next_plan}");
+
+    // And the claim itself takes the healthy target's jobs.
+    let claimed = claim(store, "ci", 4, LEASE).await;
+    assert_eq!(claimed.len(), 4);
+    assert!(claimed.iter().all(|job| job.target == "ci"));
 }
 
 async fn newer_schema_is_refused(f: Fixture) {

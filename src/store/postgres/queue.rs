@@ -252,8 +252,10 @@ pub(super) async fn next_wakeup(
     next_moment(
         store,
         "next_wakeup",
-        "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued'),
-                      (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight')),
+        // `claim_id` is said only so that `jobs_due` and `jobs_lease` serve
+        // (schema V12): it holds of every such job.
+        "SELECT LEAST((SELECT min(due_at) FROM jobs WHERE state = 'queued' AND claim_id IS NULL),
+                      (SELECT min(lease_until) FROM jobs WHERE state = 'in_flight' AND claim_id IS NOT NULL)),
                 now()",
         now,
     )

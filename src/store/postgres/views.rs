@@ -485,7 +485,11 @@ pub(super) async fn queue_stats(store: &PostgresStore, now: SystemTime) -> Resul
             counts.push((state.as_str().to_owned(), col::<i64>(&row, i)?));
         }
         let stmt = client
-            .prepare_cached("SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND due_at <= now()")
+            .prepare_cached(
+                // `claim_id IS NULL`, true of every queued job, lets
+                // `jobs_due` answer (schema V12).
+                "SELECT min(due_at), now() FROM jobs WHERE state = 'queued' AND claim_id IS NULL AND due_at <= now()",
+            )
             .await
             .map_err(|e| unavailable(&e))?;
         let row = client.query_one(&stmt, &[]).await.map_err(|e| unavailable(&e))?;
