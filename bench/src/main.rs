@@ -84,8 +84,8 @@ wrk and the harness run on CPU 1. Prints one table (req/s, p50/p99, CPU µs and
 bytes written to disk per request, RSS idle and after, relay's ratio to each
 baseline: medians of --runs, with the spread), relay's end-to-end latency at
 100 webhooks/s and its delivery rate from a 20,000-job backlog (for one target,
-and spread over 100), and writes the
-same as JSON to compare across commits.
+and spread over 100; with --postgres, on PostgreSQL too) with relay's CPU per
+trigger, and writes the same as JSON to compare across commits.
 
 The curves load relay alone at 32 connections while one thing grows: routes
 (1, 10, 100, 1,000 of every kind, three taking the push), the signed push's
