@@ -1052,13 +1052,65 @@ pub async fn postgres_database(test: &str) -> Option<String> {
         .await
         .unwrap_or_else(|e| panic!("the test PostgreSQL server does not answer: {e}"));
     tokio::spawn(connection);
-    let name = format!("relay_test_{}", uuid::Uuid::new_v4().simple());
+    sweep_abandoned_databases(&client).await;
+    let name = format!(
+        "{TEST_DATABASE_PREFIX}{}_{}",
+        unix_seconds(std::time::SystemTime::now()),
+        uuid::Uuid::new_v4().simple()
+    );
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap_or_else(|e| panic!("cannot create a test database: {e}"));
     let (base, _) = server.rsplit_once('/').expect("the URL names a database");
     Some(format!("{base}/{name}"))
+}
+
+/// How a test database's name begins; the second it was created follows.
+const TEST_DATABASE_PREFIX: &str = "relay_test_";
+
+/// How long a test database is kept after its test: long enough to look
+/// into a failure, far longer than any test runs.
+const TEST_DATABASE_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn unix_seconds(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Drops the test databases created on this server more than an hour ago,
+/// once per test process. A test does not drop its own (it may fail, and
+/// its database says why), so a server named by `RELAY_TEST_POSTGRES`
+/// would otherwise keep every run's 200-odd databases. One still in use is
+/// refused by the server (no `FORCE`) and left.
+async fn sweep_abandoned_databases(client: &tokio_postgres::Client) {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let cutoff = unix_seconds(std::time::SystemTime::now() - TEST_DATABASE_KEPT);
+            let Ok(rows) = client
+                .query(
+                    "SELECT datname FROM pg_database WHERE starts_with(datname, $1)",
+                    &[&TEST_DATABASE_PREFIX],
+                )
+                .await
+            else {
+                return;
+            };
+            for row in rows {
+                let name: String = row.get(0);
+                let created = name
+                    .strip_prefix(TEST_DATABASE_PREFIX)
+                    .and_then(|rest| rest.split_once('_'))
+                    .and_then(|(secs, _)| secs.parse::<u64>().ok());
+                if created.is_some_and(|created| created < cutoff) {
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+                        .await;
+                }
+            }
+        })
+        .await;
 }
 
 fn skipped(test: &str, why: &str) {
