@@ -14,7 +14,7 @@ use relay::request::{Auth, PreparedRequest, RequestBody};
 use rusqlite::{Connection, params};
 
 use crate::process::free_port;
-use crate::relay::{Setup, Workspace, start_relay};
+use crate::relay::{Setup, Workspace, postgres_error, start_relay};
 
 /// Events committed per transaction.
 const CHUNK: usize = 10_000;
@@ -82,7 +82,7 @@ pub async fn fill_postgres(url: &str, count: usize, target: JobTarget<'_>, tag: 
     let fail = |e: &dyn std::fmt::Display| format!("filling {}: {e}", target.name);
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&postgres_error(&e)))?;
     tokio::spawn(connection);
     let count = i64::try_from(count).map_err(|e| fail(&e))?;
     client
@@ -102,13 +102,13 @@ pub async fn fill_postgres(url: &str, count: usize, target: JobTarget<'_>, tag: 
             &[&tag, &count, &target.name, &request],
         )
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&postgres_error(&e)))?;
     // Fresh statistics, as autovacuum would have them on a store that
     // filled over time.
     client
         .batch_execute("ANALYZE events; ANALYZE jobs")
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&postgres_error(&e)))?;
     Ok(())
 }
 

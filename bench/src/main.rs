@@ -354,11 +354,18 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         (None, None)
     };
     // Measured whenever there is a server to measure on, as relay-postgres.
-    let delivery_postgres = if wanted(only, "delivery-postgres") && ws.postgres.is_some() {
+    let (delivery_postgres, delivery_postgres_wide) = if wanted(only, "delivery-postgres")
+        && ws.postgres.is_some()
+    {
         eprintln!("measuring relay delivery from a backlog of {BACKLOG} on PostgreSQL …");
-        Some(latency::delivery(&ws, &options, 1, BacklogStore::Postgres).await?)
+        let one = latency::delivery(&ws, &options, 1, BacklogStore::Postgres).await?;
+        eprintln!(
+            "measuring relay delivery from a backlog of {BACKLOG} over {WIDE_TARGETS} targets on PostgreSQL …"
+        );
+        let wide = latency::delivery(&ws, &options, WIDE_TARGETS, BacklogStore::Postgres).await?;
+        (Some(one), Some(wide))
     } else {
-        None
+        (None, None)
     };
     // A curve that fails is said, and the others are still measured.
     let mut errors = Vec::new();
@@ -406,6 +413,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         delivery,
         delivery_wide,
         delivery_postgres,
+        delivery_postgres_wide,
         routes,
         payload,
         queue_depth,

@@ -4,6 +4,7 @@
 //! into a config.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -134,7 +135,12 @@ impl Workspace {
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
-            .map_err(|e| format!("--postgres: cannot create a database (the role needs CREATEDB): {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "--postgres: cannot create a database (the role needs CREATEDB): {}",
+                    postgres_error(&e)
+                )
+            })?;
         self.databases
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -165,19 +171,41 @@ impl Workspace {
         }
         let client = connect_postgres(server).await?;
         for name in names {
-            client
+            // `FORCE` ends the relay's sessions but not an autovacuum
+            // worker's, which the fill can set off: a role that is not a
+            // superuser is refused until it ends, so the drop is tried for
+            // a few seconds.
+            let mut tries = 0;
+            while let Err(e) = client
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .await
-                .map_err(|e| format!("--postgres: cannot drop the run's database {name}: {e}"))?;
+            {
+                tries += 1;
+                if tries == 40 {
+                    return Err(format!(
+                        "--postgres: cannot drop the run's database {name}: {}",
+                        postgres_error(&e)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
         Ok(())
+    }
+}
+
+/// What the server said, where the driver's own text is only "db error".
+pub fn postgres_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
 async fn connect_postgres(server: &str) -> Result<tokio_postgres::Client, String> {
     let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
         .await
-        .map_err(|e| format!("--postgres: cannot connect: {e}"))?;
+        .map_err(|e| format!("--postgres: cannot connect: {}", postgres_error(&e)))?;
     tokio::spawn(connection);
     Ok(client)
 }

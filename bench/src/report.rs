@@ -27,6 +27,8 @@ pub struct Report {
     pub delivery_wide: Option<Delivery>,
     /// From a backlog on PostgreSQL, one target (with `--postgres`).
     pub delivery_postgres: Option<Delivery>,
+    /// The same on PostgreSQL, spread over as many targets as `delivery_wide`.
+    pub delivery_postgres_wide: Option<Delivery>,
     pub routes: Option<Curve<RoutesPoint>>,
     pub payload: Option<Curve<PayloadPoint>>,
     pub queue_depth: Option<Vec<DepthPoint>>,
@@ -124,6 +126,7 @@ pub fn table(report: &Report) -> String {
         .iter()
         .chain(&report.delivery_wide)
         .chain(&report.delivery_postgres)
+        .chain(&report.delivery_postgres_wide)
     {
         let spread = (
             d.runs.iter().copied().fold(f64::INFINITY, f64::min),
