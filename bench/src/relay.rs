@@ -173,15 +173,15 @@ impl Workspace {
         for name in names {
             // `FORCE` ends the relay's sessions but not an autovacuum
             // worker's, which the fill can set off: a role that is not a
-            // superuser is refused until it ends, so the drop is tried for
-            // a few seconds.
+            // superuser is refused until it ends, so a refusal is tried
+            // again for a few seconds (a lost connection is not).
             let mut tries = 0;
             while let Err(e) = client
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .await
             {
                 tries += 1;
-                if tries == 40 {
+                if tries == 40 || e.as_db_error().is_none() {
                     return Err(format!(
                         "--postgres: cannot drop the run's database {name}: {}",
                         postgres_error(&e)

@@ -299,3 +299,66 @@ fn store_size(size: &StoreSize, out: &mut String) {
         size.empty.ingest.connections
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(store: BacklogStore, targets: usize, rate: f64) -> Delivery {
+        Delivery {
+            store,
+            backlog: 20_000,
+            targets,
+            triggers_per_sec: rate,
+            runs: vec![rate - 100.0, rate, rate + 50.0],
+            cpu_us_per_trigger: 49.31,
+            cpu_runs: vec![49.31],
+        }
+    }
+
+    fn report_with_postgres_drains() -> Report {
+        Report {
+            when: "2026-12-05T17:00:00Z".to_owned(),
+            machine: "2 CPUs".to_owned(),
+            relay: "relay 0.1.0".to_owned(),
+            duration_secs: 5,
+            runs: 3,
+            payload_bytes: 7 * 1024,
+            subjects: Vec::new(),
+            end_to_end: None,
+            delivery: None,
+            delivery_wide: None,
+            delivery_postgres: Some(drain(BacklogStore::Postgres, 1, 4_870.0)),
+            delivery_postgres_wide: Some(drain(BacklogStore::Postgres, 100, 9_782.0)),
+            routes: None,
+            payload: None,
+            queue_depth: None,
+            store_size: None,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn both_postgres_drains_are_printed_and_written() {
+        let report = report_with_postgres_drains();
+        let printed = table(&report);
+        let lines: Vec<&str> = printed
+            .lines()
+            .filter(|l| l.starts_with("relay delivery"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "relay delivery from a backlog of 20000 for 1 target(s) on PostgreSQL: 4870 triggers/s \
+                 (spread 4770–4920), relay's CPU 49.3 µs per trigger",
+                "relay delivery from a backlog of 20000 for 100 target(s) on PostgreSQL: 9782 triggers/s \
+                 (spread 9682–9832), relay's CPU 49.3 µs per trigger",
+            ]
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["delivery_postgres"]["targets"], 1);
+        assert_eq!(json["delivery_postgres_wide"]["targets"], 100);
+        assert_eq!(json["delivery_postgres_wide"]["triggers_per_sec"], 9_782.0);
+        assert_eq!(json["delivery_wide"], serde_json::Value::Null);
+    }
+}

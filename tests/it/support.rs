@@ -1053,11 +1053,7 @@ pub async fn postgres_database(test: &str) -> Option<String> {
         .unwrap_or_else(|e| panic!("the test PostgreSQL server does not answer: {e}"));
     tokio::spawn(connection);
     sweep_abandoned_databases(&client).await;
-    let name = format!(
-        "{TEST_DATABASE_PREFIX}{}_{}",
-        unix_seconds(std::time::SystemTime::now()),
-        uuid::Uuid::new_v4().simple()
-    );
+    let name = test_database_name(std::time::SystemTime::now());
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -1076,6 +1072,41 @@ const TEST_DATABASE_KEPT: std::time::Duration = std::time::Duration::from_secs(3
 fn unix_seconds(at: std::time::SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh test database's name: the prefix, the second it is made at, an
+/// id of its own.
+fn test_database_name(at: std::time::SystemTime) -> String {
+    format!(
+        "{TEST_DATABASE_PREFIX}{}_{}",
+        unix_seconds(at),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Whether `name` is a test database made before `cutoff` (a Unix second).
+/// Names without a second (made by older builds) are never taken for one.
+fn abandoned_test_database(name: &str, cutoff: u64) -> bool {
+    name.strip_prefix(TEST_DATABASE_PREFIX)
+        .and_then(|rest| rest.split_once('_'))
+        .and_then(|(secs, _)| secs.parse::<u64>().ok())
+        .is_some_and(|created| created < cutoff)
+}
+
+#[test]
+fn only_test_databases_older_than_the_cutoff_are_abandoned() {
+    let now = std::time::SystemTime::now();
+    let two_hours_ago = test_database_name(now - 2 * TEST_DATABASE_KEPT);
+    let fresh = test_database_name(now);
+    let cutoff = unix_seconds(now - TEST_DATABASE_KEPT);
+    assert!(abandoned_test_database(&two_hours_ago, cutoff), "{two_hours_ago}");
+    assert!(!abandoned_test_database(&fresh, cutoff), "{fresh}");
+    assert!(!abandoned_test_database(
+        "relay_test_02152360873041b0a0b85a7774c6ad54",
+        cutoff
+    ));
+    assert!(!abandoned_test_database("relay", cutoff));
+    assert!(!abandoned_test_database("relay_bench_1000_x", cutoff));
 }
 
 /// Drops the test databases created on this server more than an hour ago,
@@ -1099,11 +1130,7 @@ async fn sweep_abandoned_databases(client: &tokio_postgres::Client) {
             };
             for row in rows {
                 let name: String = row.get(0);
-                let created = name
-                    .strip_prefix(TEST_DATABASE_PREFIX)
-                    .and_then(|rest| rest.split_once('_'))
-                    .and_then(|(secs, _)| secs.parse::<u64>().ok());
-                if created.is_some_and(|created| created < cutoff) {
+                if abandoned_test_database(&name, cutoff) {
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\""))
                         .await;
