@@ -25,7 +25,8 @@
 //!   pages a person reads in a browser; `query`: what a listing's query string asks for.
 //! - [`config`]: `relay.toml`, validated and compiled; [`secret`]: secrets; [`signature`]: keyed hashes.
 //! - `app`: the running relay's shared state; [`daemon`]: `run`, which ties it together;
-//!   `clock`: the one clock; `web`: response bodies; [`cli`]: what the commands print.
+//!   `clock`: the one clock; `web`: response bodies; [`cli`]: what the commands print;
+//!   [`log_lines`]: the JSON log line.
 
 pub(crate) mod accept;
 pub(crate) mod admin;
@@ -41,6 +42,7 @@ pub mod explain;
 pub(crate) mod follower;
 pub mod guard;
 pub mod ingress;
+pub mod log_lines;
 pub(crate) mod loops;
 pub(crate) mod metrics;
 pub(crate) mod pages;

@@ -305,10 +305,8 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .with_writer(writer);
     if json {
         builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(relay::log_lines::JsonMembers)
+            .event_format(relay::log_lines::JsonLine)
             .init();
     } else {
         builder.init();
