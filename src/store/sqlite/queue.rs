@@ -8,6 +8,18 @@
 //! transaction (the writer batches these functions), or decide a loop-guard
 //! rule's order or wording (the guard does; this only counts and takes
 //! keys).
+//!
+//! The claims and the completion say `OR FAIL`. With SQLite's default
+//! `ABORT`, a statement that may write several rows (a claim; one that
+//! fires the job counts' triggers) keeps a journal of its own, a copy of
+//! every page it touches that the transaction had already changed, to undo
+//! itself alone on a constraint error: 5-7% of relay's CPU when draining a
+//! backlog. (A job's insert keeps one: its trigger and its foreign key
+//! together make it.)
+//! Here nothing needs undoing a statement at a time. These functions run
+//! only inside the writer's transaction, every error leaves them, and the
+//! writer rolls back the failed operation whole: the batch, or the
+//! operation's savepoint when it runs them one by one.
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
@@ -187,7 +199,7 @@ fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), St
 /// for every batch the dispatcher takes.
 static CLAIM_EXPIRED: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+        "UPDATE OR FAIL jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
          WHERE rowid IN (
              SELECT rowid FROM jobs
              WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
@@ -197,7 +209,7 @@ static CLAIM_EXPIRED: LazyLock<String> = LazyLock::new(|| {
 });
 static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "UPDATE jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
+        "UPDATE OR FAIL jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
          WHERE rowid IN (
              SELECT rowid FROM jobs
              WHERE target = ?4 AND state = 'queued' AND due_at <= ?3
@@ -274,7 +286,7 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
     };
     let updated = conn
         .prepare_cached(
-            "UPDATE jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
+            "UPDATE OR FAIL jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
                  due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5,
                  pipeline_id = COALESCE(?8, pipeline_id),
                  pipeline_number = CASE WHEN ?8 IS NULL THEN pipeline_number ELSE ?9 END,
