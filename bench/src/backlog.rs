@@ -183,6 +183,7 @@ fn fill_rows(
                 ])?;
             }
         }
+        count_inserted(&tx, "queued", this)?;
         tx.commit()?;
         queued += this;
     }
@@ -191,6 +192,27 @@ fn fill_rows(
         secs: started.elapsed().as_secs_f64(),
         cut_short: queued < count,
     })
+}
+
+/// Adds `jobs` a fill inserted in `state` with its own SQL to the counts
+/// relay keeps on SQLite (`job_counts`, schema V10), when the schema has
+/// them and no trigger counts inserts (from V11, relay counts the jobs it
+/// inserts itself): the measured build may be an older one.
+pub fn count_inserted(conn: &Connection, state: &str, jobs: usize) -> rusqlite::Result<()> {
+    let has = |kind: &str, name: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = ?1 AND name = ?2)",
+            params![kind, name],
+            |row| row.get(0),
+        )
+    };
+    if has("table", "job_counts")? && !has("trigger", "jobs_counted_insert")? {
+        conn.execute(
+            "UPDATE job_counts SET n = n + ?2 WHERE state = ?1",
+            params![state, i64::try_from(jobs).unwrap_or(i64::MAX)],
+        )?;
+    }
+    Ok(())
 }
 
 /// Closes a fill's connection with every row in the database file and the

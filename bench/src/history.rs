@@ -377,5 +377,6 @@ fn copy_chunk(
         ),
         params![first as i64, count as i64, from_ms, step_ms, job],
     )?;
+    crate::backlog::count_inserted(conn, "done", count)?;
     conn.execute_batch("COMMIT")
 }

@@ -45,7 +45,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, Params, Row, Statement};
+use rusqlite::{Connection, Params, Row, Statement, params};
 use tracing::info;
 use uuid::Uuid;
 
@@ -60,8 +60,8 @@ use writer::{Durability, Writer};
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
-    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter,
-    StoreError, StoredEvent,
+    JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued,
+    ShadowFilter, StoreError, StoredEvent,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -166,6 +166,16 @@ fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
 
 fn unavailable(e: &rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// Adds `jobs` inserted in `state` to the kept counts (schema V11: no
+/// trigger counts inserts). Every statement that inserts jobs calls it in
+/// the same operation, so a rolled-back operation takes its count along.
+fn count_inserted(conn: &Connection, state: JobState, jobs: usize) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE job_counts SET n = n + ?2 WHERE state = ?1")
+        .and_then(|mut stmt| stmt.execute(params![state.as_str(), i64::try_from(jobs).unwrap_or(i64::MAX)]))
+        .map(drop)
+        .map_err(|e| unavailable(&e))
 }
 
 fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {

@@ -218,6 +218,9 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
             None::<String>
         ])
         .unwrap();
+        // As relay counts the jobs it inserts (schema V11).
+        let count = "UPDATE job_counts SET n = n + 1 WHERE state = ?1";
+        conn.execute(count, [state]).unwrap();
         if state == "done" {
             // A report still waiting on a Git host that is down too.
             job.execute(params![
@@ -230,6 +233,7 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
                 trigger
             ])
             .unwrap();
+            conn.execute(count, ["queued"]).unwrap();
         }
     }
     drop((event, job));

@@ -10,9 +10,9 @@
 use rusqlite::{Connection, params};
 use uuid::Uuid;
 
-use super::unavailable;
+use super::{count_inserted, unavailable};
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
-use crate::store::StoreError;
+use crate::store::{JobState, StoreError};
 
 /// Queues a report of trigger job `job` as it stands, if its route reports
 /// it; `error` says why the trigger died. `now` in milliseconds.
@@ -48,6 +48,6 @@ pub(super) fn queue_report(
             STATUS_TARGET_PREFIX
         ])
     })
-    .map(|_| ())
     .map_err(|e| unavailable(&e))
+    .and_then(|inserted| count_inserted(conn, JobState::Queued, inserted))
 }
