@@ -225,3 +225,66 @@ pub fn on_disk(conn: Connection, db: &Path) -> std::io::Result<()> {
     drop(conn);
     std::fs::File::open(db)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, params};
+
+    use super::count_inserted;
+
+    fn kept_and_counted(conn: &Connection) -> (i64, i64) {
+        conn.query_row(
+            "SELECT (SELECT n FROM job_counts WHERE state = 'queued'),
+                    (SELECT COUNT(*) FROM jobs WHERE state = 'queued')",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    fn insert_queued(conn: &Connection, jobs: usize) {
+        for _ in 0..jobs {
+            let event = uuid::Uuid::now_v7().to_string();
+            conn.execute(
+                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary, codec)
+                 VALUES (?1, 'github', ?1, 'push', 0, 'application/json', x'7b7d', 0, '{}', 0)",
+                params![event],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, created_at,
+                                   updated_at, repo, sha)
+                 VALUES (?1, ?2, 'builds', 'ci', 'queued', '{}', 0, 0, 0, 0, 'acme/api', 'x')",
+                params![uuid::Uuid::now_v7().to_string(), event],
+            )
+            .unwrap();
+        }
+    }
+
+    /// The fills' own inserts reach relay's kept counts once: added by the
+    /// fill on this schema, by the trigger on a schema that still has it.
+    #[tokio::test]
+    async fn a_fills_jobs_are_counted_once_whichever_build_made_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        drop(relay::store::SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        insert_queued(&conn, 3);
+        count_inserted(&conn, "queued", 3).unwrap();
+        assert_eq!(kept_and_counted(&conn), (3, 3));
+        // As schema V10 to V11 had it: the trigger counts, the fill must not.
+        conn.execute_batch(
+            "CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+                 UPDATE job_counts SET n = n + 1 WHERE state = NEW.state;
+             END;",
+        )
+        .unwrap();
+        insert_queued(&conn, 2);
+        count_inserted(&conn, "queued", 2).unwrap();
+        assert_eq!(kept_and_counted(&conn), (5, 5));
+        // Before V10 there are no kept counts to add to.
+        conn.execute_batch("DROP TRIGGER jobs_counted_insert; DROP TABLE job_counts;")
+            .unwrap();
+        count_inserted(&conn, "queued", 1).unwrap();
+    }
+}
