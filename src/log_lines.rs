@@ -95,42 +95,46 @@ impl<'writer> FormatFields<'writer> for JsonMembers {
 struct Members<'a>(&'a mut Vec<u8>);
 
 impl Members<'_> {
-    fn member(&mut self, field: &Field, value: impl serde::Serialize) {
+    /// `"name":`, then what `value` writes, then the comma.
+    fn member(&mut self, field: &Field, value: impl FnOnce(&mut Vec<u8>)) {
         string(self.0, field.name());
         self.0.push(b':');
-        // Writing into a Vec cannot fail, and a number or a bool always serialises.
-        let _ = serde_json::to_writer(&mut *self.0, &value);
+        value(self.0);
         self.0.push(b',');
+    }
+
+    fn serialized(&mut self, field: &Field, value: impl serde::Serialize) {
+        // Writing into a Vec cannot fail, and a number or a bool always serialises.
+        self.member(field, |out| drop(serde_json::to_writer(out, &value)));
     }
 }
 
 impl Visit for Members<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.member(field, value);
+        self.serialized(field, value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.member(field, value);
+        self.serialized(field, value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.member(field, value);
+        self.serialized(field, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.member(field, value);
+        self.serialized(field, value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.member(field, value);
+        self.serialized(field, value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-        string(self.0, field.name());
-        self.0.push(b':');
         // Escaped as it is written: no string of the value is built first.
-        let _ = serde_json::Serializer::new(&mut *self.0).collect_str(&format_args!("{value:?}"));
-        self.0.push(b',');
+        self.member(field, |out| {
+            drop(serde_json::Serializer::new(out).collect_str(&format_args!("{value:?}")));
+        });
     }
 }
 

@@ -94,6 +94,8 @@ pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Re
         .map_err(|e| unavailable(&e))?;
     let mut held_back = Vec::new();
     let mut leased = Vec::new();
+    // Jobs inserted, by the state they start in: counted once a state.
+    let mut inserted: Vec<(JobState, usize)> = Vec::new();
     for job in &event.jobs {
         if let Some(drop) = hold_back(conn, job, event.received_at)? {
             insert_drop(conn, &event.id, &drop)?;
@@ -129,7 +131,13 @@ pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Re
             ])
             .map_err(|e| unavailable(&e))?;
         leased.extend(job.leased(event));
-        count_inserted(conn, state, 1)?;
+        match inserted.iter_mut().find(|(counted, _)| *counted == state) {
+            Some((_, jobs)) => *jobs += 1,
+            None => inserted.push((state, 1)),
+        }
+    }
+    for (state, jobs) in inserted {
+        count_inserted(conn, state, jobs)?;
     }
     Ok(Ingested::Accepted { held_back, leased })
 }

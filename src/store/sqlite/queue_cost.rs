@@ -23,7 +23,7 @@ use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
 use crate::report::ReportSpec;
 use crate::request::{Auth, PreparedRequest, RequestBody};
-use crate::store::{AttemptRecord, ClaimedJob, Completion, Ingested, NewEvent, NewJob, NextState};
+use crate::store::{AttemptRecord, ClaimedJob, Completion, Ingested, JobState, NewEvent, NewJob, NextState};
 
 /// Jobs another target has queued, in flight and finished for the deep
 /// measurement: enough that a scan of them dwarfs one cycle's own work.
@@ -219,8 +219,8 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
         ])
         .unwrap();
         // As relay counts the jobs it inserts (schema V11).
-        let count = "UPDATE job_counts SET n = n + 1 WHERE state = ?1";
-        conn.execute(count, [state]).unwrap();
+        let counted = JobState::parse(state).unwrap();
+        super::count_inserted(conn, counted, 1).unwrap();
         if state == "done" {
             // A report still waiting on a Git host that is down too.
             job.execute(params![
@@ -233,7 +233,7 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
                 trigger
             ])
             .unwrap();
-            conn.execute(count, ["queued"]).unwrap();
+            super::count_inserted(conn, JobState::Queued, 1).unwrap();
         }
     }
     drop((event, job));
@@ -288,6 +288,12 @@ fn the_kept_job_counts_match_the_rows() {
     let conn = &counter.conn;
     one_webhook(conn);
     queue_elsewhere(conn, 40);
+    // One event for two targets: both its jobs are counted.
+    let fan_out = event(vec![
+        job("fan-a", JobLimits::default(), None),
+        job("fan-b", JobLimits::default(), None),
+    ]);
+    queue::ingest(conn, &fan_out, &codec::pack(&fan_out)).unwrap();
     let now = wall_time();
     let finish = |target: &str, next: NextState| {
         let event = event(vec![job(target, JobLimits::default(), None)]);

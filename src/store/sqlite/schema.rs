@@ -228,7 +228,7 @@ END;
 ";
 
 /// Inserted jobs are counted by the statements that insert them
-/// (`queue::count_inserted`), no longer by a trigger. The trigger made each
+/// (`count_inserted`), no longer by a trigger. The trigger made each
 /// insert a statement that may write several rows, and the foreign key to
 /// `events` one that may abort, and SQLite keeps a statement journal for
 /// such a statement: a copy of every page it touches that the transaction
