@@ -3,6 +3,7 @@
 //!     cargo bench -p relay-bench --bench group_commit            # both
 //!     cargo bench -p relay-bench --bench group_commit -- ingest  # group commit against one fsync per commit
 //!     cargo bench -p relay-bench --bench group_commit -- webhook [N]
+//!     cargo bench -p relay-bench --bench group_commit -- drain [N]
 //!
 //! `ingest`: each round commits the same number of ~7 KB events (each with
 //! one job) from 32 concurrent tasks, as concurrent webhooks would, with
@@ -15,6 +16,12 @@
 //! webhook (fsync waits do not count). Run it under `valgrind
 //! --tool=callgrind` for instruction counts, which do not depend on what
 //! else the machine is doing.
+//!
+//! `drain`: what a backlog costs the store as the dispatcher drains it: N
+//! queued jobs (committed first, not counted), then claims of up to 32 at a
+//! time, each job's completion recorded concurrently, as its send ends,
+//! until none is left: jobs per second and CPU time per job. Under
+//! callgrind too.
 //!
 //! Bounded: a fixed number of events per round, three rounds per mode.
 //!
@@ -164,24 +171,7 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
                     other => panic!("{other:?}"),
                 }
                 let now = SystemTime::now();
-                let completion = Completion {
-                    job_id,
-                    claim,
-                    attempt: AttemptRecord {
-                        started_at: now,
-                        duration: Duration::from_millis(1),
-                        status: Some(201),
-                        outcome: "delivered",
-                        excerpt: r#"201: {"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created"}"#
-                            .to_owned(),
-                    },
-                    pipeline: None,
-                    next: NextState::Done,
-                    at: now,
-                    follow: None,
-                    // The bench's route reports nothing.
-                    reported: false,
-                };
+                let completion = delivered(job_id, claim);
                 let recorded = store.complete(completion, now).await.expect("completion commits");
                 assert!(recorded);
             }
@@ -192,6 +182,83 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
     }
     let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     (events as f64 / wall, cpu * 1e6 / events as f64)
+}
+
+/// A completion of `job` that ends it: delivered, as the harness's mock
+/// answers.
+fn delivered(job_id: Uuid, claim: Uuid) -> Completion {
+    let now = SystemTime::now();
+    Completion {
+        job_id,
+        claim,
+        attempt: AttemptRecord {
+            started_at: now,
+            duration: Duration::from_millis(1),
+            status: Some(201),
+            outcome: "delivered",
+            excerpt: r#"201: {"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created"}"#.to_owned(),
+        },
+        pipeline: None,
+        next: NextState::Done,
+        at: now,
+        follow: None,
+        // The bench's route reports nothing.
+        reported: false,
+    }
+}
+
+/// Jobs per second and CPU µs per job for draining `jobs` queued jobs:
+/// claims of up to [`TASKS`], each claimed job's completion in a task of
+/// its own, the next claim once they are recorded.
+async fn drain_round(jobs: usize, body: &Bytes) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("bench.db")).expect("store opens"));
+    let mut fill = Vec::new();
+    for t in 0..TASKS {
+        let (store, body) = (store.clone(), body.clone());
+        fill.push(tokio::spawn(async move {
+            for n in (t..jobs).step_by(TASKS) {
+                store.ingest(event(&body, n, None)).await.expect("ingest commits");
+            }
+        }));
+    }
+    for task in fill {
+        task.await.expect("task finishes");
+    }
+    let (started, cpu) = (Instant::now(), cpu_seconds());
+    let mut drained = 0;
+    loop {
+        let claimed = store
+            .claim("circleci", TASKS, Duration::from_secs(60), SystemTime::now())
+            .await
+            .expect("claim");
+        if claimed.is_empty() {
+            break;
+        }
+        drained += claimed.len();
+        let sends: Vec<_> = claimed
+            .into_iter()
+            .map(|job| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let now = SystemTime::now();
+                    assert!(
+                        store
+                            .complete(delivered(job.id, job.claim), now)
+                            .await
+                            .expect("completion commits")
+                    );
+                })
+            })
+            .collect();
+        for send in sends {
+            send.await.expect("send finishes");
+        }
+    }
+    assert_eq!(drained, jobs, "every queued job is claimed once");
+    let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    (jobs as f64 / wall, cpu * 1e6 / jobs as f64)
 }
 
 /// User and system CPU time of this process so far, from /proc.
@@ -244,6 +311,14 @@ async fn webhooks(body: &Bytes, events: usize, rounds: usize) {
     );
 }
 
+async fn drain(body: &Bytes, jobs: usize) {
+    let (rate, cpu) = drain_round(jobs, body).await;
+    println!(
+        "{jobs} queued jobs drained (claims of up to {TASKS}, then each completion): {rate:.0} jobs/s, \
+         {cpu:.1} µs CPU per job"
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let body = payload();
@@ -251,7 +326,7 @@ fn main() {
     // `webhook` counts the CPU of one thread's work: a current-thread
     // runtime (SQLite's writer still runs on tokio's blocking pool).
     let runtime = match which {
-        Some("webhook") => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some("webhook" | "drain") => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         _ => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -264,6 +339,10 @@ fn main() {
             Some("webhook") => {
                 let events = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
                 webhooks(&body, events, 1).await;
+            }
+            Some("drain") => {
+                let jobs = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
+                drain(&body, jobs).await;
             }
             _ => {
                 ingest(&body).await;

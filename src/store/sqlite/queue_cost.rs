@@ -23,7 +23,9 @@ use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
 use crate::report::ReportSpec;
 use crate::request::{Auth, PreparedRequest, RequestBody};
-use crate::store::{AttemptRecord, ClaimedJob, Completion, Ingested, JobState, NewEvent, NewJob, NextState};
+use crate::store::{
+    AttemptRecord, ClaimedJob, Completion, Ingested, JobState, Lease, NewEvent, NewJob, NextState,
+};
 
 /// Jobs another target has queued, in flight and finished for the deep
 /// measurement: enough that a scan of them dwarfs one cycle's own work.
@@ -310,6 +312,19 @@ fn the_kept_job_counts_match_the_rows() {
             reason: "gave up".to_owned(),
         },
     );
+    // One claim of a lease run out (in flight already) and of a due job.
+    let mut expiring = event(vec![
+        job("expiring", JobLimits::default(), None),
+        job("expiring", JobLimits::default(), None),
+    ]);
+    expiring.jobs[0].lease = Some(Lease {
+        claim: Uuid::now_v7(),
+        until: wall_time() + Duration::from_secs(60),
+    });
+    queue::ingest(conn, &expiring, &codec::pack(&expiring)).unwrap();
+    let later = wall_time() + Duration::from_secs(120);
+    let claimed = queue::claim(conn, "expiring", 2, Duration::from_secs(60), later).unwrap();
+    assert_eq!(claimed.len(), 2, "a lease run out, and a due job");
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after ingest, claims, completions and reports");
     assert!(matches!(
@@ -327,4 +342,59 @@ fn the_kept_job_counts_match_the_rows() {
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after a purge");
     assert!(done(&kept) < done_before, "the purge deleted done jobs: {kept:?}");
+}
+
+#[test]
+fn the_next_wakeup_and_the_oldest_due_job_are_the_earliest_of_any_target() {
+    let counter = Counter::new();
+    let conn = &counter.conn;
+    let t0 = super::to_millis(wall_time());
+    let at = |ms: i64| super::from_millis(t0 + ms);
+    // Queued for a, b and c, due in 30, 10 and 20 s; in flight for d until 5 s.
+    for (target, due_in) in [("a", 30_000), ("b", 10_000), ("c", 20_000)] {
+        let queued = event(vec![job(target, JobLimits::default(), None)]);
+        queue::ingest(conn, &queued, &codec::pack(&queued)).unwrap();
+        conn.execute(
+            "UPDATE jobs SET due_at = ?1 WHERE target = ?2",
+            params![t0 + due_in, target],
+        )
+        .unwrap();
+    }
+    let mut leased = event(vec![job("d", JobLimits::default(), None)]);
+    leased.jobs[0].lease = Some(Lease {
+        claim: Uuid::now_v7(),
+        until: at(5_000),
+    });
+    queue::ingest(conn, &leased, &codec::pack(&leased)).unwrap();
+    let wakeup_and_oldest = |conn: &Connection| {
+        (
+            queue::next_wakeup(conn).unwrap(),
+            super::views::queue_stats(conn, at(15_000)).unwrap().oldest_due,
+            super::views::queue_stats(conn, at(0)).unwrap().oldest_due,
+        )
+    };
+    assert_eq!(
+        wakeup_and_oldest(conn),
+        (Some(at(5_000)), Some(at(10_000)), None),
+        "d's lease runs out first; of the jobs due at 15 s, b's came due first; none is due at 0 s"
+    );
+    // Both are read from an index's first entry (schema V9), however many
+    // jobs another target has queued.
+    let shallow = counter.count(|conn| {
+        wakeup_and_oldest(conn);
+    });
+    counter.count(|conn| queue_elsewhere(conn, QUEUED_ELSEWHERE));
+    let deep = counter.count(|conn| {
+        wakeup_and_oldest(conn);
+    });
+    assert!(
+        deep <= 2 * shallow,
+        "the next wake-up and the oldest due job took {shallow} SQLite instructions over four targets and \
+         {deep} with {QUEUED_ELSEWHERE} jobs queued for a fifth: they read every queued job instead of an index's first entry"
+    );
+    let wakeup = queue::next_wakeup(conn).unwrap();
+    assert!(
+        wakeup.is_some_and(|t| t <= at(-59_000)),
+        "the jobs queued elsewhere came due a minute ago, not at {wakeup:?}"
+    );
 }
