@@ -126,7 +126,7 @@ mod tests {
 
     use crate::config::Config;
     use crate::event::{Event, EventKind};
-    use crate::routing::{Plan, Verdict, plan, plan_indexed};
+    use crate::routing::{Plan, Trace, Verdict, plan, plan_indexed, plan_with};
 
     /// A fixed-seed xorshift: the same cases on every run, no dependency.
     struct Cases(u64);
@@ -322,6 +322,18 @@ token = "t"
                 let events: Vec<Event> = (0..1 + cases.next() % 3).map(|_| event(&mut cases)).collect();
                 let every = plan(&config.router(), source, &webhook, &events, &[], now);
                 let indexed = plan_indexed(&config.router(), source, &webhook, &events, &[], now);
+                assert_eq!(decided(&indexed), decided(&every), "round {round}, {events:?}");
+                assert!(indexed.trace.is_empty(), "the accept path keeps no trace");
+                let router = config.router();
+                let indexed = plan_with(
+                    &router,
+                    Some((router.index, Trace::Kept)),
+                    source,
+                    &webhook,
+                    &events,
+                    &[],
+                    now,
+                );
                 assert_eq!(decided(&indexed), decided(&every), "round {round}, {events:?}");
                 matched += every.jobs.len();
                 // The routes asked are a subsequence of every route, with

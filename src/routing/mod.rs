@@ -143,7 +143,8 @@ pub fn plan(
 /// event (the accept path's: its cost follows the routes that name the
 /// event's source, kind and repository, not every route). Jobs, drops, hops
 /// and unreported reports are exactly `plan`'s, in the same order; `trace`
-/// holds the verdicts of the routes asked.
+/// is left empty (only `relay explain` reads it), so a route that refuses an
+/// event is not asked to say why.
 pub fn plan_indexed(
     router: &Router<'_>,
     source: &Source,
@@ -154,7 +155,7 @@ pub fn plan_indexed(
 ) -> Plan {
     plan_with(
         router,
-        Some(router.index),
+        Some((router.index, Trace::Skipped)),
         source,
         webhook,
         events,
@@ -163,9 +164,18 @@ pub fn plan_indexed(
     )
 }
 
+/// Whether a plan keeps every asked route's verdict in words (`Plan::trace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trace {
+    Kept,
+    Skipped,
+}
+
+/// Plans with every route asked and the trace kept (`by_index` `None`), or
+/// with only the routes the index names, the trace kept or not.
 fn plan_with(
     router: &Router<'_>,
-    by_index: Option<&RouteIndex>,
+    by_index: Option<(&RouteIndex, Trace)>,
     source: &Source,
     webhook: &Webhook,
     events: &[Event],
@@ -176,8 +186,9 @@ fn plan_with(
         hop: webhook.hop(),
         ..Plan::default()
     };
+    let trace = by_index.map_or(Trace::Kept, |(_, trace)| trace);
     let pipelines_routed = match by_index {
-        Some(routes) => routes.pipelines_routed(&source.name),
+        Some((routes, _)) => routes.pipelines_routed(&source.name),
         None => router.routes.iter().any(|r| r.takes_pipelines_from(&source.name)),
     };
     let origin = guard::Origin {
@@ -202,13 +213,19 @@ fn plan_with(
         // twice with the same request; the first route wins.
         let mut targeted: BTreeSet<&str> = BTreeSet::new();
         let asked: Vec<usize> = match by_index {
-            Some(routes) => routes.candidates(&source.name, event.kind, &event.repo),
+            Some((routes, _)) => routes.candidates(&source.name, event.kind, &event.repo),
             None => (0..router.routes.len()).collect(),
         };
         for route in asked.iter().filter_map(|&at| router.routes.get(at)) {
-            let verdict = route.evaluate(router.templates, &source.name, event, &ctx);
-            let matched = verdict == Verdict::Match;
-            plan.trace.push((index, route.name.clone(), verdict));
+            let matched = match trace {
+                Trace::Kept => {
+                    let verdict = route.evaluate(router.templates, &source.name, event, &ctx);
+                    let matched = verdict == Verdict::Match;
+                    plan.trace.push((index, route.name.clone(), verdict));
+                    matched
+                }
+                Trace::Skipped => route.takes(router.templates, &source.name, event, &ctx),
+            };
             if !matched {
                 continue;
             }

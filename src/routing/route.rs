@@ -241,46 +241,67 @@ impl Route {
         })
     }
 
-    /// Whether this route takes the event, or the first predicate that refused it.
+    /// Whether this route takes the event, or the first predicate that
+    /// refused it and why, in words (`relay explain`).
     pub fn evaluate(&self, templates: &Templates, source: &str, event: &Event, ctx: &Value) -> Verdict {
+        self.judge(templates, source, event, ctx, Reasons::Written)
+    }
+
+    /// Whether this route takes the event: [`Route::evaluate`]'s decision
+    /// without the words, which the accept path never reads and which cost
+    /// an allocation and a formatting for every route asked.
+    pub fn takes(&self, templates: &Templates, source: &str, event: &Event, ctx: &Value) -> bool {
+        self.judge(templates, source, event, ctx, Reasons::Skipped) == Verdict::Match
+    }
+
+    fn judge(
+        &self,
+        templates: &Templates,
+        source: &str,
+        event: &Event,
+        ctx: &Value,
+        reasons: Reasons,
+    ) -> Verdict {
         if let Some(from) = &self.from
             && !from.iter().any(|s| s == source)
         {
-            return Verdict::miss("from", format!("source {source} is not in [{}]", from.join(", ")));
+            return reasons.miss("from", || {
+                format!("source {source} is not in [{}]", from.join(", "))
+            });
         }
         if !self.events.contains(&event.kind) {
-            let names: Vec<&str> = self.events.iter().map(|k| k.as_str()).collect();
-            return Verdict::miss(
-                "events",
-                format!("event {} is not in [{}]", event.kind, names.join(", ")),
-            );
+            return reasons.miss("events", || {
+                let names: Vec<&str> = self.events.iter().map(|k| k.as_str()).collect();
+                format!("event {} is not in [{}]", event.kind, names.join(", "))
+            });
         }
         if let Some(repos) = &self.repos
             && !repos.matches(&event.repo)
         {
-            return Verdict::miss("repos", format!("repo {:?} does not match [{repos}]", event.repo));
+            return reasons.miss("repos", || {
+                format!("repo {:?} does not match [{repos}]", event.repo)
+            });
         }
-        if let Some(verdict) = self.ref_verdict(event) {
+        if let Some(verdict) = self.ref_verdict(event, reasons) {
             return verdict;
         }
         if let (Some(paths), EventKind::Push) = (&self.paths, event.kind)
             && event.paths_complete
             && !event.paths.iter().any(|p| paths.matches(p))
         {
-            return Verdict::miss(
-                "paths",
+            return reasons.miss("paths", || {
                 format!(
                     "none of the {} changed files matches [{paths}]",
                     event.paths.len()
-                ),
-            );
+                )
+            });
         }
         if let Some(when) = &self.when {
             match templates.test(when, ctx) {
                 Ok(true) => {}
-                Ok(false) => return Verdict::miss("when", format!("{:?} is false", when.source())),
+                Ok(false) => return reasons.miss("when", || format!("{:?} is false", when.source())),
                 Err(e) => {
-                    return Verdict::miss("when", format!("{:?} failed: {}", when.source(), e.message));
+                    return reasons.miss("when", || format!("{:?} failed: {}", when.source(), e.message));
                 }
             }
         }
@@ -289,7 +310,7 @@ impl Route {
 
     /// Branch and tag filters, with GitHub Actions' rule: a route that filters
     /// only branches takes no tag events, and the reverse.
-    fn ref_verdict(&self, event: &Event) -> Option<Verdict> {
+    fn ref_verdict(&self, event: &Event, reasons: Reasons) -> Option<Verdict> {
         let (own, other, value, noun) = if !event.tag.is_empty() {
             (&self.tags, &self.branches, &event.tag, "tag")
         } else if !event.branch.is_empty() {
@@ -299,17 +320,15 @@ impl Route {
         };
         let field = if noun == "tag" { "tags" } else { "branches" };
         match (own, other) {
-            (Some(patterns), _) if !patterns.matches(value) => Some(Verdict::miss(
-                field,
-                format!("{noun} {value:?} does not match [{patterns}]"),
-            )),
-            (None, Some(_)) => Some(Verdict::miss(
-                field,
+            (Some(patterns), _) if !patterns.matches(value) => {
+                Some(reasons.miss(field, || format!("{noun} {value:?} does not match [{patterns}]")))
+            }
+            (None, Some(_)) => Some(reasons.miss(field, || {
                 format!(
                     "the route filters only {}, and this is a {noun}",
                     if noun == "tag" { "branches" } else { "tags" }
-                ),
-            )),
+                )
+            })),
             _ => None,
         }
     }
@@ -398,8 +417,20 @@ pub enum Verdict {
     Miss { predicate: &'static str, reason: String },
 }
 
-impl Verdict {
-    pub(super) fn miss(predicate: &'static str, reason: String) -> Verdict {
+/// Whether a refusal says why in words: for `relay explain`, not for the
+/// accept path, which asks only whether a route takes the event.
+#[derive(Debug, Clone, Copy)]
+enum Reasons {
+    Written,
+    Skipped,
+}
+
+impl Reasons {
+    fn miss(self, predicate: &'static str, reason: impl FnOnce() -> String) -> Verdict {
+        let reason = match self {
+            Reasons::Written => reason(),
+            Reasons::Skipped => String::new(),
+        };
         Verdict::Miss { predicate, reason }
     }
 }
