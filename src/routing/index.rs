@@ -1,14 +1,19 @@
 //! The routes indexed by what an event names first: its source, its kind
 //! and its repository. For one event, [`RouteIndex::candidates`] gives the
 //! positions (config order) of the only routes that can take it; every
-//! other route refuses it at `from`, `events` or a literal `repos`, so
-//! routing need not ask them. A route whose `repos` is a glob, or that has
-//! none, is a candidate for every repository of its sources and kinds.
+//! other route refuses it at `from`, `events` or `repos`, so routing need
+//! not ask them. Literal repositories are keys; the globs of every route
+//! of a source and kind are one glob set, matched once an event, and a
+//! route is a candidate when one of its globs matches (its exclusions are
+//! left to the route). A route with no `repos`, or only exclusions, is a
+//! candidate for every repository of its sources and kinds.
 //!
 //! Built once per config, never per event. Knows positions, not routes:
 //! it must be built from the very route list it is asked about.
 
 use std::collections::HashMap;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use super::Route;
 use crate::event::EventKind;
@@ -18,15 +23,28 @@ use crate::event::EventKind;
 struct Bucket {
     /// Routes whose `repos` names only literal repositories, by repository.
     by_repo: HashMap<String, Vec<usize>>,
-    /// Routes that may take any repository: a glob, or no `repos`.
+    /// Routes whose `repos` has globs: each glob, with its route's position.
+    globs: Vec<(Glob, usize)>,
+    /// `globs` as one set (built by [`Bucket::seal`]), and the position of
+    /// the route of each of its globs.
+    glob_set: GlobSet,
+    glob_routes: Vec<usize>,
+    /// Routes that may take any repository: no `repos`, or only exclusions.
     any_repo: Vec<usize>,
 }
 
+/// What a route's `repos` says to the index.
+enum RepoKey<'a> {
+    Literal(&'a [String]),
+    Globs(&'a [Glob]),
+    Any,
+}
+
 impl Bucket {
-    fn add(&mut self, position: usize, literal_repos: Option<&[String]>) {
-        match literal_repos {
-            Some(repos) => {
-                for repo in repos {
+    fn add(&mut self, position: usize, repos: &RepoKey<'_>) {
+        match repos {
+            RepoKey::Literal(repos) => {
+                for repo in *repos {
                     let at = self.by_repo.entry(repo.clone()).or_default();
                     // A repository written twice in one route lists it once.
                     if at.last() != Some(&position) {
@@ -34,14 +52,45 @@ impl Bucket {
                     }
                 }
             }
-            None => self.any_repo.push(position),
+            RepoKey::Globs(globs) => self.globs.extend(globs.iter().map(|g| (g.clone(), position))),
+            RepoKey::Any => self.any_repo.push(position),
         }
+    }
+
+    /// Builds the glob set once every route is in. Each route's globs
+    /// compiled into a set of their own; should their union not (a size
+    /// limit), the routes are asked for every repository instead.
+    fn seal(&mut self) {
+        let mut set = GlobSetBuilder::new();
+        for (glob, _) in &self.globs {
+            set.add(glob.clone());
+        }
+        match set.build() {
+            Ok(built) => {
+                self.glob_set = built;
+                self.glob_routes = self.globs.iter().map(|(_, at)| *at).collect();
+            }
+            Err(_) => {
+                self.any_repo.extend(self.globs.iter().map(|(_, at)| *at));
+                self.any_repo.sort_unstable();
+                self.any_repo.dedup();
+            }
+        }
+        self.globs = Vec::new();
     }
 
     fn extend_candidates(&self, repo: &str, into: &mut Vec<usize>) {
         into.extend_from_slice(&self.any_repo);
         if let Some(at) = self.by_repo.get(repo) {
             into.extend_from_slice(at);
+        }
+        if !self.glob_routes.is_empty() {
+            into.extend(
+                self.glob_set
+                    .matches(repo)
+                    .into_iter()
+                    .map(|glob| self.glob_routes[glob]),
+            );
         }
     }
 }
@@ -64,7 +113,11 @@ impl RouteIndex {
         let mut index = RouteIndex::default();
         for (position, route) in routes.iter().enumerate() {
             let literal = route.literal_repos();
-            let literal = literal.as_deref();
+            let key = match (literal.as_deref(), route.repo_globs()) {
+                (Some(repos), _) => RepoKey::Literal(repos),
+                (None, Some(globs)) => RepoKey::Globs(globs),
+                (None, None) => RepoKey::Any,
+            };
             for &kind in route.event_kinds() {
                 match route.sources() {
                     Some(sources) => {
@@ -80,10 +133,10 @@ impl RouteIndex {
                                 .or_default()
                                 .entry(kind)
                                 .or_default()
-                                .add(position, literal);
+                                .add(position, &key);
                         }
                     }
-                    None => index.every_source.entry(kind).or_default().add(position, literal),
+                    None => index.every_source.entry(kind).or_default().add(position, &key),
                 }
             }
             if route.takes_pipelines() {
@@ -92,6 +145,10 @@ impl RouteIndex {
                     None => index.any_source_pipelines = true,
                 }
             }
+        }
+        let buckets = index.by_source.values_mut().flat_map(HashMap::values_mut);
+        for bucket in buckets.chain(index.every_source.values_mut()) {
+            bucket.seal();
         }
         index
     }
@@ -361,7 +418,7 @@ token = "t"
     }
 
     #[test]
-    fn literal_repositories_are_keyed_and_globs_fall_back() {
+    fn literal_repositories_are_keyed_and_globs_matched_in_one_set() {
         let text = r#"
 [server]
 listen = ["127.0.0.1:0"]
@@ -401,20 +458,44 @@ to = ["a"]
 [[routes]]
 name = "anywhere"
 to = ["a"]
+
+[[routes]]
+name = "except-legacy"
+repos = ["acme/*", "!acme/legacy-*"]
+to = ["a"]
+
+[[routes]]
+name = "all-but-web"
+repos = ["!acme/web"]
+to = ["a"]
 "#;
         let config = Config::from_toml(text).unwrap();
         let index = super::RouteIndex::new(&config.routes);
-        assert_eq!(index.candidates("gh", EventKind::Push, "acme/api"), vec![0, 1, 4]);
-        assert_eq!(index.candidates("gh", EventKind::Push, "acme/web"), vec![1, 3, 4]);
+        assert_eq!(
+            index.candidates("gh", EventKind::Push, "acme/api"),
+            vec![0, 1, 4, 5, 6]
+        );
+        // Exclusions are the route's to apply: all-but-web is still asked.
+        assert_eq!(
+            index.candidates("gh", EventKind::Push, "acme/web"),
+            vec![1, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            index.candidates("gh", EventKind::Push, "acme/legacy-x"),
+            vec![1, 4, 5, 6]
+        );
         assert_eq!(
             index.candidates("gh", EventKind::Tag, "acme/api"),
-            vec![0, 1, 2, 4]
+            vec![0, 1, 2, 4, 5, 6]
         );
         assert_eq!(
             index.candidates("gh", EventKind::Pipeline, "acme/api"),
             Vec::<usize>::new()
         );
-        assert_eq!(index.candidates("gl", EventKind::Push, "zzz/x"), vec![1, 4]);
+        // No glob matches: the glob routes are not asked.
+        assert_eq!(index.candidates("gl", EventKind::Push, "zzz/x"), vec![4, 6]);
+        // `*` stops at `/`, as the route's own match does.
+        assert_eq!(index.candidates("gh", EventKind::Push, "acme/api/x"), vec![4, 6]);
         assert!(!index.pipelines_routed("gh"));
     }
 }
