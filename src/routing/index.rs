@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::{Candidate, Glob, GlobSet, GlobSetBuilder};
 
 use super::Route;
 use crate::event::EventKind;
@@ -79,18 +79,22 @@ impl Bucket {
         self.globs = Vec::new();
     }
 
-    fn extend_candidates(&self, repo: &str, into: &mut Vec<usize>) {
+    /// Adds this bucket's candidates for `repo` (also as a glob-matching
+    /// `candidate`, made once an event) to `into`; `matched` is scratch.
+    fn extend_candidates(
+        &self,
+        repo: &str,
+        candidate: &Candidate<'_>,
+        matched: &mut Vec<usize>,
+        into: &mut Vec<usize>,
+    ) {
         into.extend_from_slice(&self.any_repo);
         if let Some(at) = self.by_repo.get(repo) {
             into.extend_from_slice(at);
         }
         if !self.glob_routes.is_empty() {
-            into.extend(
-                self.glob_set
-                    .matches(repo)
-                    .into_iter()
-                    .map(|glob| self.glob_routes[glob]),
-            );
+            self.glob_set.matches_candidate_into(candidate, matched);
+            into.extend(matched.iter().map(|&glob| self.glob_routes[glob]));
         }
     }
 }
@@ -112,8 +116,7 @@ impl RouteIndex {
     pub fn new(routes: &[Route]) -> RouteIndex {
         let mut index = RouteIndex::default();
         for (position, route) in routes.iter().enumerate() {
-            let literal = route.literal_repos();
-            let key = match (literal.as_deref(), route.repo_globs()) {
+            let key = match (route.literal_repos(), route.repo_globs()) {
                 (Some(repos), _) => RepoKey::Literal(repos),
                 (None, Some(globs)) => RepoKey::Globs(globs),
                 (None, None) => RepoKey::Any,
@@ -157,11 +160,14 @@ impl RouteIndex {
     /// of `kind` about `repo` from `source`; no route left out could.
     pub fn candidates(&self, source: &str, kind: EventKind, repo: &str) -> Vec<usize> {
         let mut found = Vec::new();
-        if let Some(bucket) = self.by_source.get(source).and_then(|kinds| kinds.get(&kind)) {
-            bucket.extend_candidates(repo, &mut found);
-        }
-        if let Some(bucket) = self.every_source.get(&kind) {
-            bucket.extend_candidates(repo, &mut found);
+        let candidate = Candidate::new(repo);
+        let mut matched = Vec::new();
+        let buckets = [
+            self.by_source.get(source).and_then(|kinds| kinds.get(&kind)),
+            self.every_source.get(&kind),
+        ];
+        for bucket in buckets.into_iter().flatten() {
+            bucket.extend_candidates(repo, &candidate, &mut matched, &mut found);
         }
         // Each list is in config order; merged, they must be again.
         found.sort_unstable();

@@ -364,8 +364,8 @@ impl Route {
     /// The repositories `repos` names, when it names only literal ones (it
     /// then matches exactly those); `None` for a glob, an exclusion, or no
     /// `repos` at all.
-    pub(super) fn literal_repos(&self) -> Option<Vec<String>> {
-        self.repos.as_ref().and_then(Patterns::literals)
+    pub(super) fn literal_repos(&self) -> Option<&[String]> {
+        self.repos.as_ref().and_then(|p| p.exact.as_deref())
     }
 
     /// The globs of `repos` one of which a repository must match for the
