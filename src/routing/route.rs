@@ -49,14 +49,14 @@ pub struct Route {
 struct Patterns {
     include: GlobSet,
     exclude: GlobSet,
-    has_include: bool,
     written: Vec<String>,
-    /// The patterns when all are literal ([`Patterns::literals`]): matched
-    /// by comparing strings, a fraction of a glob set's cost, which routing
-    /// pays for every route it asks (a branch filter is most often `main`).
+    /// The patterns when all are literal (no glob character, no
+    /// exclusion): they then match exactly these strings, compared as
+    /// strings at a fraction of a glob set's cost, which routing pays for
+    /// every route it asks (a branch filter is most often `main`).
     exact: Option<Vec<String>>,
-    /// The include globs, each as compiled into `include`: the route index
-    /// matches every glob route's in one set.
+    /// The include globs, each as compiled into `include` (none: only
+    /// exclusions): the route index matches every glob route's in one set.
     includes: Vec<Glob>,
 }
 
@@ -68,7 +68,6 @@ impl Patterns {
         }
         let mut include = GlobSetBuilder::new();
         let mut exclude = GlobSetBuilder::new();
-        let mut has_include = false;
         let mut includes = Vec::new();
         let mut ok = true;
         for (i, pattern) in list.iter().enumerate() {
@@ -81,7 +80,6 @@ impl Patterns {
                     exclude.add(g);
                 }
                 Ok(g) => {
-                    has_include = true;
                     includes.push(g.clone());
                     include.add(g);
                 }
@@ -97,16 +95,15 @@ impl Patterns {
         let build = |b: GlobSetBuilder| b.build().ok();
         match (ok, build(include), build(exclude)) {
             (true, Some(include), Some(exclude)) => {
-                let mut patterns = Patterns {
+                let literal =
+                    |p: &String| !p.is_empty() && !p.contains(['*', '?', '[', ']', '{', '}', '\\', '!']);
+                Some(Patterns {
                     include,
                     exclude,
-                    has_include,
                     written: list.to_vec(),
-                    exact: None,
+                    exact: list.iter().all(literal).then(|| list.to_vec()),
                     includes,
-                };
-                patterns.exact = patterns.literals();
-                Some(patterns)
+                })
             }
             (true, _, _) => {
                 c.problem(key, "these globs cannot be combined");
@@ -120,14 +117,7 @@ impl Patterns {
         if let Some(exact) = &self.exact {
             return exact.iter().any(|literal| literal == value);
         }
-        (!self.has_include || self.include.is_match(value)) && !self.exclude.is_match(value)
-    }
-
-    /// The values these patterns take when they are all literal (no glob
-    /// character, no exclusion): then they match exactly those strings.
-    fn literals(&self) -> Option<Vec<String>> {
-        let literal = |p: &String| !p.is_empty() && !p.contains(['*', '?', '[', ']', '{', '}', '\\', '!']);
-        (self.has_include && self.written.iter().all(literal)).then(|| self.written.clone())
+        (self.includes.is_empty() || self.include.is_match(value)) && !self.exclude.is_match(value)
     }
 }
 
@@ -374,7 +364,7 @@ impl Route {
     pub(super) fn repo_globs(&self) -> Option<&[Glob]> {
         self.repos
             .as_ref()
-            .filter(|p| p.has_include)
+            .filter(|p| !p.includes.is_empty())
             .map(|p| p.includes.as_slice())
     }
 
@@ -506,8 +496,8 @@ mod tests {
             "acme/api/x",
             "",
         ] {
-            let by_glob =
-                (!literal.has_include || literal.include.is_match(value)) && !literal.exclude.is_match(value);
+            let by_glob = (literal.includes.is_empty() || literal.include.is_match(value))
+                && !literal.exclude.is_match(value);
             assert_eq!(literal.matches(value), by_glob, "{value:?}");
         }
     }
