@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{StatusCode, header};
+use serde::Serialize;
 use serde_json::json;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::app::App;
 use crate::clock::{stopwatch, wall_time};
@@ -25,7 +27,7 @@ use crate::explain::{self, ExplainError};
 use crate::guard::Dropped;
 use crate::ingress::{IngressError, Parsed, RequestLimits, Source, Webhook};
 use crate::pipeline::PipelineState;
-use crate::routing::{self, Plan};
+use crate::routing::{self, Plan, Rejected};
 use crate::shadow;
 use crate::store::{HeldBack, Ingested, NewEvent, NewJob, StoreError, StoredEvent};
 use crate::web::{Body, json_response};
@@ -241,13 +243,13 @@ async fn commit(
             }
             Ok(json_response(
                 StatusCode::ACCEPTED,
-                &json!({
-                    "event": webhook.id(),
-                    "jobs": planned - held_back.len(),
-                    "routes": plan.route_names(),
-                    "dropped": dropped,
-                    "rejected": plan.rejected_json(),
-                }),
+                &Accepted {
+                    dropped,
+                    event: webhook.id(),
+                    jobs: planned - held_back.len(),
+                    rejected: plan.rejected(),
+                    routes: plan.route_names(),
+                },
             ))
         }
         Ingested::Duplicate(original) => {
@@ -260,6 +262,17 @@ async fn commit(
             Ok(json_response(StatusCode::OK, &json!({ "duplicate": original })))
         }
     }
+}
+
+/// The 202's body: what became of an accepted webhook. Fields are declared
+/// in the order the answer has always listed them (by name).
+#[derive(Serialize)]
+struct Accepted<'a> {
+    dropped: Vec<&'a Dropped>,
+    event: Uuid,
+    jobs: usize,
+    rejected: Vec<Rejected<'a>>,
+    routes: Vec<&'a str>,
 }
 
 /// For each pipeline event, what started the pipeline it reports when relay
@@ -431,5 +444,43 @@ fn log_accepted(webhook: &Webhook, events: &[Event], plan: &Plan, held_back: &[H
                 "job is dead at once: its request cannot be built"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Senders and scripts read the 202's body; writing it from a typed
+    /// struct instead of a `json!` map must not change a byte of it.
+    #[test]
+    fn the_accepted_answer_is_byte_for_byte_what_the_json_map_wrote() {
+        let dropped = Dropped {
+            reason: "hop 5 is past the limit of 4".into(),
+            route: Some("builds".into()),
+            rule: "hop_limit".into(),
+            target: None,
+        };
+        let id = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);
+        let answer = Accepted {
+            dropped: vec![&dropped],
+            event: id,
+            jobs: 1,
+            rejected: vec![Rejected {
+                reason: "{{ nope }} is undefined",
+                route: "deploys",
+                target: "gitlab",
+            }],
+            routes: vec!["builds", "deploys"],
+        };
+        let before = json!({
+            "event": id,
+            "jobs": 1,
+            "routes": ["builds", "deploys"],
+            "dropped": [&dropped],
+            "rejected": [json!({ "route": "deploys", "target": "gitlab", "reason": "{{ nope }} is undefined" })],
+        });
+        let written = serde_json::to_vec(&answer).expect("the answer serializes");
+        assert_eq!(String::from_utf8(written).expect("utf-8"), before.to_string());
     }
 }

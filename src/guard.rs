@@ -133,14 +133,15 @@ pub fn screen(guard: &LoopGuard, origin: &Origin<'_>, event: &Event, hop: u32) -
 }
 
 /// Something the loop guard held back, and why. Stored with the event,
-/// answered to the sender and counted by rule.
+/// answered to the sender and counted by rule. Its fields are declared in
+/// the order the answer has always listed them (by name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Dropped {
+    pub reason: String,
     pub route: Option<String>,
-    pub target: Option<String>,
     /// The rule's stable name (`RULE_*`).
     pub rule: String,
-    pub reason: String,
+    pub target: Option<String>,
 }
 
 /// The rules a store applies to one job when committing it, because they

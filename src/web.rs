@@ -5,13 +5,27 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
+use serde::Serialize;
 
 /// Every response body relay sends is small and complete.
 pub type Body = Full<Bytes>;
 
-/// A JSON response with the given status.
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+/// A JSON response with the given status. The body is written straight to
+/// bytes (not through `Display`, which formats a character at a time: the
+/// 202's body was 1% of relay's CPU at 32 connections).
+pub fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let (status, body) = match serde_json::to_vec(value) {
+        Ok(body) => (status, body),
+        // Only a map whose keys JSON cannot spell fails; relay builds none,
+        // but a body it cannot write is still an answer, not a panic.
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "error": "internal", "message": e.to_string() })
+                .to_string()
+                .into_bytes(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -16,7 +16,7 @@ mod route;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use serde_json::json;
+use serde::Serialize;
 use uuid::Uuid;
 
 pub use context::context;
@@ -110,17 +110,27 @@ impl Plan {
     }
 
     /// Jobs that are dead on arrival, with the reason.
-    pub fn rejected_json(&self) -> serde_json::Value {
+    pub fn rejected(&self) -> Vec<Rejected<'_>> {
         self.jobs
             .iter()
             .filter_map(|j| {
-                j.request
-                    .as_ref()
-                    .err()
-                    .map(|reason| json!({ "route": j.route, "target": j.target, "reason": reason }))
+                j.request.as_ref().err().map(|reason| Rejected {
+                    reason,
+                    route: &j.route,
+                    target: &j.target,
+                })
             })
             .collect()
     }
+}
+
+/// A job dead on arrival, as the webhook's answer lists it (fields in the
+/// order the answer has always had them: by name).
+#[derive(Debug, Serialize)]
+pub struct Rejected<'a> {
+    pub reason: &'a str,
+    pub route: &'a str,
+    pub target: &'a str,
 }
 
 /// Evaluates every route for every event and renders the requests to queue;
