@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::info;
 
 use super::outcome::{self, Outcome};
-use super::{Kind, Outbound, Target, circleci, circleci_v1, gitlab, response_message};
+use super::{Kind, Outbound, Target, circleci_answers, circleci_v1, gitlab, response_message};
 use crate::pipeline::Pipeline;
 use crate::request::PreparedRequest;
 
@@ -140,7 +140,7 @@ impl Target {
     /// something its message does not say.
     fn advice(&self, request: &PreparedRequest, status: u16, body: &[u8]) -> Option<&'static str> {
         match &self.kind {
-            Kind::CircleCi(_) => circleci::advice(request, status),
+            Kind::CircleCi(_) => circleci_answers::advice(request, status),
             Kind::CircleCiV1(_) => circleci_v1::advice(status, body),
             Kind::Gitlab(_) => gitlab::advice(status, body),
             Kind::Status(api) => api.advice(status, body),
@@ -152,7 +152,7 @@ impl Target {
     /// answer; `None` for kinds that start no pipeline (`http`).
     fn read_pipeline(&self, request: &PreparedRequest, body: &[u8]) -> Option<Result<Pipeline, String>> {
         match &self.kind {
-            Kind::CircleCi(_) => Some(circleci::pipeline(request, body)),
+            Kind::CircleCi(_) => Some(circleci_answers::pipeline(request, body)),
             Kind::CircleCiV1(_) => Some(circleci_v1::pipeline(body)),
             Kind::Gitlab(_) => Some(gitlab::pipeline(body)),
             Kind::Http(_) | Kind::Status(_) => None,

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::exchange::read_limited;
-use super::{Kind, Outbound, Target, USER_AGENT, circleci, gitlab, outcome, response_message};
+use super::{
+    Kind, Outbound, Target, USER_AGENT, circleci, circleci_answers, gitlab, outcome, response_message,
+};
 use crate::config::compiler::Compiler;
 use crate::config::raw::RawFollow;
 use crate::pipeline::PipelineState;
@@ -194,7 +196,7 @@ impl Target {
                 token_header: circleci::TOKEN_HEADER,
             };
             let page = match self.get(outbound, &request, timeout).await {
-                Ok(body) => circleci::read_workflow_page(&body),
+                Ok(body) => circleci_answers::read_workflow_page(&body),
                 Err(answer) => return answer,
             };
             let (items, next) = match page {
@@ -206,7 +208,7 @@ impl Target {
             if page_token.is_some() {
                 continue;
             }
-            if let Some(state) = circleci::workflows_state(&workflows) {
+            if let Some(state) = circleci_answers::workflows_state(&workflows) {
                 return PollAnswer::State(state);
             }
             let request = match t.pipeline_url(pipeline_id) {
@@ -217,9 +219,8 @@ impl Target {
                 Err(why) => return PollAnswer::Refused(why),
             };
             return match self.get(outbound, &request, timeout).await {
-                Ok(body) => {
-                    circleci::read_pipeline_state(&body).map_or_else(PollAnswer::Retry, PollAnswer::State)
-                }
+                Ok(body) => circleci_answers::read_pipeline_state(&body)
+                    .map_or_else(PollAnswer::Retry, PollAnswer::State),
                 Err(answer) => answer,
             };
         }

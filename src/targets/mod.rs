@@ -15,6 +15,7 @@
 //! or when to poll.
 
 mod circleci;
+mod circleci_answers;
 mod circleci_v1;
 mod exchange;
 mod follow;
