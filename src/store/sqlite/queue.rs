@@ -205,12 +205,14 @@ fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), St
 }
 
 /// Claims of expired leases and of due jobs, made once: the claim runs
-/// for every batch the dispatcher takes.
+/// for every batch the dispatcher takes. Lapsed leases are read through
+/// `jobs_lease` by name: left to itself, SQLite takes `jobs_created` for
+/// `target = ?` and reads the target's whole history (schema V12).
 static CLAIM_EXPIRED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE OR FAIL jobs SET state = 'in_flight', claim_id = ?1, lease_until = ?2, updated_at = ?3
          WHERE rowid IN (
-             SELECT rowid FROM jobs
+             SELECT rowid FROM jobs INDEXED BY jobs_lease
              WHERE state = 'in_flight' AND lease_until <= ?3 AND target = ?4
              ORDER BY lease_until LIMIT ?5)
          RETURNING {CLAIM_COLUMNS}"

@@ -398,3 +398,53 @@ fn the_next_wakeup_and_the_oldest_due_job_are_the_earliest_of_any_target() {
         "the jobs queued elsewhere came due a minute ago, not at {wakeup:?}"
     );
 }
+
+/// Inserts `count` finished jobs of `target`, with their events: the
+/// history retention keeps.
+fn finished_history(conn: &Connection, target: &str, count: u64) {
+    conn.execute_batch("BEGIN").unwrap();
+    let now = super::to_millis(wall_time());
+    let mut event = conn
+        .prepare(
+            "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary, codec)
+             VALUES (?1, 'github', ?1, 'push', ?2, 'application/json', x'7b7d', 0, '{}', 0)",
+        )
+        .unwrap();
+    let mut job = conn
+        .prepare(
+            "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at,
+                               created_at, updated_at, repo, sha)
+             VALUES (?1, ?2, 'builds', ?3, 'done', '{}', 0, ?4, ?4, ?4, 'acme/api', 'x')",
+        )
+        .unwrap();
+    for n in 0..count {
+        let event_id = Uuid::now_v7().to_string();
+        let at = now - 600_000 + i64::try_from(n).unwrap();
+        event.execute(params![event_id, at]).unwrap();
+        job.execute(params![Uuid::now_v7().to_string(), event_id, target, at])
+            .unwrap();
+    }
+    super::count_inserted(conn, JobState::Done, usize::try_from(count).unwrap()).unwrap();
+    drop((event, job));
+    conn.execute_batch("COMMIT").unwrap();
+}
+
+#[test]
+fn a_claim_reads_none_of_its_targets_finished_jobs() {
+    let counter = Counter::new();
+    let lease = Duration::from_secs(60);
+    let claim = |conn: &Connection| {
+        let claimed = queue::claim(conn, "api", 8, lease, wall_time()).unwrap();
+        assert!(claimed.is_empty(), "nothing is due");
+    };
+    counter.count(claim);
+    let empty = counter.count(claim);
+    counter.count(|conn| finished_history(conn, "api", QUEUED_ELSEWHERE));
+    let full = counter.count(claim);
+    assert!(
+        full <= empty + empty / 4,
+        "a claim with nothing due took {empty} SQLite instructions on an empty store and {full} \
+         with {QUEUED_ELSEWHERE} finished jobs of its target: it reads the target's history \
+         instead of the jobs in flight"
+    );
+}

@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -240,6 +240,17 @@ const V11: &str = "
 DROP TRIGGER jobs_counted_insert;
 ";
 
+/// A job's lease is found through `jobs_lease` (V9) alone. The per-target
+/// `jobs_leased` (V3) cost every job an entry written when it was leased and
+/// removed when it finished, and one more page on most commits; the claim
+/// of lapsed leases, its one reader on the delivery path, now walks
+/// `jobs_lease` up to the present and keeps its own target's, which is as
+/// short: only jobs in flight are in it, at most the targets' send slots
+/// (`relay` requeues every one at start), and only the lapsed are read.
+const V12: &str = "
+DROP INDEX jobs_leased;
+";
+
 fn lock_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
@@ -427,7 +438,6 @@ mod tests {
                 "jobs_event",
                 "jobs_follow",
                 "jobs_lease",
-                "jobs_leased",
                 "jobs_pipeline",
                 "jobs_queued",
                 "jobs_report_of",

@@ -192,7 +192,8 @@ pub(super) fn event(conn: &Connection, id: Uuid) -> Result<Option<Stored>, Store
 /// target's queue, and its jobs created since `since`: how they ended,
 /// the newest error, the mean attempt. Every query is one source's or one
 /// target's, so it reads a range of an index (`events_received`,
-/// `jobs_queued`, `jobs_leased`, `jobs_created`).
+/// `jobs_queued`, `jobs_created`), but for the jobs in flight, read from
+/// `jobs_lease`, which holds only those of every target.
 pub(super) fn activity(
     conn: &Connection,
     sources: &[String],
@@ -227,7 +228,9 @@ pub(super) fn activity(
         )?;
         let in_flight = count(
             conn,
-            "SELECT COUNT(*) FROM jobs WHERE target = ?1 AND state = 'in_flight'",
+            // The in-flight jobs of every target, few, not this target's
+            // history through `jobs_created` (schema V12).
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_lease WHERE target = ?1 AND state = 'in_flight'",
             params![target],
         )?;
         let done = count(
