@@ -241,12 +241,13 @@ DROP TRIGGER jobs_counted_insert;
 ";
 
 /// A job's lease is found through `jobs_lease` (V9) alone. The per-target
-/// `jobs_leased` (V3) cost every job an entry written when it was leased and
-/// removed when it finished, and one more page on most commits; the claim
-/// of lapsed leases, its one reader on the delivery path, now walks
-/// `jobs_lease` up to the present and keeps its own target's, which is as
-/// short: only jobs in flight are in it, at most the targets' send slots
-/// (`relay` requeues every one at start), and only the lapsed are read.
+/// `jobs_leased` (V3) cost every job an entry written when it was leased
+/// and removed when it finished, and one more page on most commits. Its
+/// two readers, the claim of lapsed leases and the status page's count of
+/// a target's jobs in flight, now read `jobs_lease` and keep their
+/// target's rows: it holds only jobs in flight, at most the targets' send
+/// slots (relay requeues them all when it starts), and the claim reads
+/// only the lapsed ones.
 const V12: &str = "
 DROP INDEX jobs_leased;
 ";
