@@ -24,10 +24,7 @@ pub(super) fn pipeline(request: &PreparedRequest, body: &[u8]) -> Result<Pipelin
     }
     let created: Created =
         serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's pipeline JSON".to_owned())?;
-    let state = match created.state.as_deref() {
-        Some("errored") => PipelineState::Error,
-        _ => PipelineState::Created,
-    };
+    let state = created_state(created.state.as_deref());
     let url = created.number.and_then(|number| {
         let path = request.url.split_once("/api/v2/project/")?.1;
         let slug = path
@@ -60,10 +57,17 @@ pub(super) fn read_pipeline_state(body: &[u8]) -> Result<PipelineState, String> 
     }
     let created: Created =
         serde_json::from_slice(body).map_err(|_| "the answer is not CircleCI's pipeline JSON".to_owned())?;
-    Ok(match created.state.as_deref() {
+    Ok(created_state(created.state.as_deref()))
+}
+
+/// A pipeline's `state` as CircleCI writes it in a 201 and in `GET
+/// /pipeline/{id}`: `errored` is its end (its config could not run);
+/// anything else is not started yet.
+fn created_state(state: Option<&str>) -> PipelineState {
+    match state {
         Some("errored") => PipelineState::Error,
         _ => PipelineState::Created,
-    })
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -184,5 +188,34 @@ mod tests {
             Some(Success)
         );
         assert_eq!(workflows_state(&[w("b", "not_run", t0)]), Some(Canceled));
+    }
+
+    #[test]
+    fn an_errored_pipeline_has_ended_in_a_201_and_when_polled() {
+        use super::{pipeline, read_pipeline_state};
+        use crate::pipeline::PipelineState::*;
+        use crate::request::{Auth, PreparedRequest, RequestBody};
+        let request = PreparedRequest {
+            url: "https://circleci.com/api/v2/project/gh/acme/api/pipeline".into(),
+            headers: Vec::new(),
+            body: RequestBody::Text("{}".into()),
+            auth: Auth::None,
+        };
+        let id = "5034460f-c7c4-4c43-9457-de07e2029e7b";
+        for (state, expected) in [("errored", Error), ("created", Created), ("setup", Created)] {
+            let body = format!(r#"{{"id":"{id}","number":7,"state":"{state}"}}"#);
+            let started = pipeline(&request, body.as_bytes()).unwrap();
+            assert_eq!(started.state, expected, "{state} in a 201");
+            assert_eq!(
+                started.url.as_deref(),
+                Some("https://app.circleci.com/pipelines/github/acme/api/7")
+            );
+            assert_eq!(
+                read_pipeline_state(body.as_bytes()),
+                Ok(expected),
+                "{state} polled"
+            );
+        }
+        assert!(read_pipeline_state(b"<html>").is_err());
     }
 }
