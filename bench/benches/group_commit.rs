@@ -37,6 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use relay::guard::JobLimits;
+use relay::pipeline::{Pipeline, PipelineState};
 use relay::request::{Auth, PreparedRequest, RequestBody};
 use relay::store::{
     AttemptRecord, Completion, Ingested, Lease, MAX_BATCH, NewEvent, NewJob, NextState, SqliteStore, Store,
@@ -185,9 +186,11 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
 }
 
 /// A completion of `job` that ends it: delivered, as the harness's mock
-/// answers.
+/// answers, with a pipeline of its own (a random id, as CircleCI's are,
+/// which the store indexes).
 fn delivered(job_id: Uuid, claim: Uuid) -> Completion {
     let now = SystemTime::now();
+    let pipeline = Uuid::new_v4();
     Completion {
         job_id,
         claim,
@@ -196,9 +199,14 @@ fn delivered(job_id: Uuid, claim: Uuid) -> Completion {
             duration: Duration::from_millis(1),
             status: Some(201),
             outcome: "delivered",
-            excerpt: r#"201: {"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created"}"#.to_owned(),
+            excerpt: format!(r#"201: {{"id":"{pipeline}","state":"created","number":1}}"#),
         },
-        pipeline: None,
+        pipeline: Some(Pipeline {
+            id: pipeline.to_string(),
+            number: Some(1),
+            url: Some("https://app.circleci.com/pipelines/gh/acme/api/1".to_owned()),
+            state: PipelineState::Created,
+        }),
         next: NextState::Done,
         at: now,
         follow: None,

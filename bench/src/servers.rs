@@ -16,10 +16,21 @@ use tokio::net::TcpListener;
 
 type Response = http::Response<Full<Bytes>>;
 
-fn respond(status: u16, body: &'static str) -> Response {
-    let mut response = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn respond(status: u16, body: impl Into<Bytes>) -> Response {
+    let mut response = http::Response::new(Full::new(body.into()));
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     response
+}
+
+/// CircleCI's `201` to a trigger: a pipeline of its own, as the real one
+/// answers (PROTOCOLS B1). Its id is a random UUID, so relay's index of
+/// pipeline ids takes each at a random place, as in production; one id for
+/// every trigger would append them all at one spot and hide that write.
+fn pipeline_created(number: usize) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"id":"{}","state":"created","number":{number},"created_at":"2026-11-22T10:00:00Z"}}"#,
+        uuid::Uuid::new_v4()
+    ))
 }
 
 /// Which baseline to serve.
@@ -118,7 +129,7 @@ impl MockCircle {
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
                             let at = Instant::now();
-                            mock.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let number = mock.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                             if record
                                 && let Ok(trigger) = serde_json::from_slice::<Trigger>(&body)
                                 && let Some(serde_json::Value::String(d)) = trigger.parameters.get("delivery")
@@ -126,10 +137,7 @@ impl MockCircle {
                             {
                                 arrivals.insert(d.clone(), at);
                             }
-                            Ok::<_, Infallible>(respond(
-                                201,
-                                r#"{"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created","number":1,"created_at":"2026-11-22T10:00:00Z"}"#,
-                            ))
+                            Ok::<_, Infallible>(respond(201, pipeline_created(number)))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -155,6 +163,8 @@ pub struct MockPaused {
     pub arrivals: Arc<Mutex<Vec<Instant>>>,
     /// Triggers arrived and not answered yet.
     pub held: Arc<std::sync::atomic::AtomicUsize>,
+    /// Triggers answered 201: the pipelines' numbers.
+    answered: Arc<std::sync::atomic::AtomicUsize>,
     /// Told of every arrival (a permit is kept when nobody waits).
     pub arrival: Arc<tokio::sync::Notify>,
 }
@@ -166,6 +176,7 @@ impl MockPaused {
             refuse: Arc::new(tokio::sync::Semaphore::new(0)),
             arrivals: Arc::default(),
             held: Arc::default(),
+            answered: Arc::default(),
             arrival: Arc::default(),
         }
     }
@@ -203,10 +214,9 @@ impl MockPaused {
                             };
                             mock.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                             if released {
-                                Ok::<_, Infallible>(respond(
-                                    201,
-                                    r#"{"id":"5034460f-c7c4-4c43-9457-de07e2029e7b","state":"created","number":1,"created_at":"2026-11-22T10:00:00Z"}"#,
-                                ))
+                                let number =
+                                    mock.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                                Ok::<_, Infallible>(respond(201, pipeline_created(number)))
                             } else {
                                 Ok(respond(503, "paused"))
                             }
