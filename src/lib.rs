@@ -32,6 +32,10 @@ pub(crate) mod accept;
 pub(crate) mod admin;
 pub(crate) mod app;
 pub(crate) mod catchup;
+/// The commit relay was built from (`build.rs`: 12 hex digits, `-dirty` for
+/// uncommitted changes, or `unknown` outside a Git checkout).
+pub const GIT_COMMIT: &str = env!("RELAY_GIT_COMMIT");
+
 pub mod cli;
 pub(crate) mod clock;
 pub mod config;

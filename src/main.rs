@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use relay::GIT_COMMIT;
 use relay::cli::encode;
 use relay::config::Config;
 use relay::daemon::Control;
@@ -28,10 +29,6 @@ use remote::{EventsAction, JobsAction, admin_command, catch_up, events, jobs, sh
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EX_CONFIG: u8 = 78;
-
-/// The commit relay was built from (`build.rs`: 12 hex digits, `-dirty` for
-/// uncommitted changes, or `unknown` outside a Git checkout).
-const GIT_COMMIT: &str = env!("RELAY_GIT_COMMIT");
 
 #[derive(Debug, Parser)]
 #[command(

@@ -405,6 +405,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         when: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         machine,
         relay: relay_version(&ws.relay_binary),
+        harness: ::relay::GIT_COMMIT.to_owned(),
         duration_secs: options.duration.as_secs(),
         runs: options.runs,
         payload_bytes: ws.body.len(),

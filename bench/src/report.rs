@@ -17,6 +17,10 @@ pub struct Report {
     pub machine: String,
     /// The measured relay's `--version` line.
     pub relay: String,
+    /// The commit the harness was built from: its load and its mocks
+    /// decide what is measured as much as relay does (before b18dc32 the
+    /// mock CircleCI gave every trigger one pipeline id).
+    pub harness: String,
     pub duration_secs: u64,
     pub runs: usize,
     pub payload_bytes: usize,
@@ -51,9 +55,10 @@ pub fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{} · {} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
+        "\n{} · {} · harness {} · {} KB signed GitHub push · {}s per run · median of {} runs (spread: min–max req/s)\n",
         report.machine,
         report.relay,
+        report.harness,
         report.payload_bytes / 1024,
         report.duration_secs,
         report.runs
@@ -321,6 +326,7 @@ mod tests {
             when: "2026-12-05T17:00:00Z".to_owned(),
             machine: "2 CPUs".to_owned(),
             relay: "relay 0.1.0".to_owned(),
+            harness: "b18dc32f88c4".to_owned(),
             duration_secs: 5,
             runs: 3,
             payload_bytes: 7 * 1024,
