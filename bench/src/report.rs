@@ -345,6 +345,21 @@ mod tests {
     }
 
     #[test]
+    fn the_harness_commit_is_printed_and_written_beside_relays() {
+        let report = report_with_postgres_drains();
+        let printed = table(&report);
+        let header = printed.lines().find(|l| !l.is_empty()).expect("a header");
+        assert_eq!(
+            header,
+            "2 CPUs · relay 0.1.0 · harness b18dc32f88c4 · 7 KB signed GitHub push · 5s per run · \
+             median of 3 runs (spread: min–max req/s)"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["harness"], "b18dc32f88c4");
+        assert_eq!(json["relay"], "relay 0.1.0");
+    }
+
+    #[test]
     fn both_postgres_drains_are_printed_and_written() {
         let report = report_with_postgres_drains();
         let printed = table(&report);

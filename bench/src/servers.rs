@@ -231,3 +231,39 @@ impl MockPaused {
         Ok(addr)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each trigger gets a pipeline of its own, as CircleCI answers: a
+    /// random (v4) id never given before, and the next number.
+    #[tokio::test]
+    async fn the_mock_circleci_answers_each_trigger_with_a_pipeline_of_its_own() {
+        let mock = MockCircle::default();
+        let addr = mock.clone().start(false).await.expect("mock starts");
+        let client = relay::sends::http_client(std::time::Duration::from_secs(5)).expect("client");
+        let mut pipelines = Vec::new();
+        for _ in 0..2 {
+            let answer = client
+                .post(format!("http://{addr}/api/v2/project/gh/acme/api/pipeline"))
+                .body("{}")
+                .send()
+                .await
+                .expect("the mock answers");
+            assert_eq!(answer.status(), 201);
+            let body: serde_json::Value =
+                serde_json::from_slice(&answer.bytes().await.expect("body")).expect("JSON");
+            pipelines.push(body);
+        }
+        let id =
+            |n: usize| uuid::Uuid::parse_str(pipelines[n]["id"].as_str().expect("an id")).expect("a UUID");
+        assert_eq!(id(0).get_version_num(), 4);
+        assert_eq!(id(1).get_version_num(), 4);
+        assert_ne!(id(0), id(1), "two triggers, one pipeline id");
+        assert_eq!(pipelines[0]["number"], 1);
+        assert_eq!(pipelines[1]["number"], 2);
+        assert_eq!(pipelines[0]["state"], "created");
+        assert_eq!(mock.count.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+}
