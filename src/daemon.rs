@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::app::App;
 use crate::config::Config;
 use crate::server::{self, Listeners, Role, Service, TurnedAway};
-use crate::store::{self, Maintain, Store, StoreError};
+use crate::store::{self, Maintain, Purged, Store, StoreError};
 use crate::web::Body;
 use crate::{accept, admin, catchup, dispatch, follower, payload};
 
@@ -215,27 +215,30 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     notes
 }
 
-/// Events deleted per batch of the retention purge.
+/// Events, and expired dedupe keys, deleted per batch of the retention purge.
 const PURGE_BATCH: usize = 200;
 
-/// One pass of the retention purge: batches until one comes back short, or
-/// the store fails (said, and left for the next pass). After each batch it
-/// waits as long as the batch took, so the purge has half the store's time
-/// at most: a webhook arriving meanwhile waits for one batch, never for a
-/// run of them. How many events it deleted; `None` at shutdown.
+/// One pass of the retention purge: batches until one comes back short of
+/// events with no more dedupe keys to look at, or the store fails (said, and left for the
+/// next pass). After each batch it waits as long as the batch took, so the
+/// purge has half the store's time at most: a webhook arriving meanwhile
+/// waits for one batch, never for a run of them. What it deleted; `None`
+/// at shutdown.
 async fn purge_pass(
     store: &dyn Maintain,
     before: SystemTime,
     now: impl Fn() -> SystemTime,
     shutdown: &CancellationToken,
-) -> Option<u64> {
-    let mut purged = 0;
+) -> Option<Purged> {
+    let mut purged = Purged::default();
     loop {
         let started = crate::clock::stopwatch();
         match store.purge(before, now(), PURGE_BATCH).await {
-            Ok(n) => {
-                purged += n;
-                if n < PURGE_BATCH as u64 {
+            Ok(batch) => {
+                purged.events += batch.events;
+                purged.dedupe_keys += batch.dedupe_keys;
+                purged.more_keys = batch.more_keys;
+                if !batch.was_full(PURGE_BATCH) {
                     return Some(purged);
                 }
                 let took = started.elapsed().min(Duration::from_secs(1));
@@ -263,8 +266,13 @@ async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
         let Some(purged) = purge_pass(&*app.store, before, || app.now(), &shutdown).await else {
             return;
         };
-        if purged > 0 {
-            info!(events = purged, retention = %humantime::format_duration(retention), "finished events purged");
+        if purged.events > 0 || purged.dedupe_keys > 0 {
+            info!(
+                events = purged.events,
+                dedupe_keys = purged.dedupe_keys,
+                retention = %humantime::format_duration(retention),
+                "finished events purged"
+            );
         }
         let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
         tokio::select! {
@@ -280,24 +288,60 @@ mod tests {
 
     use super::*;
 
-    /// A store whose every purge takes 40 ms and deletes a full batch, three
-    /// times; it notes when each began and what it was asked.
+    /// A store whose every purge takes 40 ms and deletes what `batches`
+    /// says, in turn (three full batches of events unless told), then
+    /// nothing; it notes when each began and what it was asked.
     #[derive(Debug, Default)]
     struct SlowPurge {
+        batches: Vec<Purged>,
         calls: Mutex<Vec<(tokio::time::Instant, usize)>>,
     }
 
     #[async_trait::async_trait]
     impl Maintain for SlowPurge {
-        async fn purge(&self, _: SystemTime, _: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        async fn purge(&self, _: SystemTime, _: SystemTime, limit: usize) -> Result<Purged, StoreError> {
             let call = {
                 let mut calls = self.calls.lock().unwrap();
                 calls.push((crate::clock::stopwatch(), limit));
                 calls.len()
             };
             tokio::time::sleep(Duration::from_millis(40)).await;
-            Ok(if call <= 3 { limit as u64 } else { 0 })
+            let full = Purged {
+                events: limit as u64,
+                ..Purged::default()
+            };
+            let planned = if self.batches.is_empty() {
+                &[full; 3][..]
+            } else {
+                &self.batches[..]
+            };
+            Ok(planned.get(call - 1).copied().unwrap_or_default())
         }
+    }
+
+    /// A batch that stopped short of the dedupe keys means more may wait,
+    /// though its events came short and it forgot none; the keys are
+    /// counted apart from the events.
+    #[tokio::test(start_paused = true)]
+    async fn the_purge_goes_on_while_dedupe_keys_remain_to_be_seen() {
+        let batch = |events: usize, dedupe_keys: usize, more_keys: bool| Purged {
+            events: events as u64,
+            dedupe_keys: dedupe_keys as u64,
+            more_keys,
+        };
+        let store = SlowPurge {
+            batches: vec![batch(3, PURGE_BATCH, true), batch(0, 0, true), batch(0, 7, false)],
+            ..SlowPurge::default()
+        };
+        let purged = purge_pass(
+            &store,
+            SystemTime::UNIX_EPOCH,
+            crate::clock::wall_time,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(purged, Some(batch(3, PURGE_BATCH + 7, false)));
+        assert_eq!(store.calls.lock().unwrap().len(), 3);
     }
 
     /// The purge leaves the store to webhooks between its batches, for as
@@ -312,7 +356,13 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        assert_eq!(purged, Some(3 * PURGE_BATCH as u64));
+        assert_eq!(
+            purged,
+            Some(Purged {
+                events: 3 * PURGE_BATCH as u64,
+                ..Purged::default()
+            })
+        );
         let calls = store.calls.lock().unwrap().clone();
         assert_eq!(calls.len(), 4, "three full batches, then a short one");
         assert!(calls.iter().all(|(_, limit)| *limit == PURGE_BATCH));

@@ -21,7 +21,7 @@ use crate::pipeline::PipelineState;
 
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, JobDetail, JobFilter,
-    JobView, NewEvent, PollRecord, QueueStats, Requeued, ShadowFilter, StoreError, StoredEvent,
+    JobView, NewEvent, PollRecord, Purged, QueueStats, Requeued, ShadowFilter, StoreError, StoredEvent,
 };
 
 /// The queue itself: what the accept path and the dispatcher need to take
@@ -175,9 +175,11 @@ pub trait Inspect: Send + Sync + fmt::Debug {
 #[async_trait]
 pub trait Maintain: Send + Sync + fmt::Debug {
     /// Deletes up to `limit` events received before `before` whose jobs are
-    /// all finished, with their jobs, attempts and drops, and forgets dedupe
-    /// keys expired at `now`; returns how many events.
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
+    /// all finished, with their jobs, attempts and drops, and forgets at
+    /// most `limit` dedupe keys expired at `now`, going on from where the
+    /// last batch stopped. Each batch costs the same however many are
+    /// waiting: on SQLite it holds the writer while it runs.
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError>;
 }
 
 /// Following pipelines by polling their CI: which polls are due, and what

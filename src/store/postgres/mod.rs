@@ -91,8 +91,8 @@ pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
-    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued, ShadowFilter,
-    StoreError, StoredEvent,
+    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Purged, Queue, QueueStats, Requeued,
+    ShadowFilter, StoreError, StoredEvent,
 };
 use crate::config::PostgresSettings;
 use crate::event::Upstream;
@@ -474,7 +474,7 @@ impl Polls for PostgresStore {
 
 #[async_trait]
 impl Maintain for PostgresStore {
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError> {
         views::purge(self, before, now, limit).await
     }
 }

@@ -17,7 +17,7 @@ use crate::store::{SchemaStatus, StoreError};
 /// The schema, one migration per version, applied in order inside one
 /// transaction; `relay_schema` records how far a database has come. Never
 /// edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -495,6 +495,13 @@ DROP INDEX jobs_due;
 CREATE INDEX jobs_due ON jobs (due_at) WHERE state = 'queued' AND claim_id IS NULL;
 DROP INDEX jobs_lease;
 CREATE INDEX jobs_lease ON jobs (lease_until) WHERE state = 'in_flight' AND claim_id IS NOT NULL;
+";
+
+/// Dedupe keys are forgotten oldest first, a bounded batch at a time: the
+/// purge used to read the whole table and delete every expired key in one
+/// statement, a transaction the size of a busy hour's triggers.
+const V13: &str = "
+CREATE INDEX dedupe_expiry ON dedupe (expires_at);
 ";
 
 /// The advisory lock that serialises migrations between relays starting at

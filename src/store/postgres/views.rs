@@ -19,7 +19,7 @@ use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable, unsynced};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
+    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, Purged, QueueStats, Requeued,
     ShadowFilter, SourceActivity, StoreError, StoredEvent, TargetActivity,
 };
 
@@ -416,16 +416,23 @@ pub(super) async fn purge(
     before: SystemTime,
     now: SystemTime,
     limit: usize,
-) -> Result<u64, StoreError> {
+) -> Result<Purged, StoreError> {
     within("purge", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // The outer condition is checked again on a row an ingest has just
+        // taken back (its key expired, its window begun anew): that key is
+        // kept.
         let stmt = client
-            .prepare_cached("DELETE FROM dedupe WHERE expires_at <= now()")
+            .prepare_cached(
+                "DELETE FROM dedupe WHERE expires_at <= now() AND (target, key) IN (
+                     SELECT target, key FROM dedupe WHERE expires_at <= now() ORDER BY expires_at LIMIT $1)",
+            )
             .await
             .map_err(|e| unavailable(&e))?;
         // Like SQLite's purge, these commit without waiting for the flush:
         // a purge a crash of the server takes back is simply done again.
-        unsynced(&client, client.execute(&stmt, &[])).await?;
+        let dedupe_keys = unsynced(&client, client.execute(&stmt, &[&limit])).await?;
         let stmt = client
             .prepare_cached(
                 "DELETE FROM events WHERE id IN (
@@ -437,8 +444,8 @@ pub(super) async fn purge(
             )
             .await
             .map_err(|e| unavailable(&e))?;
-        let (before, limit) = (offset(before, now), i64::try_from(limit).unwrap_or(i64::MAX));
-        let purged = unsynced(&client, client.execute(&stmt, &[&before, &limit])).await?;
+        let before = offset(before, now);
+        let events = unsynced(&client, client.execute(&stmt, &[&before, &limit])).await?;
         // The counts' deltas are folded here as well as on each read, so
         // they stay few where nothing reads the counts.
         let stmt = client
@@ -446,7 +453,11 @@ pub(super) async fn purge(
             .await
             .map_err(|e| unavailable(&e))?;
         unsynced(&client, client.execute(&stmt, &[])).await?;
-        Ok(purged)
+        Ok(Purged {
+            events,
+            dedupe_keys,
+            more_keys: dedupe_keys >= limit as u64,
+        })
     })
     .await
 }

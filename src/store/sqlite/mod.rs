@@ -40,7 +40,7 @@ mod writer;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -60,7 +60,7 @@ use writer::{Durability, Writer};
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
-    JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued,
+    JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Purged, Queue, QueueStats, Requeued,
     ShadowFilter, StoreError, StoredEvent,
 };
 use crate::event::Upstream;
@@ -76,6 +76,8 @@ pub struct SqliteStore {
     /// second relay from dispatching the same jobs.
     _lock: File,
     path: PathBuf,
+    /// Where the retention purge's sweep of dedupe keys goes on from.
+    dedupe_sweep: Mutex<views::SweepFrom>,
 }
 
 impl SqliteStore {
@@ -118,6 +120,7 @@ impl SqliteStore {
             readers: Readers::new(path),
             _lock: lock,
             path: path.to_owned(),
+            dedupe_sweep: Mutex::default(),
         })
     }
 
@@ -461,12 +464,22 @@ impl Polls for SqliteStore {
 
 #[async_trait]
 impl Maintain for SqliteStore {
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError> {
+        let from = self
+            .dedupe_sweep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         // A purge a power cut takes back is done again: it need not wait
         // for the disk.
-        self.run(Durability::Committed, move |conn| {
-            views::purge(conn, before, now, limit)
-        })
-        .await
+        let (purged, next) = self
+            .run(Durability::Committed, move |conn| {
+                views::purge(conn, before, now, limit, &from)
+            })
+            .await?;
+        // Moved on only once the batch is committed: a failed one is looked
+        // at again.
+        *self.dedupe_sweep.lock().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(purged)
     }
 }

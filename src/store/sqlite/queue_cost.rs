@@ -343,7 +343,13 @@ fn the_kept_job_counts_match_the_rows() {
     // Retention deletes finished events, and their jobs with them.
     let done = |counts: &[(String, i64)]| counts.iter().find(|(state, _)| state == "done").map(|c| c.1);
     let done_before = done(&kept);
-    assert!(super::views::purge(conn, now + Duration::from_secs(3600), now, 1_000).unwrap() > 0);
+    assert!(
+        super::views::purge(conn, now + Duration::from_secs(3600), now, 1_000, &None)
+            .unwrap()
+            .0
+            .events
+            > 0
+    );
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after a purge");
     assert!(done(&kept) < done_before, "the purge deleted done jobs: {kept:?}");
@@ -458,4 +464,127 @@ fn a_claim_and_the_status_page_read_none_of_a_targets_finished_jobs() {
              instead of the jobs in flight"
         );
     }
+}
+
+/// Inserts `count` dedupe keys of `target` with random shas, as pushes make
+/// them, expiring one millisecond apart from `first_expiry_ms`.
+fn dedupe_keys(conn: &Connection, target: &str, count: u64, first_expiry_ms: i64) {
+    conn.execute_batch("BEGIN").unwrap();
+    let mut insert = conn
+        .prepare("INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)")
+        .unwrap();
+    for n in 0..count {
+        let key = format!("acme/api\nrefs/heads/main\n{}", Uuid::new_v4().simple());
+        insert
+            .execute(params![target, key, first_expiry_ms + i64::try_from(n).unwrap()])
+            .unwrap();
+    }
+    drop(insert);
+    conn.execute_batch("COMMIT").unwrap();
+}
+
+/// The keys of `target` whose expiry lies in `from..to` (ms).
+fn keys_between(conn: &Connection, target: &str, from: i64, to: i64) -> i64 {
+    conn.query_row(
+        "SELECT COUNT(*) FROM dedupe WHERE target = ?1 AND expires_at >= ?2 AND expires_at < ?3",
+        params![target, from, to],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Runs purge batches of `limit` (no event is old enough to go) until the
+/// sweep of dedupe keys ends; the keys forgotten by each batch.
+fn sweep_keys(conn: &Connection, now: std::time::SystemTime, limit: usize) -> Vec<u64> {
+    let mut from = None;
+    let mut batches = Vec::new();
+    loop {
+        let (purged, next) = views::purge(conn, std::time::UNIX_EPOCH, now, limit, &from).unwrap();
+        assert_eq!(purged.events, 0);
+        assert_eq!(purged.more_keys, next.is_some());
+        batches.push(purged.dedupe_keys);
+        if next.is_none() {
+            return batches;
+        }
+        from = next;
+    }
+}
+
+/// A batch of the retention purge holds the writer, and every webhook
+/// waiting on it: it looks at its limit of dedupe keys, at a cost that
+/// does not grow with how many expired (a busy hour leaves hundreds of
+/// thousands; deleting them in one statement held the writer for over a
+/// second), and the sweep forgets every expired key and no other.
+#[test]
+fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
+    let counter = Counter::new();
+    let now = wall_time();
+    let now_ms = super::to_millis(now);
+    let hour = 3_600_000;
+    let batch = |conn: &Connection| {
+        let (purged, next) = views::purge(conn, std::time::UNIX_EPOCH, now, 200, &None).unwrap();
+        assert!(purged.dedupe_keys <= 200 && next.is_some(), "{purged:?}");
+    };
+    counter.count(|conn| {
+        dedupe_keys(conn, "api", 50, now_ms + 600_000);
+        dedupe_keys(conn, "api", 1_000, now_ms - 2 * hour);
+    });
+    counter.count(batch);
+    let few = counter.count(batch);
+    counter.count(|conn| dedupe_keys(conn, "api", QUEUED_ELSEWHERE, now_ms - hour));
+    let many = counter.count(batch);
+    assert!(
+        many <= few + few / 4,
+        "a batch took {few} SQLite instructions among 1,050 keys and {many} among {}: \
+         it reads or deletes more than its limit",
+        1_050 + QUEUED_ELSEWHERE
+    );
+    counter.count(|conn| {
+        let left = keys_between(conn, "api", 0, i64::MAX);
+        let batches = sweep_keys(conn, now, 200);
+        assert!(batches.iter().all(|n| *n <= 200), "{batches:?}");
+        assert_eq!(
+            batches.len() as i64,
+            left / 200 + 1,
+            "each batch looked at 200 keys"
+        );
+        assert_eq!(
+            keys_between(conn, "api", 0, now_ms),
+            0,
+            "every expired key is forgotten"
+        );
+        assert_eq!(
+            keys_between(conn, "api", now_ms, i64::MAX),
+            50,
+            "keys in their window stay"
+        );
+    });
+}
+
+/// The keys a batch forgets are neighbours in the table's one B-tree, so a
+/// batch writes a few pages, not one a key: commits' shas are random, and
+/// forgetting them in order of expiry wrote 4 KB a key (1.6 GB for an
+/// hour's 360,000), as their insert did.
+#[test]
+fn forgetting_expired_keys_writes_a_few_pages_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let mut conn = Connection::open(&path).unwrap();
+    schema::prepare(&mut conn).unwrap();
+    let now = wall_time();
+    let keys = 20_000;
+    dedupe_keys(&conn, "api", keys, super::to_millis(now) - 3_600_000);
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    let forgotten = sweep_keys(&conn, now, 200);
+    assert_eq!(forgotten.iter().sum::<u64>(), keys);
+    let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0)).unwrap();
+    let wal = std::fs::metadata(dir.path().join("relay.db-wal")).unwrap().len();
+    let frames = wal / (u64::try_from(page).unwrap() + 24);
+    assert!(
+        frames < keys / 10,
+        "forgetting {keys} keys in {} batches wrote {frames} pages",
+        forgotten.len()
+    );
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
+    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, Purged, QueueStats, Requeued,
     ShadowFilter, SourceActivity, StoreError, TargetActivity,
 };
 
@@ -318,25 +318,60 @@ pub(super) fn requeue_where(
         .map_err(|e| unavailable(&e))
 }
 
+/// Where the sweep of dedupe keys stands: the first `(target, key)` the
+/// next batch looks at. `None`: the start.
+pub(super) type SweepFrom = Option<(String, String)>;
+
+/// One batch of the retention purge: up to `limit` finished events past
+/// `before`, and the next `limit` dedupe keys from `from` in key order,
+/// the expired among them (neighbours in the table's one B-tree, so a
+/// batch writes a few pages, not one a key). Says where the next batch of
+/// keys starts; `None` once the sweep has reached the end.
 pub(super) fn purge(
     conn: &Connection,
     before: SystemTime,
     now: SystemTime,
     limit: usize,
-) -> Result<u64, StoreError> {
-    conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")
-        .and_then(|mut stmt| stmt.execute(params![to_millis(now)]))
+    from: &SweepFrom,
+) -> Result<(Purged, SweepFrom), StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let (target, key) = from.clone().unwrap_or_default();
+    let next: SweepFrom = conn
+        .prepare_cached(
+            "SELECT target, key FROM dedupe WHERE (target, key) >= (?1, ?2) ORDER BY target, key LIMIT 1 OFFSET ?3",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![target, key, limit], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
         .map_err(|e| unavailable(&e))?;
-    conn.prepare_cached(
+    let dedupe_keys = match &next {
+        Some((next_target, next_key)) => conn
+            .prepare_cached(
+                "DELETE FROM dedupe
+                 WHERE (target, key) >= (?1, ?2) AND (target, key) < (?3, ?4) AND expires_at <= ?5",
+            )
+            .and_then(|mut stmt| stmt.execute(params![target, key, next_target, next_key, to_millis(now)])),
+        None => conn
+            .prepare_cached("DELETE FROM dedupe WHERE (target, key) >= (?1, ?2) AND expires_at <= ?3")
+            .and_then(|mut stmt| stmt.execute(params![target, key, to_millis(now)])),
+    }
+    .map_err(|e| unavailable(&e))? as u64;
+    let events = conn.prepare_cached(
         "DELETE FROM events WHERE id IN (
              SELECT id FROM events e
              WHERE e.received_at < ?1
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
              LIMIT ?2)",
     )
-    .and_then(|mut stmt| stmt.execute(params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)]))
-    .map(|n| n as u64)
-    .map_err(|e| unavailable(&e))
+    .and_then(|mut stmt| stmt.execute(params![to_millis(before), limit]))
+    .map_err(|e| unavailable(&e))? as u64;
+    let purged = Purged {
+        events,
+        dedupe_keys,
+        more_keys: next.is_some(),
+    };
+    Ok((purged, next))
 }
 
 pub(super) fn queue_stats(conn: &Connection, now: SystemTime) -> Result<QueueStats, StoreError> {
