@@ -8,8 +8,9 @@
 //! triggered), so any build's relay can be measured: the history is then
 //! copied from that event, its job and its attempt in plain SQL, each row
 //! with ids and times of its own and a short body, as a finished event is
-//! stored. [`EXPIRED`] of them are older than retention: relay's purge
-//! deletes them as it starts, while a probe sends webhooks at
+//! stored. [`EXPIRED`] of them are older than retention, and
+//! [`EXPIRED_KEYS`] dedupe keys have had their window close: relay's purge
+//! deletes both as it starts, while a probe sends webhooks at
 //! [`PROBE_RATE`] a second and times each answer; the same probe on the
 //! empty store is the baseline.
 
@@ -32,6 +33,11 @@ pub const HISTORY: usize = 10_000_000;
 
 /// Finished events past retention, for the purge to delete at start.
 const EXPIRED: usize = 200_000;
+
+/// Dedupe keys whose window closed in the last hour, for the purge to
+/// forget at start: an hour of pushes at [`PROBE_RATE`] (each push's sha is
+/// a key of its own), what the hourly pass finds after a busy hour.
+const EXPIRED_KEYS: usize = 360_000;
 
 /// The longest the fill may take; past it the fill stops at a whole chunk
 /// and the point is measured at the size reached.
@@ -63,6 +69,10 @@ pub struct StoreSize {
     /// it said so (0 and the budget when it did not).
     pub purged: u64,
     pub purge_secs: f64,
+    /// Expired dedupe keys in the store as relay started, and how many its
+    /// purge said it forgot (0 from a relay that does not say).
+    pub expired_dedupe_keys: usize,
+    pub dedupe_keys_purged: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,7 +134,9 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
     }
     settle_template(&db).await?;
     drop(relay);
-    eprintln!("  copying {history} finished events, {EXPIRED} of them past retention …");
+    eprintln!(
+        "  copying {history} finished events, {EXPIRED} of them past retention, and {EXPIRED_KEYS} expired dedupe keys …"
+    );
     let started = Instant::now();
     let filled = {
         let db = db.clone();
@@ -142,10 +154,10 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
     let purge_done =
         move |sent: usize| sent.is_multiple_of(PROBE_RATE as usize / 4) && purged(&log).is_some();
     let during = probe(ws, port, "purge", purge_done, PURGE_BUDGET).await;
-    let purged = purged(&relay.log).unwrap_or(0);
+    let (purged, dedupe_keys_purged) = purged(&relay.log).unwrap_or_default();
     let purge_secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "  purged {purged} in {purge_secs:.1} s; the probe's longest answer {:.1} ms; loading …",
+        "  purged {purged} events and {dedupe_keys_purged} dedupe keys in {purge_secs:.1} s; the probe's longest answer {:.1} ms; loading …",
         during.max_ms
     );
     let inside = filled.saturating_sub(EXPIRED);
@@ -168,6 +180,8 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
         full,
         purged,
         purge_secs,
+        expired_dedupe_keys: EXPIRED_KEYS,
+        dedupe_keys_purged,
     })
 }
 
@@ -259,12 +273,19 @@ async fn probe(
     }
 }
 
-/// The events relay's log says the purge deleted, once it has said so.
-fn purged(log: &Path) -> Option<u64> {
+/// The events and dedupe keys relay's log says the purge deleted, once it
+/// has said so (a relay that does not count keys: 0 of them).
+fn purged(log: &Path) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(log).ok()?;
     text.lines()
         .filter(|line| line.contains("finished events purged"))
-        .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()?["events"].as_u64())
+        .find_map(|line| {
+            let fields = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            Some((
+                fields["events"].as_u64()?,
+                fields["dedupe_keys"].as_u64().unwrap_or(0),
+            ))
+        })
 }
 
 /// Waits (a bounded while) until the template event's job is finished.
@@ -328,8 +349,29 @@ fn fill(db: &Path, inside: usize, expired: usize, budget: Duration) -> Result<us
             next += this;
         }
     }
+    expired_keys(&conn, &template.1, now_ms).map_err(fail)?;
     crate::backlog::on_disk(conn, db).map_err(|e| format!("store size: syncing {}: {e}", db.display()))?;
     Ok(next)
+}
+
+/// [`EXPIRED_KEYS`] dedupe keys of the template job's target, each a push's
+/// (a random sha), their windows closed over the hour before `now_ms`.
+fn expired_keys(conn: &Connection, job: &str, now_ms: i64) -> rusqlite::Result<()> {
+    let hour = 3_600_000_i64;
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?1)
+         INSERT INTO dedupe (target, key, expires_at)
+         SELECT t.target, t.repo || char(10) || 'refs/heads/main' || char(10) || lower(hex(randomblob(20))),
+                ?2 + i * ?3
+         FROM n, (SELECT target, repo FROM jobs WHERE id = ?4) t",
+        params![
+            EXPIRED_KEYS as i64,
+            now_ms - hour,
+            hour / EXPIRED_KEYS as i64,
+            job
+        ],
+    )?;
+    Ok(())
 }
 
 /// Copies the template event and job (ids), with the job's attempt, `count`
