@@ -65,15 +65,7 @@ pub async fn routes(ws: &Workspace, options: &Options) -> Result<Curve<RoutesPoi
             ..Setup::default()
         };
         let label = format!("routes-{n}");
-        let (load, rss) = point(
-            ws,
-            &label,
-            &setup,
-            circle,
-            (&ws.body, &body_file, &ws.signature),
-            options,
-        )
-        .await?;
+        let (load, rss) = point(ws, &label, &setup, circle, (&ws.body, &body_file), options).await?;
         points.push(RoutesPoint {
             routes: n,
             matching: routes::matching(n),
@@ -91,10 +83,10 @@ pub async fn payload(ws: &Workspace, options: &Options) -> Result<Curve<PayloadP
     let mut points = Vec::new();
     for bytes in PAYLOAD_BYTES {
         // 7 KB is the load table's own push, byte for byte.
-        let (body, signature) = if bytes == 7 * 1_024 {
-            (ws.body.clone(), ws.signature.clone())
+        let body = if bytes == 7 * 1_024 {
+            ws.body.clone()
         } else {
-            push::sized(bytes)
+            push::sized(bytes).0
         };
         eprintln!("  a push of {} bytes …", body.len());
         let body_file = ws.path(&format!("body-{bytes}.json"));
@@ -107,7 +99,7 @@ pub async fn payload(ws: &Workspace, options: &Options) -> Result<Curve<PayloadP
             &label,
             &Setup::default(),
             circle,
-            (&body, &body_file, &signature),
+            (&body, &body_file),
             options,
         )
         .await?;
@@ -124,16 +116,16 @@ pub async fn payload(ws: &Workspace, options: &Options) -> Result<Curve<PayloadP
 }
 
 /// `--runs` loads of relay on `setup`, each on a fresh relay and database,
-/// with `push` (the body, the file wrk reads it from, its signature).
+/// with `push` (the body, and the file wrk reads it from).
 async fn point(
     ws: &Workspace,
     label: &str,
     setup: &Setup,
     circle: std::net::SocketAddr,
-    push: (&Bytes, &Path, &str),
+    push: (&Bytes, &Path),
     options: &Options,
 ) -> Result<(Summary, f64), String> {
-    let (body, body_file, signature) = push;
+    let (body, body_file) = push;
     let mut runs = Vec::new();
     let mut rss = Vec::new();
     for run in 0..options.runs {
@@ -141,10 +133,10 @@ async fn point(
         let store = format!("sqlite://{}", ws.path(&format!("{label}-{run}.db")).display());
         let relay = start_relay(ws, &format!("{label}-{run}"), port, &store, circle, setup).await?;
         let url = format!("http://127.0.0.1:{port}/hooks/github");
-        check_one(&url, body, signature, &format!("{label}-{run}-check")).await?;
+        check_one(&url, body, &format!("{label}-{run}-check")).await?;
         let script = ws.path(&format!("{label}.lua"));
         let tag = format!("{label}-{run}-{}", uuid::Uuid::new_v4());
-        load::write_script(&script, body_file, signature, &tag).map_err(|e| e.to_string())?;
+        load::write_script(&script, body_file, &tag).map_err(|e| e.to_string())?;
         runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration).await?);
         rss.push(rss_mib(relay.pid()).unwrap_or(0.0));
         drop(relay);
@@ -152,8 +144,10 @@ async fn point(
     Ok((summarize(CONNECTIONS, runs), median(rss)))
 }
 
-/// Sends one webhook and checks that relay takes it: 202 and one job.
-async fn check_one(url: &str, body: &Bytes, signature: &str, delivery: &str) -> Result<(), String> {
+/// Sends one webhook (`push` for a commit of its own) and checks that relay
+/// takes it: 202 and one job.
+async fn check_one(url: &str, push: &Bytes, delivery: &str) -> Result<(), String> {
+    let (body, signature) = push::signed_commit(push, &push::fresh_commit());
     let client = relay::sends::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let response = client
         .post(url)
@@ -161,7 +155,7 @@ async fn check_one(url: &str, body: &Bytes, signature: &str, delivery: &str) -> 
         .header("X-GitHub-Event", "push")
         .header("X-GitHub-Delivery", delivery)
         .header("X-Hub-Signature-256", signature)
-        .body(body.clone())
+        .body(body)
         .send()
         .await
         .map_err(|e| format!("{url}: {e}"))?;

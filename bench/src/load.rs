@@ -1,10 +1,12 @@
-//! Load and measurement: wrk runs with a unique delivery id per request,
-//! its output parsed, and a process's CPU time and resident memory read
+//! Load and measurement: wrk runs with a commit and a delivery id of their
+//! own per request, its output parsed, and a process's CPU time and resident memory read
 //! from /proc.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+use crate::push;
 
 /// What one wrk run measured.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -17,26 +19,81 @@ pub struct WrkResult {
     pub socket_errors: u64,
 }
 
-/// The wrk script: the same signed body every time, a delivery id of its
-/// own per request (relay answers a repeated id as a redelivery).
-pub fn write_script(path: &Path, body_path: &Path, signature: &str, run_tag: &str) -> std::io::Result<()> {
+/// The wrk script: each request the push in `body_path` for a commit of
+/// its own, signed for it, with a delivery id of its own, as GitHub sends
+/// them. relay triggers a target once per (repo, ref, sha) within its
+/// dedupe window, and answers a repeated delivery id as a redelivery; the
+/// dedupe key each new commit stores is part of what a webhook costs.
+///
+/// The signature is computed in wrk itself, with OpenSSL's `HMAC` (wrk
+/// links libcrypto; LuaJIT's FFI calls it): a few microseconds a request
+/// on wrk's own core.
+pub fn write_script(path: &Path, body_path: &Path, run_tag: &str) -> std::io::Result<()> {
+    let body = std::fs::read(body_path)?;
+    if !body
+        .windows(push::AFTER_FIELD.len())
+        .any(|w| w == push::AFTER_FIELD.as_bytes())
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} has no {} to give each request a commit of its own",
+                body_path.display(),
+                push::AFTER_FIELD
+            ),
+        ));
+    }
+    // Each run draws other shas: wrk's Lua starts every run from one seed.
+    let seed = uuid::Uuid::new_v4().as_u128() as u32;
     let script = format!(
-        r#"local f = io.open("{body}", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
+        r#"local ffi = require("ffi")
+ffi.cdef[[
+typedef struct evp_md_st EVP_MD;
+const EVP_MD *EVP_sha256(void);
+unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len,
+                    const unsigned char *data, size_t data_len,
+                    unsigned char *md, unsigned int *md_len);
+]]
+local f = io.open("{body}", "rb")
+local push = f:read("*a")
 f:close()
+local field = '{field}'
+local at = push:find(field, 1, true)
+local head = push:sub(1, at + #field - {sha_len} - 2)
+local tail = push:sub(at + #field - 1)
+local key = "{secret}"
+local md = ffi.new("unsigned char[32]")
+local md_len = ffi.new("unsigned int[1]")
+local hex = {{}}
+for i = 0, 255 do hex[i] = string.format("%02x", i) end
+local digest = {{}}
+wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["X-GitHub-Event"] = "push"
-wrk.headers["X-Hub-Signature-256"] = "{signature}"
+math.randomseed({seed})
 local counter = 0
-local thread_tag = tostring(math.random(1, 1000000000))
+local thread_tag = math.random(1, 1000000000)
+-- A commit's sha is random: 32 random hex digits, then 8 of the request's
+-- number so that no two requests of a run share one. (Counted shas would
+-- all land at one end of relay's index of dedupe keys.)
+local function random_hex()
+  return string.format("%08x", math.random(0, 0x7fffffff) * 2 + math.random(0, 1))
+end
 request = function()
   counter = counter + 1
+  local sha = random_hex() .. random_hex() .. random_hex() .. random_hex() .. string.format("%08x", counter)
+  local body = head .. sha .. tail
+  ffi.C.HMAC(ffi.C.EVP_sha256(), key, #key, body, #body, md, md_len)
+  for i = 0, 31 do digest[i + 1] = hex[md[i]] end
+  wrk.headers["X-Hub-Signature-256"] = "sha256=" .. table.concat(digest)
   wrk.headers["X-GitHub-Delivery"] = "{run_tag}-" .. thread_tag .. "-" .. counter
-  return wrk.format()
+  return wrk.format(nil, nil, nil, body)
 end
 "#,
-        body = body_path.display()
+        body = body_path.display(),
+        field = push::AFTER_FIELD,
+        sha_len = push::AFTER.len(),
+        secret = crate::SECRET,
     );
     std::fs::write(path, script)
 }
@@ -147,7 +204,128 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
     use super::*;
+
+    /// What the recording server saw of one request.
+    struct Seen {
+        sha: String,
+        delivery: String,
+        signed: bool,
+        rest_unchanged: bool,
+    }
+
+    /// Serves 202 on 127.0.0.1 and notes every push it is sent.
+    async fn recorder(template: serde_json::Value) -> (std::net::SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let noted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (noted, template) = (noted.clone(), template.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let (noted, template) = (noted.clone(), template.clone());
+                        async move {
+                            let header = |name: &str| {
+                                request
+                                    .headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned()
+                            };
+                            let (signature, delivery) =
+                                (header("x-hub-signature-256"), header("x-github-delivery"));
+                            let body = request.into_body().collect().await.unwrap().to_bytes();
+                            let tag = relay::signature::sign(
+                                relay::signature::Algorithm::Sha256,
+                                crate::SECRET.as_bytes(),
+                                &[&body],
+                            );
+                            let mut doc: serde_json::Value =
+                                serde_json::from_slice(&body).unwrap_or_default();
+                            let sha = doc["after"].as_str().unwrap_or("").to_owned();
+                            doc["after"] = push::AFTER.into();
+                            noted.lock().unwrap().push(Seen {
+                                sha,
+                                delivery,
+                                signed: signature == format!("sha256={}", hex::encode(tag)),
+                                rest_unchanged: doc == template,
+                            });
+                            let mut answer = http::Response::new(Full::new(Bytes::new()));
+                            *answer.status_mut() = http::StatusCode::ACCEPTED;
+                            Ok::<_, std::convert::Infallible>(answer)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// wrk runs the load's script (it needs wrk: `apt-get install wrk`):
+    /// each request is the push for a random commit of its own, signed for
+    /// it, as a delivery of its own; nothing else in the body changes, and
+    /// a second run draws other commits.
+    #[test]
+    fn each_request_of_the_load_is_a_commit_of_its_own_signed_for_it() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (push_body, _) = push::payload();
+        let template: serde_json::Value = serde_json::from_slice(&push_body).unwrap();
+        let (addr, seen) = runtime.block_on(recorder(template));
+        let dir = tempfile::tempdir().unwrap();
+        let (body_path, script) = (dir.path().join("body.json"), dir.path().join("post.lua"));
+        std::fs::write(&body_path, &push_body).unwrap();
+        let url = format!("http://{addr}/hooks/github");
+        let run = |tag: &str| {
+            write_script(&script, &body_path, tag).unwrap();
+            let result = wrk(&url, 2, Duration::from_secs(1), &script)
+                .unwrap_or_else(|e| panic!("the load needs wrk (apt-get install wrk): {e}"));
+            assert!(result.requests >= 10, "{result:?}");
+            assert_eq!(result.non_2xx, 0);
+            std::mem::take(&mut *seen.lock().unwrap())
+        };
+        let first = run("first");
+        assert!(
+            first.iter().all(|s| s.signed),
+            "a request's signature is not its body's"
+        );
+        assert!(
+            first.iter().all(|s| s.rest_unchanged),
+            "a request changed more than `after`"
+        );
+        assert!(
+            first
+                .iter()
+                .all(|s| s.sha.len() == 40 && s.sha.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{}",
+            first[0].sha
+        );
+        let shas: HashSet<&str> = first.iter().map(|s| s.sha.as_str()).collect();
+        let deliveries: HashSet<&str> = first.iter().map(|s| s.delivery.as_str()).collect();
+        assert_eq!((shas.len(), deliveries.len()), (first.len(), first.len()));
+        // Random, not counted: the first hex digit takes many values.
+        let leading: HashSet<u8> = first.iter().map(|s| s.sha.as_bytes()[0]).collect();
+        assert!(leading.len() >= 8, "{leading:?}");
+        let second = run("second");
+        let repeated = second.iter().filter(|s| shas.contains(s.sha.as_str())).count();
+        assert_eq!(repeated, 0, "a second run sent the first one's commits again");
+        // A body without the placeholder is refused, not sent as one commit.
+        std::fs::write(&body_path, b"{}").unwrap();
+        assert!(write_script(&script, &body_path, "check").is_err());
+    }
 
     #[test]
     fn a_run_that_completed_nothing_is_zero() {

@@ -297,7 +297,7 @@ fn main() {
 
 async fn run(options: Options, machine: String) -> Result<(), String> {
     let dir = Scratch::new()?;
-    let (body, signature) = push::payload();
+    let (body, _) = push::payload();
     let relay_binary = match &options.relay {
         Some(path) => path.clone(),
         None => std::env::current_exe()
@@ -313,7 +313,6 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     let ws = Workspace {
         dir,
         body,
-        signature,
         relay_binary,
         postgres: options.postgres.clone(),
         databases: Default::default(),

@@ -1,9 +1,18 @@
 //! The signed GitHub pushes the load sends. Never reads the network: the
-//! bodies are built here, of the sizes asked for.
+//! bodies are built here, of the sizes asked for, each for a commit of its
+//! own ([`signed_commit`]; the wrk script does the same per request).
 
 use bytes::Bytes;
 
 use crate::SECRET;
+
+/// The `after` sha a push is built with, which each request sends replaced
+/// by a commit of its own: relay's loop guard triggers a target once per
+/// (repo, ref, sha) within its dedupe window, as for real pushes.
+pub const AFTER: &str = "0000000000000000000000000000000000000014";
+
+/// Where [`AFTER`] stands in a built push.
+pub const AFTER_FIELD: &str = "\"after\":\"0000000000000000000000000000000000000014\"";
 
 /// GitHub lists at most 20 commits in a push; a bigger push is a push of
 /// commits that touch many files (a monorepo's), so size grows in the file
@@ -33,9 +42,33 @@ pub fn sized(bytes: usize) -> (Bytes, String) {
 }
 
 fn signed(doc: &serde_json::Value) -> (Bytes, String) {
-    let body = Bytes::from(doc.to_string());
+    sign(Bytes::from(doc.to_string()))
+}
+
+fn sign(body: Bytes) -> (Bytes, String) {
     let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
     (body, format!("sha256={}", hex::encode(tag)))
+}
+
+/// A commit sha no other push of this run has: 40 random hex digits.
+pub fn fresh_commit() -> String {
+    let more = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}{}", uuid::Uuid::new_v4().simple(), &more[..8])
+}
+
+/// `push` (built here) for commit `sha` in place of [`AFTER`], and its
+/// signature. A body without [`AFTER_FIELD`] is sent as it is.
+pub fn signed_commit(push: &[u8], sha: &str) -> (Bytes, String) {
+    let field = AFTER_FIELD.as_bytes();
+    let Some(at) = push.windows(field.len()).position(|w| w == field) else {
+        return sign(Bytes::copy_from_slice(push));
+    };
+    let start = at + field.len() - AFTER.len() - 1;
+    let mut body = Vec::with_capacity(push.len());
+    body.extend_from_slice(&push[..start]);
+    body.extend_from_slice(sha.as_bytes());
+    body.extend_from_slice(&push[start + AFTER.len()..]);
+    sign(Bytes::from(body))
 }
 
 /// A push of `commits` commits to acme/api's main, each modifying
@@ -55,7 +88,7 @@ fn document(commits: usize, files: usize) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "ref": "refs/heads/main", "before": "1".repeat(40), "after": format!("{:040x}", 20),
+        "ref": "refs/heads/main", "before": "1".repeat(40), "after": AFTER,
         "created": false, "deleted": false, "forced": false, "base_ref": null,
         "compare": "https://github.com/acme/api/compare/1111111111...0000000014",
         "commits": commits,
@@ -79,6 +112,29 @@ mod tests {
             "{}",
             payload().0.len()
         );
+    }
+
+    #[test]
+    fn a_signed_commit_changes_the_after_sha_alone_and_is_signed_for_it() {
+        let (push, _) = payload();
+        let sha = fresh_commit();
+        assert_eq!(sha.len(), 40);
+        assert!(sha.bytes().all(|b| b.is_ascii_hexdigit()), "{sha}");
+        let (body, signature) = signed_commit(&push, &sha);
+        let mut doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(doc["after"], sha.as_str());
+        doc["after"] = AFTER.into();
+        let template: serde_json::Value = serde_json::from_slice(&push).unwrap();
+        assert_eq!(doc, template, "only `after` changed");
+        let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
+        assert_eq!(signature, format!("sha256={}", hex::encode(tag)));
+        assert_ne!(fresh_commit(), sha);
+        for bytes in [1_024, 1_024 * 1_024] {
+            let (push, _) = sized(bytes);
+            let (body, _) = signed_commit(&push, &sha);
+            let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(doc["after"], sha.as_str(), "{bytes}");
+        }
     }
 
     #[test]

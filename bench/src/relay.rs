@@ -15,9 +15,9 @@ use crate::process::{Running, Scratch, start_pinned};
 pub struct Workspace {
     /// Configs, logs, databases and bodies; removed at the end.
     pub dir: Scratch,
-    /// The load table's 7 KB push and its signature (`body.json` in `dir`).
+    /// The load table's 7 KB push (`body.json` in `dir`), each request
+    /// sends it for a commit of its own.
     pub body: Bytes,
-    pub signature: String,
     /// The relay measured: the one beside the harness, or `--relay`.
     pub relay_binary: PathBuf,
     /// `--postgres`: a server where a fresh database is made per run.
@@ -31,15 +31,17 @@ impl Workspace {
         self.dir.0.join(name)
     }
 
-    /// The load's signed push to relay on `port`, as delivery `delivery`.
+    /// The load's push to relay on `port`, for a commit of its own and
+    /// signed for it, as delivery `delivery`.
     pub fn push(&self, client: &reqwest::Client, port: u16, delivery: &str) -> reqwest::RequestBuilder {
+        let (body, signature) = crate::push::signed_commit(&self.body, &crate::push::fresh_commit());
         client
             .post(format!("http://127.0.0.1:{port}/hooks/github"))
             .header("Content-Type", "application/json")
             .header("X-GitHub-Event", "push")
             .header("X-GitHub-Delivery", delivery)
-            .header("X-Hub-Signature-256", &self.signature)
-            .body(self.body.clone())
+            .header("X-Hub-Signature-256", signature)
+            .body(body)
     }
 }
 
@@ -64,9 +66,10 @@ pub struct Setup {
 }
 
 pub fn relay_config(port: u16, store: &str, circle: std::net::SocketAddr, setup: &Setup) -> String {
-    // The load repeats one commit: the dedupe window and burst breaker would
-    // hold back all but the first triggers, so they are off, and every
-    // request commits an event and a job.
+    // Each request is a push of a commit of its own, so the dedupe window
+    // (relay's default, 10 minutes) holds none back but stores a key for
+    // each, as in production. The burst breaker would hold back all but 30
+    // a minute, so it is off, and every request commits an event and a job.
     let parameters = if setup.record {
         "parameters = { delivery = \"{{ delivery }}\" }"
     } else {
@@ -96,7 +99,6 @@ url = "{store}"
 {retention}
 
 [loop_guard]
-dedupe_window = "0s"
 burst = false
 
 [delivery]

@@ -206,7 +206,6 @@ pub async fn measure(
             load::write_script(
                 &script,
                 &ws.path("body.json"),
-                &ws.signature,
                 &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()),
             )
             .map_err(|e| e.to_string())?;
