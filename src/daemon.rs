@@ -319,6 +319,17 @@ mod tests {
         }
     }
 
+    /// One pass of the purge on `store`, never shut down.
+    async fn one_pass(store: &SlowPurge) -> Option<Purged> {
+        purge_pass(
+            store,
+            SystemTime::UNIX_EPOCH,
+            crate::clock::wall_time,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
     /// A batch that stopped short of the dedupe keys means more may wait,
     /// though its events came short and it forgot none; the keys are
     /// counted apart from the events.
@@ -333,13 +344,7 @@ mod tests {
             batches: vec![batch(3, PURGE_BATCH, true), batch(0, 0, true), batch(0, 7, false)],
             ..SlowPurge::default()
         };
-        let purged = purge_pass(
-            &store,
-            SystemTime::UNIX_EPOCH,
-            crate::clock::wall_time,
-            &CancellationToken::new(),
-        )
-        .await;
+        let purged = one_pass(&store).await;
         assert_eq!(purged, Some(batch(3, PURGE_BATCH + 7, false)));
         assert_eq!(store.calls.lock().unwrap().len(), 3);
     }
@@ -349,13 +354,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_purge_pauses_as_long_as_each_batch_took() {
         let store = SlowPurge::default();
-        let purged = purge_pass(
-            &store,
-            SystemTime::UNIX_EPOCH,
-            crate::clock::wall_time,
-            &CancellationToken::new(),
-        )
-        .await;
+        let purged = one_pass(&store).await;
         assert_eq!(
             purged,
             Some(Purged {

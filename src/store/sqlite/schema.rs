@@ -373,6 +373,28 @@ mod tests {
     use super::*;
     use crate::store::SqliteStore;
 
+    /// The first column of every row `sql` selects, as text.
+    fn texts(conn: &Connection, sql: &str) -> Vec<String> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A database at `path` as a relay at schema `version` left it.
+    fn database_at(path: &Path, version: usize) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        for (index, migration) in MIGRATIONS[..version].iter().enumerate() {
+            conn.execute_batch(migration).unwrap();
+            conn.pragma_update(None, "user_version", index as i64 + 1)
+                .unwrap();
+        }
+        conn
+    }
+
     /// A database written by a relay at schema 4 comes through the jobs
     /// table's rebuild whole: rows, attempts, and the foreign keys that tie
     /// them to their event.
@@ -381,14 +403,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            let conn = database_at(&path, 4);
             conn.pragma_update(None, "foreign_keys", "ON").unwrap();
-            for (index, migration) in MIGRATIONS[..4].iter().enumerate() {
-                conn.execute_batch(migration).unwrap();
-                conn.pragma_update(None, "user_version", index as i64 + 1)
-                    .unwrap();
-            }
             conn.execute_batch(
                 "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary)
                      VALUES ('e1', 'github', 'd1', 'push', 5, 'application/json', X'7B7D', 0, '{}');
@@ -409,18 +425,10 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
-        let rows: Vec<String> = conn
-            .prepare(
-                "SELECT id || '|' || event_id || '|' || state || '|' || COALESCE(request, '-') || '|' || needs_payload
+        let rows: Vec<String> = texts(&conn, "SELECT id || '|' || event_id || '|' || state || '|' || COALESCE(request, '-') || '|' || needs_payload
                         || '|' || attempts || '|' || maybe_attempts || '|' || due_at || '|' || COALESCE(last_error, '-')
                         || '|' || created_at || '|' || updated_at
-                 FROM jobs ORDER BY id",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+                 FROM jobs ORDER BY id");
         assert_eq!(
             rows,
             [
@@ -443,16 +451,11 @@ mod tests {
                 .is_err(),
             "the state check still holds"
         );
-        let indexes: Vec<String> = conn
-            .prepare(
-                "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL
+        let indexes: Vec<String> = texts(
+            &conn,
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'jobs' AND sql IS NOT NULL
                  ORDER BY name",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        );
         assert_eq!(
             indexes,
             [
@@ -487,13 +490,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-            for (index, migration) in MIGRATIONS[..12].iter().enumerate() {
-                conn.execute_batch(migration).unwrap();
-                conn.pragma_update(None, "user_version", index as i64 + 1)
-                    .unwrap();
-            }
+            let conn = database_at(&path, 12);
             conn.execute_batch(
                 "INSERT INTO dedupe (target, key, expires_at)
                      VALUES ('ci', 'acme/api\nrefs/heads/main\nabc', 5), ('ci', 'acme/api\nrefs/heads/dev\nabc', 9),
@@ -503,13 +500,10 @@ mod tests {
         }
         drop(SqliteStore::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
-        let keys: Vec<String> = conn
-            .prepare("SELECT target || '|' || key || '|' || expires_at FROM dedupe ORDER BY expires_at")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let keys: Vec<String> = texts(
+            &conn,
+            "SELECT target || '|' || key || '|' || expires_at FROM dedupe ORDER BY expires_at",
+        );
         assert_eq!(
             keys,
             [
