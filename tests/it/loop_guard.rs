@@ -7,13 +7,16 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Backend, MockServer, Relay, Reply, config_on, hex, hmac_sha256, sign, test_client};
+use crate::support::{
+    Backend, Daemon, MockServer, Relay, Reply, config_on, hex, hmac_sha256, sign, test_client,
+};
 
 crate::on_both_backends! {
     cases: [
         ci_outcomes_are_dropped_unless_a_route_asks_for_pipelines,
         events_at_max_hops_are_dropped_below_it_they_carry_one_more,
         the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts,
+        retention_forgets_closed_dedupe_windows_and_logs_how_many,
         the_burst_breaker_holds_back_the_excess_per_target,
         skip_markers_and_ignored_pushers_count_in_the_metrics,
         a_two_project_trigger_loop_stops_at_max_hops,
@@ -226,10 +229,13 @@ url = "{url}/mirror"
     relay.stop().await;
 }
 
-async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts(backend: Backend) {
-    let rest = r#"
+/// A GitHub source and one route to two dry-run targets, with the loop
+/// guard's dedupe window `window`.
+fn dedupe_config(window: &str) -> String {
+    format!(
+        r#"
 [loop_guard]
-dedupe_window = "5s"
+dedupe_window = "{window}"
 
 [sources.gh]
 provider = "github"
@@ -249,7 +255,12 @@ dry_run = true
 kind = "http"
 url = "http://127.0.0.1:9/two"
 dry_run = true
-"#;
+"#
+    )
+}
+
+async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_restarts(backend: Backend) {
+    let rest = &dedupe_config("5s");
     let first = relay(&backend, rest).await;
     let sha = "e".repeat(40);
     let a = post_github(&first, push(&sha), &[]).await;
@@ -291,6 +302,65 @@ dry_run = true
     tokio::time::sleep(Duration::from_millis(5100)).await;
     assert_eq!(post_github(&second, push(&sha), &[]).await["jobs"], 2);
     second.stop().await;
+}
+
+/// The keys whose window has closed are forgotten by the retention purge,
+/// which says how many in its log line; until then a key holds its commit
+/// back, and once forgotten the commit triggers again.
+async fn retention_forgets_closed_dedupe_windows_and_logs_how_many(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    // A pass of the purge every second (retention ÷ 4, a second at least).
+    let text = config_on(&backend, dir.path(), "retention = \"1s\"", &dedupe_config("2s"));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, text).unwrap();
+    let daemon = Daemon::start(&config, &[]);
+    let post = |sha: String| {
+        let url = daemon.url("/hooks/github");
+        async move {
+            let body = push(&sha);
+            let headers = sign::github("s", "push", &uuid::Uuid::new_v4().to_string(), &body);
+            let mut request = test_client().post(url);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let answer = request.body(body).send().await.unwrap();
+            assert_eq!(answer.status().as_u16(), 202);
+            let answer: Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+            answer["jobs"].as_u64().unwrap()
+        }
+    };
+    let shas: Vec<String> = ["a", "b", "c"].iter().map(|c| c.repeat(40)).collect();
+    for sha in &shas {
+        assert_eq!(post(sha.clone()).await, 2);
+    }
+    assert_eq!(post(shas[0].clone()).await, 0, "held back within its window");
+
+    let forgotten = || -> u64 {
+        daemon
+            .logs()
+            .lines()
+            .filter(|line| line.contains("finished events purged"))
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok()?["dedupe_keys"].as_u64())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+    // A key for each commit and target.
+    while forgotten() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge did not say it forgot 6 keys:\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(forgotten(), 6, "{}", daemon.logs());
+    assert_eq!(
+        post(shas[0].clone()).await,
+        2,
+        "forgotten, the commit triggers again"
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
 }
 
 async fn the_burst_breaker_holds_back_the_excess_per_target(backend: Backend) {
