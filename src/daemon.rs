@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use crate::app::App;
 use crate::config::Config;
 use crate::server::{self, Listeners, Role, Service, TurnedAway};
-use crate::store::{self, Maintain, Purged, Store, StoreError};
+use crate::store::{self, Maintain, Store, StoreError};
 use crate::web::Body;
 use crate::{accept, admin, catchup, dispatch, follower, payload};
 
@@ -215,15 +215,24 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     notes
 }
 
-/// Events, and expired dedupe keys, deleted per batch of the retention purge.
+/// Events deleted, or dedupe keys looked at, per batch of the retention
+/// purge.
 const PURGE_BATCH: usize = 200;
 
-/// One pass of the retention purge: batches until one comes back short of
-/// events with no more dedupe keys to look at, or the store fails (said, and left for the
-/// next pass). After each batch it waits as long as the batch took, so the
-/// purge has half the store's time at most: a webhook arriving meanwhile
-/// waits for one batch, never for a run of them. What it deleted; `None`
-/// at shutdown.
+/// What one pass of the retention purge deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Purged {
+    events: u64,
+    dedupe_keys: u64,
+}
+
+/// One pass of the retention purge: batches of finished events until one
+/// comes back short, then batches of expired dedupe keys until the store
+/// has seen them all, or until the store fails (said, and left for the
+/// next pass). After each batch it waits as long as the batch took, so
+/// the purge has half the store's time at most: a webhook arriving
+/// meanwhile waits for one batch, never for a run of them. What it
+/// deleted; `None` at shutdown.
 async fn purge_pass(
     store: &dyn Maintain,
     before: SystemTime,
@@ -234,17 +243,13 @@ async fn purge_pass(
     loop {
         let started = crate::clock::stopwatch();
         match store.purge(before, now(), PURGE_BATCH).await {
-            Ok(batch) => {
-                purged.events += batch.events;
-                purged.dedupe_keys += batch.dedupe_keys;
-                purged.more_keys = batch.more_keys;
-                if !batch.was_full(PURGE_BATCH) {
-                    return Some(purged);
+            Ok(events) => {
+                purged.events += events;
+                if !pause(started, shutdown).await {
+                    return None;
                 }
-                let took = started.elapsed().min(Duration::from_secs(1));
-                tokio::select! {
-                    () = tokio::time::sleep(took) => {}
-                    () = shutdown.cancelled() => return None,
+                if events < PURGE_BATCH as u64 {
+                    break;
                 }
             }
             Err(e) => {
@@ -253,12 +258,40 @@ async fn purge_pass(
             }
         }
     }
+    loop {
+        let started = crate::clock::stopwatch();
+        match store.forget_dedupe_keys(now(), PURGE_BATCH).await {
+            Ok(batch) => {
+                purged.dedupe_keys += batch.forgotten;
+                if !batch.more {
+                    return Some(purged);
+                }
+                if !pause(started, shutdown).await {
+                    return None;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot forget expired dedupe keys; will try again");
+                return Some(purged);
+            }
+        }
+    }
+}
+
+/// Leaves the store to webhooks for as long as the batch begun at
+/// `started` took (a second at most); `false` if shutdown came first.
+async fn pause(started: tokio::time::Instant, shutdown: &CancellationToken) -> bool {
+    let took = started.elapsed().min(Duration::from_secs(1));
+    tokio::select! {
+        () = tokio::time::sleep(took) => true,
+        () = shutdown.cancelled() => false,
+    }
 }
 
 /// Deletes finished events (and their jobs and attempts) older than
-/// `store.retention`, a bounded batch at a time so ingest never waits long:
-/// on SQLite a batch holds the writer, and every webhook waiting on it,
-/// while it runs.
+/// `store.retention`, and forgets the dedupe keys whose window closed, a
+/// bounded batch at a time so ingest never waits long: on SQLite a batch
+/// holds the writer, and every webhook waiting on it, while it runs.
 async fn purge_finished(app: Arc<App>, shutdown: CancellationToken) {
     loop {
         let retention = app.config().store.retention;
@@ -287,35 +320,54 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::store::ForgottenKeys;
 
-    /// A store whose every purge takes 40 ms and deletes what `batches`
-    /// says, in turn (three full batches of events unless told), then
-    /// nothing; it notes when each began and what it was asked.
+    /// A store whose every batch takes 40 ms and deletes what `events` and
+    /// `keys` say, in turn (three full batches of events, and no keys,
+    /// unless told), then nothing; it notes when each batch began, and of
+    /// what.
     #[derive(Debug, Default)]
     struct SlowPurge {
-        batches: Vec<Purged>,
-        calls: Mutex<Vec<(tokio::time::Instant, usize)>>,
+        events: Vec<u64>,
+        keys: Vec<ForgottenKeys>,
+        calls: Mutex<Vec<(tokio::time::Instant, &'static str)>>,
+    }
+
+    impl SlowPurge {
+        /// Notes a batch of `what`; how many of those it has been asked.
+        async fn batch(&self, what: &'static str) -> usize {
+            let asked = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push((crate::clock::stopwatch(), what));
+                calls.iter().filter(|(_, w)| *w == what).count()
+            };
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            asked
+        }
+
+        fn kinds(&self) -> Vec<&'static str> {
+            self.calls.lock().unwrap().iter().map(|(_, what)| *what).collect()
+        }
     }
 
     #[async_trait::async_trait]
     impl Maintain for SlowPurge {
-        async fn purge(&self, _: SystemTime, _: SystemTime, limit: usize) -> Result<Purged, StoreError> {
-            let call = {
-                let mut calls = self.calls.lock().unwrap();
-                calls.push((crate::clock::stopwatch(), limit));
-                calls.len()
-            };
-            tokio::time::sleep(Duration::from_millis(40)).await;
-            let full = Purged {
-                events: limit as u64,
-                ..Purged::default()
-            };
-            let planned = if self.batches.is_empty() {
-                &[full; 3][..]
+        async fn purge(&self, _: SystemTime, _: SystemTime, limit: usize) -> Result<u64, StoreError> {
+            assert_eq!(limit, PURGE_BATCH);
+            let asked = self.batch("events").await;
+            let full = [limit as u64; 3];
+            let planned = if self.events.is_empty() {
+                &full[..]
             } else {
-                &self.batches[..]
+                &self.events[..]
             };
-            Ok(planned.get(call - 1).copied().unwrap_or_default())
+            Ok(planned.get(asked - 1).copied().unwrap_or(0))
+        }
+
+        async fn forget_dedupe_keys(&self, _: SystemTime, limit: usize) -> Result<ForgottenKeys, StoreError> {
+            assert_eq!(limit, PURGE_BATCH);
+            let asked = self.batch("keys").await;
+            Ok(self.keys.get(asked - 1).copied().unwrap_or_default())
         }
     }
 
@@ -330,27 +382,29 @@ mod tests {
         .await
     }
 
-    /// A batch that stopped short of the dedupe keys means more may wait,
-    /// though its events came short and it forgot none; the keys are
-    /// counted apart from the events.
+    /// After the events, the keys: batches while the store says more may
+    /// wait, though one forgot none; counted apart from the events.
     #[tokio::test(start_paused = true)]
-    async fn the_purge_goes_on_while_dedupe_keys_remain_to_be_seen() {
-        let batch = |events: usize, dedupe_keys: usize, more_keys: bool| Purged {
-            events: events as u64,
-            dedupe_keys: dedupe_keys as u64,
-            more_keys,
-        };
+    async fn the_purge_forgets_dedupe_keys_while_more_may_wait() {
+        let keys = |forgotten: u64, more: bool| ForgottenKeys { forgotten, more };
         let store = SlowPurge {
-            batches: vec![batch(3, PURGE_BATCH, true), batch(0, 0, true), batch(0, 7, false)],
+            events: vec![3],
+            keys: vec![keys(200, true), keys(0, true), keys(7, false)],
             ..SlowPurge::default()
         };
         let purged = one_pass(&store).await;
-        assert_eq!(purged, Some(batch(3, PURGE_BATCH + 7, false)));
-        assert_eq!(store.calls.lock().unwrap().len(), 3);
+        assert_eq!(
+            purged,
+            Some(Purged {
+                events: 3,
+                dedupe_keys: 207
+            })
+        );
+        assert_eq!(store.kinds(), ["events", "keys", "keys", "keys"]);
     }
 
     /// The purge leaves the store to webhooks between its batches, for as
-    /// long as each batch took.
+    /// long as each batch took, events and keys alike.
     #[tokio::test(start_paused = true)]
     async fn the_purge_pauses_as_long_as_each_batch_took() {
         let store = SlowPurge::default();
@@ -359,12 +413,15 @@ mod tests {
             purged,
             Some(Purged {
                 events: 3 * PURGE_BATCH as u64,
-                ..Purged::default()
+                dedupe_keys: 0
             })
         );
+        assert_eq!(
+            store.kinds(),
+            ["events", "events", "events", "events", "keys"],
+            "three full batches of events, a short one, then the keys"
+        );
         let calls = store.calls.lock().unwrap().clone();
-        assert_eq!(calls.len(), 4, "three full batches, then a short one");
-        assert!(calls.iter().all(|(_, limit)| *limit == PURGE_BATCH));
         for pair in calls.windows(2) {
             assert_eq!(
                 pair[1].0 - pair[0].0,

@@ -514,25 +514,14 @@ pub struct QueueStats {
     pub oldest_due: Option<SystemTime>,
 }
 
-/// What one batch of the retention purge deleted, and whether more may
-/// wait: the purge goes on while it does.
+/// What one batch of forgetting the loop guard's expired dedupe keys did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Purged {
-    /// Finished events past retention, with their jobs, attempts and drops.
-    pub events: u64,
-    /// The loop guard's dedupe keys whose window had closed.
-    pub dedupe_keys: u64,
-    /// The batch stopped at its bound before it had seen every dedupe key
-    /// that may have expired.
-    pub more_keys: bool,
-}
-
-impl Purged {
-    /// Whether more may wait: the batch deleted all `limit` events it was
-    /// allowed, or stopped short of the dedupe keys.
-    pub fn was_full(&self, limit: usize) -> bool {
-        self.events >= limit as u64 || self.more_keys
-    }
+pub struct ForgottenKeys {
+    /// Keys whose window had closed, forgotten.
+    pub forgotten: u64,
+    /// The batch stopped at its bound before it had seen every key that
+    /// may have expired: the next one goes on from there.
+    pub more: bool,
 }
 
 /// What a manual retry came to.

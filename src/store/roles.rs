@@ -20,8 +20,8 @@ use crate::event::Upstream;
 use crate::pipeline::PipelineState;
 
 use super::{
-    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, JobDetail, JobFilter,
-    JobView, NewEvent, PollRecord, Purged, QueueStats, Requeued, ShadowFilter, StoreError, StoredEvent,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, JobDetail,
+    JobFilter, JobView, NewEvent, PollRecord, QueueStats, Requeued, ShadowFilter, StoreError, StoredEvent,
 };
 
 /// The queue itself: what the accept path and the dispatcher need to take
@@ -175,11 +175,14 @@ pub trait Inspect: Send + Sync + fmt::Debug {
 #[async_trait]
 pub trait Maintain: Send + Sync + fmt::Debug {
     /// Deletes up to `limit` events received before `before` whose jobs are
-    /// all finished, with their jobs, attempts and drops, and forgets at
-    /// most `limit` dedupe keys expired at `now`, going on from where the
-    /// last batch stopped. Each batch costs the same however many are
-    /// waiting: on SQLite it holds the writer while it runs.
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError>;
+    /// all finished, with their jobs, attempts and drops; returns how many.
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError>;
+
+    /// Forgets the loop guard's dedupe keys whose window closed by `now`,
+    /// at most `limit` a batch, going on from where the last batch stopped.
+    /// A batch costs the same however many keys wait: on SQLite it holds
+    /// the writer while it runs.
+    async fn forget_dedupe_keys(&self, now: SystemTime, limit: usize) -> Result<ForgottenKeys, StoreError>;
 }
 
 /// Following pipelines by polling their CI: which polls are due, and what

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use relay::store::{
-    ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail, JobFilter,
-    JobView, Maintain, NewEvent, PollRecord, Polls, Purged, Queue, Requeued, StoreError,
+    ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect, JobDetail,
+    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, Requeued, StoreError,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -553,7 +553,11 @@ impl Inspect for FullDisk {
 
 #[async_trait]
 impl Maintain for FullDisk {
-    async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<Purged, StoreError> {
+    async fn purge(&self, _: SystemTime, _: SystemTime, _: usize) -> Result<u64, StoreError> {
+        Err(full())
+    }
+
+    async fn forget_dedupe_keys(&self, _: SystemTime, _: usize) -> Result<ForgottenKeys, StoreError> {
         Err(full())
     }
 }

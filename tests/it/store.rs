@@ -22,7 +22,7 @@ use relay::guard::{Dropped, JobLimits};
 use relay::request::{Auth, PreparedRequest, RequestBody};
 use relay::store::{
     AttemptRecord, Completion, HeldBack, Ingested, JobFilter, JobState, Lease, NewEvent, NewJob, NextState,
-    Purged, Requeued, Store, StoreError, Work,
+    Requeued, Store, StoreError, Work,
 };
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -1507,23 +1507,13 @@ async fn purge_deletes_finished_old_events(f: Fixture) {
     let recent_id = recent.id;
     accept(store, recent).await;
 
-    let events = |events: u64| Purged {
-        events,
-        ..Purged::default()
-    };
     assert_eq!(
         store.purge(cutoff, SystemTime::now(), 2).await.unwrap(),
-        events(2),
+        2,
         "up to the limit"
     );
-    assert_eq!(
-        store.purge(cutoff, SystemTime::now(), 100).await.unwrap(),
-        events(1)
-    );
-    assert_eq!(
-        store.purge(cutoff, SystemTime::now(), 100).await.unwrap(),
-        events(0)
-    );
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 1);
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 0);
     let left: HashSet<String> = store
         .events(newest_events(10), std::time::SystemTime::now())
         .await
@@ -1565,22 +1555,20 @@ async fn purge_forgets_expired_dedupe_keys_a_batch_at_a_time(f: Fixture) {
 
     // Each backend bounds a batch its own way (SQLite looks at the next keys
     // in key order, PostgreSQL takes the oldest expired): never more than
-    // the limit, and the pass goes on until none are left to see.
-    let no_event_is_old = SystemTime::UNIX_EPOCH;
+    // the limit, and the batches go on until none are left to see.
     let mut forgotten = Vec::new();
     loop {
-        let batch = store.purge(no_event_is_old, SystemTime::now(), 2).await.unwrap();
-        assert_eq!(batch.events, 0);
-        assert!(batch.dedupe_keys <= 2, "{batch:?}");
-        forgotten.push(batch.dedupe_keys);
+        let batch = store.forget_dedupe_keys(SystemTime::now(), 2).await.unwrap();
+        assert!(batch.forgotten <= 2, "{batch:?}");
+        forgotten.push(batch.forgotten);
         assert!(forgotten.len() <= 6, "the sweep never ends: {forgotten:?}");
-        if !batch.more_keys {
+        if !batch.more {
             break;
         }
     }
     assert_eq!(forgotten.iter().sum::<u64>(), 5, "{forgotten:?}");
-    let next_pass = store.purge(no_event_is_old, SystemTime::now(), 2).await.unwrap();
-    assert_eq!(next_pass.dedupe_keys, 0, "nothing expired is left");
+    let next_pass = store.forget_dedupe_keys(SystemTime::now(), 2).await.unwrap();
+    assert_eq!(next_pass.forgotten, 0, "nothing expired is left");
     let again = with_limits(queued("ci"), live);
     let again_id = again.id;
     let Ingested::Accepted { held_back, .. } = store.ingest(event("long-again", vec![again])).await.unwrap()
@@ -1749,10 +1737,7 @@ async fn kept_job_counts_follow_every_change(f: Fixture) {
     let cutoff = SystemTime::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
     accept(store, event("kc-2", vec![queued("ci"), queued("later")])).await;
-    assert_eq!(
-        store.purge(cutoff, SystemTime::now(), 100).await.unwrap().events,
-        1
-    );
+    assert_eq!(store.purge(cutoff, SystemTime::now(), 100).await.unwrap(), 1);
     assert!(store.job(leased_id).await.unwrap().is_none(), "{old_id} is gone");
     assert_counts_match_the_jobs(store, "a purge").await;
     assert_eq!(
@@ -1781,14 +1766,7 @@ async fn the_purge_folds_the_count_deltas(f: Fixture) {
     assert_eq!(deltas().await, 3, "the ingest, the claim and the completion");
 
     let long_ago = SystemTime::now() - Duration::from_secs(3600);
-    assert_eq!(
-        store
-            .purge(long_ago, SystemTime::now(), 100)
-            .await
-            .unwrap()
-            .events,
-        0
-    );
+    assert_eq!(store.purge(long_ago, SystemTime::now(), 100).await.unwrap(), 0);
     assert_eq!(deltas().await, 0);
     assert_eq!(
         counts_by_state(&store.queue_stats(SystemTime::now()).await.unwrap().jobs),

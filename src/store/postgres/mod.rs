@@ -90,8 +90,8 @@ use self::listen::{keep_listening, listen_on};
 pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
 use super::rows::Columns;
 use super::{
-    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
-    JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Purged, Queue, QueueStats, Requeued,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect,
+    JobDetail, JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued,
     ShadowFilter, StoreError, StoredEvent,
 };
 use crate::config::PostgresSettings;
@@ -474,7 +474,12 @@ impl Polls for PostgresStore {
 
 #[async_trait]
 impl Maintain for PostgresStore {
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError> {
+    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<u64, StoreError> {
         views::purge(self, before, now, limit).await
+    }
+
+    async fn forget_dedupe_keys(&self, _now: SystemTime, limit: usize) -> Result<ForgottenKeys, StoreError> {
+        // The server's clock decides, as it did when the key was taken.
+        views::forget_dedupe_keys(self, limit).await
     }
 }

@@ -19,8 +19,8 @@ use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable, unsynced};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, Purged, QueueStats, Requeued,
-    ShadowFilter, SourceActivity, StoreError, StoredEvent, TargetActivity,
+    Activity, EventFilter, EventView, ForgottenKeys, JobDetail, JobFilter, JobState, JobView, QueueStats,
+    Requeued, ShadowFilter, SourceActivity, StoreError, StoredEvent, TargetActivity,
 };
 
 pub(super) async fn jobs(store: &PostgresStore, filter: JobFilter) -> Result<Vec<JobView>, StoreError> {
@@ -411,13 +411,14 @@ pub(super) async fn requeue_dead(
     .await
 }
 
-pub(super) async fn purge(
+/// Forgets up to `limit` dedupe keys whose window closed, the oldest first
+/// (through `dedupe_expiry`): the heap holds them in the order they were
+/// taken, so a batch's rows are neighbours there.
+pub(super) async fn forget_dedupe_keys(
     store: &PostgresStore,
-    before: SystemTime,
-    now: SystemTime,
     limit: usize,
-) -> Result<Purged, StoreError> {
-    within("purge", ADMIN_TIMEOUT, async {
+) -> Result<ForgottenKeys, StoreError> {
+    within("forget dedupe keys", ADMIN_TIMEOUT, async {
         let client = store.client().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // The outer condition is checked again on a row an ingest has just
@@ -430,9 +431,27 @@ pub(super) async fn purge(
             )
             .await
             .map_err(|e| unavailable(&e))?;
-        // Like SQLite's purge, these commit without waiting for the flush:
-        // a purge a crash of the server takes back is simply done again.
-        let dedupe_keys = unsynced(&client, client.execute(&stmt, &[&limit])).await?;
+        // Like SQLite's, this commits without waiting for the flush: a key
+        // a crash of the server takes back is forgotten again.
+        let forgotten = unsynced(&client, client.execute(&stmt, &[&limit])).await?;
+        Ok(ForgottenKeys {
+            forgotten,
+            more: forgotten >= limit as u64,
+        })
+    })
+    .await
+}
+
+/// Deletes up to `limit` finished events received before `before` (on the
+/// caller's clock, `now`), with their jobs, attempts and drops.
+pub(super) async fn purge(
+    store: &PostgresStore,
+    before: SystemTime,
+    now: SystemTime,
+    limit: usize,
+) -> Result<u64, StoreError> {
+    within("purge", ADMIN_TIMEOUT, async {
+        let client = store.client().await?;
         let stmt = client
             .prepare_cached(
                 "DELETE FROM events WHERE id IN (
@@ -444,8 +463,10 @@ pub(super) async fn purge(
             )
             .await
             .map_err(|e| unavailable(&e))?;
-        let before = offset(before, now);
-        let events = unsynced(&client, client.execute(&stmt, &[&before, &limit])).await?;
+        let (before, limit) = (offset(before, now), i64::try_from(limit).unwrap_or(i64::MAX));
+        // Like SQLite's purge, these commit without waiting for the flush:
+        // a purge a crash of the server takes back is simply done again.
+        let purged = unsynced(&client, client.execute(&stmt, &[&before, &limit])).await?;
         // The counts' deltas are folded here as well as on each read, so
         // they stay few where nothing reads the counts.
         let stmt = client
@@ -453,11 +474,7 @@ pub(super) async fn purge(
             .await
             .map_err(|e| unavailable(&e))?;
         unsynced(&client, client.execute(&stmt, &[])).await?;
-        Ok(Purged {
-            events,
-            dedupe_keys,
-            more_keys: dedupe_keys >= limit as u64,
-        })
+        Ok(purged)
     })
     .await
 }

@@ -59,9 +59,9 @@ use writer::{Durability, Writer};
 
 use super::rows::Columns;
 use super::{
-    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, Ingested, Inspect, JobDetail,
-    JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Purged, Queue, QueueStats, Requeued,
-    ShadowFilter, StoreError, StoredEvent,
+    Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect,
+    JobDetail, JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats,
+    Requeued, ShadowFilter, StoreError, StoredEvent,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -464,22 +464,30 @@ impl Polls for SqliteStore {
 
 #[async_trait]
 impl Maintain for SqliteStore {
-    async fn purge(&self, before: SystemTime, now: SystemTime, limit: usize) -> Result<Purged, StoreError> {
+    async fn purge(&self, before: SystemTime, _now: SystemTime, limit: usize) -> Result<u64, StoreError> {
+        // A purge a power cut takes back is done again: it need not wait
+        // for the disk.
+        self.run(Durability::Committed, move |conn| {
+            views::purge(conn, before, limit)
+        })
+        .await
+    }
+
+    async fn forget_dedupe_keys(&self, now: SystemTime, limit: usize) -> Result<ForgottenKeys, StoreError> {
         let from = self
             .dedupe_sweep
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        // A purge a power cut takes back is done again: it need not wait
-        // for the disk.
-        let (purged, next) = self
+        // Forgetting a key a power cut takes back is done again.
+        let (batch, next) = self
             .run(Durability::Committed, move |conn| {
-                views::purge(conn, before, now, limit, &from)
+                views::forget_dedupe_keys(conn, now, limit, &from)
             })
             .await?;
         // Moved on only once the batch is committed: a failed one is looked
         // at again.
         *self.dedupe_sweep.lock().unwrap_or_else(PoisonError::into_inner) = next;
-        Ok(purged)
+        Ok(batch)
     }
 }

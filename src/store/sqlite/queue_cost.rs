@@ -343,13 +343,7 @@ fn the_kept_job_counts_match_the_rows() {
     // Retention deletes finished events, and their jobs with them.
     let done = |counts: &[(String, i64)]| counts.iter().find(|(state, _)| state == "done").map(|c| c.1);
     let done_before = done(&kept);
-    assert!(
-        super::views::purge(conn, now + Duration::from_secs(3600), now, 1_000, &None)
-            .unwrap()
-            .0
-            .events
-            > 0
-    );
+    assert!(super::views::purge(conn, now + Duration::from_secs(3600), 1_000).unwrap() > 0);
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after a purge");
     assert!(done(&kept) < done_before, "the purge deleted done jobs: {kept:?}");
@@ -493,16 +487,15 @@ fn keys_between(conn: &Connection, target: &str, from: i64, to: i64) -> i64 {
     .unwrap()
 }
 
-/// Runs purge batches of `limit` (no event is old enough to go) until the
-/// sweep of dedupe keys ends; the keys forgotten by each batch.
+/// Runs batches of `limit` until the sweep of dedupe keys ends; the keys
+/// forgotten by each batch.
 fn sweep_keys(conn: &Connection, now: std::time::SystemTime, limit: usize) -> Vec<u64> {
     let mut from = None;
     let mut batches = Vec::new();
     loop {
-        let (purged, next) = views::purge(conn, std::time::UNIX_EPOCH, now, limit, &from).unwrap();
-        assert_eq!(purged.events, 0);
-        assert_eq!(purged.more_keys, next.is_some());
-        batches.push(purged.dedupe_keys);
+        let (batch, next) = views::forget_dedupe_keys(conn, now, limit, &from).unwrap();
+        assert_eq!(batch.more, next.is_some());
+        batches.push(batch.forgotten);
         if next.is_none() {
             return batches;
         }
@@ -522,8 +515,8 @@ fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
     let now_ms = super::to_millis(now);
     let hour = 3_600_000;
     let batch = |conn: &Connection| {
-        let (purged, next) = views::purge(conn, std::time::UNIX_EPOCH, now, 200, &None).unwrap();
-        assert!(purged.dedupe_keys <= 200 && next.is_some(), "{purged:?}");
+        let (batch, next) = views::forget_dedupe_keys(conn, now, 200, &None).unwrap();
+        assert!(batch.forgotten <= 200 && next.is_some(), "{batch:?}");
     };
     counter.count(|conn| {
         dedupe_keys(conn, "api", 50, now_ms + 600_000);

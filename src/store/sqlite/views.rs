@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, Purged, QueueStats, Requeued,
-    ShadowFilter, SourceActivity, StoreError, TargetActivity,
+    Activity, EventFilter, EventView, ForgottenKeys, JobDetail, JobFilter, JobState, JobView, QueueStats,
+    Requeued, ShadowFilter, SourceActivity, StoreError, TargetActivity,
 };
 
 pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
@@ -322,18 +322,16 @@ pub(super) fn requeue_where(
 /// next batch looks at. `None`: the start.
 pub(super) type SweepFrom = Option<(String, String)>;
 
-/// One batch of the retention purge: up to `limit` finished events past
-/// `before`, and the next `limit` dedupe keys from `from` in key order,
-/// the expired among them (neighbours in the table's one B-tree, so a
-/// batch writes a few pages, not one a key). Says where the next batch of
-/// keys starts; `None` once the sweep has reached the end.
-pub(super) fn purge(
+/// Looks at the next `limit` dedupe keys from `from`, in key order, and
+/// forgets those whose window closed by `now`: neighbours in the table's
+/// one B-tree, so a batch writes a few pages, not one a key. Says where the
+/// next batch starts; `None` once the sweep has reached the end.
+pub(super) fn forget_dedupe_keys(
     conn: &Connection,
-    before: SystemTime,
     now: SystemTime,
     limit: usize,
     from: &SweepFrom,
-) -> Result<(Purged, SweepFrom), StoreError> {
+) -> Result<(ForgottenKeys, SweepFrom), StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let (target, key) = from.clone().unwrap_or_default();
     let next: SweepFrom = conn
@@ -345,7 +343,7 @@ pub(super) fn purge(
                 .optional()
         })
         .map_err(|e| unavailable(&e))?;
-    let dedupe_keys = match &next {
+    let forgotten = match &next {
         Some((next_target, next_key)) => conn
             .prepare_cached(
                 "DELETE FROM dedupe
@@ -357,21 +355,26 @@ pub(super) fn purge(
             .and_then(|mut stmt| stmt.execute(params![target, key, to_millis(now)])),
     }
     .map_err(|e| unavailable(&e))? as u64;
-    let events = conn.prepare_cached(
+    let batch = ForgottenKeys {
+        forgotten,
+        more: next.is_some(),
+    };
+    Ok((batch, next))
+}
+
+/// Deletes up to `limit` finished events received before `before`, with
+/// their jobs, attempts and drops.
+pub(super) fn purge(conn: &Connection, before: SystemTime, limit: usize) -> Result<u64, StoreError> {
+    conn.prepare_cached(
         "DELETE FROM events WHERE id IN (
              SELECT id FROM events e
              WHERE e.received_at < ?1
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.event_id = e.id AND j.state IN ('queued', 'in_flight'))
              LIMIT ?2)",
     )
-    .and_then(|mut stmt| stmt.execute(params![to_millis(before), limit]))
-    .map_err(|e| unavailable(&e))? as u64;
-    let purged = Purged {
-        events,
-        dedupe_keys,
-        more_keys: next.is_some(),
-    };
-    Ok((purged, next))
+    .and_then(|mut stmt| stmt.execute(params![to_millis(before), i64::try_from(limit).unwrap_or(i64::MAX)]))
+    .map(|n| n as u64)
+    .map_err(|e| unavailable(&e))
 }
 
 pub(super) fn queue_stats(conn: &Connection, now: SystemTime) -> Result<QueueStats, StoreError> {
