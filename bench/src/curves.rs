@@ -6,17 +6,16 @@
 //! Before loading, one webhook is sent and its answer checked (202, one
 //! job), so a curve never measures a config that refuses or drops the push.
 
-use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
 
 use crate::load::{self, rss_mib};
 use crate::process::free_port;
+use crate::push::{self, Push};
 use crate::relay::{Setup, Workspace, start_relay};
 use crate::subjects::{Summary, load_run, median, summarize};
-use crate::{Options, push, routes};
+use crate::{Options, routes};
 
 /// Every curve's load: the load table's busier concurrency.
 pub const CONNECTIONS: u32 = 32;
@@ -52,7 +51,6 @@ pub struct Curve<P> {
 }
 
 pub async fn routes(ws: &Workspace, options: &Options) -> Result<Curve<RoutesPoint>, String> {
-    let body_file = ws.path("body.json");
     let mut points = Vec::new();
     for n in ROUTE_COUNTS {
         eprintln!("  {n} routes …");
@@ -65,7 +63,7 @@ pub async fn routes(ws: &Workspace, options: &Options) -> Result<Curve<RoutesPoi
             ..Setup::default()
         };
         let label = format!("routes-{n}");
-        let (load, rss) = point(ws, &label, &setup, circle, (&ws.body, &body_file), options).await?;
+        let (load, rss) = point(ws, &label, &setup, circle, &ws.body, options).await?;
         points.push(RoutesPoint {
             routes: n,
             matching: routes::matching(n),
@@ -83,28 +81,18 @@ pub async fn payload(ws: &Workspace, options: &Options) -> Result<Curve<PayloadP
     let mut points = Vec::new();
     for bytes in PAYLOAD_BYTES {
         // 7 KB is the load table's own push, byte for byte.
-        let body = if bytes == 7 * 1_024 {
+        let push = if bytes == 7 * 1_024 {
             ws.body.clone()
         } else {
-            push::sized(bytes).0
+            push::sized(bytes)?
         };
-        eprintln!("  a push of {} bytes …", body.len());
-        let body_file = ws.path(&format!("body-{bytes}.json"));
-        std::fs::write(&body_file, &body).map_err(|e| e.to_string())?;
+        eprintln!("  a push of {} bytes …", push.body.len());
         let mock = crate::servers::MockCircle::default();
         let circle = mock.start(false).await.map_err(|e| e.to_string())?;
         let label = format!("payload-{bytes}");
-        let (load, rss) = point(
-            ws,
-            &label,
-            &Setup::default(),
-            circle,
-            (&body, &body_file),
-            options,
-        )
-        .await?;
+        let (load, rss) = point(ws, &label, &Setup::default(), circle, &push, options).await?;
         points.push(PayloadPoint {
-            bytes: body.len(),
+            bytes: push.body.len(),
             load,
             rss_after_mib: rss,
         });
@@ -116,16 +104,15 @@ pub async fn payload(ws: &Workspace, options: &Options) -> Result<Curve<PayloadP
 }
 
 /// `--runs` loads of relay on `setup`, each on a fresh relay and database,
-/// with `push` (the body, and the file wrk reads it from).
+/// with `push`.
 async fn point(
     ws: &Workspace,
     label: &str,
     setup: &Setup,
     circle: std::net::SocketAddr,
-    push: (&Bytes, &Path),
+    push: &Push,
     options: &Options,
 ) -> Result<(Summary, f64), String> {
-    let (body, body_file) = push;
     let mut runs = Vec::new();
     let mut rss = Vec::new();
     for run in 0..options.runs {
@@ -133,10 +120,10 @@ async fn point(
         let store = format!("sqlite://{}", ws.path(&format!("{label}-{run}.db")).display());
         let relay = start_relay(ws, &format!("{label}-{run}"), port, &store, circle, setup).await?;
         let url = format!("http://127.0.0.1:{port}/hooks/github");
-        check_one(&url, body, &format!("{label}-{run}-check")).await?;
+        check_one(&url, push, &format!("{label}-{run}-check")).await?;
         let script = ws.path(&format!("{label}.lua"));
         let tag = format!("{label}-{run}-{}", uuid::Uuid::new_v4());
-        load::write_script(&script, body_file, &tag).map_err(|e| e.to_string())?;
+        load::write_script(&script, push, &tag).map_err(|e| e.to_string())?;
         runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration).await?);
         rss.push(rss_mib(relay.pid()).unwrap_or(0.0));
         drop(relay);
@@ -146,8 +133,8 @@ async fn point(
 
 /// Sends one webhook (`push` for a commit of its own) and checks that relay
 /// takes it: 202 and one job.
-async fn check_one(url: &str, push: &Bytes, delivery: &str) -> Result<(), String> {
-    let (body, signature) = push::signed_commit(push, &push::fresh_commit());
+async fn check_one(url: &str, push: &Push, delivery: &str) -> Result<(), String> {
+    let (body, signature) = push.for_commit(&push::fresh_commit());
     let client = relay::sends::http_client(Duration::from_secs(10)).map_err(|e| e.to_string())?;
     let response = client
         .post(url)

@@ -200,7 +200,7 @@ async fn measured(
     let mut runs = Vec::new();
     for run in 0..options.runs {
         let tag = format!("history-{events}-{run}-{}", uuid::Uuid::new_v4());
-        load::write_script(&script, &ws.path("body.json"), &tag).map_err(|e| e.to_string())?;
+        load::write_script(&script, &ws.body, &tag).map_err(|e| e.to_string())?;
         runs.push(load_run(relay, &url, &script, CONNECTIONS, options.duration).await?);
     }
     Ok(SizePoint {

@@ -297,7 +297,7 @@ fn main() {
 
 async fn run(options: Options, machine: String) -> Result<(), String> {
     let dir = Scratch::new()?;
-    let (body, _) = push::payload();
+    let body = push::payload()?;
     let relay_binary = match &options.relay {
         Some(path) => path.clone(),
         None => std::env::current_exe()
@@ -317,7 +317,6 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         postgres: options.postgres.clone(),
         databases: Default::default(),
     };
-    std::fs::write(ws.path("body.json"), &ws.body).map_err(|e| e.to_string())?;
     let circle = MockCircle::default()
         .start(false)
         .await
@@ -407,7 +406,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         harness: ::relay::GIT_COMMIT.to_owned(),
         duration_secs: options.duration.as_secs(),
         runs: options.runs,
-        payload_bytes: ws.body.len(),
+        payload_bytes: ws.body.body.len(),
         subjects,
         end_to_end,
         delivery,

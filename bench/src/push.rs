@@ -1,6 +1,7 @@
 //! The signed GitHub pushes the load sends. Never reads the network: the
-//! bodies are built here, of the sizes asked for, each for a commit of its
-//! own ([`signed_commit`]; the wrk script does the same per request).
+//! bodies are built here, of the sizes asked for, and each request sends
+//! one for a commit of its own ([`Push::for_commit`]; the wrk script does
+//! the same at [`Push::sha_at`]).
 
 use bytes::Bytes;
 
@@ -9,25 +10,56 @@ use crate::SECRET;
 /// The `after` sha a push is built with, which each request sends replaced
 /// by a commit of its own: relay's loop guard triggers a target once per
 /// (repo, ref, sha) within its dedupe window, as for real pushes.
-pub const AFTER: &str = "0000000000000000000000000000000000000014";
-
-/// Where [`AFTER`] stands in a built push.
-pub const AFTER_FIELD: &str = "\"after\":\"0000000000000000000000000000000000000014\"";
+const AFTER: &str = "0000000000000000000000000000000000000014";
 
 /// GitHub lists at most 20 commits in a push; a bigger push is a push of
 /// commits that touch many files (a monorepo's), so size grows in the file
 /// lists.
 const MAX_COMMITS: usize = 20;
 
-/// The load table's ~7 KB GitHub push of 20 commits, and its signature.
-pub fn payload() -> (Bytes, String) {
-    signed(&document(MAX_COMMITS, 0))
+/// A push the load sends for a commit of its own each time: the body, and
+/// where its `after` sha stands in it.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub body: Bytes,
+    /// The byte offset of the sha (40 hex digits) in `body`.
+    pub sha_at: usize,
+}
+
+impl Push {
+    /// `body`, if it holds the `after` sha pushes are built with.
+    pub fn new(body: Bytes) -> Result<Push, String> {
+        let field = format!("\"after\":\"{AFTER}\"");
+        let at = body
+            .windows(field.len())
+            .position(|w| w == field.as_bytes())
+            .ok_or_else(|| format!("the push has no {field} to give each request a commit of its own"))?;
+        Ok(Push {
+            sha_at: at + field.len() - AFTER.len() - 1,
+            body,
+        })
+    }
+
+    /// The body for commit `sha` (40 hex digits), and its signature.
+    pub fn for_commit(&self, sha: &str) -> (Bytes, String) {
+        let mut body = Vec::with_capacity(self.body.len());
+        body.extend_from_slice(&self.body[..self.sha_at]);
+        body.extend_from_slice(sha.as_bytes());
+        body.extend_from_slice(&self.body[self.sha_at + AFTER.len()..]);
+        let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
+        (Bytes::from(body), format!("sha256={}", hex::encode(tag)))
+    }
+}
+
+/// The load table's ~7 KB GitHub push of 20 commits.
+pub fn payload() -> Result<Push, String> {
+    Push::new(Bytes::from(document(MAX_COMMITS, 0).to_string()))
 }
 
 /// A GitHub push of about `bytes` bytes (never less than one commit's
-/// worth, about 1 KB), and its signature: fewer commits for a small one,
-/// each commit's `modified` list longer for a big one.
-pub fn sized(bytes: usize) -> (Bytes, String) {
+/// worth, about 1 KB): fewer commits for a small one, each commit's
+/// `modified` list longer for a big one.
+pub fn sized(bytes: usize) -> Result<Push, String> {
     let one = document(1, 0).to_string().len();
     let per_commit = document(2, 0).to_string().len() - one;
     let commits = (1 + bytes.saturating_sub(one) / per_commit).min(MAX_COMMITS);
@@ -38,37 +70,13 @@ pub fn sized(bytes: usize) -> (Bytes, String) {
         let per_round = (document(commits, 1).to_string().len() - base).max(1);
         doc = document(commits, (bytes - base) / per_round);
     }
-    signed(&doc)
-}
-
-fn signed(doc: &serde_json::Value) -> (Bytes, String) {
-    sign(Bytes::from(doc.to_string()))
-}
-
-fn sign(body: Bytes) -> (Bytes, String) {
-    let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
-    (body, format!("sha256={}", hex::encode(tag)))
+    Push::new(Bytes::from(doc.to_string()))
 }
 
 /// A commit sha no other push of this run has: 40 random hex digits.
 pub fn fresh_commit() -> String {
     let more = uuid::Uuid::new_v4().simple().to_string();
     format!("{}{}", uuid::Uuid::new_v4().simple(), &more[..8])
-}
-
-/// `push` (built here) for commit `sha` in place of [`AFTER`], and its
-/// signature. A body without [`AFTER_FIELD`] is sent as it is.
-pub fn signed_commit(push: &[u8], sha: &str) -> (Bytes, String) {
-    let field = AFTER_FIELD.as_bytes();
-    let Some(at) = push.windows(field.len()).position(|w| w == field) else {
-        return sign(Bytes::copy_from_slice(push));
-    };
-    let start = at + field.len() - AFTER.len() - 1;
-    let mut body = Vec::with_capacity(push.len());
-    body.extend_from_slice(&push[..start]);
-    body.extend_from_slice(sha.as_bytes());
-    body.extend_from_slice(&push[start + AFTER.len()..]);
-    sign(Bytes::from(body))
 }
 
 /// A push of `commits` commits to acme/api's main, each modifying
@@ -106,44 +114,39 @@ mod tests {
     #[test]
     fn the_load_tables_push_is_unchanged() {
         // 20 commits of one file each: the body earlier runs measured.
-        assert_eq!(payload().0.len(), document(20, 0).to_string().len());
-        assert!(
-            (6_500..8_000).contains(&payload().0.len()),
-            "{}",
-            payload().0.len()
-        );
+        let body = payload().unwrap().body;
+        assert_eq!(body.len(), document(20, 0).to_string().len());
+        assert!((6_500..8_000).contains(&body.len()), "{}", body.len());
     }
 
     #[test]
-    fn a_signed_commit_changes_the_after_sha_alone_and_is_signed_for_it() {
-        let (push, _) = payload();
+    fn a_push_for_a_commit_changes_the_after_sha_alone_and_is_signed_for_it() {
         let sha = fresh_commit();
         assert_eq!(sha.len(), 40);
         assert!(sha.bytes().all(|b| b.is_ascii_hexdigit()), "{sha}");
-        let (body, signature) = signed_commit(&push, &sha);
-        let mut doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(doc["after"], sha.as_str());
-        doc["after"] = AFTER.into();
-        let template: serde_json::Value = serde_json::from_slice(&push).unwrap();
-        assert_eq!(doc, template, "only `after` changed");
-        let tag = relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
-        assert_eq!(signature, format!("sha256={}", hex::encode(tag)));
         assert_ne!(fresh_commit(), sha);
-        for bytes in [1_024, 1_024 * 1_024] {
-            let (push, _) = sized(bytes);
-            let (body, _) = signed_commit(&push, &sha);
-            let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(doc["after"], sha.as_str(), "{bytes}");
+        for push in [payload(), sized(1_024), sized(1_024 * 1_024)].map(Result::unwrap) {
+            let (body, signature) = push.for_commit(&sha);
+            assert_eq!(body.len(), push.body.len());
+            let mut doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(doc["after"], sha.as_str());
+            doc["after"] = AFTER.into();
+            let template: serde_json::Value = serde_json::from_slice(&push.body).unwrap();
+            assert_eq!(doc, template, "only `after` changed");
+            let tag =
+                relay::signature::sign(relay::signature::Algorithm::Sha256, SECRET.as_bytes(), &[&body]);
+            assert_eq!(signature, format!("sha256={}", hex::encode(tag)));
         }
+        let no_sha = Push::new(Bytes::from_static(br#"{"after":"1234"}"#)).unwrap_err();
+        assert!(no_sha.contains(AFTER), "{no_sha}");
     }
 
     #[test]
     fn sized_pushes_come_close_to_the_size_asked() {
         for want in [1_024, 7 * 1_024, 100 * 1_024, 1_024 * 1_024] {
-            let (body, signature) = sized(want);
+            let body = sized(want).unwrap().body;
             let got = body.len() as f64;
             assert!((got / want as f64 - 1.0).abs() < 0.1, "{want}: {got}");
-            assert!(signature.starts_with("sha256="));
             let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(doc["repository"]["full_name"], "acme/api");
         }

@@ -6,18 +6,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use crate::SECRET;
 use crate::process::{Running, Scratch, start_pinned};
+use crate::push::{Push, fresh_commit};
 
 /// What every measurement of one harness run shares.
 pub struct Workspace {
     /// Configs, logs, databases and bodies; removed at the end.
     pub dir: Scratch,
-    /// The load table's 7 KB push (`body.json` in `dir`), each request
-    /// sends it for a commit of its own.
-    pub body: Bytes,
+    /// The load table's 7 KB push; each request sends it for a commit of
+    /// its own.
+    pub body: Push,
     /// The relay measured: the one beside the harness, or `--relay`.
     pub relay_binary: PathBuf,
     /// `--postgres`: a server where a fresh database is made per run.
@@ -34,7 +33,7 @@ impl Workspace {
     /// The load's push to relay on `port`, for a commit of its own and
     /// signed for it, as delivery `delivery`.
     pub fn push(&self, client: &reqwest::Client, port: u16, delivery: &str) -> reqwest::RequestBuilder {
-        let (body, signature) = crate::push::signed_commit(&self.body, &crate::push::fresh_commit());
+        let (body, signature) = self.body.for_commit(&fresh_commit());
         client
             .post(format!("http://127.0.0.1:{port}/hooks/github"))
             .header("Content-Type", "application/json")

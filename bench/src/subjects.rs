@@ -205,7 +205,7 @@ pub async fn measure(
             let script = ws.path("post.lua");
             load::write_script(
                 &script,
-                &ws.path("body.json"),
+                &ws.body,
                 &format!("{name}-{run}-{connections}-{}", uuid::Uuid::new_v4()),
             )
             .map_err(|e| e.to_string())?;
