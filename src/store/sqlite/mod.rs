@@ -16,7 +16,8 @@
 //!
 //! The folder, by concern: `schema` (migrations, connection settings, the
 //! lock file), `writer` (the group commit and its durability), `codec`
-//! (body packing), `queue` (the delivery path's SQL), `views` (what a
+//! (body packing), `queue` (the delivery path's SQL), `dedupe` (the loop
+//! guard's keys: an index off the file, a log on it), `views` (what a
 //! person reads, the manual retries, retention), `reader` (the read-only
 //! connections). This file opens the store,
 //! says how a column reads (ids as text, times as milliseconds) and wires
@@ -27,6 +28,7 @@
 //! second relay use the same file, or decide by a clock of its own.
 
 mod codec;
+mod dedupe;
 mod polls;
 mod queue;
 #[cfg(test)]
@@ -77,7 +79,7 @@ pub struct SqliteStore {
     _lock: File,
     path: PathBuf,
     /// Where the retention purge's sweep of dedupe keys goes on from.
-    dedupe_sweep: Mutex<views::SweepFrom>,
+    dedupe_sweep: Mutex<dedupe::SweepFrom>,
 }
 
 impl SqliteStore {
@@ -482,7 +484,7 @@ impl Maintain for SqliteStore {
         // Forgetting a key a power cut takes back is done again.
         let (batch, next) = self
             .run(Durability::Committed, move |conn| {
-                views::forget_dedupe_keys(conn, now, limit, &from)
+                dedupe::forget(conn, now, limit, &from)
             })
             .await?;
         // Moved on only once the batch is committed: a failed one is looked

@@ -28,8 +28,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::codec::{Codec, Packed};
-use super::reports;
 use super::{collect, count_inserted, from_millis, parse_uuid, to_millis, unavailable};
+use super::{dedupe, reports};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
 use crate::pipeline::PipelineState;
@@ -167,17 +167,8 @@ fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<
                 trigger.burst(recent, limit, per)
             }
             Check::Dedupe { key, window } => {
-                let taken = conn
-                    .prepare_cached(
-                        "INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)
-                         ON CONFLICT (target, key) DO UPDATE SET expires_at = excluded.expires_at
-                         WHERE dedupe.expires_at <= ?4",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.execute(params![job.target, key, to_millis(now + window), to_millis(now)])
-                    })
-                    .map_err(|e| unavailable(&e))?;
-                trigger.dedupe(taken > 0, window)
+                let taken = dedupe::take(conn, &job.target, key, now, window)?;
+                trigger.dedupe(taken, window)
             }
         };
         if held.is_some() {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, params};
 use uuid::Uuid;
 
-use super::{codec, queue, schema, views};
+use super::{codec, dedupe, queue, schema, views};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
@@ -460,27 +460,23 @@ fn a_claim_and_the_status_page_read_none_of_a_targets_finished_jobs() {
     }
 }
 
-/// Inserts `count` dedupe keys of `target` with random shas, as pushes make
+/// Takes `count` dedupe keys of `target` with random shas, as pushes make
 /// them, expiring one millisecond apart from `first_expiry_ms`.
 fn dedupe_keys(conn: &Connection, target: &str, count: u64, first_expiry_ms: i64) {
     conn.execute_batch("BEGIN").unwrap();
-    let mut insert = conn
-        .prepare("INSERT INTO dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)")
-        .unwrap();
     for n in 0..count {
         let key = format!("acme/api\nrefs/heads/main\n{}", Uuid::new_v4().simple());
-        insert
-            .execute(params![target, key, first_expiry_ms + i64::try_from(n).unwrap()])
-            .unwrap();
+        let expires_at = super::from_millis(first_expiry_ms + i64::try_from(n).unwrap());
+        assert!(dedupe::take(conn, target, &key, expires_at, Duration::ZERO).unwrap());
     }
-    drop(insert);
     conn.execute_batch("COMMIT").unwrap();
 }
 
-/// The keys of `target` whose expiry lies in `from..to` (ms).
-fn keys_between(conn: &Connection, target: &str, from: i64, to: i64) -> i64 {
+/// The keys of `target` whose expiry lies in `from..to` (ms), in the index
+/// (`dedupe_index.keys`) or the log (`main.dedupe`).
+fn keys_between(conn: &Connection, table: &str, target: &str, from: i64, to: i64) -> i64 {
     conn.query_row(
-        "SELECT COUNT(*) FROM dedupe WHERE target = ?1 AND expires_at >= ?2 AND expires_at < ?3",
+        &format!("SELECT COUNT(*) FROM {table} WHERE target = ?1 AND expires_at >= ?2 AND expires_at < ?3"),
         params![target, from, to],
         |r| r.get(0),
     )
@@ -490,13 +486,12 @@ fn keys_between(conn: &Connection, target: &str, from: i64, to: i64) -> i64 {
 /// Runs batches of `limit` until the sweep of dedupe keys ends; the keys
 /// forgotten by each batch.
 fn sweep_keys(conn: &Connection, now: std::time::SystemTime, limit: usize) -> Vec<u64> {
-    let mut from = None;
+    let mut from = dedupe::SweepFrom::default();
     let mut batches = Vec::new();
     loop {
-        let (batch, next) = views::forget_dedupe_keys(conn, now, limit, &from).unwrap();
-        assert_eq!(batch.more, next.is_some());
+        let (batch, next) = dedupe::forget(conn, now, limit, &from).unwrap();
         batches.push(batch.forgotten);
-        if next.is_none() {
+        if !batch.more {
             return batches;
         }
         from = next;
@@ -515,8 +510,8 @@ fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
     let now_ms = super::to_millis(now);
     let hour = 3_600_000;
     let batch = |conn: &Connection| {
-        let (batch, next) = views::forget_dedupe_keys(conn, now, 200, &None).unwrap();
-        assert!(batch.forgotten <= 200 && next.is_some(), "{batch:?}");
+        let (batch, _) = dedupe::forget(conn, now, 200, &dedupe::SweepFrom::default()).unwrap();
+        assert!(batch.forgotten <= 200 && batch.more, "{batch:?}");
     };
     counter.count(|conn| {
         dedupe_keys(conn, "api", 50, now_ms + 600_000);
@@ -533,7 +528,7 @@ fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
         1_050 + QUEUED_ELSEWHERE
     );
     counter.count(|conn| {
-        let left = keys_between(conn, "api", 0, i64::MAX);
+        let left = keys_between(conn, "dedupe_index.keys", "api", 0, i64::MAX);
         let batches = sweep_keys(conn, now, 200);
         assert!(batches.iter().all(|n| *n <= 200), "{batches:?}");
         assert_eq!(
@@ -541,16 +536,18 @@ fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
             left / 200 + 1,
             "each batch looked at 200 keys"
         );
-        assert_eq!(
-            keys_between(conn, "api", 0, now_ms),
-            0,
-            "every expired key is forgotten"
-        );
-        assert_eq!(
-            keys_between(conn, "api", now_ms, i64::MAX),
-            50,
-            "keys in their window stay"
-        );
+        for table in ["dedupe_index.keys", "main.dedupe"] {
+            assert_eq!(
+                keys_between(conn, table, "api", 0, now_ms),
+                0,
+                "every expired key is forgotten from {table}"
+            );
+            assert_eq!(
+                keys_between(conn, table, "api", now_ms, i64::MAX),
+                50,
+                "keys in their window stay in {table}"
+            );
+        }
     });
 }
 

@@ -18,7 +18,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -274,6 +274,23 @@ DROP TABLE dedupe;
 ALTER TABLE dedupe_v13 RENAME TO dedupe;
 ";
 
+/// Dedupe keys become a log: one row a key taken, appended in rowid order
+/// with no index, so a commit's keys share the table's last leaf. The
+/// lookup moved to an index off the database file (`dedupe`), which opening
+/// the store rebuilds from this. Ordered by `(target, key)` on disk (V13), a
+/// commit's random shas each wrote a leaf of their own: about 10 KB a
+/// webhook with the checkpoint's copy.
+const V14: &str = "
+CREATE TABLE dedupe_v14 (
+    target     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+INSERT INTO dedupe_v14 (target, key, expires_at) SELECT target, key, expires_at FROM dedupe ORDER BY expires_at;
+DROP TABLE dedupe;
+ALTER TABLE dedupe_v14 RENAME TO dedupe;
+";
+
 fn lock_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
@@ -298,8 +315,8 @@ pub(super) fn lock(db: &Path) -> Result<File, String> {
     Ok(lock)
 }
 
-/// Sets the connection up for relay's load and brings the schema up to
-/// date, one transaction per migration.
+/// Sets the connection up for relay's load, brings the schema up to date
+/// (one transaction per migration) and builds the dedupe keys' index.
 pub(super) fn prepare(conn: &mut Connection) -> Result<(), String> {
     let fail = |e: rusqlite::Error| e.to_string();
     conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
@@ -343,7 +360,7 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<(), String> {
         tx.commit().map_err(fail)?;
     }
     conn.pragma_update(None, "foreign_keys", "ON").map_err(fail)?;
-    Ok(())
+    super::dedupe::open_index(conn).map_err(|e| format!("cannot build the index of dedupe keys: {e}"))
 }
 
 /// The schema version of the database at `path`, read-only: a running
@@ -483,48 +500,53 @@ mod tests {
         assert_eq!(left, 0);
     }
 
-    /// A relay at schema 12 keeps every dedupe key it held, each still
-    /// unique per target, in one B-tree ordered by target and key.
+    /// A relay at schema 13 keeps every dedupe key it held, as rows of a
+    /// log with no index of its own (the lookup is the writer's index,
+    /// rebuilt from these), and the keys hold their commits back after the
+    /// upgrade as before it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_dedupe_keys_are_kept_in_one_tree_by_target_and_key() {
+    async fn the_dedupe_keys_become_a_log_the_index_is_built_from() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
+        let main = "acme/api\nrefs/heads/main\nabc";
         {
-            let conn = database_at(&path, 12);
-            conn.execute_batch(
+            let conn = database_at(&path, 13);
+            conn.execute(
                 "INSERT INTO dedupe (target, key, expires_at)
-                     VALUES ('ci', 'acme/api\nrefs/heads/main\nabc', 5), ('ci', 'acme/api\nrefs/heads/dev\nabc', 9),
-                            ('gl', 'acme/api\nrefs/heads/main\nabc', 7);",
+                     VALUES ('ci', ?1, 5), ('ci', 'acme/api\nrefs/heads/dev\nabc', 9), ('gl', ?1, 4000000000000)",
+                [main],
             )
             .unwrap();
         }
-        drop(SqliteStore::open(&path).unwrap());
-        let conn = Connection::open(&path).unwrap();
-        let keys: Vec<String> = texts(
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn).unwrap();
+        let log = texts(
             &conn,
-            "SELECT target || '|' || key || '|' || expires_at FROM dedupe ORDER BY expires_at",
+            "SELECT target || '|' || key || '|' || expires_at FROM main.dedupe ORDER BY rowid",
         );
         assert_eq!(
-            keys,
+            log,
             [
                 "ci|acme/api\nrefs/heads/main\nabc|5",
-                "gl|acme/api\nrefs/heads/main\nabc|7",
-                "ci|acme/api\nrefs/heads/dev\nabc|9"
-            ]
+                "ci|acme/api\nrefs/heads/dev\nabc|9",
+                "gl|acme/api\nrefs/heads/main\nabc|4000000000000"
+            ],
+            "every key kept, in order of expiry"
+        );
+        let indexes = texts(
+            &conn,
+            "SELECT name FROM sqlite_schema WHERE tbl_name = 'dedupe' AND type = 'index'",
+        );
+        assert!(indexes.is_empty(), "the log has no index: {indexes:?}");
+        let now = super::super::from_millis(1_000);
+        let window = Duration::from_secs(60);
+        assert!(
+            !super::super::dedupe::take(&conn, "gl", main, now, window).unwrap(),
+            "a key whose window is open still holds its commit back"
         );
         assert!(
-            conn.execute(
-                "INSERT INTO dedupe (target, key, expires_at) VALUES ('ci', 'acme/api\nrefs/heads/main\nabc', 11)",
-                []
-            )
-            .is_err(),
-            "a key is still unique per target"
+            super::super::dedupe::take(&conn, "ci", main, now, window).unwrap(),
+            "a key whose window closed is taken again"
         );
-        let schema: String = conn
-            .query_row("SELECT sql FROM sqlite_schema WHERE name = 'dedupe'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert!(schema.ends_with("WITHOUT ROWID"), "{schema}");
     }
 }

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
-    Activity, EventFilter, EventView, ForgottenKeys, JobDetail, JobFilter, JobState, JobView, QueueStats,
-    Requeued, ShadowFilter, SourceActivity, StoreError, TargetActivity,
+    Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
+    ShadowFilter, SourceActivity, StoreError, TargetActivity,
 };
 
 pub(super) fn jobs(conn: &Connection, filter: &JobFilter) -> Result<Vec<JobView>, StoreError> {
@@ -316,50 +316,6 @@ pub(super) fn requeue_where(
     conn.execute(&sql, params)
         .map(|n| n as u64)
         .map_err(|e| unavailable(&e))
-}
-
-/// Where the sweep of dedupe keys stands: the first `(target, key)` the
-/// next batch looks at. `None`: the start.
-pub(super) type SweepFrom = Option<(String, String)>;
-
-/// Looks at the next `limit` dedupe keys from `from`, in key order, and
-/// forgets those whose window closed by `now`: neighbours in the table's
-/// one B-tree, so a batch writes a few pages, not one a key. Says where the
-/// next batch starts; `None` once the sweep has reached the end.
-pub(super) fn forget_dedupe_keys(
-    conn: &Connection,
-    now: SystemTime,
-    limit: usize,
-    from: &SweepFrom,
-) -> Result<(ForgottenKeys, SweepFrom), StoreError> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let (target, key) = from.clone().unwrap_or_default();
-    let next: SweepFrom = conn
-        .prepare_cached(
-            "SELECT target, key FROM dedupe WHERE (target, key) >= (?1, ?2) ORDER BY target, key LIMIT 1 OFFSET ?3",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_row(params![target, key, limit], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
-        .map_err(|e| unavailable(&e))?;
-    let forgotten = match &next {
-        Some((next_target, next_key)) => conn
-            .prepare_cached(
-                "DELETE FROM dedupe
-                 WHERE (target, key) >= (?1, ?2) AND (target, key) < (?3, ?4) AND expires_at <= ?5",
-            )
-            .and_then(|mut stmt| stmt.execute(params![target, key, next_target, next_key, to_millis(now)])),
-        None => conn
-            .prepare_cached("DELETE FROM dedupe WHERE (target, key) >= (?1, ?2) AND expires_at <= ?3")
-            .and_then(|mut stmt| stmt.execute(params![target, key, to_millis(now)])),
-    }
-    .map_err(|e| unavailable(&e))? as u64;
-    let batch = ForgottenKeys {
-        forgotten,
-        more: next.is_some(),
-    };
-    Ok((batch, next))
 }
 
 /// Deletes up to `limit` finished events received before `before`, with
