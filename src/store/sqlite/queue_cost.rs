@@ -551,9 +551,10 @@ fn a_purge_batch_looks_at_its_limit_of_dedupe_keys_at_a_fixed_cost() {
     });
 }
 
-/// The keys a batch forgets are neighbours in the table's one B-tree, so a
-/// batch writes a few pages, not one a key: commits' shas are random, and
-/// forgetting them in order of expiry wrote 4 KB a key (1.6 GB for an
+/// The log's rows a batch forgets are neighbours (the order keys were
+/// taken), and the index is off the database file, so a batch writes a few
+/// pages, not one a key: commits' shas are random, and forgetting them from
+/// an index on disk in order of expiry wrote 4 KB a key (1.6 GB for an
 /// hour's 360,000), as their insert did.
 #[test]
 fn forgetting_expired_keys_writes_a_few_pages_a_batch() {
