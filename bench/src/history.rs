@@ -65,10 +65,13 @@ pub struct StoreSize {
     /// The store with its history: ingest once the purge is done, and the
     /// probe while it ran.
     pub full: SizePoint,
-    /// Events the purge deleted, and the seconds from relay's start until
-    /// it said so (0 and the budget when it did not).
+    /// Events the purge deleted, and the seconds from relay's first answer
+    /// until it said so (0 and the budget when it did not).
     pub purged: u64,
     pub purge_secs: f64,
+    /// Seconds from relay's start until it answered, with the history in
+    /// its store: the probe and the purge's clock start after it.
+    pub open_secs: f64,
     /// Expired dedupe keys in the store as relay started, and how many its
     /// purge said it forgot (0 from a relay that does not say).
     pub expired_dedupe_keys: usize,
@@ -149,6 +152,8 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
     let port = free_port()?;
     let started = Instant::now();
     let relay = start_relay(ws, "history", port, &store, circle, &setup).await?;
+    let open_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
     let log = relay.log.clone();
     // The log is read four times a second, not at every send.
     let purge_done =
@@ -157,7 +162,7 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
     let (purged, dedupe_keys_purged) = purged(&relay.log).unwrap_or_default();
     let purge_secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "  purged {purged} events and {dedupe_keys_purged} dedupe keys in {purge_secs:.1} s; the probe's longest answer {:.1} ms; loading …",
+        "  relay answered {open_secs:.1} s after it started; it purged {purged} events and {dedupe_keys_purged} dedupe keys in {purge_secs:.1} s more; the probe's longest answer {:.1} ms; loading …",
         during.max_ms
     );
     let inside = filled.saturating_sub(EXPIRED);
@@ -180,6 +185,7 @@ pub async fn store_size(ws: &Workspace, options: &Options, history: usize) -> Re
         full,
         purged,
         purge_secs,
+        open_secs,
         expired_dedupe_keys: EXPIRED_KEYS,
         dedupe_keys_purged,
     })

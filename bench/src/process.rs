@@ -61,6 +61,24 @@ pub async fn wait_for_port(port: u16) -> Result<(), String> {
     Err(format!("nothing listens on 127.0.0.1:{port}"))
 }
 
+/// Waits until `GET path` on 127.0.0.1:`port` answers, whatever it says.
+/// relay binds its listeners before it opens the store, so a port that
+/// accepts is not yet a relay that answers: connections wait in the
+/// kernel's backlog while it opens the store.
+pub async fn wait_for_answer(port: u16, path: &str) -> Result<(), String> {
+    let client = relay::sends::http_client(Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let answer = client.get(&url).send().await;
+        if answer.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("{url} did not answer within a minute"))
+}
+
 /// A process this harness started; killed by its PID when dropped.
 pub struct Running {
     pub child: Child,

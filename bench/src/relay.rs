@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::SECRET;
-use crate::process::{Running, Scratch, start_pinned};
+use crate::process::{Running, Scratch, start_pinned, wait_for_answer};
 use crate::push::{Push, fresh_commit};
 
 /// What every measurement of one harness run shares.
@@ -231,5 +231,7 @@ pub async fn start_relay(
         config.display().to_string(),
     ];
     let log = ws.path(&format!("{label}.log"));
-    start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await
+    let running = start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await?;
+    wait_for_answer(port, "/hooks/github").await?;
+    Ok(running)
 }

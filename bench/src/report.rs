@@ -271,13 +271,14 @@ fn curves(report: &Report, out: &mut String) {
 fn store_size(size: &StoreSize, out: &mut String) {
     let _ = writeln!(
         out,
-        "\nrelay against the store's size, ingest at c{}; the probe: {} webhooks/s, each answer timed (empty: nothing to purge; full: while the purge deleted {} events and {} of {} expired dedupe keys in {:.1} s):\n\n| finished events | store MiB | req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | probe p50 / p99 / max ms | probe accepted |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "\nrelay against the store's size, ingest at c{}; the probe: {} webhooks/s, each answer timed (empty: nothing to purge; full: while the purge deleted {} events and {} of {} expired dedupe keys in {:.1} s, once relay answered, {:.1} s after it started):\n\n| finished events | store MiB | req/s | spread | p99 ms | CPU µs/webhook | RSS after MiB | probe p50 / p99 / max ms | probe accepted |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         size.empty.ingest.connections,
         crate::history::PROBE_RATE,
         size.purged,
         size.dedupe_keys_purged,
         size.expired_dedupe_keys,
-        size.purge_secs
+        size.purge_secs,
+        size.open_secs
     );
     for p in [&size.empty, &size.full] {
         let _ = writeln!(
