@@ -276,7 +276,7 @@ ALTER TABLE dedupe_v13 RENAME TO dedupe;
 
 /// Dedupe keys become a log: one row a key taken, appended in rowid order
 /// with no index, so a commit's keys share the table's last leaf. The
-/// lookup moved to an index off the database file (`dedupe`), which opening
+/// lookup moved to an index off the database file (the `dedupe` module), which opening
 /// the store rebuilds from this. Ordered by `(target, key)` on disk (V13), a
 /// commit's random shas each wrote a leaf of their own: about 10 KB a
 /// webhook with the checkpoint's copy.
