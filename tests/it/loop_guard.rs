@@ -304,6 +304,66 @@ async fn the_dedupe_window_triggers_a_target_once_per_repo_ref_and_sha_across_re
     second.stop().await;
 }
 
+/// Posts a signed push of `sha` to a relay binary; how many jobs it queued.
+async fn post_to_daemon(daemon: &Daemon, sha: String) -> u64 {
+    let body = push(&sha);
+    let headers = sign::github("s", "push", &uuid::Uuid::new_v4().to_string(), &body);
+    let mut request = test_client().post(daemon.url("/hooks/github"));
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let answer = request.body(body).send().await.unwrap();
+    assert_eq!(answer.status().as_u16(), 202);
+    let answer: Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    answer["jobs"].as_u64().unwrap()
+}
+
+/// On SQLite the dedupe keys are looked up in an index kept off the
+/// database file: a restart reads them back from the store's log, says how
+/// many (a restart after a busy hour takes a moment for them), and holds
+/// their commits back as before.
+#[tokio::test]
+async fn a_restart_on_sqlite_reads_the_dedupe_keys_back_and_says_how_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_on(&Backend::Sqlite, dir.path(), "", &dedupe_config("10m"));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, text).unwrap();
+    let first = Daemon::start(&config, &[]);
+    assert_eq!(post_to_daemon(&first, "a".repeat(40)).await, 2);
+    assert_eq!(post_to_daemon(&first, "b".repeat(40)).await, 2);
+    let (status, _) = first.terminate();
+    assert!(status.success());
+
+    let second = Daemon::start(&config, &[]);
+    let read_back = || -> Vec<u64> {
+        second
+            .logs()
+            .lines()
+            .filter(|line| line.contains("dedupe keys are read back"))
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok()?["keys"].as_u64())
+            .collect()
+    };
+    // Logged before relay answers; the log's own thread may write it later.
+    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
+    while read_back().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        read_back(),
+        [4],
+        "a key for each commit and target:\n{}",
+        second.logs()
+    );
+    assert_eq!(
+        post_to_daemon(&second, "a".repeat(40)).await,
+        0,
+        "held back after the restart"
+    );
+    assert_eq!(post_to_daemon(&second, "c".repeat(40)).await, 2);
+    let (status, _) = second.terminate();
+    assert!(status.success());
+}
+
 /// The keys whose window has closed are forgotten by the retention purge,
 /// which says how many in its log line; until then a key holds its commit
 /// back, and once forgotten the commit triggers again.
@@ -314,21 +374,7 @@ async fn retention_forgets_closed_dedupe_windows_and_logs_how_many(backend: Back
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, text).unwrap();
     let daemon = Daemon::start(&config, &[]);
-    let post = |sha: String| {
-        let url = daemon.url("/hooks/github");
-        async move {
-            let body = push(&sha);
-            let headers = sign::github("s", "push", &uuid::Uuid::new_v4().to_string(), &body);
-            let mut request = test_client().post(url);
-            for (name, value) in headers {
-                request = request.header(name, value);
-            }
-            let answer = request.body(body).send().await.unwrap();
-            assert_eq!(answer.status().as_u16(), 202);
-            let answer: Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
-            answer["jobs"].as_u64().unwrap()
-        }
-    };
+    let post = |sha: String| post_to_daemon(&daemon, sha);
     let shas: Vec<String> = ["a", "b", "c"].iter().map(|c| c.repeat(40)).collect();
     for sha in &shas {
         assert_eq!(post(sha.clone()).await, 2);

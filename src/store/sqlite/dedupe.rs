@@ -36,8 +36,9 @@ use crate::store::{ForgottenKeys, StoreError};
 pub(super) const INDEX_CACHE_KIB: i64 = 8 * 1024;
 
 /// Attaches the index to the writer's connection and fills it from the
-/// log. Once a connection, outside any transaction, after the migrations.
-pub(super) fn open_index(conn: &Connection) -> rusqlite::Result<()> {
+/// log; how many keys it holds. Once a connection, outside any
+/// transaction, after the migrations.
+pub(super) fn open_index(conn: &Connection) -> rusqlite::Result<u64> {
     // An empty file name attaches a private temporary database. Under
     // `temp_store = MEMORY` (the writer's, for statement journals) SQLite
     // would keep it in memory whole, without bound; with `FILE` it spills
@@ -62,7 +63,9 @@ pub(super) fn open_index(conn: &Connection) -> rusqlite::Result<()> {
          INSERT INTO dedupe_index.keys (target, key, expires_at)
              SELECT target, key, expires_at FROM main.dedupe WHERE true
              ON CONFLICT (target, key) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at);",
-    )
+    )?;
+    let keys: i64 = conn.query_row("SELECT COUNT(*) FROM dedupe_index.keys", [], |r| r.get(0))?;
+    Ok(keys.unsigned_abs())
 }
 
 /// Takes `key` for `target` until `now + window`, unless an earlier take's

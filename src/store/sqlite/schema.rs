@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use tracing::info;
 
 use crate::store::{SchemaStatus, StoreError};
 
@@ -360,7 +361,14 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<(), String> {
         tx.commit().map_err(fail)?;
     }
     conn.pragma_update(None, "foreign_keys", "ON").map_err(fail)?;
-    super::dedupe::open_index(conn).map_err(|e| format!("cannot build the index of dedupe keys: {e}"))
+    let keys =
+        super::dedupe::open_index(conn).map_err(|e| format!("cannot build the index of dedupe keys: {e}"))?;
+    if keys > 0 {
+        // A restart after a busy hour reads each key back: say why it took
+        // a moment.
+        info!(keys, "the loop guard's dedupe keys are read back from the store");
+    }
+    Ok(())
 }
 
 /// The schema version of the database at `path`, read-only: a running
