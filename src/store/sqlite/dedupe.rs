@@ -15,8 +15,9 @@
 //!
 //! The index is in the writer's transactions like any table: a batch that
 //! rolls back, or one operation's savepoint, takes its keys back with it.
-//! Its journal is kept in memory and it is never synced, so it adds
-//! nothing to a commit's disk work.
+//! Its journal is kept in memory and it is never synced, so a commit
+//! waits on nothing of it; what it spills, the kernel writes back to its
+//! file when it chooses.
 //!
 //! What this module must never do: answer whether a key is held from
 //! anything but the index, take a key without logging it in the same
