@@ -335,21 +335,10 @@ async fn a_restart_on_sqlite_reads_the_dedupe_keys_back_and_says_how_many() {
     assert!(status.success());
 
     let second = Daemon::start(&config, &[]);
-    let read_back = || -> Vec<u64> {
-        second
-            .logs()
-            .lines()
-            .filter(|line| line.contains("dedupe keys are read back"))
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok()?["keys"].as_u64())
-            .collect()
-    };
     // Logged before relay answers; the log's own thread may write it later.
-    let deadline = std::time::Instant::now() + crate::support::PATIENCE;
-    while read_back().is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    second.wait_log("dedupe keys are read back", 1);
     assert_eq!(
-        read_back(),
+        second.logged_numbers("dedupe keys are read back", "keys"),
         [4],
         "a key for each commit and target:\n{}",
         second.logs()
@@ -383,10 +372,8 @@ async fn retention_forgets_closed_dedupe_windows_and_logs_how_many(backend: Back
 
     let forgotten = || -> u64 {
         daemon
-            .logs()
-            .lines()
-            .filter(|line| line.contains("finished events purged"))
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok()?["dedupe_keys"].as_u64())
+            .logged_numbers("finished events purged", "dedupe_keys")
+            .iter()
             .sum()
     };
     let deadline = std::time::Instant::now() + crate::support::PATIENCE;

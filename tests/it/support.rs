@@ -819,6 +819,16 @@ impl Daemon {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The number each JSON log line containing `needle` gives `field`, in
+    /// the log's order.
+    pub fn logged_numbers(&self, needle: &str, field: &str) -> Vec<u64> {
+        self.logs()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()?[field].as_u64())
+            .collect()
+    }
+
     /// Waits until the log holds `count` lines containing `needle`.
     pub fn wait_log(&self, needle: &str, count: usize) {
         let deadline = Instant::now() + PATIENCE;
