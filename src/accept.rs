@@ -294,15 +294,17 @@ async fn correlate(
             None => None,
             Some(pipeline) => {
                 let state = PipelineState::of_ci_status(&pipeline.status);
-                let found =
-                    tokio::time::timeout(SENDERS_DEADLINE, app.store.correlate(&pipeline.id, state, now))
-                        .await
-                        .map_err(|_| {
-                            StoreError::Unavailable(format!(
-                                "the store did not answer within {}s",
-                                SENDERS_DEADLINE.as_secs()
-                            ))
-                        })??;
+                let found = tokio::time::timeout(
+                    SENDERS_DEADLINE,
+                    app.store.correlate(&pipeline.id, pipeline.number, state, now),
+                )
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "the store did not answer within {}s",
+                        SENDERS_DEADLINE.as_secs()
+                    ))
+                })??;
                 if found.as_ref().is_some_and(|u| u.state_changed) {
                     // A reported pipeline's change has queued its report.
                     app.wake_dispatch();

@@ -78,13 +78,20 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// The body and content type of an event, as received (payload URLs).
     async fn event_body(&self, id: Uuid) -> Result<Option<(String, Bytes)>, StoreError>;
 
-    /// A pipeline event names the pipeline `pipeline_id`: when a job of this
+    /// A pipeline event names the pipeline `pipeline_id`, number
+    /// `pipeline_number` (0 when the event gives none): when a job of this
     /// store started it, records the pipeline's `state` on that job (as of
     /// `now`) and answers what started it; `None` for a pipeline relay did
     /// not start. Asking twice with the same state changes nothing more.
+    ///
+    /// A pipeline whose id is not a plain number (CircleCI's UUIDs) is found
+    /// by its id and number together, as its CI's answer named them: such
+    /// ids are random, and the number is what the store's index on them
+    /// grows by. A plain-number id (GitLab's, API v1.1's) is found by itself.
     async fn correlate(
         &self,
         pipeline_id: &str,
+        pipeline_number: u64,
         state: PipelineState,
         now: SystemTime,
     ) -> Result<Option<Upstream>, StoreError>;

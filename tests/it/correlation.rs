@@ -64,13 +64,14 @@ dedupe_window = "0s"
     )
 }
 
-/// CircleCI's `workflow-completed` for `pipeline_id`, as its fixture, with
-/// its own delivery id.
-fn circleci_completed(pipeline_id: &str, delivery: &str) -> Option<Vec<u8>> {
+/// CircleCI's `workflow-completed` for `pipeline_id`, number `number`, as its
+/// fixture, with its own delivery id.
+fn circleci_completed(pipeline_id: &str, number: u64, delivery: &str) -> Option<Vec<u8>> {
     let mut body: Value =
         serde_json::from_slice(&fixture("circleci/workflow-completed-github.json")?).unwrap();
     body["id"] = json!(delivery);
     body["pipeline"]["id"] = json!(pipeline_id);
+    body["pipeline"]["number"] = json!(number);
     body["workflow"]["status"] = json!("success");
     Some(serde_json::to_vec(&body).unwrap())
 }
@@ -101,7 +102,7 @@ async fn post_gitlab(relay: &Relay, body: Vec<u8>, delivery: &str) -> Value {
 
 async fn a_chain_through_cis_that_carry_no_variables_stops_at_max_hops(backend: Backend) {
     let (Some(start), Some(_)) = (
-        circleci_completed("0b1f2a3c-0000-4000-8000-000000000000", "d-cci-0"),
+        circleci_completed("0b1f2a3c-0000-4000-8000-000000000000", 1, "d-cci-0"),
         gitlab_completed(1),
     ) else {
         return;
@@ -146,7 +147,7 @@ async fn a_chain_through_cis_that_carry_no_variables_stops_at_max_hops(backend: 
     // CircleCI reports the pipeline relay started (hop 2): deploy again.
     let third = post_circleci(
         &relay,
-        circleci_completed("c1c1c1c1-0000-4000-8000-000000000001", "d-cci-1").unwrap(),
+        circleci_completed("c1c1c1c1-0000-4000-8000-000000000001", 1, "d-cci-1").unwrap(),
     )
     .await;
     assert_eq!(third["jobs"], 1, "{third}");

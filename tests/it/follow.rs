@@ -289,6 +289,7 @@ async fn the_ci_webhook_ends_polling_early(backend: Backend) {
     let mut completed: Value = serde_json::from_slice(&fixture).unwrap();
     completed["id"] = json!("d-0001");
     completed["pipeline"]["id"] = json!(PIPELINE);
+    completed["pipeline"]["number"] = json!(7);
     completed["workflow"]["status"] = json!("success");
     let body = serde_json::to_vec(&completed).unwrap();
     let (status, answer) = relay

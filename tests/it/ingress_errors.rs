@@ -498,6 +498,7 @@ impl Queue for FullDisk {
     async fn correlate(
         &self,
         _: &str,
+        _: u64,
         _: relay::pipeline::PipelineState,
         _: SystemTime,
     ) -> Result<Option<relay::event::Upstream>, StoreError> {

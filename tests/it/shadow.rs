@@ -119,6 +119,7 @@ async fn a_shadow_is_compared_in_all_four_combinations_and_never_reported(backen
         let mut cci: Value = serde_json::from_slice(&cci_fixture).unwrap();
         cci["id"] = json!(format!("cci-done-{n}"));
         cci["pipeline"]["id"] = json!(circle_pipeline(n));
+        cci["pipeline"]["number"] = json!(n);
         cci["workflow"]["status"] = json!(primary);
         let body = serde_json::to_vec(&cci).unwrap();
         let (status, answer) = relay

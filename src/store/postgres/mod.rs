@@ -67,6 +67,7 @@ mod connect;
 mod finish;
 mod ingest;
 mod listen;
+mod migrations;
 mod polls;
 mod queue;
 mod schema;
@@ -87,7 +88,8 @@ use uuid::Uuid;
 
 use self::connect::{POOL_TIMEOUT, connection_config, describe, pool_error, tls_connector};
 use self::listen::{keep_listening, listen_on};
-pub(crate) use self::schema::{SCHEMA_VERSION, schema_status};
+pub(crate) use self::migrations::SCHEMA_VERSION;
+pub(crate) use self::schema::schema_status;
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect,
@@ -385,10 +387,11 @@ impl Queue for PostgresStore {
     async fn correlate(
         &self,
         pipeline_id: &str,
+        pipeline_number: u64,
         state: PipelineState,
         _now: SystemTime,
     ) -> Result<Option<Upstream>, StoreError> {
-        queue::correlate(self, pipeline_id, state).await
+        queue::correlate(self, pipeline_id, pipeline_number, state).await
     }
 }
 

@@ -301,14 +301,25 @@ pub(super) async fn notify(tx: &deadpool_postgres::Transaction<'_>) -> Result<()
 pub(super) async fn correlate(
     store: &PostgresStore,
     pipeline_id: &str,
+    pipeline_number: u64,
     state: PipelineState,
 ) -> Result<Option<Upstream>, StoreError> {
     within("correlate", OPERATION_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
             .prepare_cached(concat!(
+                // Each half repeats its partial index's condition (schema
+                // V14), which is how the planner knows it may use the index.
                 "WITH job AS (
-                     SELECT id FROM jobs WHERE pipeline_id = $1 ORDER BY created_at LIMIT 1
+                     SELECT id FROM (
+                         SELECT id, created_at FROM jobs
+                         WHERE pipeline_number = $7 AND pipeline_id = $1
+                             AND pipeline_id ~ '[^0-9]' AND pipeline_number IS NOT NULL
+                         UNION ALL
+                         SELECT id, created_at FROM jobs
+                         WHERE pipeline_id = $1
+                             AND NOT (pipeline_id ~ '[^0-9]' AND pipeline_number IS NOT NULL)
+                     ) found ORDER BY created_at LIMIT 1
                  ), moved AS (
                      UPDATE jobs SET pipeline_state = $2, pipeline_updated_at = now(),
                          follow_due = CASE WHEN $3 THEN NULL ELSE follow_due END
@@ -326,6 +337,7 @@ pub(super) async fn correlate(
             .await
             .map_err(|e| unavailable(&e))?;
         let (state_name, last, report_id) = (state.as_str(), state.is_final(), Uuid::now_v7());
+        let number = i64::try_from(pipeline_number).unwrap_or(i64::MAX);
         let row = unsynced(
             &client,
             client.query_opt(
@@ -337,6 +349,7 @@ pub(super) async fn correlate(
                     &report_id,
                     &STATUS_TARGET_PREFIX,
                     &SUPERSEDED,
+                    &number,
                 ],
             ),
         )

@@ -29,6 +29,8 @@
 
 mod codec;
 mod dedupe;
+#[cfg(test)]
+mod pipeline_cost;
 mod polls;
 mod queue;
 #[cfg(test)]
@@ -340,12 +342,13 @@ impl Queue for SqliteStore {
     async fn correlate(
         &self,
         pipeline_id: &str,
+        pipeline_number: u64,
         state: PipelineState,
         now: SystemTime,
     ) -> Result<Option<Upstream>, StoreError> {
         let pipeline_id = pipeline_id.to_owned();
         self.run(Durability::Committed, move |conn| {
-            queue::correlate(conn, &pipeline_id, state, now)
+            queue::correlate(conn, &pipeline_id, pipeline_number, state, now)
         })
         .await
     }

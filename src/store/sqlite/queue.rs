@@ -394,12 +394,29 @@ pub(super) fn ping(conn: &Connection, now: SystemTime) -> Result<(), StoreError>
 pub(super) fn correlate(
     conn: &Connection,
     pipeline_id: &str,
+    pipeline_number: u64,
     state: PipelineState,
     now: SystemTime,
 ) -> Result<Option<Upstream>, StoreError> {
+    // Each half repeats its partial index's condition (schema V15), which
+    // is how SQLite knows the index holds every row the half asks for.
     let job: Option<String> = conn
-        .prepare_cached("SELECT id FROM jobs WHERE pipeline_id = ?1 ORDER BY created_at LIMIT 1")
-        .and_then(|mut stmt| stmt.query_row(params![pipeline_id], |row| row.get(0)).optional())
+        .prepare_cached(
+            "SELECT id FROM (
+                 SELECT id, created_at FROM jobs
+                 WHERE pipeline_number = ?2 AND pipeline_id = ?1
+                     AND pipeline_id GLOB '*[^0-9]*' AND pipeline_number IS NOT NULL
+                 UNION ALL
+                 SELECT id, created_at FROM jobs
+                 WHERE pipeline_id = ?1
+                     AND NOT (pipeline_id GLOB '*[^0-9]*' AND pipeline_number IS NOT NULL)
+             ) ORDER BY created_at LIMIT 1",
+        )
+        .and_then(|mut stmt| {
+            let number = i64::try_from(pipeline_number).unwrap_or(i64::MAX);
+            stmt.query_row(params![pipeline_id, number], |row| row.get(0))
+                .optional()
+        })
         .map_err(|e| unavailable(&e))?;
     let Some(job) = job else {
         return Ok(None);

@@ -32,13 +32,13 @@ use crate::store::{
 const QUEUED_ELSEWHERE: u64 = 20_000;
 
 /// The instructions the progress handler has counted on a connection.
-struct Counter {
+pub(super) struct Counter {
     conn: Connection,
     steps: Arc<AtomicU64>,
 }
 
 impl Counter {
-    fn new() -> Counter {
+    pub(super) fn new() -> Counter {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn).unwrap();
         let steps = Arc::new(AtomicU64::new(0));
@@ -55,7 +55,7 @@ impl Counter {
     }
 
     /// The instructions `work` ran.
-    fn count(&self, work: impl FnOnce(&Connection)) -> u64 {
+    pub(super) fn count(&self, work: impl FnOnce(&Connection)) -> u64 {
         let before = self.steps.load(Ordering::Relaxed);
         work(&self.conn);
         self.steps.load(Ordering::Relaxed) - before
@@ -101,7 +101,7 @@ pub(super) fn event(jobs: Vec<NewJob>) -> NewEvent {
     }
 }
 
-fn completion(job: &ClaimedJob, next: NextState, pipeline: Option<Pipeline>) -> Completion {
+pub(super) fn completion(job: &ClaimedJob, next: NextState, pipeline: Option<Pipeline>) -> Completion {
     let at = wall_time();
     Completion {
         job_id: job.id,
@@ -173,7 +173,7 @@ fn one_webhook(conn: &Connection) {
     let done = completion(again, NextState::Done, Some(pipeline.clone()));
     assert!(queue::complete(conn, &done).unwrap());
     assert!(
-        queue::correlate(conn, &pipeline.id, PipelineState::Success, now)
+        queue::correlate(conn, &pipeline.id, 7, PipelineState::Success, now)
             .unwrap()
             .is_some()
     );

@@ -19,7 +19,7 @@ use crate::store::{SchemaStatus, StoreError};
 
 /// The schema, one migration per version, applied in order; `user_version`
 /// records how far a database has come. Never edit a released entry: add one.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14, V15];
 
 /// The schema version this build migrates a database to (`relay --version`).
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -292,6 +292,23 @@ DROP TABLE dedupe;
 ALTER TABLE dedupe_v14 RENAME TO dedupe;
 ";
 
+/// The pipeline lookup in two halves, so that neither takes a random key.
+/// CircleCI's pipeline ids are random UUIDs: indexed by themselves, each
+/// trigger's answer wrote a leaf of its own, anywhere in an index as long as
+/// the retention (14 frames of a commit's 63 at 32 connections, and one leaf
+/// a trigger once the index outgrows a commit). An id that is not a plain
+/// number is indexed behind the pipeline's number, which grows by one a
+/// pipeline in each project; a plain-number id (GitLab's, API v1.1's) grows
+/// by itself and keeps its own index. `queue::correlate` reads both with
+/// these same conditions, which is what lets SQLite use the partial indexes.
+const V15: &str = "
+DROP INDEX jobs_pipeline;
+CREATE INDEX jobs_pipeline ON jobs (pipeline_id)
+    WHERE pipeline_id IS NOT NULL AND NOT (pipeline_id GLOB '*[^0-9]*' AND pipeline_number IS NOT NULL);
+CREATE INDEX jobs_pipeline_numbered ON jobs (pipeline_number, pipeline_id)
+    WHERE pipeline_id GLOB '*[^0-9]*' AND pipeline_number IS NOT NULL;
+";
+
 fn lock_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push(".lock");
@@ -490,6 +507,7 @@ mod tests {
                 "jobs_follow",
                 "jobs_lease",
                 "jobs_pipeline",
+                "jobs_pipeline_numbered",
                 "jobs_queued",
                 "jobs_report_of",
                 "jobs_shadow",
@@ -556,5 +574,46 @@ mod tests {
             super::super::dedupe::take(&conn, "ci", main, now, window).unwrap(),
             "a key whose window closed is taken again"
         );
+    }
+
+    /// Pipelines recorded by a relay at schema 14 are found after the
+    /// upgrade as events name them: CircleCI's by id and number, GitLab's by
+    /// its id, one recorded without a number by its id.
+    #[test]
+    fn the_pipelines_recorded_before_the_split_index_are_found_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let circleci = "5034460f-c7c4-4c43-9457-de07e2029e7b";
+        let unnumbered = "6a1b2c3d-0000-4000-8000-00000000000a";
+        {
+            let conn = database_at(&path, 14);
+            conn.execute_batch(&format!(
+                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary)
+                     VALUES ('e1', 'github', 'd1', 'push', 5, 'application/json', X'7B7D', 0, '{{}}');
+                 INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at,
+                                   updated_at, pipeline_id, pipeline_number)
+                     VALUES ('j1', 'e1', 'r', 'ci', 'done', 0, 5, 5, 5, '{circleci}', 42),
+                            ('j2', 'e1', 'r', 'gl', 'done', 0, 5, 6, 6, '918273', 17),
+                            ('j3', 'e1', 'r', 'ci', 'done', 0, 5, 7, 7, '{unnumbered}', NULL);"
+            ))
+            .unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn).unwrap();
+        let started = |id: &str, number: u64| {
+            super::super::queue::correlate(
+                &conn,
+                id,
+                number,
+                crate::pipeline::PipelineState::Running,
+                super::super::from_millis(1_000),
+            )
+            .unwrap()
+            .map(|upstream| upstream.target)
+        };
+        assert_eq!(started(circleci, 42).as_deref(), Some("ci"));
+        assert_eq!(started(circleci, 0), None, "a random id is found with its number");
+        assert_eq!(started("918273", 0).as_deref(), Some("gl"));
+        assert_eq!(started(unnumbered, 0).as_deref(), Some("ci"));
     }
 }
