@@ -9,7 +9,7 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use uuid::Uuid;
 
-use super::queue_cost::{Counter, completion, event, job};
+use super::queue_cost::{Counter, completion, event, event_insert, job};
 use super::{codec, queue, schema, to_millis};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
@@ -116,12 +116,7 @@ fn a_random_id_is_found_with_its_number_and_a_plain_number_id_by_itself() {
 fn pipeline_history(conn: &Connection, count: u64) {
     conn.execute_batch("BEGIN").unwrap();
     let now = to_millis(wall_time());
-    let mut insert = conn
-        .prepare(
-            "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary, codec)
-             VALUES (?1, 'github', ?1, 'push', ?2, 'application/json', x'7b7d', 0, '{}', 0)",
-        )
-        .unwrap();
+    let mut insert = event_insert(conn);
     let mut job = conn
         .prepare(
             "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at,

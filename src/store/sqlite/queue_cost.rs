@@ -184,7 +184,7 @@ fn one_webhook(conn: &Connection) {
 
 /// Inserts an event by its id (`?1`, its delivery too) and time (`?2`),
 /// for the fixtures below.
-fn event_insert(conn: &Connection) -> rusqlite::Statement<'_> {
+pub(super) fn event_insert(conn: &Connection) -> rusqlite::Statement<'_> {
     conn.prepare(
         "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary, codec)
          VALUES (?1, 'github', ?1, 'push', ?2, 'application/json', x'7b7d', 0, '{}', 0)",
