@@ -185,6 +185,28 @@ fn count_inserted(conn: &Connection, state: JobState, jobs: usize) -> Result<(),
         .map_err(|e| unavailable(&e))
 }
 
+/// Moves `jobs` whose state changed from `from` to `to` between the kept
+/// counts (schema V16: no trigger counts state changes). Every statement
+/// that changes jobs' states calls it in the same operation with the rows
+/// it changed, as inserts call [`count_inserted`].
+fn count_moved(conn: &Connection, from: JobState, to: JobState, jobs: usize) -> Result<(), StoreError> {
+    if jobs == 0 || from == to {
+        return Ok(());
+    }
+    conn.prepare_cached(
+        "UPDATE job_counts SET n = n + CASE WHEN state = ?1 THEN -?3 ELSE ?3 END WHERE state IN (?1, ?2)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            from.as_str(),
+            to.as_str(),
+            i64::try_from(jobs).unwrap_or(i64::MAX)
+        ])
+    })
+    .map(drop)
+    .map_err(|e| unavailable(&e))
+}
+
 fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
     Uuid::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad id {text:?}: {e}")))
 }

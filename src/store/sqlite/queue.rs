@@ -10,12 +10,13 @@
 //! keys).
 //!
 //! The claims and the completion say `OR FAIL`. With SQLite's default
-//! `ABORT`, a statement that may write several rows (a claim; one that
-//! fires the job counts' triggers) keeps a journal of its own, a copy of
-//! every page it touches that the transaction had already changed, to undo
-//! itself alone on a constraint error: 5-7% of relay's CPU when draining a
-//! backlog. (A job's insert needs no such clause: it fires no trigger since
-//! schema V11, which counts inserted jobs here instead.)
+//! `ABORT`, a statement that may write several rows (a claim; before schema
+//! V16, one that fired the job counts' trigger) keeps a journal of its own,
+//! a copy of every page it touches that the transaction had already
+//! changed, to undo itself alone on a constraint error: 5-7% of relay's CPU
+//! when draining a backlog. The statements here count the jobs they insert
+//! (V11) and the states they change (V16) themselves; only retention's
+//! deletes are still counted by a trigger.
 //! Here nothing needs undoing a statement at a time. These functions run
 //! only inside the writer's transaction, every error leaves them, and the
 //! writer rolls back the failed operation whole: the batch, or the
@@ -28,7 +29,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::codec::{Codec, Packed};
-use super::{collect, count_inserted, from_millis, parse_uuid, to_millis, unavailable};
+use super::{collect, count_inserted, count_moved, from_millis, parse_uuid, to_millis, unavailable};
 use super::{dedupe, reports};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
@@ -41,11 +42,15 @@ use crate::store::{
 /// Puts the jobs a previous run left in flight back in the queue; how many.
 /// Only right under the database's lock: it proves no other process holds
 /// them.
-pub(super) fn recover(conn: &Connection) -> rusqlite::Result<usize> {
-    conn.execute(
-        "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",
-        [],
-    )
+pub(super) fn recover(conn: &Connection) -> Result<usize, StoreError> {
+    let requeued = conn
+        .execute(
+            "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",
+            [],
+        )
+        .map_err(|e| unavailable(&e))?;
+    count_moved(conn, JobState::InFlight, JobState::Queued, requeued)?;
+    Ok(requeued)
 }
 
 pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Result<Ingested, StoreError> {
@@ -231,11 +236,15 @@ pub(super) fn claim(
     // Expired leases first (a worker died holding them), then due jobs, each
     // walking its own partial index in order and stopping at the limit.
     let mut claimed = Vec::new();
-    for sql in [&*CLAIM_EXPIRED, &*CLAIM_DUE] {
+    for (sql, from) in [
+        (&*CLAIM_EXPIRED, JobState::InFlight),
+        (&*CLAIM_DUE, JobState::Queued),
+    ] {
         let wanted = limit.saturating_sub(claimed.len());
         if wanted == 0 {
             break;
         }
+        let before = claimed.len();
         let mut stmt = conn.prepare_cached(sql).map_err(|e| unavailable(&e))?;
         let mut returned = stmt
             .query(params![
@@ -250,6 +259,8 @@ pub(super) fn claim(
             let needs_payload: bool = row.get(7).map_err(|e| unavailable(&e))?;
             claimed.push((rows::claimed_job(row, claim)?, needs_payload));
         }
+        drop(returned);
+        count_moved(conn, from, JobState::InFlight, claimed.len() - before)?;
     }
     let mut payload_of = conn
         .prepare_cached("SELECT COALESCE(payload, body), codec FROM events WHERE id = ?1")
@@ -326,6 +337,7 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
     if updated == 0 {
         return Ok(false);
     }
+    count_moved(conn, JobState::InFlight, state, updated)?;
     match &c.next {
         _ if !c.reported => {}
         NextState::Done => reports::queue_report(conn, &c.job_id.to_string(), None, now)?,

@@ -287,7 +287,7 @@ fn counts(conn: &Connection) -> (Counts, Counts) {
     )
 }
 
-/// `/metrics` reads the counts the triggers keep, not the rows: they must
+/// `/metrics` reads the counts the store keeps, not the rows: they must
 /// agree after every kind of change a job goes through.
 #[test]
 fn the_kept_job_counts_match_the_rows() {

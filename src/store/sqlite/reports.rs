@@ -10,7 +10,7 @@
 use rusqlite::{Connection, params};
 use uuid::Uuid;
 
-use super::{count_inserted, unavailable};
+use super::{count_inserted, count_moved, unavailable};
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::{JobState, StoreError};
 
@@ -29,7 +29,8 @@ pub(super) fn queue_report(
          WHERE report_of = ?1 AND state = 'queued'",
     )
     .and_then(|mut stmt| stmt.execute(params![job, now, SUPERSEDED]))
-    .map_err(|e| unavailable(&e))?;
+    .map_err(|e| unavailable(&e))
+    .and_then(|superseded| count_moved(conn, JobState::Queued, JobState::Done, superseded))?;
     conn.prepare_cached(
         "INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at, updated_at,
                            repo, sha, report_of, report)

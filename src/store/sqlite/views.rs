@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
-use super::{collect, to_millis, unavailable};
+use super::{collect, count_moved, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
     Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
@@ -313,9 +313,9 @@ pub(super) fn requeue_where(
              last_error = NULL
          WHERE state = 'dead' AND (request IS NOT NULL OR report_of IS NOT NULL) AND {condition}"
     );
-    conn.execute(&sql, params)
-        .map(|n| n as u64)
-        .map_err(|e| unavailable(&e))
+    let requeued = conn.execute(&sql, params).map_err(|e| unavailable(&e))?;
+    count_moved(conn, JobState::Dead, JobState::Queued, requeued)?;
+    Ok(requeued as u64)
 }
 
 /// Deletes up to `limit` finished events received before `before`, with
