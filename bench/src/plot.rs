@@ -13,6 +13,13 @@ use serde_json::Value;
 const THIS: RGBColor = RGBColor(31, 119, 180);
 const EARLIER: RGBColor = RGBColor(214, 96, 39);
 const SECOND: RGBColor = RGBColor(148, 103, 189);
+const EARLIER_SECOND: RGBColor = RGBColor(140, 86, 75);
+
+/// A line's colour: by run (this one, the earlier) and by which of a
+/// run's lines it is (the first, the second: p50 and p99), each its own.
+fn color_of(run: usize, which: usize) -> RGBColor {
+    [[THIS, SECOND], [EARLIER, EARLIER_SECOND]][run.min(1)][which.min(1)]
+}
 
 /// One line: its legend, colour, and points (x position, y).
 struct Series {
@@ -109,42 +116,23 @@ pub fn draw(this: &Value, earlier: Option<&Value>, dir: &Path) -> Result<Vec<Pat
             .iter()
             .map(|p| thousands(p["queued"].as_f64().unwrap_or(0.0)))
             .collect();
-        let depth_panel =
-            |title, y_desc, pick: &dyn Fn(&Value) -> Option<f64>, named: &[(&str, usize)]| Panel {
-                title,
-                y_desc,
-                series: runs
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, run)| named.iter().map(move |(name, which)| (i, run, *name, *which)))
-                    .filter_map(|(i, run, name, which)| {
-                        let points = run["queue_depth"].as_array()?;
-                        Some(Series {
-                            label: format!("{}{name}", short(run)),
-                            color: [[THIS, SECOND], [EARLIER, EARLIER]][i.min(1)][which.min(1)],
-                            points: points
-                                .iter()
-                                .enumerate()
-                                .filter_map(|(at, p)| Some((at as f64, pick(&with_which(p, which))?)))
-                                .collect(),
-                        })
-                    })
-                    .collect(),
-            };
         let panels = [
             depth_panel(
+                &runs,
                 "ingest req/s",
                 "webhooks per second",
                 &|p| p["ingest"]["requests_per_sec"].as_f64(),
                 &[("", 0)],
             ),
             depth_panel(
+                &runs,
                 "claim cycle (answer → next trigger)",
                 "ms",
                 &|p| p["cycle"].as_f64(),
                 &[(" p50", 0), (" p99", 1)],
             ),
             depth_panel(
+                &runs,
                 "store claim alone",
                 "ms",
                 &|p| p["store"].as_f64(),
@@ -176,16 +164,54 @@ pub fn draw(this: &Value, earlier: Option<&Value>, dir: &Path) -> Result<Vec<Pat
     Ok(written)
 }
 
+/// A queue-depth chart: for each run, one line of each of `named` (a
+/// legend suffix, and 0 or 1 for [`with_which`]), its points at the
+/// depths that run reached.
+fn depth_panel(
+    runs: &[&Value],
+    title: &'static str,
+    y_desc: &'static str,
+    pick: &dyn Fn(&Value) -> Option<f64>,
+    named: &[(&str, usize)],
+) -> Panel {
+    let series = runs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, run)| named.iter().map(move |(name, which)| (i, run, *name, *which)))
+        .filter_map(|(i, run, name, which)| {
+            let points = run["queue_depth"].as_array()?;
+            Some(Series {
+                label: format!("{}{name}", short(run)),
+                color: color_of(i, which),
+                points: points
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(at, p)| Some((at as f64, pick(&with_which(p, which))?)))
+                    .collect(),
+            })
+        })
+        .collect();
+    Panel {
+        title,
+        y_desc,
+        series,
+    }
+}
+
 /// A queue-depth point with `cycle` and `store` set to its p50 (`which`
 /// 0) or p99 (1) claim latencies, so one picker serves both lines.
 fn with_which(point: &Value, which: usize) -> Value {
     let q = if which == 0 { "p50" } else { "p99" };
     let mut p = point.clone();
-    // A cycle that could not be timed has no point (its figures are 0).
+    // A latency that was not timed has no point (its figures are 0): a
+    // cycle that could not run, a store claim the harness's build could
+    // not make on another build's schema.
     if point["claims"]["cycles"].as_u64() != Some(0) {
         p["cycle"] = point["claims"][format!("cycle_{q}_ms")].clone();
     }
-    p["store"] = point["claims"][format!("store_claim_{q}_ms")].clone();
+    if point["claims"]["store_claims"].as_u64() != Some(0) {
+        p["store"] = point["claims"][format!("store_claim_{q}_ms")].clone();
+    }
     p
 }
 
@@ -205,7 +231,7 @@ fn panel_of(
             let points = run[curve]["points"].as_array()?;
             Some(Series {
                 label: short(run),
-                color: if i == 0 { THIS } else { EARLIER },
+                color: color_of(i, 0),
                 points: points.iter().filter_map(|p| Some((x(p)?, y(p)?))).collect(),
             })
         })
@@ -354,6 +380,20 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let written = draw(&report, Some(&report), dir.path()).unwrap();
+        // An earlier build on another schema: its store claims were not
+        // timed, and are no line at 0.
+        let mut earlier = report.clone();
+        for point in earlier["queue_depth"].as_array_mut().unwrap() {
+            point["claims"]["store_claims"] = 0.into();
+        }
+        let runs = [&report, &earlier];
+        let named = [(" p50", 0), (" p99", 1)];
+        let store = depth_panel(&runs, "store", "ms", &|p| p["store"].as_f64(), &named);
+        let points: Vec<usize> = store.series.iter().map(|s| s.points.len()).collect();
+        assert_eq!(points, [3, 3, 0, 0]);
+        let cycle = depth_panel(&runs, "cycle", "ms", &|p| p["cycle"].as_f64(), &named);
+        let colors: std::collections::HashSet<_> = cycle.series.iter().map(|s| s.color).collect();
+        assert_eq!(colors.len(), 4, "each run's p50 and p99 a colour of its own");
         assert_eq!(written.len(), 3);
         for file in written {
             let svg = std::fs::read_to_string(&file).unwrap();
