@@ -110,7 +110,14 @@ impl SqliteStore {
         schema::prepare(&mut conn).map_err(open_error)?;
         // The lock proves no other process holds these jobs: whatever was in
         // flight belonged to a run that is gone.
-        let recovered = queue::recover(&conn).map_err(|e| open_error(e.to_string()))?;
+        let recovered = conn
+            .transaction()
+            .map_err(|e| open_error(e.to_string()))
+            .and_then(|tx| {
+                let recovered = queue::recover(&tx).map_err(|e| open_error(e.to_string()))?;
+                tx.commit().map_err(|e| open_error(e.to_string()))?;
+                Ok(recovered)
+            })?;
         if recovered > 0 {
             info!(
                 jobs = recovered,

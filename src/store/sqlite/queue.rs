@@ -41,8 +41,9 @@ use crate::store::{
 
 /// Puts the jobs a previous run left in flight back in the queue; how many.
 /// Only right under the database's lock: it proves no other process holds
-/// them.
-pub(super) fn recover(conn: &Connection) -> Result<usize, StoreError> {
+/// them. In a transaction of the caller's, which the job counts move in too.
+pub(super) fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, StoreError> {
+    let conn: &Connection = tx;
     let requeued = conn
         .execute(
             "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",

@@ -337,7 +337,9 @@ fn the_kept_job_counts_match_the_rows() {
         crate::store::Requeued::Requeued
     ));
     // A restart puts what was in flight back in the queue.
-    assert!(queue::recover(conn).unwrap() > 0);
+    let tx = conn.unchecked_transaction().unwrap();
+    assert!(queue::recover(&tx).unwrap() > 0);
+    tx.commit().unwrap();
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after a manual retry and a restart's recovery");
     // Retention deletes finished events, and their jobs with them.
