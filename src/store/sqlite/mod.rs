@@ -523,3 +523,28 @@ impl Maintain for SqliteStore {
         Ok(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::queue_cost::Counter;
+    use super::*;
+
+    /// A state change moves the kept counts with two one-row updates by key.
+    /// One statement over both rows (`WHERE state IN (?1, ?2)`) costs SQLite a
+    /// temporary table of the list's keys on every call: more than the two.
+    #[test]
+    fn moving_a_count_costs_two_one_row_updates() {
+        let counter = Counter::new();
+        let moved =
+            || counter.count(|conn| count_moved(conn, JobState::Queued, JobState::InFlight, 3).unwrap());
+        let added = || counter.count(|conn| count_inserted(conn, JobState::Queued, 3).unwrap());
+        // The first calls prepare and cache the statements.
+        moved();
+        added();
+        let (moved, added) = (moved(), added());
+        assert!(
+            moved <= 2 * added,
+            "moving a count took {moved} SQLite instructions, adding to one {added}"
+        );
+    }
+}
