@@ -43,14 +43,13 @@ use crate::store::{
 /// Only right under the database's lock: it proves no other process holds
 /// them. In a transaction of the caller's, which the job counts move in too.
 pub(super) fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, StoreError> {
-    let conn: &Connection = tx;
-    let requeued = conn
+    let requeued = tx
         .execute(
             "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL WHERE state = 'in_flight'",
             [],
         )
         .map_err(|e| unavailable(&e))?;
-    count_moved(conn, JobState::InFlight, JobState::Queued, requeued)?;
+    count_moved(tx, JobState::InFlight, JobState::Queued, requeued)?;
     Ok(requeued)
 }
 

@@ -629,4 +629,43 @@ mod tests {
         assert_eq!(started("918273", 0).as_deref(), Some("gl"));
         assert_eq!(started(unnumbered, 0).as_deref(), Some("ci"));
     }
+
+    /// A relay at schema 15 counted state changes with a trigger; after the
+    /// upgrade the statements count them, once: the kept counts still match
+    /// the rows after a restart's recovery, a claim and a completion.
+    #[test]
+    fn the_counts_kept_before_v16_stay_right_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        {
+            let conn = database_at(&path, 15);
+            conn.execute_batch(
+                "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, hop, summary)
+                     VALUES ('01a24b56-65c6-74d2-a328-0000000000e1', 'github', 'd1', 'push', 5, 'application/json', X'7B7D', 0, '{}');
+                 INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at,
+                                   claim_id, lease_until, created_at, updated_at)
+                     VALUES ('01a24b56-65c6-74d2-a328-000000000001', '01a24b56-65c6-74d2-a328-0000000000e1', 'r', 'ci', 'in_flight',
+                             '{\"url\":\"http://127.0.0.1:9/\",\"headers\":[],\"body\":{\"text\":\"\"},\"auth\":{\"type\":\"header\",\"name\":\"Circle-Token\"}}',
+                             0, 5, '01a24b56-65c6-74d2-a328-0000000000c1', 99, 5, 5),
+                            ('01a24b56-65c6-74d2-a328-000000000002', '01a24b56-65c6-74d2-a328-0000000000e1', 'r', 'ci', 'done', NULL, 0, 5,
+                             NULL, NULL, 5, 5);
+                 UPDATE job_counts SET n = CASE state WHEN 'in_flight' THEN 1 WHEN 'done' THEN 1 ELSE 0 END;",
+            )
+            .unwrap();
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        prepare(&mut conn).unwrap();
+        let kept = |conn: &Connection| texts(conn, "SELECT state || '=' || n FROM job_counts ORDER BY state");
+        let tx = conn.unchecked_transaction().unwrap();
+        assert_eq!(super::super::queue::recover(&tx).unwrap(), 1);
+        tx.commit().unwrap();
+        assert_eq!(kept(&conn), ["dead=0", "done=1", "in_flight=0", "queued=1"]);
+        let now = super::super::from_millis(1_000);
+        let claimed = super::super::queue::claim(&conn, "ci", 8, Duration::from_secs(60), now).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(kept(&conn), ["dead=0", "done=1", "in_flight=1", "queued=0"]);
+        let done = super::super::queue_cost::completion(&claimed[0], crate::store::NextState::Done, None);
+        assert!(super::super::queue::complete(&conn, &done).unwrap());
+        assert_eq!(kept(&conn), ["dead=0", "done=2", "in_flight=0", "queued=0"]);
+    }
 }
