@@ -79,7 +79,9 @@ pub enum RunError {
 
 /// Opens the configured store and runs until `control.shutdown` is cancelled.
 pub async fn run(config: Config, listeners: Listeners, control: Control) -> Result<(), RunError> {
-    let store = store::open(&config.store).await?;
+    // Read before the app's own clock starts, so no later decision's `now`
+    // is earlier than the one the store opened at.
+    let store = store::open(&config.store, crate::clock::Clock::new().now()).await?;
     run_with_store(config, store, listeners, control).await
 }
 

@@ -118,8 +118,14 @@ fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
 /// Events per second for one round of ingests on a fresh database.
 async fn ingest_round(max_batch: usize, body: &Bytes) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open_with_batch(&dir.path().join("bench.db"), max_batch).expect("store opens"));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open_with_batch(
+            &dir.path().join("bench.db"),
+            max_batch,
+            std::time::SystemTime::now(),
+        )
+        .expect("store opens"),
+    );
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -147,8 +153,9 @@ async fn ingest_round(max_batch: usize, body: &Bytes) -> f64 {
 /// followed by its job's completion.
 async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("bench.db")).expect("store opens"));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("bench.db"), std::time::SystemTime::now()).expect("store opens"),
+    );
     let (started, cpu) = (Instant::now(), cpu_seconds());
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -220,8 +227,9 @@ fn delivered(job_id: Uuid, claim: Uuid) -> Completion {
 /// its own, the next claim once they are recorded.
 async fn drain_round(jobs: usize, body: &Bytes) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("bench.db")).expect("store opens"));
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("bench.db"), std::time::SystemTime::now()).expect("store opens"),
+    );
     let mut fill = Vec::new();
     for t in 0..TASKS {
         let (store, body) = (store.clone(), body.clone());

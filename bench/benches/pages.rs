@@ -80,7 +80,10 @@ fn event(n: usize, count: usize, now: SystemTime) -> NewEvent {
 }
 
 async fn fill(db: &std::path::Path, count: usize) -> String {
-    let store = Arc::new(SqliteStore::open(db).expect("the bench runs on loopback, in a temp dir"));
+    let store = Arc::new(
+        SqliteStore::open(db, std::time::SystemTime::now())
+            .expect("the bench runs on loopback, in a temp dir"),
+    );
     let now = SystemTime::now();
     let mut last = String::new();
     for chunk in (0..count).collect::<Vec<_>>().chunks(500) {

@@ -267,7 +267,7 @@ mod tests {
     async fn a_fills_jobs_are_counted_once_whichever_build_made_the_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
-        drop(relay::store::SqliteStore::open(&path).unwrap());
+        drop(relay::store::SqliteStore::open(&path, std::time::SystemTime::now()).unwrap());
         let conn = Connection::open(&path).unwrap();
         insert_queued(&conn, 3);
         count_inserted(&conn, "queued", 3).unwrap();

@@ -234,7 +234,7 @@ async fn store_claims(db: &std::path::Path) -> Result<Vec<f64>, String> {
     if version != i64::from(SQLITE_SCHEMA_VERSION) {
         return Ok(Vec::new());
     }
-    let store = SqliteStore::open(db).map_err(|e| e.to_string())?;
+    let store = SqliteStore::open(db, std::time::SystemTime::now()).map_err(|e| e.to_string())?;
     let mut took = Vec::with_capacity(STORE_CLAIMS);
     for _ in 0..STORE_CLAIMS {
         let started = Instant::now();

@@ -546,10 +546,11 @@ fn maybe_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S
     }
 }
 
-/// Opens the store the config names, bringing its schema up to date.
-pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn Store>, StoreError> {
+/// Opens the store the config names, bringing its schema up to date; `now`
+/// is the caller's clock as it opens it (see [`SqliteStore::open`]).
+pub async fn open(settings: &StoreSettings, now: SystemTime) -> Result<Arc<dyn Store>, StoreError> {
     match &settings.location {
-        StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path)?)),
+        StoreLocation::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path, now)?)),
         StoreLocation::Postgres(pg) => Ok(Arc::new(PostgresStore::open(pg).await?)),
     }
 }

@@ -260,7 +260,7 @@ async fn check_reports_the_store_schema_and_never_the_database_password() {
         )),
         "{out}"
     );
-    drop(relay::store::SqliteStore::open(&db).unwrap());
+    drop(relay::store::SqliteStore::open(&db, std::time::SystemTime::now()).unwrap());
     let (_, out, _) = check(format!("sqlite://{}", db.display()));
     assert!(
         out.contains(&format!(
@@ -293,7 +293,11 @@ async fn check_reports_the_store_schema_and_never_the_database_password() {
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("schema: none yet"), "{out}");
         let config = relay::config::Config::from_toml(&format!("[store]\nurl = \"{url}\"\n")).unwrap();
-        drop(relay::store::open(&config.store).await.unwrap());
+        drop(
+            relay::store::open(&config.store, std::time::SystemTime::now())
+                .await
+                .unwrap(),
+        );
         let (_, out, _) = check(url.clone());
         assert!(out.contains("(current)"), "{out}");
         assert!(!out.contains("relay-test-pw"), "{out}");

@@ -733,7 +733,9 @@ async fn tls_to_the_database_checks_its_certificate() {
 
     let open = |text: String| async move {
         let config = relay::config::Config::from_toml(&text).unwrap();
-        relay::store::open(&config.store).await.map(drop)
+        relay::store::open(&config.store, std::time::SystemTime::now())
+            .await
+            .map(drop)
     };
     // Trusting the CA that signed it: connected, schema created.
     open(format!(

@@ -47,7 +47,9 @@ impl Fixture {
     async fn sqlite() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let settings = settings(&format!("sqlite://{}", dir.path().join("relay.db").display()));
-        let store = relay::store::open(&settings).await.unwrap();
+        let store = relay::store::open(&settings, std::time::SystemTime::now())
+            .await
+            .unwrap();
         Fixture {
             store,
             settings,
@@ -60,7 +62,9 @@ impl Fixture {
     async fn postgres(case: &str) -> Option<Fixture> {
         let url = postgres_database(case).await?;
         let settings = settings(&url);
-        let store = relay::store::open(&settings).await.unwrap();
+        let store = relay::store::open(&settings, std::time::SystemTime::now())
+            .await
+            .unwrap();
         Some(Fixture {
             store,
             settings,
@@ -70,7 +74,9 @@ impl Fixture {
 
     /// A second store on the same database: another relay.
     async fn another(&self) -> Arc<dyn Store> {
-        relay::store::open(&self.settings).await.unwrap()
+        relay::store::open(&self.settings, std::time::SystemTime::now())
+            .await
+            .unwrap()
     }
 
     /// A plain SQL connection to the fixture's PostgreSQL database, for the
@@ -2009,9 +2015,9 @@ async fn concurrent_migrations(f: Fixture) {
     assert_eq!(status.latest, relay::store::POSTGRES_SCHEMA_VERSION);
 
     let (one, two, three) = tokio::join!(
-        relay::store::open(&fresh),
-        relay::store::open(&fresh),
-        relay::store::open(&fresh)
+        relay::store::open(&fresh, std::time::SystemTime::now()),
+        relay::store::open(&fresh, std::time::SystemTime::now()),
+        relay::store::open(&fresh, std::time::SystemTime::now())
     );
     let (one, two, three) = (one.unwrap(), two.unwrap(), three.unwrap());
     let after = relay::store::schema_status(&fresh).await.unwrap();
@@ -2183,7 +2189,9 @@ async fn newer_schema_is_refused(f: Fixture) {
         .batch_execute("UPDATE relay_schema SET version = version + 1")
         .await
         .unwrap();
-    let error = relay::store::open(&f.settings).await.unwrap_err();
+    let error = relay::store::open(&f.settings, std::time::SystemTime::now())
+        .await
+        .unwrap_err();
     let StoreError::Connect { url, reason } = &error else {
         panic!("not a connect error: {error}");
     };

@@ -94,8 +94,10 @@ async fn a_store_file_removed_under_relay_is_a_503_until_it_is_back() {
 async fn a_second_relay_on_the_same_sqlite_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("relay.db");
-    let first = relay::store::SqliteStore::open(&db).unwrap();
-    let second = relay::store::SqliteStore::open(&db).unwrap_err().to_string();
+    let first = relay::store::SqliteStore::open(&db, std::time::SystemTime::now()).unwrap();
+    let second = relay::store::SqliteStore::open(&db, std::time::SystemTime::now())
+        .unwrap_err()
+        .to_string();
     assert!(
         second.contains(
             "another relay is using this database; each relay needs its own sqlite file (or share a postgres:// store)"
@@ -104,7 +106,7 @@ async fn a_second_relay_on_the_same_sqlite_file_is_refused() {
     );
     drop(first);
     assert!(
-        relay::store::SqliteStore::open(&db).is_ok(),
+        relay::store::SqliteStore::open(&db, std::time::SystemTime::now()).is_ok(),
         "free once the first is gone"
     );
 }

@@ -1384,7 +1384,9 @@ pub async fn open_store(url: &str) -> std::sync::Arc<dyn relay::store::Store> {
         "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[store]\nurl = \"{url}\"\n"
     ))
     .unwrap_or_else(|e| panic!("store url {url}: {e}"));
-    relay::store::open(&config.store).await.unwrap()
+    relay::store::open(&config.store, std::time::SystemTime::now())
+        .await
+        .unwrap()
 }
 
 /// Jobs per state (`queued`, `in_flight`, `done`, `dead`) in a store.

@@ -37,9 +37,16 @@ use crate::store::{ForgottenKeys, StoreError};
 pub(super) const INDEX_CACHE_KIB: i64 = 8 * 1024;
 
 /// Attaches the index to the writer's connection and fills it from the
-/// log; how many keys it holds. Once a connection, outside any
-/// transaction, after the migrations.
-pub(super) fn open_index(conn: &Connection) -> rusqlite::Result<u64> {
+/// log with the keys whose window is still open at `now`; how many keys it
+/// holds. Once a connection, outside any transaction, after the
+/// migrations.
+///
+/// The log keeps a key until the purge forgets it, up to an hour after its
+/// window closed (the purge runs every quarter of the retention, an hour
+/// at most): read back whole, a restart after a busy hour rebuilt the
+/// index from several times the keys that still count. A key left out has
+/// closed for every caller too, whose `now` is no earlier than this one.
+pub(super) fn open_index(conn: &Connection, now: SystemTime) -> rusqlite::Result<u64> {
     // An empty file name attaches a private temporary database. Under
     // `temp_store = MEMORY` (the writer's, for statement journals) SQLite
     // would keep it in memory whole, without bound; with `FILE` it spills
@@ -60,10 +67,13 @@ pub(super) fn open_index(conn: &Connection) -> rusqlite::Result<u64> {
              key        TEXT NOT NULL,
              expires_at INTEGER NOT NULL,
              PRIMARY KEY (target, key)
-         ) WITHOUT ROWID;
-         INSERT INTO dedupe_index.keys (target, key, expires_at)
-             SELECT target, key, expires_at FROM main.dedupe WHERE true
-             ON CONFLICT (target, key) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at);",
+         ) WITHOUT ROWID;",
+    )?;
+    conn.execute(
+        "INSERT INTO dedupe_index.keys (target, key, expires_at)
+             SELECT target, key, expires_at FROM main.dedupe WHERE expires_at > ?1
+             ON CONFLICT (target, key) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)",
+        [to_millis(now)],
     )?;
     let keys: i64 = conn.query_row("SELECT COUNT(*) FROM dedupe_index.keys", [], |r| r.get(0))?;
     Ok(keys.unsigned_abs())
@@ -211,7 +221,7 @@ mod tests {
 
     fn writer_at(path: &Path) -> Connection {
         let mut conn = Connection::open(path).unwrap();
-        schema::prepare(&mut conn).unwrap();
+        schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         conn
     }
 
@@ -252,13 +262,50 @@ mod tests {
         assert!(!held("gl", 1_050), "closed at 1,050");
     }
 
+    /// A restart reads back only the keys whose window is still open: the
+    /// log keeps closed ones until the purge, up to an hour of them.
+    #[test]
+    fn a_restart_reads_back_only_the_keys_still_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        {
+            let conn = writer_at(&path);
+            let ms = Duration::from_millis;
+            for n in 0..50 {
+                assert!(take(&conn, "ci", &format!("closed-{n}"), at(0), ms(100)).unwrap());
+            }
+            assert!(take(&conn, "ci", "open", at(0), ms(1_000)).unwrap());
+            assert!(take(&conn, "ci", "reopened", at(0), ms(100)).unwrap());
+            assert!(take(&conn, "ci", "reopened", at(200), ms(1_000)).unwrap());
+        }
+        let mut conn = Connection::open(&path).unwrap();
+        schema::prepare(&mut conn, at(500)).unwrap();
+        let read_back: Vec<(String, i64)> = conn
+            .prepare("SELECT key, expires_at FROM dedupe_index.keys ORDER BY key")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            read_back,
+            vec![("open".to_owned(), 1_000), ("reopened".to_owned(), 1_200)]
+        );
+        let logged: i64 = conn
+            .query_row("SELECT COUNT(*) FROM main.dedupe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 53, "the log is the purge's to trim");
+        assert!(!take(&conn, "ci", "open", at(999), Duration::from_millis(1)).unwrap());
+        assert!(take(&conn, "ci", "closed-7", at(600), Duration::from_millis(1)).unwrap());
+    }
+
     /// The index is in the writer's transactions: a batch that rolls back,
     /// or one operation's savepoint, gives its keys back, in the index and
     /// in the log alike.
     #[test]
     fn a_take_rolled_back_leaves_the_key_free() {
         let mut conn = Connection::open_in_memory().unwrap();
-        schema::prepare(&mut conn).unwrap();
+        schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(60);
         conn.execute_batch("BEGIN").unwrap();
         assert!(take(&conn, "ci", "a", at(0), window).unwrap());
@@ -318,7 +365,7 @@ mod tests {
     #[test]
     fn a_sweep_ends_when_the_index_and_the_log_both_have() {
         let mut conn = Connection::open_in_memory().unwrap();
-        schema::prepare(&mut conn).unwrap();
+        schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         for n in 0..30 {
             assert!(take(&conn, "ci", &format!("{n:02}"), at(n), Duration::ZERO).unwrap());
         }

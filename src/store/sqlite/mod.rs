@@ -86,20 +86,26 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database, takes its lock, and puts any
-    /// job a previous run left in flight back in the queue.
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_batched(path, MAX_BATCH)
+    /// job a previous run left in flight back in the queue. `now` is the
+    /// caller's clock as it opens the store: the loop guard's dedupe keys
+    /// closed by then are not read back.
+    pub fn open(path: &Path, now: SystemTime) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_batched(path, MAX_BATCH, now)
     }
 
     /// As [`SqliteStore::open`], with at most `max_batch` operations per
     /// transaction; 1 turns group commit off (one fsync per operation), which
     /// the benchmark uses as its baseline.
     #[cfg(feature = "bench")]
-    pub fn open_with_batch(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_batched(path, max_batch)
+    pub fn open_with_batch(
+        path: &Path,
+        max_batch: usize,
+        now: SystemTime,
+    ) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_batched(path, max_batch, now)
     }
 
-    fn open_batched(path: &Path, max_batch: usize) -> Result<SqliteStore, StoreError> {
+    fn open_batched(path: &Path, max_batch: usize, now: SystemTime) -> Result<SqliteStore, StoreError> {
         let open_error = |reason: String| StoreError::Open {
             path: path.to_owned(),
             reason,
@@ -107,7 +113,7 @@ impl SqliteStore {
         let lock = schema::lock(path).map_err(open_error)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
         let file = file_identity(path).map_err(|e| open_error(e.to_string()))?;
-        schema::prepare(&mut conn).map_err(open_error)?;
+        schema::prepare(&mut conn, now).map_err(open_error)?;
         // The lock proves no other process holds these jobs: whatever was in
         // flight belonged to a run that is gone.
         let recovered = conn

@@ -75,7 +75,7 @@ fn found(conn: &Connection, id: &str, number: u64) -> bool {
 #[test]
 fn a_random_id_is_found_with_its_number_and_a_plain_number_id_by_itself() {
     let mut conn = Connection::open_in_memory().unwrap();
-    schema::prepare(&mut conn).unwrap();
+    schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
     let circleci = Uuid::new_v4().to_string();
     trigger(&conn, &circleci, Some(42));
     // GitLab: the id is a number of its own, the iid another.
@@ -170,7 +170,7 @@ fn a_lookup_costs_the_same_however_many_pipelines_are_kept() {
 /// indexes as `indexes` makes them.
 fn store_at(path: &Path, indexes: &str) -> Connection {
     let mut conn = Connection::open(path).unwrap();
-    schema::prepare(&mut conn).unwrap();
+    schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
     conn.execute_batch(indexes).unwrap();
     pipeline_history(&conn, HISTORY);
     conn

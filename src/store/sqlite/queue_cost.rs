@@ -40,7 +40,7 @@ pub(super) struct Counter {
 impl Counter {
     pub(super) fn new() -> Counter {
         let mut conn = Connection::open_in_memory().unwrap();
-        schema::prepare(&mut conn).unwrap();
+        schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let steps = Arc::new(AtomicU64::new(0));
         let counted = steps.clone();
         conn.progress_handler(
@@ -563,7 +563,7 @@ fn forgetting_expired_keys_writes_a_few_pages_a_batch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.db");
     let mut conn = Connection::open(&path).unwrap();
-    schema::prepare(&mut conn).unwrap();
+    schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
     let now = wall_time();
     let keys = 20_000;
     dedupe_keys(&conn, "api", keys, super::to_millis(now) - 3_600_000);

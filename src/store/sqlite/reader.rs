@@ -102,7 +102,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_long_read_holds_no_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), std::time::UNIX_EPOCH).unwrap());
         let (release, held) = mpsc::channel::<()>();
         let (started, reading) = tokio::sync::oneshot::channel();
         let reader = {

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusqlite::Connection;
 use tracing::info;
@@ -347,8 +347,9 @@ pub(super) fn lock(db: &Path) -> Result<File, String> {
 }
 
 /// Sets the connection up for relay's load, brings the schema up to date
-/// (one transaction per migration) and builds the dedupe keys' index.
-pub(super) fn prepare(conn: &mut Connection) -> Result<(), String> {
+/// (one transaction per migration) and builds the dedupe keys' index from
+/// the keys still open at `now`.
+pub(super) fn prepare(conn: &mut Connection, now: SystemTime) -> Result<(), String> {
     let fail = |e: rusqlite::Error| e.to_string();
     conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
@@ -391,8 +392,8 @@ pub(super) fn prepare(conn: &mut Connection) -> Result<(), String> {
         tx.commit().map_err(fail)?;
     }
     conn.pragma_update(None, "foreign_keys", "ON").map_err(fail)?;
-    let keys =
-        super::dedupe::open_index(conn).map_err(|e| format!("cannot build the index of dedupe keys: {e}"))?;
+    let keys = super::dedupe::open_index(conn, now)
+        .map_err(|e| format!("cannot build the index of dedupe keys: {e}"))?;
     if keys > 0 {
         // A restart after a busy hour reads each key back: say why it took
         // a moment.
@@ -472,7 +473,7 @@ mod tests {
             )
             .unwrap();
         }
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
         drop(store);
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "foreign_keys", "ON").unwrap();
@@ -558,7 +559,7 @@ mod tests {
             .unwrap();
         }
         let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn).unwrap();
+        prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let log = texts(
             &conn,
             "SELECT target || '|' || key || '|' || expires_at FROM main.dedupe ORDER BY expires_at",
@@ -612,7 +613,7 @@ mod tests {
             .unwrap();
         }
         let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn).unwrap();
+        prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let started = |id: &str, number: u64| {
             super::super::queue::correlate(
                 &conn,
@@ -654,7 +655,7 @@ mod tests {
             .unwrap();
         }
         let mut conn = Connection::open(&path).unwrap();
-        prepare(&mut conn).unwrap();
+        prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let kept = |conn: &Connection| texts(conn, "SELECT state || '=' || n FROM job_counts ORDER BY state");
         let tx = conn.unchecked_transaction().unwrap();
         assert_eq!(super::super::queue::recover(&tx).unwrap(), 1);

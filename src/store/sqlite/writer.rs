@@ -545,7 +545,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_operation_spoils_nothing_else_in_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("relay.db")).unwrap());
+        let store = std::sync::Arc::new(
+            SqliteStore::open(&dir.path().join("relay.db"), std::time::UNIX_EPOCH).unwrap(),
+        );
         let write = |key: String| {
             move |conn: &Connection| {
                 conn.execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", params![key])
@@ -627,7 +629,7 @@ mod tests {
     async fn unsynced_work_is_synced_once_the_writer_is_idle() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
         write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !in_main_file(&path, "marker-idle-5c1e") {
@@ -642,7 +644,7 @@ mod tests {
     async fn unsynced_work_is_synced_in_time_under_steady_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
         write_unsynced(&store, "marker-busy-0000".to_owned()).await;
         // A write every 10 ms: never the 50 ms the idle sync waits for.
         let started = std::time::Instant::now();
