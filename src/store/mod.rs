@@ -517,7 +517,9 @@ pub struct QueueStats {
 /// What one batch of forgetting the loop guard's expired dedupe keys did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ForgottenKeys {
-    /// Keys whose window had closed, forgotten.
+    /// Keys whose window had closed, forgotten: on SQLite, the rows of
+    /// its log of keys taken, one a window (a key taken again after its
+    /// window closed is counted once a window).
     pub forgotten: u64,
     /// The batch stopped at its bound before it had seen every key that
     /// may have expired: the next one goes on from there.

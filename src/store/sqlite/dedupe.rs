@@ -11,7 +11,8 @@
 //! spill, past it, to an unlinked file that is never synced. What is
 //! durable is the log (`main.dedupe`, schema V14): one row a key taken,
 //! appended in rowid order, so a commit's keys share the table's last
-//! leaf. Opening the store reads the log back into the index.
+//! leaf. Opening the store reads back into the index the keys of the log
+//! still open at the caller's `now`; the purge trims the log.
 //!
 //! The index is in the writer's transactions like any table: a batch that
 //! rolls back, or one operation's savepoint, takes its keys back with it.
@@ -133,8 +134,11 @@ impl<T> Cursor<T> {
 /// Looks at the next `limit` keys of the index from `from`, in key order,
 /// and at the next `limit` rows of the log, in the order they were taken,
 /// and forgets those whose window closed by `now`. A batch of the log is
-/// neighbouring rows, so it writes a few pages. Says where the next batch
-/// starts, and whether the sweep has more to look at.
+/// neighbouring rows, so it writes a few pages. Counts what it deleted from
+/// the log, one row a window a key was taken for: the index holds only the
+/// keys taken since the store opened and those still open then, so the
+/// log is what a closed key surely leaves behind. Says where the next
+/// batch starts, and whether the sweep has more to look at.
 pub(super) fn forget(
     conn: &Connection,
     now: SystemTime,
@@ -143,13 +147,13 @@ pub(super) fn forget(
 ) -> Result<(ForgottenKeys, SweepFrom), StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let now = to_millis(now);
-    let (forgotten, index) = match &from.index {
-        Cursor::End => (0, Cursor::End),
+    let index = match &from.index {
+        Cursor::End => Cursor::End,
         Cursor::Start => forget_from_index(conn, now, limit, &(String::new(), String::new()))?,
         Cursor::At(first) => forget_from_index(conn, now, limit, first)?,
     };
-    let log = match from.log {
-        Cursor::End => Cursor::End,
+    let (forgotten, log) = match from.log {
+        Cursor::End => (0, Cursor::End),
         Cursor::Start => forget_from_log(conn, now, limit, 0)?,
         Cursor::At(first) => forget_from_log(conn, now, limit, first)?,
     };
@@ -163,13 +167,13 @@ pub(super) fn forget(
 }
 
 /// Forgets the expired keys among the index's next `limit` from `first`;
-/// how many, and where the next batch starts.
+/// where the next batch starts.
 fn forget_from_index(
     conn: &Connection,
     now: i64,
     limit: i64,
     (target, key): &(String, String),
-) -> Result<(u64, Cursor<(String, String)>), StoreError> {
+) -> Result<Cursor<(String, String)>, StoreError> {
     let next: Option<(String, String)> = conn
         .prepare_cached(
             "SELECT target, key FROM dedupe_index.keys WHERE (target, key) >= (?1, ?2)
@@ -180,7 +184,7 @@ fn forget_from_index(
                 .optional()
         })
         .map_err(|e| unavailable(&e))?;
-    let forgotten = match &next {
+    match &next {
         Some((next_target, next_key)) => conn
             .prepare_cached(
                 "DELETE FROM dedupe_index.keys
@@ -194,20 +198,26 @@ fn forget_from_index(
             .and_then(|mut stmt| stmt.execute(params![target, key, now])),
     }
     .map_err(|e| unavailable(&e))?;
-    Ok((forgotten as u64, Cursor::after(next)))
+    Ok(Cursor::after(next))
 }
 
 /// Deletes the expired rows among the log's next `limit` from rowid
-/// `first`; where the next batch starts.
-fn forget_from_log(conn: &Connection, now: i64, limit: i64, first: i64) -> Result<Cursor<i64>, StoreError> {
+/// `first`; how many, and where the next batch starts.
+fn forget_from_log(
+    conn: &Connection,
+    now: i64,
+    limit: i64,
+    first: i64,
+) -> Result<(u64, Cursor<i64>), StoreError> {
     let next: Option<i64> = conn
         .prepare_cached("SELECT rowid FROM main.dedupe WHERE rowid >= ?1 ORDER BY rowid LIMIT 1 OFFSET ?2")
         .and_then(|mut stmt| stmt.query_row(params![first, limit], |r| r.get(0)).optional())
         .map_err(|e| unavailable(&e))?;
-    conn.prepare_cached("DELETE FROM main.dedupe WHERE rowid >= ?1 AND rowid < ?2 AND expires_at <= ?3")
+    let forgotten = conn
+        .prepare_cached("DELETE FROM main.dedupe WHERE rowid >= ?1 AND rowid < ?2 AND expires_at <= ?3")
         .and_then(|mut stmt| stmt.execute(params![first, next.unwrap_or(i64::MAX), now]))
         .map_err(|e| unavailable(&e))?;
-    Ok(Cursor::after(next))
+    Ok((forgotten as u64, Cursor::after(next)))
 }
 
 #[cfg(test)]
@@ -295,6 +305,11 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM main.dedupe", [], |r| r.get(0))
             .unwrap();
         assert_eq!(logged, 53, "the log is the purge's to trim");
+        let (batch, _) = forget(&conn, at(500), 100, &SweepFrom::default()).unwrap();
+        assert_eq!(
+            batch.forgotten, 51,
+            "the purge counts the closed windows the log kept, read back or not"
+        );
         assert!(!take(&conn, "ci", "open", at(999), Duration::from_millis(1)).unwrap());
         assert!(take(&conn, "ci", "closed-7", at(600), Duration::from_millis(1)).unwrap());
     }
@@ -384,7 +399,11 @@ mod tests {
             }
             assert!(batches.len() < 20, "the sweep does not end: {batches:?}");
         }
-        assert_eq!(batches, [10, 10, 10, 0, 0, 0], "the log's 60 rows take 6 batches");
+        assert_eq!(
+            batches,
+            [10, 10, 10, 10, 10, 10],
+            "the log's 60 rows, a window each, take 6 batches"
+        );
         let left: i64 = conn
             .query_row("SELECT COUNT(*) FROM main.dedupe", [], |r| r.get(0))
             .unwrap();
