@@ -353,6 +353,44 @@ async fn a_restart_on_sqlite_reads_the_dedupe_keys_back_and_says_how_many() {
     assert!(status.success());
 }
 
+/// A restart reads back only the keys whose window is still open; one
+/// that closed before it stays in the log for the purge, and its commit
+/// triggers again.
+#[tokio::test]
+async fn a_restart_on_sqlite_reads_back_only_the_open_dedupe_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_on(&Backend::Sqlite, dir.path(), "", &dedupe_config("4s"));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, text).unwrap();
+    let first = Daemon::start(&config, &[]);
+    assert_eq!(post_to_daemon(&first, "a".repeat(40)).await, 2);
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    assert_eq!(post_to_daemon(&first, "b".repeat(40)).await, 2);
+    let (status, _) = first.terminate();
+    assert!(status.success());
+
+    let second = Daemon::start(&config, &[]);
+    second.wait_log("dedupe keys are read back", 1);
+    assert_eq!(
+        second.logged_numbers("dedupe keys are read back", "keys"),
+        [2],
+        "b's key for each target, not a's, whose window closed:\n{}",
+        second.logs()
+    );
+    assert_eq!(
+        post_to_daemon(&second, "b".repeat(40)).await,
+        0,
+        "b's window is open"
+    );
+    assert_eq!(
+        post_to_daemon(&second, "a".repeat(40)).await,
+        2,
+        "a's window closed"
+    );
+    let (status, _) = second.terminate();
+    assert!(status.success());
+}
+
 /// The keys whose window has closed are forgotten by the retention purge,
 /// which says how many in its log line; until then a key holds its commit
 /// back, and once forgotten the commit triggers again.

@@ -395,9 +395,12 @@ pub(super) fn prepare(conn: &mut Connection, now: SystemTime) -> Result<(), Stri
     let keys = super::dedupe::open_index(conn, now)
         .map_err(|e| format!("cannot build the index of dedupe keys: {e}"))?;
     if keys > 0 {
-        // A restart after a busy hour reads each key back: say why it took
-        // a moment.
-        info!(keys, "the loop guard's dedupe keys are read back from the store");
+        // A restart inside a busy window reads back every key still open:
+        // say why it took a moment.
+        info!(
+            keys,
+            "the loop guard's open dedupe keys are read back from the store"
+        );
     }
     Ok(())
 }
