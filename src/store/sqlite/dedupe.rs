@@ -404,10 +404,16 @@ mod tests {
             [10, 10, 10, 10, 10, 10],
             "the log's 60 rows, a window each, take 6 batches"
         );
-        let left: i64 = conn
-            .query_row("SELECT COUNT(*) FROM main.dedupe", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 0);
+        let left = |table: &str| -> i64 {
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(left("main.dedupe"), 0, "the log");
+        assert_eq!(
+            left("dedupe_index.keys"),
+            0,
+            "the index, which the count leaves out"
+        );
         let (batch, _) = forget(&conn, at(1_000), 10, &from).unwrap();
         assert_eq!(
             (batch.forgotten, batch.more),
