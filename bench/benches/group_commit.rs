@@ -68,9 +68,9 @@ fn payload() -> Bytes {
     Bytes::from(doc.to_string())
 }
 
-/// Event `n` with one job: queued with a dedupe key (each distinct, as with
-/// the default loop guard), or leased to the caller as ingress's fast lane
-/// stores it. The burst breaker is off, as in the harness, so every event
+/// Event `n` with one job and a dedupe key (each distinct, as with the
+/// default loop guard): queued, or leased to the caller as ingress's fast
+/// lane stores it. The burst breaker is off, as in the harness, so every event
 /// queues its job.
 fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
     NewEvent {
@@ -97,12 +97,12 @@ fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
                 },
             }),
             limits: JobLimits {
-                dedupe: lease.is_none().then(|| {
-                    (
-                        format!("acme/api\nrefs/heads/main\n{n:040x}"),
-                        Duration::from_secs(600),
-                    )
-                }),
+                // A commit's sha is random, so its key lands anywhere in the
+                // index, as each push's does.
+                dedupe: Some((
+                    format!("acme/api\nrefs/heads/main\n{:032x}{n:08x}", Uuid::new_v4().as_u128()),
+                    Duration::from_secs(600),
+                )),
                 burst: None,
             },
             lease,
