@@ -11,7 +11,8 @@
 //! disk. The figure that matters is the ratio.
 //!
 //! `webhook`: what one webhook costs the store as relay uses it, its ingest
-//! with the job leased to the sender, then the job's completion, from 32
+//! with the job leased to the sender and a dedupe key taken for it at a
+//! random place in the loop guard's index, then the job's completion, from 32
 //! tasks on one thread: webhooks per second and the process's CPU time per
 //! webhook (fsync waits do not count). Run it under `valgrind
 //! --tool=callgrind` for instruction counts, which do not depend on what
