@@ -327,12 +327,14 @@ async fn post_to_daemon(daemon: &Daemon, sha: String) -> u64 {
 #[tokio::test]
 async fn a_restart_on_sqlite_reads_the_open_dedupe_keys_back_and_says_how_many() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config_on(&Backend::Sqlite, dir.path(), "", &dedupe_config("4s"));
+    // Long enough that the keys taken after the sleep are still open when the
+    // second relay reads them back, on a CI machine running every test at once.
+    let text = config_on(&Backend::Sqlite, dir.path(), "", &dedupe_config("8s"));
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, text).unwrap();
     let first = Daemon::start(&config, &[]);
     assert_eq!(post_to_daemon(&first, "a".repeat(40)).await, 2);
-    tokio::time::sleep(Duration::from_millis(4100)).await;
+    tokio::time::sleep(Duration::from_millis(8100)).await;
     assert_eq!(post_to_daemon(&first, "b".repeat(40)).await, 2);
     assert_eq!(post_to_daemon(&first, "c".repeat(40)).await, 2);
     let (status, _) = first.terminate();
