@@ -1,8 +1,9 @@
-//! The SQLite store under load, in two measurements:
+//! The SQLite store under load, in four measurements:
 //!
 //!     cargo bench -p relay-bench --bench group_commit            # both
 //!     cargo bench -p relay-bench --bench group_commit -- ingest  # group commit against one fsync per commit
 //!     cargo bench -p relay-bench --bench group_commit -- webhook [N]
+//!     cargo bench -p relay-bench --bench group_commit -- quiet [K] [N]
 //!     cargo bench -p relay-bench --bench group_commit -- drain [N]
 //!
 //! `ingest`: each round commits the same number of ~7 KB events (each with
@@ -17,6 +18,12 @@
 //! webhook (fsync waits do not count). Run it under `valgrind
 //! --tool=callgrind` for instruction counts, which do not depend on what
 //! else the machine is doing.
+//!
+//! `quiet`: the same webhook, N of them (2,000 unless said) sent one at a
+//! time, so each is a commit of its own, after K others (60,000 unless
+//! said: ten minutes at 100 pushes a second) took their dedupe keys
+//! uncounted: what a webhook costs at a quiet moment inside a busy dedupe
+//! window, where each commit's fixed cost is its own.
 //!
 //! `drain`: what a backlog costs the store as the dispatcher drains it: N
 //! queued jobs (committed first, not counted), then claims of up to 32 at a
@@ -158,11 +165,35 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
         SqliteStore::open(&dir.path().join("bench.db"), std::time::SystemTime::now()).expect("store opens"),
     );
     let (started, cpu) = (Instant::now(), cpu_seconds());
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
+    send_webhooks(&store, body, 0..events, TASKS).await;
+    let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    (events as f64 / wall, cpu * 1e6 / events as f64)
+}
+
+/// Webhooks per second and CPU µs per webhook for `events` webhooks sent
+/// one at a time, each its own commit, after `window` others (not
+/// counted) took their dedupe keys: a quiet minute inside a busy window.
+async fn quiet_round(window: usize, events: usize, body: &Bytes) -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("bench.db"), std::time::SystemTime::now()).expect("store opens"),
+    );
+    send_webhooks(&store, body, 0..window, TASKS).await;
+    let (started, cpu) = (Instant::now(), cpu_seconds());
+    send_webhooks(&store, body, window..window + events, 1).await;
+    let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    (events as f64 / wall, cpu * 1e6 / events as f64)
+}
+
+/// Sends the webhooks numbered `numbers` from `tasks` concurrent tasks:
+/// each ingested with its job leased to the sender, then completed.
+async fn send_webhooks(store: &Arc<dyn Store>, body: &Bytes, numbers: std::ops::Range<usize>, tasks: usize) {
+    let mut running = Vec::new();
+    for t in 0..tasks {
         let (store, body) = (store.clone(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            for n in (t..events).step_by(TASKS) {
+        let numbers = numbers.clone();
+        running.push(tokio::spawn(async move {
+            for n in (numbers.start + t..numbers.end).step_by(tasks) {
                 let claim = Uuid::now_v7();
                 let lease = Lease {
                     claim,
@@ -186,11 +217,9 @@ async fn webhook_round(events: usize, body: &Bytes) -> (f64, f64) {
             }
         }));
     }
-    for task in tasks {
+    for task in running {
         task.await.expect("task finishes");
     }
-    let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
-    (events as f64 / wall, cpu * 1e6 / events as f64)
 }
 
 /// A completion of `job` that ends it: delivered, as the harness's mock
@@ -328,6 +357,14 @@ async fn webhooks(body: &Bytes, events: usize, rounds: usize) {
     );
 }
 
+async fn quiet(body: &Bytes, window: usize, events: usize) {
+    let (rate, cpu) = quiet_round(window, events, body).await;
+    println!(
+        "{events} webhooks one at a time after {window} others took their dedupe keys: {rate:.0}/s, \
+         {cpu:.1} µs CPU per webhook"
+    );
+}
+
 async fn drain(body: &Bytes, jobs: usize) {
     let (rate, cpu) = drain_round(jobs, body).await;
     println!(
@@ -343,7 +380,9 @@ fn main() {
     // `webhook` counts the CPU of one thread's work: a current-thread
     // runtime (SQLite's writer still runs on tokio's blocking pool).
     let runtime = match which {
-        Some("webhook" | "drain") => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some("webhook" | "quiet" | "drain") => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
         _ => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -356,6 +395,11 @@ fn main() {
             Some("webhook") => {
                 let events = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
                 webhooks(&body, events, 1).await;
+            }
+            Some("quiet") => {
+                let window = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(60_000);
+                let events = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(2_000);
+                quiet(&body, window, events).await;
             }
             Some("drain") => {
                 let jobs = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
