@@ -302,8 +302,14 @@ fn run_batch(
         Durability::Committed
     };
     // BEGIN, SAVEPOINT, RELEASE and COMMIT all run as cached statements:
-    // parsed once, not once per batch and operation.
-    let began = set_synchronous(conn, durability).and_then(|()| run_cached(conn, "BEGIN IMMEDIATE"));
+    // parsed once, not once per batch and operation. A deferred BEGIN:
+    // IMMEDIATE opens a write transaction on every attached database, and
+    // SQLite ends each one by walking that database's dirty pages, the
+    // dedupe index's whole cache for a batch that takes no key. This
+    // connection is the database's only writer (the lock file keeps out a
+    // second relay; reads go through read-only connections), so the first
+    // write of a batch takes the write lock as BEGIN IMMEDIATE would.
+    let began = set_synchronous(conn, durability).and_then(|()| run_cached(conn, "BEGIN"));
     if let Err(e) = began {
         error!(error = %e, "store: cannot begin a transaction");
         for op in batch {
@@ -344,7 +350,7 @@ fn checked(batch: Vec<Operation>, precondition: &Precondition) -> Vec<Operation>
 
 /// The slow path: every operation in its own savepoint.
 fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durability) -> Option<Durability> {
-    if let Err(e) = run_cached(conn, "BEGIN IMMEDIATE") {
+    if let Err(e) = run_cached(conn, "BEGIN") {
         error!(error = %e, "store: cannot begin a transaction");
         for op in batch {
             op.answer(Some(unavailable(&e)));
@@ -433,6 +439,49 @@ mod tests {
 
     use super::*;
     use crate::store::SqliteStore;
+
+    /// A batch writes only the databases its work writes: one attached
+    /// beside the store's file (the dedupe index) stays out of a batch
+    /// that does not touch it, and out of the end of its transaction.
+    #[tokio::test]
+    async fn a_batch_opens_a_write_only_on_the_databases_it_writes() {
+        use rusqlite::TransactionState;
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; CREATE TABLE t (key TEXT PRIMARY KEY);
+             ATTACH DATABASE '' AS beside; CREATE TABLE beside.u (key TEXT PRIMARY KEY);",
+        )
+        .unwrap();
+        let writer = Writer::spawn(
+            &tokio::runtime::Handle::current(),
+            conn,
+            MAX_BATCH,
+            Arc::new(|| Ok(())),
+        );
+        let states = |conn: &Connection| -> Result<_, StoreError> {
+            let state = |db: &str| conn.transaction_state(Some(db)).map_err(|e| unavailable(&e));
+            Ok((state("main")?, state("beside")?))
+        };
+        let (main, beside) = writer
+            .run(Durability::Synced, move |conn| {
+                conn.execute("INSERT INTO t (key) VALUES ('a')", [])
+                    .map_err(|e| unavailable(&e))?;
+                states(conn)
+            })
+            .await
+            .unwrap();
+        assert_eq!((main, beside), (TransactionState::Write, TransactionState::None));
+        let (main, beside) = writer
+            .run(Durability::Synced, move |conn| {
+                conn.execute("INSERT INTO beside.u (key) VALUES ('a')", [])
+                    .map_err(|e| unavailable(&e))?;
+                states(conn)
+            })
+            .await
+            .unwrap();
+        assert_eq!((main, beside), (TransactionState::None, TransactionState::Write));
+    }
 
     /// The precondition is asked once for a batch of synced work, however
     /// many callers share it; while it fails, synced work is refused with
