@@ -463,24 +463,20 @@ mod tests {
             let state = |db: &str| conn.transaction_state(Some(db)).map_err(|e| unavailable(&e));
             Ok((state("main")?, state("beside")?))
         };
-        let (main, beside) = writer
-            .run(Durability::Synced, move |conn| {
-                conn.execute("INSERT INTO t (key) VALUES ('a')", [])
-                    .map_err(|e| unavailable(&e))?;
-                states(conn)
-            })
-            .await
-            .unwrap();
-        assert_eq!((main, beside), (TransactionState::Write, TransactionState::None));
-        let (main, beside) = writer
-            .run(Durability::Synced, move |conn| {
-                conn.execute("INSERT INTO beside.u (key) VALUES ('a')", [])
-                    .map_err(|e| unavailable(&e))?;
-                states(conn)
-            })
-            .await
-            .unwrap();
-        assert_eq!((main, beside), (TransactionState::None, TransactionState::Write));
+        for (table, written) in [
+            ("t", (TransactionState::Write, TransactionState::None)),
+            ("beside.u", (TransactionState::None, TransactionState::Write)),
+        ] {
+            let open = writer
+                .run(Durability::Synced, move |conn| {
+                    conn.execute(&format!("INSERT INTO {table} (key) VALUES ('a')"), [])
+                        .map_err(|e| unavailable(&e))?;
+                    states(conn)
+                })
+                .await
+                .unwrap();
+            assert_eq!(open, written, "(main, beside) after writing {table}");
+        }
     }
 
     /// The precondition is asked once for a batch of synced work, however
