@@ -1,6 +1,6 @@
 //! The SQLite store under load, in four measurements:
 //!
-//!     cargo bench -p relay-bench --bench group_commit            # both
+//!     cargo bench -p relay-bench --bench group_commit            # ingest, then webhook (three rounds)
 //!     cargo bench -p relay-bench --bench group_commit -- ingest  # group commit against one fsync per commit
 //!     cargo bench -p relay-bench --bench group_commit -- webhook [N]
 //!     cargo bench -p relay-bench --bench group_commit -- quiet [K] [N]
