@@ -226,8 +226,13 @@ async fn writer(
             None => return,
         };
     }
+    // The store is closing, and the runtime may be with it: a blocking
+    // task queued now can be cancelled before it runs, which reported the
+    // writer failed after relay said it stopped. So the last sync runs on
+    // this task, once. Were the task dropped first, SQLite's close of the
+    // database's last connection checkpoints the log, which syncs it.
     if unsynced_since.is_some() {
-        let _ = on_blocking_pool(conn, sync).await;
+        sync(&mut conn);
     }
 }
 
