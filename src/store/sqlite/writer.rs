@@ -322,13 +322,14 @@ fn run_batch(
         }
         return None;
     }
+    let changes_before = conn.total_changes();
     if !batch.iter_mut().all(|op| op.run(conn)) {
         // Something failed: undo the whole batch and run it again with each
         // operation isolated, so only the failing ones are refused.
         rollback(conn);
         return run_isolated(conn, batch, durability);
     }
-    commit(conn, batch, durability)
+    commit(conn, batch, durability, changes_before)
 }
 
 /// The batch without its synced work when `precondition` fails; that work
@@ -362,6 +363,7 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
         }
         return None;
     }
+    let changes_before = conn.total_changes();
     let mut finished = Vec::with_capacity(batch.len());
     for mut op in batch {
         if let Err(e) = run_cached(conn, "SAVEPOINT op") {
@@ -379,18 +381,26 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
             Err(e) => op.answer(Some(unavailable(&e))),
         }
     }
-    commit(conn, finished, durability)
+    commit(conn, finished, durability, changes_before)
 }
 
 /// Commits and answers: each operation with its own result, or all with
-/// the commit's error.
-fn commit(conn: &mut Connection, batch: Vec<Operation>, durability: Durability) -> Option<Durability> {
+/// the commit's error. `None` when nothing was committed: the commit
+/// failed, or the batch changed no row since `changes_before` (the
+/// connection's count then). SQLite writes and syncs nothing for such a
+/// commit, so a synced one must not count as the sync of earlier work.
+fn commit(
+    conn: &mut Connection,
+    batch: Vec<Operation>,
+    durability: Durability,
+    changes_before: u64,
+) -> Option<Durability> {
     match run_cached(conn, "COMMIT") {
         Ok(()) => {
             for op in batch {
                 op.answer(None);
             }
-            Some(durability)
+            (conn.total_changes() != changes_before).then_some(durability)
         }
         Err(e) => {
             error!(error = %e, "store: commit failed; the batch was rolled back");
@@ -683,6 +693,32 @@ mod tests {
         write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !in_main_file(&path, "marker-idle-5c1e") {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A synced batch that changes nothing (a duplicate delivery's ingest)
+    /// writes nothing, so SQLite syncs nothing: the work committed before
+    /// it is still put on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_synced_batch_that_changes_nothing_leaves_earlier_work_to_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
+        write_unsynced(&store, "marker-noop-7a2d".to_owned()).await;
+        store
+            .run(Durability::Synced, |conn| {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('marker-noop-7a2d', 'x') ON CONFLICT (key) DO NOTHING",
+                    [],
+                )
+                .map_err(|e| unavailable(&e))
+            })
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !in_main_file(&path, "marker-noop-7a2d") {
             assert!(std::time::Instant::now() < deadline, "never synced");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
