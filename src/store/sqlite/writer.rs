@@ -670,6 +670,16 @@ mod tests {
         std::fs::read(path).is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker.as_bytes()))
     }
 
+    /// Waits for `marker` to reach the database file itself (synced, then
+    /// checkpointed), failing after 5 s.
+    async fn synced_within_5s(path: &Path, marker: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !in_main_file(path, marker) {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn write_unsynced(store: &SqliteStore, key: String) {
         store
             .run(Durability::Committed, move |conn| {
@@ -691,11 +701,7 @@ mod tests {
         let path = dir.path().join("relay.db");
         let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
         write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !in_main_file(&path, "marker-idle-5c1e") {
-            assert!(std::time::Instant::now() < deadline, "never synced");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        synced_within_5s(&path, "marker-idle-5c1e").await;
     }
 
     /// A synced batch that changes nothing (a duplicate delivery's ingest)
@@ -717,11 +723,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !in_main_file(&path, "marker-noop-7a2d") {
-            assert!(std::time::Instant::now() < deadline, "never synced");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        synced_within_5s(&path, "marker-noop-7a2d").await;
     }
 
     /// A writer that never goes idle still syncs unsynced work within
