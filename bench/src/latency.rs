@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backlog::{JobTarget, fill, fill_postgres, make_schema, make_schema_at};
-use crate::load::cpu_time;
+use crate::load::{cpu_time, server_cpu_time};
 use crate::process::free_port;
 use crate::relay::{Setup, Workspace, start_relay};
 use crate::servers::MockCircle;
@@ -130,6 +130,10 @@ pub struct Delivery {
     /// swayed than the rate by what else the machine runs.
     pub cpu_us_per_trigger: f64,
     pub cpu_runs: Vec<f64>,
+    /// On PostgreSQL with the server on this machine, the server's CPU
+    /// time per trigger over the same span: what bounds the drain there.
+    pub server_cpu_us_per_trigger: Option<f64>,
+    pub server_cpu_runs: Vec<f64>,
 }
 
 /// A backlog of queued jobs spread evenly over `targets` (all at one mock
@@ -143,6 +147,8 @@ pub async fn delivery(
 ) -> Result<Delivery, String> {
     let mut runs = Vec::new();
     let mut cpu_runs = Vec::new();
+    let mut server_cpu_runs = Vec::new();
+    let server = ws.postgres_server.filter(|_| store == BacklogStore::Postgres);
     for run in 0..options.runs {
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
@@ -207,7 +213,13 @@ pub async fn delivery(
         while mock.count.load(Ordering::Relaxed) < backlog {
             if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
                 let cpu = cpu_time(relay.pid()).unwrap_or_default();
-                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed), cpu));
+                let server_cpu = server.and_then(server_cpu_time);
+                first = Some((
+                    Instant::now(),
+                    mock.count.load(Ordering::Relaxed),
+                    cpu,
+                    server_cpu,
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -217,13 +229,17 @@ pub async fn delivery(
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let (started, at_start, cpu_at_start) = first.unwrap_or((Instant::now(), 0, Duration::ZERO));
+        let (started, at_start, cpu_at_start, server_cpu_at_start) =
+            first.unwrap_or((Instant::now(), 0, Duration::ZERO, None));
         let sent = (backlog - at_start) as f64;
         runs.push(sent / started.elapsed().as_secs_f64().max(1e-3));
         let cpu = cpu_time(relay.pid())
             .unwrap_or_default()
             .saturating_sub(cpu_at_start);
         cpu_runs.push(cpu.as_secs_f64() * 1e6 / sent.max(1.0));
+        if let Some((now, then)) = server.and_then(server_cpu_time).zip(server_cpu_at_start) {
+            server_cpu_runs.push(now.saturating_sub(then).as_secs_f64() * 1e6 / sent.max(1.0));
+        }
         drop(relay);
         if store == BacklogStore::Postgres {
             ws.drop_databases().await?;
@@ -237,5 +253,7 @@ pub async fn delivery(
         runs,
         cpu_us_per_trigger: median(cpu_runs.clone()),
         cpu_runs,
+        server_cpu_us_per_trigger: (!server_cpu_runs.is_empty()).then(|| median(server_cpu_runs.clone())),
+        server_cpu_runs,
     })
 }

@@ -147,12 +147,48 @@ fn latency_ms(text: &str) -> Option<f64> {
 
 /// User plus system CPU time of a process so far.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let (own, _) = stat_times(pid)?;
+    Some(Duration::from_secs_f64(own as f64 / clock_ticks() as f64))
+}
+
+/// User plus system CPU time of a server and everything it started: the
+/// process itself, its children alive now, and those it has reaped (their
+/// times are added to its own `cutime` and `cstime` as they end). For
+/// PostgreSQL's postmaster: every backend, the WAL writer, the
+/// checkpointer, autovacuum. Differences between two readings are the
+/// server's CPU over that time, connections that came and went included.
+pub fn server_cpu_time(server: u32) -> Option<Duration> {
+    let (own, reaped) = stat_times(server)?;
+    let children: u64 = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| parent_of(*pid) == Some(server))
+        .filter_map(|pid| stat_times(pid).map(|(own, _)| own))
+        .sum();
+    Some(Duration::from_secs_f64(
+        (own + reaped + children) as f64 / clock_ticks() as f64,
+    ))
+}
+
+/// The parent of a process, from /proc/PID/stat.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// A process's own CPU ticks (user + system) and those of its children it
+/// has reaped.
+fn stat_times(pid: u32) -> Option<(u64, u64)> {
+    let fields = stat_fields(pid)?;
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((tick(11)? + tick(12)?, tick(13)? + tick(14)?))
+}
+
+/// The fields of /proc/PID/stat after the command name (which may hold
+/// spaces): the state is the first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; fields after it are fixed.
     let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+    Some(after.split_whitespace().map(str::to_owned).collect())
 }
 
 fn clock_ticks() -> u64 {
@@ -307,6 +343,36 @@ mod tests {
         let second = run("second");
         let repeated = second.iter().filter(|s| shas.contains(s.sha.as_str())).count();
         assert_eq!(repeated, 0, "a second run sent the first one's commits again");
+    }
+
+    /// A server's CPU counts its children alive now and those it reaped,
+    /// so a connection's backend that ends takes nothing away with it.
+    /// This test process plays the server: its child burns CPU, is read
+    /// while alive, then ends and is reaped.
+    #[test]
+    fn a_servers_cpu_counts_its_children_alive_and_ended() {
+        use std::io::Write;
+        let me = std::process::id();
+        let before = server_cpu_time(me).unwrap();
+        let mut child = Command::new("awk")
+            .arg("BEGIN { for (i = 0; i < 20000000; i++) s += i; getline line < \"-\" }")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert_eq!(parent_of(child.id()), Some(me));
+        let burned = Duration::from_millis(100);
+        let mut waited = 0;
+        while cpu_time(child.id()).unwrap() < burned {
+            waited += 1;
+            assert!(waited < 1_000, "the child never used {burned:?} of CPU");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let alive = server_cpu_time(me).unwrap();
+        assert!(alive.saturating_sub(before) >= burned, "{before:?} → {alive:?}");
+        child.stdin.take().unwrap().write_all(b"done\n").unwrap();
+        child.wait().unwrap();
+        let ended = server_cpu_time(me).unwrap();
+        assert!(ended >= alive, "reaping lost time: {alive:?} → {ended:?}");
     }
 
     #[test]

@@ -310,12 +310,22 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
             relay_binary.display()
         ));
     }
+    let postgres_server = match &options.postgres {
+        Some(url) => relay::local_postgres_server(url).await?,
+        None => None,
+    };
+    if options.postgres.is_some() && postgres_server.is_none() {
+        eprintln!(
+            "--postgres: the server does not run on this machine as far as /proc tells; its CPU is not measured"
+        );
+    }
     let ws = Workspace {
         dir,
         body,
         relay_binary,
         postgres: options.postgres.clone(),
         databases: Default::default(),
+        postgres_server,
     };
     let circle = MockCircle::default()
         .start(false)

@@ -23,6 +23,9 @@ pub struct Workspace {
     pub postgres: Option<String>,
     /// The databases made on it, dropped once their relay has stopped.
     pub databases: std::sync::Mutex<Vec<String>>,
+    /// The `--postgres` server's main process (the postmaster), when it
+    /// runs on this machine where the harness can read its CPU time.
+    pub postgres_server: Option<u32>,
 }
 
 impl Workspace {
@@ -193,6 +196,27 @@ impl Workspace {
         }
         Ok(())
     }
+}
+
+/// The postmaster of the server at `url`, when it runs on this machine:
+/// the parent of the harness's own backend there, if that is a `postgres`
+/// process here. `None` for a server elsewhere (another host, a container's
+/// own process numbers), whose CPU the harness cannot read.
+pub async fn local_postgres_server(url: &str) -> Result<Option<u32>, String> {
+    let client = connect_postgres(url).await?;
+    let backend: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(|e| format!("--postgres: {}", postgres_error(&e)))?
+        .get(0);
+    let is_postgres = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres")
+    };
+    Ok(u32::try_from(backend)
+        .ok()
+        .filter(|pid| is_postgres(*pid))
+        .and_then(crate::load::parent_of)
+        .filter(|pid| is_postgres(*pid)))
 }
 
 /// What the server said, where the driver's own text is only "db error".

@@ -118,6 +118,18 @@ pub fn table(report: &Report) -> String {
             pg.requests_per_sec / sqlite.requests_per_sec.max(1e-9)
         );
     }
+    for s in report.subjects.iter().filter(|s| s.name == "relay-postgres") {
+        for c in &s.by_connections {
+            if let Some(server) = c.server_cpu_us_per_request {
+                let _ = writeln!(
+                    out,
+                    "relay-postgres at {} connections: PostgreSQL's server CPU {server:.0} µs a webhook \
+                     (relay's own {:.0})",
+                    c.connections, c.cpu_us_per_request
+                );
+            }
+        }
+    }
     if let Some(e) = &report.end_to_end {
         let _ = writeln!(
             out,
@@ -140,7 +152,7 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(
             out,
             "relay delivery from a backlog of {} for {} target(s){}: {:.0} triggers/s (spread {:.0}–{:.0}), \
-             relay's CPU {:.1} µs per trigger",
+             relay's CPU {:.1} µs per trigger{}",
             d.backlog,
             d.targets,
             if d.store == BacklogStore::Postgres {
@@ -151,7 +163,10 @@ pub fn table(report: &Report) -> String {
             d.triggers_per_sec,
             spread.0,
             spread.1,
-            d.cpu_us_per_trigger
+            d.cpu_us_per_trigger,
+            d.server_cpu_us_per_trigger
+                .map(|server| format!(", PostgreSQL's server CPU {server:.1} µs"))
+                .unwrap_or_default()
         );
     }
     curves(report, &mut out);
@@ -312,7 +327,10 @@ fn store_size(size: &StoreSize, out: &mut String) {
 mod tests {
     use super::*;
 
+    /// A drain over one target reads the server's CPU; one over 100 does
+    /// not (the server elsewhere).
     fn drain(store: BacklogStore, targets: usize, rate: f64) -> Delivery {
+        let server = (targets == 1).then_some(212.44);
         Delivery {
             store,
             backlog: 20_000,
@@ -321,6 +339,8 @@ mod tests {
             runs: vec![rate - 100.0, rate, rate + 50.0],
             cpu_us_per_trigger: 49.31,
             cpu_runs: vec![49.31],
+            server_cpu_us_per_trigger: server,
+            server_cpu_runs: server.into_iter().collect(),
         }
     }
 
@@ -374,7 +394,7 @@ mod tests {
             lines,
             [
                 "relay delivery from a backlog of 20000 for 1 target(s) on PostgreSQL: 4870 triggers/s \
-                 (spread 4770–4920), relay's CPU 49.3 µs per trigger",
+                 (spread 4770–4920), relay's CPU 49.3 µs per trigger, PostgreSQL's server CPU 212.4 µs",
                 "relay delivery from a backlog of 20000 for 100 target(s) on PostgreSQL: 9782 triggers/s \
                  (spread 9682–9832), relay's CPU 49.3 µs per trigger",
             ]
@@ -383,6 +403,11 @@ mod tests {
         assert_eq!(json["delivery_postgres"]["targets"], 1);
         assert_eq!(json["delivery_postgres_wide"]["targets"], 100);
         assert_eq!(json["delivery_postgres_wide"]["triggers_per_sec"], 9_782.0);
+        assert_eq!(json["delivery_postgres"]["server_cpu_us_per_trigger"], 212.44);
+        assert_eq!(
+            json["delivery_postgres_wide"]["server_cpu_us_per_trigger"],
+            serde_json::Value::Null
+        );
         assert_eq!(json["delivery_wide"], serde_json::Value::Null);
     }
 }

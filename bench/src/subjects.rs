@@ -126,6 +126,9 @@ pub struct RunFigures {
     pub cpu_us_per_request: f64,
     /// Bytes the subject had the kernel write to storage, per request.
     pub disk_bytes_per_request: f64,
+    /// The database server's CPU time per request (relay-postgres, with
+    /// the server on this machine): what bounds relay on PostgreSQL here.
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
 /// Median and spread of the runs at one concurrency.
@@ -139,6 +142,7 @@ pub struct Summary {
     pub p99_ms: f64,
     pub cpu_us_per_request: f64,
     pub disk_bytes_per_request: f64,
+    pub server_cpu_us_per_request: Option<f64>,
     pub non_2xx: u64,
     pub socket_errors: u64,
     pub runs: Vec<RunFigures>,
@@ -168,6 +172,10 @@ pub fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
         p99_ms: median(pick(&|r| r.wrk.p99_ms)),
         cpu_us_per_request: median(pick(&|r| r.cpu_us_per_request)),
         disk_bytes_per_request: median(pick(&|r| r.disk_bytes_per_request)),
+        server_cpu_us_per_request: {
+            let server: Vec<f64> = runs.iter().filter_map(|r| r.server_cpu_us_per_request).collect();
+            (!server.is_empty()).then(|| median(server))
+        },
         non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
         socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
         runs,
@@ -216,6 +224,7 @@ pub async fn measure(
                     &script,
                     *connections,
                     options.duration,
+                    ws.postgres_server.filter(|_| name == "relay-postgres"),
                 )
                 .await?,
             );
@@ -241,14 +250,17 @@ pub async fn measure(
 }
 
 /// One wrk run against a running subject: wrk's figures, and the subject's
-/// CPU time and disk writes over the run, per request served.
+/// CPU time and disk writes over the run, per request served; with
+/// `server` (a database server's main process), that server's CPU too.
 pub async fn load_run(
     subject: &Running,
     url: &str,
     script: &Path,
     connections: u32,
     duration: Duration,
+    server: Option<u32>,
 ) -> Result<RunFigures, String> {
+    let server_before = server.and_then(load::server_cpu_time);
     let before = load::cpu_time(subject.pid()).unwrap_or_default();
     let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
     let wrk = tokio::task::spawn_blocking({
@@ -263,6 +275,10 @@ pub async fn load_run(
     let written = load::disk_writes(subject.pid())
         .unwrap_or_default()
         .saturating_sub(written_before);
+    let server_cpu = server
+        .and_then(load::server_cpu_time)
+        .zip(server_before)
+        .map(|(after, before)| after.saturating_sub(before));
     // No request completed: nothing to divide by (NaN is written as null).
     let requests = if wrk.requests == 0 {
         f64::NAN
@@ -272,6 +288,7 @@ pub async fn load_run(
     Ok(RunFigures {
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
         disk_bytes_per_request: written as f64 / requests,
+        server_cpu_us_per_request: server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / requests),
         wrk,
     })
 }
