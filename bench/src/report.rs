@@ -382,6 +382,57 @@ mod tests {
         assert_eq!(json["relay"], "relay 0.1.0");
     }
 
+    /// One load run of `name` at 32 connections; `server` is the database
+    /// server's CPU a request, when it was read.
+    fn loaded(name: &str, rate: f64, server: Option<f64>) -> SubjectResult {
+        let run = crate::subjects::RunFigures {
+            wrk: crate::load::WrkResult {
+                requests: 1_000,
+                requests_per_sec: rate,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_us_per_request: 127.6,
+            disk_bytes_per_request: 900.0,
+            server_cpu_us_per_request: server,
+        };
+        SubjectResult {
+            name: name.to_owned(),
+            what: String::new(),
+            rss_idle_mib: 15.0,
+            rss_after_mib: 28.0,
+            by_connections: vec![crate::subjects::summarize(32, vec![run])],
+            exec_failures: None,
+        }
+    }
+
+    #[test]
+    fn the_database_servers_cpu_is_printed_beside_relays_own_and_written() {
+        let mut report = report_with_postgres_drains();
+        report.subjects = vec![
+            loaded("relay", 6_647.0, None),
+            loaded("relay-postgres", 3_519.0, Some(312.7)),
+        ];
+        let printed = table(&report);
+        let lines: Vec<&str> = printed.lines().filter(|l| l.contains("server CPU")).collect();
+        assert_eq!(
+            lines[0],
+            "relay-postgres at 32 connections: PostgreSQL's server CPU 313 µs a webhook (relay's own 128)"
+        );
+        assert_eq!(lines.len(), 2, "the load's line and one drain's: {lines:?}");
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["subjects"][1]["by_connections"][0]["server_cpu_us_per_request"],
+            312.7
+        );
+        assert_eq!(
+            json["subjects"][0]["by_connections"][0]["server_cpu_us_per_request"],
+            serde_json::Value::Null
+        );
+    }
+
     #[test]
     fn both_postgres_drains_are_printed_and_written() {
         let report = report_with_postgres_drains();
