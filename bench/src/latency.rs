@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backlog::{JobTarget, fill, fill_postgres, make_schema, make_schema_at};
-use crate::load::{cpu_time, server_cpu_time};
+use crate::load::cpu_time;
 use crate::process::free_port;
-use crate::relay::{Setup, Workspace, start_relay};
+use crate::relay::{ServerReading, Setup, Workspace, start_relay};
 use crate::servers::MockCircle;
-use crate::subjects::median;
+use crate::subjects::{median, median_if_any};
 use crate::{BACKLOG, E2E_RATE, Options};
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,6 +134,9 @@ pub struct Delivery {
     /// time per trigger over the same span: what bounds the drain there.
     pub server_cpu_us_per_trigger: Option<f64>,
     pub server_cpu_runs: Vec<f64>,
+    /// On PostgreSQL, the bytes the server logged (its WAL) per trigger.
+    pub server_wal_bytes_per_trigger: Option<f64>,
+    pub server_wal_runs: Vec<f64>,
 }
 
 /// A backlog of queued jobs spread evenly over `targets` (all at one mock
@@ -148,7 +151,8 @@ pub async fn delivery(
     let mut runs = Vec::new();
     let mut cpu_runs = Vec::new();
     let mut server_cpu_runs = Vec::new();
-    let server = ws.postgres_server.filter(|_| store == BacklogStore::Postgres);
+    let mut server_wal_runs = Vec::new();
+    let on_postgres = store == BacklogStore::Postgres;
     for run in 0..options.runs {
         let mock = MockCircle::default();
         let circle = mock.clone().start(false).await.map_err(|e| e.to_string())?;
@@ -212,14 +216,13 @@ pub async fn delivery(
         let mut first = None;
         while mock.count.load(Ordering::Relaxed) < backlog {
             if first.is_none() && mock.count.load(Ordering::Relaxed) > 0 {
+                let server = if on_postgres {
+                    Some(ServerReading::take(ws).await)
+                } else {
+                    None
+                };
                 let cpu = cpu_time(relay.pid()).unwrap_or_default();
-                let server_cpu = server.and_then(server_cpu_time);
-                first = Some((
-                    Instant::now(),
-                    mock.count.load(Ordering::Relaxed),
-                    cpu,
-                    server_cpu,
-                ));
+                first = Some((Instant::now(), mock.count.load(Ordering::Relaxed), cpu, server));
             }
             if Instant::now() > deadline {
                 return Err(format!(
@@ -229,7 +232,7 @@ pub async fn delivery(
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let (started, at_start, cpu_at_start, server_cpu_at_start) =
+        let (started, at_start, cpu_at_start, server_at_start) =
             first.unwrap_or((Instant::now(), 0, Duration::ZERO, None));
         let sent = (backlog - at_start) as f64;
         runs.push(sent / started.elapsed().as_secs_f64().max(1e-3));
@@ -237,8 +240,10 @@ pub async fn delivery(
             .unwrap_or_default()
             .saturating_sub(cpu_at_start);
         cpu_runs.push(cpu.as_secs_f64() * 1e6 / sent.max(1.0));
-        if let Some((now, then)) = server.and_then(server_cpu_time).zip(server_cpu_at_start) {
-            server_cpu_runs.push(now.saturating_sub(then).as_secs_f64() * 1e6 / sent.max(1.0));
+        if let Some(then) = server_at_start {
+            let (server_cpu, server_wal) = ServerReading::take(ws).await.per(&then, sent.max(1.0));
+            server_cpu_runs.extend(server_cpu);
+            server_wal_runs.extend(server_wal);
         }
         drop(relay);
         if store == BacklogStore::Postgres {
@@ -253,7 +258,9 @@ pub async fn delivery(
         runs,
         cpu_us_per_trigger: median(cpu_runs.clone()),
         cpu_runs,
-        server_cpu_us_per_trigger: (!server_cpu_runs.is_empty()).then(|| median(server_cpu_runs.clone())),
+        server_cpu_us_per_trigger: median_if_any(server_cpu_runs.clone()),
         server_cpu_runs,
+        server_wal_bytes_per_trigger: median_if_any(server_wal_runs.clone()),
+        server_wal_runs,
     })
 }

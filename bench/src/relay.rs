@@ -219,6 +219,54 @@ pub async fn local_postgres_server(url: &str) -> Result<Option<u32>, String> {
         .filter(|pid| is_postgres(*pid)))
 }
 
+/// What the `--postgres` server has spent so far, read before and after a
+/// measurement: its CPU time (when it runs on this machine) and its
+/// write-ahead log's position, the bytes it has logged (every database's:
+/// the harness's runs are the server's only writers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerReading {
+    cpu: Option<Duration>,
+    wal: Option<u64>,
+}
+
+impl ServerReading {
+    /// The server's figures now; each `None` where it cannot be read.
+    pub async fn take(ws: &Workspace) -> ServerReading {
+        let wal = match ws.postgres.as_deref() {
+            Some(url) => wal_position(url).await,
+            None => None,
+        };
+        ServerReading {
+            cpu: ws.postgres_server.and_then(crate::load::server_cpu_time),
+            wal,
+        }
+    }
+
+    /// What the server spent between `earlier` and this reading, per `n`
+    /// (requests or triggers): CPU in µs and WAL in bytes.
+    pub fn per(&self, earlier: &ServerReading, n: f64) -> (Option<f64>, Option<f64>) {
+        let cpu = self
+            .cpu
+            .zip(earlier.cpu)
+            .map(|(now, then)| now.saturating_sub(then).as_secs_f64() * 1e6 / n);
+        let wal = self
+            .wal
+            .zip(earlier.wal)
+            .map(|(now, then)| now.saturating_sub(then) as f64 / n);
+        (cpu, wal)
+    }
+}
+
+/// The server's write-ahead log position in bytes, which any role may read.
+async fn wal_position(url: &str) -> Option<u64> {
+    let client = connect_postgres(url).await.ok()?;
+    let row = client
+        .query_one("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8", &[])
+        .await
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
 /// What the server said, where the driver's own text is only "db error".
 pub fn postgres_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -258,4 +306,29 @@ pub async fn start_relay(
     let running = start_pinned(&ws.relay_binary, &args, port, log, &[("RELAY_LOG", "info")]).await?;
     wait_for_answer(port, "/hooks/github").await?;
     Ok(running)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the server spent between two readings, per request: each
+    /// figure only where both readings have it.
+    #[test]
+    fn a_servers_spending_is_the_difference_of_two_readings_per_request() {
+        let before = ServerReading {
+            cpu: Some(Duration::from_millis(1_000)),
+            wal: Some(10_000_000),
+        };
+        let after = ServerReading {
+            cpu: Some(Duration::from_millis(4_130)),
+            wal: Some(26_000_000),
+        };
+        let (cpu, wal) = after.per(&before, 10_000.0);
+        assert!((cpu.unwrap() - 313.0).abs() < 1e-6, "{cpu:?}");
+        assert_eq!(wal, Some(1_600.0));
+        let elsewhere = ServerReading { cpu: None, ..after };
+        assert_eq!(elsewhere.per(&before, 10_000.0), (None, Some(1_600.0)));
+        assert_eq!(after.per(&ServerReading::default(), 10_000.0), (None, None));
+    }
 }

@@ -120,11 +120,12 @@ pub fn table(report: &Report) -> String {
     }
     for s in report.subjects.iter().filter(|s| s.name == "relay-postgres") {
         for c in &s.by_connections {
-            if let Some(server) = c.server_cpu_us_per_request {
+            let spent = server_spent(c.server_cpu_us_per_request, c.server_wal_bytes_per_request);
+            if !spent.is_empty() {
                 let _ = writeln!(
                     out,
-                    "relay-postgres at {} connections: PostgreSQL's server CPU {server:.0} µs a webhook \
-                     (relay's own {:.0})",
+                    "relay-postgres at {} connections: PostgreSQL's server {spent} a webhook \
+                     (relay's own CPU {:.0} µs)",
                     c.connections, c.cpu_us_per_request
                 );
             }
@@ -164,9 +165,10 @@ pub fn table(report: &Report) -> String {
             spread.0,
             spread.1,
             d.cpu_us_per_trigger,
-            d.server_cpu_us_per_trigger
-                .map(|server| format!(", PostgreSQL's server CPU {server:.1} µs"))
-                .unwrap_or_default()
+            match server_spent(d.server_cpu_us_per_trigger, d.server_wal_bytes_per_trigger) {
+                spent if spent.is_empty() => spent,
+                spent => format!(", PostgreSQL's server {spent}"),
+            }
         );
     }
     curves(report, &mut out);
@@ -182,6 +184,14 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(out, "\nnot measured: {error}");
     }
     out
+}
+
+/// What the database server spent, as far as it was read: "CPU 312 µs and
+/// WAL 4.6 KB", either alone, or nothing.
+fn server_spent(cpu_us: Option<f64>, wal_bytes: Option<f64>) -> String {
+    let cpu = cpu_us.map(|us| format!("CPU {us:.0} µs"));
+    let wal = wal_bytes.map(|bytes| format!("WAL {:.1} KB", bytes / 1024.0));
+    [cpu, wal].into_iter().flatten().collect::<Vec<_>>().join(" and ")
 }
 
 /// The curves' tables, each with its ratios to its first point.
@@ -327,10 +337,13 @@ fn store_size(size: &StoreSize, out: &mut String) {
 mod tests {
     use super::*;
 
-    /// A drain over one target reads the server's CPU; one over 100 does
-    /// not (the server elsewhere).
+    /// A drain over one target reads the server's CPU and WAL; one over
+    /// 100 does not (as for a server that could not be read).
     fn drain(store: BacklogStore, targets: usize, rate: f64) -> Delivery {
-        let server = (targets == 1).then_some(212.44);
+        let (server, wal) = (
+            (targets == 1).then_some(212.44),
+            (targets == 1).then_some(5_017.6),
+        );
         Delivery {
             store,
             backlog: 20_000,
@@ -341,6 +354,8 @@ mod tests {
             cpu_runs: vec![49.31],
             server_cpu_us_per_trigger: server,
             server_cpu_runs: server.into_iter().collect(),
+            server_wal_bytes_per_trigger: wal,
+            server_wal_runs: wal.into_iter().collect(),
         }
     }
 
@@ -397,6 +412,7 @@ mod tests {
             cpu_us_per_request: 127.6,
             disk_bytes_per_request: 900.0,
             server_cpu_us_per_request: server,
+            server_wal_bytes_per_request: server.map(|_| 4_710.4),
         };
         SubjectResult {
             name: name.to_owned(),
@@ -409,7 +425,7 @@ mod tests {
     }
 
     #[test]
-    fn the_database_servers_cpu_is_printed_beside_relays_own_and_written() {
+    fn the_database_servers_cpu_and_wal_are_printed_beside_relays_own_and_written() {
         let mut report = report_with_postgres_drains();
         report.subjects = vec![
             loaded("relay", 6_647.0, None),
@@ -419,13 +435,18 @@ mod tests {
         let lines: Vec<&str> = printed.lines().filter(|l| l.contains("server CPU")).collect();
         assert_eq!(
             lines[0],
-            "relay-postgres at 32 connections: PostgreSQL's server CPU 313 µs a webhook (relay's own 128)"
+            "relay-postgres at 32 connections: PostgreSQL's server CPU 313 µs and WAL 4.6 KB a webhook \
+             (relay's own CPU 128 µs)"
         );
         assert_eq!(lines.len(), 2, "the load's line and one drain's: {lines:?}");
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(
             json["subjects"][1]["by_connections"][0]["server_cpu_us_per_request"],
             312.7
+        );
+        assert_eq!(
+            json["subjects"][1]["by_connections"][0]["server_wal_bytes_per_request"],
+            4_710.4
         );
         assert_eq!(
             json["subjects"][0]["by_connections"][0]["server_cpu_us_per_request"],
@@ -445,7 +466,7 @@ mod tests {
             lines,
             [
                 "relay delivery from a backlog of 20000 for 1 target(s) on PostgreSQL: 4870 triggers/s \
-                 (spread 4770–4920), relay's CPU 49.3 µs per trigger, PostgreSQL's server CPU 212.4 µs",
+                 (spread 4770–4920), relay's CPU 49.3 µs per trigger, PostgreSQL's server CPU 212 µs and WAL 4.9 KB",
                 "relay delivery from a backlog of 20000 for 100 target(s) on PostgreSQL: 9782 triggers/s \
                  (spread 9682–9832), relay's CPU 49.3 µs per trigger",
             ]
@@ -455,6 +476,7 @@ mod tests {
         assert_eq!(json["delivery_postgres_wide"]["targets"], 100);
         assert_eq!(json["delivery_postgres_wide"]["triggers_per_sec"], 9_782.0);
         assert_eq!(json["delivery_postgres"]["server_cpu_us_per_trigger"], 212.44);
+        assert_eq!(json["delivery_postgres"]["server_wal_bytes_per_trigger"], 5_017.6);
         assert_eq!(
             json["delivery_postgres_wide"]["server_cpu_us_per_trigger"],
             serde_json::Value::Null

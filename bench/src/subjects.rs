@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::load::{self, WrkResult};
 use crate::process::{Running, free_port, start_pinned};
-use crate::relay::{Setup, Workspace, start_relay};
+use crate::relay::{ServerReading, Setup, Workspace, start_relay};
 use crate::{Options, SECRET};
 
 /// The subjects, in the order of the table.
@@ -129,6 +129,10 @@ pub struct RunFigures {
     /// The database server's CPU time per request (relay-postgres, with
     /// the server on this machine): what bounds relay on PostgreSQL here.
     pub server_cpu_us_per_request: Option<f64>,
+    /// The bytes the database server logged (its WAL) per request: what
+    /// relay on PostgreSQL has written, where `disk_bytes_per_request` is
+    /// relay's own (its log lines).
+    pub server_wal_bytes_per_request: Option<f64>,
 }
 
 /// Median and spread of the runs at one concurrency.
@@ -143,6 +147,7 @@ pub struct Summary {
     pub cpu_us_per_request: f64,
     pub disk_bytes_per_request: f64,
     pub server_cpu_us_per_request: Option<f64>,
+    pub server_wal_bytes_per_request: Option<f64>,
     pub non_2xx: u64,
     pub socket_errors: u64,
     pub runs: Vec<RunFigures>,
@@ -160,6 +165,11 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// The median of the figures that could be read; `None` if none could.
+pub fn median_if_any(read: Vec<f64>) -> Option<f64> {
+    (!read.is_empty()).then(|| median(read))
+}
+
 pub fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
     let pick = |f: &dyn Fn(&RunFigures) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
     let rps = pick(&|r| r.wrk.requests_per_sec);
@@ -172,10 +182,14 @@ pub fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
         p99_ms: median(pick(&|r| r.wrk.p99_ms)),
         cpu_us_per_request: median(pick(&|r| r.cpu_us_per_request)),
         disk_bytes_per_request: median(pick(&|r| r.disk_bytes_per_request)),
-        server_cpu_us_per_request: {
-            let server: Vec<f64> = runs.iter().filter_map(|r| r.server_cpu_us_per_request).collect();
-            (!server.is_empty()).then(|| median(server))
-        },
+        server_cpu_us_per_request: median_if_any(
+            runs.iter().filter_map(|r| r.server_cpu_us_per_request).collect(),
+        ),
+        server_wal_bytes_per_request: median_if_any(
+            runs.iter()
+                .filter_map(|r| r.server_wal_bytes_per_request)
+                .collect(),
+        ),
         non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
         socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
         runs,
@@ -224,7 +238,7 @@ pub async fn measure(
                     &script,
                     *connections,
                     options.duration,
-                    ws.postgres_server.filter(|_| name == "relay-postgres"),
+                    (name == "relay-postgres").then_some(ws),
                 )
                 .await?,
             );
@@ -251,16 +265,20 @@ pub async fn measure(
 
 /// One wrk run against a running subject: wrk's figures, and the subject's
 /// CPU time and disk writes over the run, per request served; with
-/// `server` (a database server's main process), that server's CPU too.
+/// `postgres` (the subject stores on that workspace's `--postgres` server),
+/// the server's CPU and WAL too.
 pub async fn load_run(
     subject: &Running,
     url: &str,
     script: &Path,
     connections: u32,
     duration: Duration,
-    server: Option<u32>,
+    postgres: Option<&Workspace>,
 ) -> Result<RunFigures, String> {
-    let server_before = server.and_then(load::server_cpu_time);
+    let server_before = match postgres {
+        Some(ws) => Some(ServerReading::take(ws).await),
+        None => None,
+    };
     let before = load::cpu_time(subject.pid()).unwrap_or_default();
     let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
     let wrk = tokio::task::spawn_blocking({
@@ -275,20 +293,25 @@ pub async fn load_run(
     let written = load::disk_writes(subject.pid())
         .unwrap_or_default()
         .saturating_sub(written_before);
-    let server_cpu = server
-        .and_then(load::server_cpu_time)
-        .zip(server_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let server_after = match postgres {
+        Some(ws) => Some(ServerReading::take(ws).await),
+        None => None,
+    };
     // No request completed: nothing to divide by (NaN is written as null).
     let requests = if wrk.requests == 0 {
         f64::NAN
     } else {
         wrk.requests as f64
     };
+    let (server_cpu, server_wal) = server_after
+        .zip(server_before)
+        .map(|(after, before)| after.per(&before, requests))
+        .unwrap_or_default();
     Ok(RunFigures {
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
         disk_bytes_per_request: written as f64 / requests,
-        server_cpu_us_per_request: server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / requests),
+        server_cpu_us_per_request: server_cpu,
+        server_wal_bytes_per_request: server_wal,
         wrk,
     })
 }
