@@ -448,7 +448,7 @@ fn disk_time() -> std::time::Instant {
 #[allow(clippy::disallowed_methods)]
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use rusqlite::params;
 
@@ -680,9 +680,25 @@ mod tests {
         }
     }
 
+    /// A fresh store in a temporary directory holding `marker`, committed
+    /// but not yet synced; the directory, the database's path and the store.
+    async fn store_with_unsynced_marker(marker: &str) -> (tempfile::TempDir, PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
+        write_unsynced(&store, marker.to_owned()).await;
+        (dir, path, store)
+    }
+
     async fn write_unsynced(store: &SqliteStore, key: String) {
+        write_marker(store, Durability::Committed, key).await;
+    }
+
+    /// Inserts `key` into `meta` with `durability`; a key already there is
+    /// left as it is (the statement then changes no row).
+    async fn write_marker(store: &SqliteStore, durability: Durability, key: String) {
         store
-            .run(Durability::Committed, move |conn| {
+            .run(durability, move |conn| {
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES (?1, 'x') ON CONFLICT (key) DO NOTHING",
                     params![key],
@@ -697,10 +713,7 @@ mod tests {
     /// has nothing else to do.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unsynced_work_is_synced_once_the_writer_is_idle() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
-        write_unsynced(&store, "marker-idle-5c1e".to_owned()).await;
+        let (_dir, path, _store) = store_with_unsynced_marker("marker-idle-5c1e").await;
         synced_within_5s(&path, "marker-idle-5c1e").await;
     }
 
@@ -709,20 +722,8 @@ mod tests {
     /// it is still put on disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_synced_batch_that_changes_nothing_leaves_earlier_work_to_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
-        write_unsynced(&store, "marker-noop-7a2d".to_owned()).await;
-        store
-            .run(Durability::Synced, |conn| {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('marker-noop-7a2d', 'x') ON CONFLICT (key) DO NOTHING",
-                    [],
-                )
-                .map_err(|e| unavailable(&e))
-            })
-            .await
-            .unwrap();
+        let (_dir, path, store) = store_with_unsynced_marker("marker-noop-7a2d").await;
+        write_marker(&store, Durability::Synced, "marker-noop-7a2d".to_owned()).await;
         synced_within_5s(&path, "marker-noop-7a2d").await;
     }
 
@@ -730,10 +731,7 @@ mod tests {
     /// MAX_UNSYNCED.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unsynced_work_is_synced_in_time_under_steady_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("relay.db");
-        let store = SqliteStore::open(&path, std::time::UNIX_EPOCH).unwrap();
-        write_unsynced(&store, "marker-busy-0000".to_owned()).await;
+        let (_dir, path, store) = store_with_unsynced_marker("marker-busy-0000").await;
         // A write every 10 ms: never the 50 ms the idle sync waits for.
         let started = std::time::Instant::now();
         let mut n = 0;
