@@ -2,8 +2,11 @@
 //!
 //! Both the dispatcher (for jobs it claims) and the accept path (for jobs it
 //! hands over on commit) take a target's slots here, so a target's
-//! `concurrency` counts all of its sends. Sends run on the one tracker that
-//! shutdown waits for. Nothing here decides what to send or when.
+//! `concurrency` counts all of its sends. Beside each target's slots is a
+//! waiting room, twice as many seats, for jobs handed over on commit that
+//! wait in memory for the next slot a send frees rather than in the queue
+//! for a claim (`Place`). Sends run on the one tracker that shutdown waits
+//! for. Nothing here decides what to send or when.
 //!
 //! There is one client per distinct proxy setting (`targets::proxy`): the
 //! environment's, direct, and each named proxy with its credentials. Each is
@@ -117,6 +120,65 @@ pub fn capacity(config: &Config, target: &str) -> usize {
         .unwrap_or(config.delivery.concurrency)
 }
 
+/// Seats in a target's waiting room per send slot. Under load a slot is
+/// held by a webhook waiting for its commit and then by its send, so twice
+/// the slots is where nearly every job finds a place (at 32 connections and
+/// `concurrency = 32` on PostgreSQL: one job in five claimed from the queue
+/// with as many seats as slots, three in four with none); the bound keeps
+/// a job's wait in memory to about two sends ahead of it.
+const SEATS_PER_SLOT: usize = 2;
+
+/// A target's send slots and the waiting room beside them.
+#[derive(Debug, Clone)]
+struct Slots {
+    capacity: usize,
+    sends: Arc<Semaphore>,
+    seats: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(capacity: usize) -> Slots {
+        Slots {
+            capacity,
+            sends: Arc::new(Semaphore::new(capacity)),
+            seats: Arc::new(Semaphore::new(SEATS_PER_SLOT * capacity)),
+        }
+    }
+}
+
+/// Where a job handed over on commit waits to be sent (`Sends::try_place`).
+#[derive(Debug)]
+pub enum Place {
+    /// A send slot, held.
+    Slot(OwnedSemaphorePermit),
+    /// A seat in the target's waiting room: the job takes the first slot a
+    /// send frees. A target's slots go to those waiting for one in the
+    /// order they began to wait, before the dispatcher, which only takes a
+    /// slot that is free.
+    Seat {
+        seat: OwnedSemaphorePermit,
+        sends: Arc<Semaphore>,
+    },
+}
+
+impl Place {
+    /// The send slot: at once, or once a send frees one (the seat is given
+    /// up then).
+    pub async fn slot(self) -> OwnedSemaphorePermit {
+        match self {
+            Place::Slot(slot) => slot,
+            Place::Seat { seat, sends } => match sends.acquire_owned().await {
+                Ok(slot) => {
+                    drop(seat);
+                    slot
+                }
+                // Nothing closes a target's slots.
+                Err(_) => std::future::pending().await,
+            },
+        }
+    }
+}
+
 /// What every send shares: the HTTP clients, the tracker that shutdown waits
 /// on, and each target's send slots. Both the dispatcher (for jobs it
 /// claims) and ingress (for jobs it hands over on commit) send through it,
@@ -126,8 +188,9 @@ pub struct Sends {
     /// One client per distinct proxy setting, built on first use.
     clients: Mutex<HashMap<ClientKey, Arc<Outbound>>>,
     pub tracker: TaskTracker,
-    /// (capacity, semaphore) per target; replaced when a reload changes the capacity.
-    slots: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Each target's slots and waiting room; replaced when a reload changes
+    /// the capacity.
+    slots: Mutex<HashMap<String, Slots>>,
     /// Set when the dispatcher left due jobs for lack of a slot: then, and
     /// only then, a finishing send is worth waking it for.
     starved: AtomicBool,
@@ -162,25 +225,42 @@ impl Sends {
         Ok(outbound)
     }
 
+    /// A target's send slots, `capacity` of them.
     pub fn semaphore(&self, target: &str, capacity: usize) -> Arc<Semaphore> {
+        self.slots(target, capacity).sends
+    }
+
+    fn slots(&self, target: &str, capacity: usize) -> Slots {
         let mut slots = match self.slots.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
         let slot = slots
             .entry(target.to_owned())
-            .or_insert_with(|| (capacity, Arc::new(Semaphore::new(capacity))));
-        if slot.0 != capacity {
-            *slot = (capacity, Arc::new(Semaphore::new(capacity)));
+            .or_insert_with(|| Slots::new(capacity));
+        if slot.capacity != capacity {
+            *slot = Slots::new(capacity);
         }
-        slot.1.clone()
+        slot.clone()
     }
 
-    /// A send slot for `target`, if one is free right now.
-    pub fn try_slot(&self, config: &Config, target: &str) -> Option<OwnedSemaphorePermit> {
-        self.semaphore(target, capacity(config, target))
-            .try_acquire_owned()
-            .ok()
+    /// A place for one of `target`'s jobs that a webhook's commit hands
+    /// over: a send slot if one is free right now, else, when `may_wait`, a
+    /// seat in the waiting room if one is free; `None` when there is
+    /// neither, and the job is to wait in the store's queue.
+    pub fn try_place(&self, config: &Config, target: &str, may_wait: bool) -> Option<Place> {
+        let slots = self.slots(target, capacity(config, target));
+        if let Ok(slot) = slots.sends.clone().try_acquire_owned() {
+            return Some(Place::Slot(slot));
+        }
+        if !may_wait {
+            return None;
+        }
+        let seat = slots.seats.try_acquire_owned().ok()?;
+        Some(Place::Seat {
+            seat,
+            sends: slots.sends,
+        })
     }
 
     /// Records whether the dispatcher left due jobs for lack of a slot.
@@ -191,5 +271,99 @@ impl Sends {
     /// Whether a finishing send should wake the dispatcher (see `set_starved`).
     pub fn starved(&self) -> bool {
         self.starved.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One target, `hook`, with room for `concurrency` sends.
+    fn config(concurrency: usize) -> Config {
+        Config::from_toml(&format!(
+            r#"
+[delivery]
+concurrency = {concurrency}
+
+[targets.hook]
+kind = "http"
+url = "http://127.0.0.1:9/"
+"#
+        ))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn a_job_finds_a_slot_then_a_seat_then_the_queue_and_seats_only_where_it_may_wait() {
+        let (sends, config) = (Sends::new().expect("a client"), config(2));
+        let mut places = Vec::new();
+        for _ in 0..2 {
+            places.push(sends.try_place(&config, "hook", true).expect("a free slot"));
+        }
+        assert!(places.iter().all(|p| matches!(p, Place::Slot(_))));
+        assert!(
+            sends.try_place(&config, "hook", false).is_none(),
+            "no slot, and this store's jobs wait in its queue"
+        );
+        for _ in 0..SEATS_PER_SLOT * 2 {
+            let seat = sends.try_place(&config, "hook", true).expect("a seat");
+            assert!(matches!(seat, Place::Seat { .. }));
+            places.push(seat);
+        }
+        assert!(
+            sends.try_place(&config, "hook", true).is_none(),
+            "every slot and seat taken: the job waits in the queue"
+        );
+        // A finished send frees a slot; the seat it leaves is free again.
+        places.remove(0);
+        let first_seat = places.remove(1);
+        let slot = tokio::time::timeout(Duration::from_secs(5), first_seat.slot())
+            .await
+            .expect("the freed slot goes to the seat");
+        assert!(matches!(
+            sends.try_place(&config, "hook", true),
+            Some(Place::Seat { .. })
+        ));
+        drop(slot);
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_job_that_waited_longest_not_to_whoever_asks_next() {
+        let (sends, config) = (Sends::new().expect("a client"), config(1));
+        let running = sends.try_place(&config, "hook", true).expect("the slot");
+        let (first, second) = (
+            sends.try_place(&config, "hook", true).expect("a seat"),
+            sends.try_place(&config, "hook", true).expect("a seat"),
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiting: Vec<_> = [(1, first), (2, second)]
+            .into_iter()
+            .map(|(n, seat)| {
+                let order = order.clone();
+                tokio::spawn(async move {
+                    let slot = seat.slot().await;
+                    order.lock().expect("unpoisoned").push(n);
+                    tokio::task::yield_now().await;
+                    drop(slot);
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        drop(running);
+        // The dispatcher takes only a free slot: the waiting jobs come first.
+        assert!(
+            sends
+                .semaphore("hook", capacity(&config, "hook"))
+                .try_acquire()
+                .is_err(),
+            "a slot a send freed went to the dispatcher past two waiting jobs"
+        );
+        for task in waiting {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("each waiting job gets a slot in turn")
+                .expect("no panic");
+        }
+        assert_eq!(*order.lock().expect("unpoisoned"), vec![1, 2]);
     }
 }

@@ -5,7 +5,9 @@
 //! No database transaction is held across an HTTP call: a job is leased with
 //! a claim id, sent with no lock held (its lease renewed while the send
 //! runs), then completed only if the claim still holds. Per-target
-//! semaphores cap sends in flight. Jobs not finished when
+//! semaphores cap sends in flight; a job handed over on commit may wait for
+//! one in memory, leased and its lease renewed, where the store's claims
+//! cost a round trip. Jobs not finished when
 //! shutdown's deadline passes stay in the store and are sent after restart.
 
 pub mod retry;
@@ -23,7 +25,7 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::clock::stopwatch;
 use crate::config::Config;
-use crate::sends::{Sends, capacity};
+use crate::sends::{Place, Sends, capacity};
 use crate::store::{AttemptRecord, ClaimedJob, Completion, FollowFrom, Lease, NextState, Work};
 use crate::targets::{AttemptResult, Outcome};
 pub use retry::RetryPolicy;
@@ -40,23 +42,25 @@ const JUST_DUE_RETRY: Duration = Duration::from_millis(20);
 /// The most jobs one claim takes (the slots cap it lower, usually).
 const MAX_CLAIM: usize = 256;
 
-/// Send slots taken ahead of a commit, with the lease each job is stored
-/// under, by job id.
+/// Places taken ahead of a commit (a send slot, or a seat in the waiting
+/// room for one), with the lease each job is stored under, by job id.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    slots: HashMap<Uuid, (Lease, OwnedSemaphorePermit)>,
+    slots: HashMap<Uuid, (Lease, Place)>,
 }
 
 impl Reservation {
-    /// The lease a job is to be stored under, if it has a slot.
+    /// The lease a job is to be stored under, if it has a place.
     pub fn lease(&self, job: &Uuid) -> Option<Lease> {
         self.slots.get(job).map(|(lease, _)| *lease)
     }
 }
 
-/// Takes a send slot for each job (`(id, target)`) whose target has one free
-/// now: those jobs are stored leased and sent right after the commit, with
-/// no claim and no wait for the dispatcher; the rest are queued for it.
+/// Takes a place for each job (`(id, target)`) whose target has one now:
+/// those jobs are stored leased and sent after the commit with no claim,
+/// at once in a send slot or, where the store's claims cost a round trip
+/// (`Queue::claims_cost_a_round_trip`), in the first slot a send frees,
+/// waiting for it in memory; the rest are queued for the dispatcher.
 /// Nothing is reserved once shutdown has begun.
 pub fn reserve<'a>(
     app: &App,
@@ -69,26 +73,29 @@ pub fn reserve<'a>(
         return reservation;
     }
     let until = now + config.delivery.lease;
+    let may_wait = app.store.claims_cost_a_round_trip();
     for (id, target) in jobs {
-        if let Some(permit) = app.sends.try_slot(config, target) {
+        if let Some(place) = app.sends.try_place(config, target, may_wait) {
             let lease = Lease {
                 claim: Uuid::now_v7(),
                 until,
             };
-            reservation.slots.insert(id, (lease, permit));
+            reservation.slots.insert(id, (lease, place));
         }
     }
     reservation
 }
 
-/// Sends the jobs the store committed leased, each in the slot reserved for
-/// it; the slots of the rest (held back, a duplicate delivery, a commit that
-/// failed: `leased` is then empty) are freed, and a dispatcher waiting for
-/// a free slot hears of it, as it does when a send ends.
+/// Sends the jobs the store committed leased, each in the place reserved
+/// for it; the places of the rest (held back, a duplicate delivery, a
+/// commit that failed: `leased` is then empty) are freed, and a dispatcher
+/// waiting for a free slot hears of it, as it does when a send ends.
 pub fn hand_over(app: &Arc<App>, leased: Vec<ClaimedJob>, mut reservation: Reservation) {
     for job in leased {
-        if let Some((_, permit)) = reservation.slots.remove(&job.id) {
-            start_send(app, job, permit);
+        match reservation.slots.remove(&job.id) {
+            Some((_, Place::Slot(slot))) => start_send(app, job, slot),
+            Some((_, seat)) => start_send_when_free(app, job, seat),
+            None => {}
         }
     }
     let freed = !reservation.slots.is_empty();
@@ -102,6 +109,36 @@ pub fn hand_over(app: &Arc<App>, leased: Vec<ClaimedJob>, mut reservation: Reser
 /// Sends a leased job on the shared tracker; the permit is its slot.
 fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     app.sends.tracker.spawn(deliver(app.clone(), job, permit));
+}
+
+/// Sends a leased job once its seat in the waiting room becomes a slot,
+/// its lease renewed while it waits; if the lease is lost meanwhile
+/// (another worker took the job), it is not sent here.
+fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
+    let span = info_span!(
+        "wait for a send slot",
+        job_id = %job.id,
+        event_id = %job.event_id,
+        target = %job.target,
+        route = %job.route,
+    );
+    let app = app.clone();
+    app.sends.tracker.clone().spawn(
+        async move {
+            let lease = app.config().delivery.lease;
+            let slot = tokio::select! {
+                slot = seat.slot() => Some(slot),
+                () = lease_lost(&app, &job, lease) => None,
+            };
+            match slot {
+                Some(slot) => deliver(app, job, slot).await,
+                None => warn!(
+                    "the job's lease ran out and another worker took it while it waited for a send slot; it is not sent here"
+                ),
+            }
+        }
+        .instrument(span),
+    );
 }
 
 /// How long the dispatcher sleeps when it has claimed all it could: until
@@ -351,17 +388,22 @@ async fn attempt(
 /// a relay that died are taken over one lease after its last renewal. The
 /// claim id fences each renewal; once it is lost, renewing stops.
 async fn keep_leased(app: &App, job: &ClaimedJob, lease: Duration) -> Infallible {
+    lease_lost(app, job, lease).await;
+    warn!(
+        "the job's lease ran out and another worker took it while this send was running; this attempt will not be recorded"
+    );
+    std::future::pending().await
+}
+
+/// Renews the job's lease every third of `lease`; ends once a renewal finds
+/// the claim lost.
+async fn lease_lost(app: &App, job: &ClaimedJob, lease: Duration) {
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;
         match app.store.renew(job.id, job.claim, lease, app.now()).await {
             Ok(true) => debug!(lease_secs = lease.as_secs_f64(), "lease renewed"),
-            Ok(false) => {
-                warn!(
-                    "the job's lease ran out and another worker took it while this send was running; this attempt will not be recorded"
-                );
-                return std::future::pending().await;
-            }
+            Ok(false) => return,
             Err(e) => warn!(error = %e, "cannot renew the job's lease; will try again"),
         }
     }

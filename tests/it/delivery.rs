@@ -14,6 +14,7 @@ use crate::support::{Backend, MockServer, Relay, Reply, config_on, sign, test_cl
 crate::on_both_backends! {
     cases: [
         a_send_that_outlasts_its_lease_is_renewed_not_repeated,
+        jobs_that_find_every_slot_taken_wait_their_turn_and_go_once_each,
         a_target_outage_delays_but_loses_nothing,
         dead_jobs_are_listed_inspected_and_retried_by_hand,
         finished_events_are_purged_after_retention_and_pending_ones_kept,
@@ -325,6 +326,59 @@ async fn a_send_that_outlasts_its_lease_is_renewed_not_repeated(backend: Backend
     );
     let duration_ms = history[0]["duration_ms"].as_u64().unwrap();
     assert!(duration_ms >= 4000, "the attempt took {duration_ms} ms");
+    assert_nothing_pending(&relay).await;
+    relay.stop().await;
+}
+
+/// With the target's one send slot taken, the jobs of the next webhooks wait
+/// for it: on PostgreSQL in memory, leased at their commit (a claim there
+/// costs a round trip and a row version), on SQLite in the queue. Either
+/// way the target sees one send at a time, in the order the webhooks came,
+/// each job once, though each waits longer than its lease.
+async fn jobs_that_find_every_slot_taken_wait_their_turn_and_go_once_each(backend: Backend) {
+    let send = Duration::from_secs(2);
+    let circle = MockServer::start(Reply::new(201, CREATED).after(send)).await;
+    let relay = Relay::start_on(
+        &backend,
+        &config(&circle, "concurrency = 1\ntimeout = \"10s\"\nlease = \"1s\"", ""),
+    )
+    .await;
+    for n in 0..3 {
+        post_push(&relay, n).await;
+    }
+    circle.wait_for(1).await;
+    let mut states: Vec<String> = relay
+        .jobs("")
+        .await
+        .iter()
+        .map(|j| j["state"].as_str().unwrap().to_owned())
+        .collect();
+    states.sort();
+    let waiting = if backend.is_sqlite() {
+        "queued"
+    } else {
+        "in_flight"
+    };
+    assert_eq!(
+        states,
+        ["in_flight", waiting, waiting],
+        "the first job sending, the other two waiting for its slot"
+    );
+    let done = relay.wait_done(3).await;
+    assert!(done.iter().all(|j| j["attempts"] == 1), "{done:#?}");
+    assert_eq!(
+        deliveries(&circle),
+        ["delivery-0", "delivery-1", "delivery-2"],
+        "one request a job, in the order the webhooks came"
+    );
+    let arrivals: Vec<_> = circle.requests().iter().map(|r| r.at).collect();
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= send - Duration::from_millis(50),
+            "a send began {gap:?} after the one before it, which takes {send:?}: two in flight at once"
+        );
+    }
     assert_nothing_pending(&relay).await;
     relay.stop().await;
 }

@@ -18,7 +18,7 @@ use relay::store::JobFilter;
 use tokio::sync::Mutex;
 
 use crate::crash::{CONCURRENCY, SECRET, drained, free_port, post_all, push, write_config_with};
-use crate::support::{Daemon, MockServer, Reply, job_states, open_store, postgres_database, sign};
+use crate::support::{Backend, Daemon, MockServer, Reply, job_states, open_store, postgres_database, sign};
 
 const CREATED: &str = r#"{"id":"p","number":1,"state":"created"}"#;
 /// Short enough that a takeover happens within a test, longer than a send.
@@ -560,6 +560,153 @@ token = "t"
     assert_eq!(relay.wait_done(12).await.len(), 12);
     assert_eq!(client.get(&ready).send().await.unwrap().status(), 200);
     relay.stop().await;
+}
+
+/// A config on the shared database whose one target takes `concurrency`
+/// sends at once, each job's lease 1 s; in `dir`.
+fn slots_config(dir: &Path, db: &str, circle: &MockServer, concurrency: usize) -> String {
+    let rest = format!(
+        r#"
+[loop_guard]
+burst = false
+
+[delivery]
+concurrency = {concurrency}
+timeout = "10s"
+lease = "1s"
+
+[sources.gh]
+provider = "github"
+path = "/hooks/github"
+secret = "{SECRET}"
+
+[[routes]]
+name = "all"
+to = ["circle"]
+
+[targets.circle]
+kind = "circleci"
+base_url = "{circle}"
+project = "gh/acme/api"
+token = "t"
+parameters = {{ delivery = "{{{{ delivery }}}}" }}
+"#,
+        circle = circle.url()
+    );
+    crate::support::config_on(&Backend::Postgres(db.to_owned()), dir, "", &rest)
+}
+
+/// A relay in this process on `slots_config`.
+async fn relay_with_slots(db: &str, circle: &MockServer, concurrency: usize) -> crate::support::Relay {
+    let dir = tempfile::tempdir().unwrap();
+    let text = slots_config(dir.path(), db, circle, concurrency);
+    crate::support::Relay::start_with(dir, &text).await
+}
+
+/// The `delivery` parameter of each request `circle` received, in order.
+fn deliveries(circle: &MockServer) -> Vec<String> {
+    circle
+        .requests()
+        .iter()
+        .map(|r| r.json()["parameters"]["delivery"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Posts webhook `n` (delivery `crash-{n}`) to `url`; fails unless 202.
+async fn post_push(url: &str, n: usize) {
+    let body = push(n);
+    let (status, text) = crate::support::post_to(
+        url,
+        &sign::github(SECRET, "push", &format!("crash-{n}"), &body),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+}
+
+/// A job waiting in memory for its relay's send slot keeps its lease: the
+/// other relay, with slots free, never takes it over, though it waits three
+/// times the lease for the send ahead of it.
+#[tokio::test]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
+async fn a_job_waiting_for_its_relays_slot_is_not_taken_over_by_another_relay() {
+    let Some(db) =
+        postgres_database("a_job_waiting_for_its_relays_slot_is_not_taken_over_by_another_relay").await
+    else {
+        return;
+    };
+    let send = Duration::from_secs(3);
+    let circle = MockServer::start(Reply::new(201, CREATED).after(send)).await;
+    let busy = relay_with_slots(&db, &circle, 1).await;
+    for n in 0..2 {
+        post_push(&busy.url("/hooks/github"), n).await;
+    }
+    // Started now, the other relay looks for leases to take over from the
+    // start: it wakes when the waiting job's lease would run out.
+    let idle = relay_with_slots(&db, &circle, 4).await;
+    let requests = circle.wait_for_within(2, Duration::from_secs(20)).await;
+    assert_eq!(deliveries(&circle), ["crash-0", "crash-1"]);
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= send - Duration::from_millis(50),
+        "the second job was sent {waited:?} after the first, before its relay's slot was free: taken over"
+    );
+    let done = busy.wait_done(2).await;
+    assert!(done.iter().all(|j| j["attempts"] == 1), "{done:#?}");
+    assert_eq!(circle.requests().len(), 2, "each job sent once");
+    idle.stop().await;
+    busy.stop().await;
+}
+
+/// A job whose lease ran out while it waited for its relay's send slot is
+/// not sent by that relay once it runs again: the relay stopped (SIGSTOP)
+/// past the lease, the other took the job over and sent it, and the
+/// stopped relay's renewal, its first act on waking, finds the claim gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
+async fn a_job_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent_by_its_stale_relay() {
+    let Some(db) = postgres_database(
+        "a_job_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent_by_its_stale_relay",
+    )
+    .await
+    else {
+        return;
+    };
+    let circle = MockServer::start(Reply::new(201, CREATED)).await;
+    // The stale relay's one send is answered late; every other at once.
+    circle.script([Reply::new(201, CREATED).after(Duration::from_secs(6))]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, slots_config(dir.path(), &db, &circle, 1)).unwrap();
+    let stale = Daemon::start(&config, &[]);
+    for n in 0..2 {
+        post_push(&stale.url("/hooks/github"), n).await;
+    }
+    circle.wait_for(1).await;
+    stale.signal("STOP");
+    // Past both leases, the other relay takes the two jobs and sends them.
+    let other = relay_with_slots(&db, &circle, 4).await;
+    let done = other.wait_done(2).await;
+    assert!(done.iter().all(|j| j["attempts"] == 1), "{done:#?}");
+    stale.signal("CONT");
+    stale.wait_log("while it waited for a send slot; it is not sent here", 1);
+    stale.wait_log("another worker took it while this send was running", 1);
+    // The stale send ends, is not recorded, and frees the slot the job
+    // gave up waiting for.
+    let answered = circle.requests()[0].at + Duration::from_secs(6);
+    tokio::time::sleep_until(answered + Duration::from_millis(500)).await;
+    assert_eq!(
+        deliveries(&circle),
+        ["crash-0", "crash-0", "crash-1"],
+        "the stale relay's first send, then the other relay's two: the job that waited went once"
+    );
+    other.stop().await;
 }
 
 /// A relay in this process on the shared database, serving payload URLs
