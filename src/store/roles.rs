@@ -77,8 +77,9 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// store writes anyway (SQLite's writer, which the default says). Where
     /// it does, a job handed over on commit that finds no free send slot
     /// waits for one in memory, leased, instead of in the queue for a claim
-    /// (`dispatch::reserve`). On SQLite that wait measured 5-12% fewer
-    /// webhooks a second at 32 connections, so there it stays in the queue.
+    /// (`dispatch::reserve`). On SQLite that wait did 4-19% fewer webhooks a
+    /// second at 32 connections in seven alternating pairs of nine, so
+    /// there the job stays in the queue.
     fn claims_cost_a_round_trip(&self) -> bool {
         false
     }

@@ -111,7 +111,7 @@ async fn outcomes(relay: &Relay) -> Vec<(Option<u64>, String)> {
 }
 
 /// The `delivery` parameter each request carried, in arrival order.
-fn deliveries(circle: &MockServer) -> Vec<String> {
+pub fn deliveries(circle: &MockServer) -> Vec<String> {
     circle
         .requests()
         .iter()

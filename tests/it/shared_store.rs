@@ -18,6 +18,7 @@ use relay::store::JobFilter;
 use tokio::sync::Mutex;
 
 use crate::crash::{CONCURRENCY, SECRET, drained, free_port, post_all, push, write_config_with};
+use crate::delivery::deliveries;
 use crate::support::{Backend, Daemon, MockServer, Reply, job_states, open_store, postgres_database, sign};
 
 const CREATED: &str = r#"{"id":"p","number":1,"state":"created"}"#;
@@ -601,15 +602,6 @@ async fn relay_with_slots(db: &str, circle: &MockServer, concurrency: usize) -> 
     let dir = tempfile::tempdir().unwrap();
     let text = slots_config(dir.path(), db, circle, concurrency);
     crate::support::Relay::start_with(dir, &text).await
-}
-
-/// The `delivery` parameter of each request `circle` received, in order.
-fn deliveries(circle: &MockServer) -> Vec<String> {
-    circle
-        .requests()
-        .iter()
-        .map(|r| r.json()["parameters"]["delivery"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Posts webhook `n` (delivery `crash-{n}`) to `url`; fails unless 202.
