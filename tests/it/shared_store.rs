@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use relay::store::JobFilter;
 use tokio::sync::Mutex;
 
-use crate::crash::{CONCURRENCY, SECRET, drained, free_port, post_all, push, write_config_with};
+use crate::crash::{
+    CONCURRENCY, SECRET, deliver_until_acknowledged, drained, free_port, post_all, push, write_config_with,
+};
 use crate::delivery::deliveries;
-use crate::support::{Backend, Daemon, MockServer, Reply, job_states, open_store, postgres_database, sign};
+use crate::support::{Daemon, MockServer, Reply, job_states, open_store, postgres_database, sign};
 
 const CREATED: &str = r#"{"id":"p","number":1,"state":"created"}"#;
 /// Short enough that a takeover happens within a test, longer than a send.
@@ -563,57 +565,48 @@ token = "t"
     relay.stop().await;
 }
 
-/// A config on the shared database whose one target takes `concurrency`
-/// sends at once, each job's lease 1 s; in `dir`.
-fn slots_config(dir: &Path, db: &str, circle: &MockServer, concurrency: usize) -> String {
-    let rest = format!(
-        r#"
-[loop_guard]
-burst = false
-
-[delivery]
-concurrency = {concurrency}
-timeout = "10s"
-lease = "1s"
-
-[sources.gh]
-provider = "github"
-path = "/hooks/github"
-secret = "{SECRET}"
-
-[[routes]]
-name = "all"
-to = ["circle"]
-
-[targets.circle]
-kind = "circleci"
-base_url = "{circle}"
-project = "gh/acme/api"
-token = "t"
-parameters = {{ delivery = "{{{{ delivery }}}}" }}
-"#,
-        circle = circle.url()
-    );
-    crate::support::config_on(&Backend::Postgres(db.to_owned()), dir, "", &rest)
-}
-
-/// A relay in this process on `slots_config`.
-async fn relay_with_slots(db: &str, circle: &MockServer, concurrency: usize) -> crate::support::Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let text = slots_config(dir.path(), db, circle, concurrency);
-    crate::support::Relay::start_with(dir, &text).await
-}
-
-/// Posts webhook `n` (delivery `crash-{n}`) to `url`; fails unless 202.
-async fn post_push(url: &str, n: usize) {
-    let body = push(n);
-    let (status, text) = crate::support::post_to(
+/// A relay (the real binary) on the database at `url`, in `dir/name`, with
+/// 1 s leases and a target that takes `slots` sends at once: `crash`'s
+/// config, the target's own `concurrency` appended to its table, the
+/// file's last.
+fn relay_with_slots(dir: &Path, name: &str, target: &MockServer, url: &str, slots: usize) -> Daemon {
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own).unwrap();
+    let config = write_config_with(
+        &own,
+        free_port(),
+        target,
+        "5s",
         url,
-        &sign::github(SECRET, "push", &format!("crash-{n}"), &body),
-        body,
-    )
-    .await;
-    assert_eq!(status, 202, "{text}");
+        "timeout = \"10s\"\nlease = \"1s\"",
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("concurrency = {slots}\n"));
+    std::fs::write(&config, text).unwrap();
+    Daemon::start(&config, &[])
+}
+
+/// Posts webhook `n` (delivery `crash-{n}`) to `relay`; fails unless acknowledged.
+async fn post_push(relay: &Daemon, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let urls = [relay.url("/hooks/github")];
+    assert!(
+        deliver_until_acknowledged(&crate::support::test_client(), &urls, n, deadline).await,
+        "webhook {n} was not acknowledged"
+    );
+}
+
+/// Waits until `n` jobs in the database at `url` are done; their attempt counts.
+async fn wait_done(url: &str, n: u64) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (states, attempts) = tally(url).await;
+        if states.get("done") == Some(&n) {
+            return attempts;
+        }
+        assert!(Instant::now() < deadline, "not {n} jobs done: {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A job waiting in memory for its relay's send slot keeps its lease: the
@@ -632,13 +625,14 @@ async fn a_job_waiting_for_its_relays_slot_is_not_taken_over_by_another_relay() 
     };
     let send = Duration::from_secs(3);
     let circle = MockServer::start(Reply::new(201, CREATED).after(send)).await;
-    let busy = relay_with_slots(&db, &circle, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let busy = relay_with_slots(dir.path(), "busy", &circle, &db, 1);
     for n in 0..2 {
-        post_push(&busy.url("/hooks/github"), n).await;
+        post_push(&busy, n).await;
     }
     // Started now, the other relay looks for leases to take over from the
     // start: it wakes when the waiting job's lease would run out.
-    let idle = relay_with_slots(&db, &circle, 4).await;
+    let _idle = relay_with_slots(dir.path(), "idle", &circle, &db, CONCURRENCY);
     let requests = circle.wait_for_within(2, Duration::from_secs(20)).await;
     assert_eq!(deliveries(&circle), ["crash-0", "crash-1"]);
     let waited = requests[1].at - requests[0].at;
@@ -646,11 +640,8 @@ async fn a_job_waiting_for_its_relays_slot_is_not_taken_over_by_another_relay() 
         waited >= send - Duration::from_millis(50),
         "the second job was sent {waited:?} after the first, before its relay's slot was free: taken over"
     );
-    let done = busy.wait_done(2).await;
-    assert!(done.iter().all(|j| j["attempts"] == 1), "{done:#?}");
+    assert_eq!(wait_done(&db, 2).await, [1, 1], "one attempt a job");
     assert_eq!(circle.requests().len(), 2, "each job sent once");
-    idle.stop().await;
-    busy.stop().await;
 }
 
 /// A job whose lease ran out while it waited for its relay's send slot is
@@ -674,18 +665,15 @@ async fn a_job_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent_by_its
     // The stale relay's one send is answered late; every other at once.
     circle.script([Reply::new(201, CREATED).after(Duration::from_secs(6))]);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(&config, slots_config(dir.path(), &db, &circle, 1)).unwrap();
-    let stale = Daemon::start(&config, &[]);
+    let stale = relay_with_slots(dir.path(), "stale", &circle, &db, 1);
     for n in 0..2 {
-        post_push(&stale.url("/hooks/github"), n).await;
+        post_push(&stale, n).await;
     }
     circle.wait_for(1).await;
     stale.signal("STOP");
     // Past both leases, the other relay takes the two jobs and sends them.
-    let other = relay_with_slots(&db, &circle, 4).await;
-    let done = other.wait_done(2).await;
-    assert!(done.iter().all(|j| j["attempts"] == 1), "{done:#?}");
+    let _other = relay_with_slots(dir.path(), "other", &circle, &db, CONCURRENCY);
+    assert_eq!(wait_done(&db, 2).await, [1, 1], "one attempt a job");
     stale.signal("CONT");
     stale.wait_log("while it waited for a send slot; it is not sent here", 1);
     stale.wait_log("another worker took it while this send was running", 1);
@@ -698,7 +686,6 @@ async fn a_job_whose_lease_ran_out_while_it_waited_for_a_slot_is_not_sent_by_its
         ["crash-0", "crash-0", "crash-1"],
         "the stale relay's first send, then the other relay's two: the job that waited went once"
     );
-    other.stop().await;
 }
 
 /// A relay in this process on the shared database, serving payload URLs
