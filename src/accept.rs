@@ -275,6 +275,36 @@ struct Accepted<'a> {
     routes: Vec<&'a str>,
 }
 
+/// The stored summary of a webhook's events, which the events API and the
+/// status page list. Written from these structs, straight to bytes: built as
+/// a `json!` map and formatted through `Display`, it was 3% of the accept
+/// path's instructions. Fields are declared in the order that map sorted
+/// them, so the stored text is what it always was.
+#[derive(Serialize)]
+struct Summary<'a> {
+    events: Vec<SummaryEvent<'a>>,
+}
+
+#[derive(Serialize)]
+struct SummaryEvent<'a> {
+    kind: EventKind,
+    #[serde(rename = "ref")]
+    git_ref: &'a str,
+    repo: &'a str,
+    sha: &'a str,
+}
+
+impl<'a> SummaryEvent<'a> {
+    fn of(e: &'a Event) -> SummaryEvent<'a> {
+        SummaryEvent {
+            kind: e.kind,
+            git_ref: &e.git_ref,
+            repo: &e.repo,
+            sha: &e.sha,
+        }
+    }
+}
+
 /// For each pipeline event, what started the pipeline it reports when relay
 /// did, with the pipeline's new state recorded on that job. Bounded by the
 /// senders' deadline like the commit: a store that cannot say is a 503, since
@@ -340,12 +370,9 @@ fn record(
     now: SystemTime,
     reservation: &Reservation,
 ) -> NewEvent {
-    let summary = json!({
-        "events": events
-            .iter()
-            .map(|e| json!({ "kind": e.kind, "repo": e.repo, "ref": e.git_ref, "sha": e.sha }))
-            .collect::<Vec<_>>(),
-    });
+    let summary = Summary {
+        events: events.iter().map(SummaryEvent::of).collect(),
+    };
     NewEvent {
         id: webhook.id(),
         source: webhook.source().to_owned(),
@@ -356,7 +383,8 @@ fn record(
         payload: (!webhook.payload_is_body()).then(|| webhook.payload().clone()),
         hop: plan.hop,
         received_at: now,
-        summary: summary.to_string(),
+        // Writing into a Vec cannot fail, and every field is a string.
+        summary: serde_json::to_string(&summary).unwrap_or_default(),
         jobs: plan
             .jobs
             .iter()
@@ -484,5 +512,37 @@ mod tests {
         });
         let written = serde_json::to_vec(&answer).expect("the answer serializes");
         assert_eq!(String::from_utf8(written).expect("utf-8"), before.to_string());
+    }
+
+    /// The events API and the status page read the stored summary; writing
+    /// it from typed structs must not change a byte of what the map wrote.
+    #[test]
+    fn the_stored_summary_is_byte_for_byte_what_the_json_map_wrote() {
+        let push = Event {
+            kind: EventKind::Push,
+            repo: "acme/\"api\"".into(),
+            git_ref: "refs/heads/main".into(),
+            sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            ..Event::default()
+        };
+        let tag = Event {
+            kind: EventKind::Tag,
+            repo: "acme/api".into(),
+            git_ref: "refs/tags/v1.0 ü".into(),
+            ..Event::default()
+        };
+        for events in [vec![], vec![push.clone()], vec![push, tag]] {
+            let before = json!({
+                "events": events
+                    .iter()
+                    .map(|e| json!({ "kind": e.kind, "repo": e.repo, "ref": e.git_ref, "sha": e.sha }))
+                    .collect::<Vec<_>>(),
+            });
+            let summary = Summary {
+                events: events.iter().map(SummaryEvent::of).collect(),
+            };
+            let written = serde_json::to_string(&summary).expect("the summary serializes");
+            assert_eq!(written, before.to_string());
+        }
     }
 }

@@ -38,6 +38,7 @@ mod queue_cost;
 mod reader;
 mod reports;
 mod schema;
+mod tally;
 mod views;
 mod writer;
 
@@ -49,12 +50,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use rusqlite::{Connection, Params, Row, Statement, params};
+use rusqlite::{Connection, Params, Row, Statement};
 use tracing::info;
 use uuid::Uuid;
 
 use reader::Readers;
 pub(crate) use schema::{SCHEMA_VERSION, schema_status};
+use tally::Tx;
 #[cfg(feature = "bench")]
 pub use writer::MAX_BATCH;
 #[cfg(not(feature = "bench"))]
@@ -64,8 +66,8 @@ use writer::{Durability, Writer};
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect,
-    JobDetail, JobFilter, JobState, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats,
-    Requeued, ShadowFilter, StoreError, StoredEvent,
+    JobDetail, JobFilter, JobView, Maintain, NewEvent, PollRecord, Polls, Queue, QueueStats, Requeued,
+    ShadowFilter, StoreError, StoredEvent,
 };
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
@@ -149,7 +151,7 @@ impl SqliteStore {
     async fn run<T: Send + 'static>(
         &self,
         durability: Durability,
-        work: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.writer.run(durability, work).await
     }
@@ -186,36 +188,6 @@ fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
 
 fn unavailable(e: &rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-/// Adds `jobs` inserted in `state` to the kept counts (schema V11: no
-/// trigger counts inserts). Every statement that inserts jobs calls it in
-/// the same operation, so a rolled-back operation takes its count along.
-fn count_inserted(conn: &Connection, state: JobState, jobs: usize) -> Result<(), StoreError> {
-    add_to_count(conn, state, i64::try_from(jobs).unwrap_or(i64::MAX))
-}
-
-/// Moves `jobs` whose state changed from `from` to `to` between the kept
-/// counts (schema V16: no trigger counts state changes). Every statement
-/// that changes jobs' states calls it in the same operation with the rows
-/// it changed, as inserts call [`count_inserted`].
-fn count_moved(conn: &Connection, from: JobState, to: JobState, jobs: usize) -> Result<(), StoreError> {
-    if jobs == 0 || from == to {
-        return Ok(());
-    }
-    // Two one-row updates by key: one statement over both rows (`WHERE
-    // state IN (?1, ?2)`) had SQLite build a temporary table of the list's
-    // keys on every call, three times the instructions of these two.
-    let jobs = i64::try_from(jobs).unwrap_or(i64::MAX);
-    add_to_count(conn, from, -jobs)?;
-    add_to_count(conn, to, jobs)
-}
-
-fn add_to_count(conn: &Connection, state: JobState, jobs: i64) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE job_counts SET n = n + ?2 WHERE state = ?1")
-        .and_then(|mut stmt| stmt.execute(params![state.as_str(), jobs]))
-        .map(drop)
-        .map_err(|e| unavailable(&e))
 }
 
 fn parse_uuid(text: &str) -> Result<Uuid, StoreError> {
@@ -356,7 +328,7 @@ impl Queue for SqliteStore {
 
     async fn next_wakeup(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         // Stored times were the caller's clock already.
-        self.run(Durability::Committed, queue::next_wakeup).await
+        self.run(Durability::Committed, |tx| queue::next_wakeup(tx)).await
     }
 
     async fn ping(&self, now: SystemTime) -> Result<(), StoreError> {
@@ -496,7 +468,7 @@ impl Polls for SqliteStore {
 
     async fn next_poll(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         // Stored times were the caller's clock already.
-        self.run(Durability::Committed, polls::next_poll).await
+        self.run(Durability::Committed, |tx| polls::next_poll(tx)).await
     }
 }
 
@@ -534,6 +506,7 @@ impl Maintain for SqliteStore {
 mod tests {
     use super::queue_cost::Counter;
     use super::*;
+    use crate::store::JobState;
 
     /// A state change moves the kept counts with two one-row updates by key.
     /// One statement over both rows (`WHERE state IN (?1, ?2)`) costs SQLite a
@@ -541,9 +514,14 @@ mod tests {
     #[test]
     fn moving_a_count_costs_two_one_row_updates() {
         let counter = Counter::new();
-        let moved =
-            || counter.count(|conn| count_moved(conn, JobState::Queued, JobState::InFlight, 3).unwrap());
-        let added = || counter.count(|conn| count_inserted(conn, JobState::Queued, 3).unwrap());
+        let moved = || {
+            counter.count(|conn| {
+                Tx::immediate(conn)
+                    .count_moved(JobState::Queued, JobState::InFlight, 3)
+                    .unwrap()
+            })
+        };
+        let added = || counter.count(|conn| Tx::immediate(conn).count_inserted(JobState::Queued, 3).unwrap());
         // The first calls prepare and cache the statements.
         moved();
         added();

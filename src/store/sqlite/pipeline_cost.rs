@@ -10,6 +10,7 @@ use rusqlite::{Connection, params};
 use uuid::Uuid;
 
 use super::queue_cost::{Counter, completion, event, event_insert, job};
+use super::tally::Tx;
 use super::{codec, queue, schema, to_millis};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
@@ -30,15 +31,16 @@ fn trigger(conn: &Connection, id: &str, number: Option<u64>) {
 
 /// `count` jobs of `ci`, queued and claimed in one transaction.
 fn claimed(conn: &Connection, count: usize) -> Vec<crate::store::ClaimedJob> {
+    let tx = &Tx::immediate(conn);
     conn.execute_batch("BEGIN").unwrap();
     let mut claimed = Vec::new();
     for _ in 0..count {
         let event = event(vec![job("ci", JobLimits::default(), None)]);
         let packed = codec::pack(&event);
-        let Ingested::Accepted { .. } = queue::ingest(conn, &event, &packed).unwrap() else {
+        let Ingested::Accepted { .. } = queue::ingest(tx, &event, &packed).unwrap() else {
             panic!("a new delivery is accepted");
         };
-        claimed.extend(queue::claim(conn, "ci", 8, Duration::from_secs(60), wall_time()).unwrap());
+        claimed.extend(queue::claim(tx, "ci", 8, Duration::from_secs(60), wall_time()).unwrap());
     }
     conn.execute_batch("COMMIT").unwrap();
     assert_eq!(claimed.len(), count);
@@ -52,6 +54,7 @@ fn finish(
     jobs: &[crate::store::ClaimedJob],
     named: impl Fn(usize) -> (String, Option<u64>),
 ) {
+    let tx = &Tx::immediate(conn);
     conn.execute_batch("BEGIN").unwrap();
     for (n, job) in jobs.iter().enumerate() {
         let (id, number) = named(n);
@@ -61,13 +64,14 @@ fn finish(
             url: None,
             state: PipelineState::Created,
         };
-        assert!(queue::complete(conn, &completion(job, NextState::Done, Some(pipeline))).unwrap());
+        assert!(queue::complete(tx, &completion(job, NextState::Done, Some(pipeline))).unwrap());
     }
     conn.execute_batch("COMMIT").unwrap();
 }
 
 fn found(conn: &Connection, id: &str, number: u64) -> bool {
-    queue::correlate(conn, id, number, PipelineState::Running, wall_time())
+    let tx = &Tx::immediate(conn);
+    queue::correlate(tx, id, number, PipelineState::Running, wall_time())
         .unwrap()
         .is_some()
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, params};
 
+use super::tally::Tx;
 use super::{collect, from_millis, to_millis, unavailable};
 use crate::store::rows::{self, POLL_COLUMNS};
 use crate::store::{DuePoll, PollRecord, StoreError};
@@ -46,7 +47,7 @@ pub(super) fn due_polls(
     )
 }
 
-pub(super) fn record_poll(conn: &Connection, poll: &PollRecord, now: SystemTime) -> Result<bool, StoreError> {
+pub(super) fn record_poll(conn: &Tx<'_>, poll: &PollRecord, now: SystemTime) -> Result<bool, StoreError> {
     let now = to_millis(now);
     let state = poll.state.map(|s| s.as_str());
     let changed = conn

@@ -29,7 +29,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::codec::{Codec, Packed};
-use super::{collect, count_inserted, count_moved, from_millis, parse_uuid, to_millis, unavailable};
+use super::tally::Tx;
+use super::{collect, from_millis, parse_uuid, to_millis, unavailable};
 use super::{dedupe, reports};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
@@ -49,11 +50,11 @@ pub(super) fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, StoreErro
             [],
         )
         .map_err(|e| unavailable(&e))?;
-    count_moved(tx, JobState::InFlight, JobState::Queued, requeued)?;
+    Tx::immediate(tx).count_moved(JobState::InFlight, JobState::Queued, requeued)?;
     Ok(requeued)
 }
 
-pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Result<Ingested, StoreError> {
+pub(super) fn ingest(conn: &Tx<'_>, event: &NewEvent, packed: &Packed) -> Result<Ingested, StoreError> {
     let received = to_millis(event.received_at);
     let inserted = conn
         .prepare_cached(
@@ -142,7 +143,7 @@ pub(super) fn ingest(conn: &Connection, event: &NewEvent, packed: &Packed) -> Re
         }
     }
     for (state, jobs) in inserted {
-        count_inserted(conn, state, jobs)?;
+        conn.count_inserted(state, jobs)?;
     }
     Ok(Ingested::Accepted { held_back, leased })
 }
@@ -226,7 +227,7 @@ static CLAIM_DUE: LazyLock<String> = LazyLock::new(|| {
 });
 
 pub(super) fn claim(
-    conn: &Connection,
+    conn: &Tx<'_>,
     target: &str,
     limit: usize,
     lease: Duration,
@@ -260,7 +261,7 @@ pub(super) fn claim(
             claimed.push((rows::claimed_job(row, claim)?, needs_payload));
         }
         drop(returned);
-        count_moved(conn, from, JobState::InFlight, claimed.len() - before)?;
+        conn.count_moved(from, JobState::InFlight, claimed.len() - before)?;
     }
     let mut payload_of = conn
         .prepare_cached("SELECT COALESCE(payload, body), codec FROM events WHERE id = ?1")
@@ -282,7 +283,7 @@ pub(super) fn claim(
     Ok(jobs)
 }
 
-pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreError> {
+pub(super) fn complete(conn: &Tx<'_>, c: &Completion) -> Result<bool, StoreError> {
     let now = to_millis(c.at);
     let (state, due_at, maybe, error) = match &c.next {
         NextState::Done => (JobState::Done, now, 0, None),
@@ -337,7 +338,7 @@ pub(super) fn complete(conn: &Connection, c: &Completion) -> Result<bool, StoreE
     if updated == 0 {
         return Ok(false);
     }
-    count_moved(conn, JobState::InFlight, state, updated)?;
+    conn.count_moved(JobState::InFlight, state, updated)?;
     match &c.next {
         _ if !c.reported => {}
         NextState::Done => reports::queue_report(conn, &c.job_id.to_string(), None, now)?,
@@ -404,7 +405,7 @@ pub(super) fn ping(conn: &Connection, now: SystemTime) -> Result<(), StoreError>
 /// Records a pipeline's state on the job that started it, and answers what
 /// started it (see `Queue::correlate`).
 pub(super) fn correlate(
-    conn: &Connection,
+    conn: &Tx<'_>,
     pipeline_id: &str,
     pipeline_number: u64,
     state: PipelineState,

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, params};
 use uuid::Uuid;
 
+use super::tally::Tx;
 use super::{codec, dedupe, queue, schema, views};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
@@ -127,6 +128,7 @@ pub(super) fn completion(job: &ClaimedJob, next: NextState, pipeline: Option<Pip
 /// success (queuing its report, superseding the one still waiting), the
 /// CI's completion webhook, and the report's own claim.
 fn one_webhook(conn: &Connection) {
+    let tx = &Tx::immediate(conn);
     let planned = wall_time();
     let limits = JobLimits {
         dedupe: Some((Uuid::new_v4().to_string(), Duration::from_secs(60))),
@@ -146,21 +148,21 @@ fn one_webhook(conn: &Connection) {
     // Due when received: the claims below must not come before it.
     let now = event.received_at;
     let packed = codec::pack(&event);
-    let Ingested::Accepted { held_back, .. } = queue::ingest(conn, &event, &packed).unwrap() else {
+    let Ingested::Accepted { held_back, .. } = queue::ingest(tx, &event, &packed).unwrap() else {
         panic!("a new delivery is accepted");
     };
     assert!(held_back.is_empty());
     let lease = Duration::from_secs(60);
-    let claimed = queue::claim(conn, "live", 8, lease, now).unwrap();
+    let claimed = queue::claim(tx, "live", 8, lease, now).unwrap();
     assert_eq!(claimed.len(), 1, "the one live job is claimed");
     let first = &claimed[0];
     let retry = NextState::Retry {
         due_at: now,
         maybe_delivered: false,
     };
-    assert!(queue::complete(conn, &completion(first, retry, None)).unwrap());
+    assert!(queue::complete(tx, &completion(first, retry, None)).unwrap());
     queue::next_wakeup(conn).unwrap();
-    let claimed = queue::claim(conn, "live", 8, lease, now).unwrap();
+    let claimed = queue::claim(tx, "live", 8, lease, now).unwrap();
     assert_eq!(claimed.len(), 1, "the retry is claimed");
     let again = &claimed[0];
     assert!(queue::renew(conn, again.id, again.claim, now + lease).unwrap());
@@ -171,13 +173,13 @@ fn one_webhook(conn: &Connection) {
         state: PipelineState::Running,
     };
     let done = completion(again, NextState::Done, Some(pipeline.clone()));
-    assert!(queue::complete(conn, &done).unwrap());
+    assert!(queue::complete(tx, &done).unwrap());
     assert!(
-        queue::correlate(conn, &pipeline.id, 7, PipelineState::Success, now)
+        queue::correlate(tx, &pipeline.id, 7, PipelineState::Success, now)
             .unwrap()
             .is_some()
     );
-    let reports = queue::claim(conn, "status:github", 8, lease, now).unwrap();
+    let reports = queue::claim(tx, "status:github", 8, lease, now).unwrap();
     assert_eq!(reports.len(), 1, "the newest report, the older one superseded");
     queue::next_wakeup(conn).unwrap();
 }
@@ -195,6 +197,7 @@ pub(super) fn event_insert(conn: &Connection) -> rusqlite::Statement<'_> {
 /// Queues `count` jobs for `paused`, with their events, as an outage
 /// leaves them: most due, some leased, some finished with a report each.
 fn queue_elsewhere(conn: &Connection, count: u64) {
+    let tx = &Tx::immediate(conn);
     conn.execute_batch("BEGIN").unwrap();
     let now = super::to_millis(wall_time());
     let mut event = event_insert(conn);
@@ -227,7 +230,7 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
         .unwrap();
         // As relay counts the jobs it inserts (schema V11).
         let counted = JobState::parse(state).unwrap();
-        super::count_inserted(conn, counted, 1).unwrap();
+        tx.count_inserted(counted, 1).unwrap();
         if state == "done" {
             // A report still waiting on a Git host that is down too.
             job.execute(params![
@@ -240,7 +243,7 @@ fn queue_elsewhere(conn: &Connection, count: u64) {
                 trigger
             ])
             .unwrap();
-            super::count_inserted(conn, JobState::Queued, 1).unwrap();
+            tx.count_inserted(JobState::Queued, 1).unwrap();
         }
     }
     drop((event, job));
@@ -293,6 +296,7 @@ fn counts(conn: &Connection) -> (Counts, Counts) {
 fn the_kept_job_counts_match_the_rows() {
     let counter = Counter::new();
     let conn = &counter.conn;
+    let tx = &Tx::immediate(conn);
     one_webhook(conn);
     queue_elsewhere(conn, 40);
     // One event for two targets: both its jobs are counted.
@@ -300,13 +304,13 @@ fn the_kept_job_counts_match_the_rows() {
         job("fan-a", JobLimits::default(), None),
         job("fan-b", JobLimits::default(), None),
     ]);
-    queue::ingest(conn, &fan_out, &codec::pack(&fan_out)).unwrap();
+    queue::ingest(tx, &fan_out, &codec::pack(&fan_out)).unwrap();
     let now = wall_time();
     let finish = |target: &str, next: NextState| {
         let event = event(vec![job(target, JobLimits::default(), None)]);
-        queue::ingest(conn, &event, &codec::pack(&event)).unwrap();
-        let claimed = queue::claim(conn, target, 1, Duration::from_secs(60), event.received_at).unwrap();
-        assert!(queue::complete(conn, &completion(&claimed[0], next, None)).unwrap());
+        queue::ingest(tx, &event, &codec::pack(&event)).unwrap();
+        let claimed = queue::claim(tx, target, 1, Duration::from_secs(60), event.received_at).unwrap();
+        assert!(queue::complete(tx, &completion(&claimed[0], next, None)).unwrap());
         claimed[0].id
     };
     // A trigger that is done, and one that dies (then is retried by hand).
@@ -326,14 +330,14 @@ fn the_kept_job_counts_match_the_rows() {
         claim: Uuid::now_v7(),
         until: wall_time() + Duration::from_secs(60),
     });
-    queue::ingest(conn, &expiring, &codec::pack(&expiring)).unwrap();
+    queue::ingest(tx, &expiring, &codec::pack(&expiring)).unwrap();
     let later = wall_time() + Duration::from_secs(120);
-    let claimed = queue::claim(conn, "expiring", 2, Duration::from_secs(60), later).unwrap();
+    let claimed = queue::claim(tx, "expiring", 2, Duration::from_secs(60), later).unwrap();
     assert_eq!(claimed.len(), 2, "a lease run out, and a due job");
     let (kept, rows) = counts(conn);
     assert_eq!(kept, rows, "after ingest, claims, completions and reports");
     assert!(matches!(
-        super::views::requeue(conn, doomed, now).unwrap(),
+        super::views::requeue(tx, doomed, now).unwrap(),
         crate::store::Requeued::Requeued
     ));
     // A restart puts what was in flight back in the queue.
@@ -355,12 +359,13 @@ fn the_kept_job_counts_match_the_rows() {
 fn the_next_wakeup_and_the_oldest_due_job_are_the_earliest_of_any_target() {
     let counter = Counter::new();
     let conn = &counter.conn;
+    let tx = &Tx::immediate(conn);
     let t0 = super::to_millis(wall_time());
     let at = |ms: i64| super::from_millis(t0 + ms);
     // Queued for a, b and c, due in 30, 10 and 20 s; in flight for d until 5 s.
     for (target, due_in) in [("a", 30_000), ("b", 10_000), ("c", 20_000)] {
         let queued = event(vec![job(target, JobLimits::default(), None)]);
-        queue::ingest(conn, &queued, &codec::pack(&queued)).unwrap();
+        queue::ingest(tx, &queued, &codec::pack(&queued)).unwrap();
         conn.execute(
             "UPDATE jobs SET due_at = ?1 WHERE target = ?2",
             params![t0 + due_in, target],
@@ -372,7 +377,7 @@ fn the_next_wakeup_and_the_oldest_due_job_are_the_earliest_of_any_target() {
         claim: Uuid::now_v7(),
         until: at(5_000),
     });
-    queue::ingest(conn, &leased, &codec::pack(&leased)).unwrap();
+    queue::ingest(tx, &leased, &codec::pack(&leased)).unwrap();
     let wakeup_and_oldest = |conn: &Connection| {
         (
             queue::next_wakeup(conn).unwrap(),
@@ -426,7 +431,9 @@ fn finished_history(conn: &Connection, target: &str, count: u64) {
         job.execute(params![Uuid::now_v7().to_string(), event_id, target, at])
             .unwrap();
     }
-    super::count_inserted(conn, JobState::Done, usize::try_from(count).unwrap()).unwrap();
+    Tx::immediate(conn)
+        .count_inserted(JobState::Done, usize::try_from(count).unwrap())
+        .unwrap();
     drop((event, job));
     conn.execute_batch("COMMIT").unwrap();
 }
@@ -436,7 +443,8 @@ fn a_claim_and_the_status_page_read_none_of_a_targets_finished_jobs() {
     let counter = Counter::new();
     let lease = Duration::from_secs(60);
     let claim = |conn: &Connection| {
-        let claimed = queue::claim(conn, "api", 8, lease, wall_time()).unwrap();
+        let tx = &Tx::immediate(conn);
+        let claimed = queue::claim(tx, "api", 8, lease, wall_time()).unwrap();
         assert!(claimed.is_empty(), "nothing is due");
     };
     // The target's row on the status page, for the last moment only: its

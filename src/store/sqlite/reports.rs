@@ -7,17 +7,18 @@
 //! when the report is sent), or begin or commit a transaction (the writer
 //! batches these functions).
 
-use rusqlite::{Connection, params};
+use rusqlite::params;
 use uuid::Uuid;
 
-use super::{count_inserted, count_moved, unavailable};
+use super::tally::Tx;
+use super::unavailable;
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
 use crate::store::{JobState, StoreError};
 
 /// Queues a report of trigger job `job` as it stands, if its route reports
 /// it; `error` says why the trigger died. `now` in milliseconds.
 pub(super) fn queue_report(
-    conn: &Connection,
+    conn: &Tx<'_>,
     job: &str,
     error: Option<&str>,
     now: i64,
@@ -30,7 +31,7 @@ pub(super) fn queue_report(
     )
     .and_then(|mut stmt| stmt.execute(params![job, now, SUPERSEDED]))
     .map_err(|e| unavailable(&e))
-    .and_then(|superseded| count_moved(conn, JobState::Queued, JobState::Done, superseded))?;
+    .and_then(|superseded| conn.count_moved(JobState::Queued, JobState::Done, superseded))?;
     conn.prepare_cached(
         "INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at, updated_at,
                            repo, sha, report_of, report)
@@ -50,5 +51,5 @@ pub(super) fn queue_report(
         ])
     })
     .map_err(|e| unavailable(&e))
-    .and_then(|inserted| count_inserted(conn, JobState::Queued, inserted))
+    .and_then(|inserted| conn.count_inserted(JobState::Queued, inserted))
 }

@@ -231,7 +231,7 @@ END;
 ";
 
 /// Inserted jobs are counted by the statements that insert them
-/// (`count_inserted`), no longer by a trigger. The trigger made each
+/// (`Tx::count_inserted`), no longer by a trigger. The trigger made each
 /// insert a statement that may write several rows, and the foreign key to
 /// `events` one that may abort, and SQLite keeps a statement journal for
 /// such a statement: a copy of every page it touches that the transaction
@@ -312,7 +312,7 @@ CREATE INDEX jobs_pipeline_numbered ON jobs (pipeline_number, pipeline_id)
 ";
 
 /// State changes are counted by the statements that make them
-/// (`count_moved`), no longer by V10's trigger, as V11 did for inserts. The
+/// (`Tx::count_moved`), no longer by V10's trigger, as V11 did for inserts. The
 /// trigger ran a program of two `job_counts` updates for every row whose
 /// state changed, twice a trigger sent (claimed, then finished); the
 /// statements' two one-row updates cost the store 8% fewer instructions a
@@ -619,7 +619,7 @@ mod tests {
         prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let started = |id: &str, number: u64| {
             super::super::queue::correlate(
-                &conn,
+                &super::super::tally::Tx::immediate(&conn),
                 id,
                 number,
                 crate::pipeline::PipelineState::Running,
@@ -665,11 +665,18 @@ mod tests {
         tx.commit().unwrap();
         assert_eq!(kept(&conn), ["dead=0", "done=1", "in_flight=0", "queued=1"]);
         let now = super::super::from_millis(1_000);
-        let claimed = super::super::queue::claim(&conn, "ci", 8, Duration::from_secs(60), now).unwrap();
+        let claimed = super::super::queue::claim(
+            &super::super::tally::Tx::immediate(&conn),
+            "ci",
+            8,
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(kept(&conn), ["dead=0", "done=1", "in_flight=1", "queued=0"]);
         let done = super::super::queue_cost::completion(&claimed[0], crate::store::NextState::Done, None);
-        assert!(super::super::queue::complete(&conn, &done).unwrap());
+        assert!(super::super::queue::complete(&super::super::tally::Tx::immediate(&conn), &done).unwrap());
         assert_eq!(kept(&conn), ["dead=0", "done=2", "in_flight=0", "queued=0"]);
     }
 }

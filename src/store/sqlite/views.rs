@@ -12,7 +12,8 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
-use super::{collect, count_moved, to_millis, unavailable};
+use super::tally::Tx;
+use super::{collect, to_millis, unavailable};
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
     Activity, EventFilter, EventView, JobDetail, JobFilter, JobState, JobView, QueueStats, Requeued,
@@ -282,7 +283,7 @@ fn count(conn: &Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> Resul
         .map_err(|e| unavailable(&e))
 }
 
-pub(super) fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
+pub(super) fn requeue(conn: &Tx<'_>, id: Uuid, now: SystemTime) -> Result<Requeued, StoreError> {
     let found: Option<(String, bool)> = conn
         .query_row(
             "SELECT state, (request IS NOT NULL OR report_of IS NOT NULL) FROM jobs WHERE id = ?1",
@@ -304,7 +305,7 @@ pub(super) fn requeue(conn: &Connection, id: Uuid, now: SystemTime) -> Result<Re
 /// Puts dead jobs matching `condition` (whose parameters start at ?2) back
 /// in the queue with a fresh attempt budget; their history stays.
 pub(super) fn requeue_where(
-    conn: &Connection,
+    conn: &Tx<'_>,
     condition: &str,
     params: &[&dyn rusqlite::ToSql],
 ) -> Result<u64, StoreError> {
@@ -314,7 +315,7 @@ pub(super) fn requeue_where(
          WHERE state = 'dead' AND (request IS NOT NULL OR report_of IS NOT NULL) AND {condition}"
     );
     let requeued = conn.execute(&sql, params).map_err(|e| unavailable(&e))?;
-    count_moved(conn, JobState::Dead, JobState::Queued, requeued)?;
+    conn.count_moved(JobState::Dead, JobState::Queued, requeued)?;
     Ok(requeued as u64)
 }
 

@@ -7,10 +7,16 @@
 //! [`MAX_UNSYNCED`] ([`Durability::Committed`]). Before a batch with work
 //! that waits for the disk, it asks the store's [`Precondition`] once.
 //!
+//! The job counts the operations move are the one thing it writes itself:
+//! each operation adds them to the batch's [`Tally`], written once before
+//! the commit (see `tally`).
+//!
 //! What this module must never do: know what an operation writes (it runs
-//! closures), answer a caller before its batch's fate is known, or leave
-//! committed work unsynced for longer than [`MAX_UNSYNCED`].
+//! closures), answer a caller before its batch's fate is known, commit a
+//! batch without its tally or with a failed operation's part of it, or
+//! leave committed work unsynced for longer than [`MAX_UNSYNCED`].
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +24,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
+use super::tally::{Tally, Tx};
 use super::unavailable;
 use crate::store::StoreError;
 
@@ -59,7 +66,7 @@ impl Writer {
     pub(super) async fn run<T: Send + 'static>(
         &self,
         durability: Durability,
-        work: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnMut(&Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let call = Call {
@@ -87,7 +94,7 @@ type Operation = Box<dyn Pending>;
 /// of ingest's time under load; failures are rare.)
 trait Pending: Send {
     /// Does the work; false when it failed (its error is kept for the answer).
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, tx: &Tx<'_>) -> bool;
     /// Whether the caller may be answered only once the work is on disk.
     fn durable(&self) -> bool;
     /// Answers the caller once the batch's fate is known (`Some` = it failed).
@@ -105,10 +112,10 @@ struct Call<T, F> {
 impl<T, F> Pending for Call<T, F>
 where
     T: Send,
-    F: FnMut(&Connection) -> Result<T, StoreError> + Send,
+    F: FnMut(&Tx<'_>) -> Result<T, StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let result = (self.work)(conn);
+    fn run(&mut self, tx: &Tx<'_>) -> bool {
+        let result = (self.work)(tx);
         let ok = result.is_ok();
         self.result = Some(result);
         ok
@@ -323,13 +330,15 @@ fn run_batch(
         return None;
     }
     let changes_before = conn.total_changes();
-    if !batch.iter_mut().all(|op| op.run(conn)) {
+    let tally = Cell::new(Tally::default());
+    let tx = Tx::tallied(conn, &tally);
+    if !batch.iter_mut().all(|op| op.run(&tx)) {
         // Something failed: undo the whole batch and run it again with each
         // operation isolated, so only the failing ones are refused.
         rollback(conn);
         return run_isolated(conn, batch, durability);
     }
-    commit(conn, batch, durability, changes_before)
+    commit(conn, batch, tally.get(), durability, changes_before)
 }
 
 /// The batch without its synced work when `precondition` fails; that work
@@ -364,16 +373,21 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
         return None;
     }
     let changes_before = conn.total_changes();
+    let tally = Cell::new(Tally::default());
+    let tx = Tx::tallied(conn, &tally);
     let mut finished = Vec::with_capacity(batch.len());
     for mut op in batch {
         if let Err(e) = run_cached(conn, "SAVEPOINT op") {
             op.answer(Some(unavailable(&e)));
             continue;
         }
-        let keep = op.run(conn);
+        let before = tally.get();
+        let keep = op.run(&tx);
         let closed = if keep {
             run_cached(conn, "RELEASE op")
         } else {
+            // The savepoint takes the operation's rows back, and this its counts.
+            tally.set(before);
             run_cached(conn, "ROLLBACK TO op").and_then(|()| run_cached(conn, "RELEASE op"))
         };
         match closed {
@@ -381,21 +395,26 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
             Err(e) => op.answer(Some(unavailable(&e))),
         }
     }
-    commit(conn, finished, durability, changes_before)
+    commit(conn, finished, tally.get(), durability, changes_before)
 }
 
-/// Commits and answers: each operation with its own result, or all with
-/// the commit's error. `None` when nothing was committed: the commit
-/// failed, or the batch changed no row since `changes_before` (the
-/// connection's count then). SQLite writes and syncs nothing for such a
-/// commit, so a synced one must not count as the sync of earlier work.
+/// Writes the batch's tally, commits and answers: each operation with its
+/// own result, or all with the error that stopped the commit. `None` when
+/// nothing was committed: the commit failed, or the batch changed no row
+/// since `changes_before` (the connection's count then). SQLite writes and
+/// syncs nothing for such a commit, so a synced one must not count as the
+/// sync of earlier work.
 fn commit(
     conn: &mut Connection,
     batch: Vec<Operation>,
+    tally: Tally,
     durability: Durability,
     changes_before: u64,
 ) -> Option<Durability> {
-    match run_cached(conn, "COMMIT") {
+    match tally
+        .write(conn)
+        .and_then(|()| run_cached(conn, "COMMIT").map_err(|e| unavailable(&e)))
+    {
         Ok(()) => {
             for op in batch {
                 op.answer(None);
@@ -406,7 +425,7 @@ fn commit(
             error!(error = %e, "store: commit failed; the batch was rolled back");
             rollback(conn);
             for op in batch {
-                op.answer(Some(unavailable(&e)));
+                op.answer(Some(e.clone()));
             }
             None
         }
@@ -453,7 +472,7 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
-    use crate::store::SqliteStore;
+    use crate::store::{JobState, SqliteStore};
 
     /// A batch writes only the databases its work writes: one attached
     /// beside the store's file (the dedupe index) stays out of a batch
@@ -524,7 +543,7 @@ mod tests {
             precondition,
         ));
         let write = |key: String| {
-            move |conn: &Connection| {
+            move |conn: &Tx<'_>| {
                 conn.execute("INSERT INTO t (key) VALUES (?1)", params![key])
                     .map_err(|e| unavailable(&e))
             }
@@ -608,11 +627,25 @@ mod tests {
         let store = std::sync::Arc::new(
             SqliteStore::open(&dir.path().join("relay.db"), std::time::UNIX_EPOCH).unwrap(),
         );
+        // Each also counts a queued job, as an ingest would: the counts
+        // must move with the rows, the failing operation's with its row.
         let write = |key: String| {
-            move |conn: &Connection| {
+            move |conn: &Tx<'_>| {
+                conn.count_inserted(JobState::Queued, 1)?;
                 conn.execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", params![key])
                     .map_err(|e| unavailable(&e))
             }
+        };
+        let queued = || async {
+            store
+                .run(Durability::Committed, |conn| {
+                    conn.query_row("SELECT n FROM job_counts WHERE state = 'queued'", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map_err(|e| unavailable(&e))
+                })
+                .await
+                .unwrap()
         };
         // Holds the writer, so the calls below queue up into one batch.
         let busy = store.run(Durability::Synced, |_| {
@@ -662,6 +695,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys, ["k0", "k1", "k2", "k4", "k5"]);
+        assert_eq!(
+            queued().await,
+            5,
+            "the failing operation's count went with its row"
+        );
+
+        // A batch where nothing fails writes its tally on the fast path.
+        let busy = store.run(Durability::Synced, |_| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        });
+        let calls: Vec<_> = (6..9)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    store.run(Durability::Committed, write(format!("k{n}"))).await
+                })
+            })
+            .collect();
+        busy.await.unwrap();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(queued().await, 8);
     }
 
     /// Whether `marker` has reached the database file itself, which only a
