@@ -14,6 +14,7 @@ mod index;
 mod route;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -57,8 +58,9 @@ pub struct PlannedJob {
     pub route: String,
     pub target: String,
     /// The request without credentials, or why it cannot be built (the job
-    /// is then dead at once, with that reason).
-    pub request: Result<PreparedRequest, String>,
+    /// is then dead at once, with that reason). Shared, not copied, with
+    /// the job stored and the send that follows.
+    pub request: Result<Arc<PreparedRequest>, String>,
     pub limits: JobLimits,
     /// Set for a route with `report` and a target that is not a shadow:
     /// where its pipeline's states are posted.
@@ -256,7 +258,7 @@ fn plan_with(
                     hop,
                     now,
                 };
-                let request = target.render(&input).map_err(|e| e.to_string());
+                let request = target.render(&input).map(Arc::new).map_err(|e| e.to_string());
                 let report = match report_spec(router, route, target, &source.name, event, now) {
                     Ok(report) => report,
                     Err(reason) => {

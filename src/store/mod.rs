@@ -71,7 +71,7 @@ pub struct NewJob {
     pub route: String,
     pub target: String,
     /// The request to send, or why none can be built (the job is then dead).
-    pub request: Result<PreparedRequest, String>,
+    pub request: Result<Arc<PreparedRequest>, String>,
     /// Rules the store applies atomically, across restarts and relays.
     pub limits: JobLimits,
     /// Set when the caller will send the job itself right after the commit
@@ -102,7 +102,7 @@ impl NewJob {
                     JobState::Queued
                 },
                 request: Some(
-                    serde_json::to_string(request).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    serde_json::to_string(&**request).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 ),
                 needs_payload: request.needs_payload(),
                 error: None,
@@ -141,7 +141,7 @@ impl NewJob {
             payload: request
                 .needs_payload()
                 .then(|| event.payload.clone().unwrap_or_else(|| event.body.clone())),
-            work: Work::Trigger(request.clone()),
+            work: Work::Trigger(Arc::clone(request)),
             reported: self.report.is_some(),
         })
     }
@@ -210,9 +210,9 @@ pub struct ClaimedJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Work {
     /// A trigger: the request as it was rendered when the webhook came.
-    Trigger(PreparedRequest),
+    Trigger(Arc<PreparedRequest>),
     /// A commit status: rendered when it is sent, from what it reports.
-    Report(StatusReport),
+    Report(Box<StatusReport>),
 }
 
 /// The outcome of one attempt, as recorded.

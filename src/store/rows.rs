@@ -8,6 +8,7 @@
 //! reads is the order the backends' SELECTs list, so a change to one of
 //! those lists changes its assembly here in the same commit.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use uuid::Uuid;
@@ -224,10 +225,10 @@ pub(super) fn claimed_job(row: &impl Columns, claim: Uuid) -> Result<ClaimedJob,
     let report = row.maybe_text(8)?;
     let work = if row.flag(9)? {
         let snapshot = report.ok_or_else(|| StoreError::Corrupt(format!("report job {id} says nothing")))?;
-        Work::Report(
+        Work::Report(Box::new(
             status_report(&snapshot, row.time(10)?)
                 .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?,
-        )
+        ))
     } else {
         let request: PreparedRequest = row
             .maybe_text(6)?
@@ -236,7 +237,7 @@ pub(super) fn claimed_job(row: &impl Columns, claim: Uuid) -> Result<ClaimedJob,
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?
             .ok_or_else(|| StoreError::Corrupt(format!("job {id} is queued without a request")))?;
-        Work::Trigger(request)
+        Work::Trigger(Arc::new(request))
     };
     Ok(ClaimedJob {
         reported: row.flag(11)?,

@@ -210,7 +210,7 @@ fn job(target: &str, request: Result<PreparedRequest, String>) -> NewJob {
         id: Uuid::now_v7(),
         route: "builds".to_owned(),
         target: target.to_owned(),
-        request,
+        request: request.map(Arc::new),
         limits: JobLimits::default(),
         lease: None,
         repo: "acme/api".to_owned(),
@@ -393,11 +393,11 @@ async fn ingest_then_claim(f: Fixture) {
         assert_eq!((job.attempts, job.maybe_attempts), (0, 0));
         if job.id == text_job {
             assert_eq!(job.event_id, first_id);
-            assert_eq!(job.work, Work::Trigger(text_request(1)));
+            assert_eq!(job.work, Work::Trigger(Arc::new(text_request(1))));
             assert_eq!(job.payload, None, "a composed body needs no payload");
         } else if job.id == form_job {
             assert_eq!(job.event_id, first_id);
-            assert_eq!(job.work, Work::Trigger(payload_request()));
+            assert_eq!(job.work, Work::Trigger(Arc::new(payload_request())));
             assert_eq!(
                 job.payload,
                 Some(forms.clone()),

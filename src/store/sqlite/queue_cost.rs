@@ -68,14 +68,14 @@ pub(super) fn job(target: &str, limits: JobLimits, report: Option<ReportSpec>) -
         id: Uuid::now_v7(),
         route: "builds".to_owned(),
         target: target.to_owned(),
-        request: Ok(PreparedRequest {
+        request: Ok(Arc::new(PreparedRequest {
             url: "https://ci.example/api/v2/project/gh/acme/api/pipeline".to_owned(),
             headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
             body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
             auth: Auth::Header {
                 name: "Circle-Token".to_owned(),
             },
-        }),
+        })),
         limits,
         lease: None,
         repo: "acme/api".to_owned(),
