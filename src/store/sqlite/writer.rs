@@ -386,9 +386,11 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
         let closed = if keep {
             run_cached(conn, "RELEASE op")
         } else {
-            // The savepoint takes the operation's rows back, and this its counts.
-            tally.set(before);
-            run_cached(conn, "ROLLBACK TO op").and_then(|()| run_cached(conn, "RELEASE op"))
+            // The savepoint takes the operation's rows back, and with them
+            // its counts (only if it did: rows kept must stay counted).
+            run_cached(conn, "ROLLBACK TO op")
+                .map(|()| tally.set(before))
+                .and_then(|()| run_cached(conn, "RELEASE op"))
         };
         match closed {
             Ok(()) => finished.push(op),
