@@ -96,14 +96,14 @@ fn event(body: &Bytes, n: usize, lease: Option<Lease>) -> NewEvent {
             id: Uuid::now_v7(),
             route: "builds".to_owned(),
             target: "circleci".to_owned(),
-            request: Ok(PreparedRequest {
+            request: Ok(Arc::new(PreparedRequest {
                 url: "https://circleci.com/api/v2/project/gh/acme/api/pipeline".to_owned(),
                 headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
                 body: RequestBody::Text(r#"{"branch":"main"}"#.to_owned()),
                 auth: Auth::Header {
                     name: "Circle-Token".to_owned(),
                 },
-            }),
+            })),
             limits: JobLimits {
                 // A commit's sha is random, so its key lands anywhere in the
                 // index, as each push's does.

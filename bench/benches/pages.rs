@@ -59,14 +59,14 @@ fn event(n: usize, count: usize, now: SystemTime) -> NewEvent {
             request: if n.is_multiple_of(50) {
                 Err("the target was removed".to_owned())
             } else {
-                Ok(PreparedRequest {
+                Ok(Arc::new(PreparedRequest {
                     url: "http://127.0.0.1:9/pipeline".to_owned(),
                     headers: vec![("Content-Type".to_owned(), "application/json".to_owned())],
                     body: RequestBody::Text("{}".to_owned()),
                     auth: Auth::Header {
                         name: "Circle-Token".to_owned(),
                     },
-                })
+                }))
             },
             limits: JobLimits::default(),
             lease: None,
