@@ -49,9 +49,13 @@ dedupe_window = "0s"
     )
 }
 
+/// A delivery an hour old: relay looks back as far as GitHub keeps them,
+/// three days (`catchup::KEPT`), so a fixed date would age out of the look.
 fn delivery(id: u64, guid: &str, redelivery: bool, status_code: u16) -> Value {
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let delivered_at = humantime::format_rfc3339_seconds(hour_ago).to_string();
     json!({
-        "id": id, "guid": guid, "delivered_at": "2026-12-04T09:00:00Z", "redelivery": redelivery,
+        "id": id, "guid": guid, "delivered_at": delivered_at, "redelivery": redelivery,
         "duration": 0.27, "status": if status_code == 200 { "OK" } else { "failed to connect to host" },
         "status_code": status_code, "event": "push", "action": null,
         "installation_id": null, "repository_id": 1296269
