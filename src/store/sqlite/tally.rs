@@ -144,13 +144,10 @@ mod tests {
             .unwrap()
     }
 
+    /// An empty store with relay's own schema, its counts all zero.
     fn counts_table() -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(
-            "CREATE TABLE job_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL);
-             INSERT INTO job_counts VALUES ('queued', 0), ('in_flight', 0), ('done', 0), ('dead', 0);",
-        )
-        .unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         conn
     }
 
