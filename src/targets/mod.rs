@@ -22,6 +22,7 @@ mod follow;
 mod gitlab;
 pub mod hooks;
 mod http;
+mod message;
 pub mod outcome;
 pub mod proxy;
 mod status;
@@ -29,6 +30,7 @@ mod urls;
 
 pub use exchange::AttemptResult;
 pub use follow::{Follow, PollAnswer};
+pub use message::response_message;
 pub use outcome::Outcome;
 pub use proxy::{Outbound, ProxySetting};
 
@@ -500,49 +502,12 @@ pub enum RenderFailure {
     Missing(String),
 }
 
-/// The message a target put in an error response, for the attempt record:
-/// CircleCI and GitLab answer `{"message": …}`; anything else is excerpted.
-pub fn response_message(body: &[u8]) -> String {
-    const LIMIT: usize = 500;
-    if let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) {
-        let message = doc.get("message").or_else(|| doc.get("error"));
-        match message {
-            Some(serde_json::Value::String(s)) => return truncate(s, LIMIT),
-            Some(other) => return truncate(&other.to_string(), LIMIT),
-            None => {}
-        }
-    }
-    truncate(&String::from_utf8_lossy(body), LIMIT)
-}
-
-fn truncate(text: &str, limit: usize) -> String {
-    match text.char_indices().nth(limit) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
-
 /// The user agent on every outbound request.
 pub const USER_AGENT: &str = concat!("relay/", env!("CARGO_PKG_VERSION"));
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn response_message_prefers_the_message_field() {
-        assert_eq!(
-            response_message(br#"{"message":"Project does not exist."}"#),
-            "Project does not exist."
-        );
-        assert_eq!(
-            response_message(br#"{"message":{"base":["Reference not found"]}}"#),
-            r#"{"base":["Reference not found"]}"#
-        );
-        assert_eq!(response_message(b"Bad Gateway"), "Bad Gateway");
-        let long = "x".repeat(600);
-        assert_eq!(response_message(long.as_bytes()).chars().count(), 501);
-    }
 
     #[test]
     fn gitlab_paths_become_one_segment() {
