@@ -35,7 +35,7 @@ pub enum RequestBody {
 
 /// Where a target's credential goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "type")]
+#[serde(rename_all = "snake_case", tag = "type", try_from = "StoredAuth")]
 pub enum Auth {
     None,
     /// `Circle-Token: <token>`.
@@ -60,6 +60,62 @@ pub enum Auth {
         algorithm: Algorithm,
         prefix: String,
     },
+}
+
+/// An [`Auth`] as it is read back: every kind's fields side by side, the
+/// tag among them. serde reads an internally tagged enum by first copying
+/// the whole object aside (its tag may come last), which was a tenth of
+/// reading back a claimed job. The stored form is unchanged.
+#[derive(Deserialize)]
+struct StoredAuth {
+    #[serde(rename = "type")]
+    kind: AuthKind,
+    name: Option<String>,
+    scheme: Option<String>,
+    header: Option<String>,
+    algorithm: Option<Algorithm>,
+    prefix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AuthKind {
+    None,
+    Header,
+    Scheme,
+    Query,
+    JsonField,
+    Hmac,
+}
+
+impl TryFrom<StoredAuth> for Auth {
+    type Error = String;
+
+    fn try_from(stored: StoredAuth) -> Result<Auth, String> {
+        fn field<T>(value: Option<T>, name: &str) -> Result<T, String> {
+            value.ok_or_else(|| format!("missing field `{name}`"))
+        }
+        Ok(match stored.kind {
+            AuthKind::None => Auth::None,
+            AuthKind::Header => Auth::Header {
+                name: field(stored.name, "name")?,
+            },
+            AuthKind::Scheme => Auth::Scheme {
+                scheme: field(stored.scheme, "scheme")?,
+            },
+            AuthKind::Query => Auth::Query {
+                name: field(stored.name, "name")?,
+            },
+            AuthKind::JsonField => Auth::JsonField {
+                name: field(stored.name, "name")?,
+            },
+            AuthKind::Hmac => Auth::Hmac {
+                header: field(stored.header, "header")?,
+                algorithm: field(stored.algorithm, "algorithm")?,
+                prefix: field(stored.prefix, "prefix")?,
+            },
+        })
+    }
 }
 
 impl PreparedRequest {
@@ -179,5 +235,60 @@ mod tests {
             q.redacted(None)
                 .starts_with("POST https://x/api?variables[A]=1&token=[redacted]\n")
         );
+    }
+
+    #[test]
+    fn every_credential_place_reads_back_as_it_was_stored() {
+        let kinds = [
+            (Auth::None, r#"{"type":"none"}"#),
+            (
+                Auth::Header {
+                    name: "Circle-Token".into(),
+                },
+                r#"{"type":"header","name":"Circle-Token"}"#,
+            ),
+            (
+                Auth::Scheme {
+                    scheme: "Bearer".into(),
+                },
+                r#"{"type":"scheme","scheme":"Bearer"}"#,
+            ),
+            (
+                Auth::Query { name: "token".into() },
+                r#"{"type":"query","name":"token"}"#,
+            ),
+            (
+                Auth::JsonField { name: "token".into() },
+                r#"{"type":"json_field","name":"token"}"#,
+            ),
+            (
+                Auth::Hmac {
+                    header: "X-Signature".into(),
+                    algorithm: Algorithm::Sha256,
+                    prefix: "sha256=".into(),
+                },
+                r#"{"type":"hmac","header":"X-Signature","algorithm":"sha256","prefix":"sha256="}"#,
+            ),
+        ];
+        for (auth, stored) in kinds {
+            assert_eq!(serde_json::to_string(&auth).unwrap(), stored);
+            assert_eq!(serde_json::from_str::<Auth>(stored).unwrap(), auth, "{stored}");
+        }
+        // The tag may come anywhere; another kind's field is ignored.
+        assert_eq!(
+            serde_json::from_str::<Auth>(r#"{"scheme":"x","name":"Circle-Token","type":"header"}"#).unwrap(),
+            Auth::Header {
+                name: "Circle-Token".into()
+            }
+        );
+        for broken in [
+            r#"{"type":"header"}"#,
+            r#"{"type":"hmac","header":"X-Signature","prefix":""}"#,
+            r#"{"type":"header","name":"a","name":"b"}"#,
+            r#"{"type":"cookie","name":"a"}"#,
+            r#"{"name":"a"}"#,
+        ] {
+            assert!(serde_json::from_str::<Auth>(broken).is_err(), "{broken}");
+        }
     }
 }
