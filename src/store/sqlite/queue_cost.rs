@@ -196,7 +196,7 @@ pub(super) fn event_insert(conn: &Connection) -> rusqlite::Statement<'_> {
 
 /// Queues `count` jobs for `paused`, with their events, as an outage
 /// leaves them: most due, some leased, some finished with a report each.
-fn queue_elsewhere(conn: &Connection, count: u64) {
+pub(super) fn queue_elsewhere(conn: &Connection, count: u64) {
     let tx = &Tx::immediate(conn);
     conn.execute_batch("BEGIN").unwrap();
     let now = super::to_millis(wall_time());
@@ -266,39 +266,6 @@ fn a_webhook_costs_the_same_with_a_deep_queue_elsewhere() {
          {QUEUED_ELSEWHERE} jobs queued for another target: a statement on the delivery path \
          scans the queue instead of seeking through an index"
     );
-}
-
-/// The dispatcher claims for every target with a free send slot on each
-/// turn, and most have nothing due then: such a claim only looks, two
-/// lookups in an index (34 of SQLite's instructions), where its two
-/// `UPDATE … RETURNING`s, changing nothing, ran 76 and built and dropped
-/// their temporary tables.
-#[test]
-fn a_claim_with_nothing_to_claim_only_looks() {
-    let counter = Counter::new();
-    counter.count(|conn| queue_elsewhere(conn, 1_000));
-    let lease = Duration::from_secs(60);
-    let claim = |conn: &Connection| {
-        let claimed = queue::claim(&Tx::immediate(conn), "live", 8, lease, wall_time()).unwrap();
-        assert!(claimed.is_empty(), "{claimed:?}");
-    };
-    // The first prepares and caches the statements.
-    counter.count(claim);
-    let looked = counter.count(claim);
-    assert!(
-        looked <= 50,
-        "a claim with nothing due and no lease run out took {looked} SQLite instructions"
-    );
-    // Once a job is due, the claim takes it.
-    counter.count(|conn| {
-        let due = event(vec![job("live", JobLimits::default(), None)]);
-        queue::ingest(&Tx::immediate(conn), &due, &codec::pack(&due)).unwrap();
-    });
-    let claimed = counter.count(|conn| {
-        let jobs = queue::claim(&Tx::immediate(conn), "live", 8, lease, wall_time()).unwrap();
-        assert_eq!(jobs.len(), 1);
-    });
-    assert!(claimed > looked, "{claimed} against {looked}");
 }
 
 /// Jobs per state.
