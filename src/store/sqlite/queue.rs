@@ -298,8 +298,9 @@ pub(super) fn claim(
 /// nothing still builds and drops its temporary tables, where this is a
 /// lookup in an index for each. The lapsed lease is almost never there,
 /// and the due job is often not, when the dispatcher looks at every
-/// target with a free slot on each turn: the claim of lapsed leases alone
-/// was 3% of relay's instructions a trigger when draining a backlog.
+/// target with a free slot on each turn. Draining a backlog from one
+/// target, the claims' statements went from 39,164 to 35,182 instructions
+/// a trigger (callgrind), 2% of relay's.
 fn claimable(conn: &Connection, target: &str, now: SystemTime) -> Result<(bool, bool), StoreError> {
     conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_lease
