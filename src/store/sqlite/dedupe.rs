@@ -40,6 +40,7 @@ use std::time::{Duration, SystemTime};
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::tally::Tx;
 use super::{to_millis, unavailable};
 use crate::store::{ForgottenKeys, StoreError};
 
@@ -103,7 +104,7 @@ pub(super) fn open_index(conn: &Connection, now: SystemTime) -> rusqlite::Result
 /// Takes `key` for `target` until `now + window`, unless an earlier take's
 /// window is still open; whether it was taken.
 pub(super) fn take(
-    conn: &Connection,
+    conn: &Tx<'_>,
     target: &str,
     key: &str,
     now: SystemTime,
@@ -111,7 +112,7 @@ pub(super) fn take(
 ) -> Result<bool, StoreError> {
     let expires_at = to_millis(now + window);
     let taken = conn
-        .prepare_cached(
+        .statement(
             "INSERT INTO dedupe_index.keys (digest, expires_at) VALUES (?1, ?2)
              ON CONFLICT (digest) DO UPDATE SET expires_at = excluded.expires_at
              WHERE dedupe_index.keys.expires_at <= ?3",
@@ -120,7 +121,7 @@ pub(super) fn take(
         .map_err(|e| unavailable(&e))?
         > 0;
     if taken {
-        conn.prepare_cached("INSERT INTO main.dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)")
+        conn.statement("INSERT INTO main.dedupe (target, key, expires_at) VALUES (?1, ?2, ?3)")
             .and_then(|mut stmt| stmt.execute(params![target, key, expires_at]))
             .map_err(|e| unavailable(&e))?;
     }
@@ -281,20 +282,28 @@ mod tests {
         {
             let conn = writer_at(&path);
             let ms = Duration::from_millis;
-            assert!(take(&conn, "ci", "a", at(0), ms(100)).unwrap());
-            assert!(!take(&conn, "ci", "a", at(50), ms(100)).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", "a", at(0), ms(100)).unwrap());
+            assert!(!take(&Tx::immediate(&conn), "ci", "a", at(50), ms(100)).unwrap());
             assert!(
-                take(&conn, "ci", "a", at(200), ms(100)).unwrap(),
+                take(&Tx::immediate(&conn), "ci", "a", at(200), ms(100)).unwrap(),
                 "taken again once closed"
             );
             assert!(
-                take(&conn, "gl", "a", at(50), ms(1_000)).unwrap(),
+                take(&Tx::immediate(&conn), "gl", "a", at(50), ms(1_000)).unwrap(),
                 "a key is per target"
             );
         }
         let conn = writer_at(&path);
-        let held =
-            |target: &str, now: i64| !take(&conn, target, "a", at(now), Duration::from_millis(1)).unwrap();
+        let held = |target: &str, now: i64| {
+            !take(
+                &Tx::immediate(&conn),
+                target,
+                "a",
+                at(now),
+                Duration::from_millis(1),
+            )
+            .unwrap()
+        };
         assert!(held("ci", 250), "the latest take's window, not the first's");
         assert!(held("gl", 1_000));
         assert!(!held("ci", 300), "closed at 300");
@@ -311,11 +320,20 @@ mod tests {
             let conn = writer_at(&path);
             let ms = Duration::from_millis;
             for n in 0..50 {
-                assert!(take(&conn, "ci", &format!("closed-{n}"), at(0), ms(100)).unwrap());
+                assert!(
+                    take(
+                        &Tx::immediate(&conn),
+                        "ci",
+                        &format!("closed-{n}"),
+                        at(0),
+                        ms(100)
+                    )
+                    .unwrap()
+                );
             }
-            assert!(take(&conn, "ci", "open", at(0), ms(1_000)).unwrap());
-            assert!(take(&conn, "ci", "reopened", at(0), ms(100)).unwrap());
-            assert!(take(&conn, "ci", "reopened", at(200), ms(1_000)).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", "open", at(0), ms(1_000)).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", "reopened", at(0), ms(100)).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", "reopened", at(200), ms(1_000)).unwrap());
         }
         let mut conn = Connection::open(&path).unwrap();
         schema::prepare(&mut conn, at(500)).unwrap();
@@ -342,8 +360,26 @@ mod tests {
             batch.forgotten, 51,
             "the purge counts the closed windows the log kept, read back or not"
         );
-        assert!(!take(&conn, "ci", "open", at(999), Duration::from_millis(1)).unwrap());
-        assert!(take(&conn, "ci", "closed-7", at(600), Duration::from_millis(1)).unwrap());
+        assert!(
+            !take(
+                &Tx::immediate(&conn),
+                "ci",
+                "open",
+                at(999),
+                Duration::from_millis(1)
+            )
+            .unwrap()
+        );
+        assert!(
+            take(
+                &Tx::immediate(&conn),
+                "ci",
+                "closed-7",
+                at(600),
+                Duration::from_millis(1)
+            )
+            .unwrap()
+        );
     }
 
     /// The index is in the writer's transactions: a batch that rolls back,
@@ -355,17 +391,17 @@ mod tests {
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(60);
         conn.execute_batch("BEGIN").unwrap();
-        assert!(take(&conn, "ci", "a", at(0), window).unwrap());
+        assert!(take(&Tx::immediate(&conn), "ci", "a", at(0), window).unwrap());
         conn.execute_batch("ROLLBACK").unwrap();
         conn.execute_batch("BEGIN; SAVEPOINT one").unwrap();
         assert!(
-            take(&conn, "ci", "a", at(0), window).unwrap(),
+            take(&Tx::immediate(&conn), "ci", "a", at(0), window).unwrap(),
             "the batch gave it back"
         );
-        assert!(take(&conn, "ci", "b", at(0), window).unwrap());
+        assert!(take(&Tx::immediate(&conn), "ci", "b", at(0), window).unwrap());
         conn.execute_batch("ROLLBACK TO one; RELEASE one").unwrap();
         assert!(
-            take(&conn, "ci", "b", at(0), window).unwrap(),
+            take(&Tx::immediate(&conn), "ci", "b", at(0), window).unwrap(),
             "the savepoint gave it back"
         );
         conn.execute_batch("COMMIT").unwrap();
@@ -389,7 +425,7 @@ mod tests {
         let window = Duration::from_secs(600);
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..20_000 {
-            assert!(take(&conn, "ci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -397,7 +433,7 @@ mod tests {
         conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..21 {
-            assert!(take(&conn, "ci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&Tx::immediate(&conn), "ci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0)).unwrap();
@@ -418,7 +454,7 @@ mod tests {
         let window = Duration::from_secs(600);
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..60_000 {
-            assert!(take(&conn, "circleci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&Tx::immediate(&conn), "circleci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         let pages: i64 = conn
@@ -440,10 +476,13 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(60);
-        assert!(take(&conn, "ci", "ab", at(0), window).unwrap());
-        assert!(take(&conn, "cia", "b", at(0), window).unwrap());
-        assert!(take(&conn, "gl", "ab", at(0), window).unwrap());
-        assert!(!take(&conn, "ci", "ab", at(1), window).unwrap(), "held");
+        assert!(take(&Tx::immediate(&conn), "ci", "ab", at(0), window).unwrap());
+        assert!(take(&Tx::immediate(&conn), "cia", "b", at(0), window).unwrap());
+        assert!(take(&Tx::immediate(&conn), "gl", "ab", at(0), window).unwrap());
+        assert!(
+            !take(&Tx::immediate(&conn), "ci", "ab", at(1), window).unwrap(),
+            "held"
+        );
     }
 
     /// A sweep ends: the index and the log each wait at their end for the
@@ -453,11 +492,29 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         for n in 0..30 {
-            assert!(take(&conn, "ci", &format!("{n:02}"), at(n), Duration::ZERO).unwrap());
+            assert!(
+                take(
+                    &Tx::immediate(&conn),
+                    "ci",
+                    &format!("{n:02}"),
+                    at(n),
+                    Duration::ZERO
+                )
+                .unwrap()
+            );
         }
         // Renewals: the log has rows the index does not, so it ends later.
         for n in 0..30 {
-            assert!(take(&conn, "ci", &format!("{n:02}"), at(100 + n), Duration::ZERO).unwrap());
+            assert!(
+                take(
+                    &Tx::immediate(&conn),
+                    "ci",
+                    &format!("{n:02}"),
+                    at(100 + n),
+                    Duration::ZERO
+                )
+                .unwrap()
+            );
         }
         let mut from = SweepFrom::default();
         let mut batches = Vec::new();

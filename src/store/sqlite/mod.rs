@@ -38,6 +38,7 @@ mod queue_cost;
 mod reader;
 mod reports;
 mod schema;
+mod shelf;
 mod tally;
 mod views;
 mod writer;

@@ -57,7 +57,7 @@ pub(super) fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, StoreErro
 pub(super) fn ingest(conn: &Tx<'_>, event: &NewEvent, packed: &Packed) -> Result<Ingested, StoreError> {
     let received = to_millis(event.received_at);
     let inserted = conn
-        .prepare_cached(
+        .statement(
             "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary, codec)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
              ON CONFLICT (source, delivery) DO NOTHING",
@@ -92,7 +92,7 @@ pub(super) fn ingest(conn: &Tx<'_>, event: &NewEvent, packed: &Packed) -> Result
         insert_drop(conn, &event.id, drop)?;
     }
     let mut insert_job = conn
-        .prepare_cached(
+        .statement(
             "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, last_error,
                                claim_id, lease_until, created_at, updated_at, repo, sha, shadow, report)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?8, ?8, ?12, ?13, ?14, ?15)",
@@ -150,13 +150,13 @@ pub(super) fn ingest(conn: &Tx<'_>, event: &NewEvent, packed: &Packed) -> Result
 
 /// The loop guard's store-side checks, in the guard's order; `Some` when
 /// one holds the job back.
-fn hold_back(conn: &Connection, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
+fn hold_back(conn: &Tx<'_>, job: &NewJob, now: SystemTime) -> Result<Option<Dropped>, StoreError> {
     let trigger = job.trigger();
     for check in job.limits.checks() {
         let held = match check {
             Check::Burst { limit, per } => {
                 let recent: i64 = conn
-                    .prepare_cached(
+                    .statement(
                         "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE target = ?1 AND created_at > ?2 LIMIT ?3)",
                     )
                     .and_then(|mut stmt| {
@@ -250,7 +250,7 @@ pub(super) fn claim(
             continue;
         }
         let before = claimed.len();
-        let mut stmt = conn.prepare_cached(sql).map_err(|e| unavailable(&e))?;
+        let mut stmt = conn.statement(sql).map_err(|e| unavailable(&e))?;
         let mut returned = stmt
             .query(params![
                 claim.to_string(),
@@ -270,7 +270,7 @@ pub(super) fn claim(
     // Prepared only when wanted: most jobs send a body of their own.
     let mut payload_of = if claimed.iter().any(|(_, needs_payload)| *needs_payload) {
         Some(
-            conn.prepare_cached("SELECT COALESCE(payload, body), codec FROM events WHERE id = ?1")
+            conn.statement("SELECT COALESCE(payload, body), codec FROM events WHERE id = ?1")
                 .map_err(|e| unavailable(&e))?,
         )
     } else {
@@ -301,8 +301,8 @@ pub(super) fn claim(
 /// target with a free slot on each turn. Draining a backlog from one
 /// target, the claims' statements went from 39,164 to 35,182 instructions
 /// a trigger (callgrind), 2% of relay's.
-fn claimable(conn: &Connection, target: &str, now: SystemTime) -> Result<(bool, bool), StoreError> {
-    conn.prepare_cached(
+fn claimable(conn: &Tx<'_>, target: &str, now: SystemTime) -> Result<(bool, bool), StoreError> {
+    conn.statement(
         "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_lease
                         WHERE state = 'in_flight' AND lease_until <= ?1 AND target = ?2),
                 EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_queued
@@ -332,7 +332,7 @@ pub(super) fn complete(conn: &Tx<'_>, c: &Completion) -> Result<bool, StoreError
         NextState::Dead { reason } => (JobState::Dead, now, 0, Some(reason.as_str())),
     };
     let updated = conn
-        .prepare_cached(
+        .statement(
             "UPDATE OR FAIL jobs SET state = ?1, attempts = attempts + 1, maybe_attempts = maybe_attempts + ?2,
                  due_at = ?3, claim_id = NULL, lease_until = NULL, last_error = ?4, updated_at = ?5,
                  pipeline_id = COALESCE(?8, pipeline_id),
@@ -379,7 +379,7 @@ pub(super) fn complete(conn: &Tx<'_>, c: &Completion) -> Result<bool, StoreError
         NextState::Retry { .. } => {}
     }
     // Numbered across manual retries, which reset the job's own counter.
-    conn.prepare_cached(
+    conn.statement(
         "INSERT INTO attempts (job_id, number, started_at, duration_ms, status, outcome, excerpt)
          VALUES (?1, (SELECT COALESCE(MAX(number), 0) + 1 FROM attempts WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6)",
     )

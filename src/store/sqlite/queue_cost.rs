@@ -474,10 +474,11 @@ fn a_claim_and_the_status_page_read_none_of_a_targets_finished_jobs() {
 /// them, expiring one millisecond apart from `first_expiry_ms`.
 fn dedupe_keys(conn: &Connection, target: &str, count: u64, first_expiry_ms: i64) {
     conn.execute_batch("BEGIN").unwrap();
+    let tx = &Tx::immediate(conn);
     for n in 0..count {
         let key = format!("acme/api\nrefs/heads/main\n{}", Uuid::new_v4().simple());
         let expires_at = super::from_millis(first_expiry_ms + i64::try_from(n).unwrap());
-        assert!(dedupe::take(conn, target, &key, expires_at, Duration::ZERO).unwrap());
+        assert!(dedupe::take(tx, target, &key, expires_at, Duration::ZERO).unwrap());
     }
     conn.execute_batch("COMMIT").unwrap();
 }

@@ -584,11 +584,25 @@ mod tests {
         let now = super::super::from_millis(1_000);
         let window = Duration::from_secs(60);
         assert!(
-            !super::super::dedupe::take(&conn, "gl", main, now, window).unwrap(),
+            !super::super::dedupe::take(
+                &super::super::tally::Tx::immediate(&conn),
+                "gl",
+                main,
+                now,
+                window
+            )
+            .unwrap(),
             "a key whose window is open still holds its commit back"
         );
         assert!(
-            super::super::dedupe::take(&conn, "ci", main, now, window).unwrap(),
+            super::super::dedupe::take(
+                &super::super::tally::Tx::immediate(&conn),
+                "ci",
+                main,
+                now,
+                window
+            )
+            .unwrap(),
             "a key whose window closed is taken again"
         );
     }

@@ -18,21 +18,29 @@ use std::ops::Deref;
 
 use rusqlite::{Connection, params};
 
+use super::shelf::{Shelf, Shelved};
 use super::unavailable;
 use crate::store::{JobState, StoreError};
 
 /// The connection an operation writes through, and where the job counts it
-/// moves go: the writer's batch tally, or straight to `job_counts`.
+/// moves go: the writer's batch tally, or straight to `job_counts`. Its
+/// [`statement`](Tx::statement)s are kept prepared for as long as it lives
+/// (a writer batch: see `shelf`).
 pub(super) struct Tx<'c> {
     conn: &'c Connection,
     tally: Option<&'c Cell<Tally>>,
+    shelf: Shelf<'c>,
 }
 
 impl<'c> Tx<'c> {
     /// Counts written as they are moved, in the caller's transaction: for
     /// work that runs outside the writer's batches (a restart's recovery).
     pub(super) fn immediate(conn: &'c Connection) -> Tx<'c> {
-        Tx { conn, tally: None }
+        Tx {
+            conn,
+            tally: None,
+            shelf: Shelf::new(conn),
+        }
     }
 
     /// Counts added to `tally`, which the caller writes before it commits.
@@ -40,7 +48,15 @@ impl<'c> Tx<'c> {
         Tx {
             conn,
             tally: Some(tally),
+            shelf: Shelf::new(conn),
         }
+    }
+
+    /// The statement for `sql`, prepared once for as long as this lives:
+    /// for the statements every webhook, claim or finished send of a batch
+    /// runs.
+    pub(super) fn statement(&self, sql: &str) -> rusqlite::Result<Shelved<'_, 'c>> {
+        self.shelf.statement(sql)
     }
 
     /// Counts `jobs` inserted in `state`. Every statement that inserts jobs

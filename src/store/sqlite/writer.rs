@@ -332,7 +332,10 @@ fn run_batch(
     let changes_before = conn.total_changes();
     let tally = Cell::new(Tally::default());
     let tx = Tx::tallied(conn, &tally);
-    if !batch.iter_mut().all(|op| op.run(&tx)) {
+    let all_ran = batch.iter_mut().all(|op| op.run(&tx));
+    // Its statements go back to rusqlite's cache before the transaction ends.
+    drop(tx);
+    if !all_ran {
         // Something failed: undo the whole batch and run it again with each
         // operation isolated, so only the failing ones are refused.
         rollback(conn);
@@ -397,6 +400,7 @@ fn run_isolated(conn: &mut Connection, batch: Vec<Operation>, durability: Durabi
             Err(e) => op.answer(Some(unavailable(&e))),
         }
     }
+    drop(tx);
     commit(conn, finished, tally.get(), durability, changes_before)
 }
 
