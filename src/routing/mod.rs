@@ -31,7 +31,7 @@ use crate::payload::PayloadUrls;
 use crate::report::{ReportSpec, status_target};
 use crate::request::PreparedRequest;
 use crate::targets::{RenderInput, Target};
-use crate::template::Templates;
+use crate::template::{Context, Templates};
 
 /// What routing reads of the config: the routes, the targets they name, the
 /// templates both compiled into, the loop guard, and payload URL settings.
@@ -220,7 +220,8 @@ fn plan_with(
             });
             continue;
         }
-        let ctx = context(event, webhook, hop, upstream);
+        let build = || context(event, webhook, hop, upstream);
+        let ctx = Context::lazy(&build);
         // Two routes sending one event to the same target would trigger it
         // twice with the same request; the first route wins.
         let mut targeted: BTreeSet<&str> = BTreeSet::new();

@@ -6,13 +6,12 @@
 use std::fmt;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
-use minijinja::value::Value;
 
 use crate::config::compiler::Compiler;
 use crate::config::raw::{RawReport, RawRoute};
 use crate::event::{Event, EventKind};
 use crate::report::{DEFAULT_CONTEXT, ReportContext};
-use crate::template::{Condition, Templates};
+use crate::template::{Condition, Context, Templates};
 
 /// The sources and targets the config declares, whether or not they
 /// compiled: a route that names one with problems of its own is not also
@@ -251,14 +250,14 @@ impl Route {
 
     /// Whether this route takes the event, or the first predicate that
     /// refused it and why, in words (`relay explain`).
-    pub fn evaluate(&self, templates: &Templates, source: &str, event: &Event, ctx: &Value) -> Verdict {
+    pub fn evaluate(&self, templates: &Templates, source: &str, event: &Event, ctx: &Context<'_>) -> Verdict {
         self.judge(templates, source, event, ctx, Reasons::Written)
     }
 
     /// Whether this route takes the event: [`Route::evaluate`]'s decision
     /// without the words, which the accept path never reads and which cost
     /// an allocation and a formatting for every route asked.
-    pub fn takes(&self, templates: &Templates, source: &str, event: &Event, ctx: &Value) -> bool {
+    pub fn takes(&self, templates: &Templates, source: &str, event: &Event, ctx: &Context<'_>) -> bool {
         self.judge(templates, source, event, ctx, Reasons::Skipped) == Verdict::Match
     }
 
@@ -267,7 +266,7 @@ impl Route {
         templates: &Templates,
         source: &str,
         event: &Event,
-        ctx: &Value,
+        ctx: &Context<'_>,
         reasons: Reasons,
     ) -> Verdict {
         if let Some(from) = &self.from

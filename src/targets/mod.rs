@@ -37,7 +37,6 @@ pub use proxy::{Outbound, ProxySetting};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use minijinja::value::Value;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::config::compiler::Compiler;
@@ -52,7 +51,7 @@ use crate::payload::PayloadUrls;
 use crate::request::{Auth, AuthorizeError, PreparedRequest, WireRequest};
 use crate::secret::{MIN_SCRUBBED_SECRET, REDACTED, Secret};
 use crate::signature;
-use crate::template::{RenderError, TemplateStr, Templates};
+use crate::template::{Context, RenderError, TemplateStr, Templates};
 
 /// A `[targets.NAME]`, compiled.
 #[derive(Debug)]
@@ -366,7 +365,7 @@ pub struct RenderInput<'a> {
     pub hop_variable: &'a str,
     pub webhook: &'a Webhook,
     pub event: &'a Event,
-    pub ctx: &'a Value,
+    pub ctx: &'a Context<'a>,
     /// Relay hops that led to this event; the trigger carries one more.
     pub hop: u32,
     pub now: SystemTime,
