@@ -281,29 +281,23 @@ mod tests {
         let path = dir.path().join("relay.db");
         {
             let conn = writer_at(&path);
+            let tx = Tx::immediate(&conn);
             let ms = Duration::from_millis;
-            assert!(take(&Tx::immediate(&conn), "ci", "a", at(0), ms(100)).unwrap());
-            assert!(!take(&Tx::immediate(&conn), "ci", "a", at(50), ms(100)).unwrap());
+            assert!(take(&tx, "ci", "a", at(0), ms(100)).unwrap());
+            assert!(!take(&tx, "ci", "a", at(50), ms(100)).unwrap());
             assert!(
-                take(&Tx::immediate(&conn), "ci", "a", at(200), ms(100)).unwrap(),
+                take(&tx, "ci", "a", at(200), ms(100)).unwrap(),
                 "taken again once closed"
             );
             assert!(
-                take(&Tx::immediate(&conn), "gl", "a", at(50), ms(1_000)).unwrap(),
+                take(&tx, "gl", "a", at(50), ms(1_000)).unwrap(),
                 "a key is per target"
             );
         }
         let conn = writer_at(&path);
-        let held = |target: &str, now: i64| {
-            !take(
-                &Tx::immediate(&conn),
-                target,
-                "a",
-                at(now),
-                Duration::from_millis(1),
-            )
-            .unwrap()
-        };
+        let tx = Tx::immediate(&conn);
+        let held =
+            |target: &str, now: i64| !take(&tx, target, "a", at(now), Duration::from_millis(1)).unwrap();
         assert!(held("ci", 250), "the latest take's window, not the first's");
         assert!(held("gl", 1_000));
         assert!(!held("ci", 300), "closed at 300");
@@ -318,22 +312,14 @@ mod tests {
         let path = dir.path().join("relay.db");
         {
             let conn = writer_at(&path);
+            let tx = Tx::immediate(&conn);
             let ms = Duration::from_millis;
             for n in 0..50 {
-                assert!(
-                    take(
-                        &Tx::immediate(&conn),
-                        "ci",
-                        &format!("closed-{n}"),
-                        at(0),
-                        ms(100)
-                    )
-                    .unwrap()
-                );
+                assert!(take(&tx, "ci", &format!("closed-{n}"), at(0), ms(100)).unwrap());
             }
-            assert!(take(&Tx::immediate(&conn), "ci", "open", at(0), ms(1_000)).unwrap());
-            assert!(take(&Tx::immediate(&conn), "ci", "reopened", at(0), ms(100)).unwrap());
-            assert!(take(&Tx::immediate(&conn), "ci", "reopened", at(200), ms(1_000)).unwrap());
+            assert!(take(&tx, "ci", "open", at(0), ms(1_000)).unwrap());
+            assert!(take(&tx, "ci", "reopened", at(0), ms(100)).unwrap());
+            assert!(take(&tx, "ci", "reopened", at(200), ms(1_000)).unwrap());
         }
         let mut conn = Connection::open(&path).unwrap();
         schema::prepare(&mut conn, at(500)).unwrap();
@@ -360,26 +346,9 @@ mod tests {
             batch.forgotten, 51,
             "the purge counts the closed windows the log kept, read back or not"
         );
-        assert!(
-            !take(
-                &Tx::immediate(&conn),
-                "ci",
-                "open",
-                at(999),
-                Duration::from_millis(1)
-            )
-            .unwrap()
-        );
-        assert!(
-            take(
-                &Tx::immediate(&conn),
-                "ci",
-                "closed-7",
-                at(600),
-                Duration::from_millis(1)
-            )
-            .unwrap()
-        );
+        let tx = Tx::immediate(&conn);
+        assert!(!take(&tx, "ci", "open", at(999), Duration::from_millis(1)).unwrap());
+        assert!(take(&tx, "ci", "closed-7", at(600), Duration::from_millis(1)).unwrap());
     }
 
     /// The index is in the writer's transactions: a batch that rolls back,
@@ -390,18 +359,19 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(60);
+        let tx = Tx::immediate(&conn);
         conn.execute_batch("BEGIN").unwrap();
-        assert!(take(&Tx::immediate(&conn), "ci", "a", at(0), window).unwrap());
+        assert!(take(&tx, "ci", "a", at(0), window).unwrap());
         conn.execute_batch("ROLLBACK").unwrap();
         conn.execute_batch("BEGIN; SAVEPOINT one").unwrap();
         assert!(
-            take(&Tx::immediate(&conn), "ci", "a", at(0), window).unwrap(),
+            take(&tx, "ci", "a", at(0), window).unwrap(),
             "the batch gave it back"
         );
-        assert!(take(&Tx::immediate(&conn), "ci", "b", at(0), window).unwrap());
+        assert!(take(&tx, "ci", "b", at(0), window).unwrap());
         conn.execute_batch("ROLLBACK TO one; RELEASE one").unwrap();
         assert!(
-            take(&Tx::immediate(&conn), "ci", "b", at(0), window).unwrap(),
+            take(&tx, "ci", "b", at(0), window).unwrap(),
             "the savepoint gave it back"
         );
         conn.execute_batch("COMMIT").unwrap();
@@ -422,10 +392,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
         let conn = writer_at(&path);
+        let tx = Tx::immediate(&conn);
         let window = Duration::from_secs(600);
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..20_000 {
-            assert!(take(&Tx::immediate(&conn), "ci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&tx, "ci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -433,7 +404,7 @@ mod tests {
         conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..21 {
-            assert!(take(&Tx::immediate(&conn), "ci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&tx, "ci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0)).unwrap();
@@ -452,9 +423,10 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(600);
+        let tx = Tx::immediate(&conn);
         conn.execute_batch("BEGIN").unwrap();
         for _ in 0..60_000 {
-            assert!(take(&Tx::immediate(&conn), "circleci", &commit_key(), at(0), window).unwrap());
+            assert!(take(&tx, "circleci", &commit_key(), at(0), window).unwrap());
         }
         conn.execute_batch("COMMIT").unwrap();
         let pages: i64 = conn
@@ -476,13 +448,11 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
         let window = Duration::from_secs(60);
-        assert!(take(&Tx::immediate(&conn), "ci", "ab", at(0), window).unwrap());
-        assert!(take(&Tx::immediate(&conn), "cia", "b", at(0), window).unwrap());
-        assert!(take(&Tx::immediate(&conn), "gl", "ab", at(0), window).unwrap());
-        assert!(
-            !take(&Tx::immediate(&conn), "ci", "ab", at(1), window).unwrap(),
-            "held"
-        );
+        let tx = Tx::immediate(&conn);
+        assert!(take(&tx, "ci", "ab", at(0), window).unwrap());
+        assert!(take(&tx, "cia", "b", at(0), window).unwrap());
+        assert!(take(&tx, "gl", "ab", at(0), window).unwrap());
+        assert!(!take(&tx, "ci", "ab", at(1), window).unwrap(), "held");
     }
 
     /// A sweep ends: the index and the log each wait at their end for the
@@ -491,30 +461,13 @@ mod tests {
     fn a_sweep_ends_when_the_index_and_the_log_both_have() {
         let mut conn = Connection::open_in_memory().unwrap();
         schema::prepare(&mut conn, std::time::UNIX_EPOCH).unwrap();
+        let tx = Tx::immediate(&conn);
         for n in 0..30 {
-            assert!(
-                take(
-                    &Tx::immediate(&conn),
-                    "ci",
-                    &format!("{n:02}"),
-                    at(n),
-                    Duration::ZERO
-                )
-                .unwrap()
-            );
+            assert!(take(&tx, "ci", &format!("{n:02}"), at(n), Duration::ZERO).unwrap());
         }
         // Renewals: the log has rows the index does not, so it ends later.
         for n in 0..30 {
-            assert!(
-                take(
-                    &Tx::immediate(&conn),
-                    "ci",
-                    &format!("{n:02}"),
-                    at(100 + n),
-                    Duration::ZERO
-                )
-                .unwrap()
-            );
+            assert!(take(&tx, "ci", &format!("{n:02}"), at(100 + n), Duration::ZERO).unwrap());
         }
         let mut from = SweepFrom::default();
         let mut batches = Vec::new();

@@ -583,28 +583,13 @@ mod tests {
         assert!(indexes.is_empty(), "the log has no index: {indexes:?}");
         let now = super::super::from_millis(1_000);
         let window = Duration::from_secs(60);
+        let tx = super::super::tally::Tx::immediate(&conn);
+        let take = |target: &str| super::super::dedupe::take(&tx, target, main, now, window).unwrap();
         assert!(
-            !super::super::dedupe::take(
-                &super::super::tally::Tx::immediate(&conn),
-                "gl",
-                main,
-                now,
-                window
-            )
-            .unwrap(),
+            !take("gl"),
             "a key whose window is open still holds its commit back"
         );
-        assert!(
-            super::super::dedupe::take(
-                &super::super::tally::Tx::immediate(&conn),
-                "ci",
-                main,
-                now,
-                window
-            )
-            .unwrap(),
-            "a key whose window closed is taken again"
-        );
+        assert!(take("ci"), "a key whose window closed is taken again");
     }
 
     /// Pipelines recorded by a relay at schema 14 are found after the
