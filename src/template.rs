@@ -186,7 +186,7 @@ impl Templates {
 /// 9,000 instructions a webhook (callgrind), 2% of relay's.
 pub struct Context<'a> {
     value: OnceCell<Value>,
-    build: Option<&'a dyn Fn() -> Value>,
+    build: &'a dyn Fn() -> Value,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -202,27 +202,18 @@ impl<'a> Context<'a> {
     pub fn lazy(build: &'a dyn Fn() -> Value) -> Context<'a> {
         Context {
             value: OnceCell::new(),
-            build: Some(build),
+            build,
         }
     }
 
-    /// A context already made.
-    pub fn ready(value: Value) -> Context<'static> {
-        Context {
-            value: OnceCell::from(value),
-            build: None,
-        }
-    }
-
-    /// Whether it has been made (by [`Context::ready`], or a first use).
+    /// Whether it has been made (by a first use).
     #[cfg(test)]
     pub fn is_built(&self) -> bool {
         self.value.get().is_some()
     }
 
     fn value(&self) -> &Value {
-        self.value
-            .get_or_init(|| self.build.map_or(Value::UNDEFINED, |build| build()))
+        self.value.get_or_init(self.build)
     }
 }
 
@@ -257,11 +248,12 @@ mod tests {
         let mut t = Templates::new();
         let f = t.field("targets.x.branch", "release/{{ tag }}").unwrap();
         let c = t.condition("routes[0].when", "'[wip]' not in message").unwrap();
-        let ctx = Context::ready(context! { tag => "v1", message => "fix [wip]" });
+        let wip = || context! { tag => "v1", message => "fix [wip]" };
+        let ctx = Context::lazy(&wip);
         assert_eq!(t.render(&f, &ctx).unwrap(), "release/v1");
         assert!(!t.test(&c, &ctx).unwrap());
-        let ctx = Context::ready(context! { tag => "v1", message => "fix" });
-        assert!(t.test(&c, &ctx).unwrap());
+        let fix = || context! { tag => "v1", message => "fix" };
+        assert!(t.test(&c, &Context::lazy(&fix)).unwrap());
     }
 
     /// A plain string renders without the context being built; the first
@@ -310,7 +302,8 @@ mod tests {
         let mut t = Templates::new();
         let f = t.field("f", "{{ payload.nope }}").unwrap();
         let c = t.condition("c", "payload.nope").unwrap();
-        let ctx = Context::ready(context! { payload => context! { yes => 1 } });
+        let payload = || context! { payload => context! { yes => 1 } };
+        let ctx = Context::lazy(&payload);
         assert!(t.render(&f, &ctx).is_err());
         assert!(!t.test(&c, &ctx).unwrap());
     }

@@ -3,8 +3,8 @@
 //! find its statement by comparing text, not through rusqlite's statement
 //! cache. That cache hashes the whole SQL text on each take and again on
 //! each return, and clears the bindings on return: about 1,800
-//! instructions a statement, 12,000 a webhook at 32 connections (callgrind),
-//! where the shelf's lookup is a few comparisons of text.
+//! instructions a statement, 12,000 a webhook (callgrind), where the
+//! shelf's lookup is a few comparisons of text.
 //!
 //! What this module must never do: hand out one statement twice at once (a
 //! second use while the first is out gets a statement of its own from
