@@ -51,7 +51,7 @@ pub(super) fn record_poll(conn: &Tx<'_>, poll: &PollRecord, now: SystemTime) -> 
     let now = to_millis(now);
     let state = poll.state.map(|s| s.as_str());
     let changed = conn
-        .prepare_cached(
+        .statement(
             "SELECT pipeline_state IS NOT ?2 AND ?2 IS NOT NULL FROM jobs
              WHERE id = ?1 AND follow_due IS NOT NULL",
         )
@@ -65,7 +65,7 @@ pub(super) fn record_poll(conn: &Tx<'_>, poll: &PollRecord, now: SystemTime) -> 
         // this poll's answer is older than what the job already says.
         return Ok(false);
     };
-    conn.prepare_cached(
+    conn.statement(
         "UPDATE jobs SET
              pipeline_state = COALESCE(?2, pipeline_state),
              pipeline_updated_at = CASE WHEN ?3 THEN ?4 ELSE pipeline_updated_at END,

@@ -184,21 +184,19 @@ fn hold_back(conn: &Tx<'_>, job: &NewJob, now: SystemTime) -> Result<Option<Drop
     Ok(None)
 }
 
-fn insert_drop(conn: &Connection, event: &Uuid, drop: &Dropped) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT INTO drops (event_id, route, target, rule, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            event.to_string(),
-            drop.route,
-            drop.target,
-            drop.rule,
-            drop.reason
-        ])
-    })
-    .map(|_| ())
-    .map_err(|e| unavailable(&e))
+fn insert_drop(conn: &Tx<'_>, event: &Uuid, drop: &Dropped) -> Result<(), StoreError> {
+    conn.statement("INSERT INTO drops (event_id, route, target, rule, reason) VALUES (?1, ?2, ?3, ?4, ?5)")
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                event.to_string(),
+                drop.route,
+                drop.target,
+                drop.rule,
+                drop.reason
+            ])
+        })
+        .map(|_| ())
+        .map_err(|e| unavailable(&e))
 }
 
 /// Claims of expired leases and of due jobs, made once: the claim runs
@@ -447,7 +445,7 @@ pub(super) fn correlate(
     // Each half repeats its partial index's condition (schema V15), which
     // is how SQLite knows the index holds every row the half asks for.
     let job: Option<String> = conn
-        .prepare_cached(
+        .statement(
             "SELECT id FROM (
                  SELECT id, created_at FROM jobs
                  WHERE pipeline_number = ?2 AND pipeline_id = ?1
@@ -468,7 +466,7 @@ pub(super) fn correlate(
         return Ok(None);
     };
     let changed = conn
-        .prepare_cached(
+        .statement(
             "UPDATE jobs SET pipeline_state = ?2, pipeline_updated_at = ?3,
                  follow_due = CASE WHEN ?4 THEN NULL ELSE follow_due END
              WHERE id = ?1 AND pipeline_state IS NOT ?2",
@@ -482,7 +480,7 @@ pub(super) fn correlate(
         reports::queue_report(conn, &job, None, to_millis(now))?;
     }
     let mut stmt = conn
-        .prepare_cached(
+        .statement(
             "SELECT j.event_id, j.route, j.target, e.hop, e.summary, j.created_at
              FROM jobs j JOIN events e ON e.id = j.event_id
              WHERE j.id = ?1",
@@ -503,6 +501,30 @@ mod tests {
     use super::super::tally::Tx;
     use crate::clock::wall_time;
     use crate::guard::JobLimits;
+
+    /// A webhook's statements, the loop guard's among them (asked while the
+    /// job's insert is in use), are the batch's kept ones: the second
+    /// webhook of a batch prepares none of its own.
+    #[test]
+    fn a_batchs_webhooks_run_the_statements_it_keeps() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::prepare(&mut conn, wall_time()).unwrap();
+        let tx = Tx::immediate(&conn);
+        let webhook = || {
+            let limits = JobLimits {
+                dedupe: Some((uuid::Uuid::new_v4().to_string(), Duration::from_secs(60))),
+                burst: Some((1_000, Duration::from_secs(60))),
+            };
+            event(vec![job("live", limits, None)])
+        };
+        let first = webhook();
+        super::ingest(&tx, &first, &codec::pack(&first)).unwrap();
+        // The event, the job, the burst count, and the dedupe index and log.
+        assert_eq!(tx.kept(), 5);
+        let second = webhook();
+        super::ingest(&tx, &second, &codec::pack(&second)).unwrap();
+        assert_eq!(tx.kept(), 5, "the second webhook prepared statements of its own");
+    }
 
     /// The dispatcher claims for every target with a free send slot on each
     /// turn, and most have nothing due then: such a claim only looks, two

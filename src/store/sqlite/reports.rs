@@ -25,14 +25,14 @@ pub(super) fn queue_report(
 ) -> Result<(), StoreError> {
     // A report still waiting says less than this one: it must not land
     // after it and put an older state back on the commit.
-    conn.prepare_cached(
+    conn.statement(
         "UPDATE jobs SET state = 'done', updated_at = ?2, last_error = ?3
          WHERE report_of = ?1 AND state = 'queued'",
     )
     .and_then(|mut stmt| stmt.execute(params![job, now, SUPERSEDED]))
     .map_err(|e| unavailable(&e))
     .and_then(|superseded| conn.count_moved(JobState::Queued, JobState::Done, superseded))?;
-    conn.prepare_cached(
+    conn.statement(
         "INSERT INTO jobs (id, event_id, route, target, state, needs_payload, due_at, created_at, updated_at,
                            repo, sha, report_of, report)
          SELECT ?1, event_id, route, ?5 || json_extract(report, '$.source'), 'queued', 0, ?3, ?3, ?3,

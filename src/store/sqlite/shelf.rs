@@ -12,45 +12,66 @@
 //! dropped with the batch's [`Tx`](super::tally::Tx), which gives every
 //! statement back to rusqlite's cache, reset).
 
-use std::cell::{RefCell, RefMut};
+use std::cell::{OnceCell, RefCell, RefMut};
 use std::ops::{Deref, DerefMut};
 
 use rusqlite::{CachedStatement, Connection, Statement};
 
-/// The statements a batch has used so far, by their SQL text.
+/// The most statements one shelf keeps; a batch's further texts are
+/// prepared through rusqlite's cache as before. A batch of every kind of
+/// operation runs about twenty.
+const KEPT: usize = 32;
+
+/// The statements a batch has used so far, each in a slot of its own, by
+/// its SQL text. Slots are filled once and never emptied, so several
+/// statements can be in use at once (an ingest's job insert while its
+/// loop guard asks the dedupe index).
 pub(super) struct Shelf<'c> {
     conn: &'c Connection,
-    kept: RefCell<Vec<(Box<str>, CachedStatement<'c>)>>,
+    slots: [OnceCell<(Box<str>, RefCell<CachedStatement<'c>>)>; KEPT],
 }
 
 impl<'c> Shelf<'c> {
     pub(super) fn new(conn: &'c Connection) -> Shelf<'c> {
         Shelf {
             conn,
-            kept: RefCell::new(Vec::new()),
+            slots: std::array::from_fn(|_| OnceCell::new()),
         }
     }
 
     /// The statement for `sql`: the one kept, prepared by an earlier use in
-    /// this batch, or one from rusqlite's cache, kept from now on. While
-    /// one statement of the shelf is in use, any other use gets one from
-    /// rusqlite's cache, not kept.
+    /// this batch, or one from rusqlite's cache, kept from now on. A text
+    /// whose kept statement is in use already, or one past [`KEPT`], gets
+    /// one from rusqlite's cache, not kept.
     pub(super) fn statement(&self, sql: &str) -> rusqlite::Result<Shelved<'_, 'c>> {
-        let Ok(mut kept) = self.kept.try_borrow_mut() else {
-            return self.conn.prepare_cached(sql).map(Shelved::Loose);
-        };
-        let at = match kept.iter().position(|(text, _)| **text == *sql) {
-            Some(at) => at,
-            None => {
-                kept.push((Box::from(sql), self.conn.prepare_cached(sql)?));
-                kept.len() - 1
+        for slot in &self.slots {
+            let (text, statement) = match slot.get() {
+                Some(kept) => kept,
+                None => {
+                    let prepared = RefCell::new(self.conn.prepare_cached(sql)?);
+                    if slot.set((Box::from(sql), prepared)).is_err() {
+                        break;
+                    }
+                    match slot.get() {
+                        Some(kept) => kept,
+                        None => break,
+                    }
+                }
+            };
+            if **text == *sql {
+                return match statement.try_borrow_mut() {
+                    Ok(statement) => Ok(Shelved::Kept(statement)),
+                    Err(_) => self.conn.prepare_cached(sql).map(Shelved::Loose),
+                };
             }
-        };
-        match RefMut::filter_map(kept, |kept| kept.get_mut(at).map(|(_, statement)| statement)) {
-            Ok(statement) => Ok(Shelved::Kept(statement)),
-            // Not reached: `at` was just found or pushed.
-            Err(_) => self.conn.prepare_cached(sql).map(Shelved::Loose),
         }
+        self.conn.prepare_cached(sql).map(Shelved::Loose)
+    }
+
+    /// How many statements it keeps.
+    #[cfg(test)]
+    pub(super) fn kept(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.get().is_some()).count()
     }
 }
 
@@ -113,7 +134,7 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(read(&shelf), (3, 3));
-        assert_eq!(shelf.kept.borrow().len(), 2, "one statement a text");
+        assert_eq!(shelf.kept(), 2, "one statement a text");
         // Bindings of the last use do not leak into the next: each binds all.
         shelf.statement(insert).unwrap().execute(params![10]).unwrap();
         assert_eq!(read(&shelf), (4, 13));
@@ -153,12 +174,53 @@ mod tests {
         assert!(matches!(shelf.statement(each).unwrap(), Shelved::Kept(_)));
     }
 
+    /// Different statements can be in use at once, each the one kept: a
+    /// query's rows read while another statement writes.
+    #[test]
+    fn different_statements_in_use_at_once_are_each_kept() {
+        let conn = conn();
+        conn.execute_batch("INSERT INTO t (n) VALUES (1), (2)").unwrap();
+        let shelf = Shelf::new(&conn);
+        let mut each = shelf.statement("SELECT n FROM t ORDER BY n").unwrap();
+        assert!(matches!(each, Shelved::Kept(_)));
+        let mut rows = each.query([]).unwrap();
+        let mut read = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            let n: i64 = row.get(0).unwrap();
+            read.push(n);
+            let mut count = shelf.statement("SELECT COUNT(*) FROM t WHERE n <= ?1").unwrap();
+            assert!(matches!(count, Shelved::Kept(_)));
+            let below: i64 = count.query_row([n], |row| row.get(0)).unwrap();
+            assert_eq!(below, n);
+        }
+        assert_eq!(read, [1, 2]);
+        drop(rows);
+        drop(each);
+        assert_eq!(shelf.kept(), 2);
+    }
+
+    /// Past its slots, a shelf still answers, from rusqlite's cache.
+    #[test]
+    fn texts_past_the_slots_are_prepared_and_not_kept() {
+        let conn = conn();
+        let shelf = Shelf::new(&conn);
+        for n in 0..=KEPT {
+            let sql = format!("SELECT {n}");
+            let statement = shelf.statement(&sql).unwrap();
+            assert_eq!(matches!(statement, Shelved::Kept(_)), n < KEPT, "{sql}");
+            let mut statement = statement;
+            let answer: i64 = statement.query_row([], |row| row.get(0)).unwrap();
+            assert_eq!(answer, i64::try_from(n).unwrap());
+        }
+        assert_eq!(shelf.kept(), KEPT);
+    }
+
     /// A text that does not prepare is an error, and keeps nothing.
     #[test]
     fn sql_that_does_not_prepare_is_refused_and_not_kept() {
         let conn = conn();
         let shelf = Shelf::new(&conn);
         assert!(shelf.statement("SELECT nothing FROM nowhere").is_err());
-        assert!(shelf.kept.borrow().is_empty());
+        assert_eq!(shelf.kept(), 0);
     }
 }

@@ -59,6 +59,12 @@ impl<'c> Tx<'c> {
         self.shelf.statement(sql)
     }
 
+    /// How many statements it keeps.
+    #[cfg(test)]
+    pub(super) fn kept(&self) -> usize {
+        self.shelf.kept()
+    }
+
     /// Counts `jobs` inserted in `state`. Every statement that inserts jobs
     /// calls it in the same operation.
     pub(super) fn count_inserted(&self, state: JobState, jobs: usize) -> Result<(), StoreError> {
