@@ -124,7 +124,7 @@ async fn point(
         let script = ws.path(&format!("{label}.lua"));
         let tag = format!("{label}-{run}-{}", uuid::Uuid::new_v4());
         load::write_script(&script, push, &tag).map_err(|e| e.to_string())?;
-        runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration, None).await?);
+        runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration, None, None).await?);
         rss.push(rss_mib(relay.pid()).unwrap_or(0.0));
         drop(relay);
     }

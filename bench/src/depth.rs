@@ -149,7 +149,7 @@ pub async fn queue_depth(ws: &Workspace, options: &Options) -> Result<Vec<DepthP
         for run in 0..options.runs {
             let tag = format!("{label}-{run}-{}", uuid::Uuid::new_v4());
             load::write_script(&script, &ws.body, &tag).map_err(|e| e.to_string())?;
-            runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration, None).await?);
+            runs.push(load_run(&relay, &url, &script, CONNECTIONS, options.duration, None, None).await?);
         }
         let rss_after_mib = rss_mib(relay.pid()).unwrap_or(0.0);
         if queued <= PROBE {

@@ -207,7 +207,7 @@ async fn measured(
     for run in 0..options.runs {
         let tag = format!("history-{events}-{run}-{}", uuid::Uuid::new_v4());
         load::write_script(&script, &ws.body, &tag).map_err(|e| e.to_string())?;
-        runs.push(load_run(relay, &url, &script, CONNECTIONS, options.duration, None).await?);
+        runs.push(load_run(relay, &url, &script, CONNECTIONS, options.duration, None, None).await?);
     }
     Ok(SizePoint {
         events,

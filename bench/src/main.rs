@@ -327,10 +327,9 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         databases: Default::default(),
         postgres_server,
     };
-    let circle = MockCircle::default()
-        .start(false)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mock = MockCircle::default();
+    let triggers = mock.count.clone();
+    let circle = mock.start(false).await.map_err(|e| e.to_string())?;
     let only = &options.only;
     let mut subjects = Vec::new();
     for (name, what) in SUBJECTS {
@@ -341,7 +340,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
             continue;
         }
         eprintln!("measuring {name} …");
-        let measured = measure(name, what, &ws, circle, &options).await;
+        let measured = measure(name, what, &ws, circle, &triggers, &options).await;
         // A run that failed stopped its relay but left its database.
         ws.drop_databases().await?;
         subjects.push(measured?);

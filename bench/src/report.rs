@@ -131,6 +131,30 @@ pub fn table(report: &Report) -> String {
             }
         }
     }
+    for s in report.subjects.iter().filter(|s| s.name.starts_with("relay")) {
+        for c in &s.by_connections {
+            if let Some(settled) = &c.settled {
+                let server = settled
+                    .server_cpu_us_per_request
+                    .map(|cpu| format!(", the server's {cpu:.0} µs"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{} at {} connections, every trigger sent: {:.0}% of the webhooks' triggers were unsent when the load \
+                     ended, the last arrived {:.2} s later; CPU {:.0} µs a webhook (during the load {:.0}){server}, \
+                     disk {:.1} KB (during the load {:.1})",
+                    s.name,
+                    c.connections,
+                    settled.unsent_at_end * 100.0,
+                    settled.after_ms / 1e3,
+                    settled.cpu_us_per_request,
+                    c.cpu_us_per_request,
+                    settled.disk_bytes_per_request / 1024.0,
+                    c.disk_bytes_per_request / 1024.0,
+                );
+            }
+        }
+    }
     if let Some(e) = &report.end_to_end {
         let _ = writeln!(
             out,
@@ -412,6 +436,7 @@ mod tests {
             cpu_us_per_request: 127.6,
             disk_bytes_per_request: 900.0,
             server_cpu_us_per_request: server,
+            settled: None,
             server_wal_bytes_per_request: server.map(|_| 4_710.4),
         };
         SubjectResult {
@@ -422,6 +447,45 @@ mod tests {
             by_connections: vec![crate::subjects::summarize(32, vec![run])],
             exec_failures: None,
         }
+    }
+
+    #[test]
+    fn what_a_webhook_costs_with_its_trigger_is_printed_beside_the_loads_window_and_written() {
+        let mut report = report_with_postgres_drains();
+        let mut relay = loaded("relay", 6_647.0, None);
+        let mut run = relay.by_connections[0].runs[0].clone();
+        run.settled = Some(crate::subjects::Settled {
+            unsent_at_end: 0.42,
+            after_ms: 1_530.0,
+            cpu_us_per_request: 151.2,
+            disk_bytes_per_request: 17_100.8,
+            server_cpu_us_per_request: None,
+            server_wal_bytes_per_request: None,
+        });
+        relay.by_connections = vec![crate::subjects::summarize(32, vec![run])];
+        report.subjects = vec![relay, loaded("relay-postgres", 3_519.0, Some(312.7))];
+        let printed = table(&report);
+        let lines: Vec<&str> = printed
+            .lines()
+            .filter(|l| l.contains("every trigger sent"))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "relay at 32 connections, every trigger sent: 42% of the webhooks' triggers were unsent when the load \
+                 ended, the last arrived 1.53 s later; CPU 151 µs a webhook (during the load 128), disk 16.7 KB \
+                 (during the load 0.9)"
+            ],
+            "relay-postgres's run did not settle, and says nothing"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        let settled = &json["subjects"][0]["by_connections"][0]["settled"];
+        assert_eq!(settled["cpu_us_per_request"], 151.2);
+        assert_eq!(settled["unsent_at_end"], 0.42);
+        assert_eq!(
+            json["subjects"][1]["by_connections"][0]["settled"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! wrk at each connection count, and the figures of those runs.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -133,7 +134,30 @@ pub struct RunFigures {
     /// relay on PostgreSQL has written, where `disk_bytes_per_request` is
     /// relay's own (its log lines).
     pub server_wal_bytes_per_request: Option<f64>,
+    /// The same figures once every webhook's trigger had reached the mock
+    /// CI (relay's subjects): what a webhook costs with its send.
+    pub settled: Option<Settled>,
 }
+
+/// A relay run's figures from the start of its load until the mock CI had
+/// a trigger for every webhook relay accepted: the load's own window leaves
+/// out the sends of the jobs still queued when it ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settled {
+    /// The accepted webhooks whose trigger had not reached the mock CI when
+    /// the load ended, as a share of them all.
+    pub unsent_at_end: f64,
+    /// How long after the load the last of them arrived.
+    pub after_ms: f64,
+    pub cpu_us_per_request: f64,
+    pub disk_bytes_per_request: f64,
+    pub server_cpu_us_per_request: Option<f64>,
+    pub server_wal_bytes_per_request: Option<f64>,
+}
+
+/// How long a run may take to send what its load left queued before it is
+/// said to have not settled.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Median and spread of the runs at one concurrency.
 #[derive(Debug, Clone, Serialize)]
@@ -148,6 +172,8 @@ pub struct Summary {
     pub disk_bytes_per_request: f64,
     pub server_cpu_us_per_request: Option<f64>,
     pub server_wal_bytes_per_request: Option<f64>,
+    /// Medians of the runs' [`Settled`] figures, where every run settled.
+    pub settled: Option<SettledSummary>,
     pub non_2xx: u64,
     pub socket_errors: u64,
     pub runs: Vec<RunFigures>,
@@ -163,6 +189,36 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     } else {
         (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
+}
+
+/// The medians of the runs' settled figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SettledSummary {
+    pub unsent_at_end: f64,
+    pub after_ms: f64,
+    pub cpu_us_per_request: f64,
+    pub disk_bytes_per_request: f64,
+    pub server_cpu_us_per_request: Option<f64>,
+}
+
+fn summarize_settled(runs: &[RunFigures]) -> Option<SettledSummary> {
+    let settled: Vec<&Settled> = runs.iter().map(|r| r.settled.as_ref()).collect::<Option<_>>()?;
+    if settled.is_empty() {
+        return None;
+    }
+    let pick = |f: &dyn Fn(&Settled) -> f64| settled.iter().map(|s| f(s)).collect::<Vec<f64>>();
+    Some(SettledSummary {
+        unsent_at_end: median(pick(&|s| s.unsent_at_end)),
+        after_ms: median(pick(&|s| s.after_ms)),
+        cpu_us_per_request: median(pick(&|s| s.cpu_us_per_request)),
+        disk_bytes_per_request: median(pick(&|s| s.disk_bytes_per_request)),
+        server_cpu_us_per_request: median_if_any(
+            settled
+                .iter()
+                .filter_map(|s| s.server_cpu_us_per_request)
+                .collect(),
+        ),
+    })
 }
 
 /// The median of the figures that could be read; `None` if none could.
@@ -190,6 +246,7 @@ pub fn summarize(connections: u32, runs: Vec<RunFigures>) -> Summary {
                 .filter_map(|r| r.server_wal_bytes_per_request)
                 .collect(),
         ),
+        settled: summarize_settled(&runs),
         non_2xx: runs.iter().map(|r| r.wrk.non_2xx).sum(),
         socket_errors: runs.iter().map(|r| r.wrk.socket_errors).sum(),
         runs,
@@ -212,6 +269,7 @@ pub async fn measure(
     what: &str,
     ws: &Workspace,
     circle: std::net::SocketAddr,
+    triggers: &AtomicUsize,
     options: &Options,
 ) -> Result<SubjectResult, String> {
     let mut per_connections: Vec<(u32, Vec<RunFigures>)> =
@@ -239,6 +297,7 @@ pub async fn measure(
                     *connections,
                     options.duration,
                     (name == "relay-postgres").then_some(ws),
+                    name.starts_with("relay").then_some(triggers),
                 )
                 .await?,
             );
@@ -266,7 +325,9 @@ pub async fn measure(
 /// One wrk run against a running subject: wrk's figures, and the subject's
 /// CPU time and disk writes over the run, per request served; with
 /// `postgres` (the subject stores on that workspace's `--postgres` server),
-/// the server's CPU and WAL too.
+/// the server's CPU and WAL too. With `triggers` (the mock CI's count of
+/// triggers received; each accepted webhook makes one), the same figures
+/// again once every webhook's trigger has arrived.
 pub async fn load_run(
     subject: &Running,
     url: &str,
@@ -274,12 +335,14 @@ pub async fn load_run(
     connections: u32,
     duration: Duration,
     postgres: Option<&Workspace>,
+    triggers: Option<&AtomicUsize>,
 ) -> Result<RunFigures, String> {
+    let triggers_before = triggers.map(|t| t.load(Ordering::Relaxed));
     let server_before = match postgres {
         Some(ws) => Some(ServerReading::take(ws).await),
         None => None,
     };
-    let before = load::cpu_time(subject.pid()).unwrap_or_default();
+    let before_cpu = load::cpu_time(subject.pid()).unwrap_or_default();
     let written_before = load::disk_writes(subject.pid()).unwrap_or_default();
     let wrk = tokio::task::spawn_blocking({
         let (url, script) = (url.to_owned(), script.to_owned());
@@ -289,7 +352,7 @@ pub async fn load_run(
     .map_err(|e| e.to_string())??;
     let cpu = load::cpu_time(subject.pid())
         .unwrap_or_default()
-        .saturating_sub(before);
+        .saturating_sub(before_cpu);
     let written = load::disk_writes(subject.pid())
         .unwrap_or_default()
         .saturating_sub(written_before);
@@ -304,14 +367,111 @@ pub async fn load_run(
         wrk.requests as f64
     };
     let (server_cpu, server_wal) = server_after
-        .zip(server_before)
-        .map(|(after, before)| after.per(&before, requests))
+        .as_ref()
+        .zip(server_before.as_ref())
+        .map(|(after, before)| after.per(before, requests))
         .unwrap_or_default();
+    let settled = match triggers.zip(triggers_before) {
+        Some((triggers, before)) if wrk.requests > 0 => {
+            let accepted = wrk.requests.saturating_sub(wrk.non_2xx) as usize;
+            let unsent = accepted.saturating_sub(triggers.load(Ordering::Relaxed).saturating_sub(before));
+            match settle(triggers, before + accepted, SETTLE_LIMIT).await {
+                Some(after) => {
+                    let cpu = load::cpu_time(subject.pid())
+                        .unwrap_or_default()
+                        .saturating_sub(before_cpu);
+                    let written = load::disk_writes(subject.pid())
+                        .unwrap_or_default()
+                        .saturating_sub(written_before);
+                    let (server_cpu, server_wal) = match (postgres, server_before.as_ref()) {
+                        (Some(ws), Some(before)) => ServerReading::take(ws).await.per(before, requests),
+                        _ => (None, None),
+                    };
+                    Some(Settled {
+                        unsent_at_end: unsent as f64 / accepted.max(1) as f64,
+                        after_ms: after.as_secs_f64() * 1e3,
+                        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
+                        disk_bytes_per_request: written as f64 / requests,
+                        server_cpu_us_per_request: server_cpu,
+                        server_wal_bytes_per_request: server_wal,
+                    })
+                }
+                None => {
+                    eprintln!(
+                        "  the mock CI had not received every accepted webhook's trigger {}s after the load: no settled figures",
+                        SETTLE_LIMIT.as_secs()
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     Ok(RunFigures {
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
         disk_bytes_per_request: written as f64 / requests,
         server_cpu_us_per_request: server_cpu,
         server_wal_bytes_per_request: server_wal,
+        settled,
         wrk,
     })
+}
+
+/// Waits until `triggers` reaches `expected`, and then until no more arrive
+/// for a moment (the requests wrk had in flight when it stopped): how long
+/// that took, or `None` past `limit`.
+async fn settle(triggers: &AtomicUsize, expected: usize, limit: Duration) -> Option<Duration> {
+    const QUIET: Duration = Duration::from_millis(200);
+    let started = Instant::now();
+    let mut last = triggers.load(Ordering::Relaxed);
+    let mut last_change = started;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = triggers.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+        if now >= expected && last_change.elapsed() >= QUIET {
+            return Some(last_change.duration_since(started));
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_settles_once_every_trigger_is_in_and_no_more_come() {
+        let triggers = Arc::new(AtomicUsize::new(10));
+        let sender = {
+            let triggers = triggers.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    triggers.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let took = settle(&triggers, 14, Duration::from_secs(10)).await;
+        sender.await.unwrap();
+        assert_eq!(
+            triggers.load(Ordering::Relaxed),
+            15,
+            "it waited for the straggler past the count"
+        );
+        assert!(took.is_some_and(|t| t >= Duration::from_millis(80)), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_triggers_never_all_come_has_not_settled() {
+        let triggers = AtomicUsize::new(3);
+        assert_eq!(settle(&triggers, 4, Duration::from_millis(50)).await, None);
+    }
 }
