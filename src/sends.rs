@@ -123,9 +123,10 @@ pub fn capacity(config: &Config, target: &str) -> usize {
 /// Seats in a target's waiting room per send slot. Under load a slot is
 /// held by a webhook waiting for its commit and then by its send, so twice
 /// the slots is where nearly every job finds a place (at 32 connections and
-/// `concurrency = 32` on PostgreSQL: one job in five claimed from the queue
-/// with as many seats as slots, three in four with none); the bound keeps
-/// a job's wait in memory to about two sends ahead of it.
+/// `concurrency = 32`: on PostgreSQL one job in five claimed from the queue
+/// with as many seats as slots, three in four with none; on SQLite one in
+/// fifty with two, 46% with none); the bound keeps a job's wait in memory
+/// to about two sends ahead of it.
 const SEATS_PER_SLOT: usize = 2;
 
 /// A target's send slots and the waiting room beside them.
@@ -245,16 +246,13 @@ impl Sends {
     }
 
     /// A place for one of `target`'s jobs that a webhook's commit hands
-    /// over: a send slot if one is free right now, else, when `may_wait`, a
-    /// seat in the waiting room if one is free; `None` when there is
-    /// neither, and the job is to wait in the store's queue.
-    pub fn try_place(&self, config: &Config, target: &str, may_wait: bool) -> Option<Place> {
+    /// over: a send slot if one is free right now, else a seat in the
+    /// waiting room if one is free; `None` when there is neither, and the
+    /// job is to wait in the store's queue.
+    pub fn try_place(&self, config: &Config, target: &str) -> Option<Place> {
         let slots = self.slots(target, capacity(config, target));
         if let Ok(slot) = slots.sends.clone().try_acquire_owned() {
             return Some(Place::Slot(slot));
-        }
-        if !may_wait {
-            return None;
         }
         let seat = slots.seats.try_acquire_owned().ok()?;
         Some(Place::Seat {
@@ -294,24 +292,20 @@ url = "http://127.0.0.1:9/"
     }
 
     #[tokio::test]
-    async fn a_job_finds_a_slot_then_a_seat_then_the_queue_and_seats_only_where_it_may_wait() {
+    async fn a_job_finds_a_slot_then_a_seat_then_the_queue() {
         let (sends, config) = (Sends::new().expect("a client"), config(2));
         let mut places = Vec::new();
         for _ in 0..2 {
-            places.push(sends.try_place(&config, "hook", true).expect("a free slot"));
+            places.push(sends.try_place(&config, "hook").expect("a free slot"));
         }
         assert!(places.iter().all(|p| matches!(p, Place::Slot(_))));
-        assert!(
-            sends.try_place(&config, "hook", false).is_none(),
-            "no slot, and this store's jobs wait in its queue"
-        );
         for _ in 0..SEATS_PER_SLOT * 2 {
-            let seat = sends.try_place(&config, "hook", true).expect("a seat");
+            let seat = sends.try_place(&config, "hook").expect("a seat");
             assert!(matches!(seat, Place::Seat { .. }));
             places.push(seat);
         }
         assert!(
-            sends.try_place(&config, "hook", true).is_none(),
+            sends.try_place(&config, "hook").is_none(),
             "every slot and seat taken: the job waits in the queue"
         );
         // A finished send frees a slot; the seat it leaves is free again.
@@ -321,7 +315,7 @@ url = "http://127.0.0.1:9/"
             .await
             .expect("the freed slot goes to the seat");
         assert!(matches!(
-            sends.try_place(&config, "hook", true),
+            sends.try_place(&config, "hook"),
             Some(Place::Seat { .. })
         ));
         drop(slot);
@@ -330,10 +324,10 @@ url = "http://127.0.0.1:9/"
     #[tokio::test]
     async fn a_freed_slot_goes_to_the_job_that_waited_longest_not_to_whoever_asks_next() {
         let (sends, config) = (Sends::new().expect("a client"), config(1));
-        let running = sends.try_place(&config, "hook", true).expect("the slot");
+        let running = sends.try_place(&config, "hook").expect("the slot");
         let (first, second) = (
-            sends.try_place(&config, "hook", true).expect("a seat"),
-            sends.try_place(&config, "hook", true).expect("a seat"),
+            sends.try_place(&config, "hook").expect("a seat"),
+            sends.try_place(&config, "hook").expect("a seat"),
         );
         let order = Arc::new(Mutex::new(Vec::new()));
         let waiting: Vec<_> = [(1, first), (2, second)]

@@ -58,10 +58,12 @@ impl Reservation {
 
 /// Takes a place for each job (`(id, target)`) whose target has one now:
 /// those jobs are stored leased and sent after the commit with no claim,
-/// at once in a send slot or, where the store's claims cost a round trip
-/// (`Queue::claims_cost_a_round_trip`), in the first slot a send frees,
-/// waiting for it in memory; the rest are queued for the dispatcher.
-/// Nothing is reserved once shutdown has begun.
+/// at once in a send slot or in the first slot a send frees, waiting for it
+/// in memory; the rest are queued for the dispatcher. A job queued costs a
+/// claim and a row version more, and under load it waits behind every job
+/// the waiting room holds: at 32 connections on SQLite, 46% of the
+/// webhooks' triggers were still queued when a 5 s load ended, and the
+/// last went out 1.3 s later. Nothing is reserved once shutdown has begun.
 pub fn reserve<'a>(
     app: &App,
     config: &Config,
@@ -73,9 +75,8 @@ pub fn reserve<'a>(
         return reservation;
     }
     let until = now + config.delivery.lease;
-    let may_wait = app.store.claims_cost_a_round_trip();
     for (id, target) in jobs {
-        if let Some(place) = app.sends.try_place(config, target, may_wait) {
+        if let Some(place) = app.sends.try_place(config, target) {
             let lease = Lease {
                 claim: Uuid::now_v7(),
                 until,

@@ -72,18 +72,6 @@ pub trait Queue: Send + Sync + fmt::Debug {
         std::future::pending::<()>().await;
     }
 
-    /// Whether claiming a job costs a round trip to the database and a row
-    /// version of its own (PostgreSQL), rather than riding in a batch the
-    /// store writes anyway (SQLite's writer, which the default says). Where
-    /// it does, a job handed over on commit that finds no free send slot
-    /// waits for one in memory, leased, instead of in the queue for a claim
-    /// (`dispatch::reserve`). On SQLite that wait did 4-19% fewer webhooks a
-    /// second at 32 connections in seven alternating pairs of nine, so
-    /// there the job stays in the queue.
-    fn claims_cost_a_round_trip(&self) -> bool {
-        false
-    }
-
     /// Whether the store answers and can write.
     async fn ping(&self, now: SystemTime) -> Result<(), StoreError>;
 

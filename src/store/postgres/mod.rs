@@ -336,10 +336,6 @@ impl Columns for Row {
 
 #[async_trait]
 impl Queue for PostgresStore {
-    fn claims_cost_a_round_trip(&self) -> bool {
-        true
-    }
-
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
         self.group_commit.ingest(event).await
     }
