@@ -6,9 +6,10 @@
 //! a claim id, sent with no lock held (its lease renewed while the send
 //! runs), then completed only if the claim still holds. Per-target
 //! semaphores cap sends in flight; a job handed over on commit may wait for
-//! one in memory, leased and its lease renewed, where the store's claims
-//! cost a round trip. Jobs not finished when
-//! shutdown's deadline passes stay in the store and are sent after restart.
+//! one in memory, leased and its lease renewed. Once shutdown begins no
+//! send starts, and a job still waiting goes back to the queue; sends not
+//! finished when shutdown's deadline passes stay leased in the store and go
+//! out again once their leases run out.
 
 pub mod retry;
 
@@ -115,7 +116,9 @@ fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
 
 /// Sends a leased job once its seat in the waiting room becomes a slot,
 /// its lease renewed while it waits; if the lease is lost meanwhile
-/// (another worker took the job), it is not sent here.
+/// (another worker took the job), it is not sent here. Once shutdown
+/// begins no send starts: a job still waiting goes back to the queue, for
+/// the next start or another relay, rather than wait out its lease.
 fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
     let span = info_span!(
         "wait for a send slot",
@@ -129,18 +132,36 @@ fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
         async move {
             let lease = app.config().delivery.lease;
             let slot = tokio::select! {
-                slot = seat.slot() => Some(slot),
-                () = lease_lost(&app, &job, lease) => None,
+                biased;
+                () = app.shutdown.cancelled() => Err(true),
+                slot = seat.slot() => Ok(slot),
+                () = lease_lost(&app, &job, lease) => Err(false),
             };
             match slot {
-                Some(slot) => deliver(app, job, slot).await,
-                None => warn!(
+                Ok(slot) => deliver(app, job, slot).await,
+                Err(true) => give_back(&app, &job).await,
+                Err(false) => warn!(
                     "the job's lease ran out and another worker took it while it waited for a send slot; it is not sent here"
                 ),
             }
         }
         .instrument(span),
     );
+}
+
+/// Puts a job that never got its send slot back in the queue at shutdown;
+/// should the store refuse, the job goes out once its lease runs out.
+async fn give_back(app: &App, job: &ClaimedJob) {
+    match app.store.release(job.id, job.claim, app.now()).await {
+        Ok(true) => {
+            info!("shutdown began while the job waited for a send slot; it is queued again, not sent")
+        }
+        Ok(false) => {}
+        Err(e) => warn!(
+            error = %e,
+            "shutdown began while the job waited for a send slot, and the store did not take it back; it goes out once its lease runs out"
+        ),
+    }
 }
 
 /// How long the dispatcher sleeps when it has claimed all it could: until

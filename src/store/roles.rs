@@ -60,6 +60,13 @@ pub trait Queue: Send + Sync + fmt::Debug {
         now: SystemTime,
     ) -> Result<bool, StoreError>;
 
+    /// Puts a leased job that was never sent back in the queue, due now,
+    /// if `claim` still holds: a job that waited in memory for a send slot
+    /// when shutdown began, which another worker (or this relay after a
+    /// restart) then sends without waiting out its lease. No attempt is
+    /// recorded. `Ok(false)`: the claim was lost; nothing was written.
+    async fn release(&self, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError>;
+
     /// The next moment a job becomes due or a lease expires, on the
     /// caller's clock (whose reading is `now`).
     async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError>;

@@ -485,6 +485,9 @@ impl Queue for FullDisk {
     async fn renew(&self, _: Uuid, _: Uuid, _: Duration, _: SystemTime) -> Result<bool, StoreError> {
         Err(full())
     }
+    async fn release(&self, _: Uuid, _: Uuid, _: SystemTime) -> Result<bool, StoreError> {
+        Err(full())
+    }
     async fn next_wakeup(&self, _: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         Ok(None)
     }

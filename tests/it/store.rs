@@ -150,6 +150,7 @@ cases! {
         claim_respects_limit_and_reclaims_expired_leases,
         stale_completion_writes_nothing,
         renewal_extends_only_a_lease_still_held,
+        a_released_lease_queues_the_job_again_only_with_its_claim,
         complete_moves_the_job,
         retry_waits_until_due,
         next_wakeup_reports_the_earliest,
@@ -913,6 +914,44 @@ async fn stale_completion_writes_nothing(f: Fixture) {
         "a claim completes once"
     );
     assert_eq!(history_len(store, id).await, 1);
+}
+
+/// A job leased at its commit and never sent goes back to the queue when
+/// its claim releases it, due at once, with no attempt recorded and the
+/// counts moved; a stale claim's release changes nothing.
+async fn a_released_lease_queues_the_job_again_only_with_its_claim(f: Fixture) {
+    let store = &f.store;
+    let (leased, claim_id) = leased_job("ci", SystemTime::now() + LEASE);
+    let id = leased.id;
+    accept(store, event("release-1", vec![leased])).await;
+    assert_eq!(state_of(store, id).await, JobState::InFlight);
+    assert!(claim(store, "ci", 10, LEASE).await.is_empty(), "the lease holds");
+
+    assert!(
+        !store
+            .release(id, Uuid::now_v7(), SystemTime::now())
+            .await
+            .unwrap(),
+        "another claim cannot release it"
+    );
+    assert_eq!(state_of(store, id).await, JobState::InFlight);
+
+    assert!(store.release(id, claim_id, SystemTime::now()).await.unwrap());
+    assert_eq!(state_of(store, id).await, JobState::Queued);
+    assert_eq!(history_len(store, id).await, 0, "a release is not an attempt");
+    assert_counts_match_the_jobs(store, "after the release").await;
+    let again = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(
+        ids(&again),
+        HashSet::from([id]),
+        "due at once, not when the lease would have run out"
+    );
+    assert_eq!(again[0].attempts, 0);
+    assert!(
+        !store.release(id, claim_id, SystemTime::now()).await.unwrap(),
+        "the first claim is stale now"
+    );
+    assert_eq!(state_of(store, id).await, JobState::InFlight);
 }
 
 /// A renewal moves the lease's end out from the store's now, where the

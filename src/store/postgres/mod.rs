@@ -368,6 +368,10 @@ impl Queue for PostgresStore {
         queue::renew(self, job, claim, lease, now).await
     }
 
+    async fn release(&self, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError> {
+        queue::release(self, job, claim, now).await
+    }
+
     async fn next_wakeup(&self, now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         queue::next_wakeup(self, now).await
     }

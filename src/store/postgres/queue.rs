@@ -245,6 +245,41 @@ pub(super) async fn renew(
     .await
 }
 
+/// Puts a leased job back in the queue, due now on the database's clock,
+/// if `claim` still holds (see `Queue::release`), and wakes every relay's
+/// dispatcher when that commits.
+pub(super) async fn release(
+    store: &PostgresStore,
+    job: Uuid,
+    claim: Uuid,
+    _now: SystemTime,
+) -> Result<bool, StoreError> {
+    within("release", OPERATION_TIMEOUT, async {
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, due_at = now(),
+                     updated_at = now()
+                 WHERE id = $1 AND claim_id = $2",
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if tx
+            .execute(&stmt, &[&job, &claim])
+            .await
+            .map_err(|e| unavailable(&e))?
+            == 0
+        {
+            return Ok(false);
+        }
+        notify(&tx).await?;
+        tx.commit().await.map_err(|e| unavailable(&e))?;
+        Ok(true)
+    })
+    .await
+}
+
 pub(super) async fn next_wakeup(
     store: &PostgresStore,
     now: SystemTime,

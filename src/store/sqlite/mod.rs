@@ -327,6 +327,14 @@ impl Queue for SqliteStore {
         .await
     }
 
+    async fn release(&self, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError> {
+        // Lost to a power cut, the job waits out its lease instead.
+        self.run(Durability::Committed, move |conn| {
+            queue::release(conn, job, claim, now)
+        })
+        .await
+    }
+
     async fn next_wakeup(&self, _now: SystemTime) -> Result<Option<SystemTime>, StoreError> {
         // Stored times were the caller's clock already.
         self.run(Durability::Committed, |tx| queue::next_wakeup(tx)).await

@@ -422,6 +422,21 @@ pub(super) fn renew(
     .map_err(|e| unavailable(&e))
 }
 
+/// Puts a leased job back in the queue, due now, if `claim` still holds
+/// (see `Queue::release`).
+pub(super) fn release(conn: &Tx<'_>, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError> {
+    let now = to_millis(now);
+    let released = conn
+        .statement(
+            "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, due_at = ?1, updated_at = ?1
+             WHERE id = ?2 AND claim_id = ?3 AND state = 'in_flight'",
+        )
+        .and_then(|mut stmt| stmt.execute(params![now, job.to_string(), claim.to_string()]))
+        .map_err(|e| unavailable(&e))?;
+    conn.count_moved(JobState::InFlight, JobState::Queued, released)?;
+    Ok(released > 0)
+}
+
 /// The readiness probe's write: the store answers and can write.
 pub(super) fn ping(conn: &Connection, now: SystemTime) -> Result<(), StoreError> {
     conn.execute(
