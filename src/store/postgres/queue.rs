@@ -245,9 +245,8 @@ pub(super) async fn renew(
     .await
 }
 
-/// Puts a leased job back in the queue, due now on the database's clock,
-/// if `claim` still holds (see `Queue::release`), and wakes every relay's
-/// dispatcher when that commits.
+/// Puts a leased job back in the queue if `claim` still holds (see
+/// `Queue::release`), and wakes every relay's dispatcher when that commits.
 pub(super) async fn release(
     store: &PostgresStore,
     job: Uuid,
@@ -259,8 +258,7 @@ pub(super) async fn release(
         let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
         let stmt = tx
             .prepare_cached(
-                "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, due_at = now(),
-                     updated_at = now()
+                "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, updated_at = now()
                  WHERE id = $1 AND claim_id = $2",
             )
             .await

@@ -422,13 +422,13 @@ pub(super) fn renew(
     .map_err(|e| unavailable(&e))
 }
 
-/// Puts a leased job back in the queue, due now, if `claim` still holds
-/// (see `Queue::release`).
+/// Puts a leased job back in the queue if `claim` still holds (see
+/// `Queue::release`).
 pub(super) fn release(conn: &Tx<'_>, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError> {
     let now = to_millis(now);
     let released = conn
         .statement(
-            "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, due_at = ?1, updated_at = ?1
+            "UPDATE jobs SET state = 'queued', claim_id = NULL, lease_until = NULL, updated_at = ?1
              WHERE id = ?2 AND claim_id = ?3 AND state = 'in_flight'",
         )
         .and_then(|mut stmt| stmt.execute(params![now, job.to_string(), claim.to_string()]))
