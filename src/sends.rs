@@ -5,8 +5,9 @@
 //! `concurrency` counts all of its sends. Beside each target's slots is a
 //! waiting room, twice as many seats, for jobs handed over on commit that
 //! wait in memory for the next slot a send frees rather than in the queue
-//! for a claim (`Place`). Sends run on the one tracker that shutdown waits
-//! for. Nothing here decides what to send or when.
+//! for a claim (`Place`). Sends, and the jobs waiting for a slot, run on
+//! the trackers that shutdown waits for. Nothing here decides what to send
+//! or when.
 //!
 //! There is one client per distinct proxy setting (`targets::proxy`): the
 //! environment's, direct, and each named proxy with its credentials. Each is
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use sha2::{Digest, Sha256};
@@ -189,6 +191,12 @@ pub struct Sends {
     /// One client per distinct proxy setting, built on first use.
     clients: Mutex<HashMap<ClientKey, Arc<Outbound>>>,
     pub tracker: TaskTracker,
+    /// The jobs waiting in memory for a send slot: once one has its slot
+    /// its send moves to `tracker`.
+    pub waiting: TaskTracker,
+    /// Cancelled when shutdown's deadline passes: the jobs still waiting
+    /// for a slot then go back to the store's queue.
+    pub hand_back: CancellationToken,
     /// Each target's slots and waiting room; replaced when a reload changes
     /// the capacity.
     slots: Mutex<HashMap<String, Slots>>,
@@ -202,6 +210,8 @@ impl Sends {
         let sends = Sends {
             clients: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
+            waiting: TaskTracker::new(),
+            hand_back: CancellationToken::new(),
             slots: Mutex::new(HashMap::new()),
             starved: AtomicBool::new(false),
         };

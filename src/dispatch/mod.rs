@@ -6,10 +6,11 @@
 //! a claim id, sent with no lock held (its lease renewed while the send
 //! runs), then completed only if the claim still holds. Per-target
 //! semaphores cap sends in flight; a job handed over on commit may wait for
-//! one in memory, leased and its lease renewed. Once shutdown begins no
-//! send starts, and a job still waiting goes back to the queue; sends not
-//! finished when shutdown's deadline passes stay leased in the store and go
-//! out again once their leases run out.
+//! one in memory, leased and its lease renewed. At shutdown, sends in
+//! flight and jobs waiting for a slot get the deadline; a job still waiting
+//! then goes back to the queue, and a send not finished stays in the store
+//! and is sent again after restart (or, on a shared store, once its lease
+//! runs out).
 
 pub mod retry;
 
@@ -116,9 +117,10 @@ fn start_send(app: &Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
 
 /// Sends a leased job once its seat in the waiting room becomes a slot,
 /// its lease renewed while it waits; if the lease is lost meanwhile
-/// (another worker took the job), it is not sent here. Once shutdown
-/// begins no send starts: a job still waiting goes back to the queue, for
-/// the next start or another relay, rather than wait out its lease.
+/// (another worker took the job), it is not sent here. A stop lets it wait
+/// on until the shutdown's deadline; if that passes first, it goes back to
+/// the queue, for another relay to send at once rather than after its
+/// lease.
 fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
     let span = info_span!(
         "wait for a send slot",
@@ -128,19 +130,14 @@ fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
         route = %job.route,
     );
     let app = app.clone();
-    app.sends.tracker.clone().spawn(
+    app.sends.waiting.clone().spawn(
         async move {
             let lease = app.config().delivery.lease;
-            let slot = tokio::select! {
+            tokio::select! {
                 biased;
-                () = app.shutdown.cancelled() => Err(true),
-                slot = seat.slot() => Ok(slot),
-                () = lease_lost(&app, &job, lease) => Err(false),
-            };
-            match slot {
-                Ok(slot) => deliver(app, job, slot).await,
-                Err(true) => give_back(&app, &job).await,
-                Err(false) => warn!(
+                () = app.sends.hand_back.cancelled() => give_back(&app, &job).await,
+                slot = seat.slot() => start_send(&app, job, slot),
+                () = lease_lost(&app, &job, lease) => warn!(
                     "the job's lease ran out and another worker took it while it waited for a send slot; it is not sent here"
                 ),
             }
@@ -149,17 +146,18 @@ fn start_send_when_free(app: &Arc<App>, job: ClaimedJob, seat: Place) {
     );
 }
 
-/// Puts a job that never got its send slot back in the queue at shutdown;
-/// should the store refuse, the job goes out once its lease runs out.
+/// Puts a job that never got its send slot back in the queue when
+/// shutdown's deadline passes; should the store refuse, the job goes out
+/// once its lease runs out.
 async fn give_back(app: &App, job: &ClaimedJob) {
     match app.store.release(job.id, job.claim, app.now()).await {
-        Ok(true) => {
-            info!("shutdown began while the job waited for a send slot; it is queued again, not sent")
-        }
+        Ok(true) => info!(
+            "shutdown's deadline passed while the job waited for a send slot; it is queued again, not sent"
+        ),
         Ok(false) => {}
         Err(e) => warn!(
             error = %e,
-            "shutdown began while the job waited for a send slot, and the store did not take it back; it goes out once its lease runs out"
+            "shutdown's deadline passed while the job waited for a send slot, and the store did not take it back; it goes out once its lease runs out"
         ),
     }
 }
@@ -249,24 +247,45 @@ pub async fn run(app: Arc<App>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => {}
         }
     }
-    let tracker = &app.sends.tracker;
-    tracker.close();
+    let (sends, waiting) = (&app.sends.tracker, &app.sends.waiting);
+    sends.close();
+    waiting.close();
     let deadline = app.config().server.shutdown_timeout;
-    let in_flight = tracker.len();
-    if in_flight > 0 {
+    if !sends.is_empty() || !waiting.is_empty() {
         info!(
-            sends = in_flight,
+            sends = sends.len(),
+            waiting = waiting.len(),
             deadline_secs = deadline.as_secs(),
-            "waiting for sends in flight"
+            "waiting for sends in flight and jobs waiting for a send slot"
         );
     }
-    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+    // A job that gets its slot moves its send to `sends` before it leaves
+    // `waiting`.
+    let all_done = async {
+        waiting.wait().await;
+        sends.wait().await;
+    };
+    if tokio::time::timeout(deadline, all_done).await.is_err() {
+        app.sends.hand_back.cancel();
+        if tokio::time::timeout(HAND_BACK_WAIT, waiting.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                waiting = waiting.len(),
+                "the store did not take back every job waiting for a send slot in time; those go out once their leases run out"
+            );
+        }
         warn!(
-            sends = tracker.len(),
+            sends = sends.len(),
             "shutdown deadline passed with sends in flight; their jobs stay in the store and are sent again after restart"
         );
     }
 }
+
+/// How long a stop waits, past its deadline, for the store to take back
+/// the jobs still waiting for a send slot: one small write each.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
 
 async fn deliver(app: Arc<App>, job: ClaimedJob, permit: OwnedSemaphorePermit) {
     let span = info_span!(

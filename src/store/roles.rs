@@ -61,12 +61,13 @@ pub trait Queue: Send + Sync + fmt::Debug {
     ) -> Result<bool, StoreError>;
 
     /// Puts a leased job that was never sent back in the queue if `claim`
-    /// still holds: a job that waited in memory for a send slot when
-    /// shutdown began, which another worker (or this relay after a restart)
-    /// then sends without waiting out its lease. It keeps the time it was
-    /// due (its commit's), so it is due at once and goes out in its turn
-    /// among the jobs queued with it. No attempt is recorded. `Ok(false)`:
-    /// the claim was lost; nothing was written.
+    /// still holds: a job still waiting in memory for a send slot when
+    /// shutdown's deadline passed, which another relay on a shared store
+    /// then sends without waiting out its lease (SQLite's next start puts
+    /// every leased job back anyway). It keeps the time it was due (its
+    /// commit's), so it is due at once and goes out in its turn among the
+    /// jobs queued with it. No attempt is recorded. `Ok(false)`: the claim
+    /// was lost; nothing was written.
     async fn release(&self, job: Uuid, claim: Uuid, now: SystemTime) -> Result<bool, StoreError>;
 
     /// The next moment a job becomes due or a lease expires, on the

@@ -570,15 +570,28 @@ token = "t"
 /// config, the target's own `concurrency` appended to its table, the
 /// file's last.
 fn relay_with_slots(dir: &Path, name: &str, target: &MockServer, url: &str, slots: usize) -> Daemon {
+    relay_with(dir, name, target, url, slots, "5s", "1s")
+}
+
+/// As [`relay_with_slots`], with its shutdown deadline and lease.
+fn relay_with(
+    dir: &Path,
+    name: &str,
+    target: &MockServer,
+    url: &str,
+    slots: usize,
+    shutdown: &str,
+    lease: &str,
+) -> Daemon {
     let own = dir.join(name);
     std::fs::create_dir_all(&own).unwrap();
     let config = write_config_with(
         &own,
         free_port(),
         target,
-        "5s",
+        shutdown,
         url,
-        "timeout = \"10s\"\nlease = \"1s\"",
+        &format!("timeout = \"10s\"\nlease = \"{lease}\""),
     );
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!("concurrency = {slots}\n"));
@@ -642,6 +655,47 @@ async fn a_job_waiting_for_its_relays_slot_is_not_taken_over_by_another_relay() 
     );
     assert_eq!(wait_done(&db, 2).await, [1, 1], "one attempt a job");
     assert_eq!(circle.requests().len(), 2, "each job sent once");
+}
+
+/// A relay that stops while a job waits for its one send slot hands the
+/// job back when its shutdown deadline (1 s) passes, and the other relay,
+/// woken by the release, sends it at once: it would otherwise wait out the
+/// job's 60 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(relay_postgres_tests),
+    ignore = "PostgreSQL is not installed here (no /usr/lib/postgresql/*/bin/initdb) and RELAY_TEST_POSTGRES is unset"
+)]
+async fn a_stopping_relay_hands_the_job_waiting_for_its_slot_to_another_at_once() {
+    let Some(db) =
+        postgres_database("a_stopping_relay_hands_the_job_waiting_for_its_slot_to_another_at_once").await
+    else {
+        return;
+    };
+    let circle = MockServer::start(Reply::new(201, CREATED)).await;
+    // The stopping relay's one send outlasts its deadline; every other is answered at once.
+    circle.script([Reply::new(201, CREATED).after(Duration::from_secs(8))]);
+    let dir = tempfile::tempdir().unwrap();
+    let stopping = relay_with(dir.path(), "stopping", &circle, &db, 1, "1s", "60s");
+    let _other = relay_with(dir.path(), "other", &circle, &db, CONCURRENCY, "5s", "60s");
+    for n in 0..2 {
+        post_push(&stopping, n).await;
+    }
+    circle.wait_for(1).await;
+    stopping.signal("TERM");
+    let (status, logs) = stopping.terminate();
+    assert!(status.success(), "exit status {status}; log:\n{logs}");
+    assert_eq!(
+        logs.matches("it is queued again, not sent").count(),
+        1,
+        "log:\n{logs}"
+    );
+    circle.wait_for_within(2, Duration::from_secs(10)).await;
+    assert_eq!(
+        deliveries(&circle),
+        ["crash-0", "crash-1"],
+        "the send cut off by the deadline, then the job handed back, sent by the other relay"
+    );
 }
 
 /// A job whose lease ran out while it waited for its relay's send slot is
