@@ -173,7 +173,7 @@ pub struct Summary {
     pub server_cpu_us_per_request: Option<f64>,
     pub server_wal_bytes_per_request: Option<f64>,
     /// Medians of the runs' [`Settled`] figures, where every run settled.
-    pub settled: Option<SettledSummary>,
+    pub settled: Option<Settled>,
     pub non_2xx: u64,
     pub socket_errors: u64,
     pub runs: Vec<RunFigures>,
@@ -191,33 +191,23 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// The medians of the runs' settled figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct SettledSummary {
-    pub unsent_at_end: f64,
-    pub after_ms: f64,
-    pub cpu_us_per_request: f64,
-    pub disk_bytes_per_request: f64,
-    pub server_cpu_us_per_request: Option<f64>,
-}
-
-fn summarize_settled(runs: &[RunFigures]) -> Option<SettledSummary> {
+/// The medians of the runs' settled figures; `None` unless every run
+/// settled.
+fn summarize_settled(runs: &[RunFigures]) -> Option<Settled> {
     let settled: Vec<&Settled> = runs.iter().map(|r| r.settled.as_ref()).collect::<Option<_>>()?;
     if settled.is_empty() {
         return None;
     }
     let pick = |f: &dyn Fn(&Settled) -> f64| settled.iter().map(|s| f(s)).collect::<Vec<f64>>();
-    Some(SettledSummary {
+    let pick_read =
+        |f: &dyn Fn(&Settled) -> Option<f64>| median_if_any(settled.iter().filter_map(|s| f(s)).collect());
+    Some(Settled {
         unsent_at_end: median(pick(&|s| s.unsent_at_end)),
         after_ms: median(pick(&|s| s.after_ms)),
         cpu_us_per_request: median(pick(&|s| s.cpu_us_per_request)),
         disk_bytes_per_request: median(pick(&|s| s.disk_bytes_per_request)),
-        server_cpu_us_per_request: median_if_any(
-            settled
-                .iter()
-                .filter_map(|s| s.server_cpu_us_per_request)
-                .collect(),
-        ),
+        server_cpu_us_per_request: pick_read(&|s| s.server_cpu_us_per_request),
+        server_wal_bytes_per_request: pick_read(&|s| s.server_wal_bytes_per_request),
     })
 }
 
@@ -350,12 +340,18 @@ pub async fn load_run(
     })
     .await
     .map_err(|e| e.to_string())??;
-    let cpu = load::cpu_time(subject.pid())
-        .unwrap_or_default()
-        .saturating_sub(before_cpu);
-    let written = load::disk_writes(subject.pid())
-        .unwrap_or_default()
-        .saturating_sub(written_before);
+    // The subject's CPU time and disk writes since the load began.
+    let spent = || {
+        (
+            load::cpu_time(subject.pid())
+                .unwrap_or_default()
+                .saturating_sub(before_cpu),
+            load::disk_writes(subject.pid())
+                .unwrap_or_default()
+                .saturating_sub(written_before),
+        )
+    };
+    let (cpu, written) = spent();
     let server_after = match postgres {
         Some(ws) => Some(ServerReading::take(ws).await),
         None => None,
@@ -377,12 +373,7 @@ pub async fn load_run(
             let unsent = accepted.saturating_sub(triggers.load(Ordering::Relaxed).saturating_sub(before));
             match settle(triggers, before + accepted, SETTLE_LIMIT).await {
                 Some(after) => {
-                    let cpu = load::cpu_time(subject.pid())
-                        .unwrap_or_default()
-                        .saturating_sub(before_cpu);
-                    let written = load::disk_writes(subject.pid())
-                        .unwrap_or_default()
-                        .saturating_sub(written_before);
+                    let (cpu, written) = spent();
                     let (server_cpu, server_wal) = match (postgres, server_before.as_ref()) {
                         (Some(ws), Some(before)) => ServerReading::take(ws).await.per(before, requests),
                         _ => (None, None),
@@ -467,6 +458,61 @@ mod tests {
             "it waited for the straggler past the count"
         );
         assert!(took.is_some_and(|t| t >= Duration::from_millis(80)), "{took:?}");
+    }
+
+    fn settled_run(cpu: f64, server: Option<f64>) -> RunFigures {
+        RunFigures {
+            wrk: crate::load::WrkResult {
+                requests: 1_000,
+                requests_per_sec: 200.0,
+                p50_ms: 1.0,
+                p99_ms: 2.0,
+                non_2xx: 0,
+                socket_errors: 0,
+            },
+            cpu_us_per_request: cpu - 20.0,
+            disk_bytes_per_request: 900.0,
+            server_cpu_us_per_request: None,
+            server_wal_bytes_per_request: None,
+            settled: Some(Settled {
+                unsent_at_end: cpu / 1_000.0,
+                after_ms: cpu * 10.0,
+                cpu_us_per_request: cpu,
+                disk_bytes_per_request: cpu * 100.0,
+                server_cpu_us_per_request: server,
+                server_wal_bytes_per_request: server.map(|s| s * 2.0),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_settled_summary_is_each_figures_median_and_only_where_every_run_settled() {
+        let runs = vec![
+            settled_run(150.0, Some(300.0)),
+            settled_run(130.0, None),
+            settled_run(140.0, Some(200.0)),
+        ];
+        let summary = summarize(32, runs.clone()).settled.expect("every run settled");
+        assert_eq!(
+            (
+                summary.cpu_us_per_request,
+                summary.unsent_at_end,
+                summary.after_ms,
+                summary.disk_bytes_per_request
+            ),
+            (140.0, 0.14, 1_400.0, 14_000.0)
+        );
+        assert_eq!(
+            (
+                summary.server_cpu_us_per_request,
+                summary.server_wal_bytes_per_request
+            ),
+            (Some(250.0), Some(500.0)),
+            "the medians of the runs that read the server"
+        );
+        let mut unsettled = runs;
+        unsettled[1].settled = None;
+        assert!(summarize(32, unsettled).settled.is_none());
     }
 
     #[tokio::test]
