@@ -47,8 +47,8 @@ rm -rf "$work/profiles"
 mkdir -p "$work/profiles"
 
 echo "== an instrumented relay (target/pgo)"
-# --target keeps the flags off build scripts and proc macros: only relay's
-# own code records.
+# --target keeps the flags off build scripts and proc macros: only what is
+# linked into relay (its dependencies too) records.
 RUSTFLAGS="-Cprofile-generate=$work/profiles" \
   cargo build --release --locked -p relay --bin relay --target "$host" --target-dir "$work"
 
