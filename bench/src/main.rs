@@ -13,7 +13,9 @@
 //! Every subject serves on CPU 0; wrk and this harness (with its mock
 //! CircleCI) run on CPU 1. Each subject gets the same ~7 KB signed GitHub
 //! push, with a delivery id of its own per request, at 1 and 32 connections;
-//! figures are medians of `--runs` runs, with the spread. The curves
+//! figures are medians of `--runs` runs, with the spread. The subjects run
+//! in rounds, each once a round, and a ratio between two of them is the
+//! median of the rounds' ratios. The curves
 //! (`routes`, `payload`, `queue_depth`, `store_size`) load relay alone at 32 connections
 //! while one thing grows. Bounded: every run has a fixed duration or a fixed
 //! count, every fill a time budget. Talks only to 127.0.0.1.
@@ -22,6 +24,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod backlog;
+mod compare;
 mod curves;
 mod depth;
 mod history;
@@ -46,7 +49,7 @@ use process::{Scratch, ensure_tools, machine};
 use relay::Workspace;
 use report::{Report, table};
 use servers::{Baseline, MockCircle};
-use subjects::{SUBJECTS, measure};
+use subjects::{Runs, SUBJECTS};
 
 const SECRET: &str = "bench-webhook-secret";
 const BACKLOG: usize = 20_000;
@@ -81,8 +84,9 @@ loopback.
 Every subject gets the same ~7 KB signed GitHub push from wrk, a delivery id
 of its own per request, at each of --connections: the subject serves on CPU 0,
 wrk and the harness run on CPU 1. Prints one table (req/s, p50/p99, CPU µs and
-bytes written to disk per request, RSS idle and after, relay's ratio to each
-baseline: medians of --runs, with the spread), relay's end-to-end latency at
+bytes written to disk per request, RSS idle and after: medians of --runs,
+with the spread; the subjects run in rounds, each once a round, and relay's
+ratio to each baseline is the median of the rounds'), relay's end-to-end latency at
 100 webhooks/s and its delivery rate from a 20,000-job backlog (for one target,
 and spread over 100; with --postgres, on PostgreSQL too) with relay's CPU per
 trigger, and writes the same as JSON to compare across commits.
@@ -120,6 +124,18 @@ enum Internal {
         /// An earlier run's JSON, drawn beside it
         #[arg(long, value_name = "FILE")]
         against: Option<PathBuf>,
+    },
+    /// Compares two builds pair by pair, measuring nothing: the runs'
+    /// JSON (--out) made alternately, the previous build's and this one's,
+    /// in the same order; prints each pair's figures, their ratio, and the
+    /// median ratio.
+    Compare {
+        /// The previous build's runs, in pair order
+        #[arg(long, value_name = "FILE", value_delimiter = ',', required = true)]
+        old: Vec<PathBuf>,
+        /// This build's runs, in the same order
+        #[arg(long, value_name = "FILE", value_delimiter = ',', required = true)]
+        new: Vec<PathBuf>,
     },
 }
 
@@ -255,6 +271,17 @@ fn main() {
         }
         return;
     }
+    if let Some(Internal::Compare { old, new }) = &cli.internal {
+        let read = |files: &[PathBuf]| files.iter().map(|f| read_json(f)).collect::<Result<Vec<_>, _>>();
+        match read(old).and_then(|old| compare::table(&old, &read(new)?)) {
+            Ok(table) => print!("{table}"),
+            Err(e) => {
+                eprintln!("relay-bench compare: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     if let Some(Internal::ServeBaseline { which, port }) = cli.internal {
         // The harness re-runs itself as the hyper baselines.
         let served = tokio::runtime::Runtime::new().and_then(|runtime| {
@@ -331,20 +358,28 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     let triggers = mock.count.clone();
     let circle = mock.start(false).await.map_err(|e| e.to_string())?;
     let only = &options.only;
-    let mut subjects = Vec::new();
-    for (name, what) in SUBJECTS {
-        if !wanted(only, name) {
-            continue;
+    let chosen: Vec<(&str, &str)> = SUBJECTS
+        .into_iter()
+        .filter(|(name, _)| wanted(only, name) && (*name != "relay-postgres" || ws.postgres.is_some()))
+        .collect();
+    // In rounds, each subject once a round: a ratio between two subjects
+    // (relay ÷ webhook-noexec, PostgreSQL ÷ SQLite) then compares runs a
+    // minute apart, not a whole subject's runs apart.
+    let mut measured: Vec<Runs> = chosen.iter().map(|_| Runs::new(&options.connections)).collect();
+    for run in 0..options.runs {
+        for ((name, _), runs) in chosen.iter().zip(&mut measured) {
+            eprintln!("measuring {name}, run {} of {} …", run + 1, options.runs);
+            let result = runs.measure(name, run, &ws, circle, &triggers, &options).await;
+            // A run that failed stopped its relay but left its database.
+            ws.drop_databases().await?;
+            result?;
         }
-        if name == "relay-postgres" && ws.postgres.is_none() {
-            continue;
-        }
-        eprintln!("measuring {name} …");
-        let measured = measure(name, what, &ws, circle, &triggers, &options).await;
-        // A run that failed stopped its relay but left its database.
-        ws.drop_databases().await?;
-        subjects.push(measured?);
     }
+    let subjects: Vec<_> = chosen
+        .iter()
+        .zip(measured)
+        .map(|((name, what), runs)| runs.result(name, what))
+        .collect();
     let end_to_end = if wanted(only, "e2e") {
         eprintln!("measuring relay end to end at {E2E_RATE} req/s …");
         Some(latency::end_to_end(&ws, &options).await?)
@@ -416,6 +451,7 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
         duration_secs: options.duration.as_secs(),
         runs: options.runs,
         payload_bytes: ws.body.body.len(),
+        ratios: report::ratios(&subjects),
         subjects,
         end_to_end,
         delivery,

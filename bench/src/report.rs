@@ -9,7 +9,7 @@ use crate::curves::{Curve, PayloadPoint, RoutesPoint};
 use crate::depth::DepthPoint;
 use crate::history::StoreSize;
 use crate::latency::{BacklogStore, Delivery, EndToEnd};
-use crate::subjects::{SubjectResult, Summary};
+use crate::subjects::{SubjectResult, median};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -25,6 +25,9 @@ pub struct Report {
     pub runs: usize,
     pub payload_bytes: usize,
     pub subjects: Vec<SubjectResult>,
+    /// relay's requests/s over each baseline's, and relay on PostgreSQL's
+    /// over relay on SQLite's, round by round (see [`ratios`]).
+    pub ratios: Vec<Ratio>,
     pub end_to_end: Option<EndToEnd>,
     pub delivery: Option<Delivery>,
     /// The same backlog spread over many targets.
@@ -41,14 +44,66 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-pub fn find<'a>(report: &'a Report, name: &str, connections: u32) -> Option<&'a Summary> {
-    report
-        .subjects
-        .iter()
-        .find(|s| s.name == name)?
-        .by_connections
-        .iter()
-        .find(|c| c.connections == connections)
+/// One subject's requests/s over another's at one connection count: each
+/// round's (the subjects' runs are made in rounds, each subject once a
+/// round, so the two runs of a round share a minute of the machine) and
+/// the median of those.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    pub subject: String,
+    pub against: String,
+    pub connections: u32,
+    pub by_round: Vec<f64>,
+    pub median: f64,
+}
+
+/// The ratios the goals are judged by, at every connection count both
+/// subjects were loaded at: relay against each baseline, and relay on
+/// PostgreSQL against relay on SQLite.
+pub fn ratios(subjects: &[SubjectResult]) -> Vec<Ratio> {
+    let pairs = ["hyper-ceiling", "hyper-verify", "webhook-noexec", "webhook-exec"]
+        .map(|base| ("relay", base))
+        .into_iter()
+        .chain([("relay-postgres", "relay")]);
+    let mut out = Vec::new();
+    for (subject, against) in pairs {
+        let by_name = |name: &str| subjects.iter().find(|s| s.name == name);
+        let (Some(a), Some(b)) = (by_name(subject), by_name(against)) else {
+            continue;
+        };
+        for mine in &a.by_connections {
+            let Some(theirs) = b
+                .by_connections
+                .iter()
+                .find(|c| c.connections == mine.connections)
+            else {
+                continue;
+            };
+            let by_round: Vec<f64> = mine
+                .runs
+                .iter()
+                .zip(&theirs.runs)
+                .filter(|(_, t)| t.wrk.requests_per_sec > 0.0)
+                .map(|(m, t)| m.wrk.requests_per_sec / t.wrk.requests_per_sec)
+                .collect();
+            if by_round.is_empty() {
+                continue;
+            }
+            out.push(Ratio {
+                subject: subject.to_owned(),
+                against: against.to_owned(),
+                connections: mine.connections,
+                median: median(by_round.clone()),
+                by_round,
+            });
+        }
+    }
+    out
+}
+
+fn ratio_line(r: &Ratio) -> String {
+    let rounds: Vec<String> = r.by_round.iter().map(|x| format!("{x:.2}×")).collect();
+    format!("{:.2}× (median of the rounds: {})", r.median, rounds.join(", "))
 }
 
 pub fn table(report: &Report) -> String {
@@ -96,27 +151,20 @@ pub fn table(report: &Report) -> String {
             "\nwebhook-exec: {failures} commands failed with \"too many open files\""
         );
     }
-    if let Some(relay) = find(report, "relay", 32) {
+    let at_32: Vec<&Ratio> = report.ratios.iter().filter(|r| r.connections == 32).collect();
+    if !at_32.is_empty() {
         let _ = writeln!(
             out,
-            "\nrelay at 32 connections, as a ratio of each baseline's req/s:"
+            "\nrelay at 32 connections, as a ratio of each baseline's req/s, round by round:"
         );
-        for base in ["hyper-ceiling", "hyper-verify", "webhook-noexec", "webhook-exec"] {
-            if let Some(b) = find(report, base, 32) {
-                let _ = writeln!(
-                    out,
-                    "  vs {base}: {:.2}×",
-                    relay.requests_per_sec / b.requests_per_sec.max(1e-9)
-                );
-            }
-        }
     }
-    if let (Some(pg), Some(sqlite)) = (find(report, "relay-postgres", 32), find(report, "relay", 32)) {
-        let _ = writeln!(
-            out,
-            "  relay-postgres vs relay (SQLite): {:.2}×",
-            pg.requests_per_sec / sqlite.requests_per_sec.max(1e-9)
-        );
+    for r in at_32 {
+        let name = if r.subject == "relay-postgres" {
+            "relay-postgres vs relay (SQLite)".to_owned()
+        } else {
+            format!("vs {}", r.against)
+        };
+        let _ = writeln!(out, "  {name}: {}", ratio_line(r));
     }
     for s in report.subjects.iter().filter(|s| s.name == "relay-postgres") {
         for c in &s.by_connections {
@@ -393,6 +441,7 @@ mod tests {
             runs: 3,
             payload_bytes: 7 * 1024,
             subjects: Vec::new(),
+            ratios: Vec::new(),
             end_to_end: None,
             delivery: None,
             delivery_wide: None,
@@ -447,6 +496,53 @@ mod tests {
             by_connections: vec![crate::subjects::summarize(32, vec![run])],
             exec_failures: None,
         }
+    }
+
+    /// `name` loaded at 32 connections in rounds, one run a round at each
+    /// rate.
+    fn loaded_in_rounds(name: &str, rates: &[f64]) -> SubjectResult {
+        let mut subject = loaded(name, rates[0], None);
+        let one = subject.by_connections[0].runs[0].clone();
+        let runs = rates
+            .iter()
+            .map(|rate| {
+                let mut run = one.clone();
+                run.wrk.requests_per_sec = *rate;
+                run
+            })
+            .collect();
+        subject.by_connections = vec![crate::subjects::summarize(32, runs)];
+        subject
+    }
+
+    #[test]
+    fn ratios_pair_the_runs_of_a_round_and_take_their_median() {
+        // Round by round 0.50, 0.70 and 0.60: a median of 0.60, where the
+        // medians taken apart (6,000 and 3,600) would say 0.60 too, and a
+        // slow second round for SQLite alone would not move it.
+        let subjects = [
+            loaded_in_rounds("relay", &[8_000.0, 4_000.0, 6_000.0]),
+            loaded_in_rounds("relay-postgres", &[4_000.0, 2_800.0, 3_600.0]),
+            loaded_in_rounds("webhook-noexec", &[5_000.0, 5_000.0]),
+        ];
+        let ratios = ratios(&subjects);
+        let pg = ratios.iter().find(|r| r.subject == "relay-postgres").unwrap();
+        assert_eq!((pg.against.as_str(), pg.connections), ("relay", 32));
+        assert_eq!(pg.by_round, [0.5, 0.7, 0.6]);
+        assert!((pg.median - 0.6).abs() < 1e-12);
+        // Only the rounds both subjects ran are paired.
+        let vs = ratios.iter().find(|r| r.against == "webhook-noexec").unwrap();
+        assert_eq!(vs.by_round, [1.6, 0.8]);
+        assert!((vs.median - 1.2).abs() < 1e-12);
+        // No baseline measured, no ratio to it.
+        assert!(ratios.iter().all(|r| r.against != "hyper-ceiling"));
+        let mut report = report_with_postgres_drains();
+        report.ratios = ratios;
+        let printed = table(&report);
+        assert!(printed.contains(
+            "  relay-postgres vs relay (SQLite): 0.60× (median of the rounds: 0.50×, 0.70×, 0.60×)"
+        ));
+        assert!(printed.contains("  vs webhook-noexec: 1.20× (median of the rounds: 1.60×, 0.80×)"));
     }
 
     #[test]

@@ -254,24 +254,42 @@ pub struct SubjectResult {
     pub exec_failures: Option<u64>,
 }
 
-pub async fn measure(
-    name: &str,
-    what: &str,
-    ws: &Workspace,
-    circle: std::net::SocketAddr,
-    triggers: &AtomicUsize,
-    options: &Options,
-) -> Result<SubjectResult, String> {
-    let mut per_connections: Vec<(u32, Vec<RunFigures>)> =
-        options.connections.iter().map(|c| (*c, Vec::new())).collect();
-    let (mut idle, mut after) = (Vec::new(), Vec::new());
-    let mut exec_failures = 0;
-    for run in 0..options.runs {
-        // A fresh process (and, for relay, a fresh database) per run.
+/// One subject's runs, gathered a run at a time ([`Runs::measure`]), so
+/// that the table's subjects can be measured in rounds: each round runs
+/// every subject once, and the ratios between subjects compare runs made
+/// in the same minute of a machine whose speed drifts.
+pub struct Runs {
+    per_connections: Vec<(u32, Vec<RunFigures>)>,
+    idle: Vec<f64>,
+    after: Vec<f64>,
+    exec_failures: u64,
+}
+
+impl Runs {
+    pub fn new(connections: &[u32]) -> Runs {
+        Runs {
+            per_connections: connections.iter().map(|c| (*c, Vec::new())).collect(),
+            idle: Vec::new(),
+            after: Vec::new(),
+            exec_failures: 0,
+        }
+    }
+
+    /// Runs `name` once (its `run`-th run), at each connection count, in a
+    /// fresh process (and, for relay, a fresh database).
+    pub async fn measure(
+        &mut self,
+        name: &str,
+        run: usize,
+        ws: &Workspace,
+        circle: std::net::SocketAddr,
+        triggers: &AtomicUsize,
+        options: &Options,
+    ) -> Result<(), String> {
         let subject = start_subject(name, ws, circle, run).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        idle.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
-        for (connections, figures) in &mut per_connections {
+        self.idle.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        for (connections, figures) in &mut self.per_connections {
             let script = ws.path("post.lua");
             load::write_script(
                 &script,
@@ -292,24 +310,28 @@ pub async fn measure(
                 .await?,
             );
         }
-        after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
-        exec_failures += std::fs::read_to_string(&subject.log)
+        self.after.push(load::rss_mib(subject.pid()).unwrap_or(0.0));
+        self.exec_failures += std::fs::read_to_string(&subject.log)
             .map(|log| log.matches("too many open files").count() as u64)
             .unwrap_or(0);
-        drop(subject);
-        ws.drop_databases().await?;
+        Ok(())
     }
-    Ok(SubjectResult {
-        name: name.to_owned(),
-        what: what.to_owned(),
-        rss_idle_mib: median(idle),
-        rss_after_mib: median(after),
-        by_connections: per_connections
-            .into_iter()
-            .map(|(c, runs)| summarize(c, runs))
-            .collect(),
-        exec_failures: (name == "webhook-exec").then_some(exec_failures),
-    })
+
+    /// The runs' medians, as the table shows them.
+    pub fn result(self, name: &str, what: &str) -> SubjectResult {
+        SubjectResult {
+            name: name.to_owned(),
+            what: what.to_owned(),
+            rss_idle_mib: median(self.idle),
+            rss_after_mib: median(self.after),
+            by_connections: self
+                .per_connections
+                .into_iter()
+                .map(|(c, runs)| summarize(c, runs))
+                .collect(),
+            exec_failures: (name == "webhook-exec").then_some(self.exec_failures),
+        }
+    }
 }
 
 /// One wrk run against a running subject: wrk's figures, and the subject's
