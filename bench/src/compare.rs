@@ -177,32 +177,22 @@ pub fn table(old: &[Value], new: &[Value]) -> Result<String, String> {
             .map(|(o, n)| Some(((figure.read)(o)?, (figure.read)(n)?)))
             .collect();
         let Some(pairs) = pairs else { continue };
-        let ratios: Vec<f64> = pairs
-            .iter()
-            .filter(|(o, _)| *o > 0.0)
-            .map(|(o, n)| n / o)
-            .collect();
+        // One ratio a pair, none where the previous build measured zero,
+        // so the column stays aligned with the pairs.
+        let ratios: Vec<Option<f64>> = pairs.iter().map(|(o, n)| (*o > 0.0).then(|| n / o)).collect();
         let join = |values: Vec<f64>| values.into_iter().map(shown).collect::<Vec<_>>().join("; ");
-        let median_ratio = median_if_any(ratios.clone());
-        let improved = |r: &f64| {
-            if figure.better == Better::Higher {
-                *r > 1.0
-            } else {
-                *r < 1.0
-            }
+        let median_ratio = median_if_any(ratios.iter().flatten().copied().collect());
+        let up = figure.better == Better::Higher;
+        let every = |won: bool| {
+            ratios
+                .iter()
+                .all(|r| r.is_some_and(|r| r != 1.0 && (r > 1.0) == (up == won)))
         };
-        let worsened = |r: &f64| {
-            if figure.better == Better::Higher {
-                *r < 1.0
-            } else {
-                *r > 1.0
-            }
-        };
-        let verdict = if ratios.is_empty() {
+        let verdict = if median_ratio.is_none() {
             "–"
-        } else if ratios.iter().all(improved) {
+        } else if every(true) {
             "this, in every pair"
-        } else if ratios.iter().all(worsened) {
+        } else if every(false) {
             "previous, in every pair"
         } else {
             "neither in every pair"
@@ -215,7 +205,7 @@ pub fn table(old: &[Value], new: &[Value]) -> Result<String, String> {
             join(pairs.iter().map(|p| p.1).collect()),
             ratios
                 .iter()
-                .map(|r| format!("{r:.3}"))
+                .map(|r| r.map_or_else(|| "–".to_owned(), |r| format!("{r:.3}")))
                 .collect::<Vec<_>>()
                 .join("; "),
             median_ratio.map_or_else(|| "–".to_owned(), |m| format!("{m:.3}")),
@@ -347,6 +337,24 @@ mod tests {
         assert_eq!(
             row(&table, "relay, c32: CPU µs a webhook, every trigger sent").unwrap()[5],
             "previous, in every pair"
+        );
+    }
+
+    #[test]
+    fn a_pair_whose_previous_figure_is_zero_has_no_ratio_and_no_winner() {
+        let old = [run("a", 0.0, 150.0, None), run("a", 6000.0, 150.0, None)];
+        let new = [run("b", 6600.0, 150.0, None), run("b", 6600.0, 150.0, None)];
+        let table = table(&old, &new).unwrap();
+        let rps = row(&table, "relay, c32: webhooks/s").unwrap();
+        assert_eq!(
+            rps[1..],
+            [
+                "0.00; 6000",
+                "6600; 6600",
+                "–; 1.100",
+                "1.100",
+                "neither in every pair"
+            ]
         );
     }
 

@@ -366,14 +366,15 @@ async fn run(options: Options, machine: String) -> Result<(), String> {
     // (relay ÷ webhook-noexec, PostgreSQL ÷ SQLite) then compares runs a
     // minute apart, not a whole subject's runs apart.
     let mut measured: Vec<Runs> = chosen.iter().map(|_| Runs::new(&options.connections)).collect();
-    for run in 0..options.runs {
-        for ((name, _), runs) in chosen.iter().zip(&mut measured) {
-            eprintln!("measuring {name}, run {} of {} …", run + 1, options.runs);
-            let result = runs.measure(name, run, &ws, circle, &triggers, &options).await;
-            // A run that failed stopped its relay but left its database.
-            ws.drop_databases().await?;
-            result?;
-        }
+    for (run, which) in subjects::rounds(chosen.len(), options.runs) {
+        let (name, _) = chosen[which];
+        eprintln!("measuring {name}, run {} of {} …", run + 1, options.runs);
+        let result = measured[which]
+            .measure(name, run, &ws, circle, &triggers, &options)
+            .await;
+        // A run that failed stopped its relay but left its database.
+        ws.drop_databases().await?;
+        result?;
     }
     let subjects: Vec<_> = chosen
         .iter()

@@ -254,6 +254,12 @@ pub struct SubjectResult {
     pub exec_failures: Option<u64>,
 }
 
+/// The order the table's subjects are run in: round by round, each of
+/// `subjects` once a round, as (run, subject) pairs.
+pub fn rounds(subjects: usize, runs: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..runs).flat_map(move |run| (0..subjects).map(move |subject| (run, subject)))
+}
+
 /// One subject's runs, gathered a run at a time ([`Runs::measure`]), so
 /// that the table's subjects can be measured in rounds: each round runs
 /// every subject once, and the ratios between subjects compare runs made
@@ -459,6 +465,13 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn each_round_runs_every_subject_once_before_the_next_round() {
+        let order: Vec<(usize, usize)> = rounds(3, 2).collect();
+        assert_eq!(order, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]);
+        assert_eq!(rounds(0, 3).count(), 0);
+    }
 
     #[tokio::test]
     async fn a_run_settles_once_every_trigger_is_in_and_no_more_come() {
