@@ -2,7 +2,8 @@
 //! attempt to send them, behind four role traits (`roles.rs`: the queue,
 //! what a person inspects, maintenance, polls of followed pipelines) and
 //! two backends, each a folder of its own (`sqlite/`, `postgres/`: schema,
-//! writer or connections, queue SQL, polls, read views). What a stored row means is written once (`rows.rs`).
+//! writer or connections, queue SQL, polls, read views). What a stored row means is written once (`rows.rs`),
+//! and how an event's body is packed into its column, for both (`codec.rs`).
 //!
 //! The only module that touches the database. The accept path commits an
 //! event and its jobs in one transaction before answering (jobs with a send
@@ -10,6 +11,7 @@
 //! with a lease and a claim id, and completes them only where that claim id
 //! still holds. No credential is ever written: jobs hold prepared requests.
 
+mod codec;
 mod follow;
 mod postgres;
 mod roles;

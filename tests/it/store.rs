@@ -163,6 +163,7 @@ cases! {
         queue_stats_counts_every_state,
         kept_job_counts_follow_every_change,
         event_body,
+        packed_bodies_come_back_byte_for_byte,
         events_view_with_drops,
         webhooks_committed_together_are_answered_one_by_one,
         the_loop_guard_sees_earlier_webhooks_of_its_batch,
@@ -180,6 +181,7 @@ cases! {
         the_purge_folds_the_count_deltas,
         a_claim_is_held_only_in_flight,
         a_claim_reads_only_its_own_targets_queue,
+        bodies_stored_before_packing_read_as_stored,
     ],
 }
 
@@ -1837,6 +1839,95 @@ async fn event_body(f: Fixture) {
     assert_eq!(store.event_body(Uuid::now_v7()).await.unwrap(), None);
 }
 
+/// A push's JSON, about 7 KB: compresses as webhook JSON does.
+fn compressible_json() -> String {
+    let commits: Vec<String> = (0..40)
+        .map(|n| {
+            format!(
+                r#"{{"id":"{n:040x}","message":"Fix the build, take {n}","author":{{"name":"Octo Cat","email":"octo@example.com"}},"added":[],"modified":["src/lib.rs"]}}"#
+            )
+        })
+        .collect();
+    format!(r#"{{"ref":"refs/heads/main","commits":[{}]}}"#, commits.join(","))
+}
+
+/// Bytes with no repetition (xorshift), which no codec shrinks.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Whatever a store packs a body into, every reader gets back the bytes as
+/// received: the stored delivery, its body alone, and the document a
+/// payload-carrying trigger sends, for a compressible push, a form post
+/// with its JSON, a body too small to pack and one that does not compress.
+async fn packed_bodies_come_back_byte_for_byte(f: Fixture) {
+    let store = &f.store;
+    let json = compressible_json();
+    assert!(json.len() > 6_000, "{}", json.len());
+    let form = format!("payload={}", json.replace('"', "%22"));
+    // Delivery, content type, body, and the JSON document of a form post.
+    type Case = (&'static str, &'static str, Vec<u8>, Option<Vec<u8>>);
+    let cases: [Case; 4] = [
+        ("pack-json", "application/json", json.clone().into_bytes(), None),
+        (
+            "pack-form",
+            "application/x-www-form-urlencoded",
+            form.into_bytes(),
+            Some(json.into_bytes()),
+        ),
+        (
+            "pack-small",
+            "application/json",
+            br#"{"zen":"Keep it logically awesome."}"#.to_vec(),
+            None,
+        ),
+        ("pack-noise", "application/octet-stream", noise(4096), None),
+    ];
+    let mut expected = Vec::new();
+    for (delivery, content_type, body, payload) in cases {
+        let mut e = event(delivery, vec![job("ci", Ok(payload_request()))]);
+        e.content_type = content_type.to_owned();
+        e.body = Bytes::from(body.clone());
+        e.payload = payload.clone().map(Bytes::from);
+        expected.push((e.id, e.jobs[0].id, content_type, body, payload));
+        accept(store, e).await;
+    }
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(claimed.len(), expected.len());
+    for (event_id, job_id, content_type, body, payload) in expected {
+        let stored = store.event(event_id).await.unwrap().expect("the event is stored");
+        assert_eq!(stored.content_type, content_type);
+        assert!(
+            stored.body == body,
+            "{content_type}: the stored body, byte for byte"
+        );
+        assert_eq!(
+            stored.payload.as_deref(),
+            payload.as_deref(),
+            "{content_type}: the payload"
+        );
+        assert_eq!(
+            store.event_body(event_id).await.unwrap(),
+            Some((content_type.to_owned(), Bytes::from(body.clone()))),
+            "{content_type}: the body alone"
+        );
+        let job = claimed.iter().find(|j| j.id == job_id).expect("claimed");
+        assert_eq!(
+            job.payload.as_deref(),
+            Some(payload.as_deref().unwrap_or(&body)),
+            "{content_type}: the document a payload trigger sends"
+        );
+    }
+}
+
 async fn events_view_with_drops(f: Fixture) {
     let store = &f.store;
     let skip = Dropped {
@@ -2085,18 +2176,25 @@ async fn concurrent_migrations(f: Fixture) {
         .await
         .unwrap();
     let expected = if row.get::<_, bool>(0) { "l" } else { "" };
-    let compression: Vec<String> = client
+    // Since V15 relay packs them itself, and the server stores them as they
+    // come (`EXTERNAL`); the compression is kept for the rows from before.
+    let columns: Vec<(String, String)> = client
         .query(
-            "SELECT attcompression::text FROM pg_attribute
+            "SELECT attcompression::text, attstorage::text FROM pg_attribute
              WHERE attrelid = 'events'::regclass AND attname IN ('body', 'payload')",
             &[],
         )
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert_eq!(compression, [expected, expected], "the body columns' compression");
+    let packed_by_relay = (expected.to_owned(), "e".to_owned());
+    assert_eq!(
+        columns,
+        [packed_by_relay.clone(), packed_by_relay],
+        "the body columns' compression and storage"
+    );
 }
 
 /// A password in the test server's URL, if it has one.
@@ -2162,6 +2260,65 @@ async fn a_claim_is_held_only_in_flight(f: Fixture) {
 /// for them, come from the per-target index; the minimum over every
 /// target, as the next wake-up and the oldest due job ask for it, from
 /// the global one.
+/// Rows written before relay packed bodies on PostgreSQL (schema V15) hold
+/// the body as received (the server compressed it on its own) and read as
+/// they are; rows written since hold relay's packing (the columns' storage:
+/// `concurrent_migrations`). (A test of the schema itself, so it writes and
+/// reads rows with SQL.)
+async fn bodies_stored_before_packing_read_as_stored(f: Fixture) {
+    let store = &f.store;
+    let json = compressible_json();
+    let mut packed = event("packed-1", vec![job("ci", Ok(payload_request()))]);
+    packed.body = Bytes::from(json.clone());
+    let packed_id = packed.id;
+    accept(store, packed).await;
+    let client = f.sql().await;
+    let row = client
+        .query_one(
+            "SELECT codec, octet_length(body) FROM events WHERE id = $1",
+            &[&packed_id],
+        )
+        .await
+        .unwrap();
+    let (codec, stored_len): (i32, i32) = (row.get(0), row.get(1));
+    assert_eq!(codec, 1, "a compressible body is packed with LZ4");
+    assert!(
+        usize::try_from(stored_len).unwrap() < json.len() / 3,
+        "the server is sent the packed bytes: {stored_len} of {}",
+        json.len()
+    );
+    // As a relay before V15 wrote it: no codec (0), the body whole.
+    let old_id = Uuid::now_v7();
+    client
+        .execute(
+            "INSERT INTO events (id, source, delivery, hook, received_at, content_type, body, payload, hop, summary)
+             VALUES ($1, 'github', 'before-packing', 'push', now(), 'application/json', $2, NULL, 0, '{}')",
+            &[&old_id, &json.as_bytes()],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO jobs (id, event_id, route, target, state, request, needs_payload, due_at, created_at, updated_at)
+             SELECT gen_random_uuid(), $1, route, target, 'queued', request, needs_payload, now(), now(), now()
+             FROM jobs WHERE event_id = $2",
+            &[&old_id, &packed_id],
+        )
+        .await
+        .unwrap();
+    let stored = store.event(old_id).await.unwrap().expect("the old event reads");
+    assert!(stored.body == json.as_bytes(), "the old body as it was stored");
+    assert_eq!(
+        store.event_body(old_id).await.unwrap(),
+        Some(("application/json".to_owned(), Bytes::from(json.clone())))
+    );
+    let claimed = claim(store, "ci", 10, LEASE).await;
+    assert_eq!(claimed.len(), 2, "the packed event's job and the old one's");
+    for job in &claimed {
+        assert_eq!(job.payload.as_deref(), Some(json.as_bytes()), "{}", job.event_id);
+    }
+}
+
 async fn a_claim_reads_only_its_own_targets_queue(f: Fixture) {
     let store = &f.store;
     let client = f.sql().await;
@@ -2292,8 +2449,6 @@ type Schema = std::collections::BTreeMap<String, std::collections::BTreeMap<Stri
 /// backend's own; anything else one backend has and the other lacks is a
 /// migration added to one and forgotten in the other.
 const ONE_BACKEND_ONLY: &[(&str, &str, &str)] = &[
-    // SQLite stores bodies LZ4-packed where that pays; PostgreSQL as received.
-    ("sqlite", "events", "codec"),
     // Keeps a drop list in the order written; SQLite's rowid does that.
     ("postgres", "drops", "id"),
     // PostgreSQL's schema version; SQLite's is `PRAGMA user_version`.

@@ -1,9 +1,10 @@
 //! Committing webhooks on PostgreSQL. Webhooks that arrive together are
 //! committed together (group commit), as SQLite's writer batches them into
-//! one fsync: their rows go as the columns `relay_ingest_many` (schema V9)
+//! one fsync: their rows go as the columns `relay_ingest_many` (schema V15)
 //! takes, one statement for the whole batch, the loop guard's store-side
 //! checks included. One statement is one transaction, one round trip and
-//! one WAL flush, and its INSERTs are multi-row.
+//! one WAL flush, and its INSERTs are multi-row. Each body is packed
+//! (`store::codec`) on its webhook's own task, before it waits for a batch.
 //!
 //! What this module must never do: answer a caller before its batch's
 //! commit is known, let one webhook's failure refuse another's (a batch
@@ -21,6 +22,7 @@ use super::batch::Batches;
 use super::connect::pool_error;
 use super::{col, micros, offset, unavailable};
 use crate::guard::{Check, Dropped};
+use crate::store::codec::{self, Packed};
 use crate::store::rows;
 use crate::store::{HeldBack, Ingested, JobRow, NewEvent, StoreError};
 
@@ -37,7 +39,7 @@ const TARGET_LOCK_CLASS: i32 = 0x72_6c79;
 const INGEST: &str =
     "SELECT original, held, held_by FROM relay_ingest_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
      $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31,
-     $32, $33, $34, $35, $36, $37, $38)";
+     $32, $33, $34, $35, $36, $37, $38, $39)";
 
 /// The queue of webhooks waiting to be committed, as callers see it.
 #[derive(Debug)]
@@ -171,6 +173,7 @@ struct BatchColumns<'a> {
     content_type: Vec<&'a str>,
     body: Vec<&'a [u8]>,
     payload: Vec<Option<&'a [u8]>>,
+    codec: Vec<i32>,
     hop: Vec<i64>,
     summary: Vec<&'a str>,
     drop_event: Vec<i32>,
@@ -212,8 +215,9 @@ impl<'a> BatchColumns<'a> {
             b.delivery.push(event.delivery.as_deref());
             b.hook.push(&event.hook);
             b.content_type.push(&event.content_type);
-            b.body.push(&event.body);
-            b.payload.push(event.payload.as_deref());
+            b.body.push(&prepared.packed.body);
+            b.payload.push(prepared.packed.payload.as_deref());
+            b.codec.push(prepared.packed.codec as i32);
             b.hop.push(i64::from(event.hop));
             b.summary.push(&event.summary);
             for d in &event.drops {
@@ -257,7 +261,7 @@ impl<'a> BatchColumns<'a> {
     }
 
     /// `relay_ingest_many`'s parameters, in its order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 38] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 39] {
         [
             &self.id,
             &self.source,
@@ -266,6 +270,7 @@ impl<'a> BatchColumns<'a> {
             &self.content_type,
             &self.body,
             &self.payload,
+            &self.codec,
             &self.hop,
             &self.summary,
             &self.drop_event,
@@ -337,8 +342,10 @@ fn ingested(event: &NewEvent, prepared: &Prepared, row: &Row) -> Result<Ingested
 
 /// What a webhook's rows need beyond the event's own fields, worked out on
 /// the caller's task before it waits for a batch (a job whose row cannot be
-/// made fails that webhook alone), and the burst locks it takes.
+/// made fails that webhook alone): its body and payload as stored, its
+/// jobs' rows, and the burst locks it takes.
 struct Prepared {
+    packed: Packed,
     jobs: Vec<PreparedJob>,
     locks: Vec<i32>,
 }
@@ -370,6 +377,7 @@ struct GuardCheck {
 impl Prepared {
     fn of(event: &NewEvent) -> Result<Prepared, StoreError> {
         let mut prepared = Prepared {
+            packed: codec::pack(event),
             jobs: Vec::with_capacity(event.jobs.len()),
             locks: Vec::new(),
         };

@@ -11,7 +11,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -20,6 +19,7 @@ use super::{PostgresStore, col, micros, next_moment, offset, unavailable, unsync
 use crate::event::Upstream;
 use crate::pipeline::PipelineState;
 use crate::report::{STATUS_TARGET_PREFIX, SUPERSEDED};
+use crate::store::codec::Codec;
 use crate::store::rows;
 use crate::store::{ClaimedJob, Completion, JobState, NextState, StoreError};
 
@@ -64,7 +64,10 @@ pub(super) async fn claim(
                             (SELECT COALESCE(e.payload, e.body) FROM events e WHERE e.id = c.event_id)
                         END,
                         c.report, c.report_of IS NOT NULL, c.created_at,
-                        c.report IS NOT NULL AND c.report_of IS NULL
+                        c.report IS NOT NULL AND c.report_of IS NULL,
+                        CASE WHEN c.needs_payload THEN
+                            (SELECT e.codec FROM events e WHERE e.id = c.event_id)
+                        END
                  FROM claimed c",
             )
             .await
@@ -76,7 +79,10 @@ pub(super) async fn claim(
         let mut jobs = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut job = rows::claimed_job(row, claim)?;
-            job.payload = col::<Option<Vec<u8>>>(row, 7)?.map(Bytes::from);
+            job.payload = match (col::<Option<Vec<u8>>>(row, 7)?, col::<Option<i32>>(row, 12)?) {
+                (Some(document), Some(stored)) => Some(Codec::of(i64::from(stored))?.unpack(document)?),
+                _ => None,
+            };
             jobs.push(job);
         }
         Ok(jobs)

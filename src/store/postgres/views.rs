@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::connect::{ADMIN_TIMEOUT, OPERATION_TIMEOUT, within};
 use super::queue::notify;
 use super::{PostgresStore, col, offset, on_caller_clock, unavailable, unsynced};
+use crate::store::codec::Codec;
 use crate::store::rows::{self, JOB_COLUMN_COUNT, JOB_COLUMNS};
 use crate::store::{
     Activity, EventFilter, EventView, ForgottenKeys, JobDetail, JobFilter, JobState, JobView, QueueStats,
@@ -243,7 +244,7 @@ pub(super) async fn event(store: &PostgresStore, id: Uuid) -> Result<Option<Stor
         let client = store.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {EVENT_COLUMNS}, e.content_type, e.hop, e.body, e.payload
+                "SELECT {EVENT_COLUMNS}, e.content_type, e.hop, e.body, e.payload, e.codec
                  FROM events e {EVENT_COUNTS} WHERE e.id = $1"
             ))
             .await
@@ -263,12 +264,15 @@ pub(super) async fn event(store: &PostgresStore, id: Uuid) -> Result<Option<Stor
         for drop in client.query(&stmt, &[&id]).await.map_err(|e| unavailable(&e))? {
             view.dropped.push(rows::dropped(&drop, 0)?);
         }
+        let codec = Codec::of(i64::from(col::<i32>(&row, 14)?))?;
         Ok(Some(StoredEvent {
             view,
             content_type: col(&row, 10)?,
             hop: u32::try_from(col::<i64>(&row, 11)?).unwrap_or(0),
-            body: Bytes::from(col::<Vec<u8>>(&row, 12)?),
-            payload: col::<Option<Vec<u8>>>(&row, 13)?.map(Bytes::from),
+            body: codec.unpack(col::<Vec<u8>>(&row, 12)?)?,
+            payload: col::<Option<Vec<u8>>>(&row, 13)?
+                .map(|p| codec.unpack(p))
+                .transpose()?,
         }))
     })
     .await
@@ -538,7 +542,7 @@ pub(super) async fn event_body(
     within("event_body", OPERATION_TIMEOUT, async {
         let client = store.client().await?;
         let stmt = client
-            .prepare_cached("SELECT content_type, body FROM events WHERE id = $1")
+            .prepare_cached("SELECT content_type, body, codec FROM events WHERE id = $1")
             .await
             .map_err(|e| unavailable(&e))?;
         let Some(row) = client
@@ -548,7 +552,8 @@ pub(super) async fn event_body(
         else {
             return Ok(None);
         };
-        Ok(Some((col(&row, 0)?, Bytes::from(col::<Vec<u8>>(&row, 1)?))))
+        let codec = Codec::of(i64::from(col::<i32>(&row, 2)?))?;
+        Ok(Some((col(&row, 0)?, codec.unpack(col::<Vec<u8>>(&row, 1)?)?)))
     })
     .await
 }

@@ -15,8 +15,8 @@
 //! connections beside the writer, so a long read never holds a commit.
 //!
 //! The folder, by concern: `schema` (migrations, connection settings, the
-//! lock file), `writer` (the group commit and its durability), `codec`
-//! (body packing), `queue` (the delivery path's SQL), `dedupe` (the loop
+//! lock file), `writer` (the group commit and its durability), `queue`
+//! (the delivery path's SQL), `dedupe` (the loop
 //! guard's keys: an index off the file, a log on it), `views` (what a
 //! person reads, the manual retries, retention), `reader` (the read-only
 //! connections). This file opens the store,
@@ -27,7 +27,6 @@
 //! committed (and, for what a sender or a person is told, synced), let a
 //! second relay use the same file, or decide by a clock of its own.
 
-mod codec;
 mod dedupe;
 #[cfg(test)]
 mod pipeline_cost;
@@ -64,6 +63,7 @@ pub use writer::MAX_BATCH;
 use writer::MAX_BATCH;
 use writer::{Durability, Writer};
 
+use super::codec;
 use super::rows::Columns;
 use super::{
     Activity, ClaimedJob, Completion, DuePoll, EventFilter, EventView, ForgottenKeys, Ingested, Inspect,

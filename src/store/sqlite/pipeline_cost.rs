@@ -11,10 +11,11 @@ use uuid::Uuid;
 
 use super::queue_cost::{Counter, completion, event, event_insert, job};
 use super::tally::Tx;
-use super::{codec, queue, schema, to_millis};
+use super::{queue, schema, to_millis};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
+use crate::store::codec;
 use crate::store::{Ingested, NextState};
 
 /// Finished jobs in the store's history for the measurements below.

@@ -28,13 +28,13 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
-use super::codec::{Codec, Packed};
 use super::tally::Tx;
 use super::{collect, from_millis, parse_uuid, to_millis, unavailable};
 use super::{dedupe, reports};
 use crate::event::Upstream;
 use crate::guard::{Check, Dropped};
 use crate::pipeline::PipelineState;
+use crate::store::codec::{Codec, Packed};
 use crate::store::rows::{self, CLAIM_COLUMNS};
 use crate::store::{
     ClaimedJob, Completion, HeldBack, Ingested, JobRow, JobState, NewEvent, NewJob, NextState, StoreError,
@@ -511,11 +511,11 @@ mod tests {
 
     use rusqlite::Connection;
 
-    use super::super::codec;
     use super::super::queue_cost::{Counter, event, job, queue_elsewhere};
     use super::super::tally::Tx;
     use crate::clock::wall_time;
     use crate::guard::JobLimits;
+    use crate::store::codec;
 
     /// A webhook's statements, the loop guard's among them (asked while the
     /// job's insert is in use), are the batch's kept ones: the second

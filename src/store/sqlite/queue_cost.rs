@@ -18,12 +18,13 @@ use rusqlite::{Connection, params};
 use uuid::Uuid;
 
 use super::tally::Tx;
-use super::{codec, dedupe, queue, schema, views};
+use super::{dedupe, queue, schema, views};
 use crate::clock::wall_time;
 use crate::guard::JobLimits;
 use crate::pipeline::{Pipeline, PipelineState};
 use crate::report::ReportSpec;
 use crate::request::{Auth, PreparedRequest, RequestBody};
+use crate::store::codec;
 use crate::store::{
     AttemptRecord, ClaimedJob, Completion, Ingested, JobState, Lease, NewEvent, NewJob, NextState,
 };
