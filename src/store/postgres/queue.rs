@@ -39,7 +39,10 @@ pub(super) async fn claim(
         // forwards one, by its event's key: joined instead, the planner
         // took the claim for thousands of rows (it cannot know the limit)
         // and hashed the whole events table on every claim, 6-13 ms at
-        // 20,000 events and growing with the store.
+        // 20,000 events and growing with the store. Its codec (schema V15)
+        // is a second lookup of the same key, on the page the first just
+        // read: one subquery returning both would build a new value around
+        // the payload, a copy of up to a megabyte, to save a probe.
         let stmt = client
             .prepare_cached(
                 "WITH expired AS (
